@@ -1,0 +1,21 @@
+//! Compiles meshlimit's own copies of Envoy's rate limit protos with a pure-Rust protobuf
+//! compiler (protox), so building needs no system `protoc`.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+const PROTOS: &[&str] = &["proto/envoy/service/ratelimit/v3/rls.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    // The encoded descriptor set also feeds gRPC reflection at run time.
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out.join("meshlimit_descriptor.bin"), descriptors.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}
