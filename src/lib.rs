@@ -1,1 +1,28 @@
+//! meshlimit: an Envoy-compatible external rate-limit service.
+//!
+//! A request travels, in order, through:
+//! - [`service`]: the gRPC adapter for `envoy.service.ratelimit.v3.RateLimitService`;
+//! - [`limiter`]: the decision path — validate, match, apply `replaces`, count, answer;
+//! - [`matcher`]: each domain's compiled descriptor tree and its envoyproxy-exact lookup;
+//! - [`rule`] / [`limit`]: what a matched node says and how it is counted;
+//! - [`key`]: the counter key of a matched descriptor;
+//! - [`store`]: where counters live (`memory` today), behind one trait;
+//! - [`algorithm`]: sliding and fixed window arithmetic, pure and clock-free.
+//!
+//! Around it: [`config`] loads and checks YAML directories, [`clock`] is the injectable
+//! time source, [`admin`] is the HTTP admin port, [`server`] wires `meshlimit serve`,
+//! and [`proto`] holds the generated protobuf code.
+
+pub mod admin;
+pub mod algorithm;
+pub mod clock;
+pub mod config;
+pub mod key;
+pub mod limit;
+pub mod limiter;
+pub mod matcher;
 pub mod proto;
+pub mod rule;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,1 +1,154 @@
-fn main() {}
+//! The `meshlimit` binary: parses flags and environment, sets up logging, and hands over to
+//! the library (`server::serve`, `config::load_dir`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshlimit::config::{self, LoadOptions};
+use meshlimit::limit::Algorithm;
+use meshlimit::limiter::RequestBounds;
+use meshlimit::server::{self, ServeOptions};
+
+#[derive(Parser)]
+#[command(name = "meshlimit", version, about = "Envoy-compatible external rate-limit service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve envoy.service.ratelimit.v3.RateLimitService over gRPC.
+    Serve(ServeArgs),
+    /// Check a config directory: every problem with file:line:column, or a summary per domain.
+    Validate {
+        /// The directory holding the *.yaml config files.
+        dir: PathBuf,
+        #[command(flatten)]
+        counting: CountingArgs,
+    },
+}
+
+#[derive(Args)]
+struct CountingArgs {
+    /// The algorithm of rules that do not set `algorithm`; `fixed_window` reproduces
+    /// envoyproxy/ratelimit's decisions exactly.
+    #[arg(long, env = "MESHLIMIT_DEFAULT_ALGORITHM", value_enum, default_value_t = Algorithm::SlidingWindow)]
+    default_algorithm: Algorithm,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The directory holding the *.yaml config files (one domain per file).
+    #[arg(long, env = "MESHLIMIT_CONFIG")]
+    config: PathBuf,
+    /// Where the gRPC rate limit service listens.
+    #[arg(long, env = "MESHLIMIT_GRPC_ADDR", default_value = "0.0.0.0:8081")]
+    grpc_addr: SocketAddr,
+    /// Where the HTTP admin port (/healthcheck) listens.
+    #[arg(long, env = "MESHLIMIT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: SocketAddr,
+    #[command(flatten)]
+    counting: CountingArgs,
+    /// The most counters the in-memory store holds; least useful ones are evicted first.
+    #[arg(long, env = "MESHLIMIT_CACHE_CAPACITY", default_value_t = 1_000_000)]
+    cache_capacity: u64,
+    /// The most descriptors one request may carry.
+    #[arg(long, env = "MESHLIMIT_MAX_DESCRIPTORS", default_value_t = RequestBounds::default().max_descriptors)]
+    max_descriptors: usize,
+    /// The most entries one descriptor may carry.
+    #[arg(long, env = "MESHLIMIT_MAX_ENTRIES", default_value_t = RequestBounds::default().max_entries)]
+    max_entries: usize,
+    /// The largest request accepted, in bytes.
+    #[arg(long, env = "MESHLIMIT_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
+    max_request_bytes: usize,
+    /// Log lines as human-readable text or as JSON objects.
+    #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Validate { dir, counting } => validate(&dir, counting),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let options = ServeOptions {
+        config_dir: args.config,
+        grpc_addr: args.grpc_addr,
+        admin_addr: args.admin_addr,
+        load: LoadOptions {
+            default_algorithm: args.counting.default_algorithm,
+        },
+        cache_capacity: args.cache_capacity,
+        bounds: RequestBounds {
+            max_descriptors: args.max_descriptors,
+            max_entries: args.max_entries,
+            ..RequestBounds::default()
+        },
+        max_request_bytes: args.max_request_bytes,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("meshlimit: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(server::serve(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("meshlimit: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(dir: &std::path::Path, counting: CountingArgs) -> ExitCode {
+    let options = LoadOptions {
+        default_algorithm: counting.default_algorithm,
+    };
+    match config::load_dir(dir, &options) {
+        Ok(loaded) => {
+            let domains = loaded.domains();
+            if domains.is_empty() {
+                println!("{}: no *.yaml files with a domain; nothing would be limited", dir.display());
+            }
+            for domain in domains {
+                println!("domain {} ({}): {} rules", domain.name, domain.file, domain.rules().len());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for error in &errors.0 {
+                eprintln!("{error}");
+            }
+            eprintln!("{} problem(s) in {}", errors.0.len(), dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHLIMIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

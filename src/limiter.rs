@@ -1,0 +1,309 @@
+//! The decision path: a `RateLimitRequest` in, a `RateLimitResponse` out.
+//!
+//! validate the request → match each descriptor in the live config → apply `replaces` →
+//! count in the store → build one status per descriptor. Transport-free, so it is tested
+//! and benchmarked without a socket; the gRPC adapter only converts errors.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+
+use crate::algorithm::Verdict;
+use crate::clock::Clock;
+use crate::key::write_counter_key;
+use crate::limit::{Limit, Unit};
+use crate::matcher::RateLimitConfig;
+use crate::proto::rate_limit_response::{Code, DescriptorStatus, RateLimit};
+use crate::proto::{RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+use crate::rule::{Rule, RuleLimit};
+use crate::store::{Check, CounterStore, StoreError};
+
+/// Bounds on a request's shape, so a hostile or broken client cannot make one request cost
+/// unbounded work.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestBounds {
+    pub max_descriptors: usize,
+    pub max_entries: usize,
+    /// Longest key or value, in bytes.
+    pub max_entry_bytes: usize,
+}
+
+impl Default for RequestBounds {
+    fn default() -> Self {
+        // Envoy's filters send a handful of descriptors of a few entries each; these leave
+        // an order of magnitude of headroom.
+        Self {
+            max_descriptors: 64,
+            max_entries: 32,
+            max_entry_bytes: 4_096,
+        }
+    }
+}
+
+/// Why a request got no decision.
+#[derive(Debug, thiserror::Error)]
+pub enum DecisionError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("no rate limit configuration is loaded yet; check the config directory and meshlimit's log")]
+    NoConfig,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The live config, swapped whole on reload and read without waiting.
+pub type LiveConfig = Arc<ArcSwapOption<RateLimitConfig>>;
+
+pub struct RateLimiter<S, C> {
+    config: LiveConfig,
+    store: S,
+    clock: C,
+    bounds: RequestBounds,
+}
+
+/// What one request descriptor resolved to.
+enum Resolved<'a> {
+    NoLimit,
+    Rule(&'a Rule),
+    /// The descriptor's own `limit` override.
+    Override(Limit),
+}
+
+impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
+    pub fn new(config: LiveConfig, store: S, clock: C, bounds: RequestBounds) -> Self {
+        Self {
+            config,
+            store,
+            clock,
+            bounds,
+        }
+    }
+
+    pub fn config(&self) -> &LiveConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub async fn should_rate_limit(
+        &self,
+        request: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, DecisionError> {
+        self.validate(request)?;
+        let config = self.config.load_full().ok_or(DecisionError::NoConfig)?;
+        let Some(domain) = config.domain(&request.domain) else {
+            // envoyproxy/ratelimit answers OK with no limit for a domain it does not know.
+            return Ok(no_limits(request.descriptors.len()));
+        };
+        let default_algorithm = config.default_algorithm;
+        let mut resolved: Vec<Resolved<'_>> = Vec::with_capacity(request.descriptors.len());
+        for (i, descriptor) in request.descriptors.iter().enumerate() {
+            resolved.push(match &descriptor.limit {
+                Some(limit) => {
+                    let unit = Unit::from_proto(limit.unit).ok_or_else(|| {
+                        DecisionError::InvalidRequest(format!(
+                            "descriptor {i} has a limit override with unit {}; use SECOND to YEAR",
+                            limit.unit
+                        ))
+                    })?;
+                    Resolved::Override(Limit {
+                        requests_per_unit: limit.requests_per_unit,
+                        unit,
+                        algorithm: default_algorithm,
+                    })
+                }
+                None => match domain.lookup(&descriptor.entries) {
+                    Some(rule) => Resolved::Rule(rule),
+                    None => Resolved::NoLimit,
+                },
+            });
+        }
+        apply_replaces(&mut resolved);
+
+        let mut keys = Vec::new();
+        let mut counted = Vec::new();
+        for (i, (descriptor, resolved)) in request.descriptors.iter().zip(&resolved).enumerate() {
+            let limit = match resolved {
+                Resolved::Rule(Rule {
+                    limit: RuleLimit::Limited(limit),
+                    ..
+                })
+                | Resolved::Override(limit) => *limit,
+                _ => continue,
+            };
+            let mut key = String::with_capacity(64);
+            write_counter_key(&mut key, &request.domain, &descriptor.entries, &limit);
+            keys.push(key);
+            counted.push((i, limit, hits_of(request, descriptor)));
+        }
+        let checks: Vec<Check<'_>> = counted
+            .iter()
+            .zip(&keys)
+            .map(|(&(_, limit, hits), key)| Check { key, limit, hits })
+            .collect();
+        let mut verdicts = Vec::with_capacity(checks.len());
+        if !checks.is_empty() {
+            self.store
+                .apply(&checks, self.clock.now_millis(), &mut verdicts)
+                .await?;
+        }
+
+        let mut statuses: Vec<DescriptorStatus> =
+            resolved.iter().map(status_without_counting).collect();
+        let mut overall = Code::Ok;
+        for ((i, limit, _), verdict) in counted.iter().zip(&verdicts) {
+            let shadow = matches!(resolved[*i], Resolved::Rule(rule) if rule.shadow_mode);
+            let name = match resolved[*i] {
+                Resolved::Rule(rule) => rule.name.as_deref().unwrap_or_default(),
+                _ => "",
+            };
+            let status = counted_status(limit, name, verdict, shadow);
+            if status.code == Code::OverLimit as i32 {
+                overall = Code::OverLimit;
+            }
+            statuses[*i] = status;
+        }
+        Ok(RateLimitResponse {
+            overall_code: overall as i32,
+            statuses,
+            ..Default::default()
+        })
+    }
+
+    fn validate(&self, request: &RateLimitRequest) -> Result<(), DecisionError> {
+        let invalid = |message: String| Err(DecisionError::InvalidRequest(message));
+        if request.domain.is_empty() {
+            return invalid("the domain is empty; set `domain` in Envoy's ratelimit filter".into());
+        }
+        if request.descriptors.is_empty() {
+            return invalid("the request has no descriptors; Envoy sends at least one per matched rate_limits action".into());
+        }
+        let bounds = &self.bounds;
+        if request.descriptors.len() > bounds.max_descriptors {
+            return invalid(format!(
+                "the request has {} descriptors; at most {} are accepted (--max-descriptors)",
+                request.descriptors.len(),
+                bounds.max_descriptors
+            ));
+        }
+        for (i, descriptor) in request.descriptors.iter().enumerate() {
+            if descriptor.entries.is_empty() {
+                return invalid(format!("descriptor {i} has no entries"));
+            }
+            if descriptor.entries.len() > bounds.max_entries {
+                return invalid(format!(
+                    "descriptor {i} has {} entries; at most {} are accepted (--max-entries)",
+                    descriptor.entries.len(),
+                    bounds.max_entries
+                ));
+            }
+            for (j, entry) in descriptor.entries.iter().enumerate() {
+                if entry.key.is_empty() {
+                    return invalid(format!("descriptor {i} entry {j} has an empty key"));
+                }
+                if entry.key.len().max(entry.value.len()) > bounds.max_entry_bytes {
+                    return invalid(format!(
+                        "descriptor {i} entry {j} is longer than {} bytes",
+                        bounds.max_entry_bytes
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A matched rule that lists others in `replaces` switches those off for the whole request.
+fn apply_replaces(resolved: &mut [Resolved<'_>]) {
+    let replaced: Vec<&str> = resolved
+        .iter()
+        .filter_map(|r| match r {
+            Resolved::Rule(rule) => Some(rule.replaces.iter().map(|name| &**name)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if replaced.is_empty() {
+        return;
+    }
+    for r in resolved.iter_mut() {
+        if let Resolved::Rule(Rule {
+            name: Some(name),
+            limit: RuleLimit::Limited(_),
+            ..
+        }) = r
+            && replaced.contains(&&**name)
+        {
+            *r = Resolved::NoLimit;
+        }
+    }
+}
+
+/// Hits for one descriptor: its own `hits_addend` when set (0 = only check), else the
+/// request's, where 0 means 1 — as Envoy and envoyproxy/ratelimit define them.
+fn hits_of(request: &RateLimitRequest, descriptor: &RateLimitDescriptor) -> u64 {
+    match descriptor.hits_addend {
+        Some(hits) => hits,
+        None => u64::from(request.hits_addend.max(1)),
+    }
+}
+
+fn status_without_counting(resolved: &Resolved<'_>) -> DescriptorStatus {
+    match resolved {
+        Resolved::Rule(Rule {
+            limit: RuleLimit::Unlimited,
+            ..
+        }) => DescriptorStatus {
+            code: Code::Ok as i32,
+            limit_remaining: u32::MAX,
+            ..Default::default()
+        },
+        _ => DescriptorStatus {
+            code: Code::Ok as i32,
+            ..Default::default()
+        },
+    }
+}
+
+fn counted_status(limit: &Limit, name: &str, verdict: &Verdict, shadow: bool) -> DescriptorStatus {
+    let code = if verdict.over_limit && !shadow {
+        Code::OverLimit
+    } else {
+        Code::Ok
+    };
+    DescriptorStatus {
+        code: code as i32,
+        current_limit: Some(RateLimit {
+            name: name.to_owned(),
+            requests_per_unit: limit.requests_per_unit,
+            unit: limit.unit.to_proto() as i32,
+        }),
+        limit_remaining: u32::try_from(verdict.remaining).unwrap_or(u32::MAX),
+        duration_until_reset: Some(prost_types::Duration {
+            // Whole seconds, rounded up: Envoy's x-ratelimit-reset and Retry-After are in
+            // seconds, and rounding down would tell a client to come back too early.
+            seconds: verdict.reset_after_millis.div_ceil(1_000) as i64,
+            nanos: 0,
+        }),
+        quota: None,
+    }
+}
+
+fn no_limits(descriptors: usize) -> RateLimitResponse {
+    RateLimitResponse {
+        overall_code: Code::Ok as i32,
+        statuses: vec![
+            DescriptorStatus {
+                code: Code::Ok as i32,
+                ..Default::default()
+            };
+            descriptors
+        ],
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

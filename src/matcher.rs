@@ -1,0 +1,186 @@
+//! Descriptor matching: the compiled descriptor tree of each domain and its lookup.
+//!
+//! The lookup follows envoyproxy/ratelimit step by step, so a config migrated from it
+//! matches the same nodes: at each level try the exact `key=value`, then the wildcard values
+//! (`value: "prefix*"`) in file order, then the value-less `key`; never backtrack; take a
+//! rule only from the node matched by the request's last entry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use foldhash::fast::RandomState;
+
+use crate::limit::Algorithm;
+use crate::proto::rate_limit_descriptor::Entry;
+use crate::rule::Rule;
+
+type Map<V> = HashMap<Box<str>, V, RandomState>;
+
+/// All domains of a loaded config.
+#[derive(Debug, Default)]
+pub struct RateLimitConfig {
+    domains: Map<DomainTree>,
+    /// The algorithm of rules that name none, also used for request-supplied overrides.
+    pub default_algorithm: Algorithm,
+}
+
+impl RateLimitConfig {
+    pub fn new(domains: impl IntoIterator<Item = DomainTree>, default_algorithm: Algorithm) -> Self {
+        Self {
+            default_algorithm,
+            domains: domains
+                .into_iter()
+                .map(|domain| (domain.name.clone(), domain))
+                .collect(),
+        }
+    }
+
+    pub fn domain(&self, name: &str) -> Option<&DomainTree> {
+        self.domains.get(name)
+    }
+
+    /// Domains sorted by name, for stable reports.
+    pub fn domains(&self) -> Vec<&DomainTree> {
+        let mut domains: Vec<_> = self.domains.values().collect();
+        domains.sort_by(|a, b| a.name.cmp(&b.name));
+        domains
+    }
+}
+
+/// One domain's descriptor tree.
+#[derive(Debug)]
+pub struct DomainTree {
+    pub name: Box<str>,
+    pub file: Arc<str>,
+    pub(crate) root: Level,
+}
+
+impl DomainTree {
+    /// The rule for a request descriptor's entries, if any.
+    pub fn lookup(&self, entries: &[Entry]) -> Option<&Rule> {
+        let mut level = &self.root;
+        let last = entries.len().checked_sub(1)?;
+        for (i, entry) in entries.iter().enumerate() {
+            let node = level.find(&entry.key, &entry.value)?;
+            if i == last {
+                return node.rule.as_deref();
+            }
+            // A node with no children ends the walk: a request deeper than the config has
+            // no limit (envoyproxy/ratelimit: "request depth does not match config depth").
+            if node.children.is_empty() {
+                return None;
+            }
+            level = &node.children;
+        }
+        None
+    }
+
+    /// Every rule in the tree, depth first in file order of keys as stored.
+    pub fn rules(&self) -> Vec<&Rule> {
+        let mut rules = Vec::new();
+        self.root.collect_rules(&mut rules);
+        rules.sort_by_key(|rule| (rule.source.line, rule.source.column));
+        rules
+    }
+}
+
+/// The descriptors configured at one depth of the tree, grouped by key.
+#[derive(Debug, Default)]
+pub(crate) struct Level {
+    keys: Map<KeyBranch>,
+}
+
+#[derive(Debug, Default)]
+struct KeyBranch {
+    exact: Map<Node>,
+    /// `(prefix, node)` for values written as `prefix*`, in file order.
+    wildcards: Vec<(Box<str>, Node)>,
+    any_value: Option<Box<Node>>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Node {
+    pub(crate) rule: Option<Arc<Rule>>,
+    pub(crate) children: Level,
+}
+
+/// How a descriptor's value is written in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum ValuePattern {
+    Exact(String),
+    Prefix(String),
+    Any,
+}
+
+impl ValuePattern {
+    pub(crate) fn parse(value: Option<&str>) -> Self {
+        match value {
+            None | Some("") => ValuePattern::Any,
+            Some(value) => match value.strip_suffix('*') {
+                Some(prefix) => ValuePattern::Prefix(prefix.to_owned()),
+                None => ValuePattern::Exact(value.to_owned()),
+            },
+        }
+    }
+}
+
+impl Level {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn find(&self, key: &str, value: &str) -> Option<&Node> {
+        let branch = self.keys.get(key)?;
+        branch
+            .exact
+            .get(value)
+            .or_else(|| {
+                branch
+                    .wildcards
+                    .iter()
+                    .find(|(prefix, _)| value.starts_with(&**prefix))
+                    .map(|(_, node)| node)
+            })
+            .or(branch.any_value.as_deref())
+    }
+
+    /// Adds a node; `false` when the same key and value pattern is already there.
+    pub(crate) fn insert(&mut self, key: &str, value: ValuePattern, node: Node) -> bool {
+        let branch = self.keys.entry(key.into()).or_default();
+        match value {
+            ValuePattern::Exact(value) => {
+                if branch.exact.contains_key(value.as_str()) {
+                    return false;
+                }
+                branch.exact.insert(value.into(), node);
+            }
+            ValuePattern::Prefix(prefix) => {
+                if branch.wildcards.iter().any(|(p, _)| **p == *prefix) {
+                    return false;
+                }
+                branch.wildcards.push((prefix.into(), node));
+            }
+            ValuePattern::Any => {
+                if branch.any_value.is_some() {
+                    return false;
+                }
+                branch.any_value = Some(Box::new(node));
+            }
+        }
+        true
+    }
+
+    fn collect_rules<'a>(&'a self, out: &mut Vec<&'a Rule>) {
+        for branch in self.keys.values() {
+            let nodes = branch
+                .exact
+                .values()
+                .chain(branch.wildcards.iter().map(|(_, node)| node))
+                .chain(branch.any_value.as_deref());
+            for node in nodes {
+                out.extend(node.rule.as_deref());
+                node.children.collect_rules(out);
+            }
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! What a matched descriptor node says: a limit (or explicitly none), and how to report it.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::limit::Limit;
+
+/// Where something was written: a config file, line and column (1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceLocation {
+    pub file: Arc<str>,
+    pub line: u64,
+    pub column: u64,
+}
+
+impl fmt::Display for SourceLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// The limit a rule applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleLimit {
+    Limited(Limit),
+    /// `unlimited: true`: always OK, never counted, reported with u32::MAX remaining.
+    Unlimited,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub limit: RuleLimit,
+    /// Reported in `current_limit.name` and referenced by other rules' `replaces`.
+    pub name: Option<Box<str>>,
+    /// Names of rules this one switches off for the whole request when it matches.
+    pub replaces: Box<[Box<str>]>,
+    /// Counted and reported, but never turns a request away.
+    pub shadow_mode: bool,
+    pub detailed_metric: bool,
+    /// The rule's place in the tree, like envoyproxy/ratelimit's stat key:
+    /// `domain.key_value.key` (value-less keys have no `_value`).
+    pub path: Box<str>,
+    pub source: SourceLocation,
+}

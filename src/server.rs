@@ -1,0 +1,164 @@
+//! Wiring for `meshlimit serve`: load the config, build the limiter, and run the gRPC and
+//! admin listeners until a shutdown signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::admin::{self, Health};
+use crate::clock::SystemClock;
+use crate::config::{self, ConfigErrors, LoadOptions};
+use crate::limiter::{RateLimiter, RequestBounds};
+use crate::proto::rate_limit_service_server::RateLimitServiceServer;
+use crate::service::grpc::GrpcRateLimitService;
+use crate::store::MemoryStore;
+
+/// Everything `serve` needs, parsed from flags and environment by the binary.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub load: LoadOptions,
+    pub cache_capacity: u64,
+    pub bounds: RequestBounds,
+    pub max_request_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the config in {dir} has problems:\n{errors}")]
+    Config { dir: String, errors: ConfigErrors },
+    #[error("cannot listen on {addr} ({what}): {source}; pick a free address with {flag}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        flag: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the {what} server failed: {message}")]
+    Serve { what: &'static str, message: String },
+}
+
+/// The gRPC service name Envoy's health checks and envoyproxy/ratelimit users probe.
+pub const HEALTH_SERVICE_NAME: &str = "ratelimit";
+
+pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
+    let loaded = config::load_dir(&options.config_dir, &options.load).map_err(|errors| {
+        ServeError::Config {
+            dir: options.config_dir.display().to_string(),
+            errors,
+        }
+    })?;
+    for domain in loaded.domains() {
+        tracing::info!(domain = %domain.name, file = %domain.file, rules = domain.rules().len(), "loaded domain");
+    }
+    let live = Arc::new(ArcSwapOption::from_pointee(loaded));
+    let store = MemoryStore::new(options.cache_capacity);
+    let limiter = Arc::new(RateLimiter::new(live, store, SystemClock, options.bounds));
+
+    let grpc_listener = bind(options.grpc_addr, "gRPC", "--grpc-addr").await?;
+    let admin_listener = bind(options.admin_addr, "admin", "--admin-addr").await?;
+    tracing::info!(
+        grpc = %local(&grpc_listener),
+        admin = %local(&admin_listener),
+        config = %options.config_dir.display(),
+        "meshlimit listening"
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    health_reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| ServeError::Serve {
+            what: "reflection",
+            message: error.to_string(),
+        })?;
+    let rate_limit = RateLimitServiceServer::new(GrpcRateLimitService::new(
+        limiter.clone(),
+        options.max_request_bytes,
+    ))
+    // Far larger bodies are refused by the transport before they are decoded.
+    .max_decoding_message_size(options.max_request_bytes.saturating_mul(4));
+
+    let health = Arc::new(Health::default());
+    health.set_serving(true);
+    let admin_app = admin::router(health.clone());
+
+    let grpc = tonic::transport::Server::builder()
+        .add_service(rate_limit)
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            shutdown_signal(),
+        );
+    let admin = axum::serve(admin_listener, admin_app).with_graceful_shutdown(shutdown_signal());
+    let (grpc, admin) = tokio::join!(grpc, admin);
+    health.set_serving(false);
+    grpc.map_err(|error| ServeError::Serve {
+        what: "gRPC",
+        message: error.to_string(),
+    })?;
+    admin.map_err(|error| ServeError::Serve {
+        what: "admin",
+        message: error.to_string(),
+    })?;
+    tracing::info!("meshlimit stopped");
+    Ok(())
+}
+
+async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind {
+        addr,
+        what,
+        flag,
+        source,
+    })
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|addr| addr.to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

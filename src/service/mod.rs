@@ -1,0 +1,3 @@
+//! Protocol adapters: the gRPC rate limit service, health and reflection.
+
+pub mod grpc;
