@@ -13,6 +13,17 @@
 //! time source, [`admin`] is the HTTP admin port, [`server`] wires `meshlimit serve`,
 //! and [`proto`] holds the generated protobuf code.
 
+// Request and reload paths must answer with an error, never a panic.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod admin;
 pub mod algorithm;
 pub mod clock;

@@ -45,7 +45,9 @@ impl Default for RequestBounds {
 pub enum DecisionError {
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("no rate limit configuration is loaded yet; check the config directory and meshlimit's log")]
+    #[error(
+        "no rate limit configuration is loaded yet; check the config directory and meshlimit's log"
+    )]
     NoConfig,
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -154,16 +156,19 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             resolved.iter().map(status_without_counting).collect();
         let mut overall = Code::Ok;
         for ((i, limit, _), verdict) in counted.iter().zip(&verdicts) {
-            let shadow = matches!(resolved[*i], Resolved::Rule(rule) if rule.shadow_mode);
-            let name = match resolved[*i] {
-                Resolved::Rule(rule) => rule.name.as_deref().unwrap_or_default(),
-                _ => "",
+            let (Some(resolved), Some(slot)) = (resolved.get(*i), statuses.get_mut(*i)) else {
+                continue;
             };
-            let status = counted_status(limit, name, verdict, shadow);
-            if status.code == Code::OverLimit as i32 {
+            let (name, shadow) = match resolved {
+                Resolved::Rule(rule) => {
+                    (rule.name.as_deref().unwrap_or_default(), rule.shadow_mode)
+                }
+                _ => ("", false),
+            };
+            *slot = counted_status(limit, name, verdict, shadow);
+            if slot.code == Code::OverLimit as i32 {
                 overall = Code::OverLimit;
             }
-            statuses[*i] = status;
         }
         Ok(RateLimitResponse {
             overall_code: overall as i32,

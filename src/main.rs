@@ -12,7 +12,11 @@ use meshlimit::limiter::RequestBounds;
 use meshlimit::server::{self, ServeOptions};
 
 #[derive(Parser)]
-#[command(name = "meshlimit", version, about = "Envoy-compatible external rate-limit service")]
+#[command(
+    name = "meshlimit",
+    version,
+    about = "Envoy-compatible external rate-limit service"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -99,7 +103,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         },
         max_request_bytes: args.max_request_bytes,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("meshlimit: cannot start the async runtime: {error}");
@@ -124,10 +131,18 @@ fn validate(dir: &std::path::Path, counting: CountingArgs) -> ExitCode {
         Ok(loaded) => {
             let domains = loaded.domains();
             if domains.is_empty() {
-                println!("{}: no *.yaml files with a domain; nothing would be limited", dir.display());
+                println!(
+                    "{}: no *.yaml files with a domain; nothing would be limited",
+                    dir.display()
+                );
             }
             for domain in domains {
-                println!("domain {} ({}): {} rules", domain.name, domain.file, domain.rules().len());
+                println!(
+                    "domain {} ({}): {} rules",
+                    domain.name,
+                    domain.file,
+                    domain.rules().len()
+                );
             }
             ExitCode::SUCCESS
         }

@@ -25,7 +25,10 @@ pub struct RateLimitConfig {
 }
 
 impl RateLimitConfig {
-    pub fn new(domains: impl IntoIterator<Item = DomainTree>, default_algorithm: Algorithm) -> Self {
+    pub fn new(
+        domains: impl IntoIterator<Item = DomainTree>,
+        default_algorithm: Algorithm,
+    ) -> Self {
         Self {
             default_algorithm,
             domains: domains

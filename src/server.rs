@@ -125,12 +125,14 @@ async fn bind(
     what: &'static str,
     flag: &'static str,
 ) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind {
-        addr,
-        what,
-        flag,
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr,
+            what,
+            flag,
+            source,
+        })
 }
 
 fn local(listener: &TcpListener) -> String {

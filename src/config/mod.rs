@@ -147,7 +147,7 @@ pub fn compile_str(
             String::new()
         }
     };
-    let root = compiler.level(&domain, &domain, &parsed.descriptors);
+    let root = compiler.level(&domain, &parsed.descriptors);
     if compiler.errors.is_empty() {
         Ok(DomainTree {
             name: domain.into(),
@@ -173,11 +173,19 @@ fn yaml_message(error: &serde_saphyr::Error) -> String {
     };
     // Some messages repeat the location at the end; ours is already at the front.
     let message = match message.rfind(" at line ") {
-        Some(at) if message[at..].contains(", column ") => &message[..at],
+        Some(at)
+            if message
+                .get(at..)
+                .is_some_and(|tail| tail.contains(", column ")) =>
+        {
+            message.get(..at).unwrap_or(message)
+        }
         _ => message,
     };
     match message.split_once(", set DuplicateKeyPolicy") {
-        Some((duplicate, _)) => format!("{duplicate}; a key may appear once per mapping, remove one of them"),
+        Some((duplicate, _)) => {
+            format!("{duplicate}; a key may appear once per mapping, remove one of them")
+        }
         None => message.to_owned(),
     }
 }
@@ -202,7 +210,7 @@ impl Compiler<'_> {
     }
 
     /// Compiles the descriptors of one level; `path` is the stat-style path of the parent.
-    fn level(&mut self, domain: &str, path: &str, entries: &[DescriptorEntry]) -> Level {
+    fn level(&mut self, path: &str, entries: &[DescriptorEntry]) -> Level {
         let mut level = Level::default();
         let mut seen: HashMap<(String, ValuePattern), u64> = HashMap::new();
         for entry in entries {
@@ -217,7 +225,10 @@ impl Compiler<'_> {
             };
             let at = self.location(&key.referenced);
             if key.value.is_empty() {
-                self.error(&at, "`key` is empty; write the key Envoy sends, e.g. `key: remote_address`");
+                self.error(
+                    &at,
+                    "`key` is empty; write the key Envoy sends, e.g. `key: remote_address`",
+                );
                 continue;
             }
             let value = entry.value.as_ref().map(|value| value.value.as_str());
@@ -240,7 +251,7 @@ impl Compiler<'_> {
                 .as_ref()
                 .and_then(|block| self.rule(block, entry, &key.value, &node_path))
                 .map(Arc::new);
-            let children = self.level(domain, &node_path, &entry.descriptors);
+            let children = self.level(&node_path, &entry.descriptors);
             level.insert(&key.value, pattern, Node { rule, children });
         }
         level
@@ -264,7 +275,10 @@ impl Compiler<'_> {
             }
             if let Some(unit) = &block.unit {
                 let at = self.location(&unit.referenced);
-                self.error(&at, format!("`unlimited: true` under key `{key}` takes no `unit`; remove it"));
+                self.error(
+                    &at,
+                    format!("`unlimited: true` under key `{key}` takes no `unit`; remove it"),
+                );
                 return None;
             }
             RuleLimit::Unlimited
@@ -297,14 +311,23 @@ impl Compiler<'_> {
         let units = "second, minute, hour, day, week, month or year";
         let unit = match &block.unit {
             None => {
-                self.error(at, format!("`unit` is missing under key `{key}`; write one of {units}"));
+                self.error(
+                    at,
+                    format!("`unit` is missing under key `{key}`; write one of {units}"),
+                );
                 None
             }
             Some(unit) => match unit.value.parse::<Unit>() {
                 Ok(unit) => Some(unit),
                 Err(()) => {
                     let at = self.location(&unit.referenced);
-                    self.error(&at, format!("unknown unit `{}` under key `{key}`; write one of {units}", unit.value));
+                    self.error(
+                        &at,
+                        format!(
+                            "unknown unit `{}` under key `{key}`; write one of {units}",
+                            unit.value
+                        ),
+                    );
                     None
                 }
             },
@@ -330,7 +353,14 @@ impl Compiler<'_> {
                 Err(()) => {
                     let at = self.location(&algorithm.referenced);
                     let known: Vec<_> = Algorithm::ALL.iter().map(|a| a.name()).collect();
-                    self.error(&at, format!("unknown algorithm `{}` under key `{key}`; write one of {}", algorithm.value, known.join(", ")));
+                    self.error(
+                        &at,
+                        format!(
+                            "unknown algorithm `{}` under key `{key}`; write one of {}",
+                            algorithm.value,
+                            known.join(", ")
+                        ),
+                    );
                     None
                 }
             },

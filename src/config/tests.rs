@@ -82,10 +82,19 @@ fn an_exact_value_wins_over_the_value_less_key() {
 #[test]
 fn exact_then_wildcard_in_file_order_then_value_less() {
     let tree = tree(TREE);
-    assert_eq!(matched(&tree, &[("user", "a"), ("path", "/admin")]), Some(1));
+    assert_eq!(
+        matched(&tree, &[("user", "a"), ("path", "/admin")]),
+        Some(1)
+    );
     // `/api/*` comes first in the file, so it wins over the longer `/api/v2*`.
-    assert_eq!(matched(&tree, &[("user", "a"), ("path", "/api/v2/x")]), Some(2));
-    assert_eq!(matched(&tree, &[("user", "a"), ("path", "/other")]), Some(5));
+    assert_eq!(
+        matched(&tree, &[("user", "a"), ("path", "/api/v2/x")]),
+        Some(2)
+    );
+    assert_eq!(
+        matched(&tree, &[("user", "a"), ("path", "/other")]),
+        Some(5)
+    );
 }
 
 #[test]
@@ -93,7 +102,10 @@ fn the_limit_comes_only_from_the_node_of_the_last_entry() {
     let tree = tree(TREE);
     // `source: mobile` has no rate_limit of its own: a one-entry request gets none.
     assert_eq!(matched(&tree, &[("source", "mobile")]), None);
-    assert_eq!(matched(&tree, &[("source", "mobile"), ("app", "x")]), Some(7));
+    assert_eq!(
+        matched(&tree, &[("source", "mobile"), ("app", "x")]),
+        Some(7)
+    );
 }
 
 #[test]
@@ -101,13 +113,19 @@ fn no_backtracking_after_an_exact_match() {
     // `user: root` matched exactly and has no children, so (root, path) has no limit even
     // though the value-less `user` node has a `path` child: envoyproxy/ratelimit does not
     // go back to try it.
-    assert_eq!(matched(&tree(TREE), &[("user", "root"), ("path", "/admin")]), None);
+    assert_eq!(
+        matched(&tree(TREE), &[("user", "root"), ("path", "/admin")]),
+        None
+    );
 }
 
 #[test]
 fn a_request_deeper_than_the_config_has_no_limit() {
     let tree = tree(TREE);
-    assert_eq!(matched(&tree, &[("user", "a"), ("path", "/x"), ("extra", "1")]), None);
+    assert_eq!(
+        matched(&tree, &[("user", "a"), ("path", "/x"), ("extra", "1")]),
+        None
+    );
 }
 
 #[test]
@@ -131,7 +149,9 @@ fn rule_paths_read_like_envoyproxy_stat_keys() {
 
 #[test]
 fn units_are_case_insensitive_and_algorithms_selectable() {
-    let tree = tree("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: HOUR, requests_per_unit: 2, algorithm: fixed_window}\n");
+    let tree = tree(
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: HOUR, requests_per_unit: 2, algorithm: fixed_window}\n",
+    );
     let rule = tree.lookup(&entries(&[("k", "v")]));
     let Some(Rule {
         limit: RuleLimit::Limited(limit),
@@ -151,79 +171,162 @@ fn the_default_algorithm_applies_to_rules_that_name_none() {
     };
     let tree = compile_str("t.yaml", "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 2}\n", &options).unwrap_or_else(|e| panic!("{e:?}"));
     let rule = tree.lookup(&entries(&[("k", "v")]));
-    assert!(matches!(rule, Some(Rule { limit: RuleLimit::Limited(l), .. }) if l.algorithm == Algorithm::FixedWindow));
+    assert!(
+        matches!(rule, Some(Rule { limit: RuleLimit::Limited(l), .. }) if l.algorithm == Algorithm::FixedWindow)
+    );
 }
 
 #[test]
 fn error_missing_requests_per_unit_suggests_a_number_or_unlimited() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit:\n      unit: minute\n");
-    assert_eq!(errors, ["test.yaml:5:7: `requests_per_unit` is missing under key `user`; a limit of 0 would block every request — write a number, or `unlimited: true`"]);
+    let errors =
+        errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit:\n      unit: minute\n");
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:5:7: `requests_per_unit` is missing under key `user`; a limit of 0 would block every request — write a number, or `unlimited: true`"
+        ]
+    );
 }
 
 #[test]
 fn error_missing_unit_lists_the_units() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit: {requests_per_unit: 3}\n");
-    assert_eq!(errors, ["test.yaml:4:17: `unit` is missing under key `user`; write one of second, minute, hour, day, week, month or year"]);
+    let errors =
+        errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit: {requests_per_unit: 3}\n");
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:4:17: `unit` is missing under key `user`; write one of second, minute, hour, day, week, month or year"
+        ]
+    );
 }
 
 #[test]
 fn error_unknown_unit_points_at_the_unit() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minutes, requests_per_unit: 3}\n");
-    assert_eq!(errors, ["test.yaml:4:24: unknown unit `minutes` under key `user`; write one of second, minute, hour, day, week, month or year"]);
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minutes, requests_per_unit: 3}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:4:24: unknown unit `minutes` under key `user`; write one of second, minute, hour, day, week, month or year"
+        ]
+    );
 }
 
 #[test]
 fn error_a_typo_in_a_field_is_not_silently_ignored() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit:\n      unit: minute\n      request_per_unit: 5\n");
-    assert_eq!(errors, ["test.yaml:6:7: unknown field `request_per_unit`, expected one of unit, requests_per_unit, unlimited, name, replaces, algorithm"]);
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: user\n    rate_limit:\n      unit: minute\n      request_per_unit: 5\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:6:7: unknown field `request_per_unit`, expected one of unit, requests_per_unit, unlimited, name, replaces, algorithm"
+        ]
+    );
 }
 
 #[test]
 fn error_negative_or_huge_limits_say_the_range() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: -1}\n");
-    assert_eq!(errors, ["test.yaml:4:51: `requests_per_unit` under key `user` is -1; write a whole number from 0 to 4294967295"]);
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: -1}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:4:51: `requests_per_unit` under key `user` is -1; write a whole number from 0 to 4294967295"
+        ]
+    );
 }
 
 #[test]
 fn error_unknown_algorithm_lists_the_algorithms() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 1, algorithm: leaky}\n");
-    assert_eq!(errors, ["test.yaml:4:65: unknown algorithm `leaky` under key `user`; write one of sliding_window, fixed_window"]);
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 1, algorithm: leaky}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:4:65: unknown algorithm `leaky` under key `user`; write one of sliding_window, fixed_window"
+        ]
+    );
 }
 
 #[test]
 fn error_unlimited_with_a_number_is_a_contradiction() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unlimited: true, requests_per_unit: 5}\n");
-    assert_eq!(errors, ["test.yaml:4:54: `unlimited: true` and `requests_per_unit` under key `user` contradict each other; remove one of them"]);
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unlimited: true, requests_per_unit: 5}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:4:54: `unlimited: true` and `requests_per_unit` under key `user` contradict each other; remove one of them"
+        ]
+    );
 }
 
 #[test]
 fn error_missing_or_empty_domain_and_key() {
-    assert_eq!(errors("descriptors: []\n"), ["test.yaml:1:1: `domain` is missing; every config file starts with `domain: NAME`, the domain Envoy's ratelimit filter sends"]);
-    assert_eq!(errors("domain: ''\n"), ["test.yaml:1:9: `domain` is empty; write the domain Envoy's ratelimit filter sends, e.g. `domain: edge`"]);
-    assert_eq!(errors("domain: d\ndescriptors:\n  - key: ''\n"), ["test.yaml:3:10: `key` is empty; write the key Envoy sends, e.g. `key: remote_address`"]);
+    assert_eq!(
+        errors("descriptors: []\n"),
+        [
+            "test.yaml:1:1: `domain` is missing; every config file starts with `domain: NAME`, the domain Envoy's ratelimit filter sends"
+        ]
+    );
+    assert_eq!(
+        errors("domain: ''\n"),
+        [
+            "test.yaml:1:9: `domain` is empty; write the domain Envoy's ratelimit filter sends, e.g. `domain: edge`"
+        ]
+    );
+    assert_eq!(
+        errors("domain: d\ndescriptors:\n  - key: ''\n"),
+        ["test.yaml:3:10: `key` is empty; write the key Envoy sends, e.g. `key: remote_address`"]
+    );
 }
 
 #[test]
 fn error_duplicate_descriptor_names_the_first_one() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: user\n    value: a\n  - key: user\n    value: a\n");
-    assert_eq!(errors, ["test.yaml:5:10: the descriptor `user: a` is already defined at line 3 of this level; merge the two blocks"]);
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: user\n    value: a\n  - key: user\n    value: a\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:5:10: the descriptor `user: a` is already defined at line 3 of this level; merge the two blocks"
+        ]
+    );
 }
 
 #[test]
 fn error_duplicate_yaml_keys_are_rejected() {
     let errors = errors("domain: a\ndomain: b\n");
-    assert_eq!(errors, ["test.yaml:2:1: duplicate mapping key: domain; a key may appear once per mapping, remove one of them"]);
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:2:1: duplicate mapping key: domain; a key may appear once per mapping, remove one of them"
+        ]
+    );
 }
 
 #[test]
 fn error_replaces_needs_a_name() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 1, replaces: [{}]}\n");
-    assert_eq!(errors, ["test.yaml:4:17: an entry of `replaces` under key `user` has no `name`; write the `name` of the rate limit to replace"]);
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 1, replaces: [{}]}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:4:17: an entry of `replaces` under key `user` has no `name`; write the `name` of the rate limit to replace"
+        ]
+    );
 }
 
 #[test]
 fn every_problem_of_a_file_is_reported_at_once() {
-    let errors = errors("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: minute}\n  - key: b\n    rate_limit: {requests_per_unit: 1}\n");
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: minute}\n  - key: b\n    rate_limit: {requests_per_unit: 1}\n",
+    );
     assert_eq!(errors.len(), 2, "{errors:?}");
 }
 
@@ -241,7 +344,11 @@ mod directory {
         fs::write(dir.path().join(".hidden.yaml"), "not: [valid").unwrap();
         fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
         let config = load_dir(dir.path(), &LoadOptions::default()).unwrap();
-        let names: Vec<_> = config.domains().iter().map(|d| d.name.to_string()).collect();
+        let names: Vec<_> = config
+            .domains()
+            .iter()
+            .map(|d| d.name.to_string())
+            .collect();
         assert_eq!(names, ["one", "two"]);
     }
 
@@ -264,7 +371,10 @@ mod directory {
         fs::write(dir.path().join("b.yaml"), USER).unwrap();
         let errors = load_dir(dir.path(), &LoadOptions::default()).unwrap_err();
         let text = errors.to_string();
-        assert!(text.contains("b.yaml:1:1: domain `one` is already defined in"), "{text}");
+        assert!(
+            text.contains("b.yaml:1:1: domain `one` is already defined in"),
+            "{text}"
+        );
         assert!(text.contains("a.yaml"), "{text}");
     }
 
@@ -272,10 +382,20 @@ mod directory {
     fn invalid_utf8_and_a_missing_directory_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("bad.yaml"), b"domain: \xff\xfe\n").unwrap();
-        let text = load_dir(dir.path(), &LoadOptions::default()).unwrap_err().to_string();
-        assert!(text.ends_with("bad.yaml: the file is not valid UTF-8; save it as UTF-8 text"), "{text}");
-        let missing = load_dir(&dir.path().join("nope"), &LoadOptions::default()).unwrap_err().to_string();
-        assert!(missing.contains("cannot read the config directory"), "{missing}");
+        let text = load_dir(dir.path(), &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.ends_with("bad.yaml: the file is not valid UTF-8; save it as UTF-8 text"),
+            "{text}"
+        );
+        let missing = load_dir(&dir.path().join("nope"), &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("cannot read the config directory"),
+            "{missing}"
+        );
     }
 
     #[test]

@@ -26,7 +26,12 @@ struct Counter {
 struct ExpireAfterLastUse;
 
 impl Expiry<u128, Arc<Counter>> for ExpireAfterLastUse {
-    fn expire_after_create(&self, _: &u128, counter: &Arc<Counter>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &u128,
+        counter: &Arc<Counter>,
+        _: Instant,
+    ) -> Option<Duration> {
         Some(counter.lifetime)
     }
 
