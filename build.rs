@@ -12,7 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(PROTOS, ["proto"])?;
     // The encoded descriptor set also feeds gRPC reflection at run time.
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out.join("meshlimit_descriptor.bin"), descriptors.encode_to_vec())?;
+    fs::write(
+        out.join("meshlimit_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
