@@ -1,0 +1,129 @@
+//! The built `meshlimit` binary as a server under test: started on free loopback ports,
+//! ready once `/healthcheck` answers `OK`, killed when dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use meshlimit::proto::rate_limit_service_client::RateLimitServiceClient;
+use tonic::transport::Channel;
+
+use super::process::{StartFailure, Supervised};
+use super::{free_loopback_addr, http};
+
+/// How long a start may take before the test fails; far above the usual fraction of a
+/// second, because CI may be compiling other test binaries at the same time.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Tries at a start, of which all but the first only follow a lost port race (see
+/// `StartFailure::lost_port_race`).
+const START_ATTEMPTS: usize = 3;
+
+/// Settings a developer's shell may carry that would change what the tests start.
+const INHERITED_SETTINGS: &[&str] = &[
+    "MESHLIMIT_CONFIG",
+    "MESHLIMIT_GRPC_ADDR",
+    "MESHLIMIT_ADMIN_ADDR",
+    "MESHLIMIT_DEFAULT_ALGORITHM",
+];
+
+/// A `Command` for the built binary with the developer's `MESHLIMIT_*` settings removed.
+pub fn command() -> Command {
+    let mut command = Command::new(binary());
+    for name in INHERITED_SETTINGS {
+        command.env_remove(name);
+    }
+    // Logs end up in failure messages; colour escapes would only garble them.
+    command.env("NO_COLOR", "1");
+    command
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meshlimit"))
+}
+
+pub struct Meshlimit {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    process: Supervised,
+}
+
+impl Meshlimit {
+    /// `meshlimit serve --config <config_dir>` with everything else at its default.
+    pub fn start(config_dir: impl AsRef<Path>) -> Meshlimit {
+        Meshlimit::start_with(config_dir, &[])
+    }
+
+    /// Like `start`, with `extra_args` appended to the `serve` command line.
+    pub fn start_with(config_dir: impl AsRef<Path>, extra_args: &[&str]) -> Meshlimit {
+        let config_dir = config_dir.as_ref();
+        let mut attempt = 1;
+        loop {
+            match Meshlimit::try_start(config_dir, extra_args) {
+                Ok(server) => return server,
+                Err(failure) if failure.lost_port_race && attempt < START_ATTEMPTS => attempt += 1,
+                Err(failure) => panic!("meshlimit did not become healthy:\n{}", failure.report),
+            }
+        }
+    }
+
+    fn try_start(config_dir: &Path, extra_args: &[&str]) -> Result<Meshlimit, StartFailure> {
+        let grpc_addr = free_loopback_addr();
+        let admin_addr = free_loopback_addr();
+        let mut command = command();
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(config_dir)
+            .arg("--grpc-addr")
+            .arg(grpc_addr.to_string())
+            .arg("--admin-addr")
+            .arg(admin_addr.to_string())
+            .args(extra_args);
+        let dir = tempfile::tempdir().expect("create a temp dir for meshlimit");
+        let mut server = Meshlimit {
+            grpc_addr,
+            admin_addr,
+            process: Supervised::spawn("meshlimit", command, dir),
+        };
+
+        let what = format!("GET http://{admin_addr}/healthcheck answered 200 OK");
+        server.process.wait_ready(STARTUP_TIMEOUT, &what, || {
+            http::get(admin_addr, "/healthcheck", &[])
+                .is_ok_and(|response| response.status == 200 && response.text().trim() == "OK")
+        })?;
+        Ok(server)
+    }
+
+    /// The gRPC endpoint as a URI.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// A channel to the gRPC port, for any of the services served there.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.grpc_url())
+            .expect("valid gRPC URI")
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap_or_else(|err| {
+                panic!(
+                    "connect to meshlimit at {}: {err}\n{}",
+                    self.grpc_url(),
+                    self.logs()
+                )
+            })
+    }
+
+    pub async fn client(&self) -> RateLimitServiceClient<Channel> {
+        RateLimitServiceClient::new(self.channel().await)
+    }
+
+    /// What the server has logged so far, framed for a failure message.
+    pub fn logs(&self) -> String {
+        self.process.describe()
+    }
+}

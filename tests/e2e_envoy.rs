@@ -1,0 +1,219 @@
+//! End to end through a real Envoy: client → Envoy's ratelimit filter → meshlimit, and on
+//! OK onwards to an echo upstream. Asserts what an HTTP client of the protected service
+//! sees: status codes, Envoy's `x-ratelimit-*` headers, and which requests got through.
+//!
+//! Routes and descriptors: tests/fixtures/envoy/ratelimit_http.yaml.
+//! Limits: tests/fixtures/config/e2e.yaml and e2e_sliding.yaml.
+
+mod common;
+
+use common::envoy::{self, Envoy};
+use common::http::Response;
+use common::meshlimit::Meshlimit;
+use common::upstream::EchoUpstream;
+use common::{avoid_window_edge, fixture, secs_left_in_window};
+
+const TEMPLATE: &str = "envoy/ratelimit_http.yaml";
+
+/// meshlimit, the upstream and an Envoy in front of both, for one rate limit domain.
+struct Stack {
+    // Declared first so it is dropped first: Envoy goes before what it routes to.
+    envoy: Envoy,
+    upstream: EchoUpstream,
+    meshlimit: Meshlimit,
+}
+
+impl Stack {
+    fn start(domain: &str) -> Stack {
+        let meshlimit = Meshlimit::start(fixture("config"));
+        let upstream = EchoUpstream::start();
+        let envoy = Envoy::start(
+            fixture(TEMPLATE),
+            &[
+                ("RLS_PORT", meshlimit.grpc_addr.port().to_string()),
+                ("UPSTREAM_PORT", upstream.addr.port().to_string()),
+                ("DOMAIN", domain.to_owned()),
+            ],
+        );
+        Stack {
+            envoy,
+            upstream,
+            meshlimit,
+        }
+    }
+
+    fn get_as(&self, user: &str, path: &str) -> Response {
+        self.envoy.get(path, &[("x-user-id", user)])
+    }
+
+    /// Both servers' logs, for failure messages.
+    fn logs(&self) -> String {
+        format!("{}\n{}", self.meshlimit.logs(), self.envoy.logs())
+    }
+
+    /// Asserts `response` has `status`, showing the response and both logs if not.
+    fn expect_status(&self, response: &Response, status: u16, what: &str) {
+        assert_eq!(
+            response.status,
+            status,
+            "{what}: expected HTTP {status}, got {response:?}\n{}",
+            self.logs()
+        );
+    }
+}
+
+fn header_u64(response: &Response, name: &str) -> u64 {
+    let value = response
+        .header(name)
+        .unwrap_or_else(|| panic!("no {name} header in {response:?}"));
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a number: {value:?}"))
+}
+
+/// `x-ratelimit-reset` for a fixed one-minute window: the seconds left in the current
+/// minute, give or take the second that may tick over between the two readings.
+fn assert_reset_is_end_of_minute(response: &Response) {
+    let reset = header_u64(response, "x-ratelimit-reset");
+    let expected = secs_left_in_window(60);
+    assert!(
+        (1..=60).contains(&reset) && reset.abs_diff(expected) <= 1,
+        "x-ratelimit-reset {reset}, expected about {expected}: {response:?}"
+    );
+}
+
+#[test]
+fn bootstrap_template_and_deploy_example_pass_envoy_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = std::fs::read_to_string(fixture(TEMPLATE)).unwrap();
+    let rendered = envoy::render(
+        &template,
+        &[
+            ("LISTENER_PORT", "10000".into()),
+            ("ADMIN_PORT", "9901".into()),
+            ("RLS_PORT", "8081".into()),
+            ("UPSTREAM_PORT", "8080".into()),
+            ("DOMAIN", "e2e".into()),
+        ],
+    );
+    let rendered_path = dir.path().join("ratelimit_http.yaml");
+    std::fs::write(&rendered_path, rendered).unwrap();
+
+    let deploy_example = common::repo_root().join("deploy/envoy/envoy.yaml");
+    for bootstrap in [rendered_path, deploy_example] {
+        let output = envoy::validate(&bootstrap);
+        assert!(
+            output.status.success(),
+            "envoy --mode validate rejected {}:\n{}{}",
+            bootstrap.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn fixed_window_allows_the_limit_then_answers_429_with_ratelimit_headers() {
+    let stack = Stack::start("e2e");
+    // Four requests must land in one minute-long window for the counts below to hold.
+    avoid_window_edge(60, 10);
+
+    // Envoy lists every limit that applied; only [user] has one on this path.
+    let limit = r#"3, 3;w=60;name="per_user""#;
+    for remaining in [2, 1, 0] {
+        let response = stack.get_as("alice", "/");
+        stack.expect_status(&response, 200, "alice within her 3 a minute");
+        assert_eq!(
+            response.header("x-ratelimit-limit"),
+            Some(limit),
+            "{response:?}"
+        );
+        assert_eq!(
+            header_u64(&response, "x-ratelimit-remaining"),
+            remaining,
+            "{response:?}"
+        );
+        assert_reset_is_end_of_minute(&response);
+
+        let echo = response.json();
+        assert_eq!(echo["path"], "/", "upstream saw {echo}");
+        assert_eq!(echo["headers"]["x-user-id"], "alice", "upstream saw {echo}");
+    }
+
+    let denied = stack.get_as("alice", "/");
+    stack.expect_status(&denied, 429, "alice's 4th request in the minute");
+    assert_eq!(
+        denied.header("x-ratelimit-limit"),
+        Some(limit),
+        "{denied:?}"
+    );
+    assert_eq!(
+        header_u64(&denied, "x-ratelimit-remaining"),
+        0,
+        "{denied:?}"
+    );
+    assert_reset_is_end_of_minute(&denied);
+
+    // Limits are per user: bob starts with his own full allowance.
+    let bob = stack.get_as("bob", "/");
+    stack.expect_status(&bob, 200, "bob after alice ran out");
+    assert_eq!(header_u64(&bob, "x-ratelimit-remaining"), 2, "{bob:?}");
+
+    // The denied request never reached the service.
+    let users: Vec<_> = stack
+        .upstream
+        .received()
+        .iter()
+        .map(|request| request.header("x-user-id").unwrap_or("-").to_owned())
+        .collect();
+    assert_eq!(users, ["alice", "alice", "alice", "bob"]);
+}
+
+#[test]
+fn user_and_path_rule_limits_only_its_path() {
+    let stack = Stack::start("e2e");
+    avoid_window_edge(60, 10);
+
+    // [user=carol] has 3 a minute, [user=carol, path=/strict] has 1: the headers describe
+    // the limit closest to running out, and list both.
+    let first = stack.get_as("carol", "/strict");
+    stack.expect_status(&first, 200, "carol's first /strict");
+    assert_eq!(
+        first.header("x-ratelimit-limit"),
+        Some(r#"1, 3;w=60;name="per_user", 1;w=60"#),
+        "{first:?}"
+    );
+    assert_eq!(header_u64(&first, "x-ratelimit-remaining"), 0, "{first:?}");
+
+    let second = stack.get_as("carol", "/strict");
+    stack.expect_status(&second, 429, "carol's second /strict in the minute");
+
+    // Other paths only count against [user=carol], which has room left.
+    let elsewhere = stack.get_as("carol", "/elsewhere");
+    stack.expect_status(&elsewhere, 200, "carol on another path");
+    assert_eq!(elsewhere.json()["path"], "/elsewhere");
+}
+
+#[test]
+fn sliding_window_by_default_denies_after_the_limit() {
+    let stack = Stack::start("e2e_sliding");
+    // Keeps the four requests in one minute, so the outcome does not depend on how the
+    // sliding window weighs the previous one.
+    avoid_window_edge(60, 10);
+
+    for attempt in 1..=3 {
+        let response = stack.get_as("dave", "/");
+        stack.expect_status(&response, 200, &format!("dave's request {attempt} of 3"));
+    }
+    let denied = stack.get_as("dave", "/");
+    stack.expect_status(&denied, 429, "dave's 4th request in the minute");
+    assert_eq!(
+        header_u64(&denied, "x-ratelimit-remaining"),
+        0,
+        "{denied:?}"
+    );
+
+    let erin = stack.get_as("erin", "/");
+    stack.expect_status(&erin, 200, "erin after dave ran out");
+    assert_eq!(stack.upstream.received().len(), 4);
+}
