@@ -1,17 +1,16 @@
 //! Counter keys: one string per (domain, matched descriptor values, limit window).
 //!
-//! Layout: `domain|key=value|key=value|unit/algorithm`. Separators inside names and values
+//! Layout: `domain|key=value|key=value|window/algorithm`, e.g. `edge|user=alice|1m/sliding_window`. Separators inside names and values
 //! are percent-escaped, so a crafted value such as `alice|path=/admin` can never produce the
 //! key of a different descriptor and drain someone else's counter.
 
 use std::fmt::Write;
 
-use crate::limit::Limit;
+use crate::limit::{Limit, format_duration};
 use crate::proto::rate_limit_descriptor::Entry;
 
-/// Writes the counter key into `out`, reusing its allocation.
-pub fn write_counter_key(out: &mut String, domain: &str, entries: &[Entry], limit: &Limit) {
-    out.clear();
+/// Appends the counter key to `out`, so one buffer can hold every key of a request.
+pub fn append_counter_key(out: &mut String, domain: &str, entries: &[Entry], limit: &Limit) {
     push_escaped(out, domain);
     for entry in entries {
         out.push('|');
@@ -20,7 +19,7 @@ pub fn write_counter_key(out: &mut String, domain: &str, entries: &[Entry], limi
         push_escaped(out, &entry.value);
     }
     // Writing to a String cannot fail.
-    let _ = write!(out, "|{}/{}", limit.unit, limit.algorithm);
+    let _ = write!(out, "|{}/{}", format_duration(limit.window_millis), limit.algorithm);
 }
 
 fn push_escaped(out: &mut String, text: &str) {
@@ -51,13 +50,9 @@ mod tests {
                 value: v.to_string(),
             })
             .collect();
-        let limit = Limit {
-            requests_per_unit: 1,
-            unit: Unit::Minute,
-            algorithm: Algorithm::SlidingWindow,
-        };
+        let limit = Limit::per_unit(1, Unit::Minute, Algorithm::SlidingWindow);
         let mut out = String::new();
-        write_counter_key(&mut out, "edge", &entries, &limit);
+        append_counter_key(&mut out, "edge", &entries, &limit);
         out
     }
 
@@ -65,7 +60,7 @@ mod tests {
     fn names_the_domain_every_entry_and_the_window() {
         assert_eq!(
             key(&[("user", "alice"), ("path", "/a")]),
-            "edge|user=alice|path=/a|minute/sliding_window"
+            "edge|user=alice|path=/a|1m/sliding_window"
         );
     }
 

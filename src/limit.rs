@@ -57,6 +57,11 @@ impl Unit {
         }
     }
 
+    /// The unit whose length is exactly `millis`, if any.
+    pub fn from_millis(millis: u64) -> Option<Unit> {
+        Unit::ALL.into_iter().find(|unit| unit.millis() == millis)
+    }
+
     /// The unit of a request-supplied limit override; `None` for UNKNOWN or a number we do not know.
     pub fn from_proto(value: i32) -> Option<Unit> {
         match ProtoUnit::try_from(value).ok()? {
@@ -113,15 +118,23 @@ pub enum Algorithm {
     /// Epoch-aligned windows that reset at each boundary: envoyproxy/ratelimit's decisions.
     #[value(name = "fixed_window")]
     FixedWindow,
+    /// GCRA, the token bucket kept as one timestamp: a steady rate with bursts up to `burst`.
+    #[value(name = "token_bucket")]
+    TokenBucket,
 }
 
 impl Algorithm {
-    pub const ALL: [Algorithm; 2] = [Algorithm::SlidingWindow, Algorithm::FixedWindow];
+    pub const ALL: [Algorithm; 3] = [
+        Algorithm::SlidingWindow,
+        Algorithm::FixedWindow,
+        Algorithm::TokenBucket,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::SlidingWindow => "sliding_window",
             Algorithm::FixedWindow => "fixed_window",
+            Algorithm::TokenBucket => "token_bucket",
         }
     }
 }
@@ -143,16 +156,99 @@ impl fmt::Display for Algorithm {
     }
 }
 
-/// A counted limit: at most `requests_per_unit` hits per `unit`, counted by `algorithm`.
+/// A counted limit: at most `requests_per_unit` hits per window, counted by `algorithm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Limit {
     pub requests_per_unit: u32,
-    pub unit: Unit,
+    /// The window length: a unit's length, or any duration written as `per: 10s`.
+    pub window_millis: u64,
     pub algorithm: Algorithm,
+    /// Token bucket only: the most hits admitted at once. `None` means `requests_per_unit`.
+    pub burst: Option<u32>,
 }
 
 impl Limit {
+    /// A limit of `requests_per_unit` per `unit`, as envoyproxy/ratelimit's `rate_limit` says.
+    pub fn per_unit(requests_per_unit: u32, unit: Unit, algorithm: Algorithm) -> Self {
+        Self {
+            requests_per_unit,
+            window_millis: unit.millis(),
+            algorithm,
+            burst: None,
+        }
+    }
+
     pub fn window_millis(&self) -> u64 {
-        self.unit.millis()
+        self.window_millis
+    }
+
+    /// The unit reported to Envoy: exact when the window is one unit long; otherwise none
+    /// (Envoy then leaves the window out of its `x-ratelimit-limit` header).
+    pub fn unit(&self) -> Option<Unit> {
+        Unit::from_millis(self.window_millis)
+    }
+
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.requests_per_unit)
+    }
+}
+
+impl fmt::Display for Limit {
+    /// `100/minute`, or `10/10s` for windows that are not one unit.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/", self.requests_per_unit)?;
+        match self.unit() {
+            Some(unit) => write!(f, "{unit}")?,
+            None => write!(f, "{}", crate::limit::format_duration(self.window_millis))?,
+        }
+        write!(f, " {}", self.algorithm)?;
+        if self.algorithm == Algorithm::TokenBucket {
+            write!(f, " burst {}", self.burst())?;
+        }
+        Ok(())
+    }
+}
+
+/// `1500ms`, `10s`, `5m`, `2h`, `3d`: the shortest exact spelling.
+pub fn format_duration(millis: u64) -> String {
+    const STEPS: [(u64, &str); 4] = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")];
+    for (size, suffix) in STEPS {
+        if millis >= size && millis % size == 0 {
+            return format!("{}{suffix}", millis / size);
+        }
+    }
+    format!("{millis}ms")
+}
+
+/// Parses `per:` durations: a whole number followed by ms, s, m, h or d.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, suffix) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let scale = match suffix {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    number.checked_mul(scale).filter(|millis| *millis > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print_back() {
+        for (text, millis) in [("10s", 10_000), ("1500ms", 1_500), ("5m", 300_000), ("2h", 7_200_000), ("1d", 86_400_000)] {
+            assert_eq!(parse_duration(text), Some(millis), "{text}");
+            assert_eq!(format_duration(millis), text);
+        }
+        for bad in ["", "10", "s", "0s", "1.5s", "10 minutes", "-1s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 }

@@ -10,9 +10,10 @@ use arc_swap::ArcSwapOption;
 
 use crate::algorithm::Verdict;
 use crate::clock::Clock;
-use crate::key::write_counter_key;
+use crate::key::append_counter_key;
 use crate::limit::{Limit, Unit};
 use crate::matcher::RateLimitConfig;
+use crate::proto::rate_limit_response::rate_limit::Unit as ProtoUnit;
 use crate::proto::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use crate::proto::{RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
 use crate::rule::{Rule, RuleLimit};
@@ -110,11 +111,11 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                             limit.unit
                         ))
                     })?;
-                    Resolved::Override(Limit {
-                        requests_per_unit: limit.requests_per_unit,
+                    Resolved::Override(Limit::per_unit(
+                        limit.requests_per_unit,
                         unit,
-                        algorithm: default_algorithm,
-                    })
+                        default_algorithm,
+                    ))
                 }
                 None => match domain.lookup(&descriptor.entries) {
                     Some(rule) => Resolved::Rule(rule),
@@ -124,26 +125,41 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         }
         apply_replaces(&mut resolved);
 
-        let mut keys = Vec::new();
-        let mut counted = Vec::new();
+        // Every key of the request goes into one buffer: one allocation, not one per key.
+        let mut key_text = String::with_capacity(64 * request.descriptors.len());
+        let mut counted: Vec<Counted> = Vec::with_capacity(request.descriptors.len());
         for (i, (descriptor, resolved)) in request.descriptors.iter().zip(&resolved).enumerate() {
-            let limit = match resolved {
+            let (limits, count_rejected) = match resolved {
                 Resolved::Rule(Rule {
-                    limit: RuleLimit::Limited(limit),
+                    limit: RuleLimit::Limited(limits),
+                    count_rejected,
                     ..
-                })
-                | Resolved::Override(limit) => *limit,
+                }) => (&limits[..], *count_rejected),
+                Resolved::Override(limit) => (std::slice::from_ref(limit), false),
                 _ => continue,
             };
-            let mut key = String::with_capacity(64);
-            write_counter_key(&mut key, &request.domain, &descriptor.entries, &limit);
-            keys.push(key);
-            counted.push((i, limit, hits_of(request, descriptor)));
+            let hits = hits_of(request, descriptor);
+            for limit in limits {
+                let start = key_text.len();
+                append_counter_key(&mut key_text, &request.domain, &descriptor.entries, limit);
+                counted.push(Counted {
+                    descriptor: i,
+                    limit: *limit,
+                    hits,
+                    count_rejected,
+                    key: start..key_text.len(),
+                });
+            }
         }
         let checks: Vec<Check<'_>> = counted
             .iter()
-            .zip(&keys)
-            .map(|(&(_, limit, hits), key)| Check { key, limit, hits })
+            .map(|c| Check {
+                key: key_text.get(c.key.clone()).unwrap_or_default(),
+                limit: c.limit,
+                hits: c.hits,
+                group: c.descriptor as u32,
+                count_rejected: c.count_rejected,
+            })
             .collect();
         let mut verdicts = Vec::with_capacity(checks.len());
         if !checks.is_empty() {
@@ -155,17 +171,23 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let mut statuses: Vec<DescriptorStatus> =
             resolved.iter().map(status_without_counting).collect();
         let mut overall = Code::Ok;
-        for ((i, limit, _), verdict) in counted.iter().zip(&verdicts) {
-            let (Some(resolved), Some(slot)) = (resolved.get(*i), statuses.get_mut(*i)) else {
+        let mut results = counted.iter().zip(&verdicts).peekable();
+        while let Some((first, verdict)) = results.next() {
+            // The limits of one descriptor are adjacent; report the one that decided.
+            let mut deciding = (first.limit, *verdict);
+            while let Some((next, verdict)) = results.next_if(|(c, _)| c.descriptor == first.descriptor) {
+                if decides_over(verdict, &deciding.1) {
+                    deciding = (next.limit, *verdict);
+                }
+            }
+            let (Some(resolved), Some(slot)) = (resolved.get(first.descriptor), statuses.get_mut(first.descriptor)) else {
                 continue;
             };
             let (name, shadow) = match resolved {
-                Resolved::Rule(rule) => {
-                    (rule.name.as_deref().unwrap_or_default(), rule.shadow_mode)
-                }
+                Resolved::Rule(rule) => (rule.name.as_deref().unwrap_or_default(), rule.shadow_mode),
                 _ => ("", false),
             };
-            *slot = counted_status(limit, name, verdict, shadow);
+            *slot = counted_status(&deciding.0, name, &deciding.1, shadow);
             if slot.code == Code::OverLimit as i32 {
                 overall = Code::OverLimit;
             }
@@ -217,6 +239,25 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             }
         }
         Ok(())
+    }
+}
+
+/// One limit of one descriptor to count, with its key's place in the request's key buffer.
+struct Counted {
+    descriptor: usize,
+    limit: Limit,
+    hits: u64,
+    count_rejected: bool,
+    key: std::ops::Range<usize>,
+}
+
+/// Whether `candidate` should be reported instead of `current`: the first limit that is
+/// over decides; among limits that are not, the one with the least left.
+fn decides_over(candidate: &Verdict, current: &Verdict) -> bool {
+    match (candidate.over_limit, current.over_limit) {
+        (true, false) => true,
+        (false, false) => candidate.remaining < current.remaining,
+        _ => false,
     }
 }
 
@@ -283,7 +324,9 @@ fn counted_status(limit: &Limit, name: &str, verdict: &Verdict, shadow: bool) ->
         current_limit: Some(RateLimit {
             name: name.to_owned(),
             requests_per_unit: limit.requests_per_unit,
-            unit: limit.unit.to_proto() as i32,
+            unit: limit
+                .unit()
+                .map_or(ProtoUnit::Unknown, Unit::to_proto) as i32,
         }),
         limit_remaining: u32::try_from(verdict.remaining).unwrap_or(u32::MAX),
         duration_until_reset: Some(prost_types::Duration {

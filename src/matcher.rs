@@ -42,6 +42,11 @@ impl RateLimitConfig {
         self.domains.get(name)
     }
 
+    /// Moves the domains out, e.g. to compile one file on its own.
+    pub fn take_domains(&mut self) -> Vec<DomainTree> {
+        self.domains.drain().map(|(_, domain)| domain).collect()
+    }
+
     /// Domains sorted by name, for stable reports.
     pub fn domains(&self) -> Vec<&DomainTree> {
         let mut domains: Vec<_> = self.domains.values().collect();
@@ -61,16 +66,30 @@ pub struct DomainTree {
 impl DomainTree {
     /// The rule for a request descriptor's entries, if any.
     pub fn lookup(&self, entries: &[Entry]) -> Option<&Rule> {
+        self.walk(entries, &mut NoTrace).and_then(|node| node.rule.as_deref())
+    }
+
+    /// Like `lookup`, and also says, step by step, what was tried and why it did or did
+    /// not match: what `meshlimit explain` prints.
+    pub fn lookup_traced(&self, entries: &[Entry]) -> (Option<&Node>, Vec<String>) {
+        let mut steps = Vec::new();
+        let node = self.walk(entries, &mut steps);
+        (node, steps)
+    }
+
+    /// The node matched by the last entry, if the walk gets that far.
+    fn walk<T: Trace>(&self, entries: &[Entry], trace: &mut T) -> Option<&Node> {
         let mut level = &self.root;
         let last = entries.len().checked_sub(1)?;
         for (i, entry) in entries.iter().enumerate() {
-            let node = level.find(&entry.key, &entry.value)?;
+            let node = level.find(&entry.key, &entry.value, trace)?;
             if i == last {
-                return node.rule.as_deref();
+                return Some(node);
             }
             // A node with no children ends the walk: a request deeper than the config has
             // no limit (envoyproxy/ratelimit: "request depth does not match config depth").
             if node.children.is_empty() {
+                trace.step(|| format!("{} has no nested descriptors, so the remaining entries match nothing: no limit", node.label));
                 return None;
             }
             level = &node.children;
@@ -102,9 +121,32 @@ struct KeyBranch {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Node {
-    pub(crate) rule: Option<Arc<Rule>>,
+pub struct Node {
+    pub rule: Option<Arc<Rule>>,
     pub(crate) children: Level,
+    /// How the node is written, e.g. "`user: alice`" or "`user` (any value)".
+    pub label: Box<str>,
+    pub source: Option<crate::rule::SourceLocation>,
+    /// Why a node without a rule has none, for `explain`.
+    pub note: Option<Box<str>>,
+}
+
+/// Records the steps of a lookup; the request path uses `NoTrace`, which compiles away.
+trait Trace {
+    fn step(&mut self, describe: impl FnOnce() -> String);
+}
+
+struct NoTrace;
+
+impl Trace for NoTrace {
+    #[inline(always)]
+    fn step(&mut self, _: impl FnOnce() -> String) {}
+}
+
+impl Trace for Vec<String> {
+    fn step(&mut self, describe: impl FnOnce() -> String) {
+        self.push(describe());
+    }
 }
 
 /// How a descriptor's value is written in the config.
@@ -132,19 +174,37 @@ impl Level {
         self.keys.is_empty()
     }
 
-    fn find(&self, key: &str, value: &str) -> Option<&Node> {
-        let branch = self.keys.get(key)?;
-        branch
-            .exact
-            .get(value)
-            .or_else(|| {
-                branch
-                    .wildcards
-                    .iter()
-                    .find(|(prefix, _)| value.starts_with(&**prefix))
-                    .map(|(_, node)| node)
-            })
-            .or(branch.any_value.as_deref())
+    fn find<T: Trace>(&self, key: &str, value: &str, trace: &mut T) -> Option<&Node> {
+        let Some(branch) = self.keys.get(key) else {
+            trace.step(|| {
+                let mut keys: Vec<&str> = self.keys.keys().map(|k| &**k).collect();
+                keys.sort_unstable();
+                format!("`{key}: {value}`: no descriptor with key `{key}` here (keys at this level: {})", keys.join(", "))
+            });
+            return None;
+        };
+        if let Some(node) = branch.exact.get(value) {
+            trace.step(|| format!("`{key}: {value}`: matched {} exactly", node.label));
+            return Some(node);
+        }
+        trace.step(|| format!("`{key}: {value}`: no exact `{key}: {value}`"));
+        for (prefix, node) in &branch.wildcards {
+            if value.starts_with(&**prefix) {
+                trace.step(|| format!("`{key}: {value}`: matched wildcard `{prefix}*`"));
+                return Some(node);
+            }
+            trace.step(|| format!("`{key}: {value}`: wildcard `{prefix}*` does not match"));
+        }
+        match branch.any_value.as_deref() {
+            Some(node) => {
+                trace.step(|| format!("`{key}: {value}`: matched {}", node.label));
+                Some(node)
+            }
+            None => {
+                trace.step(|| format!("`{key}: {value}`: no value-less `{key}` to fall back to: no limit"));
+                None
+            }
+        }
     }
 
     /// Adds a node; `false` when the same key and value pattern is already there.

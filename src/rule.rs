@@ -19,10 +19,11 @@ impl fmt::Display for SourceLocation {
     }
 }
 
-/// The limit a rule applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The limits a rule applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuleLimit {
-    Limited(Limit),
+    /// One or more limits, each with its own counter; over if any is over.
+    Limited(Box<[Limit]>),
     /// `unlimited: true`: always OK, never counted, reported with u32::MAX remaining.
     Unlimited,
 }
@@ -41,4 +42,10 @@ pub struct Rule {
     /// `domain.key_value.key` (value-less keys have no `_value`).
     pub path: Box<str>,
     pub source: SourceLocation,
+    /// Keep rejected hits counted: envoyproxy/ratelimit's fixed window does, so a migrated
+    /// `rate_limit` rule rejects exactly what it did before. Policies never do.
+    pub count_rejected: bool,
+    /// How the rule was put together, one line per field with where it came from; shown by
+    /// `meshlimit explain` and `/rlconfig`.
+    pub provenance: Box<[String]>,
 }

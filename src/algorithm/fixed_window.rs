@@ -30,12 +30,13 @@ pub fn apply(state: &mut WindowState, limit: &Limit, hits: u64, now_millis: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limit::{Algorithm, Unit};
+    use crate::limit::Algorithm;
 
     const LIMIT: Limit = Limit {
         requests_per_unit: 3,
-        unit: Unit::Minute,
+        window_millis: 60_000,
         algorithm: Algorithm::FixedWindow,
+        burst: None,
     };
     const MINUTE: u64 = 60_000;
 

@@ -1,10 +1,13 @@
 //! The counting algorithms as pure functions over a small state and an explicit "now".
 //!
 //! Stores own the state and the atomicity (a lock in memory, a script in Redis); the
-//! arithmetic lives here once, so every store makes the same decisions.
+//! arithmetic lives here once, so every store makes the same decisions. Each function
+//! updates a copy of the state; the store decides whether to keep it (a request rejected
+//! by one of a descriptor's limits consumes from none of them).
 
 pub mod fixed_window;
 pub mod sliding_window;
+pub mod token_bucket;
 
 use crate::limit::{Algorithm, Limit};
 
@@ -15,7 +18,8 @@ pub struct Verdict {
     /// Hits still allowed after this one (0 when over the limit).
     pub remaining: u64,
     /// Over the limit: how long until a request of the same size would be admitted.
-    /// Within the limit: how long until the current window ends.
+    /// Within the limit: how long until the current window ends (token bucket: until the
+    /// bucket is full again).
     pub reset_after_millis: u64,
 }
 
@@ -45,19 +49,55 @@ impl WindowState {
     }
 }
 
-/// Applies `hits` to `state` under `limit` at time `now_millis`.
-pub fn apply(state: &mut WindowState, limit: &Limit, hits: u64, now_millis: u64) -> Verdict {
+/// The state behind one counter key, whichever algorithm counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CounterState {
+    #[default]
+    Empty,
+    Window(WindowState),
+    /// GCRA's theoretical arrival time, in microseconds since the epoch.
+    Bucket { tat_micros: u64 },
+}
+
+/// Applies `hits` to `state` under `limit` at time `now_millis`. A state left by another
+/// algorithm (the rule changed on reload) starts over.
+pub fn apply(state: &mut CounterState, limit: &Limit, hits: u64, now_millis: u64) -> Verdict {
     match limit.algorithm {
-        Algorithm::SlidingWindow => sliding_window::apply(state, limit, hits, now_millis),
-        Algorithm::FixedWindow => fixed_window::apply(state, limit, hits, now_millis),
+        Algorithm::SlidingWindow | Algorithm::FixedWindow => {
+            let mut window = match *state {
+                CounterState::Window(window) => window,
+                _ => WindowState::default(),
+            };
+            let verdict = if limit.algorithm == Algorithm::SlidingWindow {
+                sliding_window::apply(&mut window, limit, hits, now_millis)
+            } else {
+                fixed_window::apply(&mut window, limit, hits, now_millis)
+            };
+            *state = CounterState::Window(window);
+            verdict
+        }
+        Algorithm::TokenBucket => {
+            let mut tat_micros = match *state {
+                CounterState::Bucket { tat_micros } => tat_micros,
+                _ => 0,
+            };
+            let verdict = token_bucket::apply(&mut tat_micros, limit, hits, now_millis);
+            *state = CounterState::Bucket { tat_micros };
+            verdict
+        }
     }
 }
 
 /// How long a key's state can still influence a decision after its last update: counts of
-/// the previous window still weigh in, so window algorithms keep state for two windows.
+/// the previous window still weigh in, so window algorithms keep state for two windows; a
+/// bucket refills completely within one window (scaled by its burst).
 pub fn state_lifetime_millis(limit: &Limit) -> u64 {
     match limit.algorithm {
         Algorithm::SlidingWindow => 2 * limit.window_millis(),
         Algorithm::FixedWindow => limit.window_millis(),
+        Algorithm::TokenBucket => {
+            let per_hit = limit.window_millis() / u64::from(limit.requests_per_unit.max(1));
+            (per_hit.saturating_mul(u64::from(limit.burst())) + 1_000).max(limit.window_millis())
+        }
     }
 }

@@ -69,11 +69,7 @@ mod tests {
     const MINUTE: u64 = 60_000;
 
     fn limit(requests_per_unit: u32) -> Limit {
-        Limit {
-            requests_per_unit,
-            unit: Unit::Minute,
-            algorithm: Algorithm::SlidingWindow,
-        }
+        Limit::per_unit(requests_per_unit, Unit::Minute, Algorithm::SlidingWindow)
     }
 
     #[test]

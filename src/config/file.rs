@@ -1,8 +1,13 @@
 //! The YAML shape of one config file, exactly as an operator writes it.
 //!
-//! The fields are envoyproxy/ratelimit's, plus meshlimit's own (`algorithm`). Unknown fields
-//! are rejected rather than ignored: a typo like `request_per_unit` must not silently become
-//! "no limit" or a limit of 0.
+//! The fields are envoyproxy/ratelimit's (`domain`, `descriptors`, `key`, `value`,
+//! `rate_limit`, `shadow_mode`, `detailed_metric`), plus meshlimit's policy model
+//! (`policies`, `defaults`, `extends`, and `policy` / `limits` on a descriptor). Unknown
+//! fields are rejected rather than ignored: a typo like `request_per_unit` must not silently
+//! become "no limit" or a limit of 0.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -10,26 +15,43 @@ use serde_saphyr::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    /// Absent in a shared file, which only offers `policies` and `defaults` to every domain.
     pub domain: Option<Spanned<String>>,
+    /// Another domain whose descriptors, policies and defaults this one starts from.
+    pub extends: Option<Spanned<String>>,
+    #[serde(default)]
+    pub policies: BTreeMap<String, Spanned<PolicyBlock>>,
+    pub defaults: Option<Spanned<PolicyFields>>,
     #[serde(default)]
     pub descriptors: Vec<DescriptorEntry>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DescriptorEntry {
     pub key: Option<Spanned<String>>,
     pub value: Option<Spanned<String>>,
+    /// envoyproxy/ratelimit's limit: applies to this node only, never inherited.
     pub rate_limit: Option<Spanned<RateLimitBlock>>,
     #[serde(default)]
     pub descriptors: Vec<DescriptorEntry>,
-    #[serde(default)]
-    pub shadow_mode: bool,
+    pub shadow_mode: Option<Spanned<bool>>,
     #[serde(default)]
     pub detailed_metric: bool,
+    /// `policy`, `limits`, `algorithm`, `burst`, `unlimited`: this node's policy, inherited
+    /// by its descendants.
+    pub policy: Option<Spanned<String>>,
+    pub limits: Option<Spanned<Vec<Spanned<LimitBlock>>>>,
+    pub algorithm: Option<Spanned<String>>,
+    pub burst: Option<Spanned<i64>>,
+    pub unlimited: Option<Spanned<bool>>,
+    /// The file this entry was written in: a domain that `extends` another holds entries
+    /// of both files, and every error and `explain` line must name the right one.
+    #[serde(skip)]
+    pub file: Option<Arc<str>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitBlock {
     pub unit: Option<Spanned<String>>,
@@ -42,8 +64,82 @@ pub struct RateLimitBlock {
     pub algorithm: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Replaces {
     pub name: Option<Spanned<String>>,
+}
+
+/// A named policy under `policies:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBlock {
+    pub extends: Option<Spanned<String>>,
+    /// Reported in `current_limit.name`; defaults to the policy's own name.
+    pub name: Option<Spanned<String>>,
+    pub limits: Option<Spanned<Vec<Spanned<LimitBlock>>>>,
+    pub algorithm: Option<Spanned<String>>,
+    pub burst: Option<Spanned<i64>>,
+    pub shadow_mode: Option<Spanned<bool>>,
+}
+
+/// `defaults:` of a domain or a shared file: a policy by name, or inline fields over it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFields {
+    pub policy: Option<Spanned<String>>,
+    pub limits: Option<Spanned<Vec<Spanned<LimitBlock>>>>,
+    pub algorithm: Option<Spanned<String>>,
+    pub burst: Option<Spanned<i64>>,
+    pub unlimited: Option<Spanned<bool>>,
+}
+
+/// One limit of a policy: `requests_per_unit` per `unit`, or per a duration (`per: 10s`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitBlock {
+    pub requests_per_unit: Option<Spanned<i64>>,
+    pub unit: Option<Spanned<String>>,
+    pub per: Option<Spanned<String>>,
+}
+
+impl DescriptorEntry {
+    /// Records `file` on this entry and every entry below it.
+    pub fn set_file(&mut self, file: &Arc<str>) {
+        self.file = Some(file.clone());
+        for child in &mut self.descriptors {
+            child.set_file(file);
+        }
+    }
+
+    fn same_node(&self, other: &DescriptorEntry) -> bool {
+        let key = |e: &DescriptorEntry| e.key.as_ref().map(|k| k.value.clone());
+        let value = |e: &DescriptorEntry| e.value.as_ref().map(|v| v.value.clone()).unwrap_or_default();
+        key(self) == key(other) && value(self) == value(other)
+    }
+}
+
+/// The descriptors of a domain that `extends` a base: the base's tree with each node of
+/// `over` laid on the node with the same key and value (its fields win, children merge
+/// the same way); nodes only in `over` are added after the base's.
+pub fn merge_descriptors(base: &[DescriptorEntry], over: &[DescriptorEntry]) -> Vec<DescriptorEntry> {
+    let mut merged: Vec<DescriptorEntry> = base.to_vec();
+    for node in over {
+        match merged.iter_mut().find(|existing| existing.same_node(node)) {
+            Some(existing) => {
+                let children = merge_descriptors(&existing.descriptors, &node.descriptors);
+                let previous = std::mem::replace(existing, node.clone());
+                existing.descriptors = children;
+                existing.rate_limit = existing.rate_limit.take().or(previous.rate_limit);
+                existing.shadow_mode = existing.shadow_mode.take().or(previous.shadow_mode);
+                existing.policy = existing.policy.take().or(previous.policy);
+                existing.limits = existing.limits.take().or(previous.limits);
+                existing.algorithm = existing.algorithm.take().or(previous.algorithm);
+                existing.burst = existing.burst.take().or(previous.burst);
+                existing.unlimited = existing.unlimited.take().or(previous.unlimited);
+            }
+            None => merged.push(node.clone()),
+        }
+    }
+    merged
 }

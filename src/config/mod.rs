@@ -4,8 +4,10 @@
 //! Everything is checked at load time and every problem is reported with its file, line
 //! and column, so a bad config never reaches the request path.
 
+mod compile;
 pub mod error;
 mod file;
+mod policy;
 
 use std::collections::HashMap;
 use std::fs;
@@ -14,12 +16,14 @@ use std::sync::Arc;
 
 use serde_saphyr::{Location, Spanned};
 
+use compile::{Compiler, Inherited};
 pub use error::{ConfigError, ConfigErrors};
-use file::{ConfigFile, DescriptorEntry, RateLimitBlock};
+use file::{ConfigFile, DescriptorEntry, PolicyFields, merge_descriptors};
+use policy::{PolicyDefinition, PolicyTable, Scope, location};
 
-use crate::limit::{Algorithm, Limit, Unit};
-use crate::matcher::{DomainTree, Level, Node, RateLimitConfig, ValuePattern};
-use crate::rule::{Rule, RuleLimit, SourceLocation};
+use crate::limit::Algorithm;
+use crate::matcher::{DomainTree, RateLimitConfig};
+use crate::rule::SourceLocation;
 
 /// Choices that apply to every file of a load.
 #[derive(Debug, Clone, Copy, Default)]
@@ -35,57 +39,45 @@ pub struct LoadOptions {
 /// names are symlinks through `..data`, so each file is still read once).
 pub fn load_dir(dir: &Path, options: &LoadOptions) -> Result<RateLimitConfig, ConfigErrors> {
     let files = config_files(dir).map_err(|error| ConfigErrors(vec![error]))?;
-    let mut domains: Vec<DomainTree> = Vec::new();
-    let mut first_seen: HashMap<String, SourceLocation> = HashMap::new();
+    let mut parsed = Vec::new();
     let mut errors = Vec::new();
     for path in files {
-        let text = match fs::read(&path) {
-            Ok(bytes) => match String::from_utf8(bytes) {
-                Ok(text) => text,
-                Err(_) => {
-                    errors.push(ConfigError::whole_file(
-                        &path,
-                        "the file is not valid UTF-8; save it as UTF-8 text",
-                    ));
-                    continue;
-                }
-            },
-            Err(error) => {
-                errors.push(ConfigError::whole_file(
-                    &path,
-                    format!("cannot read the file: {error}"),
-                ));
-                continue;
-            }
-        };
-        match compile_str(&path.display().to_string(), &text, options) {
-            Ok(domain) => {
-                let here = SourceLocation {
-                    file: domain.file.clone(),
-                    line: 1,
-                    column: 1,
-                };
-                if let Some(first) = first_seen.get(&*domain.name) {
-                    errors.push(ConfigError::at(
-                        &here,
-                        format!(
-                            "domain `{}` is already defined in {}; each domain lives in one file, so merge the two",
-                            domain.name, first.file
-                        ),
-                    ));
-                } else {
-                    first_seen.insert(domain.name.to_string(), here);
-                    domains.push(domain);
-                }
-            }
-            Err(mut file_errors) => errors.append(&mut file_errors),
+        let label: Arc<str> = path.display().to_string().into();
+        match read_text(&path).and_then(|text| parse(&label, &text)) {
+            Ok(file) => parsed.push((label, file)),
+            Err(error) => errors.push(error),
         }
     }
-    if errors.is_empty() {
-        Ok(RateLimitConfig::new(domains, options.default_algorithm))
-    } else {
-        Err(ConfigErrors(errors))
+    match compile_files(parsed, options) {
+        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(mut more) => {
+            errors.append(&mut more);
+            Err(ConfigErrors(errors))
+        }
     }
+}
+
+/// Reads the text of every config file in `dir`, for change detection: hot reload compares
+/// this snapshot rather than trusting modification times, which a ConfigMap's symlink swap
+/// does not reliably change.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    config_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|path| {
+            let bytes = fs::read(&path).unwrap_or_default();
+            (path, bytes)
+        })
+        .collect()
+}
+
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    let bytes = fs::read(path)
+        .map_err(|error| ConfigError::whole_file(path, format!("cannot read the file: {error}")))?;
+    String::from_utf8(bytes).map_err(|_| {
+        ConfigError::whole_file(path, "the file is not valid UTF-8; save it as UTF-8 text")
+    })
 }
 
 fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
@@ -109,54 +101,229 @@ fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(files)
 }
 
-/// Compiles the text of one config file, named `file` in errors.
+fn parse(file: &Arc<str>, text: &str) -> Result<ConfigFile, ConfigError> {
+    let mut parsed: ConfigFile = serde_saphyr::from_str(text).map_err(|error| {
+        let location = error.location().unwrap_or(Location::UNKNOWN);
+        ConfigError {
+            file: file.to_string(),
+            line: location.line(),
+            column: location.column(),
+            message: yaml_message(&error),
+        }
+    })?;
+    for entry in &mut parsed.descriptors {
+        entry.set_file(file);
+    }
+    Ok(parsed)
+}
+
+/// Compiles the text of one config file on its own (no shared files), named `file` in
+/// errors. A file with no `domain` is an error here.
 pub fn compile_str(
     file: &str,
     text: &str,
     options: &LoadOptions,
 ) -> Result<DomainTree, Vec<ConfigError>> {
-    let file: Arc<str> = file.into();
-    let parsed: ConfigFile = serde_saphyr::from_str(text).map_err(|error| {
-        let location = error.location().unwrap_or(Location::UNKNOWN);
-        vec![ConfigError {
-            file: file.to_string(),
-            line: location.line(),
-            column: location.column(),
-            message: yaml_message(&error),
-        }]
-    })?;
-    let mut compiler = Compiler {
-        file: file.clone(),
-        options,
-        errors: Vec::new(),
-    };
-    let domain = match parsed.domain {
-        Some(domain) if !domain.value.trim().is_empty() => domain.value,
-        Some(domain) => {
-            let at = compiler.location(&domain.referenced);
-            compiler.error(&at, "`domain` is empty; write the domain Envoy's ratelimit filter sends, e.g. `domain: edge`");
-            String::new()
-        }
-        None => {
-            let at = SourceLocation {
-                file: file.clone(),
-                line: 1,
-                column: 1,
-            };
-            compiler.error(&at, "`domain` is missing; every config file starts with `domain: NAME`, the domain Envoy's ratelimit filter sends");
-            String::new()
-        }
-    };
-    let root = compiler.level(&domain, &parsed.descriptors);
-    if compiler.errors.is_empty() {
-        Ok(DomainTree {
-            name: domain.into(),
-            file,
-            root,
-        })
-    } else {
-        Err(compiler.errors)
+    let label: Arc<str> = file.into();
+    let parsed = parse(&label, text).map_err(|error| vec![error])?;
+    if parsed.domain.is_none() {
+        return Err(vec![ConfigError::at(
+            &start_of(&label),
+            "`domain` is missing; every config file starts with `domain: NAME`, the domain Envoy's ratelimit filter sends",
+        )]);
     }
+    let mut config = compile_files(vec![(label, parsed)], options)?;
+    config
+        .take_domains()
+        .pop()
+        .ok_or_else(|| vec![ConfigError::at(&start_of(&file.into()), "no domain was compiled")])
+}
+
+fn start_of(file: &Arc<str>) -> SourceLocation {
+    SourceLocation {
+        file: file.clone(),
+        line: 1,
+        column: 1,
+    }
+}
+
+/// A domain file after `extends` is applied.
+struct DomainSource {
+    file: Arc<str>,
+    descriptors: Vec<DescriptorEntry>,
+    policies: HashMap<String, PolicyDefinition>,
+    defaults: Option<(Arc<str>, Spanned<PolicyFields>)>,
+}
+
+/// Compiles parsed files together: shared files offer policies and defaults to every
+/// domain; each domain file becomes one tree.
+fn compile_files(
+    files: Vec<(Arc<str>, ConfigFile)>,
+    options: &LoadOptions,
+) -> Result<RateLimitConfig, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut shared_policies: HashMap<String, PolicyDefinition> = HashMap::new();
+    let mut shared_defaults: Option<(Arc<str>, Spanned<PolicyFields>)> = None;
+    let mut domain_files: Vec<(String, Arc<str>, ConfigFile)> = Vec::new();
+    let mut first_seen: HashMap<String, Arc<str>> = HashMap::new();
+    for (file, parsed) in files {
+        let Some(domain) = parsed.domain.as_ref() else {
+            shared_file(&file, parsed, &mut shared_policies, &mut shared_defaults, &mut errors);
+            continue;
+        };
+        let name = domain.value.trim().to_owned();
+        if name.is_empty() {
+            errors.push(ConfigError::at(&location(&file, &domain.referenced), "`domain` is empty; write the domain Envoy's ratelimit filter sends, e.g. `domain: edge`"));
+            continue;
+        }
+        if let Some(first) = first_seen.get(&name) {
+            errors.push(ConfigError::at(
+                &location(&file, &domain.referenced),
+                format!("domain `{name}` is already defined in {first}; each domain lives in one file, so merge the two"),
+            ));
+            continue;
+        }
+        first_seen.insert(name.clone(), file.clone());
+        domain_files.push((name, file, parsed));
+    }
+
+    let mut sources: HashMap<String, DomainSource> = HashMap::new();
+    for (name, _, _) in &domain_files {
+        let mut chain = Vec::new();
+        resolve_domain(name, &domain_files, &mut sources, &mut chain, &mut errors);
+    }
+    let mut trees = Vec::new();
+    for (name, _, _) in &domain_files {
+        let Some(source) = sources.remove(name) else {
+            continue;
+        };
+        let mut table = PolicyTable::new(&shared_policies, source.policies, name);
+        let mut compiler = Compiler {
+            table: &mut table,
+            default_algorithm: options.default_algorithm,
+            errors: Vec::new(),
+        };
+        let inherited = match (&source.defaults, &shared_defaults) {
+            (Some((file, fields)), _) => compiler.defaults(fields, file, "domain defaults", Scope::Domain(name)),
+            (None, Some((file, fields))) => compiler.defaults(fields, file, "shared defaults", Scope::Shared),
+            (None, None) => Inherited::Nothing,
+        };
+        let root = compiler.level(name, &source.descriptors, &inherited, &source.file);
+        errors.append(&mut compiler.errors);
+        trees.push(DomainTree {
+            name: name.as_str().into(),
+            file: source.file,
+            root,
+        });
+    }
+    if errors.is_empty() {
+        Ok(RateLimitConfig::new(trees, options.default_algorithm))
+    } else {
+        Err(errors)
+    }
+}
+
+fn shared_file(
+    file: &Arc<str>,
+    parsed: ConfigFile,
+    policies: &mut HashMap<String, PolicyDefinition>,
+    defaults: &mut Option<(Arc<str>, Spanned<PolicyFields>)>,
+    errors: &mut Vec<ConfigError>,
+) {
+    if parsed.policies.is_empty() && parsed.defaults.is_none() {
+        errors.push(ConfigError::at(&start_of(file), "`domain` is missing; every config file starts with `domain: NAME`, the domain Envoy's ratelimit filter sends (a file without a domain may only hold shared `policies` and `defaults`)"));
+        return;
+    }
+    if let Some(first) = parsed.descriptors.first() {
+        let at = first.key.as_ref().map(|k| location(file, &k.referenced)).unwrap_or_else(|| start_of(file));
+        errors.push(ConfigError::at(&at, "a file without `domain` cannot hold `descriptors`; add `domain: NAME`, or move them to that domain's file"));
+    }
+    if let Some(extends) = &parsed.extends {
+        errors.push(ConfigError::at(&location(file, &extends.referenced), "`extends` names a domain to start from, so it needs a `domain` in the same file"));
+    }
+    for (name, block) in parsed.policies {
+        if let Some(existing) = policies.get(&name) {
+            errors.push(ConfigError::at(
+                &location(file, &block.referenced),
+                format!("shared policy `{name}` is already defined in {}; rename one of them", existing.file),
+            ));
+            continue;
+        }
+        policies.insert(name, PolicyDefinition { block, file: file.clone() });
+    }
+    if let Some(fields) = parsed.defaults {
+        match defaults {
+            Some((first, _)) => errors.push(ConfigError::at(
+                &location(file, &fields.referenced),
+                format!("shared `defaults` are already set in {first}; keep one set of shared defaults"),
+            )),
+            None => *defaults = Some((file.clone(), fields)),
+        }
+    }
+}
+
+/// Builds a domain's source, following `extends` through the base domains first.
+fn resolve_domain(
+    name: &str,
+    files: &[(String, Arc<str>, ConfigFile)],
+    sources: &mut HashMap<String, DomainSource>,
+    chain: &mut Vec<String>,
+    errors: &mut Vec<ConfigError>,
+) -> bool {
+    if sources.contains_key(name) {
+        return true;
+    }
+    let Some((_, file, parsed)) = files.iter().find(|(n, _, _)| n == name) else {
+        return false;
+    };
+    let own_policies = || -> HashMap<String, PolicyDefinition> {
+        parsed
+            .policies
+            .iter()
+            .map(|(n, block)| (n.clone(), PolicyDefinition { block: block.clone(), file: file.clone() }))
+            .collect()
+    };
+    let own_defaults = parsed.defaults.clone().map(|d| (file.clone(), d));
+    let Some(base_name) = &parsed.extends else {
+        sources.insert(name.to_owned(), DomainSource {
+            file: file.clone(),
+            descriptors: parsed.descriptors.clone(),
+            policies: own_policies(),
+            defaults: own_defaults,
+        });
+        return true;
+    };
+    let at = location(file, &base_name.referenced);
+    if chain.iter().any(|n| n == &base_name.value) || base_name.value == name {
+        let mut cycle = chain.clone();
+        cycle.push(name.to_owned());
+        cycle.push(base_name.value.clone());
+        errors.push(ConfigError::at(&at, format!("domain `extends` chain is a cycle: {}; remove one of the `extends`", cycle.join(" extends "))));
+        return false;
+    }
+    chain.push(name.to_owned());
+    let found = resolve_domain(&base_name.value, files, sources, chain, errors);
+    chain.pop();
+    if !found {
+        if !files.iter().any(|(n, _, _)| n == &base_name.value) {
+            let known: Vec<&str> = files.iter().map(|(n, _, _)| n.as_str()).collect();
+            errors.push(ConfigError::at(&at, format!("domain `{name}` extends unknown domain `{}`; known domains: {}", base_name.value, known.join(", "))));
+        }
+        return false;
+    }
+    let Some(base) = sources.get(&base_name.value) else {
+        return false;
+    };
+    let mut policies = base.policies.clone();
+    policies.extend(own_policies());
+    let source = DomainSource {
+        file: file.clone(),
+        descriptors: merge_descriptors(&base.descriptors, &parsed.descriptors),
+        policies,
+        defaults: own_defaults.or_else(|| base.defaults.clone()),
+    };
+    sources.insert(name.to_owned(), source);
+    true
 }
 
 /// The parser's own message, without its location prefix (we print ours) and with advice
@@ -187,189 +354,6 @@ fn yaml_message(error: &serde_saphyr::Error) -> String {
             format!("{duplicate}; a key may appear once per mapping, remove one of them")
         }
         None => message.to_owned(),
-    }
-}
-
-struct Compiler<'a> {
-    file: Arc<str>,
-    options: &'a LoadOptions,
-    errors: Vec<ConfigError>,
-}
-
-impl Compiler<'_> {
-    fn location(&self, location: &Location) -> SourceLocation {
-        SourceLocation {
-            file: self.file.clone(),
-            line: location.line(),
-            column: location.column(),
-        }
-    }
-
-    fn error(&mut self, at: &SourceLocation, message: impl Into<String>) {
-        self.errors.push(ConfigError::at(at, message));
-    }
-
-    /// Compiles the descriptors of one level; `path` is the stat-style path of the parent.
-    fn level(&mut self, path: &str, entries: &[DescriptorEntry]) -> Level {
-        let mut level = Level::default();
-        let mut seen: HashMap<(String, ValuePattern), u64> = HashMap::new();
-        for entry in entries {
-            let Some(key) = &entry.key else {
-                let at = entry
-                    .rate_limit
-                    .as_ref()
-                    .map(|block| self.location(&block.referenced))
-                    .unwrap_or_else(|| self.location(&Location::UNKNOWN));
-                self.error(&at, "a descriptor has no `key`; write the key Envoy sends, e.g. `key: remote_address`");
-                continue;
-            };
-            let at = self.location(&key.referenced);
-            if key.value.is_empty() {
-                self.error(
-                    &at,
-                    "`key` is empty; write the key Envoy sends, e.g. `key: remote_address`",
-                );
-                continue;
-            }
-            let value = entry.value.as_ref().map(|value| value.value.as_str());
-            let pattern = ValuePattern::parse(value);
-            let node_path = match value {
-                Some(value) if !value.is_empty() => format!("{path}.{}_{value}", key.value),
-                _ => format!("{path}.{}", key.value),
-            };
-            if let Some(first_line) = seen.get(&(key.value.clone(), pattern.clone())) {
-                let described = match value {
-                    Some(value) if !value.is_empty() => format!("`{}: {value}`", key.value),
-                    _ => format!("`{}` without a value", key.value),
-                };
-                self.error(&at, format!("the descriptor {described} is already defined at line {first_line} of this level; merge the two blocks"));
-                continue;
-            }
-            seen.insert((key.value.clone(), pattern.clone()), at.line);
-            let rule = entry
-                .rate_limit
-                .as_ref()
-                .and_then(|block| self.rule(block, entry, &key.value, &node_path))
-                .map(Arc::new);
-            let children = self.level(&node_path, &entry.descriptors);
-            level.insert(&key.value, pattern, Node { rule, children });
-        }
-        level
-    }
-
-    fn rule(
-        &mut self,
-        block: &Spanned<RateLimitBlock>,
-        entry: &DescriptorEntry,
-        key: &str,
-        path: &str,
-    ) -> Option<Rule> {
-        let at = self.location(&block.referenced);
-        let block_at = at.clone();
-        let block = &block.value;
-        let limit = if block.unlimited {
-            if let Some(rpu) = &block.requests_per_unit {
-                let at = self.location(&rpu.referenced);
-                self.error(&at, format!("`unlimited: true` and `requests_per_unit` under key `{key}` contradict each other; remove one of them"));
-                return None;
-            }
-            if let Some(unit) = &block.unit {
-                let at = self.location(&unit.referenced);
-                self.error(
-                    &at,
-                    format!("`unlimited: true` under key `{key}` takes no `unit`; remove it"),
-                );
-                return None;
-            }
-            RuleLimit::Unlimited
-        } else {
-            RuleLimit::Limited(self.limit(block, key, &block_at)?)
-        };
-        let mut replaces = Vec::new();
-        for replaced in &block.replaces {
-            match &replaced.name {
-                Some(name) if !name.value.is_empty() => replaces.push(name.value.clone().into()),
-                _ => self.error(&at, format!("an entry of `replaces` under key `{key}` has no `name`; write the `name` of the rate limit to replace")),
-            }
-        }
-        Some(Rule {
-            limit,
-            name: block
-                .name
-                .as_ref()
-                .filter(|name| !name.value.is_empty())
-                .map(|name| name.value.clone().into()),
-            replaces: replaces.into(),
-            shadow_mode: entry.shadow_mode,
-            detailed_metric: entry.detailed_metric,
-            path: path.into(),
-            source: at,
-        })
-    }
-
-    fn limit(&mut self, block: &RateLimitBlock, key: &str, at: &SourceLocation) -> Option<Limit> {
-        let units = "second, minute, hour, day, week, month or year";
-        let unit = match &block.unit {
-            None => {
-                self.error(
-                    at,
-                    format!("`unit` is missing under key `{key}`; write one of {units}"),
-                );
-                None
-            }
-            Some(unit) => match unit.value.parse::<Unit>() {
-                Ok(unit) => Some(unit),
-                Err(()) => {
-                    let at = self.location(&unit.referenced);
-                    self.error(
-                        &at,
-                        format!(
-                            "unknown unit `{}` under key `{key}`; write one of {units}",
-                            unit.value
-                        ),
-                    );
-                    None
-                }
-            },
-        };
-        let requests_per_unit = match &block.requests_per_unit {
-            None => {
-                self.error(at, format!("`requests_per_unit` is missing under key `{key}`; a limit of 0 would block every request — write a number, or `unlimited: true`"));
-                None
-            }
-            Some(rpu) => match u32::try_from(rpu.value) {
-                Ok(rpu) => Some(rpu),
-                Err(_) => {
-                    let at = self.location(&rpu.referenced);
-                    self.error(&at, format!("`requests_per_unit` under key `{key}` is {}; write a whole number from 0 to {}", rpu.value, u32::MAX));
-                    None
-                }
-            },
-        };
-        let algorithm = match &block.algorithm {
-            None => Some(self.options.default_algorithm),
-            Some(algorithm) => match algorithm.value.parse::<Algorithm>() {
-                Ok(algorithm) => Some(algorithm),
-                Err(()) => {
-                    let at = self.location(&algorithm.referenced);
-                    let known: Vec<_> = Algorithm::ALL.iter().map(|a| a.name()).collect();
-                    self.error(
-                        &at,
-                        format!(
-                            "unknown algorithm `{}` under key `{key}`; write one of {}",
-                            algorithm.value,
-                            known.join(", ")
-                        ),
-                    );
-                    None
-                }
-            },
-        };
-        Some(Limit {
-            requests_per_unit: requests_per_unit?,
-            unit: unit?,
-            algorithm: algorithm?,
-        })
     }
 }
 

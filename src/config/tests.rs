@@ -1,7 +1,9 @@
 //! Config parsing and matching, each case named for the behaviour it pins down.
 
 use super::*;
+use crate::limit::Unit;
 use crate::proto::rate_limit_descriptor::Entry;
+use crate::rule::{Rule, RuleLimit};
 
 fn compile(text: &str) -> Result<DomainTree, Vec<ConfigError>> {
     compile_str("test.yaml", text, &LoadOptions::default())
@@ -33,8 +35,8 @@ fn entries(pairs: &[(&str, &str)]) -> Vec<Entry> {
 
 /// The `requests_per_unit` of the rule a descriptor matches, or None.
 fn matched(tree: &DomainTree, pairs: &[(&str, &str)]) -> Option<u32> {
-    tree.lookup(&entries(pairs)).map(|rule| match rule.limit {
-        RuleLimit::Limited(limit) => limit.requests_per_unit,
+    tree.lookup(&entries(pairs)).map(|rule| match &rule.limit {
+        RuleLimit::Limited(limits) => limits.iter().map(|l| l.requests_per_unit).sum(),
         RuleLimit::Unlimited => u32::MAX,
     })
 }
@@ -154,13 +156,14 @@ fn units_are_case_insensitive_and_algorithms_selectable() {
     );
     let rule = tree.lookup(&entries(&[("k", "v")]));
     let Some(Rule {
-        limit: RuleLimit::Limited(limit),
+        limit: RuleLimit::Limited(limits),
         ..
     }) = rule
     else {
         panic!("expected a limited rule, got {rule:?}");
     };
-    assert_eq!(limit.unit, Unit::Hour);
+    let limit = limits[0];
+    assert_eq!(limit.unit(), Some(Unit::Hour));
     assert_eq!(limit.algorithm, Algorithm::FixedWindow);
 }
 
@@ -172,7 +175,7 @@ fn the_default_algorithm_applies_to_rules_that_name_none() {
     let tree = compile_str("t.yaml", "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 2}\n", &options).unwrap_or_else(|e| panic!("{e:?}"));
     let rule = tree.lookup(&entries(&[("k", "v")]));
     assert!(
-        matches!(rule, Some(Rule { limit: RuleLimit::Limited(l), .. }) if l.algorithm == Algorithm::FixedWindow)
+        matches!(rule, Some(Rule { limit: RuleLimit::Limited(l), .. }) if l[0].algorithm == Algorithm::FixedWindow)
     );
 }
 
@@ -372,7 +375,7 @@ mod directory {
         let errors = load_dir(dir.path(), &LoadOptions::default()).unwrap_err();
         let text = errors.to_string();
         assert!(
-            text.contains("b.yaml:1:1: domain `one` is already defined in"),
+            text.contains("b.yaml:1:9: domain `one` is already defined in"),
             "{text}"
         );
         assert!(text.contains("a.yaml"), "{text}");

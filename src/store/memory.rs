@@ -10,28 +10,23 @@ use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::sync::Cache;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
-use super::{Check, CounterStore, StoreError};
-use crate::algorithm::{self, Verdict, WindowState};
+use super::{Check, CounterStore, StoreError, groups};
+use crate::algorithm::{self, CounterState, Verdict};
 
-/// One key's state. The window length rides along so expiry needs no lookup.
+/// One key's state. Its lifetime rides along so expiry needs no lookup.
 struct Counter {
     lifetime: Duration,
     // A short critical section with no await inside: a plain mutex is cheaper than atomics
-    // juggling three related fields, and uncontended it costs a couple of atomic ops.
-    state: Mutex<WindowState>,
+    // juggling several related fields, and uncontended it costs a couple of atomic ops.
+    state: Mutex<CounterState>,
 }
 
 struct ExpireAfterLastUse;
 
 impl Expiry<u128, Arc<Counter>> for ExpireAfterLastUse {
-    fn expire_after_create(
-        &self,
-        _: &u128,
-        counter: &Arc<Counter>,
-        _: Instant,
-    ) -> Option<Duration> {
+    fn expire_after_create(&self, _: &u128, counter: &Arc<Counter>, _: Instant) -> Option<Duration> {
         Some(counter.lifetime)
     }
 
@@ -74,18 +69,75 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// Applies one check synchronously; the in-memory store never waits.
-    pub fn apply_one(&self, check: &Check<'_>, now_millis: u64) -> Verdict {
+    fn counter(&self, check: &Check<'_>) -> (u128, Arc<Counter>) {
         let hash = xxhash_rust::xxh3::xxh3_128(check.key.as_bytes());
-        let lifetime = Duration::from_millis(algorithm::state_lifetime_millis(&check.limit));
         let counter = self.counters.get_with(hash, || {
             Arc::new(Counter {
-                lifetime,
-                state: Mutex::new(WindowState::default()),
+                lifetime: Duration::from_millis(algorithm::state_lifetime_millis(&check.limit)),
+                state: Mutex::new(CounterState::Empty),
             })
         });
+        (hash, counter)
+    }
+
+    /// Applies one check synchronously; the in-memory store never waits.
+    pub fn apply_one(&self, check: &Check<'_>, now_millis: u64) -> Verdict {
+        let (_, counter) = self.counter(check);
         let mut state = counter.state.lock();
-        algorithm::apply(&mut state, &check.limit, check.hits, now_millis)
+        let mut next = *state;
+        let verdict = algorithm::apply(&mut next, &check.limit, check.hits, now_millis);
+        if !verdict.over_limit || check.count_rejected {
+            *state = next;
+        }
+        verdict
+    }
+
+    /// Applies one descriptor's checks all or nothing, appending their verdicts to `out`.
+    pub fn apply_group(&self, group: &[Check<'_>], now_millis: u64, out: &mut Vec<Verdict>) {
+        if let [check] = group {
+            out.push(self.apply_one(check, now_millis));
+            return;
+        }
+        let counters: Vec<(u128, Arc<Counter>)> = group.iter().map(|c| self.counter(c)).collect();
+        // Lock in hash order so two requests sharing counters can never deadlock; a key
+        // listed twice is locked once.
+        let mut order: Vec<usize> = (0..counters.len()).collect();
+        order.sort_by_key(|&i| counters.get(i).map(|(hash, _)| *hash));
+        order.dedup_by_key(|i| counters.get(*i).map(|(hash, _)| *hash));
+        let mut guards: Vec<(u128, MutexGuard<'_, CounterState>)> = order
+            .iter()
+            .filter_map(|&i| counters.get(i))
+            .map(|(hash, counter)| (*hash, counter.state.lock()))
+            .collect();
+        let guard_of = |hash: u128, guards: &[(u128, MutexGuard<'_, CounterState>)]| {
+            guards.iter().position(|(h, _)| *h == hash)
+        };
+        let mut next: Vec<CounterState> = Vec::with_capacity(group.len());
+        let mut verdicts: Vec<Verdict> = Vec::with_capacity(group.len());
+        // Evaluate against the states as they will be after earlier checks of this group, in
+        // case a key repeats.
+        let mut scratch: Vec<(u128, CounterState)> = guards.iter().map(|(h, g)| (*h, **g)).collect();
+        for (check, (hash, _)) in group.iter().zip(&counters) {
+            let Some(slot) = scratch.iter_mut().find(|(h, _)| h == hash) else {
+                continue;
+            };
+            let mut state = slot.1;
+            let verdict = algorithm::apply(&mut state, &check.limit, check.hits, now_millis);
+            slot.1 = state;
+            next.push(state);
+            verdicts.push(verdict);
+        }
+        let admitted = verdicts.iter().all(|v| !v.over_limit);
+        for ((check, (hash, _)), state) in group.iter().zip(&counters).zip(&next) {
+            if admitted || check.count_rejected {
+                if let Some(i) = guard_of(*hash, &guards)
+                    && let Some((_, guard)) = guards.get_mut(i)
+                {
+                    **guard = *state;
+                }
+            }
+        }
+        out.extend(verdicts);
     }
 }
 
@@ -97,7 +149,9 @@ impl CounterStore for MemoryStore {
         out: &mut Vec<Verdict>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         out.clear();
-        out.extend(checks.iter().map(|check| self.apply_one(check, now_millis)));
+        for group in groups(checks) {
+            self.apply_group(group, now_millis, out);
+        }
         std::future::ready(Ok(()))
     }
 }
@@ -110,12 +164,10 @@ mod tests {
     fn check(key: &str, requests_per_unit: u32) -> Check<'_> {
         Check {
             key,
-            limit: Limit {
-                requests_per_unit,
-                unit: Unit::Minute,
-                algorithm: Algorithm::FixedWindow,
-            },
+            limit: Limit::per_unit(requests_per_unit, Unit::Minute, Algorithm::FixedWindow),
             hits: 1,
+            group: 0,
+            count_rejected: true,
         }
     }
 
@@ -155,5 +207,61 @@ mod tests {
             store.apply_one(&check(&format!("flood-{i}"), 10), 0);
         }
         assert!(store.len() <= 100, "held {}", store.len());
+    }
+
+    fn multi(per_second: u32, per_minute: u32) -> [Check<'static>; 2] {
+        [
+            Check {
+                key: "k|1s",
+                limit: Limit::per_unit(per_second, Unit::Second, Algorithm::SlidingWindow),
+                hits: 1,
+                group: 7,
+                count_rejected: false,
+            },
+            Check {
+                key: "k|1m",
+                limit: Limit::per_unit(per_minute, Unit::Minute, Algorithm::SlidingWindow),
+                hits: 1,
+                group: 7,
+                count_rejected: false,
+            },
+        ]
+    }
+
+    #[test]
+    fn a_group_rejected_by_one_limit_consumes_from_none() {
+        let store = MemoryStore::new(1_000);
+        let checks = multi(2, 100);
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            out.clear();
+            store.apply_group(&checks, 0, &mut out);
+        }
+        // Two admitted; the three rejected by the per-second limit left the minute alone.
+        assert!(out[0].over_limit);
+        assert_eq!(out[1].remaining, 97, "the minute limit saw only the two admitted hits");
+    }
+
+    #[test]
+    fn concurrent_groups_sharing_counters_stay_exact_and_never_deadlock() {
+        let store = MemoryStore::new(1_000);
+        let checks = multi(u32::MAX, u32::MAX);
+        let reversed = [checks[1], checks[0]];
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let store = &store;
+                let group = if t % 2 == 0 { checks } else { reversed };
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    for _ in 0..2_000 {
+                        out.clear();
+                        store.apply_group(&group, 0, &mut out);
+                    }
+                });
+            }
+        });
+        let mut out = Vec::new();
+        store.apply_group(&checks, 0, &mut out);
+        assert_eq!(u64::from(u32::MAX) - out[1].remaining, 8_001);
     }
 }

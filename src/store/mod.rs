@@ -12,7 +12,7 @@ use crate::limit::Limit;
 
 pub use memory::MemoryStore;
 
-/// One counter to update: the hits of one descriptor against one limit.
+/// One counter to update: the hits of one descriptor against one of its limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Check<'a> {
     /// The full counter key: domain, every matched entry, and the limit's window (see `key`).
@@ -20,6 +20,17 @@ pub struct Check<'a> {
     pub limit: Limit,
     /// 0 checks without counting.
     pub hits: u64,
+    /// Consecutive checks with the same group are one descriptor's limits: applied all or
+    /// nothing, so a request rejected by one of them consumes from none.
+    pub group: u32,
+    /// Keep the hit even when rejected: envoyproxy/ratelimit's fixed window counts every hit,
+    /// and a migrated `rate_limit` rule must reject exactly what it rejected before.
+    pub count_rejected: bool,
+}
+
+/// Splits checks into runs of the same group.
+pub fn groups<'c, 'k>(checks: &'c [Check<'k>]) -> impl Iterator<Item = &'c [Check<'k>]> {
+    checks.chunk_by(|a, b| a.group == b.group)
 }
 
 /// A store failed to decide. `transient` tells the limiter whether waiting could help, so
@@ -35,7 +46,8 @@ pub struct StoreError {
 /// touching the same key never lose or double a hit.
 pub trait CounterStore: Send + Sync + 'static {
     /// Applies every check at time `now_millis`, writing one verdict per check into `out`
-    /// (cleared first), in the order of `checks`.
+    /// (cleared first), in the order of `checks`. Each group is atomic: either every check
+    /// of it is counted or (but for `count_rejected`) none.
     fn apply(
         &self,
         checks: &[Check<'_>],

@@ -1,0 +1,373 @@
+//! Compiling one domain: walking its descriptors top-down with the policy each node
+//! inherits, and producing the `DomainTree` requests are matched against.
+//!
+//! Precedence, resolved here once so the request path only looks rules up:
+//! the node's own setting > its nearest ancestor's > the domain's `defaults` > the shared
+//! `defaults`. envoyproxy/ratelimit's `rate_limit` applies to its node alone and is never
+//! inherited, so a file using only its fields keeps exactly its old meaning.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_saphyr::Spanned;
+
+use super::error::ConfigError;
+use super::file::{DescriptorEntry, PolicyFields, RateLimitBlock};
+use super::policy::{
+    self, Overrides, PolicyTable, Problems, ResolvedPolicy, Scope, location,
+};
+use crate::limit::{Algorithm, Limit, Unit};
+use crate::matcher::{Level, Node, ValuePattern};
+use crate::rule::{Rule, RuleLimit, SourceLocation};
+
+/// What a node passes down to its descendants.
+#[derive(Debug, Clone)]
+pub enum Inherited {
+    Nothing,
+    Policy {
+        policy: Arc<ResolvedPolicy>,
+        via: String,
+    },
+    Unlimited {
+        via: String,
+    },
+    NoLimit {
+        via: String,
+    },
+}
+
+pub struct Compiler<'t, 'd> {
+    pub table: &'t mut PolicyTable<'d>,
+    pub default_algorithm: Algorithm,
+    pub errors: Vec<ConfigError>,
+}
+
+impl Problems for Vec<ConfigError> {
+    fn problem(&mut self, at: &SourceLocation, message: String) {
+        self.push(ConfigError::at(at, message));
+    }
+}
+
+impl Compiler<'_, '_> {
+    fn error(&mut self, at: &SourceLocation, message: impl Into<String>) {
+        self.errors.push(ConfigError::at(at, message));
+    }
+
+    /// What `defaults:` hands to every node that sets nothing itself.
+    pub fn defaults(
+        &mut self,
+        fields: &Spanned<PolicyFields>,
+        file: &Arc<str>,
+        what: &str,
+        scope: Scope<'_>,
+    ) -> Inherited {
+        let at = location(file, &fields.referenced);
+        let via = format!("{what} ({at})");
+        let fields = &fields.value;
+        let overrides = Overrides {
+            limits: fields.limits.as_ref(),
+            algorithm: fields.algorithm.as_ref(),
+            burst: fields.burst.as_ref(),
+            shadow_mode: None,
+            name: None,
+        };
+        self.own_setting(
+            fields.unlimited.as_ref(),
+            fields.policy.as_ref(),
+            &overrides,
+            &Inherited::Nothing,
+            file,
+            what,
+            &via,
+            scope,
+        )
+        .unwrap_or(Inherited::Nothing)
+    }
+
+    /// A block's own policy setting, if it has one: `unlimited`, `policy: none`,
+    /// `policy: NAME`, or inline fields over the named or inherited policy.
+    #[allow(clippy::too_many_arguments)]
+    fn own_setting(
+        &mut self,
+        unlimited: Option<&Spanned<bool>>,
+        policy: Option<&Spanned<String>>,
+        overrides: &Overrides<'_>,
+        inherited: &Inherited,
+        file: &Arc<str>,
+        what: &str,
+        via: &str,
+        scope: Scope<'_>,
+    ) -> Option<Inherited> {
+        if let Some(unlimited) = unlimited.filter(|u| u.value) {
+            if policy.is_some() || !overrides.is_empty() {
+                self.error(&location(file, &unlimited.referenced), format!("{what} says `unlimited: true` and also sets a policy; remove one of them"));
+            }
+            return Some(Inherited::Unlimited { via: via.to_owned() });
+        }
+        if let Some(policy) = policy.filter(|p| p.value == "none") {
+            if !overrides.is_empty() {
+                self.error(&location(file, &policy.referenced), format!("{what} says `policy: none` and also sets limits; remove one of them"));
+            }
+            return Some(Inherited::NoLimit { via: via.to_owned() });
+        }
+        let base = match policy {
+            Some(name) => {
+                let at = location(file, &name.referenced);
+                let resolved = self.table.resolve(&name.value, scope, &at, &mut self.errors)?;
+                (*resolved).clone()
+            }
+            None if overrides.is_empty() => return None,
+            // Inline fields alone refine whatever would apply here otherwise.
+            None => match inherited {
+                Inherited::Policy { policy, .. } => (**policy).clone(),
+                _ => ResolvedPolicy::default(),
+            },
+        };
+        let resolved = policy::apply_overrides(base, overrides, what, file, &mut self.errors);
+        Some(Inherited::Policy {
+            policy: Arc::new(resolved),
+            via: via.to_owned(),
+        })
+    }
+
+    /// Compiles the descriptors of one level; `path` is the stat-style path of the parent.
+    pub fn level(
+        &mut self,
+        path: &str,
+        entries: &[DescriptorEntry],
+        inherited: &Inherited,
+        domain_file: &Arc<str>,
+    ) -> Level {
+        let mut level = Level::default();
+        let mut seen: HashMap<(String, ValuePattern), u64> = HashMap::new();
+        for entry in entries {
+            let file = entry.file.clone().unwrap_or_else(|| domain_file.clone());
+            let Some(key) = &entry.key else {
+                let at = entry
+                    .rate_limit
+                    .as_ref()
+                    .map(|block| location(&file, &block.referenced))
+                    .unwrap_or_else(|| location(&file, &serde_saphyr::Location::UNKNOWN));
+                self.error(&at, "a descriptor has no `key`; write the key Envoy sends, e.g. `key: remote_address`");
+                continue;
+            };
+            let at = location(&file, &key.referenced);
+            if key.value.is_empty() {
+                self.error(&at, "`key` is empty; write the key Envoy sends, e.g. `key: remote_address`");
+                continue;
+            }
+            let value = entry.value.as_ref().map(|value| value.value.as_str()).filter(|v| !v.is_empty());
+            let pattern = ValuePattern::parse(value);
+            let (node_path, label) = match value {
+                Some(value) => (format!("{path}.{}_{value}", key.value), format!("`{}: {value}`", key.value)),
+                None => (format!("{path}.{}", key.value), format!("`{}` (any value)", key.value)),
+            };
+            if let Some(first_line) = seen.get(&(key.value.clone(), pattern.clone())) {
+                let described = match value {
+                    Some(value) => format!("`{}: {value}`", key.value),
+                    None => format!("`{}` without a value", key.value),
+                };
+                self.error(&at, format!("the descriptor {described} is already defined at line {first_line} of this level; merge the two blocks"));
+                continue;
+            }
+            seen.insert((key.value.clone(), pattern.clone()), at.line);
+
+            let what = format!("descriptor {label}");
+            let via = format!("{what} ({at})");
+            let overrides = Overrides {
+                limits: entry.limits.as_ref(),
+                algorithm: entry.algorithm.as_ref(),
+                burst: entry.burst.as_ref(),
+                shadow_mode: None,
+                name: None,
+            };
+            let own = self.own_setting(
+                entry.unlimited.as_ref(),
+                entry.policy.as_ref(),
+                &overrides,
+                inherited,
+                &file,
+                &what,
+                &via,
+                Scope::Domain(self.table.domain),
+            );
+            let rule = match (&entry.rate_limit, &own) {
+                (Some(block), Some(_)) => {
+                    self.error(&location(&file, &block.referenced), format!("{what} has both envoyproxy's `rate_limit` and a meshlimit policy (`policy`, `limits`, `algorithm`, `burst` or `unlimited`); keep one of them"));
+                    None
+                }
+                (Some(block), None) => self.compat_rule(block, entry, &file, &key.value, &node_path),
+                (None, Some(setting)) => self.policy_rule(setting, entry, &at, &node_path, "its own setting"),
+                (None, None) => self.policy_rule(inherited, entry, &at, &node_path, "inherited"),
+            };
+            let setting = own.as_ref().unwrap_or(inherited);
+            let note = match (&rule, setting) {
+                (Some(_), _) => None,
+                (None, Inherited::NoLimit { via }) => Some(format!("no limit — `policy: none` at {via}")),
+                (None, _) => Some("no limit — no `rate_limit`, `policy`, `limits` or `defaults` apply to this node".to_owned()),
+            };
+            let passed_down = own.unwrap_or_else(|| inherited.clone());
+            let children = self.level(&node_path, &entry.descriptors, &passed_down, domain_file);
+            level.insert(
+                &key.value,
+                pattern,
+                Node {
+                    rule: rule.map(Arc::new),
+                    children,
+                    label: label.into(),
+                    source: Some(at),
+                    note: note.map(String::into_boxed_str),
+                },
+            );
+        }
+        level
+    }
+
+    fn policy_rule(
+        &mut self,
+        setting: &Inherited,
+        entry: &DescriptorEntry,
+        at: &SourceLocation,
+        path: &str,
+        how: &str,
+    ) -> Option<Rule> {
+        let shadow_flag = entry.shadow_mode.as_ref().map(|s| s.value);
+        let (limit, name, shadow, provenance) = match setting {
+            Inherited::Nothing | Inherited::NoLimit { .. } => return None,
+            Inherited::Unlimited { via } => (
+                RuleLimit::Unlimited,
+                None,
+                false,
+                vec![format!("unlimited — {how}: {via}")],
+            ),
+            Inherited::Policy { policy, via } => {
+                let limits = policy::limits_of(policy, self.default_algorithm, at, &mut self.errors)?;
+                let mut provenance = vec![format!("policy — {how}: {via}")];
+                provenance.extend(policy::describe(policy, self.default_algorithm));
+                let shadow = shadow_flag
+                    .or(policy.shadow_mode.as_ref().map(|(s, _)| *s))
+                    .unwrap_or(false);
+                (
+                    RuleLimit::Limited(limits.into()),
+                    policy.name.as_ref().map(|(n, _)| n.clone().into_boxed_str()),
+                    shadow,
+                    provenance,
+                )
+            }
+        };
+        Some(Rule {
+            limit,
+            name,
+            replaces: Box::new([]),
+            shadow_mode: shadow,
+            detailed_metric: entry.detailed_metric,
+            path: path.into(),
+            source: at.clone(),
+            count_rejected: false,
+            provenance: provenance.into(),
+        })
+    }
+
+    /// envoyproxy/ratelimit's `rate_limit` block, with its exact meaning.
+    fn compat_rule(
+        &mut self,
+        block: &Spanned<RateLimitBlock>,
+        entry: &DescriptorEntry,
+        file: &Arc<str>,
+        key: &str,
+        path: &str,
+    ) -> Option<Rule> {
+        let at = location(file, &block.referenced);
+        let block = &block.value;
+        let limit = if block.unlimited {
+            if let Some(rpu) = &block.requests_per_unit {
+                self.error(&location(file, &rpu.referenced), format!("`unlimited: true` and `requests_per_unit` under key `{key}` contradict each other; remove one of them"));
+                return None;
+            }
+            if let Some(unit) = &block.unit {
+                self.error(&location(file, &unit.referenced), format!("`unlimited: true` under key `{key}` takes no `unit`; remove it"));
+                return None;
+            }
+            RuleLimit::Unlimited
+        } else {
+            RuleLimit::Limited(Box::new([self.compat_limit(block, file, key, &at)?]))
+        };
+        let mut replaces = Vec::new();
+        for replaced in &block.replaces {
+            match &replaced.name {
+                Some(name) if !name.value.is_empty() => replaces.push(name.value.clone().into()),
+                _ => self.error(&at, format!("an entry of `replaces` under key `{key}` has no `name`; write the `name` of the rate limit to replace")),
+            }
+        }
+        let count_rejected = matches!(&limit, RuleLimit::Limited(limits) if limits.iter().all(|l| l.algorithm == Algorithm::FixedWindow));
+        let provenance = vec![match &limit {
+            RuleLimit::Limited(limits) => format!(
+                "rate_limit {} — its own `rate_limit` ({at}); applies to this node only",
+                limits.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            RuleLimit::Unlimited => format!("unlimited — its own `rate_limit` ({at}); applies to this node only"),
+        }];
+        Some(Rule {
+            limit,
+            name: block
+                .name
+                .as_ref()
+                .filter(|name| !name.value.is_empty())
+                .map(|name| name.value.clone().into()),
+            replaces: replaces.into(),
+            shadow_mode: entry.shadow_mode.as_ref().is_some_and(|s| s.value),
+            detailed_metric: entry.detailed_metric,
+            path: path.into(),
+            source: at,
+            count_rejected,
+            provenance: provenance.into(),
+        })
+    }
+
+    fn compat_limit(
+        &mut self,
+        block: &RateLimitBlock,
+        file: &Arc<str>,
+        key: &str,
+        at: &SourceLocation,
+    ) -> Option<Limit> {
+        let units = "second, minute, hour, day, week, month or year";
+        let unit = match &block.unit {
+            None => {
+                self.error(at, format!("`unit` is missing under key `{key}`; write one of {units}"));
+                None
+            }
+            Some(unit) => match unit.value.parse::<Unit>() {
+                Ok(unit) => Some(unit),
+                Err(()) => {
+                    self.error(&location(file, &unit.referenced), format!("unknown unit `{}` under key `{key}`; write one of {units}", unit.value));
+                    None
+                }
+            },
+        };
+        let requests_per_unit = match &block.requests_per_unit {
+            None => {
+                self.error(at, format!("`requests_per_unit` is missing under key `{key}`; a limit of 0 would block every request — write a number, or `unlimited: true`"));
+                None
+            }
+            Some(rpu) => match u32::try_from(rpu.value) {
+                Ok(rpu) => Some(rpu),
+                Err(_) => {
+                    self.error(&location(file, &rpu.referenced), format!("`requests_per_unit` under key `{key}` is {}; write a whole number from 0 to {}", rpu.value, u32::MAX));
+                    None
+                }
+            },
+        };
+        let algorithm = match &block.algorithm {
+            None => Some(self.default_algorithm),
+            Some(algorithm) => match algorithm.value.parse::<Algorithm>() {
+                Ok(algorithm) => Some(algorithm),
+                Err(()) => {
+                    self.error(&location(file, &algorithm.referenced), format!("unknown algorithm `{}` under key `{key}`; write one of {}", algorithm.value, policy::algorithm_names()));
+                    None
+                }
+            },
+        };
+        Some(Limit::per_unit(requests_per_unit?, unit?, algorithm?))
+    }
+}

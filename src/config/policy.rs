@@ -1,0 +1,407 @@
+//! Named policies and how they combine: `extends` chains, inline overrides, and what a
+//! descriptor node ends up with after inheritance.
+//!
+//! Every field of a resolved policy remembers where it was written, so `explain` can show
+//! an operator which block decided what.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_saphyr::Spanned;
+
+use super::file::{LimitBlock, PolicyBlock};
+use crate::limit::{Algorithm, Limit, Unit, format_duration, parse_duration};
+use crate::rule::SourceLocation;
+
+/// Where a field's value was written, and by what ("policy `pro`", "descriptor `plan: pro`").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub what: String,
+    pub at: SourceLocation,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.what, self.at)
+    }
+}
+
+/// One limit of a policy before an algorithm is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitSpec {
+    pub requests_per_unit: u32,
+    pub window_millis: u64,
+}
+
+/// A policy with every field resolved through `extends` and overrides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvedPolicy {
+    pub limits: Option<(Vec<LimitSpec>, Origin)>,
+    pub algorithm: Option<(Algorithm, Origin)>,
+    pub burst: Option<(u32, Origin)>,
+    pub shadow_mode: Option<(bool, Origin)>,
+    pub name: Option<(String, Origin)>,
+}
+
+/// Inline policy fields written on a descriptor, in `defaults:`, or in a policy block.
+pub struct Overrides<'a> {
+    pub limits: Option<&'a Spanned<Vec<Spanned<LimitBlock>>>>,
+    pub algorithm: Option<&'a Spanned<String>>,
+    pub burst: Option<&'a Spanned<i64>>,
+    pub shadow_mode: Option<&'a Spanned<bool>>,
+    pub name: Option<&'a Spanned<String>>,
+}
+
+impl<'a> Overrides<'a> {
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_none()
+            && self.algorithm.is_none()
+            && self.burst.is_none()
+            && self.shadow_mode.is_none()
+            && self.name.is_none()
+    }
+}
+
+/// A `policies:` entry and the file it lives in.
+#[derive(Debug, Clone)]
+pub struct PolicyDefinition {
+    pub block: Spanned<PolicyBlock>,
+    pub file: Arc<str>,
+}
+
+/// Which policies a name can refer to: a domain's own first, then the shared ones.
+/// Shared policies see only shared policies, so a domain cannot change what a shared
+/// policy's `extends` means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope<'d> {
+    Shared,
+    Domain(&'d str),
+}
+
+pub struct PolicyTable<'d> {
+    pub shared: &'d HashMap<String, PolicyDefinition>,
+    pub local: HashMap<String, PolicyDefinition>,
+    pub domain: &'d str,
+    resolved: HashMap<(bool, String), Result<Arc<ResolvedPolicy>, ()>>,
+}
+
+/// Reports problems found while resolving; the compiler collects them.
+pub trait Problems {
+    fn problem(&mut self, at: &SourceLocation, message: String);
+}
+
+pub fn location(file: &Arc<str>, location: &serde_saphyr::Location) -> SourceLocation {
+    SourceLocation {
+        file: file.clone(),
+        line: location.line(),
+        column: location.column(),
+    }
+}
+
+impl<'d> PolicyTable<'d> {
+    pub fn new(
+        shared: &'d HashMap<String, PolicyDefinition>,
+        local: HashMap<String, PolicyDefinition>,
+        domain: &'d str,
+    ) -> Self {
+        Self {
+            shared,
+            local,
+            domain,
+            resolved: HashMap::new(),
+        }
+    }
+
+    fn find(&self, name: &str, scope: Scope<'_>) -> Option<(&PolicyDefinition, Scope<'d>)> {
+        if matches!(scope, Scope::Domain(_))
+            && let Some(definition) = self.local.get(name)
+        {
+            return Some((definition, Scope::Domain(self.domain)));
+        }
+        self.shared.get(name).map(|d| (d, Scope::Shared))
+    }
+
+    /// Resolves policy `name` as seen from `scope`; `used_at` is where it is referenced.
+    pub fn resolve(
+        &mut self,
+        name: &str,
+        scope: Scope<'_>,
+        used_at: &SourceLocation,
+        problems: &mut dyn Problems,
+    ) -> Option<Arc<ResolvedPolicy>> {
+        let mut chain = Vec::new();
+        self.resolve_in_chain(name, scope, used_at, problems, &mut chain)
+    }
+
+    fn resolve_in_chain(
+        &mut self,
+        name: &str,
+        scope: Scope<'_>,
+        used_at: &SourceLocation,
+        problems: &mut dyn Problems,
+        chain: &mut Vec<(String, SourceLocation)>,
+    ) -> Option<Arc<ResolvedPolicy>> {
+        let Some((definition, found_in)) = self.find(name, scope) else {
+            let mut known: Vec<&str> = self
+                .local
+                .keys()
+                .chain(self.shared.keys())
+                .map(String::as_str)
+                .collect();
+            known.sort_unstable();
+            known.dedup();
+            let known = if known.is_empty() {
+                "no policies are defined; add a `policies:` block".to_owned()
+            } else {
+                format!("known policies: {}", known.join(", "))
+            };
+            problems.problem(used_at, format!("unknown policy `{name}`; {known}"));
+            return None;
+        };
+        let definition = definition.clone();
+        let cache_key = (found_in == Scope::Shared, name.to_owned());
+        if let Some(done) = self.resolved.get(&cache_key) {
+            return done.clone().ok();
+        }
+        let here = location(&definition.file, &definition.block.referenced);
+        if let Some(start) = chain.iter().position(|(n, _)| n == name) {
+            let cycle: Vec<String> = chain
+                .iter()
+                .skip(start)
+                .map(|(n, at)| format!("`{n}` ({at})"))
+                .collect();
+            problems.problem(
+                &here,
+                format!(
+                    "policy `extends` chain is a cycle: {} extends `{name}` again; remove one of the `extends`",
+                    cycle.join(" extends ")
+                ),
+            );
+            return None;
+        }
+        chain.push((name.to_owned(), here.clone()));
+        let block = &definition.block.value;
+        let base = match &block.extends {
+            Some(parent) => {
+                let parent_at = location(&definition.file, &parent.referenced);
+                match self.resolve_in_chain(&parent.value, found_in, &parent_at, problems, chain) {
+                    Some(base) => (*base).clone(),
+                    None => {
+                        chain.pop();
+                        self.resolved.insert(cache_key, Err(()));
+                        return None;
+                    }
+                }
+            }
+            None => ResolvedPolicy::default(),
+        };
+        chain.pop();
+        let what = format!("policy `{name}`");
+        let overrides = Overrides {
+            limits: block.limits.as_ref(),
+            algorithm: block.algorithm.as_ref(),
+            burst: block.burst.as_ref(),
+            shadow_mode: block.shadow_mode.as_ref(),
+            name: block.name.as_ref(),
+        };
+        let mut resolved = apply_overrides(base, &overrides, &what, &definition.file, problems);
+        if block.name.is_none() {
+            resolved.name = Some((name.to_owned(), Origin { what, at: here }));
+        }
+        let resolved = Arc::new(resolved);
+        self.resolved.insert(cache_key, Ok(resolved.clone()));
+        Some(resolved)
+    }
+}
+
+/// `base` with every field set in `overrides` replaced; `what` names the block they come from.
+pub fn apply_overrides(
+    mut base: ResolvedPolicy,
+    overrides: &Overrides<'_>,
+    what: &str,
+    file: &Arc<str>,
+    problems: &mut dyn Problems,
+) -> ResolvedPolicy {
+    let origin = |at: &serde_saphyr::Location| Origin {
+        what: what.to_owned(),
+        at: location(file, at),
+    };
+    if let Some(limits) = overrides.limits {
+        let at = origin(&limits.referenced);
+        if let Some(specs) = limit_specs(&limits.value, file, &at.at, problems) {
+            base.limits = Some((specs, at));
+        }
+    }
+    if let Some(algorithm) = overrides.algorithm {
+        match algorithm.value.parse::<Algorithm>() {
+            Ok(parsed) => base.algorithm = Some((parsed, origin(&algorithm.referenced))),
+            Err(()) => problems.problem(
+                &location(file, &algorithm.referenced),
+                format!("unknown algorithm `{}`; write one of {}", algorithm.value, algorithm_names()),
+            ),
+        }
+    }
+    if let Some(burst) = overrides.burst {
+        match u32::try_from(burst.value) {
+            Ok(value) if value > 0 => base.burst = Some((value, origin(&burst.referenced))),
+            _ => problems.problem(
+                &location(file, &burst.referenced),
+                format!("`burst` is {}; write the most requests a token bucket admits at once, a whole number from 1 to {}", burst.value, u32::MAX),
+            ),
+        }
+    }
+    if let Some(shadow) = overrides.shadow_mode {
+        base.shadow_mode = Some((shadow.value, origin(&shadow.referenced)));
+    }
+    if let Some(name) = overrides.name {
+        base.name = Some((name.value.clone(), origin(&name.referenced)));
+    }
+    base
+}
+
+pub fn algorithm_names() -> String {
+    let names: Vec<_> = Algorithm::ALL.iter().map(|a| a.name()).collect();
+    names.join(", ")
+}
+
+const UNITS: &str = "second, minute, hour, day, week, month or year";
+
+fn limit_specs(
+    blocks: &[Spanned<LimitBlock>],
+    file: &Arc<str>,
+    list_at: &SourceLocation,
+    problems: &mut dyn Problems,
+) -> Option<Vec<LimitSpec>> {
+    if blocks.is_empty() {
+        problems.problem(list_at, "`limits` is empty; write at least one `{requests_per_unit: N, unit: minute}`, or `unlimited: true`".into());
+        return None;
+    }
+    let mut specs: Vec<LimitSpec> = Vec::with_capacity(blocks.len());
+    let mut ok = true;
+    for block in blocks {
+        let at = location(file, &block.referenced);
+        match limit_spec(&block.value, file, &at, problems) {
+            Some(spec) => {
+                if specs.iter().any(|s| s.window_millis == spec.window_millis) {
+                    problems.problem(&at, format!("two limits share the window {}; each limit needs its own window, keep the stricter one", format_duration(spec.window_millis)));
+                    ok = false;
+                } else {
+                    specs.push(spec);
+                }
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(specs)
+}
+
+fn limit_spec(
+    block: &LimitBlock,
+    file: &Arc<str>,
+    at: &SourceLocation,
+    problems: &mut dyn Problems,
+) -> Option<LimitSpec> {
+    let requests_per_unit = match &block.requests_per_unit {
+        None => {
+            problems.problem(at, "a limit has no `requests_per_unit`; write a number, e.g. `{requests_per_unit: 100, unit: minute}`".into());
+            None
+        }
+        Some(rpu) => match u32::try_from(rpu.value) {
+            Ok(value) => Some(value),
+            Err(_) => {
+                problems.problem(&location(file, &rpu.referenced), format!("`requests_per_unit` is {}; write a whole number from 0 to {}", rpu.value, u32::MAX));
+                None
+            }
+        },
+    };
+    let window_millis = match (&block.unit, &block.per) {
+        (Some(_), Some(per)) => {
+            problems.problem(&location(file, &per.referenced), "a limit has both `unit` and `per`; keep one".into());
+            None
+        }
+        (None, None) => {
+            problems.problem(at, format!("a limit has no window; write `unit:` ({UNITS}) or `per:` with a duration such as `10s`"));
+            None
+        }
+        (Some(unit), None) => match unit.value.parse::<Unit>() {
+            Ok(unit) => Some(unit.millis()),
+            Err(()) => {
+                problems.problem(&location(file, &unit.referenced), format!("unknown unit `{}`; write one of {UNITS}", unit.value));
+                None
+            }
+        },
+        (None, Some(per)) => match parse_duration(&per.value) {
+            Some(millis) => Some(millis),
+            None => {
+                problems.problem(&location(file, &per.referenced), format!("`per: {}` is not a duration; write a whole number and ms, s, m, h or d, e.g. `per: 10s`", per.value));
+                None
+            }
+        },
+    };
+    Some(LimitSpec {
+        requests_per_unit: requests_per_unit?,
+        window_millis: window_millis?,
+    })
+}
+
+/// Turns a resolved policy into concrete limits, or reports why it cannot apply.
+pub fn limits_of(
+    policy: &ResolvedPolicy,
+    default_algorithm: Algorithm,
+    used_at: &SourceLocation,
+    problems: &mut dyn Problems,
+) -> Option<Vec<Limit>> {
+    let Some((specs, _)) = &policy.limits else {
+        problems.problem(used_at, "the policy that applies here has no `limits`; add `limits:` to it or to this block".into());
+        return None;
+    };
+    let algorithm = policy.algorithm.as_ref().map_or(default_algorithm, |(a, _)| *a);
+    let burst = match (&policy.burst, algorithm) {
+        (Some((burst, _)), Algorithm::TokenBucket) => Some(*burst),
+        (Some((_, origin)), other) => {
+            problems.problem(&origin.at, format!("`burst` only applies to `algorithm: token_bucket`, but {other} applies here; remove `burst` or set the algorithm"));
+            return None;
+        }
+        (None, _) => None,
+    };
+    Some(
+        specs
+            .iter()
+            .map(|spec| Limit {
+                requests_per_unit: spec.requests_per_unit,
+                window_millis: spec.window_millis,
+                algorithm,
+                burst,
+            })
+            .collect(),
+    )
+}
+
+/// One line per field of a resolved policy and where it came from, for `explain`.
+pub fn describe(policy: &ResolvedPolicy, default_algorithm: Algorithm) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some((limits, origin)) = &policy.limits {
+        let limits: Vec<String> = limits
+            .iter()
+            .map(|l| match Unit::from_millis(l.window_millis) {
+                Some(unit) => format!("{}/{unit}", l.requests_per_unit),
+                None => format!("{}/{}", l.requests_per_unit, format_duration(l.window_millis)),
+            })
+            .collect();
+        lines.push(format!("limits: {} — from {origin}", limits.join(", ")));
+    }
+    match &policy.algorithm {
+        Some((algorithm, origin)) => lines.push(format!("algorithm: {algorithm} — from {origin}")),
+        None => lines.push(format!("algorithm: {default_algorithm} — the service default")),
+    }
+    if let Some((burst, origin)) = &policy.burst {
+        lines.push(format!("burst: {burst} — from {origin}"));
+    }
+    if let Some((shadow, origin)) = &policy.shadow_mode {
+        lines.push(format!("shadow_mode: {shadow} — from {origin}"));
+    }
+    if let Some((name, origin)) = &policy.name {
+        lines.push(format!("name: {name} — from {origin}"));
+    }
+    lines
+}
