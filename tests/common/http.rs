@@ -8,7 +8,6 @@ use std::time::Duration;
 /// Generous, because a loaded 2-core CI machine can stall a process for seconds.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 
-#[derive(Debug)]
 pub struct Response {
     pub status: u16,
     /// Header names lowercased, in the order received.
@@ -33,6 +32,17 @@ impl Response {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|err| panic!("response body is not JSON ({err}): {}", self.text()))
+    }
+}
+
+/// Shows the body as text, so a failed assertion prints something readable.
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &self.text())
+            .finish()
     }
 }
 
