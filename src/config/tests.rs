@@ -250,7 +250,7 @@ fn error_unknown_algorithm_lists_the_algorithms() {
     assert_eq!(
         errors,
         [
-            "test.yaml:4:65: unknown algorithm `leaky` under key `user`; write one of sliding_window, fixed_window"
+            "test.yaml:4:65: unknown algorithm `leaky` under key `user`; write one of sliding_window, fixed_window, token_bucket"
         ]
     );
 }
