@@ -23,12 +23,13 @@ pub struct Supervised {
     name: String,
     child: Child,
     log_path: PathBuf,
-    // Holds the log (and anything else the caller wrote there) until the process is gone.
-    dir: TempDir,
+    // Keeps the log, and files the caller put there for the process (Envoy's bootstrap),
+    // until the process is gone.
+    _dir: TempDir,
 }
 
 impl Supervised {
-    /// Spawns `command` with no stdin and stdout + stderr appended to `<dir>/<name>.log`.
+    /// Spawns `command` with no stdin and stdout + stderr written to `<dir>/<name>.log`.
     pub fn spawn(name: &str, mut command: Command, dir: TempDir) -> Supervised {
         let log_path = dir.path().join(format!("{name}.log"));
         let log = File::create(&log_path).expect("create the process log");
@@ -45,7 +46,7 @@ impl Supervised {
             name: name.to_owned(),
             child,
             log_path,
-            dir,
+            _dir: dir,
         }
     }
 
@@ -89,11 +90,6 @@ impl Supervised {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    /// The temporary directory that holds the log, for files the process should read.
-    pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
     }
 
     /// A report for a failed assertion: the name, pid and log, framed so it stands out in
