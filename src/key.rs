@@ -19,7 +19,12 @@ pub fn append_counter_key(out: &mut String, domain: &str, entries: &[Entry], lim
         push_escaped(out, &entry.value);
     }
     // Writing to a String cannot fail.
-    let _ = write!(out, "|{}/{}", format_duration(limit.window_millis), limit.algorithm);
+    let _ = write!(
+        out,
+        "|{}/{}",
+        format_duration(limit.window_millis),
+        limit.algorithm
+    );
 }
 
 fn push_escaped(out: &mut String, text: &str) {

@@ -211,9 +211,14 @@ impl fmt::Display for Limit {
 
 /// `1500ms`, `10s`, `5m`, `2h`, `3d`: the shortest exact spelling.
 pub fn format_duration(millis: u64) -> String {
-    const STEPS: [(u64, &str); 4] = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")];
+    const STEPS: [(u64, &str); 4] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ];
     for (size, suffix) in STEPS {
-        if millis >= size && millis % size == 0 {
+        if millis >= size && millis.is_multiple_of(size) {
             return format!("{}{suffix}", millis / size);
         }
     }
@@ -243,7 +248,13 @@ mod tests {
 
     #[test]
     fn durations_parse_and_print_back() {
-        for (text, millis) in [("10s", 10_000), ("1500ms", 1_500), ("5m", 300_000), ("2h", 7_200_000), ("1d", 86_400_000)] {
+        for (text, millis) in [
+            ("10s", 10_000),
+            ("1500ms", 1_500),
+            ("5m", 300_000),
+            ("2h", 7_200_000),
+            ("1d", 86_400_000),
+        ] {
             assert_eq!(parse_duration(text), Some(millis), "{text}");
             assert_eq!(format_duration(millis), text);
         }

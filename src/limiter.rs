@@ -175,16 +175,23 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         while let Some((first, verdict)) = results.next() {
             // The limits of one descriptor are adjacent; report the one that decided.
             let mut deciding = (first.limit, *verdict);
-            while let Some((next, verdict)) = results.next_if(|(c, _)| c.descriptor == first.descriptor) {
+            while let Some((next, verdict)) =
+                results.next_if(|(c, _)| c.descriptor == first.descriptor)
+            {
                 if decides_over(verdict, &deciding.1) {
                     deciding = (next.limit, *verdict);
                 }
             }
-            let (Some(resolved), Some(slot)) = (resolved.get(first.descriptor), statuses.get_mut(first.descriptor)) else {
+            let (Some(resolved), Some(slot)) = (
+                resolved.get(first.descriptor),
+                statuses.get_mut(first.descriptor),
+            ) else {
                 continue;
             };
             let (name, shadow) = match resolved {
-                Resolved::Rule(rule) => (rule.name.as_deref().unwrap_or_default(), rule.shadow_mode),
+                Resolved::Rule(rule) => {
+                    (rule.name.as_deref().unwrap_or_default(), rule.shadow_mode)
+                }
                 _ => ("", false),
             };
             *slot = counted_status(&deciding.0, name, &deciding.1, shadow);
@@ -324,9 +331,7 @@ fn counted_status(limit: &Limit, name: &str, verdict: &Verdict, shadow: bool) ->
         current_limit: Some(RateLimit {
             name: name.to_owned(),
             requests_per_unit: limit.requests_per_unit,
-            unit: limit
-                .unit()
-                .map_or(ProtoUnit::Unknown, Unit::to_proto) as i32,
+            unit: limit.unit().map_or(ProtoUnit::Unknown, Unit::to_proto) as i32,
         }),
         limit_remaining: u32::try_from(verdict.remaining).unwrap_or(u32::MAX),
         duration_until_reset: Some(prost_types::Duration {

@@ -66,7 +66,8 @@ pub struct DomainTree {
 impl DomainTree {
     /// The rule for a request descriptor's entries, if any.
     pub fn lookup(&self, entries: &[Entry]) -> Option<&Rule> {
-        self.walk(entries, &mut NoTrace).and_then(|node| node.rule.as_deref())
+        self.walk(entries, &mut NoTrace)
+            .and_then(|node| node.rule.as_deref())
     }
 
     /// Like `lookup`, and also says, step by step, what was tried and why it did or did
@@ -201,7 +202,9 @@ impl Level {
                 Some(node)
             }
             None => {
-                trace.step(|| format!("`{key}: {value}`: no value-less `{key}` to fall back to: no limit"));
+                trace.step(|| {
+                    format!("`{key}: {value}`: no value-less `{key}` to fall back to: no limit")
+                });
                 None
             }
         }

@@ -56,7 +56,9 @@ pub enum CounterState {
     Empty,
     Window(WindowState),
     /// GCRA's theoretical arrival time, in microseconds since the epoch.
-    Bucket { tat_micros: u64 },
+    Bucket {
+        tat_micros: u64,
+    },
 }
 
 /// Applies `hits` to `state` under `limit` at time `now_millis`. A state left by another

@@ -13,9 +13,7 @@ use serde_saphyr::Spanned;
 
 use super::error::ConfigError;
 use super::file::{DescriptorEntry, PolicyFields, RateLimitBlock};
-use super::policy::{
-    self, Overrides, PolicyTable, Problems, ResolvedPolicy, Scope, location,
-};
+use super::policy::{self, Overrides, PolicyTable, Problems, ResolvedPolicy, Scope, location};
 use crate::limit::{Algorithm, Limit, Unit};
 use crate::matcher::{Level, Node, ValuePattern};
 use crate::rule::{Rule, RuleLimit, SourceLocation};
@@ -100,20 +98,34 @@ impl Compiler<'_, '_> {
     ) -> Option<Inherited> {
         if let Some(unlimited) = unlimited.filter(|u| u.value) {
             if policy.is_some() || !overrides.is_empty() {
-                self.error(&location(file, &unlimited.referenced), format!("{what} says `unlimited: true` and also sets a policy; remove one of them"));
+                self.error(
+                    &location(file, &unlimited.referenced),
+                    format!(
+                        "{what} says `unlimited: true` and also sets a policy; remove one of them"
+                    ),
+                );
             }
-            return Some(Inherited::Unlimited { via: via.to_owned() });
+            return Some(Inherited::Unlimited {
+                via: via.to_owned(),
+            });
         }
         if let Some(policy) = policy.filter(|p| p.value == "none") {
             if !overrides.is_empty() {
-                self.error(&location(file, &policy.referenced), format!("{what} says `policy: none` and also sets limits; remove one of them"));
+                self.error(
+                    &location(file, &policy.referenced),
+                    format!("{what} says `policy: none` and also sets limits; remove one of them"),
+                );
             }
-            return Some(Inherited::NoLimit { via: via.to_owned() });
+            return Some(Inherited::NoLimit {
+                via: via.to_owned(),
+            });
         }
         let base = match policy {
             Some(name) => {
                 let at = location(file, &name.referenced);
-                let resolved = self.table.resolve(&name.value, scope, &at, &mut self.errors)?;
+                let resolved = self
+                    .table
+                    .resolve(&name.value, scope, &at, &mut self.errors)?;
                 (*resolved).clone()
             }
             None if overrides.is_empty() => return None,
@@ -153,14 +165,27 @@ impl Compiler<'_, '_> {
             };
             let at = location(&file, &key.referenced);
             if key.value.is_empty() {
-                self.error(&at, "`key` is empty; write the key Envoy sends, e.g. `key: remote_address`");
+                self.error(
+                    &at,
+                    "`key` is empty; write the key Envoy sends, e.g. `key: remote_address`",
+                );
                 continue;
             }
-            let value = entry.value.as_ref().map(|value| value.value.as_str()).filter(|v| !v.is_empty());
+            let value = entry
+                .value
+                .as_ref()
+                .map(|value| value.value.as_str())
+                .filter(|v| !v.is_empty());
             let pattern = ValuePattern::parse(value);
             let (node_path, label) = match value {
-                Some(value) => (format!("{path}.{}_{value}", key.value), format!("`{}: {value}`", key.value)),
-                None => (format!("{path}.{}", key.value), format!("`{}` (any value)", key.value)),
+                Some(value) => (
+                    format!("{path}.{}_{value}", key.value),
+                    format!("`{}: {value}`", key.value),
+                ),
+                None => (
+                    format!("{path}.{}", key.value),
+                    format!("`{}` (any value)", key.value),
+                ),
             };
             if let Some(first_line) = seen.get(&(key.value.clone(), pattern.clone())) {
                 let described = match value {
@@ -196,8 +221,12 @@ impl Compiler<'_, '_> {
                     self.error(&location(&file, &block.referenced), format!("{what} has both envoyproxy's `rate_limit` and a meshlimit policy (`policy`, `limits`, `algorithm`, `burst` or `unlimited`); keep one of them"));
                     None
                 }
-                (Some(block), None) => self.compat_rule(block, entry, &file, &key.value, &node_path),
-                (None, Some(setting)) => self.policy_rule(setting, entry, &at, &node_path, "its own setting"),
+                (Some(block), None) => {
+                    self.compat_rule(block, entry, &file, &key.value, &node_path)
+                }
+                (None, Some(setting)) => {
+                    self.policy_rule(setting, entry, &at, &node_path, "its own setting")
+                }
                 (None, None) => self.policy_rule(inherited, entry, &at, &node_path, "inherited"),
             };
             let setting = own.as_ref().unwrap_or(inherited);
@@ -241,7 +270,8 @@ impl Compiler<'_, '_> {
                 vec![format!("unlimited — {how}: {via}")],
             ),
             Inherited::Policy { policy, via } => {
-                let limits = policy::limits_of(policy, self.default_algorithm, at, &mut self.errors)?;
+                let limits =
+                    policy::limits_of(policy, self.default_algorithm, at, &mut self.errors)?;
                 let mut provenance = vec![format!("policy — {how}: {via}")];
                 provenance.extend(policy::describe(policy, self.default_algorithm));
                 let shadow = shadow_flag
@@ -249,7 +279,10 @@ impl Compiler<'_, '_> {
                     .unwrap_or(false);
                 (
                     RuleLimit::Limited(limits.into()),
-                    policy.name.as_ref().map(|(n, _)| n.clone().into_boxed_str()),
+                    policy
+                        .name
+                        .as_ref()
+                        .map(|(n, _)| n.clone().into_boxed_str()),
                     shadow,
                     provenance,
                 )
@@ -285,7 +318,10 @@ impl Compiler<'_, '_> {
                 return None;
             }
             if let Some(unit) = &block.unit {
-                self.error(&location(file, &unit.referenced), format!("`unlimited: true` under key `{key}` takes no `unit`; remove it"));
+                self.error(
+                    &location(file, &unit.referenced),
+                    format!("`unlimited: true` under key `{key}` takes no `unit`; remove it"),
+                );
                 return None;
             }
             RuleLimit::Unlimited
@@ -303,9 +339,15 @@ impl Compiler<'_, '_> {
         let provenance = vec![match &limit {
             RuleLimit::Limited(limits) => format!(
                 "rate_limit {} — its own `rate_limit` ({at}); applies to this node only",
-                limits.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                limits
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
-            RuleLimit::Unlimited => format!("unlimited — its own `rate_limit` ({at}); applies to this node only"),
+            RuleLimit::Unlimited => {
+                format!("unlimited — its own `rate_limit` ({at}); applies to this node only")
+            }
         }];
         Some(Rule {
             limit,
@@ -334,13 +376,22 @@ impl Compiler<'_, '_> {
         let units = "second, minute, hour, day, week, month or year";
         let unit = match &block.unit {
             None => {
-                self.error(at, format!("`unit` is missing under key `{key}`; write one of {units}"));
+                self.error(
+                    at,
+                    format!("`unit` is missing under key `{key}`; write one of {units}"),
+                );
                 None
             }
             Some(unit) => match unit.value.parse::<Unit>() {
                 Ok(unit) => Some(unit),
                 Err(()) => {
-                    self.error(&location(file, &unit.referenced), format!("unknown unit `{}` under key `{key}`; write one of {units}", unit.value));
+                    self.error(
+                        &location(file, &unit.referenced),
+                        format!(
+                            "unknown unit `{}` under key `{key}`; write one of {units}",
+                            unit.value
+                        ),
+                    );
                     None
                 }
             },
@@ -363,7 +414,14 @@ impl Compiler<'_, '_> {
             Some(algorithm) => match algorithm.value.parse::<Algorithm>() {
                 Ok(algorithm) => Some(algorithm),
                 Err(()) => {
-                    self.error(&location(file, &algorithm.referenced), format!("unknown algorithm `{}` under key `{key}`; write one of {}", algorithm.value, policy::algorithm_names()));
+                    self.error(
+                        &location(file, &algorithm.referenced),
+                        format!(
+                            "unknown algorithm `{}` under key `{key}`; write one of {}",
+                            algorithm.value,
+                            policy::algorithm_names()
+                        ),
+                    );
                     None
                 }
             },

@@ -114,7 +114,12 @@ impl DescriptorEntry {
 
     fn same_node(&self, other: &DescriptorEntry) -> bool {
         let key = |e: &DescriptorEntry| e.key.as_ref().map(|k| k.value.clone());
-        let value = |e: &DescriptorEntry| e.value.as_ref().map(|v| v.value.clone()).unwrap_or_default();
+        let value = |e: &DescriptorEntry| {
+            e.value
+                .as_ref()
+                .map(|v| v.value.clone())
+                .unwrap_or_default()
+        };
         key(self) == key(other) && value(self) == value(other)
     }
 }
@@ -122,7 +127,10 @@ impl DescriptorEntry {
 /// The descriptors of a domain that `extends` a base: the base's tree with each node of
 /// `over` laid on the node with the same key and value (its fields win, children merge
 /// the same way); nodes only in `over` are added after the base's.
-pub fn merge_descriptors(base: &[DescriptorEntry], over: &[DescriptorEntry]) -> Vec<DescriptorEntry> {
+pub fn merge_descriptors(
+    base: &[DescriptorEntry],
+    over: &[DescriptorEntry],
+) -> Vec<DescriptorEntry> {
     let mut merged: Vec<DescriptorEntry> = base.to_vec();
     for node in over {
         match merged.iter_mut().find(|existing| existing.same_node(node)) {

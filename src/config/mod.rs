@@ -133,10 +133,12 @@ pub fn compile_str(
         )]);
     }
     let mut config = compile_files(vec![(label, parsed)], options)?;
-    config
-        .take_domains()
-        .pop()
-        .ok_or_else(|| vec![ConfigError::at(&start_of(&file.into()), "no domain was compiled")])
+    config.take_domains().pop().ok_or_else(|| {
+        vec![ConfigError::at(
+            &start_of(&file.into()),
+            "no domain was compiled",
+        )]
+    })
 }
 
 fn start_of(file: &Arc<str>) -> SourceLocation {
@@ -168,7 +170,13 @@ fn compile_files(
     let mut first_seen: HashMap<String, Arc<str>> = HashMap::new();
     for (file, parsed) in files {
         let Some(domain) = parsed.domain.as_ref() else {
-            shared_file(&file, parsed, &mut shared_policies, &mut shared_defaults, &mut errors);
+            shared_file(
+                &file,
+                parsed,
+                &mut shared_policies,
+                &mut shared_defaults,
+                &mut errors,
+            );
             continue;
         };
         let name = domain.value.trim().to_owned();
@@ -204,8 +212,12 @@ fn compile_files(
             errors: Vec::new(),
         };
         let inherited = match (&source.defaults, &shared_defaults) {
-            (Some((file, fields)), _) => compiler.defaults(fields, file, "domain defaults", Scope::Domain(name)),
-            (None, Some((file, fields))) => compiler.defaults(fields, file, "shared defaults", Scope::Shared),
+            (Some((file, fields)), _) => {
+                compiler.defaults(fields, file, "domain defaults", Scope::Domain(name))
+            }
+            (None, Some((file, fields))) => {
+                compiler.defaults(fields, file, "shared defaults", Scope::Shared)
+            }
             (None, None) => Inherited::Nothing,
         };
         let root = compiler.level(name, &source.descriptors, &inherited, &source.file);
@@ -235,27 +247,45 @@ fn shared_file(
         return;
     }
     if let Some(first) = parsed.descriptors.first() {
-        let at = first.key.as_ref().map(|k| location(file, &k.referenced)).unwrap_or_else(|| start_of(file));
+        let at = first
+            .key
+            .as_ref()
+            .map(|k| location(file, &k.referenced))
+            .unwrap_or_else(|| start_of(file));
         errors.push(ConfigError::at(&at, "a file without `domain` cannot hold `descriptors`; add `domain: NAME`, or move them to that domain's file"));
     }
     if let Some(extends) = &parsed.extends {
-        errors.push(ConfigError::at(&location(file, &extends.referenced), "`extends` names a domain to start from, so it needs a `domain` in the same file"));
+        errors.push(ConfigError::at(
+            &location(file, &extends.referenced),
+            "`extends` names a domain to start from, so it needs a `domain` in the same file",
+        ));
     }
     for (name, block) in parsed.policies {
         if let Some(existing) = policies.get(&name) {
             errors.push(ConfigError::at(
                 &location(file, &block.referenced),
-                format!("shared policy `{name}` is already defined in {}; rename one of them", existing.file),
+                format!(
+                    "shared policy `{name}` is already defined in {}; rename one of them",
+                    existing.file
+                ),
             ));
             continue;
         }
-        policies.insert(name, PolicyDefinition { block, file: file.clone() });
+        policies.insert(
+            name,
+            PolicyDefinition {
+                block,
+                file: file.clone(),
+            },
+        );
     }
     if let Some(fields) = parsed.defaults {
         match defaults {
             Some((first, _)) => errors.push(ConfigError::at(
                 &location(file, &fields.referenced),
-                format!("shared `defaults` are already set in {first}; keep one set of shared defaults"),
+                format!(
+                    "shared `defaults` are already set in {first}; keep one set of shared defaults"
+                ),
             )),
             None => *defaults = Some((file.clone(), fields)),
         }
@@ -280,17 +310,28 @@ fn resolve_domain(
         parsed
             .policies
             .iter()
-            .map(|(n, block)| (n.clone(), PolicyDefinition { block: block.clone(), file: file.clone() }))
+            .map(|(n, block)| {
+                (
+                    n.clone(),
+                    PolicyDefinition {
+                        block: block.clone(),
+                        file: file.clone(),
+                    },
+                )
+            })
             .collect()
     };
     let own_defaults = parsed.defaults.clone().map(|d| (file.clone(), d));
     let Some(base_name) = &parsed.extends else {
-        sources.insert(name.to_owned(), DomainSource {
-            file: file.clone(),
-            descriptors: parsed.descriptors.clone(),
-            policies: own_policies(),
-            defaults: own_defaults,
-        });
+        sources.insert(
+            name.to_owned(),
+            DomainSource {
+                file: file.clone(),
+                descriptors: parsed.descriptors.clone(),
+                policies: own_policies(),
+                defaults: own_defaults,
+            },
+        );
         return true;
     };
     let at = location(file, &base_name.referenced);
@@ -298,7 +339,13 @@ fn resolve_domain(
         let mut cycle = chain.clone();
         cycle.push(name.to_owned());
         cycle.push(base_name.value.clone());
-        errors.push(ConfigError::at(&at, format!("domain `extends` chain is a cycle: {}; remove one of the `extends`", cycle.join(" extends "))));
+        errors.push(ConfigError::at(
+            &at,
+            format!(
+                "domain `extends` chain is a cycle: {}; remove one of the `extends`",
+                cycle.join(" extends ")
+            ),
+        ));
         return false;
     }
     chain.push(name.to_owned());
@@ -307,7 +354,14 @@ fn resolve_domain(
     if !found {
         if !files.iter().any(|(n, _, _)| n == &base_name.value) {
             let known: Vec<&str> = files.iter().map(|(n, _, _)| n.as_str()).collect();
-            errors.push(ConfigError::at(&at, format!("domain `{name}` extends unknown domain `{}`; known domains: {}", base_name.value, known.join(", "))));
+            errors.push(ConfigError::at(
+                &at,
+                format!(
+                    "domain `{name}` extends unknown domain `{}`; known domains: {}",
+                    base_name.value,
+                    known.join(", ")
+                ),
+            ));
         }
         return false;
     }

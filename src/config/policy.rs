@@ -237,7 +237,11 @@ pub fn apply_overrides(
             Ok(parsed) => base.algorithm = Some((parsed, origin(&algorithm.referenced))),
             Err(()) => problems.problem(
                 &location(file, &algorithm.referenced),
-                format!("unknown algorithm `{}`; write one of {}", algorithm.value, algorithm_names()),
+                format!(
+                    "unknown algorithm `{}`; write one of {}",
+                    algorithm.value,
+                    algorithm_names()
+                ),
             ),
         }
     }
@@ -309,14 +313,24 @@ fn limit_spec(
         Some(rpu) => match u32::try_from(rpu.value) {
             Ok(value) => Some(value),
             Err(_) => {
-                problems.problem(&location(file, &rpu.referenced), format!("`requests_per_unit` is {}; write a whole number from 0 to {}", rpu.value, u32::MAX));
+                problems.problem(
+                    &location(file, &rpu.referenced),
+                    format!(
+                        "`requests_per_unit` is {}; write a whole number from 0 to {}",
+                        rpu.value,
+                        u32::MAX
+                    ),
+                );
                 None
             }
         },
     };
     let window_millis = match (&block.unit, &block.per) {
         (Some(_), Some(per)) => {
-            problems.problem(&location(file, &per.referenced), "a limit has both `unit` and `per`; keep one".into());
+            problems.problem(
+                &location(file, &per.referenced),
+                "a limit has both `unit` and `per`; keep one".into(),
+            );
             None
         }
         (None, None) => {
@@ -326,7 +340,10 @@ fn limit_spec(
         (Some(unit), None) => match unit.value.parse::<Unit>() {
             Ok(unit) => Some(unit.millis()),
             Err(()) => {
-                problems.problem(&location(file, &unit.referenced), format!("unknown unit `{}`; write one of {UNITS}", unit.value));
+                problems.problem(
+                    &location(file, &unit.referenced),
+                    format!("unknown unit `{}`; write one of {UNITS}", unit.value),
+                );
                 None
             }
         },
@@ -352,10 +369,17 @@ pub fn limits_of(
     problems: &mut dyn Problems,
 ) -> Option<Vec<Limit>> {
     let Some((specs, _)) = &policy.limits else {
-        problems.problem(used_at, "the policy that applies here has no `limits`; add `limits:` to it or to this block".into());
+        problems.problem(
+            used_at,
+            "the policy that applies here has no `limits`; add `limits:` to it or to this block"
+                .into(),
+        );
         return None;
     };
-    let algorithm = policy.algorithm.as_ref().map_or(default_algorithm, |(a, _)| *a);
+    let algorithm = policy
+        .algorithm
+        .as_ref()
+        .map_or(default_algorithm, |(a, _)| *a);
     let burst = match (&policy.burst, algorithm) {
         (Some((burst, _)), Algorithm::TokenBucket) => Some(*burst),
         (Some((_, origin)), other) => {
@@ -385,14 +409,20 @@ pub fn describe(policy: &ResolvedPolicy, default_algorithm: Algorithm) -> Vec<St
             .iter()
             .map(|l| match Unit::from_millis(l.window_millis) {
                 Some(unit) => format!("{}/{unit}", l.requests_per_unit),
-                None => format!("{}/{}", l.requests_per_unit, format_duration(l.window_millis)),
+                None => format!(
+                    "{}/{}",
+                    l.requests_per_unit,
+                    format_duration(l.window_millis)
+                ),
             })
             .collect();
         lines.push(format!("limits: {} — from {origin}", limits.join(", ")));
     }
     match &policy.algorithm {
         Some((algorithm, origin)) => lines.push(format!("algorithm: {algorithm} — from {origin}")),
-        None => lines.push(format!("algorithm: {default_algorithm} — the service default")),
+        None => lines.push(format!(
+            "algorithm: {default_algorithm} — the service default"
+        )),
     }
     if let Some((burst, origin)) = &policy.burst {
         lines.push(format!("burst: {burst} — from {origin}"));

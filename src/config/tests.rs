@@ -408,3 +408,433 @@ mod directory {
         assert!(config.domain("edge").is_some());
     }
 }
+
+/// The policy model: named policies, `extends`, inheritance down the tree and defaults.
+mod policies {
+    use super::*;
+
+    const SHARED: &str = "\
+policies:
+  standard:
+    limits:
+      - {requests_per_unit: 100, unit: minute}
+      - {requests_per_unit: 5000, unit: day}
+  strict:
+    extends: standard
+    limits:
+      - {requests_per_unit: 10, unit: minute}
+  bursty:
+    extends: strict
+    algorithm: token_bucket
+    burst: 20
+defaults:
+  policy: standard
+";
+
+    const MESH: &str = "\
+domain: mesh
+defaults:
+  policy: strict
+descriptors:
+  - key: service
+    descriptors:
+      - key: route
+  - key: service
+    value: payments
+    policy: bursty
+    descriptors:
+      - key: route
+      - key: route
+        value: /health
+        unlimited: true
+        descriptors:
+          - key: probe
+      - key: route
+        value: /refund
+        limits:
+          - {requests_per_unit: 2, per: 10s}
+      - key: route
+        value: /legacy
+        rate_limit: {unit: second, requests_per_unit: 1}
+        descriptors:
+          - key: client
+  - key: service
+    value: search
+    policy: none
+    descriptors:
+      - key: route
+";
+
+    const PLAIN: &str = "\
+domain: plain
+descriptors:
+  - key: user
+    descriptors:
+      - key: path
+";
+
+    fn load(files: &[(&str, &str)]) -> Result<RateLimitConfig, ConfigErrors> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        load_dir(dir.path(), &LoadOptions::default())
+    }
+
+    fn config() -> RateLimitConfig {
+        load(&[
+            ("shared.yaml", SHARED),
+            ("mesh.yaml", MESH),
+            ("plain.yaml", PLAIN),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `(limits as "N/window", algorithm, reported name)` of the matched rule.
+    fn effective(
+        config: &RateLimitConfig,
+        domain: &str,
+        pairs: &[(&str, &str)],
+    ) -> Option<(Vec<String>, String, String)> {
+        let rule = config.domain(domain)?.lookup(&entries(pairs))?;
+        let name = rule.name.as_deref().unwrap_or_default().to_owned();
+        match &rule.limit {
+            RuleLimit::Unlimited => Some((vec!["unlimited".into()], String::new(), name)),
+            RuleLimit::Limited(limits) => Some((
+                limits
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "{}/{}",
+                            l.requests_per_unit,
+                            crate::limit::format_duration(l.window_millis)
+                        )
+                    })
+                    .collect(),
+                limits[0].algorithm.to_string(),
+                name,
+            )),
+        }
+    }
+
+    fn limits(config: &RateLimitConfig, domain: &str, pairs: &[(&str, &str)]) -> Vec<String> {
+        effective(config, domain, pairs)
+            .map(|e| e.0)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn domain_defaults_apply_to_every_node_without_a_setting() {
+        let config = config();
+        assert_eq!(
+            effective(&config, "mesh", &[("service", "orders")]),
+            Some((
+                vec!["10/1m".into()],
+                "sliding_window".into(),
+                "strict".into()
+            ))
+        );
+        assert_eq!(
+            limits(&config, "mesh", &[("service", "orders"), ("route", "/x")]),
+            ["10/1m"]
+        );
+    }
+
+    #[test]
+    fn extends_keeps_the_parents_fields_the_child_does_not_set() {
+        // `bursty` extends `strict` (limits) which extends `standard`; it sets only the algorithm.
+        let config = config();
+        assert_eq!(
+            effective(&config, "mesh", &[("service", "payments")]),
+            Some((vec!["10/1m".into()], "token_bucket".into(), "bursty".into()))
+        );
+    }
+
+    #[test]
+    fn a_nodes_own_policy_is_inherited_by_its_descendants() {
+        let config = config();
+        assert_eq!(
+            effective(
+                &config,
+                "mesh",
+                &[("service", "payments"), ("route", "/pay")]
+            )
+            .map(|e| e.1),
+            Some("token_bucket".into())
+        );
+    }
+
+    #[test]
+    fn inline_limits_refine_the_inherited_policy() {
+        // The route keeps `bursty`'s algorithm and burst but has its own window.
+        let config = config();
+        let rule = config
+            .domain("mesh")
+            .unwrap()
+            .lookup(&entries(&[("service", "payments"), ("route", "/refund")]))
+            .unwrap();
+        let RuleLimit::Limited(limits) = &rule.limit else {
+            panic!("{rule:?}")
+        };
+        assert_eq!(limits.len(), 1);
+        assert_eq!(
+            (
+                limits[0].requests_per_unit,
+                limits[0].window_millis,
+                limits[0].algorithm,
+                limits[0].burst
+            ),
+            (2, 10_000, Algorithm::TokenBucket, Some(20))
+        );
+    }
+
+    #[test]
+    fn unlimited_cuts_inheritance_for_the_whole_subtree() {
+        let config = config();
+        assert_eq!(
+            limits(
+                &config,
+                "mesh",
+                &[("service", "payments"), ("route", "/health")]
+            ),
+            ["unlimited"]
+        );
+        assert_eq!(
+            limits(
+                &config,
+                "mesh",
+                &[
+                    ("service", "payments"),
+                    ("route", "/health"),
+                    ("probe", "k8s")
+                ]
+            ),
+            ["unlimited"]
+        );
+    }
+
+    #[test]
+    fn policy_none_means_no_limit_below() {
+        let config = config();
+        assert_eq!(effective(&config, "mesh", &[("service", "search")]), None);
+        assert_eq!(
+            effective(&config, "mesh", &[("service", "search"), ("route", "/q")]),
+            None
+        );
+    }
+
+    #[test]
+    fn a_plain_rate_limit_applies_to_its_node_only_and_is_not_inherited() {
+        let config = config();
+        assert_eq!(
+            limits(
+                &config,
+                "mesh",
+                &[("service", "payments"), ("route", "/legacy")]
+            ),
+            ["1/1s"]
+        );
+        // Its child skips it and inherits the nearest policy: `bursty` from the service.
+        assert_eq!(
+            effective(
+                &config,
+                "mesh",
+                &[
+                    ("service", "payments"),
+                    ("route", "/legacy"),
+                    ("client", "c")
+                ]
+            )
+            .map(|e| e.1),
+            Some("token_bucket".into())
+        );
+    }
+
+    #[test]
+    fn shared_defaults_apply_to_domains_without_their_own() {
+        let config = config();
+        assert_eq!(
+            limits(&config, "plain", &[("user", "u")]),
+            ["100/1m", "5000/1d"]
+        );
+    }
+
+    #[test]
+    fn a_plain_envoyproxy_file_means_no_limit_where_it_sets_none() {
+        let config = load(&[("plain.yaml", PLAIN)]).unwrap();
+        assert_eq!(effective(&config, "plain", &[("user", "u")]), None);
+        assert_eq!(
+            effective(&config, "plain", &[("user", "u"), ("path", "/")]),
+            None
+        );
+    }
+
+    #[test]
+    fn counters_are_keyed_by_the_full_matched_path() {
+        // Two routes under one inherited tenant policy count separately.
+        use crate::key::append_counter_key;
+        let config = config();
+        let rule = config
+            .domain("mesh")
+            .unwrap()
+            .lookup(&entries(&[("service", "orders"), ("route", "/a")]))
+            .unwrap();
+        let RuleLimit::Limited(l) = &rule.limit else {
+            panic!()
+        };
+        let (mut a, mut b) = (String::new(), String::new());
+        append_counter_key(
+            &mut a,
+            "mesh",
+            &entries(&[("service", "orders"), ("route", "/a")]),
+            &l[0],
+        );
+        append_counter_key(
+            &mut b,
+            "mesh",
+            &entries(&[("service", "orders"), ("route", "/b")]),
+            &l[0],
+        );
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_domain_extends_another_and_overrides_nodes_by_key_and_value() {
+        let staging = "domain: staging\nextends: mesh\ndefaults:\n  limits: [{requests_per_unit: 1000, unit: minute}]\ndescriptors:\n  - key: service\n    value: search\n    policy: standard\n";
+        let config = load(&[
+            ("shared.yaml", SHARED),
+            ("mesh.yaml", MESH),
+            ("staging.yaml", staging),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        // Overridden node.
+        assert_eq!(
+            limits(&config, "staging", &[("service", "search")]),
+            ["100/1m", "5000/1d"]
+        );
+        // Inherited nodes keep their own settings; the new defaults reach the rest.
+        assert_eq!(
+            effective(&config, "staging", &[("service", "payments")]).map(|e| e.1),
+            Some("token_bucket".into())
+        );
+        assert_eq!(
+            limits(&config, "staging", &[("service", "orders")]),
+            ["1000/1m"]
+        );
+        // The base domain is unchanged.
+        assert_eq!(limits(&config, "mesh", &[("service", "orders")]), ["10/1m"]);
+    }
+
+    #[test]
+    fn a_domain_policy_shadows_a_shared_one_of_the_same_name() {
+        let local = "domain: local\npolicies:\n  standard:\n    limits: [{requests_per_unit: 1, unit: second}]\ndescriptors:\n  - key: k\n    policy: standard\n";
+        let config = load(&[("shared.yaml", SHARED), ("local.yaml", local)]).unwrap();
+        assert_eq!(limits(&config, "local", &[("k", "v")]), ["1/1s"]);
+    }
+
+    fn problems(files: &[(&str, &str)]) -> String {
+        match load(files) {
+            Ok(_) => panic!("expected errors"),
+            Err(errors) => errors.to_string(),
+        }
+    }
+
+    #[test]
+    fn error_an_extends_cycle_prints_the_chain() {
+        let text = problems(&[
+            (
+                "p.yaml",
+                "policies:\n  a:\n    extends: b\n  b:\n    extends: a\n",
+            ),
+            ("d.yaml", "domain: d\ndefaults: {policy: a}\n"),
+        ]);
+        assert!(
+            text.contains("policy `extends` chain is a cycle: `a` ("),
+            "{text}"
+        );
+        assert!(text.contains("p.yaml:3:5) extends `b` ("), "{text}");
+        assert!(
+            text.contains("extends `a` again; remove one of the `extends`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn error_an_unknown_parent_or_policy_lists_the_known_ones() {
+        let text = problems(&[
+            (
+                "p.yaml",
+                "policies:\n  a:\n    extends: nope\n    limits: [{requests_per_unit: 1, unit: second}]\n",
+            ),
+            (
+                "d.yaml",
+                "domain: d\ndescriptors:\n  - key: k\n    policy: a\n  - key: j\n    policy: missing\n",
+            ),
+        ]);
+        assert!(
+            text.contains("p.yaml:3:14: unknown policy `nope`; known policies: a"),
+            "{text}"
+        );
+        assert!(
+            text.contains("d.yaml:6:13: unknown policy `missing`; known policies: a"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn error_burst_without_token_bucket_and_rate_limit_mixed_with_policy() {
+        let text = problems(&[(
+            "d.yaml",
+            "domain: d\ndescriptors:\n  - key: a\n    limits: [{requests_per_unit: 1, unit: second}]\n    burst: 5\n  - key: b\n    policy: none\n    rate_limit: {unit: second, requests_per_unit: 1}\n",
+        )]);
+        assert!(
+            text.contains("d.yaml:5:12: `burst` only applies to `algorithm: token_bucket`"),
+            "{text}"
+        );
+        assert!(text.contains("d.yaml:8:17: descriptor `b` (any value) has both envoyproxy's `rate_limit` and a meshlimit policy"), "{text}");
+    }
+
+    #[test]
+    fn error_limits_need_one_window_each() {
+        let text = problems(&[(
+            "d.yaml",
+            "domain: d\ndescriptors:\n  - key: a\n    limits:\n      - {requests_per_unit: 1, unit: second, per: 1s}\n      - {requests_per_unit: 1}\n      - {requests_per_unit: 1, per: soon}\n  - key: b\n    limits: [{requests_per_unit: 1, unit: minute}, {requests_per_unit: 2, per: 60s}]\n",
+        )]);
+        assert!(
+            text.contains("has both `unit` and `per`; keep one"),
+            "{text}"
+        );
+        assert!(
+            text.contains("a limit has no window; write `unit:`"),
+            "{text}"
+        );
+        assert!(text.contains("`per: soon` is not a duration"), "{text}");
+        assert!(text.contains("two limits share the window 1m"), "{text}");
+    }
+
+    #[test]
+    fn error_domain_extends_unknown_or_cyclic() {
+        let text = problems(&[
+            ("a.yaml", "domain: a\nextends: b\n"),
+            ("b.yaml", "domain: b\nextends: a\n"),
+            ("c.yaml", "domain: c\nextends: zzz\n"),
+        ]);
+        assert!(text.contains("domain `extends` chain is a cycle"), "{text}");
+        assert!(
+            text.contains("c.yaml:2:10: domain `c` extends unknown domain `zzz`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn error_a_shared_file_holds_no_descriptors() {
+        let text = problems(&[(
+            "s.yaml",
+            "policies:\n  p:\n    limits: [{requests_per_unit: 1, unit: second}]\ndescriptors:\n  - key: k\n",
+        )]);
+        assert!(
+            text.contains("s.yaml:5:10: a file without `domain` cannot hold `descriptors`"),
+            "{text}"
+        );
+    }
+}

@@ -26,7 +26,12 @@ struct Counter {
 struct ExpireAfterLastUse;
 
 impl Expiry<u128, Arc<Counter>> for ExpireAfterLastUse {
-    fn expire_after_create(&self, _: &u128, counter: &Arc<Counter>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &u128,
+        counter: &Arc<Counter>,
+        _: Instant,
+    ) -> Option<Duration> {
         Some(counter.lifetime)
     }
 
@@ -93,6 +98,7 @@ impl MemoryStore {
     }
 
     /// Applies one descriptor's checks all or nothing, appending their verdicts to `out`.
+    /// (`count_rejected` only matters alone: envoyproxy-style rules carry a single limit.)
     pub fn apply_group(&self, group: &[Check<'_>], now_millis: u64, out: &mut Vec<Verdict>) {
         if let [check] = group {
             out.push(self.apply_one(check, now_millis));
@@ -101,43 +107,37 @@ impl MemoryStore {
         let counters: Vec<(u128, Arc<Counter>)> = group.iter().map(|c| self.counter(c)).collect();
         // Lock in hash order so two requests sharing counters can never deadlock; a key
         // listed twice is locked once.
-        let mut order: Vec<usize> = (0..counters.len()).collect();
-        order.sort_by_key(|&i| counters.get(i).map(|(hash, _)| *hash));
-        order.dedup_by_key(|i| counters.get(*i).map(|(hash, _)| *hash));
-        let mut guards: Vec<(u128, MutexGuard<'_, CounterState>)> = order
-            .iter()
-            .filter_map(|&i| counters.get(i))
-            .map(|(hash, counter)| (*hash, counter.state.lock()))
+        let mut by_hash: Vec<&(u128, Arc<Counter>)> = counters.iter().collect();
+        by_hash.sort_by_key(|(hash, _)| *hash);
+        by_hash.dedup_by_key(|(hash, _)| *hash);
+        // Each locked counter with the state it would have if this group is admitted.
+        let mut locked: Vec<(u128, MutexGuard<'_, CounterState>, CounterState)> = by_hash
+            .into_iter()
+            .map(|(hash, counter)| {
+                let guard = counter.state.lock();
+                let state = *guard;
+                (*hash, guard, state)
+            })
             .collect();
-        let guard_of = |hash: u128, guards: &[(u128, MutexGuard<'_, CounterState>)]| {
-            guards.iter().position(|(h, _)| *h == hash)
-        };
-        let mut next: Vec<CounterState> = Vec::with_capacity(group.len());
-        let mut verdicts: Vec<Verdict> = Vec::with_capacity(group.len());
-        // Evaluate against the states as they will be after earlier checks of this group, in
-        // case a key repeats.
-        let mut scratch: Vec<(u128, CounterState)> = guards.iter().map(|(h, g)| (*h, **g)).collect();
+        let start = out.len();
         for (check, (hash, _)) in group.iter().zip(&counters) {
-            let Some(slot) = scratch.iter_mut().find(|(h, _)| h == hash) else {
-                continue;
-            };
-            let mut state = slot.1;
-            let verdict = algorithm::apply(&mut state, &check.limit, check.hits, now_millis);
-            slot.1 = state;
-            next.push(state);
-            verdicts.push(verdict);
-        }
-        let admitted = verdicts.iter().all(|v| !v.over_limit);
-        for ((check, (hash, _)), state) in group.iter().zip(&counters).zip(&next) {
-            if admitted || check.count_rejected {
-                if let Some(i) = guard_of(*hash, &guards)
-                    && let Some((_, guard)) = guards.get_mut(i)
-                {
-                    **guard = *state;
-                }
+            if let Some((_, _, state)) = locked.iter_mut().find(|(h, _, _)| h == hash) {
+                out.push(algorithm::apply(
+                    state,
+                    &check.limit,
+                    check.hits,
+                    now_millis,
+                ));
             }
         }
-        out.extend(verdicts);
+        let admitted = out
+            .get(start..)
+            .is_some_and(|verdicts| verdicts.iter().all(|v| !v.over_limit));
+        if admitted {
+            for (_, guard, state) in &mut locked {
+                **guard = *state;
+            }
+        }
     }
 }
 
@@ -239,7 +239,10 @@ mod tests {
         }
         // Two admitted; the three rejected by the per-second limit left the minute alone.
         assert!(out[0].over_limit);
-        assert_eq!(out[1].remaining, 97, "the minute limit saw only the two admitted hits");
+        assert_eq!(
+            out[1].remaining, 97,
+            "the minute limit saw only the two admitted hits"
+        );
     }
 
     #[test]
