@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshlimit::config::{self, LoadOptions};
@@ -31,6 +32,22 @@ enum Command {
     Validate {
         /// The directory holding the *.yaml config files.
         dir: PathBuf,
+        #[command(flatten)]
+        counting: CountingArgs,
+    },
+    /// Show how descriptors match: the nodes tried, the effective policy after inheritance
+    /// with where each field came from, and the counter keys.
+    Explain {
+        /// The directory holding the *.yaml config files.
+        #[arg(long, env = "MESHLIMIT_CONFIG")]
+        config: PathBuf,
+        /// The domain the descriptors are sent for.
+        #[arg(long)]
+        domain: String,
+        /// One argument per descriptor, entries as key=value joined by commas,
+        /// e.g. `plan=pro,user=alice`.
+        #[arg(required = true)]
+        descriptors: Vec<String>,
         #[command(flatten)]
         counting: CountingArgs,
     },
@@ -69,6 +86,10 @@ struct ServeArgs {
     /// The largest request accepted, in bytes.
     #[arg(long, env = "MESHLIMIT_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
     max_request_bytes: usize,
+    /// How often to check the config directory for changes (e.g. 1s, 500ms); 0s checks only
+    /// on SIGHUP. A changed directory is validated whole before it replaces the old config.
+    #[arg(long, env = "MESHLIMIT_WATCH_INTERVAL", default_value = "1s", value_parser = parse_interval)]
+    watch_interval: Duration,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -84,6 +105,58 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Validate { dir, counting } => validate(&dir, counting),
+        Command::Explain {
+            config,
+            domain,
+            descriptors,
+            counting,
+        } => explain(&config, &domain, &descriptors, counting),
+    }
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" || text.trim() == "0s" {
+        return Ok(Duration::ZERO);
+    }
+    meshlimit::limit::parse_duration(text)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is not a duration; write e.g. 1s, 500ms or 0s"))
+}
+
+fn explain(
+    dir: &std::path::Path,
+    domain: &str,
+    descriptors: &[String],
+    counting: CountingArgs,
+) -> ExitCode {
+    let options = LoadOptions {
+        default_algorithm: counting.default_algorithm,
+    };
+    let loaded = match config::load_dir(dir, &options) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "{} problem(s) in {}; fix them to explain",
+                errors.0.len(),
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let parsed: Result<Vec<_>, String> = descriptors
+        .iter()
+        .map(|d| meshlimit::explain::parse_descriptor(d))
+        .collect();
+    match parsed {
+        Ok(parsed) => {
+            print!("{}", meshlimit::explain::explain(&loaded, domain, &parsed));
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("meshlimit explain: {message}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -103,6 +176,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             ..RequestBounds::default()
         },
         max_request_bytes: args.max_request_bytes,
+        watch_interval: args.watch_interval,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,16 +5,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::admin::{self, Health};
+use crate::admin::{self, AdminState, Health};
 use crate::clock::SystemClock;
-use crate::config::{self, ConfigErrors, LoadOptions};
+use crate::config::{ConfigErrors, LoadOptions};
 use crate::limiter::{RateLimiter, RequestBounds};
+use crate::metrics::Metrics;
 use crate::proto::rate_limit_service_server::RateLimitServiceServer;
+use crate::reload::Reloader;
 use crate::service::grpc::GrpcRateLimitService;
 use crate::store::MemoryStore;
 
@@ -28,6 +29,8 @@ pub struct ServeOptions {
     pub cache_capacity: u64,
     pub bounds: RequestBounds,
     pub max_request_bytes: usize,
+    /// How often the config directory is checked for changes; zero checks only on SIGHUP.
+    pub watch_interval: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,18 +52,28 @@ pub enum ServeError {
 pub const HEALTH_SERVICE_NAME: &str = "ratelimit";
 
 pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
-    let loaded = config::load_dir(&options.config_dir, &options.load).map_err(|errors| {
-        ServeError::Config {
-            dir: options.config_dir.display().to_string(),
-            errors,
+    let metrics = Arc::new(Metrics::default());
+    let reloader =
+        Reloader::start(&options.config_dir, options.load, metrics.clone()).map_err(|errors| {
+            ServeError::Config {
+                dir: options.config_dir.display().to_string(),
+                errors,
+            }
+        })?;
+    let reloader = Arc::new(reloader);
+    if let Some(loaded) = reloader.live().load_full() {
+        for domain in loaded.domains() {
+            tracing::info!(domain = %domain.name, file = %domain.file, rules = domain.rules().len(), "loaded domain");
         }
-    })?;
-    for domain in loaded.domains() {
-        tracing::info!(domain = %domain.name, file = %domain.file, rules = domain.rules().len(), "loaded domain");
     }
-    let live = Arc::new(ArcSwapOption::from_pointee(loaded));
+    let live = reloader.live().clone();
     let store = MemoryStore::new(options.cache_capacity);
-    let limiter = Arc::new(RateLimiter::new(live, store, SystemClock, options.bounds));
+    let limiter = Arc::new(RateLimiter::new(
+        live.clone(),
+        store,
+        SystemClock,
+        options.bounds,
+    ));
 
     let grpc_listener = bind(options.grpc_addr, "gRPC", "--grpc-addr").await?;
     let admin_listener = bind(options.admin_addr, "admin", "--admin-addr").await?;
@@ -95,7 +108,12 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
 
     let health = Arc::new(Health::default());
     health.set_serving(true);
-    let admin_app = admin::router(health.clone());
+    let admin_app = admin::router(AdminState {
+        health: health.clone(),
+        config: live,
+        metrics,
+    });
+    let watcher = tokio::spawn(reloader.watch(options.watch_interval, shutdown_signal()));
 
     let grpc = tonic::transport::Server::builder()
         .add_service(rate_limit)
@@ -108,6 +126,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     let admin = axum::serve(admin_listener, admin_app).with_graceful_shutdown(shutdown_signal());
     let (grpc, admin) = tokio::join!(grpc, admin);
     health.set_serving(false);
+    watcher.abort();
     grpc.map_err(|error| ServeError::Serve {
         what: "gRPC",
         message: error.to_string(),

@@ -1,0 +1,73 @@
+//! The ceiling for bench/load.sh: a bare tonic `RateLimitService` that answers OK to every
+//! descriptor without matching or counting anything.
+//!
+//!     cargo run --release --example ok_server -- --grpc-addr 127.0.0.1:18091
+//!
+//! It is served the way `meshlimit serve` serves its gRPC port (same tonic server, tokio
+//! multi-thread runtime, TCP_NODELAY), so the gap between the two in the load test is the
+//! cost of meshlimit's own work: matching, counting and the fuller answer.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use meshlimit::proto::rate_limit_response::{Code, DescriptorStatus};
+use meshlimit::proto::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
+use meshlimit::proto::{RateLimitRequest, RateLimitResponse};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+#[derive(Parser)]
+#[command(about = "A RateLimitService that answers OK to everything: the load test's ceiling")]
+struct Args {
+    /// Where the gRPC service listens.
+    #[arg(long, default_value = "127.0.0.1:18091")]
+    grpc_addr: SocketAddr,
+}
+
+struct AlwaysOk;
+
+#[tonic::async_trait]
+impl RateLimitService for AlwaysOk {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        // Envoy expects one status per descriptor, in order; answering fewer would make
+        // this ceiling cheaper than any correct server could be.
+        let status = DescriptorStatus {
+            code: Code::Ok as i32,
+            ..Default::default()
+        };
+        Ok(Response::new(RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            statuses: vec![status; request.get_ref().descriptors.len()],
+            ..Default::default()
+        }))
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let listener = match TcpListener::bind(args.grpc_addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("ok_server: cannot listen on {}: {error}", args.grpc_addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("ok_server: listening on {}", args.grpc_addr);
+    let served = tonic::transport::Server::builder()
+        .add_service(RateLimitServiceServer::new(AlwaysOk))
+        .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+        .await;
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ok_server: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Human-readable views of a loaded config: `meshlimit explain` (why a descriptor gets the
+//! limit it gets) and the admin port's `/rlconfig` (every effective rule).
+
+use std::fmt::Write;
+
+use crate::key::append_counter_key;
+use crate::matcher::{DomainTree, RateLimitConfig};
+use crate::proto::rate_limit_descriptor::Entry;
+use crate::rule::{Rule, RuleLimit};
+
+/// Parses `key=value,key=value` into descriptor entries.
+pub fn parse_descriptor(text: &str) -> Result<Vec<Entry>, String> {
+    text.split(',')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok(Entry {
+                key: key.to_owned(),
+                value: value.to_owned(),
+            }),
+            _ => Err(format!(
+                "`{pair}` in `{text}` is not key=value; write descriptors like `user=alice,path=/login`"
+            )),
+        })
+        .collect()
+}
+
+/// Explains, for each descriptor, the walk through the tree, the effective rule with where
+/// each field came from, and the counter keys.
+pub fn explain(config: &RateLimitConfig, domain: &str, descriptors: &[Vec<Entry>]) -> String {
+    let mut out = String::new();
+    let Some(tree) = config.domain(domain) else {
+        let known: Vec<String> = config
+            .domains()
+            .iter()
+            .map(|d| d.name.to_string())
+            .collect();
+        let _ = writeln!(
+            out,
+            "domain `{domain}` is not configured: every descriptor is OK with no limit (configured domains: {})",
+            known.join(", ")
+        );
+        return out;
+    };
+    let _ = writeln!(out, "domain {} ({})", tree.name, tree.file);
+    let rules: Vec<Option<&Rule>> = descriptors.iter().map(|d| tree.lookup(d)).collect();
+    let replaced: Vec<&str> = rules
+        .iter()
+        .flatten()
+        .flat_map(|rule| rule.replaces.iter().map(|name| &**name))
+        .collect();
+    for (i, entries) in descriptors.iter().enumerate() {
+        let shown: Vec<String> = entries
+            .iter()
+            .map(|e| format!("{}={}", e.key, e.value))
+            .collect();
+        let _ = writeln!(out, "\ndescriptor {}: {}", i + 1, shown.join(","));
+        explain_one(&mut out, tree, entries, &replaced);
+    }
+    out
+}
+
+fn explain_one(out: &mut String, tree: &DomainTree, entries: &[Entry], replaced: &[&str]) {
+    let (node, steps) = tree.lookup_traced(entries);
+    for step in steps {
+        let _ = writeln!(out, "  {step}");
+    }
+    let Some(node) = node else {
+        let _ = writeln!(out, "  result: no limit");
+        return;
+    };
+    let at = node
+        .source
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let _ = writeln!(out, "  matched node: {} at {at}", node.label);
+    let Some(rule) = node.rule.as_deref() else {
+        let _ = writeln!(out, "  {}", node.note.as_deref().unwrap_or("no limit"));
+        return;
+    };
+    if let Some(name) = &rule.name
+        && replaced.contains(&&**name)
+    {
+        let _ = writeln!(
+            out,
+            "  result: no limit — rule `{name}` is replaced by another descriptor of this request"
+        );
+        return;
+    }
+    describe_rule(out, rule, "  ");
+    if let RuleLimit::Limited(limits) = &rule.limit {
+        let _ = writeln!(out, "  counter keys:");
+        for limit in limits.iter() {
+            let mut key = String::new();
+            append_counter_key(&mut key, &tree.name, entries, limit);
+            let _ = writeln!(out, "    {key}");
+        }
+    }
+}
+
+fn describe_rule(out: &mut String, rule: &Rule, indent: &str) {
+    for line in rule.provenance.iter() {
+        let _ = writeln!(out, "{indent}{line}");
+    }
+    if rule.shadow_mode {
+        let _ = writeln!(
+            out,
+            "{indent}shadow mode: counted and reported, never rejects"
+        );
+    }
+    if !rule.replaces.is_empty() {
+        let names: Vec<&str> = rule.replaces.iter().map(|n| &**n).collect();
+        let _ = writeln!(out, "{indent}replaces: {}", names.join(", "));
+    }
+}
+
+/// Every effective rule of every domain, for `/rlconfig`.
+pub fn render_config(config: &RateLimitConfig) -> String {
+    let mut out = String::new();
+    for domain in config.domains() {
+        let _ = writeln!(out, "domain {} ({})", domain.name, domain.file);
+        for rule in domain.rules() {
+            let limit = match &rule.limit {
+                RuleLimit::Unlimited => "unlimited".to_owned(),
+                RuleLimit::Limited(limits) => limits
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+            };
+            let _ = writeln!(out, "  {}: {limit} ({})", rule.path, rule.source);
+            describe_rule(&mut out, rule, "    ");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LoadOptions, compile_str};
+    use crate::limit::Algorithm;
+
+    const CONFIG: &str = "\
+domain: shop
+policies:
+  base:
+    limits: [{requests_per_unit: 10, unit: minute}]
+descriptors:
+  - key: tenant
+    policy: base
+    descriptors:
+      - key: path
+      - key: path
+        value: /admin*
+        limits: [{requests_per_unit: 1, unit: minute}]
+  - key: vip
+    rate_limit: {unit: minute, requests_per_unit: 100, replaces: [{name: base}]}
+";
+
+    fn config() -> RateLimitConfig {
+        let tree = compile_str("shop.yaml", CONFIG, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        RateLimitConfig::new([tree], Algorithm::SlidingWindow)
+    }
+
+    #[test]
+    fn explains_the_walk_the_inherited_policy_and_the_keys() {
+        let descriptor = parse_descriptor("tenant=acme,path=/orders").unwrap();
+        let text = explain(&config(), "shop", &[descriptor]);
+        let expected = "\
+domain shop (shop.yaml)
+
+descriptor 1: tenant=acme,path=/orders
+  `tenant: acme`: no exact `tenant: acme`
+  `tenant: acme`: matched `tenant` (any value)
+  `path: /orders`: no exact `path: /orders`
+  `path: /orders`: wildcard `/admin*` does not match
+  `path: /orders`: matched `path` (any value)
+  matched node: `path` (any value) at shop.yaml:9:14
+  policy — inherited: descriptor `tenant` (any value) (shop.yaml:6:10)
+  limits: 10/minute — from policy `base` (shop.yaml:4:13)
+  algorithm: sliding_window — the service default
+  name: base — from policy `base` (shop.yaml:4:5)
+  counter keys:
+    shop|tenant=acme|path=/orders|1m/sliding_window
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn explains_an_inline_override_on_a_wildcard() {
+        let admin = parse_descriptor("tenant=acme,path=/admin/users").unwrap();
+        let text = explain(&config(), "shop", &[admin]);
+        assert!(text.contains("matched wildcard `/admin*`"), "{text}");
+        assert!(
+            text.contains("limits: 1/minute — from descriptor `path: /admin*` (shop.yaml:12:17)"),
+            "{text}"
+        );
+        assert!(text.contains("name: base — from policy `base`"), "{text}");
+    }
+
+    #[test]
+    fn explains_a_replaced_rule_and_a_miss() {
+        let tenant = parse_descriptor("tenant=acme,path=/orders").unwrap();
+        let vip = parse_descriptor("vip=yes").unwrap();
+        let miss = parse_descriptor("nobody=x").unwrap();
+        let text = explain(&config(), "shop", &[tenant, vip, miss]);
+        assert!(
+            text.contains(
+                "result: no limit — rule `base` is replaced by another descriptor of this request"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("rate_limit 100/minute sliding_window — its own `rate_limit` (shop.yaml:14:17); applies to this node only"), "{text}");
+        assert!(
+            text.contains("no descriptor with key `nobody` here (keys at this level: tenant, vip)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_domain_is_explained_too() {
+        let text = explain(&config(), "other", &[]);
+        assert!(
+            text.starts_with("domain `other` is not configured"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn descriptors_must_be_key_value_pairs() {
+        assert!(
+            parse_descriptor("user")
+                .unwrap_err()
+                .contains("is not key=value")
+        );
+        assert_eq!(parse_descriptor("a=1,b=").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn rlconfig_lists_every_effective_rule() {
+        let text = render_config(&config());
+        assert!(
+            text.contains("shop.tenant.path_/admin*: 1/minute sliding_window"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shop.vip: 100/minute sliding_window"),
+            "{text}"
+        );
+    }
+}

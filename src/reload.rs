@@ -1,0 +1,213 @@
+//! Hot reload: the config directory is checked every interval and on SIGHUP; a changed and
+//! valid set of files replaces the live config in one atomic swap.
+//!
+//! The whole directory is validated before anything is swapped, so a request sees either
+//! the old config or the new one, never a mix; an invalid set leaves the old one serving.
+//! Counters live in the store, keyed by descriptor and window, so counts of unchanged
+//! rules carry over a reload untouched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
+
+use crate::config::{self, ConfigErrors, LoadOptions};
+use crate::limiter::LiveConfig;
+use crate::metrics::Metrics;
+
+type Snapshot = Vec<(PathBuf, Vec<u8>)>;
+
+pub struct Reloader {
+    dir: PathBuf,
+    options: LoadOptions,
+    live: LiveConfig,
+    metrics: Arc<Metrics>,
+    /// The files as last loaded (or last rejected), to notice changes.
+    last: Mutex<Snapshot>,
+}
+
+impl Reloader {
+    /// Loads `dir` for the first time; an invalid config is an error the caller reports.
+    pub fn start(
+        dir: &Path,
+        options: LoadOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ConfigErrors> {
+        let snapshot = config::snapshot(dir);
+        let loaded = config::load_dir(dir, &options).inspect_err(|_| {
+            metrics.config_load_error.fetch_add(1, Ordering::Relaxed);
+        })?;
+        metrics.config_load_success.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .config_hash
+            .store(hash(&snapshot), Ordering::Relaxed);
+        Ok(Self {
+            dir: dir.to_owned(),
+            options,
+            live: Arc::new(ArcSwapOption::from_pointee(loaded)),
+            metrics,
+            last: Mutex::new(snapshot),
+        })
+    }
+
+    pub fn live(&self) -> &LiveConfig {
+        &self.live
+    }
+
+    /// Reloads now, whether or not the files changed (SIGHUP). True when the new config
+    /// is serving.
+    pub fn reload(&self) -> bool {
+        let snapshot = config::snapshot(&self.dir);
+        self.load(snapshot)
+    }
+
+    /// Reloads if any file was added, removed or changed since the last attempt.
+    pub fn reload_if_changed(&self) -> bool {
+        let snapshot = config::snapshot(&self.dir);
+        if *self.last.lock() == snapshot {
+            return false;
+        }
+        self.load(snapshot)
+    }
+
+    fn load(&self, snapshot: Snapshot) -> bool {
+        let hash = hash(&snapshot);
+        *self.last.lock() = snapshot;
+        match config::load_dir(&self.dir, &self.options) {
+            Ok(loaded) => {
+                let domains: Vec<String> = loaded
+                    .domains()
+                    .iter()
+                    .map(|d| d.name.to_string())
+                    .collect();
+                self.live.store(Some(Arc::new(loaded)));
+                self.metrics
+                    .config_load_success
+                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.config_hash.store(hash, Ordering::Relaxed);
+                tracing::info!(dir = %self.dir.display(), domains = %domains.join(","), config_hash = hash, "config reloaded");
+                true
+            }
+            Err(errors) => {
+                self.metrics
+                    .config_load_error
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(dir = %self.dir.display(), "config reload failed, the previous config keeps serving:\n{errors}");
+                false
+            }
+        }
+    }
+
+    /// Checks for changes every `interval` (0 = only on SIGHUP) until `shutdown` resolves.
+    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
+        let mut hangup = hangup_signal();
+        let mut ticker = tokio::time::interval(if interval.is_zero() {
+            Duration::from_secs(3_600)
+        } else {
+            interval
+        });
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = ticker.tick(), if !interval.is_zero() => {
+                    let reloader = self.clone();
+                    // File reads are blocking; keep them off the request threads.
+                    let _ = tokio::task::spawn_blocking(move || reloader.reload_if_changed()).await;
+                }
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let reloader = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                }
+            }
+        }
+    }
+}
+
+fn hash(snapshot: &Snapshot) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for (path, bytes) in snapshot {
+        hasher.update(path.as_os_str().as_encoded_bytes());
+        hasher.update(bytes);
+    }
+    hasher.digest()
+}
+
+/// A stream of SIGHUPs; on platforms without them, one that never fires.
+fn hangup_signal() -> tokio::sync::mpsc::Receiver<()> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    if sender.send(()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    drop(sender);
+    receiver
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    const V1: &str = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 1}\n";
+    const V2: &str = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 2}\n";
+
+    fn limit_of(reloader: &Reloader) -> Option<u32> {
+        let config = reloader.live().load_full()?;
+        let entries = [crate::proto::rate_limit_descriptor::Entry {
+            key: "k".into(),
+            value: "v".into(),
+        }];
+        match &config.domain("d")?.lookup(&entries)?.limit {
+            crate::rule::RuleLimit::Limited(limits) => limits.first().map(|l| l.requests_per_unit),
+            crate::rule::RuleLimit::Unlimited => None,
+        }
+    }
+
+    #[test]
+    fn a_valid_change_is_swapped_in_and_a_broken_one_keeps_the_old_config() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("d.yaml"), V1).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let reloader =
+            Reloader::start(dir.path(), LoadOptions::default(), metrics.clone()).unwrap();
+        assert_eq!(limit_of(&reloader), Some(1));
+        assert!(!reloader.reload_if_changed(), "nothing changed");
+
+        fs::write(dir.path().join("d.yaml"), V2).unwrap();
+        assert!(reloader.reload_if_changed());
+        assert_eq!(limit_of(&reloader), Some(2));
+
+        fs::write(
+            dir.path().join("d.yaml"),
+            "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute}\n",
+        )
+        .unwrap();
+        assert!(!reloader.reload_if_changed());
+        assert_eq!(
+            limit_of(&reloader),
+            Some(2),
+            "the last good config keeps serving"
+        );
+        assert_eq!(metrics.config_load_error.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.config_load_success.load(Ordering::Relaxed), 2);
+        // The same broken files are not retried every tick.
+        assert!(!reloader.reload_if_changed());
+        assert_eq!(metrics.config_load_error.load(Ordering::Relaxed), 1);
+    }
+}
