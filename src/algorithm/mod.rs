@@ -9,6 +9,9 @@ pub mod fixed_window;
 pub mod sliding_window;
 pub mod token_bucket;
 
+#[cfg(test)]
+mod properties;
+
 use crate::limit::{Algorithm, Limit};
 
 /// What one check decided.
