@@ -159,6 +159,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 hits: c.hits,
                 group: c.descriptor as u32,
                 count_rejected: c.count_rejected,
+                penalty: None,
             })
             .collect();
         let mut verdicts = Vec::with_capacity(checks.len());

@@ -191,7 +191,6 @@ fn serve(args: ServeArgs) -> ExitCode {
     match runtime.block_on(server::serve(options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error}");
             eprintln!("meshlimit: {error}");
             ExitCode::FAILURE
         }

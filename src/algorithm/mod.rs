@@ -6,6 +6,7 @@
 //! by one of a descriptor's limits consumes from none of them).
 
 pub mod fixed_window;
+pub mod penalty;
 pub mod sliding_window;
 pub mod token_bucket;
 
@@ -62,6 +63,8 @@ pub enum CounterState {
     Bucket {
         tat_micros: u64,
     },
+    /// A descriptor's penalty box (see `penalty`).
+    Penalty(penalty::PenaltyState),
 }
 
 /// Applies `hits` to `state` under `limit` at time `now_millis`. A state left by another

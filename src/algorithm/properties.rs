@@ -80,6 +80,7 @@ proptest! {
             hits,
             group: 0,
             count_rejected: false,
+            penalty: None,
         };
         let mut admitted = 0u64;
         let mut out = Vec::new();

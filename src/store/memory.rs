@@ -13,6 +13,7 @@ use moka::sync::Cache;
 use parking_lot::{Mutex, MutexGuard};
 
 use super::{Check, CounterStore, StoreError, groups};
+use crate::algorithm::penalty::{Penalty, PenaltyState};
 use crate::algorithm::{self, CounterState, Verdict};
 
 /// One key's state. Its lifetime rides along so expiry needs no lookup.
@@ -76,13 +77,25 @@ impl MemoryStore {
 
     fn counter(&self, check: &Check<'_>) -> (u128, Arc<Counter>) {
         let hash = xxhash_rust::xxh3::xxh3_128(check.key.as_bytes());
-        let counter = self.counters.get_with(hash, || {
+        let lifetime = algorithm::state_lifetime_millis(&check.limit);
+        (hash, self.counter_at(hash, lifetime))
+    }
+
+    fn counter_at(&self, hash: u128, lifetime_millis: u64) -> Arc<Counter> {
+        self.counters.get_with(hash, || {
             Arc::new(Counter {
-                lifetime: Duration::from_millis(algorithm::state_lifetime_millis(&check.limit)),
+                lifetime: Duration::from_millis(lifetime_millis),
                 state: Mutex::new(CounterState::Empty),
             })
-        });
-        (hash, counter)
+        })
+    }
+
+    /// The penalty box state of a group, under its first key with `|penalty` appended.
+    fn penalty_counter(&self, key: &str, penalty: &Penalty) -> Arc<Counter> {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(key.as_bytes());
+        hasher.update(b"|penalty");
+        self.counter_at(hasher.digest128(), PenaltyState::lifetime_millis(penalty))
     }
 
     /// Applies one check synchronously; the in-memory store never waits.
@@ -100,6 +113,40 @@ impl MemoryStore {
     /// Applies one descriptor's checks all or nothing, appending their verdicts to `out`.
     /// (`count_rejected` only matters alone: envoyproxy-style rules carry a single limit.)
     pub fn apply_group(&self, group: &[Check<'_>], now_millis: u64, out: &mut Vec<Verdict>) {
+        let Some((first, penalty)) = group.first().and_then(|c| Some((c, c.penalty?))) else {
+            self.apply_limits(group, now_millis, out);
+            return;
+        };
+        // The penalty lock is taken before any limit's: every request for this descriptor
+        // takes them in the same order.
+        let counter = self.penalty_counter(first.key, &penalty);
+        let mut guard = counter.state.lock();
+        let mut state = match *guard {
+            CounterState::Penalty(state) => state,
+            _ => PenaltyState::default(),
+        };
+        if let Some(left) = state.blocked_for(now_millis) {
+            out.extend(group.iter().map(|_| Verdict {
+                over_limit: true,
+                remaining: 0,
+                reset_after_millis: left,
+            }));
+            return;
+        }
+        let start = out.len();
+        self.apply_limits(group, now_millis, out);
+        let verdicts = out.get_mut(start..).unwrap_or_default();
+        if verdicts.iter().any(|v| v.over_limit) {
+            if let Some(block) = state.record_rejection(&penalty, now_millis) {
+                for verdict in verdicts.iter_mut().filter(|v| v.over_limit) {
+                    verdict.reset_after_millis = block;
+                }
+            }
+            *guard = CounterState::Penalty(state);
+        }
+    }
+
+    fn apply_limits(&self, group: &[Check<'_>], now_millis: u64, out: &mut Vec<Verdict>) {
         if let [check] = group {
             out.push(self.apply_one(check, now_millis));
             return;
@@ -168,6 +215,7 @@ mod tests {
             hits: 1,
             group: 0,
             count_rejected: true,
+            penalty: None,
         }
     }
 
@@ -217,6 +265,7 @@ mod tests {
                 hits: 1,
                 group: 7,
                 count_rejected: false,
+                penalty: None,
             },
             Check {
                 key: "k|1m",
@@ -224,6 +273,7 @@ mod tests {
                 hits: 1,
                 group: 7,
                 count_rejected: false,
+                penalty: None,
             },
         ]
     }
@@ -266,5 +316,55 @@ mod tests {
         let mut out = Vec::new();
         store.apply_group(&checks, 0, &mut out);
         assert_eq!(u64::from(u32::MAX) - out[1].remaining, 8_001);
+    }
+}
+
+#[cfg(test)]
+mod penalty_tests {
+    use super::*;
+    use crate::limit::{Algorithm, Limit, Unit};
+
+    const LOGIN: Penalty = Penalty {
+        after_rejections: 2,
+        within_millis: 60_000,
+        block_millis: 600_000,
+    };
+
+    fn login(key: &str) -> Check<'_> {
+        Check {
+            key,
+            limit: Limit::per_unit(1, Unit::Second, Algorithm::SlidingWindow),
+            hits: 1,
+            group: 0,
+            count_rejected: false,
+            penalty: Some(LOGIN),
+        }
+    }
+
+    fn decide(store: &MemoryStore, key: &str, now: u64) -> Verdict {
+        let mut out = Vec::new();
+        store.apply_group(&[login(key)], now, &mut out);
+        out[0]
+    }
+
+    #[test]
+    fn repeated_rejections_block_the_key_until_the_block_ends() {
+        let store = MemoryStore::new(100);
+        let t = 1_000_000;
+        assert!(!decide(&store, "ip=1", t).over_limit);
+        assert!(decide(&store, "ip=1", t).over_limit, "first rejection");
+        let second = decide(&store, "ip=1", t + 10);
+        assert!(second.over_limit);
+        assert_eq!(
+            second.reset_after_millis, 600_000,
+            "the second rejection starts the block"
+        );
+        // Long after the per-second limit would allow it, the key is still blocked.
+        let blocked = decide(&store, "ip=1", t + 5_000);
+        assert!(blocked.over_limit);
+        assert_eq!(blocked.reset_after_millis, 600_000 - 4_990);
+        // Other keys are not affected; the block ends by itself.
+        assert!(!decide(&store, "ip=2", t + 5_000).over_limit);
+        assert!(!decide(&store, "ip=1", t + 10 + 600_000).over_limit);
     }
 }

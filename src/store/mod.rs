@@ -8,6 +8,7 @@ pub mod memory;
 use std::future::Future;
 
 use crate::algorithm::Verdict;
+use crate::algorithm::penalty::Penalty;
 use crate::limit::Limit;
 
 pub use memory::MemoryStore;
@@ -26,6 +27,9 @@ pub struct Check<'a> {
     /// Keep the hit even when rejected: envoyproxy/ratelimit's fixed window counts every hit,
     /// and a migrated `rate_limit` rule must reject exactly what it rejected before.
     pub count_rejected: bool,
+    /// The descriptor's penalty box, the same on every check of the group. Its state lives
+    /// under the group's first key with `|penalty` appended.
+    pub penalty: Option<Penalty>,
 }
 
 /// Splits checks into runs of the same group.
