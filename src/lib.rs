@@ -36,6 +36,7 @@ pub mod matcher;
 pub mod metrics;
 pub mod proto;
 pub mod reload;
+pub mod response;
 pub mod rule;
 pub mod server;
 pub mod service;

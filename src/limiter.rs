@@ -9,13 +9,15 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 
 use crate::algorithm::Verdict;
+use crate::algorithm::penalty::Penalty;
 use crate::clock::Clock;
 use crate::key::append_counter_key;
 use crate::limit::{Limit, Unit};
-use crate::matcher::RateLimitConfig;
+use crate::matcher::{Capacity, RateLimitConfig};
 use crate::proto::rate_limit_response::rate_limit::Unit as ProtoUnit;
 use crate::proto::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use crate::proto::{RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+use crate::response::{self, Decided, ResponseSettings};
 use crate::rule::{Rule, RuleLimit};
 use crate::store::{Check, CounterStore, StoreError};
 
@@ -62,6 +64,7 @@ pub struct RateLimiter<S, C> {
     store: S,
     clock: C,
     bounds: RequestBounds,
+    presentation: ResponseSettings,
 }
 
 /// What one request descriptor resolved to.
@@ -72,6 +75,15 @@ enum Resolved<'a> {
     Override(Limit),
 }
 
+impl<'a> Resolved<'a> {
+    fn rule(&self) -> Option<&'a Rule> {
+        match self {
+            Resolved::Rule(rule) => Some(rule),
+            _ => None,
+        }
+    }
+}
+
 impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
     pub fn new(config: LiveConfig, store: S, clock: C, bounds: RequestBounds) -> Self {
         Self {
@@ -79,7 +91,14 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             store,
             clock,
             bounds,
+            presentation: ResponseSettings::default(),
         }
+    }
+
+    /// Sets what responses carry besides status codes (headers, 429 body, metadata).
+    pub fn with_presentation(mut self, presentation: ResponseSettings) -> Self {
+        self.presentation = presentation;
+        self
     }
 
     pub fn config(&self) -> &LiveConfig {
@@ -100,7 +119,6 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             // envoyproxy/ratelimit answers OK with no limit for a domain it does not know.
             return Ok(no_limits(request.descriptors.len()));
         };
-        let default_algorithm = config.default_algorithm;
         let mut resolved: Vec<Resolved<'_>> = Vec::with_capacity(request.descriptors.len());
         for (i, descriptor) in request.descriptors.iter().enumerate() {
             resolved.push(match &descriptor.limit {
@@ -114,7 +132,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                     Resolved::Override(Limit::per_unit(
                         limit.requests_per_unit,
                         unit,
-                        default_algorithm,
+                        config.default_algorithm,
                     ))
                 }
                 None => match domain.lookup(&descriptor.entries) {
@@ -124,18 +142,26 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             });
         }
         apply_replaces(&mut resolved);
+        let now = self.clock.now_millis();
+
+        if let Some(capacity) = &domain.capacity
+            && let Some(shed) = self.shed(request, capacity, &resolved, now).await?
+        {
+            return Ok(shed);
+        }
 
         // Every key of the request goes into one buffer: one allocation, not one per key.
         let mut key_text = String::with_capacity(64 * request.descriptors.len());
         let mut counted: Vec<Counted> = Vec::with_capacity(request.descriptors.len());
         for (i, (descriptor, resolved)) in request.descriptors.iter().zip(&resolved).enumerate() {
-            let (limits, count_rejected) = match resolved {
+            let (limits, count_rejected, penalty) = match resolved {
                 Resolved::Rule(Rule {
                     limit: RuleLimit::Limited(limits),
                     count_rejected,
+                    treatment,
                     ..
-                }) => (&limits[..], *count_rejected),
-                Resolved::Override(limit) => (std::slice::from_ref(limit), false),
+                }) => (&limits[..], *count_rejected, treatment.penalty),
+                Resolved::Override(limit) => (std::slice::from_ref(limit), false, None),
                 _ => continue,
             };
             let hits = hits_of(request, descriptor);
@@ -147,6 +173,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                     limit: *limit,
                     hits,
                     count_rejected,
+                    penalty,
                     key: start..key_text.len(),
                 });
             }
@@ -159,22 +186,18 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 hits: c.hits,
                 group: c.descriptor as u32,
                 count_rejected: c.count_rejected,
-                penalty: None,
+                penalty: c.penalty,
             })
             .collect();
         let mut verdicts = Vec::with_capacity(checks.len());
         if !checks.is_empty() {
-            self.store
-                .apply(&checks, self.clock.now_millis(), &mut verdicts)
-                .await?;
+            self.store.apply(&checks, now, &mut verdicts).await?;
         }
 
-        let mut statuses: Vec<DescriptorStatus> =
-            resolved.iter().map(status_without_counting).collect();
-        let mut overall = Code::Ok;
+        // One outcome per counted descriptor: of its limits, the one that decided.
+        let mut decided: Vec<Decided<'_>> = Vec::with_capacity(request.descriptors.len());
         let mut results = counted.iter().zip(&verdicts).peekable();
         while let Some((first, verdict)) = results.next() {
-            // The limits of one descriptor are adjacent; report the one that decided.
             let mut deciding = (first.limit, *verdict);
             while let Some((next, verdict)) =
                 results.next_if(|(c, _)| c.descriptor == first.descriptor)
@@ -183,28 +206,96 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                     deciding = (next.limit, *verdict);
                 }
             }
-            let (Some(resolved), Some(slot)) = (
-                resolved.get(first.descriptor),
-                statuses.get_mut(first.descriptor),
-            ) else {
-                continue;
-            };
-            let (name, shadow) = match resolved {
-                Resolved::Rule(rule) => {
-                    (rule.name.as_deref().unwrap_or_default(), rule.shadow_mode)
-                }
-                _ => ("", false),
-            };
-            *slot = counted_status(&deciding.0, name, &deciding.1, shadow);
-            if slot.code == Code::OverLimit as i32 {
-                overall = Code::OverLimit;
+            let rule = resolved.get(first.descriptor).and_then(Resolved::rule);
+            let forgiven = rule.is_some_and(|r| r.shadow_mode || r.treatment.warn_only);
+            decided.push(Decided {
+                descriptor: first.descriptor,
+                rule,
+                name: rule.and_then(|r| r.name.as_deref()).unwrap_or_default(),
+                limit: deciding.0,
+                verdict: deciding.1,
+                rejects: deciding.1.over_limit && !forgiven,
+            });
+        }
+
+        let mut statuses: Vec<DescriptorStatus> =
+            resolved.iter().map(status_without_counting).collect();
+        for d in &decided {
+            if let Some(slot) = statuses.get_mut(d.descriptor) {
+                *slot = counted_status(&d.limit, d.name, &d.verdict, d.rejects);
             }
         }
-        Ok(RateLimitResponse {
+        let overall = if decided.iter().any(|d| d.rejects) {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        };
+        let mut response = RateLimitResponse {
             overall_code: overall as i32,
             statuses,
             ..Default::default()
-        })
+        };
+        response::present(&mut response, request, &decided, &self.presentation);
+        Ok(response)
+    }
+
+    /// Checks the domain's shared capacity at the priority of the request's most important
+    /// matched rule. A shed request is answered at once and touches no descriptor's own
+    /// counters, so overload does not eat into a client's quota.
+    async fn shed(
+        &self,
+        request: &RateLimitRequest,
+        capacity: &Capacity,
+        resolved: &[Resolved<'_>],
+        now: u64,
+    ) -> Result<Option<RateLimitResponse>, DecisionError> {
+        let priority = resolved
+            .iter()
+            .filter_map(Resolved::rule)
+            .map(|rule| rule.treatment.priority)
+            .max()
+            .unwrap_or(0);
+        let threshold = capacity.threshold(priority);
+        let limit = Limit {
+            requests_per_unit: u32::try_from(threshold).unwrap_or(u32::MAX),
+            ..capacity.limit
+        };
+        let mut key = String::new();
+        append_counter_key(&mut key, &request.domain, &[], &capacity.limit);
+        key.push_str("|capacity");
+        let check = Check {
+            key: &key,
+            limit,
+            hits: u64::from(request.hits_addend.max(1)),
+            group: u32::MAX,
+            count_rejected: false,
+            penalty: None,
+        };
+        let mut verdicts = Vec::with_capacity(1);
+        self.store.apply(&[check], now, &mut verdicts).await?;
+        let Some(verdict) = verdicts.first().filter(|v| v.over_limit) else {
+            return Ok(None);
+        };
+        let decided: Vec<Decided<'_>> = (0..request.descriptors.len())
+            .map(|descriptor| Decided {
+                descriptor,
+                rule: None,
+                name: "capacity",
+                limit: capacity.limit,
+                verdict: *verdict,
+                rejects: true,
+            })
+            .collect();
+        let mut response = RateLimitResponse {
+            overall_code: Code::OverLimit as i32,
+            statuses: decided
+                .iter()
+                .map(|d| counted_status(&d.limit, d.name, &d.verdict, true))
+                .collect(),
+            ..Default::default()
+        };
+        response::present(&mut response, request, &decided, &self.presentation);
+        Ok(Some(response))
     }
 
     fn validate(&self, request: &RateLimitRequest) -> Result<(), DecisionError> {
@@ -256,6 +347,7 @@ struct Counted {
     limit: Limit,
     hits: u64,
     count_rejected: bool,
+    penalty: Option<Penalty>,
     key: std::ops::Range<usize>,
 }
 
@@ -321,12 +413,8 @@ fn status_without_counting(resolved: &Resolved<'_>) -> DescriptorStatus {
     }
 }
 
-fn counted_status(limit: &Limit, name: &str, verdict: &Verdict, shadow: bool) -> DescriptorStatus {
-    let code = if verdict.over_limit && !shadow {
-        Code::OverLimit
-    } else {
-        Code::Ok
-    };
+fn counted_status(limit: &Limit, name: &str, verdict: &Verdict, rejects: bool) -> DescriptorStatus {
+    let code = if rejects { Code::OverLimit } else { Code::Ok };
     DescriptorStatus {
         code: code as i32,
         current_limit: Some(RateLimit {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 
-use crate::limit::Algorithm;
+use crate::limit::{Algorithm, Limit};
 use crate::proto::rate_limit_descriptor::Entry;
 use crate::rule::Rule;
 
@@ -61,6 +61,34 @@ pub struct DomainTree {
     pub name: Box<str>,
     pub file: Arc<str>,
     pub(crate) root: Level,
+    /// Shared capacity, divided by priority, checked before any descriptor's own limits.
+    pub capacity: Option<Capacity>,
+}
+
+/// A domain's shared capacity. Requests of priority `p` are admitted while the domain's use
+/// stays within the capacity minus what higher priorities reserve, so a flood of low
+/// priority traffic can never take a higher priority's reserved share, and the highest
+/// priority may use everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capacity {
+    /// The whole domain's limit (sliding window).
+    pub limit: Limit,
+    /// `(priority, reserved requests)`, highest priority first.
+    pub reservations: Vec<(i64, u64)>,
+    pub source: crate::rule::SourceLocation,
+}
+
+impl Capacity {
+    /// The most of the capacity requests of `priority` may fill.
+    pub fn threshold(&self, priority: i64) -> u64 {
+        let reserved_above: u64 = self
+            .reservations
+            .iter()
+            .filter(|(p, _)| *p > priority)
+            .map(|(_, reserved)| reserved)
+            .sum();
+        u64::from(self.limit.requests_per_unit).saturating_sub(reserved_above)
+    }
 }
 
 impl DomainTree {

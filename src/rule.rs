@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::algorithm::penalty::Penalty;
 use crate::limit::Limit;
 
 /// Where something was written: a config file, line and column (1-based).
@@ -48,4 +49,76 @@ pub struct Rule {
     /// How the rule was put together, one line per field with where it came from; shown by
     /// `meshlimit explain` and `/rlconfig`.
     pub provenance: Box<[String]>,
+    /// How clients and upstreams see this rule's decisions (policies only).
+    pub treatment: Treatment,
+}
+
+/// What a policy says beyond its limits: how decisions are presented and enforced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Treatment {
+    /// `mode: warn`: over the limit, admit and mark the request for the upstream.
+    pub warn_only: bool,
+    /// Parts per million of the limit past which the upstream is told (soft limit).
+    pub soft_limit: Option<u32>,
+    pub penalty: Option<Penalty>,
+    /// Overrides the service-wide header sets.
+    pub headers: Option<HeaderSet>,
+    /// Overrides the service-wide 429 body.
+    pub body: Option<Body>,
+    /// Under a domain capacity: higher is served first.
+    pub priority: i64,
+    /// Parts per million of the domain capacity lower priorities may not use.
+    pub reserved: u32,
+}
+
+/// Which rate limit headers a response carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct HeaderSet {
+    /// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft).
+    pub ietf: bool,
+    /// `X-RateLimit-Limit`, `-Remaining`, `-Reset` (names configurable).
+    pub legacy: bool,
+    /// `Retry-After` (seconds) on 429.
+    pub retry_after: bool,
+}
+
+impl HeaderSet {
+    pub const NAMES: &'static str = "ietf, legacy, retry-after, none";
+
+    /// Turns on the set called `name`; false for an unknown name.
+    pub fn enable(&mut self, name: &str) -> bool {
+        match name {
+            "ietf" => self.ietf = true,
+            "legacy" => self.legacy = true,
+            "retry-after" => self.retry_after = true,
+            "none" => {}
+            _ => return false,
+        }
+        true
+    }
+}
+
+impl fmt::Display for HeaderSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = [
+            (self.ietf, "ietf"),
+            (self.legacy, "legacy"),
+            (self.retry_after, "retry-after"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if names.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&names.join(","))
+        }
+    }
+}
+
+/// A 429 body template and its content type.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Body {
+    pub template: String,
+    pub content_type: String,
 }

@@ -16,7 +16,7 @@ use super::file::{DescriptorEntry, PolicyFields, RateLimitBlock};
 use super::policy::{self, Overrides, PolicyTable, Problems, ResolvedPolicy, Scope, location};
 use crate::limit::{Algorithm, Limit, Unit};
 use crate::matcher::{Level, Node, ValuePattern};
-use crate::rule::{Rule, RuleLimit, SourceLocation};
+use crate::rule::{Rule, RuleLimit, SourceLocation, Treatment};
 
 /// What a node passes down to its descendants.
 #[derive(Debug, Clone)]
@@ -68,6 +68,7 @@ impl Compiler<'_, '_> {
             burst: fields.burst.as_ref(),
             shadow_mode: None,
             name: None,
+            policy_only: None,
         };
         self.own_setting(
             fields.unlimited.as_ref(),
@@ -205,6 +206,7 @@ impl Compiler<'_, '_> {
                 burst: entry.burst.as_ref(),
                 shadow_mode: None,
                 name: None,
+                policy_only: None,
             };
             let own = self.own_setting(
                 entry.unlimited.as_ref(),
@@ -261,6 +263,7 @@ impl Compiler<'_, '_> {
         how: &str,
     ) -> Option<Rule> {
         let shadow_flag = entry.shadow_mode.as_ref().map(|s| s.value);
+        let mut treatment = Treatment::default();
         let (limit, name, shadow, provenance) = match setting {
             Inherited::Nothing | Inherited::NoLimit { .. } => return None,
             Inherited::Unlimited { via } => (
@@ -277,6 +280,15 @@ impl Compiler<'_, '_> {
                 let shadow = shadow_flag
                     .or(policy.shadow_mode.as_ref().map(|(s, _)| *s))
                     .unwrap_or(false);
+                treatment = Treatment {
+                    warn_only: policy.warn_only.as_ref().is_some_and(|(w, _)| *w),
+                    soft_limit: policy.soft_limit.as_ref().map(|(r, _)| r.0),
+                    penalty: policy.penalty.as_ref().map(|(p, _)| *p),
+                    headers: policy.headers.as_ref().map(|(h, _)| *h),
+                    body: policy.body.as_ref().map(|(b, _)| b.clone()),
+                    priority: policy.priority.as_ref().map_or(0, |(p, _)| *p),
+                    reserved: policy.reserved.as_ref().map_or(0, |(r, _)| r.0),
+                };
                 (
                     RuleLimit::Limited(limits.into()),
                     policy
@@ -298,6 +310,7 @@ impl Compiler<'_, '_> {
             source: at.clone(),
             count_rejected: false,
             provenance: provenance.into(),
+            treatment,
         })
     }
 
@@ -363,6 +376,7 @@ impl Compiler<'_, '_> {
             source: at,
             count_rejected,
             provenance: provenance.into(),
+            treatment: Treatment::default(),
         })
     }
 

@@ -22,6 +22,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub policies: BTreeMap<String, Spanned<PolicyBlock>>,
     pub defaults: Option<Spanned<PolicyFields>>,
+    pub capacity: Option<Spanned<CapacityBlock>>,
     #[serde(default)]
     pub descriptors: Vec<DescriptorEntry>,
 }
@@ -81,6 +82,40 @@ pub struct PolicyBlock {
     pub algorithm: Option<Spanned<String>>,
     pub burst: Option<Spanned<i64>>,
     pub shadow_mode: Option<Spanned<bool>>,
+    /// `enforce` (default) or `warn`: over the limit, admit but mark the request.
+    pub mode: Option<Spanned<String>>,
+    /// Fraction of the limit (0–1] past which the upstream is told, by a request header,
+    /// that the client is close to its limit.
+    pub soft_limit: Option<Spanned<f64>>,
+    /// After `after` rejections within `within`, block the key for `block_for`.
+    pub penalty: Option<Spanned<PenaltyBlock>>,
+    /// Which header sets this policy's responses carry: `ietf`, `legacy`, `retry-after`.
+    pub headers: Option<Spanned<Vec<Spanned<String>>>>,
+    /// The 429 body; `{policy}`, `{limit}`, `{window_seconds}`, `{retry_after_seconds}`
+    /// are filled in. JSON unless `body_content_type` says otherwise.
+    pub body: Option<Spanned<String>>,
+    pub body_content_type: Option<Spanned<String>>,
+    /// Under a domain's shared `capacity`: higher is served first.
+    pub priority: Option<Spanned<i64>>,
+    /// Under a domain's shared `capacity`: the fraction of it lower priorities may not use.
+    pub reserved: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PenaltyBlock {
+    pub after: Spanned<i64>,
+    pub within: Spanned<String>,
+    pub block_for: Spanned<String>,
+}
+
+/// A domain's shared capacity, divided by priority (see `priority` and `reserved`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityBlock {
+    pub requests_per_unit: Spanned<i64>,
+    pub unit: Option<Spanned<String>>,
+    pub per: Option<Spanned<String>>,
 }
 
 /// `defaults:` of a domain or a shared file: a policy by name, or inline fields over it.

@@ -18,11 +18,11 @@ use serde_saphyr::{Location, Spanned};
 
 use compile::{Compiler, Inherited};
 pub use error::{ConfigError, ConfigErrors};
-use file::{ConfigFile, DescriptorEntry, PolicyFields, merge_descriptors};
+use file::{CapacityBlock, ConfigFile, DescriptorEntry, PolicyFields, merge_descriptors};
 use policy::{PolicyDefinition, PolicyTable, Scope, location};
 
-use crate::limit::Algorithm;
-use crate::matcher::{DomainTree, RateLimitConfig};
+use crate::limit::{Algorithm, Limit, Unit, parse_duration};
+use crate::matcher::{Capacity, DomainTree, RateLimitConfig};
 use crate::rule::SourceLocation;
 
 /// Choices that apply to every file of a load.
@@ -155,6 +155,7 @@ struct DomainSource {
     descriptors: Vec<DescriptorEntry>,
     policies: HashMap<String, PolicyDefinition>,
     defaults: Option<(Arc<str>, Spanned<PolicyFields>)>,
+    capacity: Option<(Arc<str>, Spanned<CapacityBlock>)>,
 }
 
 /// Compiles parsed files together: shared files offer policies and defaults to every
@@ -222,11 +223,16 @@ fn compile_files(
         };
         let root = compiler.level(name, &source.descriptors, &inherited, &source.file);
         errors.append(&mut compiler.errors);
-        trees.push(DomainTree {
+        let mut tree = DomainTree {
             name: name.as_str().into(),
             file: source.file,
             root,
-        });
+            capacity: None,
+        };
+        if let Some((file, block)) = &source.capacity {
+            tree.capacity = capacity(&tree, file, block, &mut errors);
+        }
+        trees.push(tree);
     }
     if errors.is_empty() {
         Ok(RateLimitConfig::new(trees, options.default_algorithm))
@@ -322,6 +328,7 @@ fn resolve_domain(
             .collect()
     };
     let own_defaults = parsed.defaults.clone().map(|d| (file.clone(), d));
+    let own_capacity = parsed.capacity.clone().map(|c| (file.clone(), c));
     let Some(base_name) = &parsed.extends else {
         sources.insert(
             name.to_owned(),
@@ -330,6 +337,7 @@ fn resolve_domain(
                 descriptors: parsed.descriptors.clone(),
                 policies: own_policies(),
                 defaults: own_defaults,
+                capacity: own_capacity,
             },
         );
         return true;
@@ -375,9 +383,68 @@ fn resolve_domain(
         descriptors: merge_descriptors(&base.descriptors, &parsed.descriptors),
         policies,
         defaults: own_defaults.or_else(|| base.defaults.clone()),
+        capacity: own_capacity.or_else(|| base.capacity.clone()),
     };
     sources.insert(name.to_owned(), source);
     true
+}
+
+/// A domain's shared capacity with the share each priority may use.
+fn capacity(
+    tree: &DomainTree,
+    file: &Arc<str>,
+    block: &Spanned<CapacityBlock>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Capacity> {
+    let at = location(file, &block.referenced);
+    let block = &block.value;
+    let total = match u32::try_from(block.requests_per_unit.value) {
+        Ok(total) if total > 0 => total,
+        _ => {
+            errors.push(ConfigError::at(&location(file, &block.requests_per_unit.referenced), format!("capacity `requests_per_unit` is {}; write the most requests the whole domain may serve per window, at least 1", block.requests_per_unit.value)));
+            return None;
+        }
+    };
+    let window_millis = match (&block.unit, &block.per) {
+        (Some(unit), None) => unit.value.parse::<Unit>().ok().map(Unit::millis),
+        (None, Some(per)) => parse_duration(&per.value),
+        _ => None,
+    };
+    let Some(window_millis) = window_millis else {
+        errors.push(ConfigError::at(&at, "`capacity` needs one window: `unit:` (second, minute, hour, day, week, month or year) or `per:` with a duration such as `1s`"));
+        return None;
+    };
+    let mut reservations: Vec<(i64, u64)> = Vec::new();
+    for rule in tree.rules() {
+        let treatment = &rule.treatment;
+        if treatment.reserved == 0 {
+            continue;
+        }
+        let reserved = policy::Ratio(treatment.reserved).of(u64::from(total));
+        match reservations
+            .iter_mut()
+            .find(|(p, _)| *p == treatment.priority)
+        {
+            Some((_, existing)) => *existing = (*existing).max(reserved),
+            None => reservations.push((treatment.priority, reserved)),
+        }
+    }
+    let reserved_total: u64 = reservations.iter().map(|(_, r)| r).sum();
+    if reserved_total > u64::from(total) {
+        errors.push(ConfigError::at(&at, format!("the policies of domain `{}` reserve {reserved_total} of a capacity of {total}; lower their `reserved` fractions so they add up to at most 1", tree.name)));
+        return None;
+    }
+    reservations.sort_by(|a, b| b.0.cmp(&a.0));
+    Some(Capacity {
+        limit: Limit {
+            requests_per_unit: total,
+            window_millis,
+            algorithm: Algorithm::SlidingWindow,
+            burst: None,
+        },
+        reservations,
+        source: at,
+    })
 }
 
 /// The parser's own message, without its location prefix (we print ours) and with advice

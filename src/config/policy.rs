@@ -10,8 +10,10 @@ use std::sync::Arc;
 use serde_saphyr::Spanned;
 
 use super::file::{LimitBlock, PolicyBlock};
+use crate::algorithm::penalty::Penalty;
 use crate::limit::{Algorithm, Limit, Unit, format_duration, parse_duration};
 use crate::rule::SourceLocation;
+use crate::rule::{Body, HeaderSet};
 
 /// Where a field's value was written, and by what ("policy `pro`", "descriptor `plan: pro`").
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +43,35 @@ pub struct ResolvedPolicy {
     pub burst: Option<(u32, Origin)>,
     pub shadow_mode: Option<(bool, Origin)>,
     pub name: Option<(String, Origin)>,
+    pub warn_only: Option<(bool, Origin)>,
+    pub soft_limit: Option<(Ratio, Origin)>,
+    pub penalty: Option<(Penalty, Origin)>,
+    pub headers: Option<(HeaderSet, Origin)>,
+    pub body: Option<(Body, Origin)>,
+    pub priority: Option<(i64, Origin)>,
+    pub reserved: Option<(Ratio, Origin)>,
+}
+
+/// A fraction in (0, 1], kept as parts per million so policies stay `Eq` and hashable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Ratio(pub u32);
+
+impl Ratio {
+    pub const SCALE: u32 = 1_000_000;
+
+    pub fn from_f64(value: f64) -> Option<Ratio> {
+        (value > 0.0 && value <= 1.0)
+            .then(|| Ratio((value * f64::from(Self::SCALE)).round() as u32))
+    }
+
+    pub fn as_f64(self) -> f64 {
+        f64::from(self.0) / f64::from(Self::SCALE)
+    }
+
+    /// `self × n`, rounded down.
+    pub fn of(self, n: u64) -> u64 {
+        (u128::from(n) * u128::from(self.0) / u128::from(Self::SCALE)) as u64
+    }
 }
 
 /// Inline policy fields written on a descriptor, in `defaults:`, or in a policy block.
@@ -50,6 +81,8 @@ pub struct Overrides<'a> {
     pub burst: Option<&'a Spanned<i64>>,
     pub shadow_mode: Option<&'a Spanned<bool>>,
     pub name: Option<&'a Spanned<String>>,
+    /// A policy block's fields that only policies have (mode, soft limit, penalty, …).
+    pub policy_only: Option<&'a PolicyBlock>,
 }
 
 impl<'a> Overrides<'a> {
@@ -59,6 +92,7 @@ impl<'a> Overrides<'a> {
             && self.burst.is_none()
             && self.shadow_mode.is_none()
             && self.name.is_none()
+            && self.policy_only.is_none()
     }
 }
 
@@ -203,6 +237,7 @@ impl<'d> PolicyTable<'d> {
             burst: block.burst.as_ref(),
             shadow_mode: block.shadow_mode.as_ref(),
             name: block.name.as_ref(),
+            policy_only: Some(block),
         };
         let mut resolved = apply_overrides(base, &overrides, &what, &definition.file, problems);
         if block.name.is_none() {
@@ -260,7 +295,120 @@ pub fn apply_overrides(
     if let Some(name) = overrides.name {
         base.name = Some((name.value.clone(), origin(&name.referenced)));
     }
+    if let Some(block) = overrides.policy_only {
+        apply_policy_only(&mut base, block, &origin, file, problems);
+    }
     base
+}
+
+/// The fields only a `policies:` entry can set: how clients and upstreams see its decisions.
+fn apply_policy_only(
+    base: &mut ResolvedPolicy,
+    block: &PolicyBlock,
+    origin: &dyn Fn(&serde_saphyr::Location) -> Origin,
+    file: &Arc<str>,
+    problems: &mut dyn Problems,
+) {
+    let at = |l: &serde_saphyr::Location| location(file, l);
+    if let Some(mode) = &block.mode {
+        match mode.value.as_str() {
+            "enforce" => base.warn_only = Some((false, origin(&mode.referenced))),
+            "warn" => base.warn_only = Some((true, origin(&mode.referenced))),
+            other => problems.problem(&at(&mode.referenced), format!("unknown mode `{other}`; write `enforce` (reject over the limit) or `warn` (admit, and tell the upstream with a header)")),
+        }
+    }
+    let ratio =
+        |field: &str, value: &Spanned<f64>, problems: &mut dyn Problems| match Ratio::from_f64(
+            value.value,
+        ) {
+            Some(ratio) => Some((ratio, origin(&value.referenced))),
+            None => {
+                problems.problem(
+                    &at(&value.referenced),
+                    format!(
+                        "`{field}` is {}; write a fraction above 0 and at most 1, e.g. 0.8",
+                        value.value
+                    ),
+                );
+                None
+            }
+        };
+    if let Some(soft) = &block.soft_limit
+        && let Some(value) = ratio("soft_limit", soft, problems)
+    {
+        base.soft_limit = Some(value);
+    }
+    if let Some(reserved) = &block.reserved
+        && let Some(value) = ratio("reserved", reserved, problems)
+    {
+        base.reserved = Some(value);
+    }
+    if let Some(priority) = &block.priority {
+        base.priority = Some((priority.value, origin(&priority.referenced)));
+    }
+    if let Some(penalty) = &block.penalty {
+        let p = &penalty.value;
+        let after = u32::try_from(p.after.value).ok().filter(|n| *n > 0);
+        if after.is_none() {
+            problems.problem(
+                &at(&p.after.referenced),
+                format!(
+                    "`after` is {}; write how many rejections start a block, at least 1",
+                    p.after.value
+                ),
+            );
+        }
+        let duration = |field: &str, value: &Spanned<String>, problems: &mut dyn Problems| {
+            let parsed = parse_duration(&value.value);
+            if parsed.is_none() {
+                problems.problem(&at(&value.referenced), format!("`{field}: {}` is not a duration; write a whole number and ms, s, m, h or d, e.g. `15m`", value.value));
+            }
+            parsed
+        };
+        let within = duration("within", &p.within, problems);
+        let block_for = duration("block_for", &p.block_for, problems);
+        if let (Some(after_rejections), Some(within_millis), Some(block_millis)) =
+            (after, within, block_for)
+        {
+            base.penalty = Some((
+                Penalty {
+                    after_rejections,
+                    within_millis,
+                    block_millis,
+                },
+                origin(&penalty.referenced),
+            ));
+        }
+    }
+    if let Some(headers) = &block.headers {
+        let mut set = HeaderSet::default();
+        for name in &headers.value {
+            if !set.enable(&name.value) {
+                problems.problem(
+                    &at(&name.referenced),
+                    format!(
+                        "unknown header set `{}`; write any of {}",
+                        name.value,
+                        HeaderSet::NAMES
+                    ),
+                );
+            }
+        }
+        base.headers = Some((set, origin(&headers.referenced)));
+    }
+    if let Some(body) = &block.body {
+        let content_type = block
+            .body_content_type
+            .as_ref()
+            .map_or_else(|| "application/json".to_owned(), |c| c.value.clone());
+        base.body = Some((
+            Body {
+                template: body.value.clone(),
+                content_type,
+            },
+            origin(&body.referenced),
+        ));
+    }
 }
 
 pub fn algorithm_names() -> String {
@@ -432,6 +580,38 @@ pub fn describe(policy: &ResolvedPolicy, default_algorithm: Algorithm) -> Vec<St
     }
     if let Some((name, origin)) = &policy.name {
         lines.push(format!("name: {name} — from {origin}"));
+    }
+    if let Some((warn, origin)) = &policy.warn_only {
+        lines.push(format!(
+            "mode: {} — from {origin}",
+            if *warn { "warn" } else { "enforce" }
+        ));
+    }
+    if let Some((ratio, origin)) = &policy.soft_limit {
+        lines.push(format!("soft_limit: {} — from {origin}", ratio.as_f64()));
+    }
+    if let Some((penalty, origin)) = &policy.penalty {
+        lines.push(format!(
+            "penalty: block for {} after {} rejections within {} — from {origin}",
+            format_duration(penalty.block_millis),
+            penalty.after_rejections,
+            format_duration(penalty.within_millis)
+        ));
+    }
+    if let Some((headers, origin)) = &policy.headers {
+        lines.push(format!("headers: {headers} — from {origin}"));
+    }
+    if let Some((_, origin)) = &policy.body {
+        lines.push(format!("body: custom 429 body — from {origin}"));
+    }
+    if let Some((priority, origin)) = &policy.priority {
+        lines.push(format!("priority: {priority} — from {origin}"));
+    }
+    if let Some((reserved, origin)) = &policy.reserved {
+        lines.push(format!(
+            "reserved: {} of the domain capacity — from {origin}",
+            reserved.as_f64()
+        ));
     }
     lines
 }

@@ -284,3 +284,315 @@ fn without_a_config_the_answer_is_a_clear_error() {
         runtime.block_on(limiter.should_rate_limit(&request(vec![descriptor(&[("user", "a")])])));
     assert!(matches!(result, Err(DecisionError::NoConfig)));
 }
+
+/// What clients and upstreams see: headers, bodies, soft limits, penalties, shedding.
+mod presentation {
+    use super::*;
+    use crate::config::load_dir;
+    use crate::response::ResponseSettings;
+    use crate::rule::HeaderSet;
+
+    const TIERS: &str = "\
+domain: tiers
+capacity: {requests_per_unit: 10, unit: second}
+policies:
+  free:
+    limits: [{requests_per_unit: 100, unit: minute}]
+    priority: 0
+  enterprise:
+    limits: [{requests_per_unit: 100, unit: minute}]
+    priority: 10
+    reserved: 0.4
+descriptors:
+  - key: plan
+    value: free
+    policy: free
+    descriptors: [{key: user}]
+  - key: plan
+    value: enterprise
+    policy: enterprise
+    descriptors: [{key: user}]
+";
+
+    const POLICIES: &str = "\
+domain: api
+policies:
+  plain:
+    limits: [{requests_per_unit: 1, unit: minute}]
+  reports:
+    name: reports
+    limits: [{requests_per_unit: 10, unit: minute}]
+    soft_limit: 0.8
+    headers: [ietf, legacy, retry-after]
+  beta:
+    limits: [{requests_per_unit: 1, unit: minute}]
+    mode: warn
+  login:
+    name: login
+    limits: [{requests_per_unit: 2, unit: minute}]
+    penalty: {after: 2, within: 1m, block_for: 15m}
+    body: 'too many logins, retry in {retry_after_seconds}s'
+    body_content_type: text/plain
+descriptors:
+  - key: plain
+    policy: plain
+  - key: report
+    policy: reports
+  - key: beta
+    policy: beta
+  - key: login
+    policy: login
+";
+
+    fn api_limiter(
+        clock: &ManualClock,
+        settings: ResponseSettings,
+    ) -> RateLimiter<MemoryStore, ManualClock> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("api.yaml"), POLICIES).unwrap();
+        std::fs::write(dir.path().join("tiers.yaml"), TIERS).unwrap();
+        let config =
+            load_dir(dir.path(), &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+        let live = Arc::new(ArcSwapOption::from_pointee(config));
+        RateLimiter::new(
+            live,
+            MemoryStore::new(10_000),
+            clock.clone(),
+            RequestBounds::default(),
+        )
+        .with_presentation(settings)
+    }
+
+    fn api(pairs: &[(&str, &str)]) -> RateLimitRequest {
+        RateLimitRequest {
+            domain: "api".into(),
+            descriptors: vec![descriptor(pairs)],
+            hits_addend: 0,
+        }
+    }
+
+    fn headers(response: &RateLimitResponse) -> Vec<(String, String)> {
+        response
+            .response_headers_to_add
+            .iter()
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect()
+    }
+
+    fn upstream_headers(response: &RateLimitResponse) -> Vec<(String, String)> {
+        response
+            .request_headers_to_add
+            .iter()
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect()
+    }
+
+    fn h(key: &str, value: &str) -> (String, String) {
+        (key.to_owned(), value.to_owned())
+    }
+
+    #[test]
+    fn ietf_and_legacy_headers_report_the_deciding_limit() {
+        let clock = ManualClock::at(START);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        let response = decide(&limiter, &api(&[("report", "r1")]));
+        assert_eq!(
+            headers(&response),
+            [
+                h("RateLimit-Policy", "\"reports\";q=10;w=60"),
+                h("RateLimit", "\"reports\";r=9;t=55"),
+                h("X-RateLimit-Limit", "10"),
+                h("X-RateLimit-Remaining", "9"),
+                h("X-RateLimit-Reset", "55"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rejection_gets_retry_after_and_a_json_body() {
+        let clock = ManualClock::at(START);
+        let settings = ResponseSettings {
+            headers: HeaderSet {
+                retry_after: true,
+                ..HeaderSet::default()
+            },
+            ..ResponseSettings::default()
+        };
+        let limiter = api_limiter(&clock, settings);
+        let req = api(&[("plain", "u")]);
+        decide(&limiter, &req);
+        let over = decide(&limiter, &req);
+        assert_eq!(over.overall_code(), Code::OverLimit);
+        let headers = headers(&over);
+        assert!(
+            headers.contains(&h("content-type", "application/json")),
+            "{headers:?}"
+        );
+        let retry = headers
+            .iter()
+            .find(|(k, _)| k == "Retry-After")
+            .map(|(_, v)| v.clone())
+            .expect("Retry-After");
+        let body = String::from_utf8(over.raw_body.clone()).unwrap();
+        assert!(
+            body.starts_with("{\"error\":\"too_many_requests\""),
+            "{body}"
+        );
+        assert!(
+            body.contains(&format!("\"retry_after_seconds\":{retry}")),
+            "{body}"
+        );
+        assert!(
+            body.contains("\"policy\":\"plain\",\"limit\":1,\"window_seconds\":60"),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn an_admitted_request_carries_no_body_and_no_retry_after() {
+        let clock = ManualClock::at(START);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        let ok = decide(&limiter, &api(&[("plain", "u")]));
+        assert!(ok.raw_body.is_empty());
+        assert!(headers(&ok).is_empty(), "{:?}", headers(&ok));
+    }
+
+    #[test]
+    fn soft_limit_tells_the_upstream_before_the_hard_limit() {
+        let clock = ManualClock::at(START);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        let req = api(&[("report", "r")]);
+        let signals: Vec<bool> = (0..10)
+            .map(|_| !upstream_headers(&decide(&limiter, &req)).is_empty())
+            .collect();
+        // 8 of 10 used is 80%: the 8th, 9th and 10th requests are flagged, all admitted.
+        assert_eq!(
+            signals,
+            [
+                false, false, false, false, false, false, false, true, true, true
+            ]
+        );
+        assert_eq!(
+            upstream_headers(&decide(&limiter, &api(&[("report", "s")]))),
+            []
+        );
+        let fresh = api_limiter(&clock, ResponseSettings::default());
+        (0..7).for_each(|_| {
+            decide(&fresh, &req);
+        });
+        let eighth = decide(&fresh, &req);
+        assert_eq!(eighth.overall_code(), Code::Ok);
+        assert_eq!(
+            upstream_headers(&eighth),
+            [h("x-meshlimit-soft-limit", "reports")]
+        );
+    }
+
+    #[test]
+    fn warn_mode_admits_over_the_limit_and_marks_the_request() {
+        let clock = ManualClock::at(START);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        let req = api(&[("beta", "b")]);
+        decide(&limiter, &req);
+        let over = decide(&limiter, &req);
+        assert_eq!(over.overall_code(), Code::Ok);
+        assert_eq!(
+            upstream_headers(&over),
+            [h("x-meshlimit-soft-limit", "beta;over")]
+        );
+    }
+
+    #[test]
+    fn the_penalty_box_locks_out_and_lets_back_in_with_a_custom_body() {
+        let clock = ManualClock::at(START);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        let req = api(&[("login", "10.0.0.1")]);
+        let codes: Vec<Code> = (0..4)
+            .map(|_| decide(&limiter, &req).overall_code())
+            .collect();
+        assert_eq!(
+            codes,
+            [Code::Ok, Code::Ok, Code::OverLimit, Code::OverLimit]
+        );
+        // Two minutes later the per-minute limit would admit again, but the block holds.
+        clock.advance(120_000);
+        let blocked = decide(&limiter, &req);
+        assert_eq!(blocked.overall_code(), Code::OverLimit);
+        assert_eq!(
+            blocked.statuses[0].duration_until_reset.map(|d| d.seconds),
+            Some(15 * 60 - 120)
+        );
+        assert_eq!(
+            String::from_utf8(blocked.raw_body.clone()).unwrap(),
+            "too many logins, retry in 780s"
+        );
+        assert!(headers(&blocked).contains(&h("content-type", "text/plain")));
+        // Another address is unaffected; after the block the address is let back in.
+        assert_eq!(
+            decide(&limiter, &api(&[("login", "10.0.0.2")])).overall_code(),
+            Code::Ok
+        );
+        clock.advance(15 * 60_000);
+        assert_eq!(decide(&limiter, &req).overall_code(), Code::Ok);
+    }
+
+    #[test]
+    fn a_low_priority_flood_leaves_the_reserved_share_to_enterprise() {
+        // Capacity 10/s; enterprise reserves 40%: free may fill at most 6.
+        let clock = ManualClock::at(START - START % 1_000);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        let api = |pairs: &[(&str, &str)]| RateLimitRequest {
+            domain: "tiers".into(),
+            ..api(pairs)
+        };
+        let free_admitted = (0..50)
+            .filter(|i| {
+                decide(
+                    &limiter,
+                    &api(&[("plan", "free"), ("user", &format!("f{i}"))]),
+                )
+                .overall_code()
+                    == Code::Ok
+            })
+            .count();
+        assert_eq!(free_admitted, 6);
+        let enterprise_admitted = (0..10)
+            .filter(|i| {
+                decide(
+                    &limiter,
+                    &api(&[("plan", "enterprise"), ("user", &format!("e{i}"))]),
+                )
+                .overall_code()
+                    == Code::Ok
+            })
+            .count();
+        assert_eq!(
+            enterprise_admitted, 4,
+            "enterprise gets the reserved share the flood could not take"
+        );
+        let shed = decide(&limiter, &api(&[("plan", "free"), ("user", "late")]));
+        assert_eq!(
+            shed.statuses[0]
+                .current_limit
+                .as_ref()
+                .map(|l| l.name.as_str()),
+            Some("capacity")
+        );
+    }
+
+    #[test]
+    fn dynamic_metadata_summarises_the_decision() {
+        let clock = ManualClock::at(START);
+        let settings = ResponseSettings {
+            dynamic_metadata: true,
+            ..ResponseSettings::default()
+        };
+        let limiter = api_limiter(&clock, settings);
+        let response = decide(&limiter, &api(&[("report", "r")]));
+        let metadata = response.dynamic_metadata.expect("metadata");
+        let text = format!("{metadata:?}");
+        assert!(text.contains("\"meshlimit\""), "{text}");
+        assert!(text.contains("StringValue(\"reports\")"), "{text}");
+        assert!(text.contains("StringValue(\"OK\")"), "{text}");
+    }
+}
