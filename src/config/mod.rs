@@ -434,7 +434,7 @@ fn capacity(
         errors.push(ConfigError::at(&at, format!("the policies of domain `{}` reserve {reserved_total} of a capacity of {total}; lower their `reserved` fractions so they add up to at most 1", tree.name)));
         return None;
     }
-    reservations.sort_by(|a, b| b.0.cmp(&a.0));
+    reservations.sort_by_key(|(priority, _)| std::cmp::Reverse(*priority));
     Some(Capacity {
         limit: Limit {
             requests_per_unit: total,
