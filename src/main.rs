@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshlimit::config::{self, LoadOptions};
 use meshlimit::limit::Algorithm;
 use meshlimit::limiter::RequestBounds;
+use meshlimit::response::{LegacyNames, ResponseSettings};
+use meshlimit::rule::HeaderSet;
 use meshlimit::server::{self, ServeOptions};
 
 #[derive(Parser)]
@@ -90,9 +92,101 @@ struct ServeArgs {
     /// on SIGHUP. A changed directory is validated whole before it replaces the old config.
     #[arg(long, env = "MESHLIMIT_WATCH_INTERVAL", default_value = "1s", value_parser = parse_interval)]
     watch_interval: Duration,
+    #[command(flatten)]
+    presentation: PresentationArgs,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// What responses carry besides status codes.
+#[derive(Args)]
+struct PresentationArgs {
+    /// Header sets added to responses, comma-separated: ietf (RateLimit-Policy and
+    /// RateLimit), legacy (X-RateLimit-Limit/Remaining/Reset), retry-after (on 429), none.
+    /// A policy's `headers:` overrides this.
+    #[arg(long, env = "MESHLIMIT_RESPONSE_HEADERS", default_value = "retry-after", value_parser = parse_header_sets)]
+    response_headers: HeaderSet,
+    /// envoyproxy/ratelimit's switch: true adds the legacy header set, named by
+    /// LIMIT_LIMIT_HEADER, LIMIT_REMAINING_HEADER and LIMIT_RESET_HEADER.
+    #[arg(long, env = "LIMIT_RESPONSE_HEADERS_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    limit_response_headers_enabled: bool,
+    /// Name of the legacy limit header [default: X-RateLimit-Limit, or RateLimit-Limit with
+    /// LIMIT_RESPONSE_HEADERS_ENABLED as envoyproxy/ratelimit names it].
+    #[arg(long, env = "LIMIT_LIMIT_HEADER")]
+    limit_header: Option<String>,
+    /// Name of the legacy remaining header [default: X-RateLimit-Remaining or RateLimit-Remaining].
+    #[arg(long, env = "LIMIT_REMAINING_HEADER")]
+    remaining_header: Option<String>,
+    /// Name of the legacy reset header [default: X-RateLimit-Reset or RateLimit-Reset].
+    #[arg(long, env = "LIMIT_RESET_HEADER")]
+    reset_header: Option<String>,
+    /// The 429 body when the deciding policy sets none: json or none.
+    #[arg(long, env = "MESHLIMIT_OVER_LIMIT_BODY", value_enum, default_value_t = OverLimitBody::Json)]
+    over_limit_body: OverLimitBody,
+    /// The request header that tells the upstream a client passed a soft limit (or, in
+    /// `mode: warn`, its limit).
+    #[arg(
+        long,
+        env = "MESHLIMIT_SOFT_LIMIT_HEADER",
+        default_value = "x-meshlimit-soft-limit"
+    )]
+    soft_limit_header: String,
+    /// Add the decision to Envoy's dynamic metadata for access logs
+    /// (envoyproxy/ratelimit: RESPONSE_DYNAMIC_METADATA).
+    #[arg(long, env = "RESPONSE_DYNAMIC_METADATA", default_value_t = false, action = clap::ArgAction::Set)]
+    dynamic_metadata: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OverLimitBody {
+    Json,
+    None,
+}
+
+fn parse_header_sets(text: &str) -> Result<HeaderSet, String> {
+    let mut set = HeaderSet::default();
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if !set.enable(name) {
+            return Err(format!(
+                "unknown header set `{name}`; write any of {}",
+                HeaderSet::NAMES
+            ));
+        }
+    }
+    Ok(set)
+}
+
+impl PresentationArgs {
+    fn settings(self) -> ResponseSettings {
+        let compat = self.limit_response_headers_enabled;
+        let default_name = |ours: &str, theirs: &str| {
+            if compat {
+                theirs.to_owned()
+            } else {
+                ours.to_owned()
+            }
+        };
+        let mut headers = self.response_headers;
+        headers.legacy |= compat;
+        ResponseSettings {
+            headers,
+            legacy_names: LegacyNames {
+                limit: self
+                    .limit_header
+                    .unwrap_or_else(|| default_name("X-RateLimit-Limit", "RateLimit-Limit")),
+                remaining: self.remaining_header.unwrap_or_else(|| {
+                    default_name("X-RateLimit-Remaining", "RateLimit-Remaining")
+                }),
+                reset: self
+                    .reset_header
+                    .unwrap_or_else(|| default_name("X-RateLimit-Reset", "RateLimit-Reset")),
+            },
+            json_body: matches!(self.over_limit_body, OverLimitBody::Json),
+            soft_limit_header: self.soft_limit_header,
+            dynamic_metadata: self.dynamic_metadata,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -177,6 +271,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         },
         max_request_bytes: args.max_request_bytes,
         watch_interval: args.watch_interval,
+        presentation: args.presentation.settings(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -31,6 +31,8 @@ pub struct ServeOptions {
     pub max_request_bytes: usize,
     /// How often the config directory is checked for changes; zero checks only on SIGHUP.
     pub watch_interval: std::time::Duration,
+    /// What responses carry besides status codes.
+    pub presentation: crate::response::ResponseSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,12 +70,10 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     }
     let live = reloader.live().clone();
     let store = MemoryStore::new(options.cache_capacity);
-    let limiter = Arc::new(RateLimiter::new(
-        live.clone(),
-        store,
-        SystemClock,
-        options.bounds,
-    ));
+    let limiter = Arc::new(
+        RateLimiter::new(live.clone(), store, SystemClock, options.bounds)
+            .with_presentation(options.presentation.clone()),
+    );
 
     let grpc_listener = bind(options.grpc_addr, "gRPC", "--grpc-addr").await?;
     let admin_listener = bind(options.admin_addr, "admin", "--admin-addr").await?;
