@@ -5,6 +5,8 @@
 //! and benchmarked without a socket; the gRPC adapter only converts errors.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 
@@ -14,6 +16,7 @@ use crate::clock::Clock;
 use crate::key::append_counter_key;
 use crate::limit::{Limit, Unit};
 use crate::matcher::{Capacity, RateLimitConfig};
+use crate::metrics::{Hit, Metrics};
 use crate::proto::rate_limit_response::rate_limit::Unit as ProtoUnit;
 use crate::proto::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use crate::proto::{RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
@@ -65,6 +68,10 @@ pub struct RateLimiter<S, C> {
     clock: C,
     bounds: RequestBounds,
     presentation: ResponseSettings,
+    metrics: Arc<Metrics>,
+    /// Parts per million of a limit past which a hit counts as near the limit
+    /// (envoyproxy/ratelimit's NEAR_LIMIT_RATIO).
+    near_limit_ppm: u64,
 }
 
 /// What one request descriptor resolved to.
@@ -92,7 +99,20 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             clock,
             bounds,
             presentation: ResponseSettings::default(),
+            metrics: Arc::new(Metrics::default()),
+            near_limit_ppm: 800_000,
         }
+    }
+
+    /// Records decisions into `metrics`; `near_limit_ratio` (0–1] marks near-limit hits.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>, near_limit_ratio: f64) -> Self {
+        self.metrics = metrics;
+        self.near_limit_ppm = (near_limit_ratio.clamp(0.0, 1.0) * 1e6) as u64;
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Sets what responses carry besides status codes (headers, 429 body, metadata).
@@ -113,6 +133,13 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         &self,
         request: &RateLimitRequest,
     ) -> Result<RateLimitResponse, DecisionError> {
+        let started = Instant::now();
+        let result = self.decide(request).await;
+        self.metrics.decision_latency.observe(started.elapsed());
+        result
+    }
+
+    async fn decide(&self, request: &RateLimitRequest) -> Result<RateLimitResponse, DecisionError> {
         self.validate(request)?;
         let config = self.config.load_full().ok_or(DecisionError::NoConfig)?;
         let Some(domain) = config.domain(&request.domain) else {
@@ -191,7 +218,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             .collect();
         let mut verdicts = Vec::with_capacity(checks.len());
         if !checks.is_empty() {
-            self.store.apply(&checks, now, &mut verdicts).await?;
+            self.count(&checks, now, &mut verdicts).await?;
         }
 
         // One outcome per counted descriptor: of its limits, the one that decided.
@@ -224,6 +251,9 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             if let Some(slot) = statuses.get_mut(d.descriptor) {
                 *slot = counted_status(&d.limit, d.name, &d.verdict, d.rejects);
             }
+        }
+        for d in &decided {
+            self.record(request, d);
         }
         let overall = if decided.iter().any(|d| d.rejects) {
             Code::OverLimit
@@ -272,10 +302,11 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             penalty: None,
         };
         let mut verdicts = Vec::with_capacity(1);
-        self.store.apply(&[check], now, &mut verdicts).await?;
+        self.count(&[check], now, &mut verdicts).await?;
         let Some(verdict) = verdicts.first().filter(|v| v.over_limit) else {
             return Ok(None);
         };
+        self.metrics.shed.fetch_add(1, Ordering::Relaxed);
         let decided: Vec<Decided<'_>> = (0..request.descriptors.len())
             .map(|descriptor| Decided {
                 descriptor,
@@ -296,6 +327,57 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         };
         response::present(&mut response, request, &decided, &self.presentation);
         Ok(Some(response))
+    }
+
+    /// One store call, timed, with failures counted.
+    async fn count(
+        &self,
+        checks: &[Check<'_>],
+        now: u64,
+        verdicts: &mut Vec<Verdict>,
+    ) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.store.apply(checks, now, verdicts).await;
+        self.metrics.store_latency.observe(started.elapsed());
+        if result.is_err() {
+            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Adds one descriptor's decision to its rule's counters.
+    fn record(&self, request: &RateLimitRequest, d: &Decided<'_>) {
+        let Some(rule) = d.rule else {
+            return;
+        };
+        let Some(stats) = rule.stats.get() else {
+            return;
+        };
+        let hits = request
+            .descriptors
+            .get(d.descriptor)
+            .map_or(1, |descriptor| hits_of(request, descriptor));
+        let limit = u64::from(d.limit.requests_per_unit);
+        let used = limit.saturating_sub(d.verdict.remaining);
+        let hit = Hit {
+            hits,
+            over_limit: d.verdict.over_limit,
+            near_limit: used * 1_000_000 > self.near_limit_ppm * limit,
+            shadow: rule.shadow_mode,
+        };
+        // `detailed_metric` counts per value of the descriptor's last entry, capped.
+        let detailed = rule
+            .detailed_metric
+            .then(|| {
+                request
+                    .descriptors
+                    .get(d.descriptor)?
+                    .entries
+                    .last()
+                    .map(|e| e.value.as_str())
+            })
+            .flatten();
+        stats.record(&hit, detailed);
     }
 
     fn validate(&self, request: &RateLimitRequest) -> Result<(), DecisionError> {

@@ -94,6 +94,9 @@ struct ServeArgs {
     watch_interval: Duration,
     #[command(flatten)]
     presentation: PresentationArgs,
+    /// Fraction of a limit past which hits are counted as `near_limit` in the metrics.
+    #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8)]
+    near_limit_ratio: f64,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -272,6 +275,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         max_request_bytes: args.max_request_bytes,
         watch_interval: args.watch_interval,
         presentation: args.presentation.settings(),
+        near_limit_ratio: args.near_limit_ratio,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

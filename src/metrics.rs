@@ -1,20 +1,203 @@
-//! Service counters exported on the admin port's `/metrics` in Prometheus text format.
+//! Service metrics, exported on the admin port's `/metrics` in Prometheus text format.
 //!
-//! Names follow envoyproxy/ratelimit's stats as its Prometheus exporter spells them
-//! (`ratelimit_service_…`), so existing dashboards and alerts keep working.
+//! Per-rule names follow envoyproxy/ratelimit's stats as its Prometheus exporter spells
+//! them (`ratelimit_service_rate_limit_<stat>{domain, key}`), so existing dashboards and
+//! alerts keep working. Labels are per rule (bounded by the config), never per request
+//! value — except for rules with `detailed_metric`, capped at `DETAILED_VALUES_CAP`.
 
+use std::collections::HashMap;
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use parking_lot::Mutex;
+
+use crate::matcher::RateLimitConfig;
+
+/// Distinct descriptor values tracked per `detailed_metric` rule; the rest share one series.
+pub const DETAILED_VALUES_CAP: usize = 1_000;
+
+/// The five envoyproxy/ratelimit counters of one rule (or one detailed value).
 #[derive(Debug, Default)]
+pub struct HitCounters {
+    pub total_hits: AtomicU64,
+    pub over_limit: AtomicU64,
+    pub near_limit: AtomicU64,
+    pub within_limit: AtomicU64,
+    pub shadow_mode: AtomicU64,
+}
+
+/// What one descriptor's decision adds to its rule's counters.
+#[derive(Debug, Clone, Copy)]
+pub struct Hit {
+    pub hits: u64,
+    pub over_limit: bool,
+    pub near_limit: bool,
+    pub shadow: bool,
+}
+
+impl HitCounters {
+    fn record(&self, hit: &Hit) {
+        let add = |counter: &AtomicU64| counter.fetch_add(hit.hits, Ordering::Relaxed);
+        add(&self.total_hits);
+        if hit.over_limit {
+            add(&self.over_limit);
+            if hit.shadow {
+                add(&self.shadow_mode);
+            }
+        } else {
+            add(&self.within_limit);
+            if hit.near_limit {
+                add(&self.near_limit);
+            }
+        }
+    }
+
+    fn values(&self) -> [(&'static str, u64); 5] {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("total_hits", load(&self.total_hits)),
+            ("over_limit", load(&self.over_limit)),
+            ("near_limit", load(&self.near_limit)),
+            ("within_limit", load(&self.within_limit)),
+            ("shadow_mode", load(&self.shadow_mode)),
+        ]
+    }
+}
+
+/// A rule's counters; they outlive reloads as long as the rule keeps its path.
+#[derive(Debug, Default)]
+pub struct RuleStats {
+    pub counters: HitCounters,
+    detailed: Mutex<HashMap<String, Arc<HitCounters>>>,
+}
+
+impl RuleStats {
+    pub fn record(&self, hit: &Hit, detailed_value: Option<&str>) {
+        self.counters.record(hit);
+        let Some(value) = detailed_value else {
+            return;
+        };
+        let counters = {
+            let mut detailed = self.detailed.lock();
+            match detailed.get(value) {
+                Some(counters) => counters.clone(),
+                None => {
+                    let key = if detailed.len() < DETAILED_VALUES_CAP {
+                        value
+                    } else {
+                        "_overflow"
+                    };
+                    detailed.entry(key.to_owned()).or_default().clone()
+                }
+            }
+        };
+        counters.record(hit);
+    }
+}
+
+/// A histogram with fixed buckets, lock-free to observe.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 1.0,
+];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            bounds: LATENCY_BUCKETS,
+            buckets: LATENCY_BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|bound| seconds <= *bound)
+            && let Some(bucket) = self.buckets.get(i)
+        {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+type Gauge = (
+    &'static str,
+    &'static str,
+    Box<dyn Fn() -> u64 + Send + Sync>,
+);
+
+#[derive(Default)]
 pub struct Metrics {
     pub config_load_success: AtomicU64,
     pub config_load_error: AtomicU64,
     /// A hash of the loaded files' bytes: replicas serving the same config show the same value.
     pub config_hash: AtomicU64,
+    pub decision_latency: Histogram,
+    pub store_latency: Histogram,
+    pub store_errors: AtomicU64,
+    /// Requests answered over the limit from a store's local cache without a round trip.
+    pub local_cache_hits: AtomicU64,
+    /// Requests turned away by a domain's shared capacity.
+    pub shed: AtomicU64,
+    rules: Mutex<HashMap<(Box<str>, Box<str>), Arc<RuleStats>>>,
+    gauges: Mutex<Vec<Gauge>>,
 }
 
 impl Metrics {
+    /// Gives every rule of a freshly loaded config its counters, reusing those of rules with
+    /// the same domain and path so counts continue across reloads.
+    pub fn attach(&self, config: &RateLimitConfig) {
+        let mut rules = self.rules.lock();
+        for domain in config.domains() {
+            for rule in domain.rules() {
+                let stats = rules
+                    .entry((domain.name.clone(), rule.path.clone()))
+                    .or_default()
+                    .clone();
+                let _ = rule.stats.set(stats);
+            }
+        }
+    }
+
+    /// Adds a gauge read when `/metrics` is scraped (e.g. the memory store's entry count).
+    pub fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        self.gauges.lock().push((name, help, Box::new(read)));
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let counters = [
@@ -27,6 +210,21 @@ impl Metrics {
                 "ratelimit_service_config_load_error",
                 "Config loads that failed; the previous config kept serving.",
                 &self.config_load_error,
+            ),
+            (
+                "meshlimit_store_errors_total",
+                "Counter store calls that failed.",
+                &self.store_errors,
+            ),
+            (
+                "meshlimit_local_cache_hits_total",
+                "Over-limit answers served from the local cache without a store round trip.",
+                &self.local_cache_hits,
+            ),
+            (
+                "meshlimit_shed_total",
+                "Requests turned away by a domain's shared capacity.",
+                &self.shed,
             ),
         ];
         for (name, help, value) in counters {
@@ -41,6 +239,81 @@ impl Metrics {
             "# HELP meshlimit_config_hash Hash of the loaded config files.\n# TYPE meshlimit_config_hash gauge\nmeshlimit_config_hash {}",
             self.config_hash.load(Ordering::Relaxed)
         );
+        for (name, help, read) in self.gauges.lock().iter() {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                read()
+            );
+        }
+        self.decision_latency.render(
+            &mut out,
+            "meshlimit_decision_duration_seconds",
+            "Time to decide one ShouldRateLimit call.",
+        );
+        self.store_latency.render(
+            &mut out,
+            "meshlimit_store_duration_seconds",
+            "Time of one counter store call.",
+        );
+        self.render_rules(&mut out);
         out
     }
+
+    fn render_rules(&self, out: &mut String) {
+        let rules = self.rules.lock();
+        let mut sorted: Vec<_> = rules.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        for stat in [
+            "total_hits",
+            "over_limit",
+            "near_limit",
+            "within_limit",
+            "shadow_mode",
+        ] {
+            let name = format!("ratelimit_service_rate_limit_{stat}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for ((domain, path), stats) in &sorted {
+                // The key label is the rule path without its domain, as envoyproxy/ratelimit
+                // names its stats: `user.path_/admin`.
+                let key = path
+                    .strip_prefix(&**domain)
+                    .map_or(&**path, |k| k.trim_start_matches('.'));
+                let value = stats
+                    .counters
+                    .values()
+                    .iter()
+                    .find(|(s, _)| *s == stat)
+                    .map_or(0, |(_, v)| *v);
+                let _ = writeln!(
+                    out,
+                    "{name}{{domain=\"{}\",key=\"{}\"}} {value}",
+                    escape(domain),
+                    escape(key)
+                );
+                for (detail, counters) in stats.detailed.lock().iter() {
+                    let value = counters
+                        .values()
+                        .iter()
+                        .find(|(s, _)| *s == stat)
+                        .map_or(0, |(_, v)| *v);
+                    let _ = writeln!(
+                        out,
+                        "{name}{{domain=\"{}\",key=\"{}\",value=\"{}\"}} {value}",
+                        escape(domain),
+                        escape(key),
+                        escape(detail)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -29,7 +29,7 @@ pub enum RuleLimit {
     Unlimited,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Rule {
     pub limit: RuleLimit,
     /// Reported in `current_limit.name` and referenced by other rules' `replaces`.
@@ -51,6 +51,8 @@ pub struct Rule {
     pub provenance: Box<[String]>,
     /// How clients and upstreams see this rule's decisions (policies only).
     pub treatment: Treatment,
+    /// This rule's counters, attached after loading so they survive reloads.
+    pub stats: std::sync::OnceLock<std::sync::Arc<crate::metrics::RuleStats>>,
 }
 
 /// What a policy says beyond its limits: how decisions are presented and enforced.

@@ -33,6 +33,8 @@ pub struct ServeOptions {
     pub watch_interval: std::time::Duration,
     /// What responses carry besides status codes.
     pub presentation: crate::response::ResponseSettings,
+    /// Fraction of a limit past which hits count as near the limit (NEAR_LIMIT_RATIO).
+    pub near_limit_ratio: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +72,21 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     }
     let live = reloader.live().clone();
     let store = MemoryStore::new(options.cache_capacity);
+    let (entries, evictions) = (store.clone(), store.clone());
+    metrics.gauge(
+        "meshlimit_cache_entries",
+        "Counters held in memory.",
+        move || entries.entry_count(),
+    );
+    metrics.gauge(
+        "meshlimit_cache_evictions",
+        "Counters evicted to stay within --cache-capacity.",
+        move || evictions.evictions(),
+    );
     let limiter = Arc::new(
         RateLimiter::new(live.clone(), store, SystemClock, options.bounds)
-            .with_presentation(options.presentation.clone()),
+            .with_presentation(options.presentation.clone())
+            .with_metrics(metrics.clone(), options.near_limit_ratio),
     );
 
     let grpc_listener = bind(options.grpc_addr, "gRPC", "--grpc-addr").await?;

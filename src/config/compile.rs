@@ -311,6 +311,7 @@ impl Compiler<'_, '_> {
             count_rejected: false,
             provenance: provenance.into(),
             treatment,
+            stats: Default::default(),
         })
     }
 
@@ -377,6 +378,7 @@ impl Compiler<'_, '_> {
             count_rejected,
             provenance: provenance.into(),
             treatment: Treatment::default(),
+            stats: Default::default(),
         })
     }
 

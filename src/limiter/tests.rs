@@ -596,3 +596,39 @@ descriptors:
         assert!(text.contains("StringValue(\"OK\")"), "{text}");
     }
 }
+
+#[test]
+fn decisions_move_the_rule_counters_named_like_envoyproxy_ratelimit() {
+    let clock = ManualClock::at(START);
+    let tree = compile_str("edge.yaml", CONFIG, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let config = RateLimitConfig::new([tree], Algorithm::SlidingWindow);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    metrics.attach(&config);
+    let live = Arc::new(ArcSwapOption::from_pointee(config));
+    let limiter = RateLimiter::new(
+        live,
+        MemoryStore::new(100),
+        clock.clone(),
+        RequestBounds::default(),
+    )
+    .with_metrics(metrics.clone(), 0.5);
+    let req = request(vec![descriptor(&[("user", "alice")])]);
+    for _ in 0..3 {
+        decide(&limiter, &req);
+    }
+    decide(&limiter, &request(vec![descriptor(&[("trial", "t")])]));
+    decide(&limiter, &request(vec![descriptor(&[("trial", "t")])]));
+    let text = metrics.render();
+    for line in [
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"user\"} 3",
+        "ratelimit_service_rate_limit_within_limit{domain=\"edge\",key=\"user\"} 2",
+        "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"user\"} 1",
+        // The second hit of a limit of 2 passes half of it.
+        "ratelimit_service_rate_limit_near_limit{domain=\"edge\",key=\"user\"} 1",
+        "ratelimit_service_rate_limit_shadow_mode{domain=\"edge\",key=\"trial\"} 1",
+        "meshlimit_decision_duration_seconds_count 5",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    }
+}

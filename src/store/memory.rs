@@ -8,7 +8,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use moka::Expiry;
+use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use parking_lot::{Mutex, MutexGuard};
 
@@ -52,17 +55,37 @@ impl Expiry<u128, Arc<Counter>> for ExpireAfterLastUse {
 #[derive(Clone)]
 pub struct MemoryStore {
     counters: Cache<u128, Arc<Counter>>,
+    /// Counters dropped to stay within capacity (not those that expired).
+    evictions: Arc<AtomicU64>,
 }
 
 impl MemoryStore {
     /// A store holding at most `capacity` counters.
     pub fn new(capacity: u64) -> Self {
+        let evictions = Arc::new(AtomicU64::new(0));
+        let counted = evictions.clone();
         Self {
             counters: Cache::builder()
                 .max_capacity(capacity)
                 .expire_after(ExpireAfterLastUse)
+                .eviction_listener(move |_, _, cause| {
+                    if cause == RemovalCause::Size {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
                 .build(),
+            evictions,
         }
+    }
+
+    /// Counters evicted to stay within capacity so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Counters held, without forcing moka's pending maintenance (cheap, for metrics).
+    pub fn entry_count(&self) -> u64 {
+        self.counters.entry_count()
     }
 
     /// Counters currently held (approximate until moka's pending maintenance runs).
