@@ -149,6 +149,9 @@ impl Histogram {
     }
 }
 
+/// A rule's identity across reloads: its domain and path.
+type RuleId = (Box<str>, Box<str>);
+
 type Gauge = (
     &'static str,
     &'static str,
@@ -168,7 +171,7 @@ pub struct Metrics {
     pub local_cache_hits: AtomicU64,
     /// Requests turned away by a domain's shared capacity.
     pub shed: AtomicU64,
-    rules: Mutex<HashMap<(Box<str>, Box<str>), Arc<RuleStats>>>,
+    rules: Mutex<HashMap<RuleId, Arc<RuleStats>>>,
     gauges: Mutex<Vec<Gauge>>,
 }
 
