@@ -15,7 +15,7 @@ use crate::algorithm::penalty::Penalty;
 use crate::clock::Clock;
 use crate::key::append_counter_key;
 use crate::limit::{Limit, Unit};
-use crate::matcher::{Capacity, RateLimitConfig};
+use crate::matcher::{Capacity, DomainTree, RateLimitConfig};
 use crate::metrics::{Hit, Metrics};
 use crate::proto::rate_limit_response::rate_limit::Unit as ProtoUnit;
 use crate::proto::rate_limit_response::{Code, DescriptorStatus, RateLimit};
@@ -146,29 +146,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             // envoyproxy/ratelimit answers OK with no limit for a domain it does not know.
             return Ok(no_limits(request.descriptors.len()));
         };
-        let mut resolved: Vec<Resolved<'_>> = Vec::with_capacity(request.descriptors.len());
-        for (i, descriptor) in request.descriptors.iter().enumerate() {
-            resolved.push(match &descriptor.limit {
-                Some(limit) => {
-                    let unit = Unit::from_proto(limit.unit).ok_or_else(|| {
-                        DecisionError::InvalidRequest(format!(
-                            "descriptor {i} has a limit override with unit {}; use SECOND to YEAR",
-                            limit.unit
-                        ))
-                    })?;
-                    Resolved::Override(Limit::per_unit(
-                        limit.requests_per_unit,
-                        unit,
-                        config.default_algorithm,
-                    ))
-                }
-                None => match domain.lookup(&descriptor.entries) {
-                    Some(rule) => Resolved::Rule(rule),
-                    None => Resolved::NoLimit,
-                },
-            });
-        }
-        apply_replaces(&mut resolved);
+        let resolved = resolve(request, &config, domain)?;
         let now = self.clock.now_millis();
 
         if let Some(capacity) = &domain.capacity
@@ -177,45 +155,8 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             return Ok(shed);
         }
 
-        // Every key of the request goes into one buffer: one allocation, not one per key.
-        let mut key_text = String::with_capacity(64 * request.descriptors.len());
-        let mut counted: Vec<Counted> = Vec::with_capacity(request.descriptors.len());
-        for (i, (descriptor, resolved)) in request.descriptors.iter().zip(&resolved).enumerate() {
-            let (limits, count_rejected, penalty) = match resolved {
-                Resolved::Rule(Rule {
-                    limit: RuleLimit::Limited(limits),
-                    count_rejected,
-                    treatment,
-                    ..
-                }) => (&limits[..], *count_rejected, treatment.penalty),
-                Resolved::Override(limit) => (std::slice::from_ref(limit), false, None),
-                _ => continue,
-            };
-            let hits = hits_of(request, descriptor);
-            for limit in limits {
-                let start = key_text.len();
-                append_counter_key(&mut key_text, &request.domain, &descriptor.entries, limit);
-                counted.push(Counted {
-                    descriptor: i,
-                    limit: *limit,
-                    hits,
-                    count_rejected,
-                    penalty,
-                    key: start..key_text.len(),
-                });
-            }
-        }
-        let checks: Vec<Check<'_>> = counted
-            .iter()
-            .map(|c| Check {
-                key: key_text.get(c.key.clone()).unwrap_or_default(),
-                limit: c.limit,
-                hits: c.hits,
-                group: c.descriptor as u32,
-                count_rejected: c.count_rejected,
-                penalty: c.penalty,
-            })
-            .collect();
+        let plan = Plan::new(request, &resolved, Counting::Hits);
+        let checks = plan.checks();
         let mut verdicts = Vec::with_capacity(checks.len());
         if !checks.is_empty() {
             self.count(&checks, now, &mut verdicts).await?;
@@ -223,7 +164,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
 
         // One outcome per counted descriptor: of its limits, the one that decided.
         let mut decided: Vec<Decided<'_>> = Vec::with_capacity(request.descriptors.len());
-        let mut results = counted.iter().zip(&verdicts).peekable();
+        let mut results = plan.counted.iter().zip(&verdicts).peekable();
         while let Some((first, verdict)) = results.next() {
             let mut deciding = (first.limit, *verdict);
             while let Some((next, verdict)) =
@@ -329,6 +270,53 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         Ok(Some(response))
     }
 
+    /// Current use of every limit the request's descriptors match, without consuming any
+    /// (the "current usage" query). Penalty blocks show as over the limit.
+    pub async fn usage(
+        &self,
+        request: &RateLimitRequest,
+    ) -> Result<Vec<LimitUsage>, DecisionError> {
+        self.validate(request)?;
+        let config = self.config.load_full().ok_or(DecisionError::NoConfig)?;
+        let Some(domain) = config.domain(&request.domain) else {
+            return Ok(Vec::new());
+        };
+        let resolved = resolve(request, &config, domain)?;
+        let plan = Plan::new(request, &resolved, Counting::LookOnly);
+        let checks = plan.checks();
+        let mut verdicts = Vec::with_capacity(checks.len());
+        if !checks.is_empty() {
+            self.count(&checks, self.clock.now_millis(), &mut verdicts)
+                .await?;
+        }
+        Ok(plan
+            .counted
+            .iter()
+            .zip(&verdicts)
+            .map(|(c, verdict)| {
+                let rule = resolved.get(c.descriptor).and_then(Resolved::rule);
+                // A token bucket holds up to its burst, a window up to its limit.
+                let limit = match c.limit.algorithm {
+                    crate::limit::Algorithm::TokenBucket => u64::from(c.limit.burst()),
+                    _ => u64::from(c.limit.requests_per_unit),
+                };
+                LimitUsage {
+                    descriptor: c.descriptor,
+                    rule: rule.map_or_else(|| "override".to_owned(), |r| r.path.to_string()),
+                    name: rule
+                        .and_then(|r| r.name.as_deref())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    limit: c.limit,
+                    used: limit.saturating_sub(verdict.remaining),
+                    remaining: verdict.remaining,
+                    reset_after_millis: verdict.reset_after_millis,
+                    over_limit: verdict.over_limit,
+                }
+            })
+            .collect())
+    }
+
     /// One store call, timed, with failures counted.
     async fn count(
         &self,
@@ -421,6 +409,116 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         }
         Ok(())
     }
+}
+
+/// Matches every descriptor of a request, then applies `replaces`.
+fn resolve<'c>(
+    request: &RateLimitRequest,
+    config: &RateLimitConfig,
+    domain: &'c DomainTree,
+) -> Result<Vec<Resolved<'c>>, DecisionError> {
+    let mut resolved: Vec<Resolved<'c>> = Vec::with_capacity(request.descriptors.len());
+    for (i, descriptor) in request.descriptors.iter().enumerate() {
+        resolved.push(match &descriptor.limit {
+            Some(limit) => {
+                let unit = Unit::from_proto(limit.unit).ok_or_else(|| {
+                    DecisionError::InvalidRequest(format!(
+                        "descriptor {i} has a limit override with unit {}; use SECOND to YEAR",
+                        limit.unit
+                    ))
+                })?;
+                Resolved::Override(Limit::per_unit(
+                    limit.requests_per_unit,
+                    unit,
+                    config.default_algorithm,
+                ))
+            }
+            None => match domain.lookup(&descriptor.entries) {
+                Some(rule) => Resolved::Rule(rule),
+                None => Resolved::NoLimit,
+            },
+        });
+    }
+    apply_replaces(&mut resolved);
+    Ok(resolved)
+}
+
+/// Whether a plan adds the request's hits or only looks (a usage query).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counting {
+    Hits,
+    LookOnly,
+}
+
+/// The counters one request touches: one entry per limit of every limited descriptor, with
+/// all keys in one buffer (one allocation, not one per key).
+struct Plan {
+    counted: Vec<Counted>,
+    key_text: String,
+}
+
+impl Plan {
+    fn new(request: &RateLimitRequest, resolved: &[Resolved<'_>], counting: Counting) -> Self {
+        let mut key_text = String::with_capacity(64 * request.descriptors.len());
+        let mut counted: Vec<Counted> = Vec::with_capacity(request.descriptors.len());
+        for (i, (descriptor, resolved)) in request.descriptors.iter().zip(resolved).enumerate() {
+            let (limits, count_rejected, penalty) = match resolved {
+                Resolved::Rule(Rule {
+                    limit: RuleLimit::Limited(limits),
+                    count_rejected,
+                    treatment,
+                    ..
+                }) => (&limits[..], *count_rejected, treatment.penalty),
+                Resolved::Override(limit) => (std::slice::from_ref(limit), false, None),
+                _ => continue,
+            };
+            let hits = match counting {
+                Counting::Hits => hits_of(request, descriptor),
+                Counting::LookOnly => 0,
+            };
+            for limit in limits {
+                let start = key_text.len();
+                append_counter_key(&mut key_text, &request.domain, &descriptor.entries, limit);
+                counted.push(Counted {
+                    descriptor: i,
+                    limit: *limit,
+                    hits,
+                    count_rejected,
+                    penalty,
+                    key: start..key_text.len(),
+                });
+            }
+        }
+        Self { counted, key_text }
+    }
+
+    fn checks(&self) -> Vec<Check<'_>> {
+        self.counted
+            .iter()
+            .map(|c| Check {
+                key: self.key_text.get(c.key.clone()).unwrap_or_default(),
+                limit: c.limit,
+                hits: c.hits,
+                group: c.descriptor as u32,
+                count_rejected: c.count_rejected,
+                penalty: c.penalty,
+            })
+            .collect()
+    }
+}
+
+/// Current use of one limit, as `/v1/usage` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitUsage {
+    pub descriptor: usize,
+    /// The rule's path (`domain.key_value.key`), or `override` for a request's own limit.
+    pub rule: String,
+    pub name: String,
+    pub limit: Limit,
+    pub used: u64,
+    pub remaining: u64,
+    pub reset_after_millis: u64,
+    pub over_limit: bool,
 }
 
 /// One limit of one descriptor to count, with its key's place in the request's key buffer.

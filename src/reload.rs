@@ -40,6 +40,7 @@ impl Reloader {
         let loaded = config::load_dir(dir, &options).inspect_err(|_| {
             metrics.config_load_error.fetch_add(1, Ordering::Relaxed);
         })?;
+        metrics.attach(&loaded);
         metrics.config_load_success.fetch_add(1, Ordering::Relaxed);
         metrics
             .config_hash
@@ -83,6 +84,7 @@ impl Reloader {
                     .iter()
                     .map(|d| d.name.to_string())
                     .collect();
+                self.metrics.attach(&loaded);
                 self.live.store(Some(Arc::new(loaded)));
                 self.metrics
                     .config_load_success

@@ -76,7 +76,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     metrics.gauge(
         "meshlimit_cache_entries",
         "Counters held in memory.",
-        move || entries.entry_count(),
+        move || entries.len(),
     );
     metrics.gauge(
         "meshlimit_cache_evictions",
@@ -126,6 +126,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         health: health.clone(),
         config: live,
         metrics,
+        decisions: limiter.clone(),
     });
     let watcher = tokio::spawn(reloader.watch(options.watch_interval, shutdown_signal()));
 

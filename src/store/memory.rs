@@ -159,7 +159,8 @@ impl MemoryStore {
         let start = out.len();
         self.apply_limits(group, now_millis, out);
         let verdicts = out.get_mut(start..).unwrap_or_default();
-        if verdicts.iter().any(|v| v.over_limit) {
+        // A zero-hit check (a usage query) only looks; it never earns a penalty.
+        if verdicts.iter().any(|v| v.over_limit) && group.iter().any(|c| c.hits > 0) {
             if let Some(block) = state.record_rejection(&penalty, now_millis) {
                 for verdict in verdicts.iter_mut().filter(|v| v.over_limit) {
                     verdict.reset_after_millis = block;

@@ -1,0 +1,150 @@
+//! JSON forms of the rate limit API for the admin port: envoyproxy/ratelimit's `POST /json`
+//! and meshlimit's `GET /v1/usage`. Field names follow protobuf's JSON mapping
+//! (camelCase); snake_case is accepted on input too.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::limiter::LimitUsage;
+use crate::proto::envoy::config::core::v3::HeaderValue;
+use crate::proto::envoy::r#type::v3::RateLimitUnit;
+use crate::proto::rate_limit_descriptor::{Entry, RateLimitOverride};
+use crate::proto::rate_limit_response::{Code, rate_limit};
+use crate::proto::{RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonRequest {
+    domain: String,
+    #[serde(default)]
+    descriptors: Vec<JsonDescriptor>,
+    #[serde(default, alias = "hits_addend", rename = "hitsAddend")]
+    hits_addend: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonDescriptor {
+    #[serde(default)]
+    entries: Vec<JsonEntry>,
+    limit: Option<JsonLimit>,
+    #[serde(default, alias = "hits_addend", rename = "hitsAddend")]
+    hits_addend: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonEntry {
+    key: String,
+    #[serde(default)]
+    value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonLimit {
+    #[serde(alias = "requests_per_unit", rename = "requestsPerUnit")]
+    requests_per_unit: u32,
+    unit: String,
+}
+
+impl JsonRequest {
+    pub fn into_proto(self) -> Result<RateLimitRequest, String> {
+        let descriptors = self
+            .descriptors
+            .into_iter()
+            .map(|d| {
+                let limit = match d.limit {
+                    Some(limit) => {
+                        let unit = RateLimitUnit::from_str_name(&limit.unit.to_ascii_uppercase())
+                            .ok_or_else(|| format!("unknown unit `{}`; write SECOND, MINUTE, HOUR, DAY, WEEK, MONTH or YEAR", limit.unit))?;
+                        Some(RateLimitOverride {
+                            requests_per_unit: limit.requests_per_unit,
+                            unit: unit as i32,
+                        })
+                    }
+                    None => None,
+                };
+                Ok(RateLimitDescriptor {
+                    entries: d
+                        .entries
+                        .into_iter()
+                        .map(|e| Entry { key: e.key, value: e.value })
+                        .collect(),
+                    limit,
+                    hits_addend: d.hits_addend,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(RateLimitRequest {
+            domain: self.domain,
+            descriptors,
+            hits_addend: self.hits_addend,
+        })
+    }
+}
+
+fn code_name(code: i32) -> &'static str {
+    Code::try_from(code).map_or("UNKNOWN", |c| c.as_str_name())
+}
+
+fn headers(list: &[HeaderValue]) -> Vec<Value> {
+    list.iter()
+        .map(|h| json!({ "key": h.key, "value": h.value }))
+        .collect()
+}
+
+/// A response in protobuf's JSON mapping.
+pub fn response(response: &RateLimitResponse) -> Value {
+    let statuses: Vec<Value> = response
+        .statuses
+        .iter()
+        .map(|s| {
+            let mut status = json!({ "code": code_name(s.code), "limitRemaining": s.limit_remaining });
+            if let Some(limit) = &s.current_limit {
+                let unit = rate_limit::Unit::try_from(limit.unit).map_or("UNKNOWN", |u| u.as_str_name());
+                status["currentLimit"] = json!({ "name": limit.name, "requestsPerUnit": limit.requests_per_unit, "unit": unit });
+            }
+            if let Some(reset) = &s.duration_until_reset {
+                status["durationUntilReset"] = json!(format!("{}s", reset.seconds));
+            }
+            status
+        })
+        .collect();
+    let mut out = json!({
+        "overallCode": code_name(response.overall_code),
+        "statuses": statuses,
+    });
+    if !response.response_headers_to_add.is_empty() {
+        out["responseHeadersToAdd"] = json!(headers(&response.response_headers_to_add));
+    }
+    if !response.request_headers_to_add.is_empty() {
+        out["requestHeadersToAdd"] = json!(headers(&response.request_headers_to_add));
+    }
+    if !response.raw_body.is_empty() {
+        out["body"] = json!(String::from_utf8_lossy(&response.raw_body));
+    }
+    out
+}
+
+/// `/v1/usage`'s answer: every matching limit's use, nothing consumed.
+pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
+    let limits: Vec<Value> = limits
+        .iter()
+        .map(|u| {
+            json!({
+                "descriptor": u.descriptor,
+                "rule": u.rule,
+                "name": u.name,
+                "requestsPerUnit": u.limit.requests_per_unit,
+                "windowSeconds": u.limit.window_millis.div_ceil(1_000),
+                "algorithm": u.limit.algorithm.name(),
+                "used": u.used,
+                "remaining": u.remaining,
+                "resetSeconds": u.reset_after_millis.div_ceil(1_000),
+                "overLimit": u.over_limit,
+            })
+        })
+        .collect();
+    json!({ "domain": domain, "limits": limits })
+}

@@ -1,0 +1,260 @@
+//! The HTTP admin port: health for probes, metrics for Prometheus, the loaded config, and
+//! JSON access to decisions (`POST /json`) and current usage (`GET /v1/usage`).
+
+mod json;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::clock::Clock;
+use crate::explain::{parse_descriptor, render_config};
+use crate::limiter::{DecisionError, LimitUsage, LiveConfig, RateLimiter};
+use crate::metrics::Metrics;
+use crate::proto::rate_limit_response::Code;
+use crate::proto::{RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+use crate::store::CounterStore;
+
+/// Whether this replica should receive traffic: a config is loaded and gRPC is serving.
+/// Turned off first thing on shutdown, so probes fail before connections close.
+#[derive(Debug, Default)]
+pub struct Health {
+    serving: AtomicBool,
+}
+
+impl Health {
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::SeqCst);
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The limiter as the admin port uses it, whatever its store.
+pub trait Decisions: Send + Sync {
+    fn decide(
+        &self,
+        request: RateLimitRequest,
+    ) -> BoxFuture<'_, Result<RateLimitResponse, DecisionError>>;
+    fn usage(
+        &self,
+        request: RateLimitRequest,
+    ) -> BoxFuture<'_, Result<Vec<LimitUsage>, DecisionError>>;
+}
+
+impl<S: CounterStore, C: Clock> Decisions for RateLimiter<S, C> {
+    fn decide(
+        &self,
+        request: RateLimitRequest,
+    ) -> BoxFuture<'_, Result<RateLimitResponse, DecisionError>> {
+        Box::pin(async move { self.should_rate_limit(&request).await })
+    }
+
+    fn usage(
+        &self,
+        request: RateLimitRequest,
+    ) -> BoxFuture<'_, Result<Vec<LimitUsage>, DecisionError>> {
+        Box::pin(async move { RateLimiter::usage(self, &request).await })
+    }
+}
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub health: Arc<Health>,
+    pub config: LiveConfig,
+    pub metrics: Arc<Metrics>,
+    pub decisions: Arc<dyn Decisions>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthcheck", get(healthcheck))
+        .route("/ready", get(healthcheck))
+        .route("/metrics", get(metrics))
+        .route("/rlconfig", get(rlconfig))
+        .route("/json", post(decide_json))
+        .route("/v1/usage", get(usage))
+        .with_state(state)
+}
+
+/// envoyproxy/ratelimit's contract: 200 `OK` when healthy, 500 otherwise.
+async fn healthcheck(State(state): State<AdminState>) -> (StatusCode, &'static str) {
+    if state.health.is_serving() && state.config.load().is_some() {
+        (StatusCode::OK, "OK")
+    } else {
+        (StatusCode::INTERNAL_SERVER_ERROR, "NOT OK")
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> String {
+    state.metrics.render()
+}
+
+/// The effective, resolved config: every rule after inheritance, with where it came from.
+async fn rlconfig(State(state): State<AdminState>) -> (StatusCode, String) {
+    match state.config.load_full() {
+        Some(config) => (StatusCode::OK, render_config(&config)),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no config is loaded\n".into(),
+        ),
+    }
+}
+
+fn error_status(error: &DecisionError) -> StatusCode {
+    match error {
+        DecisionError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+        DecisionError::NoConfig | DecisionError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn json_error(status: StatusCode, message: String) -> Response {
+    json_response(status, serde_json::json!({ "error": message }))
+}
+
+/// envoyproxy/ratelimit's `/json`: a JSON `RateLimitRequest` in, the decision out; 200 when
+/// OK, 429 when over the limit, 400 for a malformed request. This counts, like gRPC.
+async fn decide_json(State(state): State<AdminState>, body: Bytes) -> Response {
+    let request = match serde_json::from_slice::<json::JsonRequest>(&body)
+        .map_err(|e| e.to_string())
+        .and_then(json::JsonRequest::into_proto)
+    {
+        Ok(request) => request,
+        Err(message) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                format!("not a RateLimitRequest: {message}"),
+            );
+        }
+    };
+    match state.decisions.decide(request).await {
+        Ok(response) => {
+            let status = if response.overall_code == Code::OverLimit as i32 {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::OK
+            };
+            json_response(status, json::response(&response))
+        }
+        Err(error) => json_error(error_status(&error), error.to_string()),
+    }
+}
+
+/// `GET /v1/usage?domain=edge&descriptor=user=alice,path=/x[&descriptor=…]`: the current use
+/// and what is left of every limit the descriptors match, without consuming anything.
+async fn usage(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
+    let mut domain = None;
+    let mut descriptors = Vec::new();
+    for (key, value) in parse_query(query.as_deref().unwrap_or_default()) {
+        match key.as_str() {
+            "domain" => domain = Some(value),
+            "descriptor" => match parse_descriptor(&value) {
+                Ok(entries) => descriptors.push(RateLimitDescriptor {
+                    entries,
+                    ..Default::default()
+                }),
+                Err(message) => return json_error(StatusCode::BAD_REQUEST, message),
+            },
+            other => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown parameter `{other}`; use domain= and descriptor=key=value,key=value"
+                    ),
+                );
+            }
+        }
+    }
+    let Some(domain) = domain else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "add `domain=NAME` and one `descriptor=key=value,…` per descriptor".into(),
+        );
+    };
+    let request = RateLimitRequest {
+        domain: domain.clone(),
+        descriptors,
+        hits_addend: 0,
+    };
+    match state.decisions.usage(request).await {
+        Ok(limits) => json_response(StatusCode::OK, json::usage(&domain, &limits)),
+        Err(error) => json_error(error_status(&error), error.to_string()),
+    }
+}
+
+/// `a=1&b=x%2Fy` into decoded pairs, in order; `+` is a space as in HTML forms.
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(key), decode(value))
+        })
+        .collect()
+}
+
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+        match byte {
+            b'%' => match (hex(i + 1), hex(i + 2)) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode_percent_escapes_and_keep_repeated_keys() {
+        let pairs =
+            parse_query("domain=edge&descriptor=user%3Dalice%2Cpath%3D%2Fa+b&descriptor=ip=1");
+        assert_eq!(
+            pairs,
+            [
+                ("domain".to_owned(), "edge".to_owned()),
+                ("descriptor".to_owned(), "user=alice,path=/a b".to_owned()),
+                ("descriptor".to_owned(), "ip=1".to_owned()),
+            ]
+        );
+        assert_eq!(decode("100%"), "100%");
+    }
+}
