@@ -13,7 +13,9 @@ use meshlimit::limit::Algorithm;
 use meshlimit::limiter::RequestBounds;
 use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
-use meshlimit::server::{self, ServeOptions};
+use meshlimit::server::{self, ServeOptions, StoreChoice};
+use meshlimit::store::redis::settings::{self, RedisFlags};
+use meshlimit::store::redis::{FailureMode, RedisOptions};
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +31,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve envoy.service.ratelimit.v3.RateLimitService over gRPC.
-    Serve(ServeArgs),
+    // Boxed: the serve flags are far larger than the other commands'.
+    Serve(Box<ServeArgs>),
     /// Check a config directory: every problem with file:line:column, or a summary per domain.
     Validate {
         /// The directory holding the *.yaml config files.
@@ -94,12 +97,74 @@ struct ServeArgs {
     watch_interval: Duration,
     #[command(flatten)]
     presentation: PresentationArgs,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Fraction of a limit past which hits are counted as `near_limit` in the metrics.
     #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8)]
     near_limit_ratio: f64,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// Where counters live. envoyproxy/ratelimit's REDIS_TYPE, REDIS_URL, REDIS_AUTH, REDIS_TLS
+/// and CACHE_KEY_PREFIX are read too (see `store::redis::settings`).
+#[derive(Args)]
+struct StoreArgs {
+    /// memory: this process's counters; redis: counters shared by every replica.
+    #[arg(long = "store", env = "MESHLIMIT_STORE", value_enum, default_value_t = StoreKind::Memory)]
+    kind: StoreKind,
+    /// The Redis or Valkey server: redis://[user:password@]host:port[/db], or rediss:// for TLS.
+    #[arg(long, env = "MESHLIMIT_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster, comma-separated host:port (or URLs); the rest are discovered.
+    #[arg(long, env = "MESHLIMIT_REDIS_CLUSTER_NODES")]
+    redis_cluster_nodes: Option<String>,
+    /// Put before every Redis key [default: meshlimit:, or CACHE_KEY_PREFIX].
+    #[arg(long, env = "MESHLIMIT_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// The most a request waits on Redis; keep it well under Envoy's filter timeout.
+    #[arg(long, env = "MESHLIMIT_REDIS_TIMEOUT", default_value = "50ms", value_parser = parse_interval)]
+    redis_timeout: Duration,
+    /// The answer when Redis does not answer in time: allow (fail open), deny (fail closed),
+    /// or local (in-memory counters, each limit divided by --replicas).
+    #[arg(long, env = "MESHLIMIT_REDIS_FAILURE_MODE", value_enum, default_value_t = FailureMode::Allow)]
+    redis_failure_mode: FailureMode,
+    /// How many meshlimit replicas share the limits: each takes 1/replicas of every limit
+    /// while Redis is away in the `local` failure mode.
+    #[arg(long, env = "MESHLIMIT_REPLICAS", default_value_t = 1)]
+    replicas: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    Memory,
+    Redis,
+}
+
+impl StoreArgs {
+    fn choice(self, cache_capacity: u64) -> Result<StoreChoice, String> {
+        if self.kind == StoreKind::Memory {
+            return Ok(StoreChoice::Memory);
+        }
+        if self.redis_timeout.is_zero() {
+            return Err("--redis-timeout must be above zero, e.g. 50ms".into());
+        }
+        let flags = RedisFlags {
+            url: self.redis_url,
+            cluster_nodes: self.redis_cluster_nodes,
+            prefix: self.redis_prefix,
+        };
+        let resolved = settings::resolve(&flags, |name| std::env::var(name).ok())?;
+        Ok(StoreChoice::Redis(RedisOptions {
+            target: resolved.target,
+            prefix: resolved.prefix,
+            timeout: self.redis_timeout,
+            failure_mode: self.redis_failure_mode,
+            replicas: self.replicas.max(1),
+            local_capacity: cache_capacity,
+        }))
+    }
 }
 
 /// What responses carry besides status codes.
@@ -200,7 +265,7 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Validate { dir, counting } => validate(&dir, counting),
         Command::Explain {
             config,
@@ -259,6 +324,13 @@ fn explain(
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format);
+    let store = match args.store.choice(args.cache_capacity) {
+        Ok(store) => store,
+        Err(message) => {
+            eprintln!("meshlimit: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let options = ServeOptions {
         config_dir: args.config,
         grpc_addr: args.grpc_addr,
@@ -276,6 +348,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         watch_interval: args.watch_interval,
         presentation: args.presentation.settings(),
         near_limit_ratio: args.near_limit_ratio,
+        store,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

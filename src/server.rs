@@ -17,7 +17,8 @@ use crate::metrics::Metrics;
 use crate::proto::rate_limit_service_server::RateLimitServiceServer;
 use crate::reload::Reloader;
 use crate::service::grpc::GrpcRateLimitService;
-use crate::store::MemoryStore;
+use crate::store::redis::{RedisOptions, RedisSetupError, StoreHealth};
+use crate::store::{CounterStore, MemoryStore, RedisStore};
 
 /// Everything `serve` needs, parsed from flags and environment by the binary.
 #[derive(Debug, Clone)]
@@ -35,6 +36,15 @@ pub struct ServeOptions {
     pub presentation: crate::response::ResponseSettings,
     /// Fraction of a limit past which hits count as near the limit (NEAR_LIMIT_RATIO).
     pub near_limit_ratio: f64,
+    /// Where counters live.
+    pub store: StoreChoice,
+}
+
+/// `--store`: this process's memory, or Redis shared by every replica.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    Memory,
+    Redis(RedisOptions),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +60,8 @@ pub enum ServeError {
     },
     #[error("the {what} server failed: {message}")]
     Serve { what: &'static str, message: String },
+    #[error("redis store: {0}")]
+    Redis(#[from] RedisSetupError),
 }
 
 /// The gRPC service name Envoy's health checks and envoyproxy/ratelimit users probe.
@@ -70,19 +82,48 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             tracing::info!(domain = %domain.name, file = %domain.file, rules = domain.rules().len(), "loaded domain");
         }
     }
+    // Both stores serve through the same generic path below.
+    match options.store.clone() {
+        StoreChoice::Memory => {
+            let store = MemoryStore::new(options.cache_capacity);
+            let (entries, evictions) = (store.clone(), store.clone());
+            metrics.gauge(
+                "meshlimit_cache_entries",
+                "Counters held in memory.",
+                move || entries.len(),
+            );
+            metrics.gauge(
+                "meshlimit_cache_evictions",
+                "Counters evicted to stay within --cache-capacity.",
+                move || evictions.evictions(),
+            );
+            serve_with(options, metrics, reloader, store).await
+        }
+        StoreChoice::Redis(redis) => {
+            let store = RedisStore::connect(redis).await?;
+            let (health, fallbacks) = (store.clone(), store.clone());
+            metrics.gauge(
+                "meshlimit_redis_degraded",
+                "1 while a Redis node's circuit breaker is open and the failure policy answers for it.",
+                move || u64::from(health.health() == StoreHealth::Degraded),
+            );
+            metrics.gauge(
+                "meshlimit_redis_fallback_decisions",
+                "Checks decided by --redis-failure-mode because Redis did not answer in time.",
+                move || fallbacks.fallback_decisions(),
+            );
+            serve_with(options, metrics, reloader, store).await
+        }
+    }
+}
+
+async fn serve_with<S: CounterStore>(
+    options: ServeOptions,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
+    store: S,
+) -> Result<(), ServeError> {
     let live = reloader.live().clone();
-    let store = MemoryStore::new(options.cache_capacity);
-    let (entries, evictions) = (store.clone(), store.clone());
-    metrics.gauge(
-        "meshlimit_cache_entries",
-        "Counters held in memory.",
-        move || entries.len(),
-    );
-    metrics.gauge(
-        "meshlimit_cache_evictions",
-        "Counters evicted to stay within --cache-capacity.",
-        move || evictions.evictions(),
-    );
     let limiter = Arc::new(
         RateLimiter::new(live.clone(), store, SystemClock, options.bounds)
             .with_presentation(options.presentation.clone())

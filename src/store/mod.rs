@@ -4,6 +4,7 @@
 //! store makes each check atomic. Matching and policy never see which store is in use.
 
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 
@@ -11,6 +12,7 @@ use crate::algorithm::Verdict;
 use crate::algorithm::penalty::Penalty;
 use crate::limit::Limit;
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 
 /// One counter to update: the hits of one descriptor against one of its limits.

@@ -6,6 +6,7 @@
 //! - `envoy`: Envoy from the test venv, started from a bootstrap template
 //! - `http`: a minimal HTTP/1.1 client for Envoy's listener and admin endpoints
 //! - `upstream`: an in-process HTTP server that echoes the requests it receives
+//! - `redis`: real Redis / Valkey servers, standalone and a 3-master cluster
 //!
 //! Each test binary compiles this module separately and uses only part of it.
 #![allow(dead_code)]
@@ -14,6 +15,7 @@ pub mod envoy;
 pub mod http;
 pub mod meshlimit;
 pub mod process;
+pub mod redis;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};

@@ -1,0 +1,264 @@
+-- meshlimit's counter script: applies one request's checks atomically inside Redis.
+--
+-- It mirrors src/algorithm/*.rs line for line (same integer arithmetic, same order of
+-- operations), and src/store/memory.rs for what is kept: a group (one descriptor's limits)
+-- is admitted or rejected whole, a lone check keeps a rejected hit when `count_rejected`,
+-- and a penalty box wraps the group. Time is the caller's `now`, never Redis's clock, so
+-- every replica (and every test) decides from the same instant it passed in.
+--
+-- Lua numbers are doubles: every value below stays exact while it is under 2^53, which
+-- holds for counts times window lengths of any realistic limit (see the README's Redis
+-- section for the bound).
+--
+-- KEYS, per group: [penalty key,] one key per check.
+-- ARGV: now_millis, group count, then per group:
+--   check count, has_penalty (0|1), [after_rejections, within_millis, block_millis, ttl],
+--   then per check: algorithm (s|f|t), requests_per_unit, window_millis, burst, hits,
+--   count_rejected (0|1), ttl_millis.
+-- Returns three integers per check, in order: over_limit (0|1), remaining, reset_after_millis.
+
+local floor = math.floor
+local now = tonumber(ARGV[1])
+local group_count = tonumber(ARGV[2])
+local arg = 3
+local key = 1
+local out = {}
+
+local function next_arg()
+  local value = ARGV[arg]
+  arg = arg + 1
+  return value
+end
+
+local function next_number()
+  return tonumber(next_arg())
+end
+
+local function next_key()
+  local value = KEYS[key]
+  key = key + 1
+  return value
+end
+
+-- Exact while a and b are integers below 2^53.
+local function div_floor(a, b)
+  return floor(a / b)
+end
+
+local function div_ceil(a, b)
+  return floor((a + b - 1) / b)
+end
+
+local function int(n)
+  return string.format('%d', n)
+end
+
+-- State encodings: "w <window> <current> <previous>", "b <tat_micros>",
+-- "p <window> <rejections> <blocked_until_millis>". A value of another kind (the rule's
+-- algorithm changed) starts over, as `algorithm::apply` does.
+local function read_window(raw)
+  if raw then
+    local w, c, p = string.match(raw, '^w (%d+) (%d+) (%d+)$')
+    if w then
+      return { kind = 'w', window = tonumber(w), current = tonumber(c), previous = tonumber(p) }
+    end
+  end
+  return { kind = 'w', window = 0, current = 0, previous = 0 }
+end
+
+local function read_bucket(raw)
+  if raw then
+    local tat = string.match(raw, '^b (%d+)$')
+    if tat then
+      return { kind = 'b', tat = tonumber(tat) }
+    end
+  end
+  return { kind = 'b', tat = 0 }
+end
+
+local function encode(state)
+  if state.kind == 'w' then
+    return 'w ' .. int(state.window) .. ' ' .. int(state.current) .. ' ' .. int(state.previous)
+  end
+  return 'b ' .. int(state.tat)
+end
+
+-- WindowState::roll_to
+local function roll_to(state, window)
+  if state.window == window then
+    return
+  end
+  if window == state.window + 1 then
+    state.previous = state.current
+  else
+    state.previous = 0
+  end
+  state.current = 0
+  state.window = window
+end
+
+-- sliding_window::apply
+local function sliding_window(state, limit, window, hits)
+  roll_to(state, div_floor(now, window))
+  local elapsed = now % window
+  local used_scaled = state.previous * (window - elapsed) + (state.current + hits) * window
+  if used_scaled > limit * window then
+    local wait
+    if state.current + hits <= limit then
+      local free_scaled = (limit - state.current - hits) * window
+      local allowed_weight = div_floor(free_scaled, math.max(state.previous, 1))
+      wait = math.max((window - elapsed) - allowed_weight, 0)
+    elseif hits <= limit then
+      local allowed_weight = div_floor((limit - hits) * window, state.current)
+      wait = (window - elapsed) + math.max(window - allowed_weight, 0)
+    else
+      wait = (window - elapsed) + window
+    end
+    return 1, 0, math.max(wait, 1)
+  end
+  state.current = state.current + hits
+  return 0, div_floor(limit * window - used_scaled, window), window - elapsed
+end
+
+-- fixed_window::apply
+local function fixed_window(state, limit, window, hits)
+  roll_to(state, div_floor(now, window))
+  state.current = state.current + hits
+  local reset = window - now % window
+  if state.current > limit then
+    return 1, 0, reset
+  end
+  return 0, limit - state.current, reset
+end
+
+-- token_bucket::apply
+local function token_bucket(state, limit, window, burst, hits)
+  local now_micros = now * 1000
+  if limit == 0 or burst == 0 then
+    if hits > 0 then
+      return 1, 0, window
+    end
+    return 0, 0, window
+  end
+  local interval = div_ceil(window * 1000, limit)
+  local capacity = burst * interval
+  local tat = math.max(state.tat, now_micros)
+  local next_tat = tat + hits * interval
+  local ahead = next_tat - now_micros
+  if ahead > capacity then
+    return 1, 0, math.max(div_ceil(ahead - capacity, 1000), 1)
+  end
+  state.tat = next_tat
+  return 0, div_floor(capacity - ahead, interval), div_ceil(ahead, 1000)
+end
+
+for _ = 1, group_count do
+  local check_count = tonumber(next_arg())
+  local has_penalty = next_arg() == '1'
+  local penalty, penalty_key, penalty_state, penalty_ttl
+  if has_penalty then
+    penalty = { after = next_number(), within = next_number(), block = next_number() }
+    penalty_ttl = next_arg()
+    penalty_key = next_key()
+    penalty_state = { window = 0, rejections = 0, blocked_until = 0 }
+    local raw = redis.call('GET', penalty_key)
+    if raw then
+      local w, r, b = string.match(raw, '^p (%d+) (%d+) (%d+)$')
+      if w then
+        penalty_state = { window = tonumber(w), rejections = tonumber(r), blocked_until = tonumber(b) }
+      end
+    end
+  end
+
+  local first = #out + 1
+  if penalty_state and penalty_state.blocked_until > now then
+    -- Blocked: answered over the limit without counting (the check arguments are skipped).
+    for _ = 1, check_count do
+      next_key()
+      arg = arg + 7
+      out[#out + 1] = 1
+      out[#out + 1] = 0
+      out[#out + 1] = penalty_state.blocked_until - now
+    end
+  else
+    -- One state per distinct key: a key listed twice in a group is counted twice, in order.
+    local states = {}
+    local touched = {}
+    local ttls = {}
+    local count_rejected = false
+    local any_over = false
+    local any_hits = false
+    for _ = 1, check_count do
+      local k = next_key()
+      local algorithm = next_arg()
+      local limit = next_number()
+      local window = next_number()
+      local burst = next_number()
+      local hits = next_number()
+      count_rejected = next_arg() == '1'
+      if hits > 0 then
+        any_hits = true
+      end
+      local ttl = next_arg()
+      local state = states[k]
+      if not state then
+        local raw = redis.call('GET', k)
+        if algorithm == 't' then
+          state = read_bucket(raw)
+        else
+          state = read_window(raw)
+        end
+        states[k] = state
+        touched[#touched + 1] = k
+      end
+      ttls[k] = ttl
+      local over, remaining, reset
+      if algorithm == 's' then
+        over, remaining, reset = sliding_window(state, limit, window, hits)
+      elseif algorithm == 'f' then
+        over, remaining, reset = fixed_window(state, limit, window, hits)
+      else
+        over, remaining, reset = token_bucket(state, limit, window, burst, hits)
+      end
+      -- A bucket's rejected hit leaves its TAT alone; a rejected window hit may still have
+      -- rolled the window, which only a kept state writes back.
+      if over == 1 then
+        any_over = true
+      end
+      out[#out + 1] = over
+      out[#out + 1] = remaining
+      out[#out + 1] = reset
+    end
+    -- MemoryStore::apply_one keeps a lone check's state when admitted or count_rejected;
+    -- a group of several is kept only when every check was admitted.
+    local keep = not any_over or (check_count == 1 and count_rejected)
+    if keep then
+      for _, k in ipairs(touched) do
+        redis.call('SET', k, encode(states[k]), 'PX', ttls[k])
+      end
+    end
+    -- A zero-hit check (a usage query) only looks; it never earns a penalty.
+    if penalty and any_over and any_hits then
+      local window = div_floor(now, math.max(penalty.within, 1))
+      if window ~= penalty_state.window then
+        penalty_state.window = window
+        penalty_state.rejections = 0
+      end
+      penalty_state.rejections = math.min(penalty_state.rejections + 1, 4294967295)
+      if penalty_state.rejections >= penalty.after then
+        penalty_state.rejections = 0
+        penalty_state.blocked_until = now + penalty.block
+        for i = first, #out, 3 do
+          if out[i] == 1 then
+            out[i + 2] = penalty.block
+          end
+        end
+      end
+      redis.call('SET', penalty_key,
+        'p ' .. int(penalty_state.window) .. ' ' .. int(penalty_state.rejections) .. ' ' ..
+        int(penalty_state.blocked_until), 'PX', penalty_ttl)
+    end
+  end
+end
+
+return out

@@ -1,0 +1,507 @@
+//! The Redis counter store: counters shared by every replica, in Redis / Valkey standalone
+//! or Redis Cluster, making exactly the decisions of the in-memory store.
+//!
+//! - `counter.lua` / `script`: every algorithm, the all-or-nothing groups and the penalty
+//!   box run atomically in one script, with the `now` the limiter passes in;
+//! - `keys`: the key layout and its cluster hash tag;
+//! - `node`: one server's connection; `breaker`: its circuit breaker;
+//! - `cluster`: the slot map that splits a request's groups by node;
+//! - `settings`: flags and envoyproxy/ratelimit's environment variables.
+//!
+//! One round trip per node per request: standalone, all groups of an `apply` call go into
+//! one EVALSHA; on a cluster, groups are split by slot, each node gets one pipeline of one
+//! EVALSHA per slot, and the nodes are called concurrently. Every call has a deadline; a
+//! node that fails or misses it is answered for by the failure policy (`FailureMode`).
+
+mod breaker;
+mod cluster;
+mod keys;
+mod node;
+mod script;
+pub mod settings;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use redis::{ConnectionInfo, IntoConnectionInfo, Pipeline, Script, Value};
+
+use self::breaker::Permit;
+use self::cluster::SlotMap;
+pub use self::keys::{push_penalty_key, push_redis_key, slot};
+use self::node::{Node, NodeError};
+pub use self::settings::{FailureMode, RedisOptions, RedisTarget};
+use super::{Check, CounterStore, MemoryStore, StoreError, groups};
+use crate::algorithm::Verdict;
+
+/// Whether every Redis node answers, as the admin port reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreHealth {
+    Healthy,
+    /// At least one node's breaker is open: its keys are decided by the failure policy.
+    Degraded,
+}
+
+/// A problem with the Redis settings, found at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RedisSetupError(pub String);
+
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    topology: Topology,
+    script: Script,
+    prefix: String,
+    timeout: Duration,
+    failure_mode: FailureMode,
+    replicas: u32,
+    /// The `local` failure policy's counters.
+    local: MemoryStore,
+    /// Decisions taken by the failure policy instead of Redis.
+    fallbacks: AtomicU64,
+}
+
+enum Topology {
+    Standalone(Arc<Node>),
+    Cluster(Cluster),
+}
+
+struct Cluster {
+    seeds: Vec<ConnectionInfo>,
+    map: ArcSwap<SlotMap>,
+    /// Set by a failed or redirected call; the refresher re-reads the slot map soon.
+    stale: AtomicBool,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// The groups of one request that go to one node, as one EVALSHA per entry of `calls`.
+struct Batch {
+    node: Option<Arc<Node>>,
+    calls: Vec<Vec<Range<usize>>>,
+}
+
+/// One hash slot and the groups (ranges of checks) that hash to it.
+type SlotGroups = (u16, Vec<Range<usize>>);
+
+/// How often a cluster's slot map is re-read even when nothing failed.
+const CLUSTER_REFRESH: Duration = Duration::from_secs(5);
+/// How often a stale slot map is looked at.
+const CLUSTER_STALE_CHECK: Duration = Duration::from_millis(200);
+
+impl RedisStore {
+    /// Builds the store from its settings. An unreachable Redis is not an error: the store
+    /// starts degraded and uses Redis as soon as it answers. Must run inside a tokio runtime
+    /// (a cluster's slot map is refreshed by a background task).
+    pub async fn connect(options: RedisOptions) -> Result<RedisStore, RedisSetupError> {
+        keys::check_prefix(&options.prefix).map_err(RedisSetupError)?;
+        let topology = match &options.target {
+            RedisTarget::Standalone(url) => {
+                let info = connection_info(url)?;
+                let name = describe(&info);
+                let node = Node::new(name, info)
+                    .map_err(|error| RedisSetupError(format!("redis url `{url}`: {error}")))?;
+                Topology::Standalone(Arc::new(node))
+            }
+            RedisTarget::Cluster(seeds) => {
+                if seeds.is_empty() {
+                    return Err(RedisSetupError(
+                        "no Redis Cluster seed nodes; list at least one with --redis-cluster-nodes host:port".into(),
+                    ));
+                }
+                Topology::Cluster(Cluster {
+                    seeds: seeds
+                        .iter()
+                        .map(|url| connection_info(url))
+                        .collect::<Result<_, _>>()?,
+                    map: ArcSwap::from_pointee(SlotMap::empty()),
+                    stale: AtomicBool::new(true),
+                    refreshing: tokio::sync::Mutex::new(()),
+                })
+            }
+        };
+        let store = RedisStore {
+            inner: Arc::new(Inner {
+                topology,
+                script: script::counter_script(),
+                prefix: options.prefix,
+                timeout: options.timeout,
+                failure_mode: options.failure_mode,
+                replicas: options.replicas.max(1),
+                local: MemoryStore::new(options.local_capacity),
+                fallbacks: AtomicU64::new(0),
+            }),
+        };
+        match &store.inner.topology {
+            Topology::Standalone(node) => {
+                // Connect and load the script now, so the first request does not pay for it;
+                // failing here only means starting degraded.
+                let mut ping = redis::pipe();
+                ping.cmd("SCRIPT").arg("LOAD").arg(script::SOURCE);
+                let warm = tokio::time::timeout(store.inner.timeout * 20, async {
+                    node.run(&ping, &store.inner.script).await?;
+                    Ok::<_, NodeError>(())
+                })
+                .await;
+                if !matches!(warm, Ok(Ok(()))) {
+                    tracing::warn!(node = %node.name, "redis does not answer yet; starting with the failure policy");
+                }
+            }
+            Topology::Cluster(cluster) => {
+                if let Err(error) = store.inner.refresh(cluster).await {
+                    tracing::warn!(%error, "cannot read the Redis Cluster slot map yet; retrying in the background");
+                }
+                tokio::spawn(refresh_loop(Arc::downgrade(&store.inner)));
+            }
+        }
+        Ok(store)
+    }
+
+    /// Degraded while any node's breaker is open (or, on a cluster, no slot map is known).
+    pub fn health(&self) -> StoreHealth {
+        let degraded = match &self.inner.topology {
+            Topology::Standalone(node) => node.breaker.is_open(),
+            Topology::Cluster(cluster) => {
+                let map = cluster.map.load();
+                map.nodes.is_empty() || map.nodes.iter().any(|node| node.breaker.is_open())
+            }
+        };
+        if degraded {
+            StoreHealth::Degraded
+        } else {
+            StoreHealth::Healthy
+        }
+    }
+
+    /// Decisions taken by the failure policy because Redis did not answer in time.
+    pub fn fallback_decisions(&self) -> u64 {
+        self.inner.fallbacks.load(Ordering::Relaxed)
+    }
+}
+
+impl CounterStore for RedisStore {
+    fn apply(
+        &self,
+        checks: &[Check<'_>],
+        now_millis: u64,
+        out: &mut Vec<Verdict>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.inner.apply(checks, now_millis, out)
+    }
+}
+
+impl Inner {
+    async fn apply(
+        &self,
+        checks: &[Check<'_>],
+        now_millis: u64,
+        out: &mut Vec<Verdict>,
+    ) -> Result<(), StoreError> {
+        out.clear();
+        out.resize(
+            checks.len(),
+            Verdict {
+                over_limit: false,
+                remaining: 0,
+                reset_after_millis: 0,
+            },
+        );
+        let batches = self.plan(checks);
+        let calls = batches
+            .iter()
+            .map(|batch| self.call(batch, checks, now_millis));
+        let replies = futures_util::future::join_all(calls).await;
+        for (batch, reply) in batches.iter().zip(replies) {
+            let decoded = reply.and_then(|values| {
+                for (value, groups) in values.iter().zip(&batch.calls) {
+                    if let Err(error) = script::decode(value, groups, out) {
+                        if let Some(node) = &batch.node {
+                            node.breaker.failure(&error);
+                        }
+                        return Err(error);
+                    }
+                }
+                Ok(())
+            });
+            if let Err(error) = decoded {
+                tracing::debug!(%error, "no answer from redis; answering with the failure policy");
+                for groups in &batch.calls {
+                    self.fallback(checks, groups, now_millis, out);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits the groups of `checks` by node, and on a cluster by slot within a node.
+    fn plan(&self, checks: &[Check<'_>]) -> Vec<Batch> {
+        let mut ranges = Vec::new();
+        let mut start = 0;
+        for group in groups(checks) {
+            ranges.push(start..start + group.len());
+            start += group.len();
+        }
+        match &self.topology {
+            Topology::Standalone(node) => vec![Batch {
+                node: Some(node.clone()),
+                calls: vec![ranges],
+            }],
+            Topology::Cluster(cluster) => {
+                let map = cluster.map.load();
+                // (node index, or none while the slot has no known master) → its slots' groups
+                let mut by_node: Vec<(Option<usize>, Vec<SlotGroups>)> = Vec::new();
+                let mut key = String::new();
+                for range in ranges {
+                    let Some(first) = checks.get(range.start) else {
+                        continue;
+                    };
+                    key.clear();
+                    push_redis_key(&mut key, &self.prefix, first.key);
+                    let slot = keys::slot(&key);
+                    let node = map.node_of(slot).map(|(index, _)| index);
+                    let entry = match by_node.iter_mut().position(|(n, _)| *n == node) {
+                        Some(i) => by_node.get_mut(i),
+                        None => {
+                            by_node.push((node, Vec::new()));
+                            by_node.last_mut()
+                        }
+                    };
+                    if let Some((_, slots)) = entry {
+                        match slots.iter_mut().find(|(s, _)| *s == slot) {
+                            Some((_, groups)) => groups.push(range),
+                            None => slots.push((slot, vec![range])),
+                        }
+                    }
+                }
+                by_node
+                    .into_iter()
+                    .map(|(node, slots)| Batch {
+                        node: node.and_then(|i| map.nodes.get(i).cloned()),
+                        calls: slots.into_iter().map(|(_, groups)| groups).collect(),
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// One round trip to the batch's node, within the deadline, unless its breaker is open.
+    async fn call(
+        &self,
+        batch: &Batch,
+        checks: &[Check<'_>],
+        now_millis: u64,
+    ) -> Result<Vec<Value>, String> {
+        let Some(node) = &batch.node else {
+            self.mark_stale();
+            return Err("no Redis Cluster node serves this slot yet".into());
+        };
+        if node.breaker.permit() == Permit::Skip {
+            return Err(format!("{}: circuit breaker open", node.name));
+        }
+        let mut pipeline = Pipeline::with_capacity(batch.calls.len());
+        // The replies are inspected one by one: a server error in one is not an error of the
+        // whole round trip (NOSCRIPT is answered by loading the script).
+        pipeline.ignore_errors();
+        for groups in &batch.calls {
+            pipeline.add_command(script::evalsha(
+                &self.script,
+                &self.prefix,
+                checks,
+                groups,
+                now_millis,
+            ));
+        }
+        match tokio::time::timeout(self.timeout, node.run(&pipeline, &self.script)).await {
+            Ok(Ok(values)) => {
+                node.breaker.success();
+                Ok(values)
+            }
+            Ok(Err(NodeError::Connecting)) => Err(format!("{} is being connected", node.name)),
+            Ok(Err(NodeError::Failed { message, redirect })) => {
+                if redirect {
+                    self.mark_stale();
+                }
+                let message = format!("{}: {message}", node.name);
+                node.breaker.failure(&message);
+                Err(message)
+            }
+            Err(_) => {
+                let message = format!(
+                    "{} did not answer within {:?} (--redis-timeout)",
+                    node.name, self.timeout
+                );
+                node.breaker.failure(&message);
+                Err(message)
+            }
+        }
+    }
+
+    fn mark_stale(&self) {
+        if let Topology::Cluster(cluster) = &self.topology {
+            cluster.stale.store(true, Ordering::Release);
+        }
+    }
+
+    /// Decides `groups` without Redis, as `--redis-failure-mode` says.
+    fn fallback(
+        &self,
+        checks: &[Check<'_>],
+        groups: &[Range<usize>],
+        now_millis: u64,
+        out: &mut [Verdict],
+    ) {
+        let mut local = Vec::new();
+        for range in groups {
+            let Some(group) = checks.get(range.clone()) else {
+                continue;
+            };
+            self.fallbacks
+                .fetch_add(group.len() as u64, Ordering::Relaxed);
+            match self.failure_mode {
+                FailureMode::Allow | FailureMode::Deny => {
+                    let over_limit = self.failure_mode == FailureMode::Deny;
+                    for (check, slot) in group
+                        .iter()
+                        .zip(out.get_mut(range.clone()).unwrap_or_default())
+                    {
+                        let window = check.limit.window_millis().max(1);
+                        *slot = Verdict {
+                            over_limit,
+                            remaining: if over_limit {
+                                0
+                            } else {
+                                u64::from(check.limit.requests_per_unit)
+                            },
+                            reset_after_millis: window - now_millis % window,
+                        };
+                    }
+                }
+                FailureMode::Local => {
+                    // Each replica enforces its share of the limit, so all of them together
+                    // stay near the configured limit while Redis is away.
+                    let shares: Vec<Check<'_>> = group
+                        .iter()
+                        .map(|check| {
+                            let mut share = *check;
+                            share.limit = settings::replica_share(&check.limit, self.replicas);
+                            share
+                        })
+                        .collect();
+                    local.clear();
+                    self.local.apply_group(&shares, now_millis, &mut local);
+                    for (verdict, slot) in local
+                        .iter()
+                        .zip(out.get_mut(range.clone()).unwrap_or_default())
+                    {
+                        *slot = *verdict;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-reads the slot map from the first node (known masters first, then the seeds) that
+    /// answers `CLUSTER SLOTS`.
+    async fn refresh(&self, cluster: &Cluster) -> Result<(), String> {
+        let Ok(_refreshing) = cluster.refreshing.try_lock() else {
+            return Ok(());
+        };
+        cluster.stale.store(false, Ordering::Release);
+        let current = cluster.map.load_full();
+        let known: HashMap<String, Arc<Node>> = current
+            .nodes
+            .iter()
+            .map(|node| (node.name.clone(), node.clone()))
+            .collect();
+        let mut candidates: Vec<Arc<Node>> = current.nodes.clone();
+        for seed in &cluster.seeds {
+            let name = describe(seed);
+            if !known.contains_key(&name) {
+                let node = Node::new(name, seed.clone()).map_err(|error| error.to_string())?;
+                candidates.push(Arc::new(node));
+            }
+        }
+        let mut last_error = String::from("no seed node");
+        for candidate in candidates {
+            let mut pipeline = redis::pipe();
+            pipeline.cmd("CLUSTER").arg("SLOTS");
+            let reply =
+                tokio::time::timeout(self.timeout * 20, candidate.run(&pipeline, &self.script))
+                    .await;
+            let reply = match reply {
+                Ok(Ok(mut values)) if !values.is_empty() => values.swap_remove(0),
+                Ok(Ok(_)) => continue,
+                Ok(Err(NodeError::Failed { message, .. })) => {
+                    last_error = format!("{}: {message}", candidate.name);
+                    continue;
+                }
+                Ok(Err(NodeError::Connecting)) => continue,
+                Err(_) => {
+                    last_error = format!("{}: no answer", candidate.name);
+                    continue;
+                }
+            };
+            let seed = cluster
+                .seeds
+                .first()
+                .ok_or_else(|| "no seed node".to_string())?;
+            let map = cluster::parse_slots(&reply, seed, &known)?;
+            if map.nodes.len() != current.nodes.len() {
+                tracing::info!(
+                    masters = map.nodes.len(),
+                    nodes = %map.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(","),
+                    "read the Redis Cluster slot map"
+                );
+            }
+            cluster.map.store(Arc::new(map));
+            return Ok(());
+        }
+        cluster.stale.store(true, Ordering::Release);
+        Err(last_error)
+    }
+}
+
+/// Keeps a cluster's slot map fresh for as long as the store lives.
+async fn refresh_loop(inner: std::sync::Weak<Inner>) {
+    let mut since_refresh = Duration::ZERO;
+    loop {
+        tokio::time::sleep(CLUSTER_STALE_CHECK).await;
+        since_refresh += CLUSTER_STALE_CHECK;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let Topology::Cluster(cluster) = &inner.topology else {
+            return;
+        };
+        if cluster.stale.load(Ordering::Acquire) || since_refresh >= CLUSTER_REFRESH {
+            since_refresh = Duration::ZERO;
+            if let Err(error) = inner.refresh(cluster).await {
+                tracing::debug!(%error, "cannot refresh the Redis Cluster slot map");
+            }
+        }
+    }
+}
+
+fn connection_info(url: &str) -> Result<ConnectionInfo, RedisSetupError> {
+    url.into_connection_info().map_err(|error| {
+        RedisSetupError(format!(
+            "`{}` is not a Redis URL ({error}); write redis://[user:password@]host:port[/db] or rediss:// for TLS",
+            settings::redact(url)
+        ))
+    })
+}
+
+/// `host:port` of a connection, without credentials, for logs.
+fn describe(info: &ConnectionInfo) -> String {
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
+        other => other.to_string(),
+    }
+}

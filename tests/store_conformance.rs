@@ -1,0 +1,421 @@
+//! The store-conformance suite: the same decision sequences, with injected `now_millis`,
+//! against the in-memory store and a real Redis (standalone and a 3-master cluster); the
+//! verdicts must be identical, check for check.
+//!
+//! Also here, at the library level: one EVALSHA per request on a standalone Redis, and a
+//! cluster that loses one master keeps counting the other masters' keys in Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::{RedisCluster, RedisServer};
+use meshlimit::algorithm::Verdict;
+use meshlimit::algorithm::penalty::Penalty;
+use meshlimit::limit::{Algorithm, Limit};
+use meshlimit::store::redis::{FailureMode, RedisOptions, RedisTarget, push_redis_key, slot};
+use meshlimit::store::{Check, CounterStore, MemoryStore, RedisStore};
+
+/// A Tuesday in 2023, on a day boundary: every window of the scenarios starts here.
+const T0: u64 = 1_700_006_400_000;
+const SECOND: u64 = 1_000;
+const MINUTE: u64 = 60_000;
+
+#[derive(Debug, Clone)]
+struct Spec {
+    key: String,
+    limit: Limit,
+    hits: u64,
+    group: u32,
+    count_rejected: bool,
+    penalty: Option<Penalty>,
+}
+
+/// One `apply` call: its checks and its time.
+#[derive(Debug, Clone)]
+struct Step {
+    now: u64,
+    checks: Vec<Spec>,
+}
+
+fn spec(key: &str, limit: Limit, hits: u64, group: u32) -> Spec {
+    Spec {
+        key: key.to_owned(),
+        limit,
+        hits,
+        group,
+        count_rejected: false,
+        penalty: None,
+    }
+}
+
+fn limit(requests_per_unit: u32, window_millis: u64, algorithm: Algorithm) -> Limit {
+    Limit {
+        requests_per_unit,
+        window_millis,
+        algorithm,
+        burst: None,
+    }
+}
+
+fn step(now: u64, checks: Vec<Spec>) -> Step {
+    Step { now, checks }
+}
+
+/// Runs `steps` in order and returns every verdict.
+async fn run(store: &impl CounterStore, steps: &[Step]) -> Vec<Vec<Verdict>> {
+    let mut all = Vec::new();
+    for step in steps {
+        let checks: Vec<Check<'_>> = step
+            .checks
+            .iter()
+            .map(|s| Check {
+                key: &s.key,
+                limit: s.limit,
+                hits: s.hits,
+                group: s.group,
+                count_rejected: s.count_rejected,
+                penalty: s.penalty,
+            })
+            .collect();
+        let mut out = Vec::new();
+        store
+            .apply(&checks, step.now, &mut out)
+            .await
+            .expect("the store decides");
+        all.push(out);
+    }
+    all
+}
+
+fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
+    let sliding = limit(10, MINUTE, Algorithm::SlidingWindow);
+    let fixed = limit(3, MINUTE, Algorithm::FixedWindow);
+    let bucket = Limit {
+        burst: Some(5),
+        ..limit(10, SECOND, Algorithm::TokenBucket)
+    };
+    let mut out = Vec::new();
+
+    // Sliding window: fill a window, cross the boundary, watch the previous window decay;
+    // a request larger than the limit; zero-hit checks.
+    let mut steps = Vec::new();
+    for i in 0..12 {
+        steps.push(step(
+            T0 + MINUTE - 1_000 + i,
+            vec![spec("d|u=a|1m/s", sliding, 1, 0)],
+        ));
+    }
+    for at in [
+        1, 6_000, 15_000, 30_000, 30_001, 45_000, 59_999, 60_000, 125_000,
+    ] {
+        for hits in [0, 1, 2, 11] {
+            steps.push(step(
+                T0 + MINUTE + at,
+                vec![spec("d|u=a|1m/s", sliding, hits, 0)],
+            ));
+        }
+    }
+    out.push(("sliding window", steps));
+
+    // Fixed window, both ways of treating rejected hits.
+    let mut steps = Vec::new();
+    for (i, count_rejected) in [(0, true), (1, false)] {
+        let key = format!("d|u=f{i}|1m/f");
+        for n in 0..6 {
+            let mut check = spec(&key, fixed, 1, 0);
+            check.count_rejected = count_rejected;
+            steps.push(step(T0 + 10_000 + n * 1_000, vec![check]));
+        }
+        steps.push(step(T0 + 20_000, vec![spec(&key, fixed, 0, 0)]));
+        steps.push(step(T0 + MINUTE + 5, vec![spec(&key, fixed, 2, 0)]));
+        steps.push(step(T0 + 3 * MINUTE, vec![spec(&key, fixed, 4, 0)]));
+    }
+    out.push(("fixed window", steps));
+
+    // Token bucket: a burst, refill at the rate, rejected requests take nothing, a request
+    // larger than the burst, and a zero limit.
+    let mut steps = Vec::new();
+    for i in 0..7 {
+        steps.push(step(T0 + i, vec![spec("d|u=b|1s/t", bucket, 1, 0)]));
+    }
+    for at in [99, 100, 101, 250, 251, 900, 5_000] {
+        for hits in [0, 1, 3, 6] {
+            steps.push(step(T0 + at, vec![spec("d|u=b|1s/t", bucket, hits, 0)]));
+        }
+    }
+    let zero = limit(0, SECOND, Algorithm::TokenBucket);
+    steps.push(step(T0, vec![spec("d|u=z|1s/t", zero, 1, 0)]));
+    steps.push(step(T0, vec![spec("d|u=z|1s/t", zero, 0, 0)]));
+    let odd = limit(7, 3 * SECOND, Algorithm::TokenBucket);
+    for i in 0..12 {
+        steps.push(step(
+            T0 + i * 137,
+            vec![spec("d|u=o|3s/t", odd, 1 + i % 2, 0)],
+        ));
+    }
+    out.push(("token bucket", steps));
+
+    // Several limits of one descriptor are all or nothing; a key listed twice in a group is
+    // counted twice; groups of one call apply in order and see each other's counts.
+    let per_second = limit(2, SECOND, Algorithm::SlidingWindow);
+    let per_minute = limit(5, MINUTE, Algorithm::FixedWindow);
+    let mut steps = Vec::new();
+    for i in 0..8 {
+        steps.push(step(
+            T0 + i * 300,
+            vec![
+                spec("d|u=m|1s/s", per_second, 1, 0),
+                spec("d|u=m|1m/f", per_minute, 1, 0),
+                spec("d|u=m|1s/t", bucket, 1, 1),
+            ],
+        ));
+    }
+    for i in 0..4 {
+        steps.push(step(
+            T0 + 5_000 + i,
+            vec![
+                spec("d|u=twice|1m/f", per_minute, 2, 3),
+                spec("d|u=twice|1m/f", per_minute, 2, 3),
+                spec("d|u=n|1m/f", per_minute, 1, 4),
+                spec("d|u=n|1m/f", per_minute, 1, 5),
+            ],
+        ));
+    }
+    out.push(("groups", steps));
+
+    // Penalty box: rejections within W block for D; a zero-hit check never earns one.
+    let login = Penalty {
+        after_rejections: 2,
+        within_millis: MINUTE,
+        block_millis: 10 * MINUTE,
+    };
+    let one_per_second = limit(1, SECOND, Algorithm::SlidingWindow);
+    let mut steps = Vec::new();
+    let mut penalized = |key: &str, hits: u64, now: u64| {
+        let mut check = spec(key, one_per_second, hits, 0);
+        check.penalty = Some(login);
+        let mut second = spec(&key.replace("1s/s", "1m/f"), per_minute, hits, 0);
+        second.penalty = Some(login);
+        steps.push(step(now, vec![check, second]));
+    };
+    for (hits, at) in [
+        (1, 0),
+        (1, 10),
+        (0, 20),
+        (0, 30),
+        (1, 40),
+        (1, 5_000),
+        (1, 600_039),
+    ] {
+        penalized("d|ip=1|1s/s", hits, T0 + at);
+    }
+    for at in [600_041, 601_000, 602_000, 602_001, 602_002] {
+        penalized("d|ip=1|1s/s", 1, T0 + at);
+    }
+    penalized("d|ip=2|1s/s", 0, T0);
+    penalized("d|ip=2|1s/s", 0, T0);
+    out.push(("penalty box", steps));
+
+    out.push(("random sequences", random_steps(0x5eed, 400)));
+    out
+}
+
+/// A deterministic mix of every algorithm, hits from 0 to 4, groups and penalties, with
+/// time moving forward by irregular steps.
+fn random_steps(seed: u64, count: usize) -> Vec<Step> {
+    let mut state = seed;
+    let mut next = move |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound.max(1)
+    };
+    // A group is one descriptor's limits: its keys share the descriptor part (and so, on a
+    // cluster, the hash slot). Each limit index always has the same algorithm and window.
+    let limits: Vec<Limit> = (0..6)
+        .map(|i| {
+            let algorithm = Algorithm::ALL[i % 3];
+            let window = [SECOND, 10 * SECOND, MINUTE][(i / 3 + i) % 3];
+            let mut limit = limit(1 + (i as u32 * 3) % 7, window, algorithm);
+            if algorithm == Algorithm::TokenBucket && i % 2 == 0 {
+                limit.burst = Some(2);
+            }
+            limit
+        })
+        .collect();
+    let penalty = Penalty {
+        after_rejections: 3,
+        within_millis: 5 * SECOND,
+        block_millis: 7 * SECOND,
+    };
+    let mut now = T0;
+    let mut steps = Vec::new();
+    for _ in 0..count {
+        now += next(700);
+        let mut checks = Vec::new();
+        for group in 0..1 + next(3) as u32 {
+            let with_penalty = next(4) == 0;
+            let count_rejected = next(2) == 0;
+            let descriptor = next(4);
+            for _ in 0..1 + next(2) {
+                let index = next(limits.len() as u64) as usize;
+                let key = format!("r|k={descriptor}|{index}");
+                let mut check = spec(&key, limits[index], next(5), group);
+                check.count_rejected = count_rejected;
+                check.penalty = with_penalty.then_some(penalty);
+                checks.push(check);
+            }
+        }
+        steps.push(step(now, checks));
+    }
+    steps
+}
+
+fn options(target: RedisTarget, prefix: &str) -> RedisOptions {
+    RedisOptions {
+        target,
+        prefix: prefix.to_owned(),
+        // No faults here: a generous deadline keeps a busy CI machine from failing over.
+        timeout: Duration::from_secs(5),
+        failure_mode: FailureMode::Deny,
+        replicas: 1,
+        local_capacity: 1_000,
+    }
+}
+
+async fn conform(target: RedisTarget, label: &str) {
+    for (name, steps) in scenarios() {
+        let memory = MemoryStore::new(10_000);
+        let expected = run(&memory, &steps).await;
+        let prefix = format!("conformance:{label}:{name}:{}:", std::process::id());
+        let redis = RedisStore::connect(options(target.clone(), &prefix))
+            .await
+            .expect("the Redis store starts");
+        let actual = run(&redis, &steps).await;
+        assert_eq!(
+            redis.fallback_decisions(),
+            0,
+            "{label} {name}: Redis did not answer every call"
+        );
+        for (i, ((step, expected), actual)) in steps.iter().zip(&expected).zip(&actual).enumerate()
+        {
+            assert_eq!(
+                expected,
+                actual,
+                "{label} {name}, step {i} at T0+{} with {:#?}:\nmemory: {expected:?}\nredis:  {actual:?}",
+                step.now - T0,
+                step.checks
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_redis_decides_exactly_like_memory() {
+    let server = RedisServer::start();
+    conform(RedisTarget::Standalone(server.url()), "standalone").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_decides_exactly_like_memory_and_survives_a_dead_master() {
+    let mut cluster = RedisCluster::start();
+    conform(RedisTarget::Cluster(cluster.seed_urls()), "cluster").await;
+
+    // One descriptor per master, found by its hash slot.
+    let prefix = "survive:";
+    let mut per_master: Vec<Option<String>> = vec![None; 3];
+    for i in 0.. {
+        let key = format!("d|user=u{i}|1m/fixed_window");
+        let mut redis_key = String::new();
+        push_redis_key(&mut redis_key, prefix, &key);
+        let master = cluster.master_of(slot(&redis_key));
+        per_master[master].get_or_insert(key);
+        if per_master.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let keys: Vec<String> = per_master.into_iter().flatten().collect();
+    let store = RedisStore::connect(RedisOptions {
+        timeout: Duration::from_millis(200),
+        failure_mode: FailureMode::Allow,
+        ..options(RedisTarget::Cluster(cluster.seed_urls()), prefix)
+    })
+    .await
+    .expect("the Redis store starts");
+    let fixed = limit(1_000, MINUTE, Algorithm::FixedWindow);
+    let checks: Vec<Check<'_>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| Check {
+            key,
+            limit: fixed,
+            hits: 1,
+            group: i as u32,
+            count_rejected: true,
+            penalty: None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    let now = T0;
+    store.apply(&checks, now, &mut out).await.unwrap();
+    assert_eq!(
+        out.iter().map(|v| v.remaining).collect::<Vec<_>>(),
+        [999; 3]
+    );
+
+    cluster.masters[0].kill();
+    let mut last = Vec::new();
+    for _ in 0..10 {
+        let started = std::time::Instant::now();
+        store.apply(&checks, now, &mut out).await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a dead master must not hold a request up: {:?}",
+            started.elapsed()
+        );
+        last = out.clone();
+    }
+    // The live masters counted all eleven hits in Redis; the dead one's key failed open.
+    assert_eq!(last[1].remaining, 989, "{last:?}");
+    assert_eq!(last[2].remaining, 989, "{last:?}");
+    assert_eq!(
+        last[0].remaining, 1_000,
+        "allowed by the failure policy: {last:?}"
+    );
+    for (master, key) in cluster.masters[1..].iter().zip(&keys[1..]) {
+        let mut redis_key = String::new();
+        push_redis_key(&mut redis_key, prefix, key);
+        let value: String = master.query(redis::cmd("GET").arg(&redis_key));
+        assert!(value.ends_with(" 11 0"), "{redis_key} = {value}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_evalsha_per_request_on_a_standalone_redis() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(options(RedisTarget::Standalone(server.url()), "trips:"))
+        .await
+        .expect("the Redis store starts");
+    let window = limit(100, MINUTE, Algorithm::SlidingWindow);
+    let keys: Vec<String> = (0..4).map(|i| format!("d|k={i}|1m/s")).collect();
+    let checks: Vec<Check<'_>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| Check {
+            key,
+            limit: window,
+            hits: 1,
+            group: i as u32 / 2,
+            count_rejected: false,
+            penalty: None,
+        })
+        .collect();
+    let before = server.command_calls("evalsha");
+    let mut out = Vec::new();
+    for _ in 0..25 {
+        store.apply(&checks, T0, &mut out).await.unwrap();
+    }
+    assert_eq!(server.command_calls("evalsha") - before, 25);
+    assert_eq!(out[3].remaining, 75);
+}
