@@ -41,3 +41,4 @@ pub mod rule;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;

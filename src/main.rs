@@ -102,6 +102,15 @@ struct ServeArgs {
     /// Fraction of a limit past which hits are counted as `near_limit` in the metrics.
     #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8)]
     near_limit_ratio: f64,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// After SIGTERM, how long to keep serving while health checks fail, so load balancers
+    /// and Envoy stop sending first (e.g. 5s on Kubernetes).
+    #[arg(long, env = "MESHLIMIT_DRAIN_DELAY", default_value = "0s", value_parser = parse_interval)]
+    drain_delay: Duration,
+    /// How long in-flight requests may take to finish once the listeners stop.
+    #[arg(long, env = "MESHLIMIT_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_interval)]
+    shutdown_grace: Duration,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -164,6 +173,31 @@ impl StoreArgs {
             replicas: self.replicas.max(1),
             local_capacity: cache_capacity,
         }))
+    }
+}
+
+/// TLS on the gRPC port.
+#[derive(Args)]
+struct TlsArgs {
+    /// PEM certificate chain for the gRPC port; with --tls-key, the port speaks TLS only.
+    /// Reloaded when the file changes.
+    #[arg(long, env = "MESHLIMIT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MESHLIMIT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates; when set, clients must present a certificate they signed (mTLS).
+    #[arg(long, env = "MESHLIMIT_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(self) -> Option<meshlimit::tls::TlsFiles> {
+        Some(meshlimit::tls::TlsFiles {
+            cert: self.tls_cert?,
+            key: self.tls_key?,
+            client_ca: self.tls_client_ca,
+        })
     }
 }
 
@@ -349,6 +383,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         presentation: args.presentation.settings(),
         near_limit_ratio: args.near_limit_ratio,
         store,
+        tls: args.tls.files(),
+        drain_delay: args.drain_delay,
+        shutdown_grace: args.shutdown_grace,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,9 +1,12 @@
 //! Wiring for `meshlimit serve`: load the config, build the limiter, and run the gRPC and
 //! admin listeners until a shutdown signal.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -19,6 +22,7 @@ use crate::reload::Reloader;
 use crate::service::grpc::GrpcRateLimitService;
 use crate::store::redis::{RedisOptions, RedisSetupError, StoreHealth};
 use crate::store::{CounterStore, MemoryStore, RedisStore};
+use crate::tls::{self, ReloadingCert, TlsFiles, TlsIncoming};
 
 /// Everything `serve` needs, parsed from flags and environment by the binary.
 #[derive(Debug, Clone)]
@@ -36,6 +40,12 @@ pub struct ServeOptions {
     pub presentation: crate::response::ResponseSettings,
     /// Fraction of a limit past which hits count as near the limit (NEAR_LIMIT_RATIO).
     pub near_limit_ratio: f64,
+    /// TLS (and with a client CA, mTLS) on the gRPC port.
+    pub tls: Option<TlsFiles>,
+    /// After a shutdown signal, how long to keep serving with failing health checks.
+    pub drain_delay: Duration,
+    /// How long in-flight requests may take to finish once listeners stop.
+    pub shutdown_grace: Duration,
     /// Where counters live.
     pub store: StoreChoice,
 }
@@ -58,6 +68,8 @@ pub enum ServeError {
         flag: &'static str,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("the {what} server failed: {message}")]
     Serve { what: &'static str, message: String },
     #[error("redis store: {0}")]
@@ -139,6 +151,7 @@ async fn serve_with<S: CounterStore>(
         "meshlimit listening"
     );
 
+    let mut tls_watcher = None;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::Serving)
@@ -171,18 +184,68 @@ async fn serve_with<S: CounterStore>(
     });
     let watcher = tokio::spawn(reloader.watch(options.watch_interval, shutdown_signal()));
 
-    let grpc = tonic::transport::Server::builder()
+    // Shutdown in three steps: a signal fails health at once (admin and gRPC health), so
+    // load balancers and Envoy stop sending; after --drain-delay the listeners stop
+    // accepting and in-flight requests finish; after --shutdown-grace the process exits
+    // whatever is left.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let when_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let router = tonic::transport::Server::builder()
         .add_service(rate_limit)
         .add_service(health_service)
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            shutdown_signal(),
-        );
-    let admin = axum::serve(admin_listener, admin_app).with_graceful_shutdown(shutdown_signal());
-    let (grpc, admin) = tokio::join!(grpc, admin);
+        .add_service(reflection);
+    let grpc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match &options.tls {
+            Some(files) => {
+                let cert = Arc::new(ReloadingCert::load(files.clone())?);
+                let config = tls::server_config(cert.clone())?;
+                tls_watcher = Some(cert.watch(Duration::from_secs(5)));
+                tracing::info!(
+                    client_certificates = files.client_ca.is_some(),
+                    "gRPC port serves TLS"
+                );
+                Box::pin(router.serve_with_incoming_shutdown(
+                    TlsIncoming::new(grpc_listener, config),
+                    when_stopped(),
+                ))
+            }
+            None => Box::pin(router.serve_with_incoming_shutdown(
+                TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                when_stopped(),
+            )),
+        };
+    let admin = axum::serve(admin_listener, admin_app).with_graceful_shutdown(when_stopped());
+    let mut servers = tokio::spawn(async move { tokio::join!(grpc, admin) });
+
+    let (grpc, admin) = tokio::select! {
+        finished = &mut servers => finished.map_err(|e| ServeError::Serve { what: "server", message: e.to_string() })?,
+        () = shutdown_signal() => {
+            health.set_serving(false);
+            for service in [HEALTH_SERVICE_NAME, ""] {
+                health_reporter.set_service_status(service, ServingStatus::NotServing).await;
+            }
+            tracing::info!(drain = ?options.drain_delay, grace = ?options.shutdown_grace, "shutting down: health now fails; draining");
+            tokio::time::sleep(options.drain_delay).await;
+            let _ = stop.send(true);
+            match tokio::time::timeout(options.shutdown_grace, &mut servers).await {
+                Ok(finished) => finished.map_err(|e| ServeError::Serve { what: "server", message: e.to_string() })?,
+                Err(_) => {
+                    tracing::warn!("the shutdown grace period ended with requests still in flight; exiting");
+                    (Ok(()), Ok(()))
+                }
+            }
+        }
+    };
     health.set_serving(false);
     watcher.abort();
+    if let Some(tls_watcher) = tls_watcher {
+        tls_watcher.abort();
+    }
     grpc.map_err(|error| ServeError::Serve {
         what: "gRPC",
         message: error.to_string(),

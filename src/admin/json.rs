@@ -3,7 +3,7 @@
 //! (camelCase); snake_case is accepted on input too.
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::limiter::LimitUsage;
 use crate::proto::envoy::config::core::v3::HeaderValue;
@@ -100,31 +100,47 @@ pub fn response(response: &RateLimitResponse) -> Value {
         .statuses
         .iter()
         .map(|s| {
-            let mut status = json!({ "code": code_name(s.code), "limitRemaining": s.limit_remaining });
+            let mut status = Map::new();
+            status.insert("code".into(), json!(code_name(s.code)));
+            status.insert("limitRemaining".into(), json!(s.limit_remaining));
             if let Some(limit) = &s.current_limit {
                 let unit = rate_limit::Unit::try_from(limit.unit).map_or("UNKNOWN", |u| u.as_str_name());
-                status["currentLimit"] = json!({ "name": limit.name, "requestsPerUnit": limit.requests_per_unit, "unit": unit });
+                status.insert(
+                    "currentLimit".into(),
+                    json!({ "name": limit.name, "requestsPerUnit": limit.requests_per_unit, "unit": unit }),
+                );
             }
             if let Some(reset) = &s.duration_until_reset {
-                status["durationUntilReset"] = json!(format!("{}s", reset.seconds));
+                status.insert("durationUntilReset".into(), json!(format!("{}s", reset.seconds)));
             }
-            status
+            Value::Object(status)
         })
         .collect();
-    let mut out = json!({
-        "overallCode": code_name(response.overall_code),
-        "statuses": statuses,
-    });
+    let mut out = Map::new();
+    out.insert(
+        "overallCode".into(),
+        json!(code_name(response.overall_code)),
+    );
+    out.insert("statuses".into(), Value::Array(statuses));
     if !response.response_headers_to_add.is_empty() {
-        out["responseHeadersToAdd"] = json!(headers(&response.response_headers_to_add));
+        out.insert(
+            "responseHeadersToAdd".into(),
+            json!(headers(&response.response_headers_to_add)),
+        );
     }
     if !response.request_headers_to_add.is_empty() {
-        out["requestHeadersToAdd"] = json!(headers(&response.request_headers_to_add));
+        out.insert(
+            "requestHeadersToAdd".into(),
+            json!(headers(&response.request_headers_to_add)),
+        );
     }
     if !response.raw_body.is_empty() {
-        out["body"] = json!(String::from_utf8_lossy(&response.raw_body));
+        out.insert(
+            "body".into(),
+            json!(String::from_utf8_lossy(&response.raw_body)),
+        );
     }
-    out
+    Value::Object(out)
 }
 
 /// `/v1/usage`'s answer: every matching limit's use, nothing consumed.
