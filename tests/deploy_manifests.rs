@@ -35,15 +35,10 @@ const DASHBOARD: &str = "deploy/grafana/meshlimit.json";
 /// The directory the ConfigMap is generated from.
 const CONFIG_DIR: &str = "deploy/kubernetes/base/config";
 
-/// Settings the manifests already use for the Redis store and graceful shutdown, which
-/// are being added to the binary separately. Until `serve --help` lists them they may be
-/// missing from it; once it does they are checked like every other setting, and this list
-/// can go.
-const PENDING_SETTINGS: &[&str] = &[
-    "MESHLIMIT_STORE",
-    "MESHLIMIT_REDIS_URL",
-    "MESHLIMIT_DRAIN_DELAY",
-];
+/// Settings the manifests already use for graceful shutdown, which is being added to the
+/// binary separately. Until `serve --help` lists them they may be missing from it; once it
+/// does they are checked like every other setting, and this list can go.
+const PENDING_SETTINGS: &[&str] = &["MESHLIMIT_DRAIN_DELAY"];
 
 /// The metrics the dashboard is built on: the contract with src/metrics.rs.
 const DASHBOARD_METRICS: &[&str] = &[
