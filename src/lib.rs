@@ -6,7 +6,7 @@
 //! - [`matcher`]: each domain's compiled descriptor tree and its envoyproxy-exact lookup;
 //! - [`rule`] / [`limit`]: what a matched node says and how it is counted;
 //! - [`key`]: the counter key of a matched descriptor;
-//! - [`store`]: where counters live (`memory` today), behind one trait;
+//! - [`store`]: where counters live (`memory`, or `redis` shared by replicas), behind one trait;
 //! - [`algorithm`]: sliding and fixed window arithmetic, pure and clock-free.
 //!
 //! Around it: [`config`] loads and checks YAML directories, [`clock`] is the injectable

@@ -219,6 +219,17 @@ impl Inner {
         let replies = futures_util::future::join_all(calls).await;
         for (batch, reply) in batches.iter().zip(replies) {
             let decoded = reply.and_then(|values| {
+                if values.len() != batch.calls.len() {
+                    let error = format!(
+                        "{} replies to {} script calls",
+                        values.len(),
+                        batch.calls.len()
+                    );
+                    if let Some(node) = &batch.node {
+                        node.breaker.failure(&error);
+                    }
+                    return Err(error);
+                }
                 for (value, groups) in values.iter().zip(&batch.calls) {
                     if let Err(error) = script::decode(value, groups, out) {
                         if let Some(node) = &batch.node {
