@@ -121,13 +121,21 @@ pub enum Algorithm {
     /// GCRA, the token bucket kept as one timestamp: a steady rate with bursts up to `burst`.
     #[value(name = "token_bucket")]
     TokenBucket,
+    /// Every admitted hit's timestamp: exact, no boundary burst; memory grows with the limit.
+    #[value(name = "sliding_log")]
+    SlidingLog,
+    /// A bucket of `capacity` that drains at the limit's rate; a hit is admitted when it fits.
+    #[value(name = "leaky_bucket")]
+    LeakyBucket,
 }
 
 impl Algorithm {
-    pub const ALL: [Algorithm; 3] = [
+    pub const ALL: [Algorithm; 5] = [
         Algorithm::SlidingWindow,
         Algorithm::FixedWindow,
         Algorithm::TokenBucket,
+        Algorithm::SlidingLog,
+        Algorithm::LeakyBucket,
     ];
 
     pub fn name(self) -> &'static str {
@@ -135,6 +143,8 @@ impl Algorithm {
             Algorithm::SlidingWindow => "sliding_window",
             Algorithm::FixedWindow => "fixed_window",
             Algorithm::TokenBucket => "token_bucket",
+            Algorithm::SlidingLog => "sliding_log",
+            Algorithm::LeakyBucket => "leaky_bucket",
         }
     }
 }
@@ -163,7 +173,8 @@ pub struct Limit {
     /// The window length: a unit's length, or any duration written as `per: 10s`.
     pub window_millis: u64,
     pub algorithm: Algorithm,
-    /// Token bucket only: the most hits admitted at once. `None` means `requests_per_unit`.
+    /// Token bucket: the most hits admitted at once (`burst`); leaky bucket: what the bucket
+    /// holds (`capacity`). `None` means `requests_per_unit`.
     pub burst: Option<u32>,
 }
 
@@ -202,8 +213,10 @@ impl fmt::Display for Limit {
             None => write!(f, "{}", crate::limit::format_duration(self.window_millis))?,
         }
         write!(f, " {}", self.algorithm)?;
-        if self.algorithm == Algorithm::TokenBucket {
-            write!(f, " burst {}", self.burst())?;
+        match self.algorithm {
+            Algorithm::TokenBucket => write!(f, " burst {}", self.burst())?,
+            Algorithm::LeakyBucket => write!(f, " capacity {}", self.burst())?,
+            _ => {}
         }
         Ok(())
     }

@@ -64,6 +64,18 @@ struct CountingArgs {
     /// envoyproxy/ratelimit's decisions exactly.
     #[arg(long, env = "MESHLIMIT_DEFAULT_ALGORITHM", value_enum, default_value_t = Algorithm::SlidingWindow)]
     default_algorithm: Algorithm,
+    /// The largest limit a `sliding_log` rule may have: it keeps one timestamp per hit.
+    #[arg(long, env = "MESHLIMIT_MAX_SLIDING_LOG_LIMIT", default_value_t = LoadOptions::default().max_sliding_log_limit)]
+    max_sliding_log_limit: u32,
+}
+
+impl CountingArgs {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            default_algorithm: self.default_algorithm,
+            max_sliding_log_limit: self.max_sliding_log_limit,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -325,9 +337,7 @@ fn explain(
     descriptors: &[String],
     counting: CountingArgs,
 ) -> ExitCode {
-    let options = LoadOptions {
-        default_algorithm: counting.default_algorithm,
-    };
+    let options = counting.load_options();
     let loaded = match config::load_dir(dir, &options) {
         Ok(loaded) => loaded,
         Err(errors) => {
@@ -369,9 +379,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         config_dir: args.config,
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
-        load: LoadOptions {
-            default_algorithm: args.counting.default_algorithm,
-        },
+        load: args.counting.load_options(),
         cache_capacity: args.cache_capacity,
         bounds: RequestBounds {
             max_descriptors: args.max_descriptors,
@@ -407,9 +415,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 fn validate(dir: &std::path::Path, counting: CountingArgs) -> ExitCode {
-    let options = LoadOptions {
-        default_algorithm: counting.default_algorithm,
-    };
+    let options = counting.load_options();
     match config::load_dir(dir, &options) {
         Ok(loaded) => {
             let domains = loaded.domains();

@@ -1,27 +1,38 @@
 //! Fixed window: one counter per epoch-aligned window, exactly as envoyproxy/ratelimit counts.
 //!
-//! Like envoyproxy/ratelimit (whose Redis `INCRBY` runs before the comparison), every hit is
-//! counted, admitted or not, so a migrated config rejects the same requests it did before.
+//! With `count_rejected` (envoyproxy/ratelimit's `rate_limit` rules, whose Redis `INCRBY`
+//! runs before the comparison) every hit is counted, admitted or not, so a migrated config
+//! rejects the same requests it did before; otherwise only admitted hits count.
 
 use super::{Verdict, WindowState};
 use crate::limit::Limit;
 
-pub fn apply(state: &mut WindowState, limit: &Limit, hits: u64, now_millis: u64) -> Verdict {
+pub fn apply(
+    state: &mut WindowState,
+    limit: &Limit,
+    hits: u64,
+    now_millis: u64,
+    count_rejected: bool,
+) -> Verdict {
     let window_millis = limit.window_millis();
     state.roll_to(now_millis / window_millis);
-    state.current = state.current.saturating_add(hits);
+    let after = state.current.saturating_add(hits);
     let limit_hits = u64::from(limit.requests_per_unit);
     let reset_after_millis = window_millis - now_millis % window_millis;
-    if state.current > limit_hits {
+    if after > limit_hits {
+        if count_rejected {
+            state.current = after;
+        }
         Verdict {
             over_limit: true,
             remaining: 0,
             reset_after_millis,
         }
     } else {
+        state.current = after;
         Verdict {
             over_limit: false,
-            remaining: limit_hits - state.current,
+            remaining: limit_hits - after,
             reset_after_millis,
         }
     }
@@ -45,15 +56,15 @@ mod tests {
         let mut state = WindowState::default();
         let start = 100 * MINUTE + 10_000;
         let remaining: Vec<_> = (0..3)
-            .map(|_| apply(&mut state, &LIMIT, 1, start))
+            .map(|_| apply(&mut state, &LIMIT, 1, start, true))
             .map(|verdict| (verdict.over_limit, verdict.remaining))
             .collect();
         assert_eq!(remaining, [(false, 2), (false, 1), (false, 0)]);
-        let rejected = apply(&mut state, &LIMIT, 1, start + 1_000);
+        let rejected = apply(&mut state, &LIMIT, 1, start + 1_000, true);
         assert!(rejected.over_limit);
         assert_eq!(rejected.reset_after_millis, 49_000);
         // The boundary resets the count: the classic fixed-window burst is allowed.
-        let next = apply(&mut state, &LIMIT, 1, 101 * MINUTE);
+        let next = apply(&mut state, &LIMIT, 1, 101 * MINUTE, true);
         assert!(!next.over_limit);
         assert_eq!(next.remaining, 2);
         assert_eq!(next.reset_after_millis, MINUTE);
@@ -63,16 +74,24 @@ mod tests {
     fn rejected_hits_still_count_like_envoyproxy_ratelimit() {
         let mut state = WindowState::default();
         for _ in 0..5 {
-            apply(&mut state, &LIMIT, 1, 0);
+            apply(&mut state, &LIMIT, 1, 0, true);
         }
         assert_eq!(state.current, 5);
+        let mut policy_state = WindowState::default();
+        for _ in 0..5 {
+            apply(&mut policy_state, &LIMIT, 1, 0, false);
+        }
+        assert_eq!(
+            policy_state.current, 3,
+            "without count_rejected only admitted hits count"
+        );
     }
 
     #[test]
     fn a_check_with_zero_hits_reports_without_counting() {
         let mut state = WindowState::default();
-        apply(&mut state, &LIMIT, 3, 0);
-        let check = apply(&mut state, &LIMIT, 0, 0);
+        apply(&mut state, &LIMIT, 3, 0, true);
+        let check = apply(&mut state, &LIMIT, 0, 0, true);
         assert!(!check.over_limit);
         assert_eq!(check.remaining, 0);
         assert_eq!(state.current, 3);
@@ -81,7 +100,7 @@ mod tests {
     #[test]
     fn a_large_addend_is_over_when_it_crosses_the_limit() {
         let mut state = WindowState::default();
-        assert!(!apply(&mut state, &LIMIT, 2, 0).over_limit);
-        assert!(apply(&mut state, &LIMIT, 2, 0).over_limit);
+        assert!(!apply(&mut state, &LIMIT, 2, 0, true).over_limit);
+        assert!(apply(&mut state, &LIMIT, 2, 0, true).over_limit);
     }
 }

@@ -6,7 +6,9 @@
 //! by one of a descriptor's limits consumes from none of them).
 
 pub mod fixed_window;
+pub mod leaky_bucket;
 pub mod penalty;
+pub mod sliding_log;
 pub mod sliding_window;
 pub mod token_bucket;
 
@@ -54,7 +56,7 @@ impl WindowState {
 }
 
 /// The state behind one counter key, whichever algorithm counts it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum CounterState {
     #[default]
     Empty,
@@ -65,11 +67,21 @@ pub enum CounterState {
     },
     /// A descriptor's penalty box (see `penalty`).
     Penalty(penalty::PenaltyState),
+    Log(sliding_log::Log),
+    Leaky(leaky_bucket::Bucket),
 }
 
-/// Applies `hits` to `state` under `limit` at time `now_millis`. A state left by another
-/// algorithm (the rule changed on reload) starts over.
-pub fn apply(state: &mut CounterState, limit: &Limit, hits: u64, now_millis: u64) -> Verdict {
+/// Applies `hits` to `state` under `limit` at time `now_millis`. Only an admitted request
+/// changes the counts — except with `count_rejected`, envoyproxy/ratelimit's fixed window,
+/// which counts every hit. A state left by another algorithm (the rule changed on reload)
+/// starts over.
+pub fn apply(
+    state: &mut CounterState,
+    limit: &Limit,
+    hits: u64,
+    now_millis: u64,
+    count_rejected: bool,
+) -> Verdict {
     match limit.algorithm {
         Algorithm::SlidingWindow | Algorithm::FixedWindow => {
             let mut window = match *state {
@@ -79,9 +91,27 @@ pub fn apply(state: &mut CounterState, limit: &Limit, hits: u64, now_millis: u64
             let verdict = if limit.algorithm == Algorithm::SlidingWindow {
                 sliding_window::apply(&mut window, limit, hits, now_millis)
             } else {
-                fixed_window::apply(&mut window, limit, hits, now_millis)
+                fixed_window::apply(&mut window, limit, hits, now_millis, count_rejected)
             };
             *state = CounterState::Window(window);
+            verdict
+        }
+        Algorithm::SlidingLog => {
+            if !matches!(state, CounterState::Log(_)) {
+                *state = CounterState::Log(sliding_log::Log::default());
+            }
+            match state {
+                CounterState::Log(log) => sliding_log::apply(log, limit, hits, now_millis),
+                _ => unreachable_state(),
+            }
+        }
+        Algorithm::LeakyBucket => {
+            let mut bucket = match *state {
+                CounterState::Leaky(bucket) => bucket,
+                _ => leaky_bucket::Bucket::default(),
+            };
+            let verdict = leaky_bucket::apply(&mut bucket, limit, hits, now_millis);
+            *state = CounterState::Leaky(bucket);
             verdict
         }
         Algorithm::TokenBucket => {
@@ -103,9 +133,20 @@ pub fn state_lifetime_millis(limit: &Limit) -> u64 {
     match limit.algorithm {
         Algorithm::SlidingWindow => 2 * limit.window_millis(),
         Algorithm::FixedWindow => limit.window_millis(),
-        Algorithm::TokenBucket => {
+        Algorithm::SlidingLog => limit.window_millis(),
+        Algorithm::TokenBucket | Algorithm::LeakyBucket => {
             let per_hit = limit.window_millis() / u64::from(limit.requests_per_unit.max(1));
             (per_hit.saturating_mul(u64::from(limit.burst())) + 1_000).max(limit.window_millis())
         }
+    }
+}
+
+/// A state that was just set to the right variant; answered as "over" so that, should the
+/// impossible happen, nothing is admitted by mistake.
+fn unreachable_state() -> Verdict {
+    Verdict {
+        over_limit: true,
+        remaining: 0,
+        reset_after_millis: 1,
     }
 }

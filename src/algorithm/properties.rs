@@ -15,9 +15,7 @@ fn admitted(limit: &Limit, steps: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for &(gap, hits) in steps {
         now += gap;
-        let mut next = state;
-        if !apply(&mut next, limit, hits, now).over_limit {
-            state = next;
+        if !apply(&mut state, limit, hits, now, false).over_limit {
             out.push((now, hits));
         }
     }
@@ -97,5 +95,41 @@ proptest! {
         store.apply_group(&[check("a|1s", short, 1_000, 0), check("a|1h", long, 3_600_000, 0)], 0, &mut out);
         prop_assert_eq!(out[0].remaining, u64::from(short) - admitted);
         prop_assert_eq!(out[1].remaining, u64::from(long) - admitted);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn sliding_log_never_admits_more_than_the_limit_in_any_window(
+        requests_per_unit in 1..20u32,
+        steps in steps(150),
+    ) {
+        let limit = Limit { requests_per_unit, window_millis: 1_000, algorithm: Algorithm::SlidingLog, burst: None };
+        let admitted = admitted(&limit, &steps);
+        // Brute force: every window (t − 1000, t] ending at an admitted request.
+        for &(end, _) in &admitted {
+            let inside: u64 = admitted.iter().filter(|(t, _)| *t + 1_000 > end && *t <= end).map(|(_, h)| h).sum();
+            prop_assert!(inside <= u64::from(requests_per_unit), "{inside} in the window ending at {end}");
+        }
+    }
+
+    #[test]
+    fn leaky_bucket_never_admits_more_than_capacity_plus_rate_times_t(
+        rate in 1..50u32,
+        capacity in 1..30u32,
+        steps in steps(300),
+    ) {
+        let limit = Limit { requests_per_unit: rate, window_millis: 1_000, algorithm: Algorithm::LeakyBucket, burst: Some(capacity) };
+        let admitted = admitted(&limit, &steps);
+        for (i, &(start, _)) in admitted.iter().enumerate() {
+            let mut total = 0u64;
+            for &(end, hits) in &admitted[i..] {
+                total += hits;
+                let bound = f64::from(capacity) + f64::from(rate) * (end - start) as f64 / 1_000.0;
+                prop_assert!(total as f64 <= bound + 1e-9, "{total} admitted in {} ms, bound {bound}", end - start);
+            }
+        }
     }
 }

@@ -37,6 +37,7 @@ pub enum Inherited {
 pub struct Compiler<'t, 'd> {
     pub table: &'t mut PolicyTable<'d>,
     pub default_algorithm: Algorithm,
+    pub max_sliding_log: u32,
     pub errors: Vec<ConfigError>,
 }
 
@@ -66,6 +67,7 @@ impl Compiler<'_, '_> {
             limits: fields.limits.as_ref(),
             algorithm: fields.algorithm.as_ref(),
             burst: fields.burst.as_ref(),
+            capacity: fields.capacity.as_ref(),
             shadow_mode: None,
             name: None,
             policy_only: None,
@@ -204,6 +206,7 @@ impl Compiler<'_, '_> {
                 limits: entry.limits.as_ref(),
                 algorithm: entry.algorithm.as_ref(),
                 burst: entry.burst.as_ref(),
+                capacity: entry.capacity.as_ref(),
                 shadow_mode: None,
                 name: None,
                 policy_only: None,
@@ -273,8 +276,13 @@ impl Compiler<'_, '_> {
                 vec![format!("unlimited — {how}: {via}")],
             ),
             Inherited::Policy { policy, via } => {
-                let limits =
-                    policy::limits_of(policy, self.default_algorithm, at, &mut self.errors)?;
+                let limits = policy::limits_of(
+                    policy,
+                    self.default_algorithm,
+                    self.max_sliding_log,
+                    at,
+                    &mut self.errors,
+                )?;
                 let mut provenance = vec![format!("policy — {how}: {via}")];
                 provenance.extend(policy::describe(policy, self.default_algorithm));
                 let shadow = shadow_flag
@@ -442,6 +450,16 @@ impl Compiler<'_, '_> {
                 }
             },
         };
-        Some(Limit::per_unit(requests_per_unit?, unit?, algorithm?))
+        let limit = Limit::per_unit(requests_per_unit?, unit?, algorithm?);
+        if limit.algorithm == Algorithm::SlidingLog
+            && limit.requests_per_unit > self.max_sliding_log
+        {
+            self.error(
+                at,
+                policy::sliding_log_too_big(limit.requests_per_unit, self.max_sliding_log),
+            );
+            return None;
+        }
+        Some(limit)
     }
 }

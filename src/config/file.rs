@@ -45,6 +45,7 @@ pub struct DescriptorEntry {
     pub limits: Option<Spanned<Vec<Spanned<LimitBlock>>>>,
     pub algorithm: Option<Spanned<String>>,
     pub burst: Option<Spanned<i64>>,
+    pub capacity: Option<Spanned<i64>>,
     pub unlimited: Option<Spanned<bool>>,
     /// The file this entry was written in: a domain that `extends` another holds entries
     /// of both files, and every error and `explain` line must name the right one.
@@ -81,6 +82,8 @@ pub struct PolicyBlock {
     pub limits: Option<Spanned<Vec<Spanned<LimitBlock>>>>,
     pub algorithm: Option<Spanned<String>>,
     pub burst: Option<Spanned<i64>>,
+    /// Leaky bucket only: what the bucket holds.
+    pub capacity: Option<Spanned<i64>>,
     pub shadow_mode: Option<Spanned<bool>>,
     /// `enforce` (default) or `warn`: over the limit, admit but mark the request.
     pub mode: Option<Spanned<String>>,
@@ -126,6 +129,7 @@ pub struct PolicyFields {
     pub limits: Option<Spanned<Vec<Spanned<LimitBlock>>>>,
     pub algorithm: Option<Spanned<String>>,
     pub burst: Option<Spanned<i64>>,
+    pub capacity: Option<Spanned<i64>>,
     pub unlimited: Option<Spanned<bool>>,
 }
 
@@ -179,6 +183,7 @@ pub fn merge_descriptors(
                 existing.limits = existing.limits.take().or(previous.limits);
                 existing.algorithm = existing.algorithm.take().or(previous.algorithm);
                 existing.burst = existing.burst.take().or(previous.burst);
+                existing.capacity = existing.capacity.take().or(previous.capacity);
                 existing.unlimited = existing.unlimited.take().or(previous.unlimited);
             }
             None => merged.push(node.clone()),

@@ -26,10 +26,21 @@ use crate::matcher::{Capacity, DomainTree, RateLimitConfig};
 use crate::rule::SourceLocation;
 
 /// Choices that apply to every file of a load.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     /// The algorithm of rules that do not name one.
     pub default_algorithm: Algorithm,
+    /// The largest limit a `sliding_log` rule may have (it keeps one timestamp per hit).
+    pub max_sliding_log_limit: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            default_algorithm: Algorithm::default(),
+            max_sliding_log_limit: 1_000,
+        }
+    }
 }
 
 /// Loads every `*.yaml` / `*.yml` file directly inside `dir`.
@@ -210,6 +221,7 @@ fn compile_files(
         let mut compiler = Compiler {
             table: &mut table,
             default_algorithm: options.default_algorithm,
+            max_sliding_log: options.max_sliding_log_limit,
             errors: Vec::new(),
         };
         let inherited = match (&source.defaults, &shared_defaults) {

@@ -41,6 +41,7 @@ pub struct ResolvedPolicy {
     pub limits: Option<(Vec<LimitSpec>, Origin)>,
     pub algorithm: Option<(Algorithm, Origin)>,
     pub burst: Option<(u32, Origin)>,
+    pub capacity: Option<(u32, Origin)>,
     pub shadow_mode: Option<(bool, Origin)>,
     pub name: Option<(String, Origin)>,
     pub warn_only: Option<(bool, Origin)>,
@@ -79,6 +80,7 @@ pub struct Overrides<'a> {
     pub limits: Option<&'a Spanned<Vec<Spanned<LimitBlock>>>>,
     pub algorithm: Option<&'a Spanned<String>>,
     pub burst: Option<&'a Spanned<i64>>,
+    pub capacity: Option<&'a Spanned<i64>>,
     pub shadow_mode: Option<&'a Spanned<bool>>,
     pub name: Option<&'a Spanned<String>>,
     /// A policy block's fields that only policies have (mode, soft limit, penalty, …).
@@ -90,6 +92,7 @@ impl<'a> Overrides<'a> {
         self.limits.is_none()
             && self.algorithm.is_none()
             && self.burst.is_none()
+            && self.capacity.is_none()
             && self.shadow_mode.is_none()
             && self.name.is_none()
             && self.policy_only.is_none()
@@ -235,6 +238,7 @@ impl<'d> PolicyTable<'d> {
             limits: block.limits.as_ref(),
             algorithm: block.algorithm.as_ref(),
             burst: block.burst.as_ref(),
+            capacity: block.capacity.as_ref(),
             shadow_mode: block.shadow_mode.as_ref(),
             name: block.name.as_ref(),
             policy_only: Some(block),
@@ -286,6 +290,15 @@ pub fn apply_overrides(
             _ => problems.problem(
                 &location(file, &burst.referenced),
                 format!("`burst` is {}; write the most requests a token bucket admits at once, a whole number from 1 to {}", burst.value, u32::MAX),
+            ),
+        }
+    }
+    if let Some(capacity) = overrides.capacity {
+        match u32::try_from(capacity.value) {
+            Ok(value) if value > 0 => base.capacity = Some((value, origin(&capacity.referenced))),
+            _ => problems.problem(
+                &location(file, &capacity.referenced),
+                format!("`capacity` is {}; write how many requests a leaky bucket holds, a whole number from 1 to {}", capacity.value, u32::MAX),
             ),
         }
     }
@@ -513,6 +526,7 @@ fn limit_spec(
 pub fn limits_of(
     policy: &ResolvedPolicy,
     default_algorithm: Algorithm,
+    max_sliding_log: u32,
     used_at: &SourceLocation,
     problems: &mut dyn Problems,
 ) -> Option<Vec<Limit>> {
@@ -528,14 +542,32 @@ pub fn limits_of(
         .algorithm
         .as_ref()
         .map_or(default_algorithm, |(a, _)| *a);
-    let burst = match (&policy.burst, algorithm) {
-        (Some((burst, _)), Algorithm::TokenBucket) => Some(*burst),
-        (Some((_, origin)), other) => {
+    let burst = match (&policy.burst, &policy.capacity, algorithm) {
+        (Some((burst, _)), _, Algorithm::TokenBucket) => Some(*burst),
+        (_, Some((capacity, _)), Algorithm::LeakyBucket) => Some(*capacity),
+        (Some((_, origin)), _, other) => {
             problems.problem(&origin.at, format!("`burst` only applies to `algorithm: token_bucket`, but {other} applies here; remove `burst` or set the algorithm"));
             return None;
         }
-        (None, _) => None,
+        (_, Some((_, origin)), other) => {
+            problems.problem(&origin.at, format!("`capacity` only applies to `algorithm: leaky_bucket`, but {other} applies here; remove `capacity` or set the algorithm"));
+            return None;
+        }
+        (None, None, _) => None,
     };
+    if algorithm == Algorithm::SlidingLog
+        && let Some(too_big) = specs.iter().find(|s| s.requests_per_unit > max_sliding_log)
+    {
+        let at = policy
+            .limits
+            .as_ref()
+            .map_or(used_at, |(_, origin)| &origin.at);
+        problems.problem(
+            at,
+            sliding_log_too_big(too_big.requests_per_unit, max_sliding_log),
+        );
+        return None;
+    }
     Some(
         specs
             .iter()
@@ -546,6 +578,13 @@ pub fn limits_of(
                 burst,
             })
             .collect(),
+    )
+}
+
+/// The sliding log keeps one timestamp per admitted hit, so large limits cost memory.
+pub fn sliding_log_too_big(requests_per_unit: u32, max: u32) -> String {
+    format!(
+        "`sliding_log` keeps every admitted hit's timestamp, and {requests_per_unit} per window is above the maximum of {max} (--max-sliding-log-limit); use `sliding_window`, which is close for large limits at a fixed cost"
     )
 }
 
@@ -574,6 +613,9 @@ pub fn describe(policy: &ResolvedPolicy, default_algorithm: Algorithm) -> Vec<St
     }
     if let Some((burst, origin)) = &policy.burst {
         lines.push(format!("burst: {burst} — from {origin}"));
+    }
+    if let Some((capacity, origin)) = &policy.capacity {
+        lines.push(format!("capacity: {capacity} — from {origin}"));
     }
     if let Some((shadow, origin)) = &policy.shadow_mode {
         lines.push(format!("shadow_mode: {shadow} — from {origin}"));

@@ -171,6 +171,7 @@ fn units_are_case_insensitive_and_algorithms_selectable() {
 fn the_default_algorithm_applies_to_rules_that_name_none() {
     let options = LoadOptions {
         default_algorithm: Algorithm::FixedWindow,
+        ..LoadOptions::default()
     };
     let tree = compile_str("t.yaml", "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 2}\n", &options).unwrap_or_else(|e| panic!("{e:?}"));
     let rule = tree.lookup(&entries(&[("k", "v")]));
@@ -250,7 +251,7 @@ fn error_unknown_algorithm_lists_the_algorithms() {
     assert_eq!(
         errors,
         [
-            "test.yaml:4:65: unknown algorithm `leaky` under key `user`; write one of sliding_window, fixed_window, token_bucket"
+            "test.yaml:4:65: unknown algorithm `leaky` under key `user`; write one of sliding_window, fixed_window, token_bucket, sliding_log, leaky_bucket"
         ]
     );
 }
@@ -835,6 +836,50 @@ descriptors:
         assert!(
             text.contains("s.yaml:5:10: a file without `domain` cannot hold `descriptors`"),
             "{text}"
+        );
+    }
+}
+
+mod classic_algorithms {
+    use super::*;
+
+    #[test]
+    fn sliding_log_and_leaky_bucket_compile_with_their_own_fields() {
+        let tree = tree(
+            "domain: d\npolicies:\n  meter:\n    algorithm: leaky_bucket\n    capacity: 7\n    limits: [{requests_per_unit: 10, unit: second}]\ndescriptors:\n  - key: login\n    rate_limit: {unit: minute, requests_per_unit: 5, algorithm: sliding_log}\n  - key: api\n    policy: meter\n",
+        );
+        let login = tree.lookup(&entries(&[("login", "x")])).unwrap();
+        let RuleLimit::Limited(l) = &login.limit else {
+            panic!()
+        };
+        assert_eq!(l[0].algorithm, Algorithm::SlidingLog);
+        let api = tree.lookup(&entries(&[("api", "x")])).unwrap();
+        let RuleLimit::Limited(l) = &api.limit else {
+            panic!()
+        };
+        assert_eq!(
+            (l[0].algorithm, l[0].burst),
+            (Algorithm::LeakyBucket, Some(7))
+        );
+    }
+
+    #[test]
+    fn error_a_sliding_log_above_the_maximum_suggests_sliding_window() {
+        let errors = errors(
+            "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 5000, algorithm: sliding_log}\n",
+        );
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("5000 per window is above the maximum of 1000 (--max-sliding-log-limit); use `sliding_window`"), "{errors:?}");
+    }
+
+    #[test]
+    fn error_capacity_belongs_to_the_leaky_bucket() {
+        let errors = errors(
+            "domain: d\ndescriptors:\n  - key: k\n    limits: [{requests_per_unit: 1, unit: second}]\n    capacity: 3\n",
+        );
+        assert!(
+            errors[0].contains("`capacity` only applies to `algorithm: leaky_bucket`"),
+            "{errors:?}"
         );
     }
 }

@@ -125,12 +125,13 @@ impl MemoryStore {
     pub fn apply_one(&self, check: &Check<'_>, now_millis: u64) -> Verdict {
         let (_, counter) = self.counter(check);
         let mut state = counter.state.lock();
-        let mut next = *state;
-        let verdict = algorithm::apply(&mut next, &check.limit, check.hits, now_millis);
-        if !verdict.over_limit || check.count_rejected {
-            *state = next;
-        }
-        verdict
+        algorithm::apply(
+            &mut state,
+            &check.limit,
+            check.hits,
+            now_millis,
+            check.count_rejected,
+        )
     }
 
     /// Applies one descriptor's checks all or nothing, appending their verdicts to `out`.
@@ -144,8 +145,8 @@ impl MemoryStore {
         // takes them in the same order.
         let counter = self.penalty_counter(first.key, &penalty);
         let mut guard = counter.state.lock();
-        let mut state = match *guard {
-            CounterState::Penalty(state) => state,
+        let mut state = match &*guard {
+            CounterState::Penalty(state) => *state,
             _ => PenaltyState::default(),
         };
         if let Some(left) = state.blocked_for(now_millis) {
@@ -186,7 +187,7 @@ impl MemoryStore {
             .into_iter()
             .map(|(hash, counter)| {
                 let guard = counter.state.lock();
-                let state = *guard;
+                let state = guard.clone();
                 (*hash, guard, state)
             })
             .collect();
@@ -198,6 +199,7 @@ impl MemoryStore {
                     &check.limit,
                     check.hits,
                     now_millis,
+                    false,
                 ));
             }
         }
@@ -206,7 +208,7 @@ impl MemoryStore {
             .is_some_and(|verdicts| verdicts.iter().all(|v| !v.over_limit));
         if admitted {
             for (_, guard, state) in &mut locked {
-                **guard = *state;
+                **guard = std::mem::take(state);
             }
         }
     }

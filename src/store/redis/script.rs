@@ -65,6 +65,8 @@ pub fn evalsha(
                 Algorithm::SlidingWindow => "s",
                 Algorithm::FixedWindow => "f",
                 Algorithm::TokenBucket => "t",
+                Algorithm::SlidingLog => "l",
+                Algorithm::LeakyBucket => "b",
             })
             .arg(limit.requests_per_unit)
             .arg(limit.window_millis())
