@@ -24,6 +24,7 @@ use std::sync::OnceLock;
 
 use common::envoy::{self, Envoy};
 use common::meshlimit::{self, Meshlimit};
+use common::redis::RedisServer;
 use common::upstream::EchoUpstream;
 use common::{http, repo_root, venv_tool};
 use serde_json::Value;
@@ -35,12 +36,8 @@ const DASHBOARD: &str = "deploy/grafana/meshlimit.json";
 /// The directory the ConfigMap is generated from.
 const CONFIG_DIR: &str = "deploy/kubernetes/base/config";
 
-/// Settings the manifests already use for graceful shutdown, which is being added to the
-/// binary separately. Until `serve --help` lists them they may be missing from it; once it
-/// does they are checked like every other setting, and this list can go.
-const PENDING_SETTINGS: &[&str] = &["MESHLIMIT_DRAIN_DELAY"];
-
-/// The metrics the dashboard is built on: the contract with src/metrics.rs.
+/// The metrics the dashboard is built on: every metric src/metrics.rs exports (README,
+/// "Metrics"), each on some panel.
 const DASHBOARD_METRICS: &[&str] = &[
     "ratelimit_service_rate_limit_total_hits",
     "ratelimit_service_rate_limit_over_limit",
@@ -49,10 +46,16 @@ const DASHBOARD_METRICS: &[&str] = &[
     "ratelimit_service_rate_limit_shadow_mode",
     "ratelimit_service_config_load_success",
     "ratelimit_service_config_load_error",
+    "meshlimit_config_hash",
     "meshlimit_decision_duration_seconds",
+    "meshlimit_store_duration_seconds",
     "meshlimit_store_errors_total",
+    "meshlimit_shed_total",
     "meshlimit_local_cache_hits_total",
     "meshlimit_cache_entries",
+    "meshlimit_cache_evictions",
+    "meshlimit_redis_degraded",
+    "meshlimit_redis_fallback_decisions",
 ];
 
 // ---- tools ---------------------------------------------------------------------------
@@ -334,7 +337,7 @@ fn manifests_use_the_binarys_ports_probe_path_and_settings() {
         for env in container["env"].as_array().expect("env") {
             let setting = env["name"].as_str().expect("env name");
             assert!(
-                settings.contains(setting) || PENDING_SETTINGS.contains(&setting),
+                settings.contains(setting),
                 "{name}: the manifests set {setting}, which `meshlimit serve --help` does not \
                  list: {settings:?}"
             );
@@ -830,11 +833,23 @@ fn grafana_queries_parse_and_read_metrics_the_binary_exports() {
         );
     }
 
-    // Every metric the dashboard reads is exported, with the labels it groups by.
-    let server = Meshlimit::start(repo_root().join(CONFIG_DIR));
-    let metrics = http::get(server.admin_addr, "/metrics", &[])
-        .unwrap_or_else(|err| panic!("GET /metrics: {err}\n{}", server.logs()))
-        .text();
+    // Every metric the dashboard reads is exported, with the labels it groups by: by a
+    // replica on the memory store or one on the Redis store (as the overlays run them).
+    let memory = Meshlimit::start(repo_root().join(CONFIG_DIR));
+    let redis = RedisServer::start();
+    let on_redis = Meshlimit::start_with(
+        repo_root().join(CONFIG_DIR),
+        &["--store", "redis", "--redis-url", &redis.url()],
+    );
+    let metrics: String = [&memory, &on_redis]
+        .iter()
+        .map(|server| {
+            http::get(server.admin_addr, "/metrics", &[])
+                .unwrap_or_else(|err| panic!("GET /metrics: {err}\n{}", server.logs()))
+                .text()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
     let types: BTreeMap<&str, &str> = metrics
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
