@@ -40,5 +40,6 @@ pub mod response;
 pub mod rule;
 pub mod server;
 pub mod service;
+pub mod simulate;
 pub mod store;
 pub mod tls;

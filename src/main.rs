@@ -14,6 +14,7 @@ use meshlimit::limiter::RequestBounds;
 use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
 use meshlimit::server::{self, ServeOptions, StoreChoice};
+use meshlimit::simulate::{Pattern, Scenario};
 use meshlimit::store::redis::settings::{self, RedisFlags};
 use meshlimit::store::redis::{FailureMode, RedisOptions};
 
@@ -39,6 +40,29 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         counting: CountingArgs,
+    },
+    /// Replay a traffic pattern through every algorithm on a virtual clock and compare
+    /// each with the exact answer (a sliding log); optionally plot admitted rate as SVG.
+    Simulate {
+        #[arg(long, value_enum, default_value_t = Pattern::BoundaryBurst)]
+        pattern: Pattern,
+        /// Requests allowed per window.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// The window, e.g. 1m or 10s.
+        #[arg(long, default_value = "1m", value_parser = parse_interval)]
+        per: Duration,
+        /// Offered load as a multiple of the limit's rate (steady and bursty patterns).
+        #[arg(long, default_value_t = 2.0)]
+        load: f64,
+        /// Simulated time.
+        #[arg(long, default_value = "20m", value_parser = parse_interval)]
+        duration: Duration,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write an SVG plot of admitted requests over time here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
     /// Show how descriptors match: the nodes tried, the effective policy after inheritance
     /// with where each field came from, and the counter keys.
@@ -313,6 +337,25 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(*args),
         Command::Validate { dir, counting } => validate(&dir, counting),
+        Command::Simulate {
+            pattern,
+            limit,
+            per,
+            load,
+            duration,
+            seed,
+            svg,
+        } => {
+            let scenario = Scenario {
+                pattern,
+                requests_per_unit: limit,
+                window_millis: per.as_millis().max(1) as u64,
+                load,
+                duration_millis: duration.as_millis().max(1) as u64,
+                seed,
+            };
+            simulate(&scenario, svg.as_deref())
+        }
         Command::Explain {
             config,
             domain,
@@ -320,6 +363,22 @@ fn main() -> ExitCode {
             counting,
         } => explain(&config, &domain, &descriptors, counting),
     }
+}
+
+fn simulate(scenario: &Scenario, svg: Option<&std::path::Path>) -> ExitCode {
+    let reports = meshlimit::simulate::run(scenario, &Algorithm::ALL);
+    print!("{}", meshlimit::simulate::table(scenario, &reports));
+    if let Some(path) = svg {
+        if let Err(error) = std::fs::write(path, meshlimit::simulate::svg(scenario, &reports)) {
+            eprintln!(
+                "meshlimit simulate: cannot write {}: {error}",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        println!("plot written to {}", path.display());
+    }
+    ExitCode::SUCCESS
 }
 
 fn parse_interval(text: &str) -> Result<Duration, String> {
