@@ -33,6 +33,16 @@ impl Response {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|err| panic!("response body is not JSON ({err}): {}", self.text()))
     }
+
+    /// Every value of the header `name` (any case), in the order received: a header sent
+    /// twice, by two filters that each added it, shows up as two values.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+            .collect()
+    }
 }
 
 /// Shows the body as text, so a failed assertion prints something readable.

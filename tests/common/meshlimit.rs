@@ -26,9 +26,19 @@ const INHERITED_SETTINGS: &[&str] = &[
     "MESHLIMIT_GRPC_ADDR",
     "MESHLIMIT_ADMIN_ADDR",
     "MESHLIMIT_DEFAULT_ALGORITHM",
+    // What responses carry, including envoyproxy/ratelimit's variables of the same meaning.
+    "MESHLIMIT_RESPONSE_HEADERS",
+    "MESHLIMIT_OVER_LIMIT_BODY",
+    "MESHLIMIT_SOFT_LIMIT_HEADER",
+    "LIMIT_RESPONSE_HEADERS_ENABLED",
+    "LIMIT_LIMIT_HEADER",
+    "LIMIT_REMAINING_HEADER",
+    "LIMIT_RESET_HEADER",
+    "RESPONSE_DYNAMIC_METADATA",
+    "NEAR_LIMIT_RATIO",
 ];
 
-/// A `Command` for the built binary with the developer's `MESHLIMIT_*` settings removed.
+/// A `Command` for the built binary with the developer's meshlimit settings removed.
 pub fn command() -> Command {
     let mut command = Command::new(binary());
     for name in INHERITED_SETTINGS {
@@ -57,10 +67,20 @@ impl Meshlimit {
 
     /// Like `start`, with `extra_args` appended to the `serve` command line.
     pub fn start_with(config_dir: impl AsRef<Path>, extra_args: &[&str]) -> Meshlimit {
+        Meshlimit::start_with_env(config_dir, extra_args, &[])
+    }
+
+    /// Like `start_with`, with the environment variables `env` set, as a deployment that
+    /// configures meshlimit through its environment (envoyproxy/ratelimit's variables) does.
+    pub fn start_with_env(
+        config_dir: impl AsRef<Path>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Meshlimit {
         let config_dir = config_dir.as_ref();
         let mut attempt = 1;
         loop {
-            match Meshlimit::try_start(config_dir, extra_args) {
+            match Meshlimit::try_start(config_dir, extra_args, env) {
                 Ok(server) => return server,
                 Err(failure) if failure.lost_port_race && attempt < START_ATTEMPTS => attempt += 1,
                 Err(failure) => panic!("meshlimit did not become healthy:\n{}", failure.report),
@@ -68,11 +88,16 @@ impl Meshlimit {
         }
     }
 
-    fn try_start(config_dir: &Path, extra_args: &[&str]) -> Result<Meshlimit, StartFailure> {
+    fn try_start(
+        config_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Meshlimit, StartFailure> {
         let grpc_addr = free_loopback_addr();
         let admin_addr = free_loopback_addr();
         let mut command = command();
         command
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--config")
             .arg(config_dir)

@@ -7,6 +7,7 @@
 //! - `http`: a minimal HTTP/1.1 client for Envoy's listener and admin endpoints
 //! - `upstream`: an in-process HTTP server that echoes the requests it receives
 //! - `redis`: real Redis / Valkey servers, standalone and a 3-master cluster
+//! - `stack`: meshlimit, the upstream and Envoy in front of them, for end-to-end tests
 //!
 //! Each test binary compiles this module separately and uses only part of it.
 #![allow(dead_code)]
@@ -16,6 +17,7 @@ pub mod http;
 pub mod meshlimit;
 pub mod process;
 pub mod redis;
+pub mod stack;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};
@@ -88,5 +90,21 @@ pub fn avoid_window_edge(window_secs: u64, margin_secs: u64) {
     let left = secs_left_in_window(window_secs);
     if left < margin_secs {
         std::thread::sleep(Duration::from_secs(left) + Duration::from_millis(200));
+    }
+}
+
+/// Like `avoid_window_edge`, to the millisecond, for windows of a few seconds: sleeps to
+/// just past the start of the next `window` when less than `margin` is left in this one.
+/// Windows are aligned to the Unix epoch, so a minute's edge is also the edge of every
+/// window that divides a minute.
+pub fn avoid_window_edge_precisely(window: Duration, margin: Duration) {
+    let window_ms = window.as_millis().max(1);
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis();
+    let left = Duration::from_millis((window_ms - now_ms % window_ms) as u64);
+    if left < margin {
+        std::thread::sleep(left + Duration::from_millis(20));
     }
 }
