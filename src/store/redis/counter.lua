@@ -217,8 +217,10 @@ for _ = 1, group_count do
         over, remaining, reset = sliding_window(state, limit, window, hits)
       elseif algorithm == 'f' then
         over, remaining, reset = fixed_window(state, limit, window, hits)
-      else
+      elseif algorithm == 't' then
         over, remaining, reset = token_bucket(state, limit, window, burst, hits)
+      else
+        return redis.error_reply('meshlimit counter script: unknown algorithm ' .. algorithm)
       end
       -- A bucket's rejected hit leaves its TAT alone; a rejected window hit may still have
       -- rolled the window, which only a kept state writes back.
