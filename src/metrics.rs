@@ -54,6 +54,14 @@ impl HitCounters {
         }
     }
 
+    /// The counter called `stat` (`total_hits`, …), 0 for an unknown name.
+    fn get(&self, stat: &str) -> u64 {
+        self.values()
+            .iter()
+            .find(|(name, _)| *name == stat)
+            .map_or(0, |(_, value)| *value)
+    }
+
     fn values(&self) -> [(&'static str, u64); 5] {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
@@ -282,12 +290,7 @@ impl Metrics {
                 let key = path
                     .strip_prefix(&**domain)
                     .map_or(&**path, |k| k.trim_start_matches('.'));
-                let value = stats
-                    .counters
-                    .values()
-                    .iter()
-                    .find(|(s, _)| *s == stat)
-                    .map_or(0, |(_, v)| *v);
+                let value = stats.counters.get(stat);
                 let _ = writeln!(
                     out,
                     "{name}{{domain=\"{}\",key=\"{}\"}} {value}",
@@ -295,11 +298,7 @@ impl Metrics {
                     escape(key)
                 );
                 for (detail, counters) in stats.detailed.lock().iter() {
-                    let value = counters
-                        .values()
-                        .iter()
-                        .find(|(s, _)| *s == stat)
-                        .map_or(0, |(_, v)| *v);
+                    let value = counters.get(stat);
                     let _ = writeln!(
                         out,
                         "{name}{{domain=\"{}\",key=\"{}\",value=\"{}\"}} {value}",
