@@ -1,4 +1,5 @@
-//! `meshlimit validate`: the check a user runs on a config directory before deploying it.
+//! `meshlimit validate` and `meshlimit explain`: the checks a user runs on a config directory
+//! before deploying it.
 
 mod common;
 
@@ -42,4 +43,113 @@ fn validate_points_at_the_broken_line() {
         messages.contains("broken.yaml:9:"),
         "expected a message naming broken.yaml:9:<column>, got:\n{messages}"
     );
+}
+
+/// `meshlimit explain` run from `tests/fixtures`, so the files it names are short relative
+/// paths such as `config_tiers/tiers.yaml`: (success, stdout, stderr).
+fn explain(args: &[&str]) -> (bool, String, String) {
+    let output = command()
+        .current_dir(fixture(""))
+        .arg("explain")
+        .args(args)
+        .output()
+        .expect("run meshlimit explain");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn assert_lines(text: &str, expected: &[&str]) {
+    for line in expected {
+        assert!(
+            text.lines().any(|actual| actual == *line),
+            "no line {line:?} in:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn explain_shows_where_an_inherited_policy_comes_from_and_the_counter_key() {
+    let (ok, stdout, stderr) = explain(&[
+        "--config",
+        "config_tiers",
+        "--domain",
+        "tiers",
+        "plan=pro,user=alice",
+    ]);
+    assert!(ok, "explain failed:\n{stdout}{stderr}");
+    assert_lines(
+        &stdout,
+        &[
+            "domain tiers (config_tiers/tiers.yaml)",
+            "descriptor 1: plan=pro,user=alice",
+            "  `plan: pro`: matched `plan: pro` exactly",
+            "  `user: alice`: matched `user` (any value)",
+            "  matched node: `user` (any value) at config_tiers/tiers.yaml:27:25",
+            // `user` sets nothing: the policy comes down from its parent node...
+            "  policy — inherited: descriptor `plan: pro` (config_tiers/tiers.yaml:24:10)",
+            // ...and each field from the policy that wrote it, through `extends`.
+            "  limits: 4/hour — from policy `pro` (config_tiers/tiers.yaml:14:13)",
+            "  algorithm: token_bucket — from policy `free` (config_tiers/tiers.yaml:10:16)",
+            "  counter keys:",
+            "    tiers|plan=pro|user=alice|1h/token_bucket",
+        ],
+    );
+}
+
+#[test]
+fn explain_shows_shared_defaults_and_an_own_setting_that_beats_them() {
+    let (ok, stdout, stderr) = explain(&[
+        "--config",
+        "config_tiers",
+        "--domain",
+        "shared_defaults",
+        "plan=basic,user=sam",
+        "plan=internal,user=sam",
+    ]);
+    assert!(ok, "explain failed:\n{stdout}{stderr}");
+    assert_lines(
+        &stdout,
+        &[
+            "descriptor 1: plan=basic,user=sam",
+            "  limits: 3/hour — from policy `baseline` (config_tiers/shared.yaml:6:13)",
+            "    shared_defaults|plan=basic|user=sam|1h/token_bucket",
+            "descriptor 2: plan=internal,user=sam",
+            "  unlimited — inherited: descriptor `plan: internal` (config_tiers/shared_defaults.yaml:8:10)",
+        ],
+    );
+    // The defaults' own location is where their block is written in the shared file.
+    assert!(
+        stdout.contains("  policy — inherited: shared defaults (config_tiers/shared.yaml:"),
+        "{stdout}"
+    );
+    // An unlimited descriptor is never counted, so it has no counter key.
+    assert!(
+        !stdout.contains("shared_defaults|plan=internal"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn explain_refuses_an_invalid_or_missing_config_dir() {
+    let (ok, stdout, stderr) = explain(&[
+        "--config",
+        "config_invalid",
+        "--domain",
+        "api",
+        "user=alice",
+    ]);
+    assert!(!ok, "explain accepted a broken config:\n{stdout}{stderr}");
+    assert!(
+        stderr.contains("config_invalid/broken.yaml:9:"),
+        "expected the broken line in the errors:\n{stderr}"
+    );
+    assert_eq!(stdout, "", "nothing is explained from a broken config");
+
+    let (ok, stdout, stderr) =
+        explain(&["--config", "no_such_dir", "--domain", "api", "user=alice"]);
+    assert!(!ok, "explain accepted a missing dir:\n{stdout}{stderr}");
+    assert!(stderr.contains("no_such_dir"), "{stderr}");
 }

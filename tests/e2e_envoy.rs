@@ -7,74 +7,22 @@
 
 mod common;
 
-use common::envoy::{self, Envoy};
+use common::envoy;
 use common::http::Response;
-use common::meshlimit::Meshlimit;
-use common::upstream::EchoUpstream;
+use common::stack::Stack;
 use common::{avoid_window_edge, fixture, secs_left_in_window};
 
 const TEMPLATE: &str = "envoy/ratelimit_http.yaml";
 
-/// meshlimit, the upstream and an Envoy in front of both, for one rate limit domain.
-struct Stack {
-    // Declared first so it is dropped first: Envoy goes before what it routes to.
-    envoy: Envoy,
-    upstream: EchoUpstream,
-    meshlimit: Meshlimit,
-}
-
-impl Stack {
-    fn start(domain: &str) -> Stack {
-        let meshlimit = Meshlimit::start(fixture("config"));
-        let upstream = EchoUpstream::start();
-        let envoy = Envoy::start(
-            fixture(TEMPLATE),
-            &[
-                ("RLS_PORT", meshlimit.grpc_addr.port().to_string()),
-                ("UPSTREAM_PORT", upstream.addr.port().to_string()),
-                ("DOMAIN", domain.to_owned()),
-            ],
-        );
-        Stack {
-            envoy,
-            upstream,
-            meshlimit,
-        }
-    }
-
-    fn get_as(&self, user: &str, path: &str) -> Response {
-        self.envoy.get(path, &[("x-user-id", user)])
-    }
-
-    /// Both servers' logs, for failure messages.
-    fn logs(&self) -> String {
-        format!("{}\n{}", self.meshlimit.logs(), self.envoy.logs())
-    }
-
-    /// Asserts `response` has `status`, showing the response and both logs if not.
-    fn expect_status(&self, response: &Response, status: u16, what: &str) {
-        assert_eq!(
-            response.status,
-            status,
-            "{what}: expected HTTP {status}, got {response:?}\n{}",
-            self.logs()
-        );
-    }
-}
-
-fn header_u64(response: &Response, name: &str) -> u64 {
-    let value = response
-        .header(name)
-        .unwrap_or_else(|| panic!("no {name} header in {response:?}"));
-    value
-        .parse()
-        .unwrap_or_else(|_| panic!("{name} is not a number: {value:?}"))
+/// meshlimit on tests/fixtures/config, and Envoy asking it about `domain`.
+fn start_stack(domain: &str) -> Stack {
+    Stack::start(fixture("config"), fixture(TEMPLATE), domain)
 }
 
 /// `x-ratelimit-reset` for a fixed one-minute window: the seconds left in the current
 /// minute, give or take the second that may tick over between the two readings.
 fn assert_reset_is_end_of_minute(response: &Response) {
-    let reset = header_u64(response, "x-ratelimit-reset");
+    let reset = response.header_u64("x-ratelimit-reset");
     let expected = secs_left_in_window(60);
     assert!(
         (1..=60).contains(&reset) && reset.abs_diff(expected) <= 1,
@@ -114,7 +62,7 @@ fn bootstrap_template_and_deploy_example_pass_envoy_validation() {
 
 #[test]
 fn fixed_window_allows_the_limit_then_answers_429_with_ratelimit_headers() {
-    let stack = Stack::start("e2e");
+    let stack = start_stack("e2e");
     // Four requests must land in one minute-long window for the counts below to hold.
     avoid_window_edge(60, 10);
 
@@ -129,7 +77,7 @@ fn fixed_window_allows_the_limit_then_answers_429_with_ratelimit_headers() {
             "{response:?}"
         );
         assert_eq!(
-            header_u64(&response, "x-ratelimit-remaining"),
+            response.header_u64("x-ratelimit-remaining"),
             remaining,
             "{response:?}"
         );
@@ -147,17 +95,13 @@ fn fixed_window_allows_the_limit_then_answers_429_with_ratelimit_headers() {
         Some(limit),
         "{denied:?}"
     );
-    assert_eq!(
-        header_u64(&denied, "x-ratelimit-remaining"),
-        0,
-        "{denied:?}"
-    );
+    assert_eq!(denied.header_u64("x-ratelimit-remaining"), 0, "{denied:?}");
     assert_reset_is_end_of_minute(&denied);
 
     // Limits are per user: bob starts with his own full allowance.
     let bob = stack.get_as("bob", "/");
     stack.expect_status(&bob, 200, "bob after alice ran out");
-    assert_eq!(header_u64(&bob, "x-ratelimit-remaining"), 2, "{bob:?}");
+    assert_eq!(bob.header_u64("x-ratelimit-remaining"), 2, "{bob:?}");
 
     // The denied request never reached the service.
     let users: Vec<_> = stack
@@ -171,7 +115,7 @@ fn fixed_window_allows_the_limit_then_answers_429_with_ratelimit_headers() {
 
 #[test]
 fn user_and_path_rule_limits_only_its_path() {
-    let stack = Stack::start("e2e");
+    let stack = start_stack("e2e");
     avoid_window_edge(60, 10);
 
     // [user=carol] has 3 a minute, [user=carol, path=/strict] has 1: the headers describe
@@ -183,7 +127,7 @@ fn user_and_path_rule_limits_only_its_path() {
         Some(r#"1, 3;w=60;name="per_user", 1;w=60"#),
         "{first:?}"
     );
-    assert_eq!(header_u64(&first, "x-ratelimit-remaining"), 0, "{first:?}");
+    assert_eq!(first.header_u64("x-ratelimit-remaining"), 0, "{first:?}");
 
     let second = stack.get_as("carol", "/strict");
     stack.expect_status(&second, 429, "carol's second /strict in the minute");
@@ -196,7 +140,7 @@ fn user_and_path_rule_limits_only_its_path() {
 
 #[test]
 fn sliding_window_by_default_denies_after_the_limit() {
-    let stack = Stack::start("e2e_sliding");
+    let stack = start_stack("e2e_sliding");
     // Keeps the four requests in one minute, so the outcome does not depend on how the
     // sliding window weighs the previous one.
     avoid_window_edge(60, 10);
@@ -207,11 +151,7 @@ fn sliding_window_by_default_denies_after_the_limit() {
     }
     let denied = stack.get_as("dave", "/");
     stack.expect_status(&denied, 429, "dave's 4th request in the minute");
-    assert_eq!(
-        header_u64(&denied, "x-ratelimit-remaining"),
-        0,
-        "{denied:?}"
-    );
+    assert_eq!(denied.header_u64("x-ratelimit-remaining"), 0, "{denied:?}");
 
     let erin = stack.get_as("erin", "/");
     stack.expect_status(&erin, 200, "erin after dave ran out");

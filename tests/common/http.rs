@@ -24,6 +24,17 @@ impl Response {
             .map(|(_, value)| value.as_str())
     }
 
+    /// The header `name` as a number; panics showing the response when it is missing or
+    /// not a number.
+    pub fn header_u64(&self, name: &str) -> u64 {
+        let value = self
+            .header(name)
+            .unwrap_or_else(|| panic!("no {name} header in {self:?}"));
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is not a number: {value:?} in {self:?}"))
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }

@@ -151,4 +151,45 @@ impl Meshlimit {
     pub fn logs(&self) -> String {
         self.process.describe()
     }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Sends SIGHUP (with `kill -HUP`, as an operator would), which makes meshlimit reload
+    /// its config directory.
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill -HUP");
+        assert!(
+            status.success(),
+            "kill -HUP {} failed: {status}",
+            self.pid()
+        );
+    }
+
+    /// `GET path` on the admin port; panics with the server's logs when it cannot be asked.
+    pub fn admin_get(&self, path: &str) -> http::Response {
+        http::get(self.admin_addr, path, &[]).unwrap_or_else(|err| {
+            panic!(
+                "GET {path} on meshlimit's admin port {}: {err}\n{}",
+                self.admin_addr,
+                self.logs()
+            )
+        })
+    }
+
+    /// The value of the counter `name` on `/metrics` (Prometheus text format).
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.admin_get("/metrics").text();
+        text.lines()
+            .find_map(|line| {
+                let (metric, value) = line.split_once(' ')?;
+                (metric == name).then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no counter {name} on /metrics:\n{text}"))
+    }
 }

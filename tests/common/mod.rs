@@ -1,6 +1,7 @@
 //! Shared harness for the integration tests: every test talks to the real `meshlimit`
 //! binary (and, where it matters, a real Envoy) over loopback, through these helpers.
 //!
+//! - `config_dir`: config directories rewritten during a test, plain or ConfigMap-style
 //! - `process`: child processes with captured logs, killed when dropped
 //! - `meshlimit`: the built binary, started on free ports and waited on until healthy
 //! - `envoy`: Envoy from the test venv, started from a bootstrap template
@@ -12,6 +13,7 @@
 //! Each test binary compiles this module separately and uses only part of it.
 #![allow(dead_code)]
 
+pub mod config_dir;
 pub mod envoy;
 pub mod http;
 pub mod meshlimit;
