@@ -217,13 +217,168 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
     penalized("d|ip=2|1s/s", 0, T0);
     out.push(("penalty box", steps));
 
-    out.push(("random sequences", random_steps(0x5eed, 400)));
+    out.push(("random sequences", random_steps(0x5eed, 400, 3)));
+    out.extend(log_and_leaky_scenarios());
+    out.push((
+        "random sequences, all five algorithms",
+        random_steps(0x1ea4, 500, 5),
+    ));
+    out
+}
+
+/// Sliding log and leaky bucket alone, in groups with the other algorithms, and behind a
+/// penalty box.
+fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
+    let log = limit(4, MINUTE, Algorithm::SlidingLog);
+    let leaky = Limit {
+        burst: Some(3),
+        ..limit(10, SECOND, Algorithm::LeakyBucket)
+    };
+    let mut out = Vec::new();
+
+    // Sliding log: admitted hits of several sizes, rejections that record nothing, reset
+    // naming the hit that frees room, the exact edge at now − W, a request larger than the
+    // limit, zero-hit checks and a gap longer than the window.
+    let mut steps = Vec::new();
+    for (at, hits) in [
+        (0, 1),
+        (1_000, 2),
+        (1_000, 0),
+        (5_000, 1),
+        (5_001, 1),
+        (5_002, 3),
+    ] {
+        steps.push(step(T0 + at, vec![spec("d|u=l|1m/l", log, hits, 0)]));
+    }
+    for at in [
+        59_999, 60_000, 60_001, 60_999, 61_000, 65_000, 65_001, 90_000,
+    ] {
+        for hits in [0, 1, 2, 5] {
+            steps.push(step(T0 + at, vec![spec("d|u=l|1m/l", log, hits, 0)]));
+        }
+    }
+    steps.push(step(T0 + 10 * MINUTE, vec![spec("d|u=l|1m/l", log, 4, 0)]));
+    let one = limit(1, SECOND, Algorithm::SlidingLog);
+    for i in 0..10 {
+        steps.push(step(T0 + i * 333, vec![spec("d|u=l1|1s/l", one, 1, 0)]));
+    }
+    let zero = limit(0, SECOND, Algorithm::SlidingLog);
+    steps.push(step(T0, vec![spec("d|u=l0|1s/l", zero, 1, 0)]));
+    steps.push(step(T0, vec![spec("d|u=l0|1s/l", zero, 0, 0)]));
+    out.push(("sliding log", steps));
+
+    // Leaky bucket: fill to capacity, drain at the rate (100 ms a hit), partial drains, a
+    // request larger than the capacity, an idle bucket that empties, a zero rate and a
+    // window that does not divide evenly.
+    let mut steps = Vec::new();
+    for i in 0..5 {
+        steps.push(step(T0 + i, vec![spec("d|u=k|1s/k", leaky, 1, 0)]));
+    }
+    for at in [50, 99, 100, 101, 199, 250, 251, 333, 900, 5_000] {
+        for hits in [0, 1, 2, 4] {
+            steps.push(step(T0 + at, vec![spec("d|u=k|1s/k", leaky, hits, 0)]));
+        }
+    }
+    let dry = limit(0, SECOND, Algorithm::LeakyBucket);
+    steps.push(step(T0, vec![spec("d|u=k0|1s/k", dry, 1, 0)]));
+    steps.push(step(T0, vec![spec("d|u=k0|1s/k", dry, 0, 0)]));
+    let odd = Limit {
+        burst: Some(2),
+        ..limit(7, 3 * SECOND, Algorithm::LeakyBucket)
+    };
+    for i in 0..16 {
+        steps.push(step(
+            T0 + i * 211,
+            vec![spec("d|u=ko|3s/k", odd, 1 + i % 2, 0)],
+        ));
+    }
+    let daily = limit(1_000, 86_400 * SECOND, Algorithm::LeakyBucket);
+    for i in 0..6 {
+        steps.push(step(
+            T0 + i * 40_000,
+            vec![spec("d|u=kd|1d/k", daily, 300, 0)],
+        ));
+    }
+    out.push(("leaky bucket", steps));
+
+    // Both inside all-or-nothing groups, with each other and with the other algorithms: a
+    // rejection by any limit leaves the log and the bucket untouched.
+    let per_second = limit(3, SECOND, Algorithm::SlidingWindow);
+    let per_minute = limit(6, MINUTE, Algorithm::FixedWindow);
+    let mut steps = Vec::new();
+    for i in 0..14 {
+        steps.push(step(
+            T0 + i * 150,
+            vec![
+                spec("d|u=g|1m/l", log, 1, 0),
+                spec("d|u=g|1s/k", leaky, 1, 0),
+                spec("d|u=g|1s/s", per_second, 1, 0),
+                spec("d|u=h|1s/k", leaky, 1 + i % 2, 1),
+                spec("d|u=h|1m/f", per_minute, 1, 1),
+                spec("d|u=h|1m/l", log, 1, 1),
+            ],
+        ));
+    }
+    for i in 0..4 {
+        steps.push(step(
+            T0 + 70_000 + i,
+            vec![
+                spec("d|u=twice|1m/l", log, 2, 3),
+                spec("d|u=twice|1m/l", log, 1, 3),
+                spec("d|u=twice|1s/k", leaky, 1, 4),
+                spec("d|u=twice|1s/k", leaky, 1, 4),
+            ],
+        ));
+    }
+    out.push(("sliding log and leaky bucket in groups", steps));
+
+    // Behind a penalty box: the log and the bucket earn the rejections, the block answers
+    // without counting, and both count again once it ends.
+    let login = Penalty {
+        after_rejections: 2,
+        within_millis: MINUTE,
+        block_millis: 5 * MINUTE,
+    };
+    let mut steps = Vec::new();
+    let two_per_minute = limit(2, MINUTE, Algorithm::SlidingLog);
+    let slow = Limit {
+        burst: Some(2),
+        ..limit(1, SECOND, Algorithm::LeakyBucket)
+    };
+    let mut penalized = |descriptor: &str, hits: u64, now: u64| {
+        let mut log_check = spec(&format!("d|{descriptor}|1m/l"), two_per_minute, hits, 0);
+        log_check.penalty = Some(login);
+        let mut leaky_check = spec(&format!("d|{descriptor}|1s/k"), slow, hits, 0);
+        leaky_check.penalty = Some(login);
+        steps.push(step(now, vec![log_check, leaky_check]));
+        let mut alone = spec(&format!("d|{descriptor}-alone|1s/k"), slow, hits, 1);
+        alone.penalty = Some(login);
+        steps.push(step(now, vec![alone]));
+    };
+    for (hits, at) in [
+        (1, 0),
+        (1, 10),
+        (1, 20),
+        (0, 30),
+        (1, 40),
+        (1, 3_000),
+        (2, 4_000),
+        (1, 300_039),
+        (1, 300_041),
+        (1, 301_000),
+        (1, 362_000),
+        (1, 362_001),
+        (1, 362_002),
+    ] {
+        penalized("ip=1", hits, T0 + at);
+    }
+    out.push(("sliding log and leaky bucket with the penalty box", steps));
     out
 }
 
 /// A deterministic mix of every algorithm, hits from 0 to 4, groups and penalties, with
 /// time moving forward by irregular steps.
-fn random_steps(seed: u64, count: usize) -> Vec<Step> {
+fn random_steps(seed: u64, count: usize, algorithms: usize) -> Vec<Step> {
     let mut state = seed;
     let mut next = move |bound: u64| {
         state ^= state << 13;
@@ -233,12 +388,12 @@ fn random_steps(seed: u64, count: usize) -> Vec<Step> {
     };
     // A group is one descriptor's limits: its keys share the descriptor part (and so, on a
     // cluster, the hash slot). Each limit index always has the same algorithm and window.
-    let limits: Vec<Limit> = (0..6)
+    let limits: Vec<Limit> = (0..2 * algorithms)
         .map(|i| {
-            let algorithm = Algorithm::ALL[i % 3];
+            let algorithm = Algorithm::ALL[i % algorithms];
             let window = [SECOND, 10 * SECOND, MINUTE][(i / 3 + i) % 3];
             let mut limit = limit(1 + (i as u32 * 3) % 7, window, algorithm);
-            if algorithm == Algorithm::TokenBucket && i % 2 == 0 {
+            if matches!(algorithm, Algorithm::TokenBucket | Algorithm::LeakyBucket) && i % 2 == 0 {
                 limit.burst = Some(2);
             }
             limit

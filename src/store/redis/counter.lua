@@ -8,12 +8,14 @@
 --
 -- Lua numbers are doubles: every value below stays exact while it is under 2^53, which
 -- holds for counts times window lengths of any realistic limit (see the README's Redis
--- section for the bound).
+-- section for the bound). Where Rust uses u128 (the leaky bucket's drain, `elapsed × rate`
+-- since an old or empty bucket), a product past 2^53 only ever exceeds the level it is
+-- subtracted from, and the comparison that clamps it at zero stays exact.
 --
 -- KEYS, per group: [penalty key,] one key per check.
 -- ARGV: now_millis, group count, then per group:
 --   check count, has_penalty (0|1), [after_rejections, within_millis, block_millis, ttl],
---   then per check: algorithm (s|f|t), requests_per_unit, window_millis, burst, hits,
+--   then per check: algorithm (s|f|t|l|k), requests_per_unit, window_millis, burst, hits,
 --   count_rejected (0|1), ttl_millis.
 -- Returns three integers per check, in order: over_limit (0|1), remaining, reset_after_millis.
 
@@ -54,8 +56,9 @@ local function int(n)
 end
 
 -- State encodings: "w <window> <current> <previous>", "b <tat_micros>",
--- "p <window> <rejections> <blocked_until_millis>". A value of another kind (the rule's
--- algorithm changed) starts over, as `algorithm::apply` does.
+-- "l <at>:<hits> <at>:<hits> …" (sliding log, oldest first), "k <level> <updated_millis>"
+-- (leaky bucket, level in hit·ms), "p <window> <rejections> <blocked_until_millis>". A value
+-- of another kind (the rule's algorithm changed) starts over, as `algorithm::apply` does.
 local function read_window(raw)
   if raw then
     local w, c, p = string.match(raw, '^w (%d+) (%d+) (%d+)$')
@@ -76,9 +79,45 @@ local function read_bucket(raw)
   return { kind = 'b', tat = 0 }
 end
 
+-- The log is kept as a list with a moving head, so dropping the oldest entries is O(1).
+local function read_log(raw)
+  local state = { kind = 'l', at = {}, hits = {}, head = 1, total = 0 }
+  if raw and string.sub(raw, 1, 2) == 'l ' then
+    for at, n in string.gmatch(raw, '(%d+):(%d+)') do
+      state.at[#state.at + 1] = tonumber(at)
+      state.hits[#state.hits + 1] = tonumber(n)
+      state.total = state.total + tonumber(n)
+    end
+  end
+  return state
+end
+
+local function read_leaky(raw)
+  if raw then
+    local level, updated = string.match(raw, '^k (%d+) (%d+)$')
+    if level then
+      return { kind = 'k', level = tonumber(level), updated = tonumber(updated) }
+    end
+  end
+  return { kind = 'k', level = 0, updated = 0 }
+end
+
+local readers = {
+  s = read_window, f = read_window, t = read_bucket, l = read_log, k = read_leaky,
+}
+local kinds = { s = 'w', f = 'w', t = 'b', l = 'l', k = 'k' }
+
 local function encode(state)
   if state.kind == 'w' then
     return 'w ' .. int(state.window) .. ' ' .. int(state.current) .. ' ' .. int(state.previous)
+  elseif state.kind == 'l' then
+    local parts = { 'l' }
+    for i = state.head, #state.at do
+      parts[#parts + 1] = int(state.at[i]) .. ':' .. int(state.hits[i])
+    end
+    return table.concat(parts, ' ')
+  elseif state.kind == 'k' then
+    return 'k ' .. int(state.level) .. ' ' .. int(state.updated)
   end
   return 'b ' .. int(state.tat)
 end
@@ -120,14 +159,20 @@ local function sliding_window(state, limit, window, hits)
   return 0, div_floor(limit * window - used_scaled, window), window - elapsed
 end
 
--- fixed_window::apply
-local function fixed_window(state, limit, window, hits)
+-- fixed_window::apply: a rejected hit is added only with `count_rejected` (which the store
+-- passes for a lone check only), so a later check of the same key in a group sees the
+-- count without it.
+local function fixed_window(state, limit, window, hits, count_rejected)
   roll_to(state, div_floor(now, window))
-  state.current = state.current + hits
+  local after = state.current + hits
   local reset = window - now % window
-  if state.current > limit then
+  if after > limit then
+    if count_rejected then
+      state.current = after
+    end
     return 1, 0, reset
   end
+  state.current = after
   return 0, limit - state.current, reset
 end
 
@@ -150,6 +195,76 @@ local function token_bucket(state, limit, window, burst, hits)
   end
   state.tat = next_tat
   return 0, div_floor(capacity - ahead, interval), div_ceil(ahead, 1000)
+end
+
+-- sliding_log::wait_until_room
+local function wait_until_room(state, limit, window, hits)
+  if hits > limit then
+    return window
+  end
+  local to_free = state.total + hits - limit
+  for i = state.head, #state.at do
+    local n = state.hits[i]
+    if n >= to_free then
+      return math.max(math.max(state.at[i] + window - now, 0), 1)
+    end
+    to_free = to_free - n
+  end
+  return window
+end
+
+-- sliding_log::apply
+local function sliding_log(state, limit, window, hits)
+  -- Hits at or before now − W have left the window.
+  while state.head <= #state.at do
+    if state.at[state.head] + window > now then
+      break
+    end
+    state.total = state.total - state.hits[state.head]
+    state.head = state.head + 1
+  end
+  if state.total + hits > limit then
+    return 1, 0, wait_until_room(state, limit, window, hits)
+  end
+  if hits > 0 then
+    state.at[#state.at + 1] = now
+    state.hits[#state.hits + 1] = hits
+    state.total = state.total + hits
+  end
+  -- When the oldest admitted hit leaves the window and frees room.
+  local reset = window
+  if state.head <= #state.at then
+    reset = math.max(state.at[state.head] + window - now, 0)
+  end
+  return 0, limit - state.total, reset
+end
+
+-- leaky_bucket::apply. `level` is in hit·ms and drains `limit` per elapsed millisecond.
+local function leaky_bucket(state, limit, window, burst, hits)
+  local capacity = burst * window
+  local elapsed = math.max(now - state.updated, 0)
+  local drained = elapsed * limit
+  local level = 0
+  if drained < state.level then
+    level = state.level - drained
+  end
+  local added = hits * window
+  if level + added > capacity then
+    local wait
+    if limit == 0 or added > capacity then
+      wait = window
+    else
+      wait = div_ceil(level + added - capacity, limit)
+    end
+    return 1, 0, math.max(wait, 1)
+  end
+  state.level = level + added
+  state.updated = math.max(now, state.updated)
+  local empty_in = window
+  if limit ~= 0 then
+    empty_in = div_ceil(state.level, limit)
+  end
+  return 0, div_floor(capacity - state.level, window), empty_in
 end
 
 for _ = 1, group_count do
@@ -200,25 +315,33 @@ for _ = 1, group_count do
         any_hits = true
       end
       local ttl = next_arg()
+      local read = readers[algorithm]
+      if not read then
+        return redis.error_reply('meshlimit counter script: unknown algorithm ' .. algorithm)
+      end
       local state = states[k]
       if not state then
-        local raw = redis.call('GET', k)
-        if algorithm == 't' then
-          state = read_bucket(raw)
-        else
-          state = read_window(raw)
-        end
+        state = read(redis.call('GET', k))
         states[k] = state
         touched[#touched + 1] = k
+      elseif state.kind ~= kinds[algorithm] then
+        -- The same key counted by another algorithm in this group starts over.
+        state = read(nil)
+        states[k] = state
       end
       ttls[k] = ttl
       local over, remaining, reset
       if algorithm == 's' then
         over, remaining, reset = sliding_window(state, limit, window, hits)
       elseif algorithm == 'f' then
-        over, remaining, reset = fixed_window(state, limit, window, hits)
+        over, remaining, reset = fixed_window(state, limit, window, hits,
+          count_rejected and check_count == 1)
       elseif algorithm == 't' then
         over, remaining, reset = token_bucket(state, limit, window, burst, hits)
+      elseif algorithm == 'l' then
+        over, remaining, reset = sliding_log(state, limit, window, hits)
+      elseif algorithm == 'k' then
+        over, remaining, reset = leaky_bucket(state, limit, window, burst, hits)
       else
         return redis.error_reply('meshlimit counter script: unknown algorithm ' .. algorithm)
       end

@@ -36,7 +36,6 @@ use self::node::{Node, NodeError};
 pub use self::settings::{FailureMode, RedisOptions, RedisTarget};
 use super::{Check, CounterStore, MemoryStore, StoreError, groups};
 use crate::algorithm::Verdict;
-use crate::limit::Algorithm;
 
 /// Whether every Redis node answers, as the admin port reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,22 +203,6 @@ impl Inner {
         now_millis: u64,
         out: &mut Vec<Verdict>,
     ) -> Result<(), StoreError> {
-        // counter.lua implements the window algorithms and the token bucket; deciding the
-        // others with a different algorithm would be silently wrong, so they are refused.
-        if let Some(check) = checks.iter().find(|c| {
-            !matches!(
-                c.limit.algorithm,
-                Algorithm::SlidingWindow | Algorithm::FixedWindow | Algorithm::TokenBucket
-            )
-        }) {
-            return Err(StoreError {
-                message: format!(
-                    "the Redis store does not implement `{}` yet (counter {}); use sliding_window, fixed_window or token_bucket for this rule, or --store memory",
-                    check.limit.algorithm, check.key
-                ),
-                transient: false,
-            });
-        }
         out.clear();
         out.resize(
             checks.len(),

@@ -66,7 +66,7 @@ pub fn evalsha(
                 Algorithm::FixedWindow => "f",
                 Algorithm::TokenBucket => "t",
                 Algorithm::SlidingLog => "l",
-                Algorithm::LeakyBucket => "b",
+                Algorithm::LeakyBucket => "k",
             })
             .arg(limit.requests_per_unit)
             .arg(limit.window_millis())
