@@ -3,14 +3,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use meshlimit::proto::rate_limit_service_client::RateLimitServiceClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::process::{StartFailure, Supervised};
-use super::{free_loopback_addr, http};
+use super::{free_loopback_addr, http, poll_until};
 
 /// How long a start may take before the test fails; far above the usual fraction of a
 /// second, because CI may be compiling other test binaries at the same time.
@@ -191,5 +191,52 @@ impl Meshlimit {
                 (metric == name).then(|| value.trim().parse().ok())?
             })
             .unwrap_or_else(|| panic!("no counter {name} on /metrics:\n{text}"))
+    }
+
+    /// A channel to the gRPC port over TLS with `tls`, at 127.0.0.1 (the certificate is
+    /// checked for the name in `tls`); the error when connecting fails.
+    pub async fn tls_channel(
+        &self,
+        tls: ClientTlsConfig,
+    ) -> Result<Channel, tonic::transport::Error> {
+        Channel::from_shared(format!("https://{}", self.grpc_addr))
+            .expect("valid gRPC URI")
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+    }
+
+    /// `POST path` on the admin port with a JSON `body`; panics with the server's logs when
+    /// it cannot be asked.
+    pub fn admin_post_json(&self, path: &str, body: &str) -> http::Response {
+        let headers = [("content-type", "application/json")];
+        http::post(self.admin_addr, path, &headers, body.as_bytes()).unwrap_or_else(|err| {
+            panic!(
+                "POST {path} on meshlimit's admin port {}: {err}\n{}",
+                self.admin_addr,
+                self.logs()
+            )
+        })
+    }
+
+    /// Sends SIGTERM (with `kill -TERM`), as Kubernetes does to stop a pod.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill -TERM");
+        assert!(
+            status.success(),
+            "kill -TERM {} failed: {status}",
+            self.pid()
+        );
+    }
+
+    /// The exit status once the process ends on its own within `timeout`, else `None`.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        poll_until(timeout, || self.process.exited())
     }
 }

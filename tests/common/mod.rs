@@ -9,6 +9,7 @@
 //! - `upstream`: an in-process HTTP server that echoes the requests it receives
 //! - `redis`: real Redis / Valkey servers, standalone and a 3-master cluster
 //! - `stack`: meshlimit, the upstream and Envoy in front of them, for end-to-end tests
+//! - `tls`: a test CA issuing server and client certificates, and a raw TLS client
 //!
 //! Each test binary compiles this module separately and uses only part of it.
 #![allow(dead_code)]
@@ -20,6 +21,7 @@ pub mod meshlimit;
 pub mod process;
 pub mod redis;
 pub mod stack;
+pub mod tls;
 pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener};
