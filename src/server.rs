@@ -210,7 +210,7 @@ async fn serve_with<S: CounterStore>(
                     "gRPC port serves TLS"
                 );
                 Box::pin(router.serve_with_incoming_shutdown(
-                    TlsIncoming::new(grpc_listener, config),
+                    TlsIncoming::new(grpc_listener, config, when_stopped()),
                     when_stopped(),
                 ))
             }
@@ -235,7 +235,7 @@ async fn serve_with<S: CounterStore>(
             match tokio::time::timeout(options.shutdown_grace, &mut servers).await {
                 Ok(finished) => finished.map_err(|e| ServeError::Serve { what: "server", message: e.to_string() })?,
                 Err(_) => {
-                    tracing::warn!("the shutdown grace period ended with requests still in flight; exiting");
+                    tracing::warn!("the shutdown grace period ended with connections still open (requests in flight, or idle clients that did not close); exiting");
                     (Ok(()), Ok(()))
                 }
             }

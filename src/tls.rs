@@ -5,6 +5,7 @@
 //! cert-manager rotates a Kubernetes Secret), so rotation needs no restart. A broken new
 //! pair is logged and the old one keeps serving.
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -210,12 +211,23 @@ pub struct TlsIncoming {
 }
 
 impl TlsIncoming {
-    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> Self {
+    /// Accepts until `stop` resolves; then the listener is dropped at once, so new
+    /// connections are refused as they are without TLS.
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<ServerConfig>,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
         let (sender, connections) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
+            tokio::pin!(stop);
             loop {
-                let (tcp, peer) = match listener.accept().await {
+                let accepted = tokio::select! {
+                    () = &mut stop => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let (tcp, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
                         tracing::warn!("accepting a gRPC connection failed: {error}");
