@@ -20,6 +20,9 @@ use crate::metrics::Metrics;
 
 type Snapshot = Vec<(PathBuf, Vec<u8>)>;
 
+/// How long a changed directory must stay the same before it is loaded.
+const SETTLE: Duration = Duration::from_millis(50);
+
 pub struct Reloader {
     dir: PathBuf,
     options: LoadOptions,
@@ -65,10 +68,17 @@ impl Reloader {
         self.load(snapshot)
     }
 
-    /// Reloads if any file was added, removed or changed since the last attempt.
+    /// Reloads if any file was added, removed or changed since the last attempt, once the
+    /// files have stopped changing: an editor's or `cat >`'s write can be caught half done
+    /// (even empty), and loading that would count a failed load for nothing.
     pub fn reload_if_changed(&self) -> bool {
         let snapshot = config::snapshot(&self.dir);
         if *self.last.lock() == snapshot {
+            return false;
+        }
+        std::thread::sleep(SETTLE);
+        if config::snapshot(&self.dir) != snapshot {
+            // Still being written: the next check tries again.
             return false;
         }
         self.load(snapshot)
@@ -103,9 +113,14 @@ impl Reloader {
         }
     }
 
-    /// Checks for changes every `interval` (0 = only on SIGHUP) until `shutdown` resolves.
-    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
-        let mut hangup = hangup_signal();
+    /// Checks for changes every `interval` (0 = only on SIGHUP, delivered through `hangup`)
+    /// until `shutdown` resolves.
+    pub async fn watch(
+        self: Arc<Self>,
+        interval: Duration,
+        mut hangup: tokio::sync::mpsc::Receiver<()>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let mut ticker = tokio::time::interval(if interval.is_zero() {
             Duration::from_secs(3_600)
         } else {
@@ -140,8 +155,10 @@ fn hash(snapshot: &Snapshot) -> u64 {
     hasher.digest()
 }
 
-/// A stream of SIGHUPs; on platforms without them, one that never fires.
-fn hangup_signal() -> tokio::sync::mpsc::Receiver<()> {
+/// A stream of SIGHUPs; on platforms without them, one that never fires. The handler is
+/// installed when this is called, so call it before the service reports healthy: an
+/// unhandled SIGHUP ends the process.
+pub fn hangup_signal() -> tokio::sync::mpsc::Receiver<()> {
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
     #[cfg(unix)]
     {

@@ -136,6 +136,8 @@ async fn serve_with<S: CounterStore>(
     store: S,
 ) -> Result<(), ServeError> {
     let live = reloader.live().clone();
+    // SIGHUP's default action ends the process: handle it before anything reports healthy.
+    let hangup = crate::reload::hangup_signal();
     let limiter = Arc::new(
         RateLimiter::new(live.clone(), store, SystemClock, options.bounds)
             .with_presentation(options.presentation.clone())
@@ -182,7 +184,7 @@ async fn serve_with<S: CounterStore>(
         metrics,
         decisions: limiter.clone(),
     });
-    let watcher = tokio::spawn(reloader.watch(options.watch_interval, shutdown_signal()));
+    let watcher = tokio::spawn(reloader.watch(options.watch_interval, hangup, shutdown_signal()));
 
     // Shutdown in three steps: a signal fails health at once (admin and gRPC health), so
     // load balancers and Envoy stop sending; after --drain-delay the listeners stop
