@@ -179,6 +179,10 @@ struct StoreArgs {
     /// while Redis is away in the `local` failure mode.
     #[arg(long, env = "MESHLIMIT_REPLICAS", default_value_t = 1)]
     replicas: u32,
+    /// Descriptors Redis answered over the limit are answered locally, without a round trip,
+    /// until their reset; this many at most (0 turns the cache off).
+    #[arg(long, env = "MESHLIMIT_REDIS_LOCAL_CACHE_ENTRIES", default_value_t = settings::DEFAULT_LOCAL_CACHE_ENTRIES)]
+    redis_local_cache_entries: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -208,6 +212,7 @@ impl StoreArgs {
             failure_mode: self.redis_failure_mode,
             replicas: self.replicas.max(1),
             local_capacity: cache_capacity,
+            local_cache_entries: self.redis_local_cache_entries,
         }))
     }
 }

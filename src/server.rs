@@ -113,6 +113,12 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         }
         StoreChoice::Redis(redis) => {
             let store = RedisStore::connect(redis).await?;
+            let counted = metrics.clone();
+            store.on_local_cache_hits(move |descriptors| {
+                counted
+                    .local_cache_hits
+                    .fetch_add(descriptors, std::sync::atomic::Ordering::Relaxed);
+            });
             let (health, fallbacks) = (store.clone(), store.clone());
             metrics.gauge(
                 "meshlimit_redis_degraded",

@@ -97,6 +97,13 @@ async fn two_replicas_share_one_fixed_window() {
         admitted, LIMIT,
         "across both replicas, exactly the limit is admitted"
     );
+    // Each replica asked Redis once after the limit was reached; its other rejections came
+    // from its local over-limit cache.
+    let cached: u64 = replicas
+        .iter()
+        .map(|r| metric(r, "meshlimit_local_cache_hits_total").unwrap_or(0))
+        .sum();
+    assert_eq!(cached, (2 * LIMIT - 2) as u64);
 }
 
 /// Kills Redis under traffic, checks the answers and their latency against `mode`, then

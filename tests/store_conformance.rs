@@ -436,6 +436,8 @@ fn options(target: RedisTarget, prefix: &str) -> RedisOptions {
         failure_mode: FailureMode::Deny,
         replicas: 1,
         local_capacity: 1_000,
+        // On, so every scenario also checks that cached answers are Redis's answers.
+        local_cache_entries: 10_000,
     }
 }
 
@@ -573,4 +575,108 @@ async fn one_evalsha_per_request_on_a_standalone_redis() {
     }
     assert_eq!(server.command_calls("evalsha") - before, 25);
     assert_eq!(out[3].remaining, 75);
+}
+
+/// Runs `steps` (one check each) against memory and Redis, asserting identical verdicts,
+/// and returns for each step whether it reached Redis (an EVALSHA ran).
+async fn reached_redis(server: &RedisServer, store: &RedisStore, steps: &[Step]) -> Vec<bool> {
+    let memory = MemoryStore::new(1_000);
+    let expected = run(&memory, steps).await;
+    let mut reached = Vec::new();
+    for (step, expected) in steps.iter().zip(&expected) {
+        let before = server.command_calls("evalsha");
+        let actual = run(store, std::slice::from_ref(step)).await;
+        assert_eq!(
+            actual[0],
+            *expected,
+            "at T0+{}: {:?}",
+            step.now - T0,
+            step.checks
+        );
+        reached.push(server.command_calls("evalsha") > before);
+    }
+    reached
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_over_their_limit_are_answered_locally_until_their_reset() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(options(RedisTarget::Standalone(server.url()), "cache:"))
+        .await
+        .expect("the Redis store starts");
+
+    // Fixed window, envoyproxy-style: three admitted, the fourth goes over in Redis, the
+    // rest of the window is answered locally with the reset counting down, and the next
+    // window asks Redis again.
+    let fixed = limit(3, MINUTE, Algorithm::FixedWindow);
+    let fixed_check = || {
+        let mut check = spec("d|u=c|1m/f", fixed, 1, 0);
+        check.count_rejected = true;
+        vec![check]
+    };
+    let mut steps: Vec<Step> = (0..4).map(|i| step(T0 + i, fixed_check())).collect();
+    for at in [10, 5_000, 30_000, 59_999] {
+        steps.push(step(T0 + at, fixed_check()));
+    }
+    steps.push(step(T0 + MINUTE, fixed_check()));
+    let reached = reached_redis(&server, &store, &steps).await;
+    assert_eq!(
+        reached,
+        [true, true, true, true, false, false, false, false, true]
+    );
+    assert_eq!(store.local_cache_hits(), 4);
+
+    // Sliding window: over until the previous window has decayed enough, which the reset
+    // names; the request after it goes to Redis and is admitted.
+    let sliding = limit(4, MINUTE, Algorithm::SlidingWindow);
+    let mut steps: Vec<Step> = (0..5)
+        .map(|i| step(T0 + 50_000 + i, vec![spec("d|u=c|1m/s", sliding, 1, 0)]))
+        .collect();
+    let memory = MemoryStore::new(10);
+    let verdicts = run(&memory, &steps).await;
+    let reset = verdicts[4][0].reset_after_millis;
+    assert!(verdicts[4][0].over_limit && reset > 10_000, "{verdicts:?}");
+    let over_at = T0 + 50_004;
+    for at in [1, reset / 2, reset - 1, reset] {
+        steps.push(step(over_at + at, vec![spec("d|u=c|1m/s", sliding, 1, 0)]));
+    }
+    let reached = reached_redis(&server, &store, &steps).await;
+    assert_eq!(
+        reached,
+        [true, true, true, true, true, false, false, false, true]
+    );
+
+    // Penalty box: rejections go to Redis (each one counts towards the block); once
+    // blocked, the block is answered locally until it ends.
+    let login = Penalty {
+        after_rejections: 2,
+        within_millis: MINUTE,
+        block_millis: 10 * MINUTE,
+    };
+    let one_per_second = limit(1, SECOND, Algorithm::SlidingWindow);
+    let login_check = || {
+        let mut check = spec("d|ip=9|1s/s", one_per_second, 1, 0);
+        check.penalty = Some(login);
+        vec![check]
+    };
+    let steps: Vec<Step> = [0, 10, 20, 30, 5_000, 300_000, 600_019, 600_020]
+        .into_iter()
+        .map(|at| step(T0 + 2 * MINUTE + at, login_check()))
+        .collect();
+    let reached = reached_redis(&server, &store, &steps).await;
+    // admitted, rejected, rejected (the block starts), blocked (Redis says so, cached),
+    // cached, cached, cached (1 ms before the end), then Redis again.
+    assert_eq!(reached, [true, true, true, true, false, false, false, true]);
+
+    // Off with 0 entries: every request goes to Redis.
+    let uncached = RedisStore::connect(RedisOptions {
+        local_cache_entries: 0,
+        ..options(RedisTarget::Standalone(server.url()), "uncached:")
+    })
+    .await
+    .expect("the Redis store starts");
+    let steps: Vec<Step> = (0..6).map(|i| step(T0 + i, fixed_check())).collect();
+    let reached = reached_redis(&server, &uncached, &steps).await;
+    assert!(reached.iter().all(|r| *r), "{reached:?}");
+    assert_eq!(uncached.local_cache_hits(), 0);
 }

@@ -17,7 +17,8 @@
 --   check count, has_penalty (0|1), [after_rejections, within_millis, block_millis, ttl],
 --   then per check: algorithm (s|f|t|l|k), requests_per_unit, window_millis, burst, hits,
 --   count_rejected (0|1), ttl_millis.
--- Returns three integers per check, in order: over_limit (0|1), remaining, reset_after_millis.
+-- Returns three integers per check, in order: over_limit (0, 1, or 2 when the penalty box
+-- answered for a blocked key), remaining, reset_after_millis.
 
 local floor = math.floor
 local now = tonumber(ARGV[1])
@@ -291,7 +292,7 @@ for _ = 1, group_count do
     for _ = 1, check_count do
       next_key()
       arg = arg + 7
-      out[#out + 1] = 1
+      out[#out + 1] = 2
       out[#out + 1] = 0
       out[#out + 1] = penalty_state.blocked_until - now
     end

@@ -6,24 +6,27 @@
 //! - `keys`: the key layout and its cluster hash tag;
 //! - `node`: one server's connection; `breaker`: its circuit breaker;
 //! - `cluster`: the slot map that splits a request's groups by node;
+//! - `over_cache`: descriptors known to be over their limit, answered without Redis;
 //! - `settings`: flags and envoyproxy/ratelimit's environment variables.
 //!
 //! One round trip per node per request: standalone, all groups of an `apply` call go into
 //! one EVALSHA; on a cluster, groups are split by slot, each node gets one pipeline of one
 //! EVALSHA per slot, and the nodes are called concurrently. Every call has a deadline; a
 //! node that fails or misses it is answered for by the failure policy (`FailureMode`).
+//! Descriptors the local over-limit cache can answer take no round trip at all.
 
 mod breaker;
 mod cluster;
 mod keys;
 mod node;
+mod over_cache;
 mod script;
 pub mod settings;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -33,6 +36,7 @@ use self::breaker::Permit;
 use self::cluster::SlotMap;
 pub use self::keys::{push_penalty_key, push_redis_key, slot};
 use self::node::{Node, NodeError};
+use self::over_cache::OverCache;
 pub use self::settings::{FailureMode, RedisOptions, RedisTarget};
 use super::{Check, CounterStore, MemoryStore, StoreError, groups};
 use crate::algorithm::Verdict;
@@ -66,6 +70,10 @@ struct Inner {
     local: MemoryStore,
     /// Decisions taken by the failure policy instead of Redis.
     fallbacks: AtomicU64,
+    /// `None` with `--redis-local-cache-entries 0`.
+    over_cache: Option<OverCache>,
+    /// Told how many descriptors each cached answer covered (the server's metric).
+    cache_hit_sink: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 enum Topology {
@@ -136,6 +144,8 @@ impl RedisStore {
                 replicas: options.replicas.max(1),
                 local: MemoryStore::new(options.local_capacity),
                 fallbacks: AtomicU64::new(0),
+                over_cache: OverCache::new(options.local_cache_entries),
+                cache_hit_sink: OnceLock::new(),
             }),
         };
         match &store.inner.topology {
@@ -183,6 +193,18 @@ impl RedisStore {
     pub fn fallback_decisions(&self) -> u64 {
         self.inner.fallbacks.load(Ordering::Relaxed)
     }
+
+    /// Descriptors answered over the limit by the local over-limit cache, without Redis.
+    pub fn local_cache_hits(&self) -> u64 {
+        self.inner.over_cache.as_ref().map_or(0, OverCache::hits)
+    }
+
+    /// Calls `sink` with the number of descriptors of every answer the local over-limit
+    /// cache gives (the server adds them to its metrics, which the store does not know).
+    /// Only the first sink is kept.
+    pub fn on_local_cache_hits(&self, sink: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.inner.cache_hit_sink.set(Box::new(sink));
+    }
 }
 
 impl CounterStore for RedisStore {
@@ -212,7 +234,31 @@ impl Inner {
                 reset_after_millis: 0,
             },
         );
-        let batches = self.plan(checks);
+        // Descriptors the over-limit cache answers need no round trip; the others go to Redis.
+        let mut ranges = Vec::new();
+        let mut start = 0;
+        let mut cached = 0;
+        for group in groups(checks) {
+            let range = start..start + group.len();
+            start = range.end;
+            if let (Some(cache), Some(slots)) = (&self.over_cache, out.get_mut(range.clone()))
+                && cache.answer(group, now_millis, slots)
+            {
+                cached += 1;
+                continue;
+            }
+            ranges.push(range);
+        }
+        if cached > 0
+            && let Some(sink) = self.cache_hit_sink.get()
+        {
+            sink(cached);
+        }
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let mut blocked = vec![false; checks.len()];
+        let batches = self.plan(checks, ranges);
         let calls = batches
             .iter()
             .map(|batch| self.call(batch, checks, now_millis));
@@ -231,7 +277,7 @@ impl Inner {
                     return Err(error);
                 }
                 for (value, groups) in values.iter().zip(&batch.calls) {
-                    if let Err(error) = script::decode(value, groups, out) {
+                    if let Err(error) = script::decode(value, groups, out, &mut blocked) {
                         if let Some(node) = &batch.node {
                             node.breaker.failure(&error);
                         }
@@ -240,6 +286,19 @@ impl Inner {
                 }
                 Ok(())
             });
+            if decoded.is_ok()
+                && let Some(cache) = &self.over_cache
+            {
+                for range in batch.calls.iter().flatten() {
+                    if let (Some(group), Some(verdicts), Some(blocked)) = (
+                        checks.get(range.clone()),
+                        out.get(range.clone()),
+                        blocked.get(range.clone()),
+                    ) {
+                        cache.remember(group, verdicts, blocked, now_millis);
+                    }
+                }
+            }
             if let Err(error) = decoded {
                 tracing::debug!(%error, "no answer from redis; answering with the failure policy");
                 for groups in &batch.calls {
@@ -250,14 +309,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Splits the groups of `checks` by node, and on a cluster by slot within a node.
-    fn plan(&self, checks: &[Check<'_>]) -> Vec<Batch> {
-        let mut ranges = Vec::new();
-        let mut start = 0;
-        for group in groups(checks) {
-            ranges.push(start..start + group.len());
-            start += group.len();
-        }
+    /// Splits `ranges` (groups of `checks`) by node, and on a cluster by slot within a node.
+    fn plan(&self, checks: &[Check<'_>], ranges: Vec<Range<usize>>) -> Vec<Batch> {
         match &self.topology {
             Topology::Standalone(node) => vec![Batch {
                 node: Some(node.clone()),

@@ -83,8 +83,14 @@ fn has_penalty(group: &[Check<'_>]) -> bool {
     group.first().is_some_and(|c| c.penalty.is_some())
 }
 
-/// Writes the verdicts of one script reply into `out`, at the positions of `groups`.
-pub fn decode(value: &Value, groups: &[Range<usize>], out: &mut [Verdict]) -> Result<(), String> {
+/// Writes the verdicts of one script reply into `out`, at the positions of `groups`, and
+/// into `blocked` whether the penalty box answered (the script's over code 2).
+pub fn decode(
+    value: &Value,
+    groups: &[Range<usize>],
+    out: &mut [Verdict],
+    blocked: &mut [bool],
+) -> Result<(), String> {
     let Value::Array(items) = value else {
         return Err(format!(
             "the counter script answered {value:?}, not an array"
@@ -103,11 +109,15 @@ pub fn decode(value: &Value, groups: &[Range<usize>], out: &mut [Verdict]) -> Re
         else {
             return Err("the counter script answered too few numbers".into());
         };
+        let over = number(over)?;
         *slot = Verdict {
-            over_limit: number(over)? != 0,
+            over_limit: over != 0,
             remaining: number(remaining)?,
             reset_after_millis: number(reset)?,
         };
+        if let Some(flag) = blocked.get_mut(index) {
+            *flag = over == 2;
+        }
     }
     Ok(())
 }

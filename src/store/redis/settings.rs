@@ -40,7 +40,12 @@ pub struct RedisOptions {
     pub replicas: u32,
     /// Capacity of the `local` failure mode's in-memory counters.
     pub local_capacity: u64,
+    /// Descriptors the local over-limit cache holds (`over_cache`); 0 turns it off.
+    pub local_cache_entries: u64,
 }
+
+/// `--redis-local-cache-entries` when not given.
+pub const DEFAULT_LOCAL_CACHE_ENTRIES: u64 = 100_000;
 
 /// The Redis flags as given (flag or `MESHLIMIT_*` variable), before envoyproxy/ratelimit's
 /// variables fill the gaps.
@@ -72,9 +77,10 @@ pub fn resolve(
         && size.trim() != "0"
     {
         return Err(format!(
-            "LOCAL_CACHE_SIZE_IN_BYTES={size}: meshlimit has no local over-limit cache; unset it \
-             (a slow or dead Redis is covered by --redis-timeout, the circuit breaker and \
-             --redis-failure-mode)"
+            "LOCAL_CACHE_SIZE_IN_BYTES={size}: meshlimit's local over-limit cache is on by \
+             default and bounded by entries, not bytes; unset it and use \
+             --redis-local-cache-entries N (default {DEFAULT_LOCAL_CACHE_ENTRIES}, a few hundred \
+             bytes each; 0 turns the cache off)"
         ));
     }
     let tls = match env("REDIS_TLS")
@@ -288,7 +294,7 @@ mod tests {
             &RedisFlags::default(),
             env_of(&[("REDIS_URL", "a:1"), ("LOCAL_CACHE_SIZE_IN_BYTES", "1000")]),
         );
-        assert!(cache.unwrap_err().contains("unset it"));
+        assert!(cache.unwrap_err().contains("--redis-local-cache-entries"));
         let nothing = resolve(&RedisFlags::default(), env_of(&[]));
         assert!(nothing.unwrap_err().contains("--redis-url"));
         let http = resolve(

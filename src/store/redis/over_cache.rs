@@ -1,0 +1,292 @@
+//! The local over-limit cache: descriptors Redis has just answered over the limit are
+//! answered here, without a round trip, until the moment Redis's answer could change.
+//!
+//! Like envoyproxy/ratelimit's local cache, but bounded by entries (moka) and only for the
+//! cases where the cached answer is exactly what Redis would say — remaining 0 and the same
+//! reset, counting down:
+//! - every check of the descriptor was over, each with a reset that is the moment a request
+//!   of the same size fits (fixed window: the window's end; sliding window: when the
+//!   previous window has decayed enough; sliding log: when enough old hits have left;
+//!   buckets: when enough has refilled or drained). Until the earliest of those, no
+//!   traffic can make Redis admit it — other replicas only add hits — and each reset
+//!   counts down exactly as Redis's would without other traffic. A request that can never
+//!   fit (more hits than the limit or the bucket) gets a reset that does not count down,
+//!   so it is not cached;
+//! - a descriptor blocked by its penalty box, until the block ends. One that is over but
+//!   not yet blocked goes to Redis: each rejection counts towards the block.
+//!
+//! An entry is found by the descriptor's keys and rules and answers only requests of the
+//! hits it was decided for. A request of another size goes to Redis, and its answer
+//! replaces the entry or, when it is not a safe case (a smaller request was admitted, which
+//! moves the other resets later), removes it. So while every request for a key has the
+//! same size — Envoy's `hits_addend` of 1 — the answers are Redis's, across replicas too:
+//! nobody can be admitted before the cached reset, so nothing moves it. With mixed sizes
+//! across replicas, another replica's admitted smaller request can move Redis's reset
+//! later than the cached one; the request is still rejected, only its reset may be early.
+//!
+//! Cached requests are not counted in Redis: for a `count_rejected` fixed window (an
+//! envoyproxy-style rule) the stored count stops at the first rejected hit of the window,
+//! as with envoyproxy/ratelimit's local cache. Every decision stays the same (the window is
+//! over until it ends either way); only the count `/v1/usage` reports is lower.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use moka::sync::Cache;
+
+use crate::algorithm::Verdict;
+use crate::limit::Algorithm;
+use crate::store::Check;
+
+/// One cached descriptor: when Redis decided, until when the answer holds, and each
+/// check's reset as an instant.
+struct Entry {
+    decided_millis: u64,
+    until_millis: u64,
+    hits: Box<[u64]>,
+    resets: Box<[u64]>,
+}
+
+struct UntilReset;
+
+impl Expiry<u128, Arc<Entry>> for UntilReset {
+    fn expire_after_create(&self, _: &u128, entry: &Arc<Entry>, _: Instant) -> Option<Duration> {
+        Some(Duration::from_millis(
+            entry.until_millis.saturating_sub(entry.decided_millis),
+        ))
+    }
+}
+
+pub struct OverCache {
+    entries: Cache<u128, Arc<Entry>>,
+    hits: AtomicU64,
+}
+
+impl OverCache {
+    /// A cache of at most `capacity` descriptors; `None` when 0 turns it off.
+    pub fn new(capacity: u64) -> Option<Self> {
+        (capacity > 0).then(|| Self {
+            entries: Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(UntilReset)
+                .build(),
+            hits: AtomicU64::new(0),
+        })
+    }
+
+    /// Descriptors answered from the cache so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Answers `group` into `out` if it is cached and its answer still holds at `now`.
+    pub fn answer(&self, group: &[Check<'_>], now_millis: u64, out: &mut [Verdict]) -> bool {
+        let Some(entry) = self.entries.get(&identity(group)) else {
+            return false;
+        };
+        // A clock that went back (another replica's request, a test) asks Redis.
+        if now_millis < entry.decided_millis
+            || now_millis >= entry.until_millis
+            || entry.resets.len() != out.len()
+            || !entry.hits.iter().eq(group.iter().map(|c| &c.hits))
+        {
+            return false;
+        }
+        for (slot, reset) in out.iter_mut().zip(entry.resets.iter()) {
+            *slot = Verdict {
+                over_limit: true,
+                remaining: 0,
+                reset_after_millis: reset - now_millis,
+            };
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Remembers Redis's answer to `group` if it is one of the safe cases (module docs).
+    /// `blocked` says which checks the penalty box answered.
+    pub fn remember(
+        &self,
+        group: &[Check<'_>],
+        verdicts: &[Verdict],
+        blocked: &[bool],
+        now_millis: u64,
+    ) {
+        let id = identity(group);
+        if group.is_empty() || group.len() != verdicts.len() || group.len() != blocked.len() {
+            self.entries.invalidate(&id);
+            return;
+        }
+        let all_over = verdicts
+            .iter()
+            .all(|v| v.over_limit && v.reset_after_millis > 0);
+        let counted = group.iter().all(|c| c.hits > 0);
+        let penalty = group.first().is_some_and(|c| c.penalty.is_some());
+        let safe = if penalty {
+            blocked.iter().all(|b| *b)
+        } else {
+            group.iter().all(fits_some_day)
+        };
+        if !(all_over && counted && safe) {
+            self.entries.invalidate(&id);
+            return;
+        }
+        let resets: Box<[u64]> = verdicts
+            .iter()
+            .map(|v| now_millis.saturating_add(v.reset_after_millis))
+            .collect();
+        let Some(until_millis) = resets.iter().copied().min() else {
+            return;
+        };
+        self.entries.insert(
+            id,
+            Arc::new(Entry {
+                decided_millis: now_millis,
+                until_millis,
+                hits: group.iter().map(|c| c.hits).collect(),
+                resets,
+            }),
+        );
+    }
+}
+
+/// Whether a request of this size is ever admitted; only then does its reset count down.
+fn fits_some_day(check: &Check<'_>) -> bool {
+    let limit = &check.limit;
+    check.hits <= u64::from(limit.requests_per_unit)
+        && match limit.algorithm {
+            Algorithm::TokenBucket | Algorithm::LeakyBucket => {
+                check.hits <= u64::from(limit.burst())
+            }
+            _ => true,
+        }
+}
+
+/// A group's keys and rules (a reload that changes a limit makes a new entry); not its
+/// hits, so a request of another size replaces or removes the entry.
+fn identity(group: &[Check<'_>]) -> u128 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for check in group {
+        let limit = &check.limit;
+        hasher.update(check.key.as_bytes());
+        hasher.update(&[
+            0,
+            check.limit.algorithm as u8,
+            u8::from(check.count_rejected),
+        ]);
+        for n in [
+            u64::from(limit.requests_per_unit),
+            limit.window_millis(),
+            u64::from(limit.burst()),
+        ] {
+            hasher.update(&n.to_le_bytes());
+        }
+        if let Some(penalty) = check.penalty {
+            for n in [
+                u64::from(penalty.after_rejections),
+                penalty.within_millis,
+                penalty.block_millis,
+            ] {
+                hasher.update(&n.to_le_bytes());
+            }
+        }
+    }
+    hasher.digest128()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::{Limit, Unit};
+
+    fn check(key: &str, algorithm: Algorithm, hits: u64) -> Check<'_> {
+        Check {
+            key,
+            limit: Limit::per_unit(3, Unit::Minute, algorithm),
+            hits,
+            group: 0,
+            count_rejected: false,
+            penalty: None,
+        }
+    }
+
+    fn over(reset_after_millis: u64) -> Verdict {
+        Verdict {
+            over_limit: true,
+            remaining: 0,
+            reset_after_millis,
+        }
+    }
+
+    #[test]
+    fn answers_until_the_earliest_reset_counting_each_down() {
+        let cache = OverCache::new(10).unwrap();
+        let group = [
+            check("a", Algorithm::FixedWindow, 1),
+            check("b", Algorithm::SlidingLog, 1),
+        ];
+        cache.remember(&group, &[over(500), over(300)], &[false; 2], 1_000);
+        let mut out = [over(0); 2];
+        assert!(cache.answer(&group, 1_100, &mut out));
+        assert_eq!(out, [over(400), over(200)]);
+        assert!(!cache.answer(&group, 1_300, &mut out), "b may fit again");
+        assert!(!cache.answer(&group, 999, &mut out), "the clock went back");
+        assert_eq!(cache.hits(), 1);
+    }
+
+    #[test]
+    fn only_safe_answers_are_kept() {
+        let cache = OverCache::new(10).unwrap();
+        let mut out = [over(0)];
+        let within = Verdict {
+            over_limit: false,
+            remaining: 1,
+            reset_after_millis: 100,
+        };
+        let cases: [(Check<'_>, Verdict, bool); 4] = [
+            (check("admitted", Algorithm::FixedWindow, 1), within, false),
+            (
+                check("too big", Algorithm::SlidingWindow, 4),
+                over(100),
+                false,
+            ),
+            (check("usage", Algorithm::FixedWindow, 0), over(100), false),
+            (
+                Check {
+                    penalty: Some(crate::algorithm::penalty::Penalty {
+                        after_rejections: 2,
+                        within_millis: 1_000,
+                        block_millis: 5_000,
+                    }),
+                    ..check("not blocked yet", Algorithm::FixedWindow, 1)
+                },
+                over(100),
+                false,
+            ),
+        ];
+        for (check, verdict, blocked) in cases {
+            cache.remember(&[check], &[verdict], &[blocked], 0);
+            assert!(!cache.answer(&[check], 1, &mut out), "{}", check.key);
+        }
+        let small = check("fits", Algorithm::SlidingWindow, 3);
+        cache.remember(&[small], &[over(100)], &[false], 0);
+        assert!(cache.answer(&[small], 1, &mut out));
+        let other_limit = Check {
+            limit: Limit::per_unit(4, Unit::Minute, Algorithm::SlidingWindow),
+            ..small
+        };
+        assert!(
+            !cache.answer(&[other_limit], 1, &mut out),
+            "a reloaded limit"
+        );
+        let smaller = check("fits", Algorithm::SlidingWindow, 1);
+        assert!(!cache.answer(&[smaller], 1, &mut out), "another size");
+        cache.remember(&[smaller], &[within], &[false], 1);
+        assert!(
+            !cache.answer(&[small], 2, &mut out),
+            "an admitted request moves the reset: the entry is gone"
+        );
+    }
+}
