@@ -131,7 +131,7 @@ pub fn apply(
 /// bucket refills completely within one window (scaled by its burst).
 pub fn state_lifetime_millis(limit: &Limit) -> u64 {
     match limit.algorithm {
-        Algorithm::SlidingWindow => 2 * limit.window_millis(),
+        Algorithm::SlidingWindow => limit.window_millis().saturating_mul(2),
         Algorithm::FixedWindow => limit.window_millis(),
         Algorithm::SlidingLog => limit.window_millis(),
         Algorithm::TokenBucket | Algorithm::LeakyBucket => {

@@ -6,7 +6,7 @@
 //! fields are rejected rather than ignored: a typo like `request_per_unit` must not silently
 //! become "no limit" or a limit of 0.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -151,15 +151,15 @@ impl DescriptorEntry {
         }
     }
 
-    fn same_node(&self, other: &DescriptorEntry) -> bool {
-        let key = |e: &DescriptorEntry| e.key.as_ref().map(|k| k.value.clone());
-        let value = |e: &DescriptorEntry| {
-            e.value
+    /// What makes two entries the same node: the key, and the value (absent = empty).
+    fn node_id(&self) -> (Option<String>, String) {
+        (
+            self.key.as_ref().map(|k| k.value.clone()),
+            self.value
                 .as_ref()
                 .map(|v| v.value.clone())
-                .unwrap_or_default()
-        };
-        key(self) == key(other) && value(self) == value(other)
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -171,8 +171,19 @@ pub fn merge_descriptors(
     over: &[DescriptorEntry],
 ) -> Vec<DescriptorEntry> {
     let mut merged: Vec<DescriptorEntry> = base.to_vec();
+    // Nodes are found by key and value through an index: a search of `merged` per node made
+    // a domain extending a wide one (thousands of siblings) take minutes to load. The first
+    // of equal nodes keeps its place, as the search found it.
+    let mut index: HashMap<(Option<String>, String), usize> = HashMap::new();
+    for (position, entry) in merged.iter().enumerate() {
+        index.entry(entry.node_id()).or_insert(position);
+    }
     for node in over {
-        match merged.iter_mut().find(|existing| existing.same_node(node)) {
+        let id = node.node_id();
+        let found = index
+            .get(&id)
+            .and_then(|&position| merged.get_mut(position));
+        match found {
             Some(existing) => {
                 let children = merge_descriptors(&existing.descriptors, &node.descriptors);
                 let previous = std::mem::replace(existing, node.clone());
@@ -186,7 +197,10 @@ pub fn merge_descriptors(
                 existing.capacity = existing.capacity.take().or(previous.capacity);
                 existing.unlimited = existing.unlimited.take().or(previous.unlimited);
             }
-            None => merged.push(node.clone()),
+            None => {
+                index.insert(id, merged.len());
+                merged.push(node.clone());
+            }
         }
     }
     merged

@@ -11,6 +11,7 @@ mod policy;
 
 use std::collections::HashMap;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,6 +25,16 @@ use policy::{PolicyDefinition, PolicyTable, Scope, location};
 use crate::limit::{Algorithm, Limit, Unit, parse_duration};
 use crate::matcher::{Capacity, DomainTree, RateLimitConfig};
 use crate::rule::SourceLocation;
+
+/// The largest config file read. A Kubernetes ConfigMap holds at most 1 MiB and a config
+/// of thousands of descriptors takes a few hundred KiB; without a bound, a file put in the
+/// directory by mistake (a log, a dump) would be read whole on every reload check.
+pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The longest `extends` chain, of domains or of policies. Real configs use two or three
+/// levels; resolving a chain recurses, and thousands of levels overflowed the 2 MiB stack
+/// of the thread that reloads the config, killing the process.
+pub const MAX_EXTENDS_DEPTH: usize = 32;
 
 /// Choices that apply to every file of a load.
 #[derive(Debug, Clone, Copy)]
@@ -77,15 +88,34 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .unwrap_or_default()
         .into_iter()
         .map(|path| {
-            let bytes = fs::read(&path).unwrap_or_default();
+            let bytes = read_bounded(&path).unwrap_or_default();
             (path, bytes)
         })
         .collect()
 }
 
+/// At most `MAX_FILE_BYTES + 1` bytes of `path`: enough to tell that it is too big.
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn read_text(path: &Path) -> Result<String, ConfigError> {
-    let bytes = fs::read(path)
+    let bytes = read_bounded(path)
         .map_err(|error| ConfigError::whole_file(path, format!("cannot read the file: {error}")))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        let size = fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Err(ConfigError::whole_file(
+            path,
+            format!(
+                "the file is {size} bytes; a config file may hold at most {MAX_FILE_BYTES} bytes (4 MiB). \
+                 Check that it is the file you meant, or split its domains into files of their own"
+            ),
+        ));
+    }
     String::from_utf8(bytes).map_err(|_| {
         ConfigError::whole_file(path, "the file is not valid UTF-8; save it as UTF-8 text")
     })
@@ -113,20 +143,41 @@ fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 }
 
 fn parse(file: &Arc<str>, text: &str) -> Result<ConfigFile, ConfigError> {
-    let mut parsed: ConfigFile = serde_saphyr::from_str(text).map_err(|error| {
-        let location = error.location().unwrap_or(Location::UNKNOWN);
-        ConfigError {
-            file: file.to_string(),
-            line: location.line(),
-            column: location.column(),
-            message: yaml_message(&error),
-        }
-    })?;
+    let mut parsed: ConfigFile = serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|error| {
+            let location = error.location().unwrap_or(Location::UNKNOWN);
+            ConfigError {
+                file: file.to_string(),
+                line: location.line(),
+                column: location.column(),
+                message: yaml_message(&error),
+            }
+        })?;
     for entry in &mut parsed.descriptors {
         entry.set_file(file);
     }
     Ok(parsed)
 }
+
+/// The parser's budget, tighter than serde-saphyr's defaults where aliases are concerned.
+/// The defaults stop an alias bomb ("billion laughs") only after a million replayed
+/// events, by which time an 800-byte file has taken 160 MB; with these it takes about 50
+/// MB, as much as the largest file `MAX_FILE_BYTES` admits. A config that reuses a block
+/// through anchors replays hundreds of events, not millions. The other defaults (64
+/// levels of nesting, 250 000 nodes) already bound what a file may hold.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_recorded_anchor_events: ALIAS_EVENTS,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: ALIAS_EVENTS,
+        },
+    }
+}
+
+/// The most parser events aliases may replay, and anchors may record, in one file.
+const ALIAS_EVENTS: usize = 100_000;
 
 /// Compiles the text of one config file on its own (no shared files), named `file` in
 /// errors. A file with no `domain` is an error here.
@@ -368,6 +419,17 @@ fn resolve_domain(
         ));
         return false;
     }
+    if chain.len() + 1 >= MAX_EXTENDS_DEPTH {
+        errors.push(ConfigError::at(
+            &at,
+            format!(
+                "domain `extends` chains may be at most {MAX_EXTENDS_DEPTH} domains long, and this one goes on: {} extends … extends {name} extends {}; let the domains extend a common base instead",
+                chain.first().map_or(name, String::as_str),
+                base_name.value
+            ),
+        ));
+        return false;
+    }
     chain.push(name.to_owned());
     let found = resolve_domain(&base_name.value, files, sources, chain, errors);
     chain.pop();
@@ -482,6 +544,15 @@ fn yaml_message(error: &serde_saphyr::Error) -> String {
         }
         _ => message,
     };
+    // The parser's budget names only its counter; say what it means for a config file.
+    if message.starts_with("budget breached") || message.starts_with("alias replay") {
+        let counter = message.split(" at line ").next().unwrap_or(message);
+        return format!(
+            "{counter}; the file is larger, deeper or expands more aliases than a config file may \
+             (64 levels of nesting, 250000 values, {ALIAS_EVENTS} events replayed by aliases): \
+             split it into files, flatten it, or write repeated blocks out"
+        );
+    }
     match message.split_once(", set DuplicateKeyPolicy") {
         Some((duplicate, _)) => {
             format!("{duplicate}; a key may appear once per mapping, remove one of them")

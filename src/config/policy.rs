@@ -216,6 +216,17 @@ impl<'d> PolicyTable<'d> {
             );
             return None;
         }
+        if chain.len() + 1 >= super::MAX_EXTENDS_DEPTH {
+            let first = chain.first().map_or(name, |(n, _)| n.as_str());
+            problems.problem(
+                &here,
+                format!(
+                    "policy `extends` chains may be at most {} policies long, and the one from `{first}` goes on at `{name}`; let the policies extend a common base instead",
+                    super::MAX_EXTENDS_DEPTH
+                ),
+            );
+            return None;
+        }
         chain.push((name.to_owned(), here.clone()));
         let block = &definition.block.value;
         let base = match &block.extends {
