@@ -224,18 +224,27 @@ impl fmt::Display for Limit {
 
 /// `1500ms`, `10s`, `5m`, `2h`, `3d`: the shortest exact spelling.
 pub fn format_duration(millis: u64) -> String {
+    let mut out = String::new();
+    write_duration(&mut out, millis);
+    out
+}
+
+/// `format_duration` into an existing buffer: the counter key path writes one per key and
+/// must not allocate for it.
+pub fn write_duration(out: &mut String, millis: u64) {
+    use std::fmt::Write as _;
     const STEPS: [(u64, &str); 4] = [
         (86_400_000, "d"),
         (3_600_000, "h"),
         (60_000, "m"),
         (1_000, "s"),
     ];
-    for (size, suffix) in STEPS {
-        if millis >= size && millis.is_multiple_of(size) {
-            return format!("{}{suffix}", millis / size);
-        }
-    }
-    format!("{millis}ms")
+    let (count, suffix) = STEPS
+        .iter()
+        .find(|(size, _)| millis >= *size && millis.is_multiple_of(*size))
+        .map_or((millis, "ms"), |(size, suffix)| (millis / size, *suffix));
+    // Writing to a String cannot fail.
+    let _ = write!(out, "{count}{suffix}");
 }
 
 /// Parses `per:` durations: a whole number followed by ms, s, m, h or d.

@@ -459,7 +459,8 @@ struct Plan {
 
 impl Plan {
     fn new(request: &RateLimitRequest, resolved: &[Resolved<'_>], counting: Counting) -> Self {
-        let mut key_text = String::with_capacity(64 * request.descriptors.len());
+        // Room for typical keys (user ids, paths) so the buffer is allocated once.
+        let mut key_text = String::with_capacity(128 * request.descriptors.len());
         let mut counted: Vec<Counted> = Vec::with_capacity(request.descriptors.len());
         for (i, (descriptor, resolved)) in request.descriptors.iter().zip(resolved).enumerate() {
             let (limits, count_rejected, penalty) = match resolved {

@@ -107,7 +107,8 @@ impl MemoryStore {
     }
 
     fn counter_at(&self, hash: u128, lifetime_millis: u64) -> Arc<Counter> {
-        self.counters.get_with(hash, || {
+        // `_by_ref`: moka allocates its key only when the entry is new, not on every hit.
+        self.counters.get_with_by_ref(&hash, || {
             Arc::new(Counter {
                 lifetime: Duration::from_millis(lifetime_millis),
                 state: Mutex::new(CounterState::Empty),
