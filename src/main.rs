@@ -16,7 +16,7 @@ use meshlimit::rule::HeaderSet;
 use meshlimit::server::{self, ServeOptions, StoreChoice};
 use meshlimit::simulate::{Pattern, Scenario};
 use meshlimit::store::redis::settings::{self, RedisFlags};
-use meshlimit::store::redis::{FailureMode, RedisOptions};
+use meshlimit::store::redis::{FailureMode, RedisOptions, RedisTls};
 
 #[derive(Parser)]
 #[command(
@@ -152,8 +152,9 @@ struct ServeArgs {
     log_format: LogFormat,
 }
 
-/// Where counters live. envoyproxy/ratelimit's REDIS_TYPE, REDIS_URL, REDIS_AUTH, REDIS_TLS
-/// and CACHE_KEY_PREFIX are read too (see `store::redis::settings`).
+/// Where counters live. envoyproxy/ratelimit's REDIS_TYPE, REDIS_URL, REDIS_AUTH, REDIS_TLS,
+/// REDIS_TLS_CACERT, REDIS_TLS_CLIENT_CERT, REDIS_TLS_CLIENT_KEY and CACHE_KEY_PREFIX are read
+/// too (see `store::redis::settings`).
 #[derive(Args)]
 struct StoreArgs {
     /// memory: this process's counters; redis: counters shared by every replica.
@@ -165,6 +166,21 @@ struct StoreArgs {
     /// Seed nodes of a Redis Cluster, comma-separated host:port (or URLs); the rest are discovered.
     #[arg(long, env = "MESHLIMIT_REDIS_CLUSTER_NODES")]
     redis_cluster_nodes: Option<String>,
+    /// Redis Sentinel: the master's name, then the sentinels, comma-separated
+    /// (mymaster,host:26379,host:26379), as envoyproxy/ratelimit's REDIS_URL with
+    /// REDIS_TYPE=sentinel.
+    #[arg(long, env = "MESHLIMIT_REDIS_SENTINEL")]
+    redis_sentinel: Option<String>,
+    /// PEM CA certificates that signed the Redis servers' certificates (rediss://), instead
+    /// of the system's roots [also REDIS_TLS_CACERT].
+    #[arg(long, env = "MESHLIMIT_REDIS_TLS_CA")]
+    redis_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for Redis servers that ask for one [also REDIS_TLS_CLIENT_CERT].
+    #[arg(long, env = "MESHLIMIT_REDIS_TLS_CERT")]
+    redis_tls_cert: Option<PathBuf>,
+    /// PEM private key of --redis-tls-cert [also REDIS_TLS_CLIENT_KEY].
+    #[arg(long, env = "MESHLIMIT_REDIS_TLS_KEY")]
+    redis_tls_key: Option<PathBuf>,
     /// Put before every Redis key [default: meshlimit:, or CACHE_KEY_PREFIX].
     #[arg(long, env = "MESHLIMIT_REDIS_PREFIX")]
     redis_prefix: Option<String>,
@@ -202,18 +218,25 @@ impl StoreArgs {
         let flags = RedisFlags {
             url: self.redis_url,
             cluster_nodes: self.redis_cluster_nodes,
+            sentinel: self.redis_sentinel,
             prefix: self.redis_prefix,
+            tls: RedisTls {
+                ca: self.redis_tls_ca,
+                client_cert: self.redis_tls_cert,
+                client_key: self.redis_tls_key,
+            },
         };
         let resolved = settings::resolve(&flags, |name| std::env::var(name).ok())?;
-        Ok(StoreChoice::Redis(RedisOptions {
+        Ok(StoreChoice::Redis(Box::new(RedisOptions {
             target: resolved.target,
+            tls: resolved.tls,
             prefix: resolved.prefix,
             timeout: self.redis_timeout,
             failure_mode: self.redis_failure_mode,
             replicas: self.replicas.max(1),
             local_capacity: cache_capacity,
             local_cache_entries: self.redis_local_cache_entries,
-        }))
+        })))
     }
 }
 

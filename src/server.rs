@@ -54,7 +54,8 @@ pub struct ServeOptions {
 #[derive(Debug, Clone)]
 pub enum StoreChoice {
     Memory,
-    Redis(RedisOptions),
+    // Boxed: the Redis settings are far larger than nothing.
+    Redis(Box<RedisOptions>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +113,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             serve_with(options, metrics, reloader, store).await
         }
         StoreChoice::Redis(redis) => {
-            let store = RedisStore::connect(redis).await?;
+            let store = RedisStore::connect(*redis).await?;
             let counted = metrics.clone();
             store.on_local_cache_hits(move |descriptors| {
                 counted

@@ -1,6 +1,8 @@
 //! The real binary with `--store redis` against a real Redis: replicas share one limit, and
 //! a Redis that dies mid-traffic costs no request more than the deadline under each failure
-//! policy, and is used again soon after it is back.
+//! policy, and is used again soon after it is back. Behind Redis Sentinel, counting follows
+//! the master through a failover; over TLS (`rediss://`), a private CA is trusted with
+//! `--redis-tls-ca` and an untrusted one stops start-up with a message.
 //!
 //! Limits: tests/fixtures/config_redis/shared.yaml (10 per hour, fixed window, per user).
 
@@ -11,7 +13,8 @@ use std::time::{Duration, Instant};
 use common::fixture;
 use common::http;
 use common::meshlimit::Meshlimit;
-use common::redis::RedisServer;
+use common::redis::{RedisSentinel, RedisServer};
+use common::tls::Ca;
 use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::rate_limit_response::Code;
 use meshlimit::proto::rate_limit_service_client::RateLimitServiceClient;
@@ -201,18 +204,431 @@ async fn redis_failure_limits_locally_with_local() {
     redis_dies_and_comes_back("local").await;
 }
 
+/// meshlimit with `--store redis` and `args` (no `--redis-url`), named `e2e:` keys.
+fn start_with_target(args: &[&str], env: &[(&str, &str)]) -> Meshlimit {
+    let mut all = vec!["--store", "redis", "--redis-prefix", "e2e:"];
+    all.extend_from_slice(args);
+    Meshlimit::start_with_env(fixture("config_redis"), &all, env)
+}
+
+/// Whether `redis` holds the counter of `user` (the fixed window's key, `e2e:{shared|user=…}`).
+fn counted_in(redis: &RedisServer, user: &str) -> bool {
+    let pattern = format!("e2e:{{shared|user={user}}}*");
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg(&pattern));
+    !keys.is_empty()
+}
+
+/// The stored counter of `user`, when there is one.
+fn counter_value(redis: &RedisServer, user: &str) -> Option<String> {
+    let pattern = format!("e2e:{{shared|user={user}}}*");
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg(&pattern));
+    redis.query(redis::cmd("GET").arg(keys.first()?))
+}
+
+/// `user`'s requests alternate between `replicas` until `3 * LIMIT` were sent; returns how
+/// many were admitted, checking that none took longer than `ANSWER_BOUND`.
+async fn admitted_across(
+    replicas: &[Meshlimit],
+    clients: &mut [RateLimitServiceClient<Channel>],
+    user: &str,
+) -> usize {
+    let mut admitted = 0;
+    for i in 0..3 * LIMIT {
+        let at = i % replicas.len();
+        let (code, took) = decide(&mut clients[at], &replicas[at], user).await;
+        assert!(took < ANSWER_BOUND, "{user}: a request took {took:?}");
+        if code == Code::Ok {
+            admitted += 1;
+        }
+    }
+    admitted
+}
+
+const MASTER_NAME: &str = "mymaster";
+
+/// A master, its replica and two sentinels watching them, and two meshlimit replicas that
+/// find the master through the sentinels — the first sentinel they are given is down.
+struct SentinelSetup {
+    master: RedisServer,
+    replica: RedisServer,
+    sentinels: Vec<RedisSentinel>,
+    meshlimits: Vec<Meshlimit>,
+}
+
+impl SentinelSetup {
+    fn start() -> SentinelSetup {
+        let master = RedisServer::start();
+        let replica = RedisServer::start_replica_of(&master);
+        let sentinels: Vec<RedisSentinel> = (0..2)
+            .map(|_| RedisSentinel::start(MASTER_NAME, &master, 1_000))
+            .collect();
+        for sentinel in &sentinels {
+            sentinel.wait_for_replicas(MASTER_NAME, 1);
+        }
+        // envoyproxy/ratelimit's format: the master's name, then the sentinels.
+        let dead = common::free_loopback_addr();
+        let list = format!(
+            "{MASTER_NAME},{dead},{},{}",
+            sentinels[0].addr, sentinels[1].addr
+        );
+        let flags = [
+            "--redis-timeout",
+            REDIS_TIMEOUT,
+            // Every decision goes to Redis, so what Redis holds is what the test reads.
+            "--redis-local-cache-entries",
+            "0",
+        ];
+        let by_flag = {
+            let mut args = vec!["--redis-sentinel", list.as_str()];
+            args.extend_from_slice(&flags);
+            start_with_target(&args, &[])
+        };
+        let by_env = start_with_target(
+            &flags,
+            &[("REDIS_TYPE", "sentinel"), ("REDIS_URL", list.as_str())],
+        );
+        SentinelSetup {
+            master,
+            replica,
+            sentinels,
+            meshlimits: vec![by_flag, by_env],
+        }
+    }
+
+    async fn clients(&self) -> Vec<RateLimitServiceClient<Channel>> {
+        let mut clients = Vec::new();
+        for meshlimit in &self.meshlimits {
+            clients.push(meshlimit.client().await);
+        }
+        clients
+    }
+
+    fn logs(&self) -> String {
+        let mut logs: Vec<String> = self.meshlimits.iter().map(Meshlimit::logs).collect();
+        logs.extend(self.sentinels.iter().map(RedisSentinel::logs));
+        logs.join("\n")
+    }
+
+    /// Sends requests for fresh users through each meshlimit until each has been counted in
+    /// the replica (promoted by now); returns how long after `since` the last one got
+    /// there. Every request must be answered within `ANSWER_BOUND`.
+    async fn until_counted_in_replica(
+        &self,
+        clients: &mut [RateLimitServiceClient<Channel>],
+        since: Instant,
+    ) -> Duration {
+        let mut followed: Vec<Option<Duration>> = vec![None; self.meshlimits.len()];
+        let mut probe = 0;
+        while since.elapsed() < Duration::from_secs(25) {
+            probe += 1;
+            for (at, (meshlimit, client)) in
+                self.meshlimits.iter().zip(clients.iter_mut()).enumerate()
+            {
+                if followed[at].is_some() {
+                    continue;
+                }
+                let user = format!("probe-{at}-{probe}");
+                let (_, took) = decide(client, meshlimit, &user).await;
+                assert!(
+                    took < ANSWER_BOUND,
+                    "a request took {took:?} during the failover\n{}",
+                    self.logs()
+                );
+                if counted_in(&self.replica, &user) {
+                    followed[at] = Some(since.elapsed());
+                }
+            }
+            if let Some(last) = followed.iter().copied().collect::<Option<Vec<_>>>() {
+                return last.into_iter().max().unwrap_or_default();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "not every meshlimit counted in the promoted replica within 25 s ({followed:?})\n{}",
+            self.logs()
+        );
+    }
+
+    /// Polls until a sentinel names the replica as master; how long after `since`.
+    fn until_sentinel_names_replica(&self, since: Instant) -> Duration {
+        let promoted = common::poll_until(Duration::from_secs(25), || {
+            (self.sentinels[0].master(MASTER_NAME) == Some(self.replica.addr)).then_some(())
+        });
+        assert!(
+            promoted.is_some(),
+            "sentinel did not promote the replica\n{}",
+            self.logs()
+        );
+        since.elapsed()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_master_is_shared_and_followed_after_it_dies() {
+    common::avoid_window_edge(3_600, 40);
+    let mut setup = SentinelSetup::start();
+    let mut clients = setup.clients().await;
+    assert_eq!(
+        admitted_across(&setup.meshlimits, &mut clients, "before").await,
+        LIMIT,
+        "both meshlimits count in the master Sentinel names\n{}",
+        setup.logs()
+    );
+    let on_master = counter_value(&setup.master, "before");
+    assert!(on_master.is_some(), "counted in the master");
+    // The replica has the count before the master dies, so the limit outlives the failover.
+    let replicated = common::poll_until(Duration::from_secs(10), || {
+        (counter_value(&setup.replica, "before") == on_master).then_some(())
+    });
+    assert!(
+        replicated.is_some(),
+        "the replica did not get the count: {:?} on the master, {:?} on the replica",
+        on_master,
+        counter_value(&setup.replica, "before")
+    );
+
+    setup.master.kill();
+    let killed = Instant::now();
+    // Force the promotion rather than wait for the sentinels' vote: what is under test is
+    // how meshlimit follows, not how fast Sentinel decides.
+    let forced = common::poll_until(Duration::from_secs(10), || {
+        setup.sentinels[0].failover(MASTER_NAME).ok()
+    });
+    assert!(
+        forced.is_some(),
+        "SENTINEL FAILOVER was refused\n{}",
+        setup.logs()
+    );
+    let resumed = setup.until_counted_in_replica(&mut clients, killed).await;
+    let promoted = setup.until_sentinel_names_replica(killed);
+    eprintln!(
+        "master killed: sentinel named the replica after {promoted:?}, meshlimit counted there \
+         after {resumed:?}"
+    );
+    // Sentinel's own switch is its business; meshlimit follows within about its 100 ms
+    // look-up interval (generous margin for a busy CI machine).
+    assert!(
+        resumed < promoted + Duration::from_secs(3),
+        "meshlimit followed the failover {resumed:?} after the kill, the sentinel {promoted:?}"
+    );
+
+    for (meshlimit, client) in setup.meshlimits.iter().zip(clients.iter_mut()) {
+        let (code, _) = decide(client, meshlimit, "before").await;
+        assert_eq!(code, Code::OverLimit, "the count survived the failover");
+    }
+    assert_eq!(
+        admitted_across(&setup.meshlimits, &mut clients, "after").await,
+        LIMIT,
+        "the new master is shared by both meshlimits"
+    );
+    for meshlimit in &setup.meshlimits {
+        let degraded = common::poll_until(Duration::from_secs(3), || {
+            (metric(meshlimit, "meshlimit_redis_degraded") == Some(0)).then_some(())
+        });
+        assert!(degraded.is_some(), "still degraded\n{}", meshlimit.logs());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_demoted_master_answers_readonly_and_is_left_for_the_new_one() {
+    common::avoid_window_edge(3_600, 40);
+    let setup = SentinelSetup::start();
+    let mut clients = setup.clients().await;
+    assert_eq!(
+        admitted_across(&setup.meshlimits, &mut clients, "first").await,
+        LIMIT
+    );
+    // A planned switch: the old master stays up and becomes a replica, so meshlimit's
+    // connection to it still works but writes are refused with READONLY.
+    let started = Instant::now();
+    setup.sentinels[0]
+        .failover(MASTER_NAME)
+        .unwrap_or_else(|error| panic!("SENTINEL FAILOVER: {error}\n{}", setup.logs()));
+    let resumed = setup.until_counted_in_replica(&mut clients, started).await;
+    let promoted = setup.until_sentinel_names_replica(started);
+    eprintln!(
+        "planned failover: sentinel switched after {promoted:?}, meshlimit after {resumed:?}"
+    );
+    assert!(resumed < promoted + Duration::from_secs(3));
+    assert_eq!(
+        admitted_across(&setup.meshlimits, &mut clients, "second").await,
+        LIMIT,
+        "the promoted server is shared by both meshlimits"
+    );
+}
+
 #[test]
-fn sentinel_is_refused_with_what_to_use() {
+fn sentinel_list_without_a_master_name_is_refused_with_the_format() {
     let output = common::meshlimit::command()
         .args(["serve", "--config"])
         .arg(fixture("config_redis"))
         .args(["--store", "redis"])
         .env("REDIS_TYPE", "sentinel")
-        .env("REDIS_URL", "127.0.0.1:1")
+        .env("REDIS_URL", "127.0.0.1:26379,127.0.0.1:26380")
         .output()
         .expect("run meshlimit");
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("Sentinel"), "{stderr}");
-    assert!(stderr.contains("--redis-cluster-nodes"), "{stderr}");
+    assert!(stderr.contains("mymaster,host:26379"), "{stderr}");
+}
+
+/// A TLS-only Redis with a certificate from a private CA, or `None` (with the reason
+/// printed) when this machine's server binary has no TLS.
+fn tls_redis(ca: &Ca, extra: &[&str]) -> Option<RedisServer> {
+    match RedisServer::start_tls(ca, extra) {
+        Ok(server) => Some(server),
+        Err(reason) => {
+            eprintln!(
+                "SKIPPED: {reason}; install redis-server (Debian's has TLS) to run this test"
+            );
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_counts_through_a_tls_redis_whose_ca_is_given() {
+    common::avoid_window_edge(3_600, 10);
+    let ca = Ca::new("meshlimit redis test CA");
+    let Some(redis) = tls_redis(&ca, &["--tls-auth-clients", "no"]) else {
+        return;
+    };
+    let files = tempfile::tempdir().expect("temp dir");
+    let ca_file = files.path().join("redis-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write the CA");
+    let ca_path = ca_file.display().to_string();
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"));
+    // One replica set up with meshlimit's flags, one with envoyproxy/ratelimit's variables.
+    let by_flag = start_with_target(&["--redis-url", &url, "--redis-tls-ca", &ca_path], &[]);
+    let port = redis.addr.port().to_string();
+    let host_port = format!("127.0.0.1:{port}");
+    let by_env = start_with_target(
+        &[],
+        &[
+            ("REDIS_URL", host_port.as_str()),
+            ("REDIS_TLS", "true"),
+            ("REDIS_TLS_CACERT", ca_path.as_str()),
+        ],
+    );
+    let replicas = [by_flag, by_env];
+    let mut clients = vec![replicas[0].client().await, replicas[1].client().await];
+    assert_eq!(
+        admitted_across(&replicas, &mut clients, "tls-user").await,
+        LIMIT,
+        "both replicas count in the TLS Redis\n{}\n{}",
+        replicas[0].logs(),
+        replicas[1].logs()
+    );
+    assert!(counted_in(&redis, "tls-user"));
+    for replica in &replicas {
+        assert_eq!(
+            metric(replica, "meshlimit_redis_fallback_decisions"),
+            Some(0)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_client_certificate_counts_when_the_server_requires_one() {
+    common::avoid_window_edge(3_600, 10);
+    let ca = Ca::new("meshlimit redis mTLS CA");
+    let Some(redis) = tls_redis(&ca, &["--tls-auth-clients", "yes"]) else {
+        return;
+    };
+    let files = tempfile::tempdir().expect("temp dir");
+    let path = |name: &str| files.path().join(name).display().to_string();
+    std::fs::write(path("ca.pem"), ca.pem()).expect("write the CA");
+    ca.client_cert("meshlimit").write(
+        files.path().join("client.pem").as_path(),
+        files.path().join("client.key").as_path(),
+    );
+    let url = redis.url();
+    let server = start_with_target(
+        &[
+            "--redis-url",
+            &url,
+            "--redis-tls-ca",
+            &path("ca.pem"),
+            "--redis-tls-cert",
+            &path("client.pem"),
+            "--redis-tls-key",
+            &path("client.key"),
+        ],
+        &[],
+    );
+    let mut client = server.client().await;
+    let mut admitted = 0;
+    for _ in 0..LIMIT + 2 {
+        if decide(&mut client, &server, "mtls-user").await.0 == Code::Ok {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, LIMIT, "{}", server.logs());
+    assert!(counted_in(&redis, "mtls-user"));
+
+    // Without a client certificate the server refuses the handshake: a start-up error.
+    let refused = start_failure(&["--redis-url", &url, "--redis-tls-ca", &path("ca.pem")]);
+    assert!(refused.contains("--redis-tls-cert"), "{refused}");
+}
+
+/// Runs `meshlimit serve --store redis` with `args`, which must fail at start-up within a
+/// few seconds (never hang); returns what it printed.
+fn start_failure(args: &[&str]) -> String {
+    let admin = common::free_loopback_addr().to_string();
+    let grpc = common::free_loopback_addr().to_string();
+    let mut child = common::meshlimit::command()
+        .args(["serve", "--config"])
+        .arg(fixture("config_redis"))
+        .args([
+            "--store",
+            "redis",
+            "--grpc-addr",
+            &grpc,
+            "--admin-addr",
+            &admin,
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run meshlimit");
+    let exited = common::poll_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("meshlimit's output");
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        exited.is_some(),
+        "meshlimit kept running instead of failing:\n{text}"
+    );
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    eprintln!("meshlimit refused to start, as it should:\n{text}");
+    text
+}
+
+#[test]
+fn rediss_with_an_untrusted_ca_stops_start_up_with_what_to_do() {
+    let ca = Ca::new("meshlimit redis test CA");
+    let Some(redis) = tls_redis(&ca, &["--tls-auth-clients", "no"]) else {
+        return;
+    };
+    let files = tempfile::tempdir().expect("temp dir");
+    let other = files.path().join("other-ca.pem");
+    std::fs::write(&other, Ca::new("some other CA").pem()).expect("write the CA");
+    let url = redis.url();
+    let started = Instant::now();
+    let message = start_failure(&[
+        "--redis-url",
+        &url,
+        "--redis-tls-ca",
+        &other.display().to_string(),
+    ]);
+    assert!(message.contains("invalid peer certificate"), "{message}");
+    assert!(message.contains("--redis-tls-ca"), "{message}");
+    // The system's roots do not know the test CA either.
+    let message = start_failure(&["--redis-url", &url]);
+    assert!(message.contains("--redis-tls-ca"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(10));
 }

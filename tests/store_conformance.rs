@@ -9,10 +9,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::redis::{RedisCluster, RedisServer};
+use common::redis::{RedisCluster, RedisSentinel, RedisServer};
 use meshlimit::algorithm::Verdict;
 use meshlimit::algorithm::penalty::Penalty;
 use meshlimit::limit::{Algorithm, Limit};
+use meshlimit::store::redis::settings::{MasterUrl, SentinelTarget};
 use meshlimit::store::redis::{FailureMode, RedisOptions, RedisTarget, push_redis_key, slot};
 use meshlimit::store::{Check, CounterStore, MemoryStore, RedisStore};
 
@@ -430,6 +431,7 @@ fn random_steps(seed: u64, count: usize, algorithms: usize) -> Vec<Step> {
 fn options(target: RedisTarget, prefix: &str) -> RedisOptions {
     RedisOptions {
         target,
+        tls: Default::default(),
         prefix: prefix.to_owned(),
         // No faults here: a generous deadline keeps a busy CI machine from failing over.
         timeout: Duration::from_secs(5),
@@ -472,6 +474,21 @@ async fn conform(target: RedisTarget, label: &str) {
 async fn standalone_redis_decides_exactly_like_memory() {
     let server = RedisServer::start();
     conform(RedisTarget::Standalone(server.url()), "standalone").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_master_decides_exactly_like_memory() {
+    let master = RedisServer::start();
+    let sentinel = RedisSentinel::start("conformance", &master, 5_000);
+    let target = SentinelTarget {
+        master_name: "conformance".into(),
+        sentinels: vec![format!("redis://{}", sentinel.addr)],
+        master: MasterUrl {
+            head: "redis://".into(),
+            path: String::new(),
+        },
+    };
+    conform(RedisTarget::Sentinel(target), "sentinel").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

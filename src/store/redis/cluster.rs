@@ -102,7 +102,7 @@ pub fn parse_slots(
 }
 
 /// `seed`'s connection settings (auth, TLS, database) for another node.
-fn with_addr(seed: &ConnectionInfo, host: String, port: u16) -> Result<ConnectionInfo, String> {
+pub fn with_addr(seed: &ConnectionInfo, host: String, port: u16) -> Result<ConnectionInfo, String> {
     let addr = match seed.addr() {
         ConnectionAddr::Tcp(..) => ConnectionAddr::Tcp(host, port),
         ConnectionAddr::TcpTls {

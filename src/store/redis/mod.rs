@@ -1,16 +1,18 @@
-//! The Redis counter store: counters shared by every replica, in Redis / Valkey standalone
-//! or Redis Cluster, making exactly the decisions of the in-memory store.
+//! The Redis counter store: counters shared by every replica, in Redis / Valkey standalone,
+//! behind Redis Sentinel or in a Redis Cluster, making exactly the decisions of the
+//! in-memory store.
 //!
 //! - `counter.lua` / `script`: every algorithm, the all-or-nothing groups and the penalty
 //!   box run atomically in one script, with the `now` the limiter passes in;
 //! - `keys`: the key layout and its cluster hash tag;
 //! - `node`: one server's connection; `breaker`: its circuit breaker;
 //! - `cluster`: the slot map that splits a request's groups by node;
+//! - `sentinel`: which server is the master, asked of the sentinels again after a failover;
 //! - `over_cache`: descriptors known to be over their limit, answered without Redis;
 //! - `settings`: flags and envoyproxy/ratelimit's environment variables.
 //!
-//! One round trip per node per request: standalone, all groups of an `apply` call go into
-//! one EVALSHA; on a cluster, groups are split by slot, each node gets one pipeline of one
+//! One round trip per node per request: standalone (or to Sentinel's master), all groups of
+//! an `apply` call go into one EVALSHA; on a cluster, groups are split by slot, each node gets one pipeline of one
 //! EVALSHA per slot, and the nodes are called concurrently. Every call has a deadline; a
 //! node that fails or misses it is answered for by the failure policy (`FailureMode`).
 //! Descriptors the local over-limit cache can answer take no round trip at all.
@@ -21,6 +23,7 @@ mod keys;
 mod node;
 mod over_cache;
 mod script;
+mod sentinel;
 pub mod settings;
 
 use std::collections::HashMap;
@@ -30,14 +33,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use redis::{ConnectionInfo, IntoConnectionInfo, Pipeline, Script, Value};
+use redis::{
+    Client, ClientTlsConfig, ConnectionInfo, IntoConnectionInfo, Pipeline, Script, TlsCertificates,
+    Value,
+};
 
 use self::breaker::Permit;
 use self::cluster::SlotMap;
 pub use self::keys::{push_penalty_key, push_redis_key, slot};
 use self::node::{Node, NodeError};
 use self::over_cache::OverCache;
-pub use self::settings::{FailureMode, RedisOptions, RedisTarget};
+use self::sentinel::Sentinel;
+pub use self::settings::{FailureMode, RedisOptions, RedisTarget, RedisTls};
 use super::{Check, CounterStore, MemoryStore, StoreError, groups};
 use crate::algorithm::Verdict;
 
@@ -79,6 +86,8 @@ struct Inner {
 enum Topology {
     Standalone(Arc<Node>),
     Cluster(Cluster),
+    // Boxed: the sentinel list and master settings dwarf the other variants.
+    Sentinel(Box<Sentinel>),
 }
 
 struct Cluster {
@@ -109,6 +118,8 @@ impl RedisStore {
     /// (a cluster's slot map is refreshed by a background task).
     pub async fn connect(options: RedisOptions) -> Result<RedisStore, RedisSetupError> {
         keys::check_prefix(&options.prefix).map_err(RedisSetupError)?;
+        let tls = tls_certificates(&options.tls)?;
+        let connection_info = |url: &str| connection_info(url, tls.as_ref());
         let topology = match &options.target {
             RedisTarget::Standalone(url) => {
                 let info = connection_info(url)?;
@@ -132,6 +143,19 @@ impl RedisStore {
                     stale: AtomicBool::new(true),
                     refreshing: tokio::sync::Mutex::new(()),
                 })
+            }
+            RedisTarget::Sentinel(target) => {
+                let sentinels = target
+                    .sentinels
+                    .iter()
+                    .map(|url| connection_info(url).map(|info| (describe(&info), info)))
+                    .collect::<Result<_, _>>()?;
+                // The master's settings come from a URL with a stand-in address, which each
+                // master the sentinels name replaces.
+                let master = connection_info(&target.master.at("127.0.0.1", 6379))?;
+                let sentinel = Sentinel::new(target.master_name.clone(), sentinels, master)
+                    .map_err(|error| RedisSetupError(format!("redis sentinel: {error}")))?;
+                Topology::Sentinel(Box::new(sentinel))
             }
         };
         let store = RedisStore {
@@ -159,15 +183,45 @@ impl RedisStore {
                     Ok::<_, NodeError>(())
                 })
                 .await;
-                if !matches!(warm, Ok(Ok(()))) {
-                    tracing::warn!(node = %node.name, "redis does not answer yet; starting with the failure policy");
+                match warm {
+                    Ok(Ok(())) => {}
+                    Ok(Err(NodeError::Untrusted(message))) => {
+                        return Err(untrusted(&node.name, &message));
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(node = %node.name, %error, "redis does not answer yet; starting with the failure policy");
+                    }
+                    Err(_) => {
+                        tracing::warn!(node = %node.name, "redis does not answer yet; starting with the failure policy");
+                    }
                 }
             }
             Topology::Cluster(cluster) => {
-                if let Err(error) = store.inner.refresh(cluster).await {
-                    tracing::warn!(%error, "cannot read the Redis Cluster slot map yet; retrying in the background");
+                match store.inner.refresh(cluster).await {
+                    Ok(()) => {}
+                    Err(NodeError::Untrusted(message)) => {
+                        return Err(untrusted("the Redis Cluster", &message));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read the Redis Cluster slot map yet; retrying in the background");
+                    }
                 }
                 tokio::spawn(refresh_loop(Arc::downgrade(&store.inner)));
+            }
+            Topology::Sentinel(sentinel) => {
+                match sentinel
+                    .resolve(store.inner.timeout * 20, &store.inner.script)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(NodeError::Untrusted(message)) => {
+                        return Err(untrusted("the Redis Sentinel master", &message));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "no master from redis sentinel yet; starting with the failure policy and asking again in the background");
+                    }
+                }
+                tokio::spawn(sentinel_loop(Arc::downgrade(&store.inner)));
             }
         }
         Ok(store)
@@ -181,6 +235,9 @@ impl RedisStore {
                 let map = cluster.map.load();
                 map.nodes.is_empty() || map.nodes.iter().any(|node| node.breaker.is_open())
             }
+            Topology::Sentinel(sentinel) => sentinel
+                .master()
+                .is_none_or(|master| master.breaker.is_open()),
         };
         if degraded {
             StoreHealth::Degraded
@@ -316,6 +373,10 @@ impl Inner {
                 node: Some(node.clone()),
                 calls: vec![ranges],
             }],
+            Topology::Sentinel(sentinel) => vec![Batch {
+                node: sentinel.master(),
+                calls: vec![ranges],
+            }],
             Topology::Cluster(cluster) => {
                 let map = cluster.map.load();
                 // (node index, or none while the slot has no known master) → its slots' groups
@@ -363,9 +424,14 @@ impl Inner {
     ) -> Result<Vec<Value>, String> {
         let Some(node) = &batch.node else {
             self.mark_stale();
-            return Err("no Redis Cluster node serves this slot yet".into());
+            return Err(match self.topology {
+                Topology::Sentinel(_) => "redis sentinel has not named a master that answers yet",
+                _ => "no Redis Cluster node serves this slot yet",
+            }
+            .into());
         };
         if node.breaker.permit() == Permit::Skip {
+            self.master_failed();
             return Err(format!("{}: circuit breaker open", node.name));
         }
         let mut pipeline = Pipeline::with_capacity(batch.calls.len());
@@ -391,11 +457,18 @@ impl Inner {
                 if redirect {
                     self.mark_stale();
                 }
+                self.master_failed();
+                let message = format!("{}: {message}", node.name);
+                node.breaker.failure(&message);
+                Err(message)
+            }
+            Ok(Err(NodeError::Untrusted(message))) => {
                 let message = format!("{}: {message}", node.name);
                 node.breaker.failure(&message);
                 Err(message)
             }
             Err(_) => {
+                self.master_failed();
                 let message = format!(
                     "{} did not answer within {:?} (--redis-timeout)",
                     node.name, self.timeout
@@ -406,9 +479,21 @@ impl Inner {
         }
     }
 
+    /// The node map is out of date: a cluster's slot map, or which server Sentinel's master is.
     fn mark_stale(&self) {
-        if let Topology::Cluster(cluster) = &self.topology {
-            cluster.stale.store(true, Ordering::Release);
+        match &self.topology {
+            Topology::Cluster(cluster) => cluster.stale.store(true, Ordering::Release),
+            Topology::Sentinel(sentinel) => sentinel.mark_stale(),
+            Topology::Standalone(_) => {}
+        }
+    }
+
+    /// Sentinel's master failed a call: it may have been failed over, so the sentinels are
+    /// asked soon. (A cluster's slot map is re-read only on redirects: a dead master there
+    /// keeps its slots until the cluster moves them, which a redirect then reports.)
+    fn master_failed(&self) {
+        if let Topology::Sentinel(sentinel) = &self.topology {
+            sentinel.mark_stale();
         }
     }
 
@@ -472,7 +557,7 @@ impl Inner {
 
     /// Re-reads the slot map from the first node (known masters first, then the seeds) that
     /// answers `CLUSTER SLOTS`.
-    async fn refresh(&self, cluster: &Cluster) -> Result<(), String> {
+    async fn refresh(&self, cluster: &Cluster) -> Result<(), NodeError> {
         let Ok(_refreshing) = cluster.refreshing.try_lock() else {
             return Ok(());
         };
@@ -487,11 +572,12 @@ impl Inner {
         for seed in &cluster.seeds {
             let name = describe(seed);
             if !known.contains_key(&name) {
-                let node = Node::new(name, seed.clone()).map_err(|error| error.to_string())?;
+                let node = Node::new(name, seed.clone())
+                    .map_err(|error| NodeError::failed(error.to_string()))?;
                 candidates.push(Arc::new(node));
             }
         }
-        let mut last_error = String::from("no seed node");
+        let mut last_error = NodeError::failed("no seed node");
         for candidate in candidates {
             let mut pipeline = redis::pipe();
             pipeline.cmd("CLUSTER").arg("SLOTS");
@@ -502,20 +588,24 @@ impl Inner {
                 Ok(Ok(mut values)) if !values.is_empty() => values.swap_remove(0),
                 Ok(Ok(_)) => continue,
                 Ok(Err(NodeError::Failed { message, .. })) => {
-                    last_error = format!("{}: {message}", candidate.name);
+                    last_error = NodeError::failed(format!("{}: {message}", candidate.name));
+                    continue;
+                }
+                Ok(Err(NodeError::Untrusted(message))) => {
+                    last_error = NodeError::Untrusted(format!("{}: {message}", candidate.name));
                     continue;
                 }
                 Ok(Err(NodeError::Connecting)) => continue,
                 Err(_) => {
-                    last_error = format!("{}: no answer", candidate.name);
+                    last_error = NodeError::failed(format!("{}: no answer", candidate.name));
                     continue;
                 }
             };
             let seed = cluster
                 .seeds
                 .first()
-                .ok_or_else(|| "no seed node".to_string())?;
-            let map = cluster::parse_slots(&reply, seed, &known)?;
+                .ok_or_else(|| NodeError::failed("no seed node"))?;
+            let map = cluster::parse_slots(&reply, seed, &known).map_err(NodeError::failed)?;
             if map.nodes.len() != current.nodes.len() {
                 tracing::info!(
                     masters = map.nodes.len(),
@@ -552,13 +642,93 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>) {
     }
 }
 
-fn connection_info(url: &str) -> Result<ConnectionInfo, RedisSetupError> {
-    url.into_connection_info().map_err(|error| {
+/// Follows Sentinel's master for as long as the store lives: soon after a failed call, and
+/// every `sentinel::REFRESH` in case a failover happened while the master still answered.
+async fn sentinel_loop(inner: std::sync::Weak<Inner>) {
+    let mut since_refresh = Duration::ZERO;
+    loop {
+        tokio::time::sleep(sentinel::STALE_CHECK).await;
+        since_refresh += sentinel::STALE_CHECK;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let Topology::Sentinel(sentinel) = &inner.topology else {
+            return;
+        };
+        if sentinel.is_stale() || since_refresh >= sentinel::REFRESH {
+            since_refresh = Duration::ZERO;
+            if let Err(error) = sentinel.resolve(inner.timeout * 20, &inner.script).await {
+                tracing::debug!(%error, "cannot follow the redis sentinel master yet");
+            }
+        }
+    }
+}
+
+/// The start-up error for a server whose certificate is not trusted (or that refused ours).
+fn untrusted(what: &str, message: &str) -> RedisSetupError {
+    RedisSetupError(format!("TLS to {what} failed: {message}"))
+}
+
+/// `--redis-tls-ca` and the client certificate, read once at start-up; `None` without them,
+/// when `rediss://` trusts the system's CA roots.
+fn tls_certificates(tls: &RedisTls) -> Result<Option<TlsCertificates>, RedisSetupError> {
+    if !tls.is_set() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path, flag: &str| {
+        let bytes = std::fs::read(path).map_err(|error| {
+            RedisSetupError(format!("cannot read {} ({flag}): {error}", path.display()))
+        })?;
+        if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+            return Err(RedisSetupError(format!(
+                "{} ({flag}) holds no PEM block; pass a PEM file (-----BEGIN …)",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    };
+    let root_cert = tls
+        .ca
+        .as_deref()
+        .map(|path| read(path, "--redis-tls-ca, REDIS_TLS_CACERT"))
+        .transpose()?;
+    let client_tls = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => Some(ClientTlsConfig {
+            client_cert: read(cert, "--redis-tls-cert, REDIS_TLS_CLIENT_CERT")?,
+            client_key: read(key, "--redis-tls-key, REDIS_TLS_CLIENT_KEY")?,
+        }),
+        _ => None,
+    };
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// The connection settings of `url`, with `tls`'s CA and client certificate on a
+/// `rediss://` URL.
+fn connection_info(
+    url: &str,
+    tls: Option<&TlsCertificates>,
+) -> Result<ConnectionInfo, RedisSetupError> {
+    let info = url.into_connection_info().map_err(|error| {
         RedisSetupError(format!(
             "`{}` is not a Redis URL ({error}); write redis://[user:password@]host:port[/db] or rediss:// for TLS",
             settings::redact(url)
         ))
-    })
+    })?;
+    match tls {
+        Some(certificates) if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) => {
+            Client::build_with_tls(info, certificates.clone())
+                .map(|client| client.get_connection_info().clone())
+                .map_err(|error| {
+                    RedisSetupError(format!(
+                        "the Redis TLS files (--redis-tls-ca, --redis-tls-cert, --redis-tls-key): {error}"
+                    ))
+                })
+        }
+        _ => Ok(info),
+    }
 }
 
 /// `host:port` of a connection, without credentials, for logs.

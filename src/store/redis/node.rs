@@ -8,18 +8,25 @@ use redis::{AsyncConnectionConfig, Client, ConnectionInfo, Pipeline, Script, Val
 use super::breaker::Breaker;
 
 /// Why a call to a node gave no answer.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// Another request is connecting right now; rather than queue behind it, this request
     /// takes the failure policy. Not counted against the node.
+    #[error("another request is connecting")]
     Connecting,
-    /// The node failed the call. `redirect` marks cluster answers (MOVED, ASK, CLUSTERDOWN…)
-    /// that mean the slot map is stale.
+    /// The node failed the call. `redirect` marks answers that mean the node no longer
+    /// serves these keys (MOVED, ASK, CLUSTERDOWN… on a cluster, READONLY from a master
+    /// Sentinel has demoted): the slot map or the master's address is stale.
+    #[error("{message}")]
     Failed { message: String, redirect: bool },
+    /// The TLS handshake failed over certificates: waiting will not help, the settings must
+    /// change, so start-up stops on it instead of running degraded.
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 impl NodeError {
-    fn failed(message: impl Into<String>) -> Self {
+    pub fn failed(message: impl Into<String>) -> Self {
         NodeError::Failed {
             message: message.into(),
             redirect: false,
@@ -67,7 +74,18 @@ impl Node {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|error| NodeError::failed(format!("cannot connect: {error}")))?;
+            .map_err(|error| {
+                let message = format!("cannot connect: {error}");
+                if is_certificate_error(&error) {
+                    NodeError::Untrusted(format!(
+                        "{message}; if the server's certificate is signed by a private CA, pass \
+                         that CA with --redis-tls-ca FILE (REDIS_TLS_CACERT), and if the server \
+                         asks for a client certificate, --redis-tls-cert and --redis-tls-key"
+                    ))
+                } else {
+                    NodeError::failed(message)
+                }
+            })?;
         *self.connection.lock() = Some(connection.clone());
         Ok(connection)
     }
@@ -100,7 +118,13 @@ impl Node {
                 message: format!("{code} {}", error.details().unwrap_or_default()),
                 redirect: matches!(
                     code,
-                    "MOVED" | "ASK" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "CROSSSLOT"
+                    "MOVED"
+                        | "ASK"
+                        | "CLUSTERDOWN"
+                        | "TRYAGAIN"
+                        | "MASTERDOWN"
+                        | "CROSSSLOT"
+                        | "READONLY"
                 ),
             });
         }
@@ -124,6 +148,20 @@ impl Node {
         }
         NodeError::failed(error.to_string())
     }
+}
+
+/// Whether a failed connect was a TLS certificate problem: the server's certificate not
+/// trusted or not for this host (rustls: "invalid peer certificate"), or the server
+/// refusing ours ("received fatal alert"). redis-rs hands the rustls error over inside a
+/// shared `dyn Error` that cannot be downcast, so its text is what there is to go by.
+fn is_certificate_error(error: &redis::RedisError) -> bool {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text.contains("invalid peer certificate") || text.contains("received fatal alert")
 }
 
 fn is_noscript(value: &Value) -> bool {

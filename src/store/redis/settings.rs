@@ -1,7 +1,9 @@
 //! The Redis store's settings: meshlimit's flags plus the environment variables
 //! envoyproxy/ratelimit users already set (`REDIS_TYPE`, `REDIS_URL`, `REDIS_AUTH`,
-//! `REDIS_TLS`, `CACHE_KEY_PREFIX`, …), each understood or refused with what to use.
+//! `REDIS_TLS`, `REDIS_TLS_CACERT`, `CACHE_KEY_PREFIX`, …), each understood or refused with
+//! what to use.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::limit::Limit;
@@ -26,11 +28,64 @@ pub enum RedisTarget {
     Standalone(String),
     /// Seed nodes of a Redis Cluster, as URLs; the rest are discovered.
     Cluster(Vec<String>),
+    /// A master found through Redis Sentinel, and found again after a failover.
+    Sentinel(SentinelTarget),
+}
+
+/// envoyproxy/ratelimit's `REDIS_TYPE=sentinel` target: the name the sentinels monitor the
+/// master under, and the sentinels to ask for its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelTarget {
+    /// The name in the sentinels' `sentinel monitor <name> …` line.
+    pub master_name: String,
+    /// The sentinels, as URLs (their own credentials and TLS).
+    pub sentinels: Vec<String>,
+    /// How the master is reached once a sentinel has named it.
+    pub master: MasterUrl,
+}
+
+/// The master's URL without its address: scheme, credentials and database, which the
+/// sentinels do not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterUrl {
+    /// `redis://` or `rediss://`, with `user:password@` when given.
+    pub head: String,
+    /// `/<db>`, or empty.
+    pub path: String,
+}
+
+impl MasterUrl {
+    /// The master's full URL at `host:port`.
+    pub fn at(&self, host: &str, port: u16) -> String {
+        format!("{}{host}:{port}{}", self.head, self.path)
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.head.starts_with("rediss://")
+    }
+}
+
+/// PEM files for TLS to Redis (`rediss://`): the CA that signed the server's certificate,
+/// and a client certificate for servers that ask for one (`tls-auth-clients yes`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// Trust only these CAs instead of the system's roots.
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl RedisTls {
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.client_cert.is_some()
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
     pub target: RedisTarget,
+    /// CA and client certificate for `rediss://` targets.
+    pub tls: RedisTls,
     /// Put before every key; see `keys`.
     pub prefix: String,
     /// The most one request waits on Redis.
@@ -53,7 +108,10 @@ pub const DEFAULT_LOCAL_CACHE_ENTRIES: u64 = 100_000;
 pub struct RedisFlags {
     pub url: Option<String>,
     pub cluster_nodes: Option<String>,
+    /// `master-name,host:port,host:port`: the master's name, then the sentinels.
+    pub sentinel: Option<String>,
     pub prefix: Option<String>,
+    pub tls: RedisTls,
 }
 
 /// What the flags and the environment resolve to.
@@ -61,6 +119,7 @@ pub struct RedisFlags {
 pub struct Resolved {
     pub target: RedisTarget,
     pub prefix: String,
+    pub tls: RedisTls,
 }
 
 /// The prefix when neither `--redis-prefix` nor `CACHE_KEY_PREFIX` is set.
@@ -96,48 +155,178 @@ pub fn resolve(
     };
     let auth = env("REDIS_AUTH");
     let redis_type = env("REDIS_TYPE").map(|t| t.to_ascii_lowercase());
-    let cluster = match redis_type.as_deref() {
-        None | Some("single") => false,
-        Some("cluster") => true,
-        Some("sentinel") => {
-            return Err(
-                "REDIS_TYPE=sentinel: meshlimit does not speak Redis Sentinel; point --redis-url at \
-                 the master (e.g. through a proxy that follows failovers) or use a Redis Cluster \
-                 with --redis-cluster-nodes"
-                    .to_owned(),
-            );
-        }
+    let redis_type = match redis_type.as_deref() {
+        None | Some("single") => RedisType::Single,
+        Some("cluster") => RedisType::Cluster,
+        Some("sentinel") => RedisType::Sentinel,
         Some(other) => {
             return Err(format!(
-                "REDIS_TYPE={other}: write single or cluster (or use --redis-url / --redis-cluster-nodes)"
+                "REDIS_TYPE={other}: write single, cluster or sentinel (or use --redis-url, \
+                 --redis-cluster-nodes or --redis-sentinel)"
             ));
         }
     };
 
+    let given = [
+        flags.url.as_ref().map(|_| "--redis-url"),
+        flags
+            .cluster_nodes
+            .as_ref()
+            .map(|_| "--redis-cluster-nodes"),
+        flags.sentinel.as_ref().map(|_| "--redis-sentinel"),
+    ];
+    let given: Vec<&str> = given.into_iter().flatten().collect();
+    if given.len() > 1 {
+        return Err(format!(
+            "{} are all set (as flags or MESHLIMIT_REDIS_* variables); keep one",
+            given.join(" and ")
+        ));
+    }
     let target = if let Some(nodes) = &flags.cluster_nodes {
         RedisTarget::Cluster(urls(nodes, tls, auth.as_deref())?)
+    } else if let Some(list) = &flags.sentinel {
+        RedisTarget::Sentinel(sentinel_of(list, tls, auth.as_deref())?)
     } else if let Some(url) = &flags.url {
         RedisTarget::Standalone(url_of(url, tls, auth.as_deref())?)
     } else if let Some(url) = env("REDIS_URL") {
-        // envoyproxy/ratelimit's REDIS_URL: `host:port`, comma-separated for a cluster.
-        if cluster {
-            RedisTarget::Cluster(urls(&url, tls, auth.as_deref())?)
-        } else {
-            RedisTarget::Standalone(url_of(&url, tls, auth.as_deref())?)
+        // envoyproxy/ratelimit's REDIS_URL: `host:port`; comma-separated nodes for a cluster;
+        // the master's name, then the sentinels, for sentinel.
+        match redis_type {
+            RedisType::Single => RedisTarget::Standalone(url_of(&url, tls, auth.as_deref())?),
+            RedisType::Cluster => RedisTarget::Cluster(urls(&url, tls, auth.as_deref())?),
+            RedisType::Sentinel => RedisTarget::Sentinel(sentinel_of(&url, tls, auth.as_deref())?),
         }
     } else {
         return Err(
             "--store redis needs --redis-url redis://host:port (or MESHLIMIT_REDIS_URL / REDIS_URL), \
-             or --redis-cluster-nodes host:port,host:port for a Redis Cluster"
+             --redis-cluster-nodes host:port,host:port for a Redis Cluster, or --redis-sentinel \
+             mymaster,host:26379,host:26379 for Redis Sentinel"
                 .to_owned(),
         );
     };
+    let tls_files = RedisTls {
+        ca: flags
+            .tls
+            .ca
+            .clone()
+            .or_else(|| env("REDIS_TLS_CACERT").map(PathBuf::from)),
+        client_cert: flags
+            .tls
+            .client_cert
+            .clone()
+            .or_else(|| env("REDIS_TLS_CLIENT_CERT").map(PathBuf::from)),
+        client_key: flags
+            .tls
+            .client_key
+            .clone()
+            .or_else(|| env("REDIS_TLS_CLIENT_KEY").map(PathBuf::from)),
+    };
+    if tls_files.client_cert.is_some() != tls_files.client_key.is_some() {
+        return Err(
+            "a client certificate for Redis needs both --redis-tls-cert and --redis-tls-key \
+             (REDIS_TLS_CLIENT_CERT and REDIS_TLS_CLIENT_KEY)"
+                .to_owned(),
+        );
+    }
+    if tls_files.is_set() && !uses_tls(&target) {
+        return Err(
+            "--redis-tls-ca / --redis-tls-cert (REDIS_TLS_CACERT / REDIS_TLS_CLIENT_CERT) are set \
+             but Redis is reached without TLS; write rediss:// URLs or set REDIS_TLS=true"
+                .to_owned(),
+        );
+    }
     let prefix = flags
         .prefix
         .clone()
         .or_else(|| env("CACHE_KEY_PREFIX"))
         .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
-    Ok(Resolved { target, prefix })
+    Ok(Resolved {
+        target,
+        prefix,
+        tls: tls_files,
+    })
+}
+
+/// envoyproxy/ratelimit's REDIS_TYPE.
+#[derive(Clone, Copy)]
+enum RedisType {
+    Single,
+    Cluster,
+    Sentinel,
+}
+
+fn uses_tls(target: &RedisTarget) -> bool {
+    let tls = |url: &String| url.starts_with("rediss://");
+    match target {
+        RedisTarget::Standalone(url) => tls(url),
+        RedisTarget::Cluster(urls) => urls.iter().any(tls),
+        RedisTarget::Sentinel(sentinel) => {
+            sentinel.master.is_tls() || sentinel.sentinels.iter().any(tls)
+        }
+    }
+}
+
+/// envoyproxy/ratelimit's sentinel list: `master-name,host:port,host:port…`, the name the
+/// sentinels monitor first. The name may be written as a URL, `rediss://user:password@name/db`,
+/// to give the master's scheme, credentials and database; otherwise `REDIS_TLS` and
+/// `REDIS_AUTH` apply to the master. Sentinels are `host:port` (plain TCP, or TLS with
+/// `REDIS_TLS`, without credentials, as sentinels usually run) or URLs of their own.
+fn sentinel_of(list: &str, tls: bool, auth: Option<&str>) -> Result<SentinelTarget, String> {
+    const FORMAT: &str =
+        "write the master's name, then the sentinels: mymaster,host:26379,host:26379";
+    let mut items = list
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty());
+    let Some(first) = items.next() else {
+        return Err(format!("the Redis Sentinel list is empty; {FORMAT}"));
+    };
+    let (name, master) = match first.split_once("://") {
+        Some((scheme, rest)) => {
+            if scheme != "redis" && scheme != "rediss" {
+                return Err(format!(
+                    "`{}`: the master is reached with redis:// or rediss:// (TLS)",
+                    redact(first)
+                ));
+            }
+            let (userinfo, rest) = match rest.rsplit_once('@') {
+                Some((userinfo, rest)) => (format!("{userinfo}@"), rest),
+                None => (String::new(), rest),
+            };
+            let (name, path) = match rest.split_once('/') {
+                Some((name, db)) => (name, format!("/{db}")),
+                None => (rest, String::new()),
+            };
+            let head = format!("{scheme}://{userinfo}");
+            (name, MasterUrl { head, path })
+        }
+        None => (
+            first,
+            MasterUrl {
+                head: head_of(tls, auth),
+                path: String::new(),
+            },
+        ),
+    };
+    if name.is_empty() || name.contains([':', ' ']) {
+        return Err(format!(
+            "`{}` is not a master name: {FORMAT} (REDIS_TYPE=sentinel's REDIS_URL has the same format)",
+            redact(first)
+        ));
+    }
+    let sentinels: Vec<String> = items
+        .map(|item| url_of(item, tls, None))
+        .collect::<Result<_, _>>()?;
+    if sentinels.is_empty() {
+        return Err(format!(
+            "no sentinel after the master name `{name}`; {FORMAT}"
+        ));
+    }
+    Ok(SentinelTarget {
+        master_name: name.to_owned(),
+        sentinels,
+        master,
+    })
 }
 
 fn urls(list: &str, tls: bool, auth: Option<&str>) -> Result<Vec<String>, String> {
@@ -171,6 +360,12 @@ fn url_of(text: &str, tls: bool, auth: Option<&str>) -> Result<String, String> {
             "`{text}`: unix sockets are not supported; write host:port"
         ));
     }
+    Ok(format!("{}{text}", head_of(tls, auth)))
+}
+
+/// `redis://` or `rediss://`, with `REDIS_AUTH`'s credentials (`password` or
+/// `user:password`) escaped into the userinfo.
+fn head_of(tls: bool, auth: Option<&str>) -> String {
     let scheme = if tls { "rediss" } else { "redis" };
     let credentials = match auth {
         Some(auth) => match auth.split_once(':') {
@@ -179,7 +374,7 @@ fn url_of(text: &str, tls: bool, auth: Option<&str>) -> Result<String, String> {
         },
         None => String::new(),
     };
-    Ok(format!("{scheme}://{credentials}{text}"))
+    format!("{scheme}://{credentials}")
 }
 
 /// Percent-escapes the characters that would end the userinfo part of a URL.
@@ -284,12 +479,129 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_settings_say_what_to_use() {
-        let sentinel = resolve(
+    fn envoyproxy_sentinel_list_is_the_master_name_then_the_sentinels() {
+        let resolved = resolve(
             &RedisFlags::default(),
-            env_of(&[("REDIS_TYPE", "sentinel")]),
+            env_of(&[
+                ("REDIS_TYPE", "sentinel"),
+                ("REDIS_URL", "mymaster, s1:26379,s2:26380"),
+                ("REDIS_AUTH", "user:pw"),
+            ]),
+        )
+        .unwrap();
+        let RedisTarget::Sentinel(target) = resolved.target else {
+            panic!("not a sentinel target: {:?}", resolved.target);
+        };
+        assert_eq!(target.master_name, "mymaster");
+        // REDIS_AUTH is the master's password; sentinels usually run without one.
+        assert_eq!(target.sentinels, ["redis://s1:26379", "redis://s2:26380"]);
+        assert_eq!(
+            target.master.at("10.0.0.1", 6379),
+            "redis://user:pw@10.0.0.1:6379"
         );
-        assert!(sentinel.unwrap_err().contains("--redis-cluster-nodes"));
+    }
+
+    #[test]
+    fn sentinel_flag_takes_the_master_as_a_url() {
+        let flags = RedisFlags {
+            sentinel: Some("rediss://:pw@cache/2,redis://:spw@s1:26379".into()),
+            ..Default::default()
+        };
+        let RedisTarget::Sentinel(target) = resolve(&flags, env_of(&[])).unwrap().target else {
+            panic!("not a sentinel target");
+        };
+        assert_eq!(target.master_name, "cache");
+        assert_eq!(target.sentinels, ["redis://:spw@s1:26379"]);
+        assert_eq!(target.master.at("h", 1), "rediss://:pw@h:1/2");
+        assert!(target.master.is_tls());
+
+        let no_name = RedisFlags {
+            sentinel: Some("s1:26379,s2:26379".into()),
+            ..Default::default()
+        };
+        assert!(
+            resolve(&no_name, env_of(&[]))
+                .unwrap_err()
+                .contains("mymaster,host:26379")
+        );
+        let no_sentinel = RedisFlags {
+            sentinel: Some("mymaster".into()),
+            ..Default::default()
+        };
+        assert!(
+            resolve(&no_sentinel, env_of(&[]))
+                .unwrap_err()
+                .contains("no sentinel")
+        );
+    }
+
+    #[test]
+    fn one_target_at_a_time() {
+        let flags = RedisFlags {
+            url: Some("redis://a:1".into()),
+            sentinel: Some("m,s:1".into()),
+            ..Default::default()
+        };
+        let error = resolve(&flags, env_of(&[])).unwrap_err();
+        assert!(
+            error.contains("--redis-url and --redis-sentinel"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn tls_files_come_from_flags_or_envoyproxy_variables() {
+        let resolved = resolve(
+            &RedisFlags::default(),
+            env_of(&[
+                ("REDIS_URL", "r:6379"),
+                ("REDIS_TLS", "true"),
+                ("REDIS_TLS_CACERT", "/ca.pem"),
+                ("REDIS_TLS_CLIENT_CERT", "/c.pem"),
+                ("REDIS_TLS_CLIENT_KEY", "/k.pem"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(resolved.tls.ca, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(resolved.tls.client_key, Some(PathBuf::from("/k.pem")));
+        let flags = RedisFlags {
+            url: Some("rediss://r:6379".into()),
+            tls: RedisTls {
+                ca: Some("/mine.pem".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let resolved = resolve(&flags, env_of(&[("REDIS_TLS_CACERT", "/theirs.pem")])).unwrap();
+        assert_eq!(resolved.tls.ca, Some(PathBuf::from("/mine.pem")));
+
+        let plain = RedisFlags {
+            url: Some("redis://r:6379".into()),
+            ..flags.clone()
+        };
+        assert!(
+            resolve(&plain, env_of(&[]))
+                .unwrap_err()
+                .contains("rediss://")
+        );
+        let half = resolve(
+            &RedisFlags::default(),
+            env_of(&[
+                ("REDIS_URL", "r:6379"),
+                ("REDIS_TLS", "true"),
+                ("REDIS_TLS_CLIENT_CERT", "/c.pem"),
+            ]),
+        );
+        assert!(half.unwrap_err().contains("--redis-tls-key"));
+    }
+
+    #[test]
+    fn unsupported_settings_say_what_to_use() {
+        let redis_type = resolve(
+            &RedisFlags::default(),
+            env_of(&[("REDIS_TYPE", "memcache"), ("REDIS_URL", "a:1")]),
+        );
+        assert!(redis_type.unwrap_err().contains("sentinel"));
         let cache = resolve(
             &RedisFlags::default(),
             env_of(&[("REDIS_URL", "a:1"), ("LOCAL_CACHE_SIZE_IN_BYTES", "1000")]),
