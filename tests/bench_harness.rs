@@ -1,0 +1,151 @@
+//! The load harness, `bench/run.sh`, at CI size, so it cannot rot: a second per step and no
+//! warm-up, with the debug binaries this test run has already built (`BENCH_BIN_DIR`), so
+//! it needs no release build. It checks that every row of the results file is there, with
+//! requests answered and none failed; the script itself fails if any request failed or a
+//! sampled answer was wrong.
+//!
+//! It asserts no performance target: a debug build on a busy CI machine says nothing
+//! about those. The full-size numbers are in BENCHMARKS.md.
+//!
+//! Needs h2load (`apt-get install nghttp2-client`, which `scripts/test.sh` does as root);
+//! without it the test says so and passes. Envoy and a Redis server come from
+//! `scripts/test.sh` as for the other end-to-end tests.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+
+/// Ports the script uses from its BENCH_PORT_BASE up.
+const PORTS: u16 = 9;
+/// Seconds before `timeout` stops the script: its steps take ~30 s on a busy 2-core
+/// machine; the rest is for startup.
+const LIMIT_SECONDS: &str = "180";
+
+const MIXES: [&str; 4] = ["d1-mix", "d4-mix", "d8-mix", "d4-one"];
+const SERVERS: [&str; 3] = ["ceiling", "memory", "redis"];
+const LOADS: [&str; 2] = ["max", "half"];
+
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+}
+
+/// A base port with the PORTS after it free on loopback (a later bind may still lose a
+/// race; the script then says which port is taken).
+fn free_port_base() -> u16 {
+    let start = 20_000 + (std::process::id() % 2_000) as u16 * 10;
+    (0..200)
+        .map(|i| 20_000 + (start - 20_000 + i * 97) % 20_000)
+        .find(|&base| {
+            (base..base + PORTS).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        })
+        .expect("no run of free loopback ports between 20000 and 40000")
+}
+
+#[test]
+fn every_step_of_the_load_harness_runs_without_failures() {
+    if !on_path("h2load") {
+        eprintln!(
+            "skipped: h2load is missing (apt-get install nghttp2-client; scripts/test.sh \
+             installs it when run as root)"
+        );
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // target/debug: the meshlimit binary, and beside it the examples, which `cargo test
+    // --all-targets` builds only as test harnesses; this builds them as programs (cargo
+    // is no longer holding the build directory while tests run).
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_meshlimit"))
+        .parent()
+        .expect("the binary's directory");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let build = Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "build",
+            "--locked",
+            "--example",
+            "ok_server",
+            "--example",
+            "make_request",
+        ])
+        .output()
+        .expect("run cargo build");
+    assert!(
+        build.status.success(),
+        "cargo build --example ok_server --example make_request:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let results = tempfile::tempdir().expect("a temp dir for the results");
+    let output = Command::new("timeout")
+        .args(["--kill-after=10", LIMIT_SECONDS, "bash"])
+        .arg(root.join("bench/run.sh"))
+        .env("BENCH_SECONDS", "1")
+        .env("BENCH_WARMUP", "0")
+        .env("BENCH_ENVOY_RPS", "400")
+        .env("BENCH_BIN_DIR", bin_dir)
+        .env("BENCH_RESULTS", results.path())
+        .env("BENCH_PORT_BASE", free_port_base().to_string())
+        .output()
+        .expect("run bench/run.sh");
+    let log = format!(
+        "bench/run.sh exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{log}");
+
+    let tsv = std::fs::read_to_string(results.path().join("run.tsv"))
+        .unwrap_or_else(|err| panic!("read run.tsv: {err}\n{log}"));
+    let mut lines = tsv.lines();
+    assert_eq!(
+        lines.next(),
+        Some(
+            "mix\tstore\tload\treq_per_s\tp50_ms\tp99_ms\tp999_ms\tpct_of_ceiling\trequests\tfailed"
+        ),
+        "{log}"
+    );
+    let mut seen = BTreeSet::new();
+    for line in lines {
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert_eq!(fields.len(), 10, "row {line:?}\n{log}");
+        let number = |i: usize| -> f64 {
+            fields[i]
+                .parse()
+                .unwrap_or_else(|_| panic!("field {i} of {line:?} is not a number\n{log}"))
+        };
+        assert!(number(3) > 0.0, "no throughput in {line:?}\n{log}");
+        assert!(number(8) > 0.0, "no requests in {line:?}\n{log}");
+        assert_eq!(number(9), 0.0, "failed requests in {line:?}\n{log}");
+        for percentile in 4..=6 {
+            assert!(number(percentile) > 0.0, "no latency in {line:?}\n{log}");
+        }
+        assert!(
+            seen.insert((
+                fields[0].to_owned(),
+                fields[1].to_owned(),
+                fields[2].to_owned()
+            )),
+            "row {line:?} twice\n{log}"
+        );
+    }
+    let mut expected = BTreeSet::new();
+    for mix in MIXES {
+        for server in SERVERS {
+            for load in LOADS {
+                expected.insert((mix.to_owned(), server.to_owned(), load.to_owned()));
+            }
+        }
+    }
+    for variant in ["plain", "filter"] {
+        expected.insert(("envoy".to_owned(), variant.to_owned(), "fixed".to_owned()));
+    }
+    assert_eq!(seen, expected, "rows of run.tsv\n{log}");
+    let report = std::fs::read_to_string(results.path().join("run.txt")).expect("read run.txt");
+    assert!(
+        report.contains("Envoy: the ratelimit filter adds"),
+        "{report}"
+    );
+}
