@@ -176,6 +176,10 @@ pub struct Limit {
     /// Token bucket: the most hits admitted at once (`burst`); leaky bucket: what the bucket
     /// holds (`capacity`). `None` means `requests_per_unit`.
     pub burst: Option<u32>,
+    /// `hybrid: true` (fixed window only): with the Redis store, each replica counts locally
+    /// and adds its hits to Redis in batches, trading a bounded overshoot for no round trip
+    /// per request (`store::redis::hybrid`). The memory store ignores it.
+    pub hybrid: bool,
 }
 
 impl Limit {
@@ -186,6 +190,7 @@ impl Limit {
             window_millis: unit.millis(),
             algorithm,
             burst: None,
+            hybrid: false,
         }
     }
 

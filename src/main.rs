@@ -199,6 +199,10 @@ struct StoreArgs {
     /// until their reset; this many at most (0 turns the cache off).
     #[arg(long, env = "MESHLIMIT_REDIS_LOCAL_CACHE_ENTRIES", default_value_t = settings::DEFAULT_LOCAL_CACHE_ENTRIES)]
     redis_local_cache_entries: u64,
+    /// How often policies with `hybrid: true` send the hits each replica counted to Redis;
+    /// the overshoot across replicas grows with it.
+    #[arg(long, env = "MESHLIMIT_REDIS_HYBRID_FLUSH", default_value = "5ms", value_parser = parse_interval)]
+    redis_hybrid_flush: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -214,6 +218,9 @@ impl StoreArgs {
         }
         if self.redis_timeout.is_zero() {
             return Err("--redis-timeout must be above zero, e.g. 50ms".into());
+        }
+        if self.redis_hybrid_flush.is_zero() {
+            return Err("--redis-hybrid-flush must be above zero, e.g. 5ms".into());
         }
         let flags = RedisFlags {
             url: self.redis_url,
@@ -236,6 +243,7 @@ impl StoreArgs {
             replicas: self.replicas.max(1),
             local_capacity: cache_capacity,
             local_cache_entries: self.redis_local_cache_entries,
+            hybrid_flush: self.redis_hybrid_flush,
         })))
     }
 }

@@ -114,6 +114,7 @@ pub fn run(scenario: &Scenario, algorithms: &[Algorithm]) -> Vec<Report> {
             window_millis: scenario.window_millis,
             algorithm,
             burst: None,
+            hybrid: false,
         };
         let mut state = CounterState::Empty;
         // Start one window after the epoch so windows are aligned as in production.

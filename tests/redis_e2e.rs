@@ -632,3 +632,125 @@ fn rediss_with_an_untrusted_ca_stops_start_up_with_what_to_do() {
     assert!(message.contains("--redis-tls-ca"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn hybrid_is_refused_on_a_sliding_window_with_the_line() {
+    let output = common::meshlimit::command()
+        .arg("validate")
+        .arg(fixture("config_hybrid_invalid"))
+        .output()
+        .expect("run meshlimit validate");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("hot.yaml:6:"), "{stderr}");
+    assert!(stderr.contains("fixed windows only"), "{stderr}");
+}
+
+fn hot_request() -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "hot".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "api".into(),
+                value: "search".into(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
+
+/// Two replicas hammer one `hybrid: true` key (300 a minute) as fast as one connection each
+/// allows: together they admit at least the limit and at most the documented overshoot,
+/// every admitted hit reaches Redis, and Redis sees a batch per flush instead of a round
+/// trip per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_replicas_overshoot_at_most_the_documented_bound() {
+    const HOT_LIMIT: usize = 300;
+    const PER_REPLICA: usize = 450;
+    const FLUSH_MS: u64 = 20;
+    common::avoid_window_edge(60, 8);
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let flush = format!("{FLUSH_MS}ms");
+    let start = || {
+        Meshlimit::start_with(
+            fixture("config_hybrid"),
+            &[
+                "--store",
+                "redis",
+                "--redis-url",
+                &url,
+                "--redis-prefix",
+                "e2e:",
+                "--redis-hybrid-flush",
+                &flush,
+            ],
+        )
+    };
+    let replicas = [start(), start()];
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for replica in &replicas {
+        let mut client = replica.client().await;
+        runs.push(tokio::spawn(async move {
+            let mut admitted = 0;
+            let mut slowest = Duration::ZERO;
+            for _ in 0..PER_REPLICA {
+                let sent = Instant::now();
+                let response = client
+                    .should_rate_limit(hot_request())
+                    .await
+                    .expect("a decision");
+                slowest = slowest.max(sent.elapsed());
+                if response.into_inner().overall_code() == Code::Ok {
+                    admitted += 1;
+                }
+            }
+            (admitted, slowest)
+        }));
+    }
+    let mut admitted = 0;
+    for run in runs {
+        let (count, slowest) = run.await.expect("the request loop");
+        assert!(slowest < ANSWER_BOUND, "a request took {slowest:?}");
+        admitted += count;
+    }
+    let elapsed = started.elapsed();
+    // Each replica's request rate, an upper bound on the rate it admitted at.
+    let rate_per_replica = PER_REPLICA as f64 / elapsed.as_secs_f64();
+    // README: admitted ≤ limit + (replicas − 1) × rate × (2 × flush + round trip); the
+    // round trip is bounded by --redis-timeout (50 ms).
+    let bound =
+        HOT_LIMIT + (rate_per_replica * (2.0 * FLUSH_MS as f64 + 50.0) / 1_000.0).ceil() as usize;
+    eprintln!(
+        "hybrid: {admitted} admitted of {} at {rate_per_replica:.0}/s per replica, limit \
+         {HOT_LIMIT}, bound {bound}",
+        2 * PER_REPLICA
+    );
+    assert!(admitted >= HOT_LIMIT, "admitted {admitted}");
+    assert!(
+        admitted <= bound,
+        "admitted {admitted} > bound {bound}\n{}\n{}",
+        replicas[0].logs(),
+        replicas[1].logs()
+    );
+
+    // Every admitted hit reaches Redis within a few flushes.
+    let stored = common::poll_until(Duration::from_secs(5), || {
+        let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("e2e:{hot|api=search}*"));
+        let value: Option<u64> = redis.query(redis::cmd("GET").arg(keys.first()?));
+        (value == Some(admitted as u64)).then_some(())
+    });
+    assert!(
+        stored.is_some(),
+        "Redis does not hold the {admitted} admitted hits"
+    );
+    let batches = redis.command_calls("incrby");
+    eprintln!("hybrid: {batches} INCRBY batches for {admitted} admitted hits");
+    assert_eq!(redis.command_calls("evalsha"), 0, "no per-request script");
+    assert!(
+        batches * 4 <= admitted as u64,
+        "{batches} batches for {admitted} hits: not batched"
+    );
+}

@@ -56,6 +56,7 @@ fn limit(requests_per_unit: u32, window_millis: u64, algorithm: Algorithm) -> Li
         window_millis,
         algorithm,
         burst: None,
+        hybrid: false,
     }
 }
 
@@ -94,6 +95,7 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
     let fixed = limit(3, MINUTE, Algorithm::FixedWindow);
     let bucket = Limit {
         burst: Some(5),
+        hybrid: false,
         ..limit(10, SECOND, Algorithm::TokenBucket)
     };
     let mut out = Vec::new();
@@ -233,6 +235,7 @@ fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
     let log = limit(4, MINUTE, Algorithm::SlidingLog);
     let leaky = Limit {
         burst: Some(3),
+        hybrid: false,
         ..limit(10, SECOND, Algorithm::LeakyBucket)
     };
     let mut out = Vec::new();
@@ -285,6 +288,7 @@ fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
     steps.push(step(T0, vec![spec("d|u=k0|1s/k", dry, 0, 0)]));
     let odd = Limit {
         burst: Some(2),
+        hybrid: false,
         ..limit(7, 3 * SECOND, Algorithm::LeakyBucket)
     };
     for i in 0..16 {
@@ -344,6 +348,7 @@ fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
     let two_per_minute = limit(2, MINUTE, Algorithm::SlidingLog);
     let slow = Limit {
         burst: Some(2),
+        hybrid: false,
         ..limit(1, SECOND, Algorithm::LeakyBucket)
     };
     let mut penalized = |descriptor: &str, hits: u64, now: u64| {
@@ -440,6 +445,7 @@ fn options(target: RedisTarget, prefix: &str) -> RedisOptions {
         local_capacity: 1_000,
         // On, so every scenario also checks that cached answers are Redis's answers.
         local_cache_entries: 10_000,
+        hybrid_flush: Duration::from_millis(5),
     }
 }
 

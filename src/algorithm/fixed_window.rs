@@ -48,6 +48,7 @@ mod tests {
         window_millis: 60_000,
         algorithm: Algorithm::FixedWindow,
         burst: None,
+        hybrid: false,
     };
     const MINUTE: u64 = 60_000;
 

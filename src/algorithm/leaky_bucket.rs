@@ -65,6 +65,7 @@ mod tests {
             window_millis: 1_000,
             algorithm: Algorithm::LeakyBucket,
             burst: Some(capacity),
+            hybrid: false,
         }
     }
 

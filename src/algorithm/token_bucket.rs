@@ -59,6 +59,7 @@ mod tests {
             window_millis: 1_000,
             algorithm: Algorithm::TokenBucket,
             burst: Some(burst),
+            hybrid: false,
         }
     }
 

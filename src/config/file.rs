@@ -102,6 +102,9 @@ pub struct PolicyBlock {
     pub priority: Option<Spanned<i64>>,
     /// Under a domain's shared `capacity`: the fraction of it lower priorities may not use.
     pub reserved: Option<Spanned<f64>>,
+    /// Fixed windows only: count on each replica and add to Redis in batches (the Redis
+    /// store's hybrid mode), for keys too hot for a round trip each.
+    pub hybrid: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

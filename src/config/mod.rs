@@ -515,6 +515,7 @@ fn capacity(
             window_millis,
             algorithm: Algorithm::SlidingWindow,
             burst: None,
+            hybrid: false,
         },
         reservations,
         source: at,

@@ -51,6 +51,7 @@ pub struct ResolvedPolicy {
     pub body: Option<(Body, Origin)>,
     pub priority: Option<(i64, Origin)>,
     pub reserved: Option<(Ratio, Origin)>,
+    pub hybrid: Option<(bool, Origin)>,
 }
 
 /// A fraction in (0, 1], kept as parts per million so policies stay `Eq` and hashable.
@@ -370,6 +371,9 @@ fn apply_policy_only(
     if let Some(priority) = &block.priority {
         base.priority = Some((priority.value, origin(&priority.referenced)));
     }
+    if let Some(hybrid) = &block.hybrid {
+        base.hybrid = Some((hybrid.value, origin(&hybrid.referenced)));
+    }
     if let Some(penalty) = &block.penalty {
         let p = &penalty.value;
         let after = u32::try_from(p.after.value).ok().filter(|n| *n > 0);
@@ -566,6 +570,16 @@ pub fn limits_of(
         }
         (None, None, _) => None,
     };
+    let hybrid = match &policy.hybrid {
+        Some((true, _)) if algorithm == Algorithm::FixedWindow => true,
+        Some((true, origin)) => {
+            // Only a fixed window's state is a count that several replicas can each add
+            // to without reading the others' state first; the others are decided exactly.
+            problems.problem(&origin.at, format!("`hybrid: true` counts fixed windows only (a per-window count each replica can add its hits to), but {algorithm} applies here; remove `hybrid` or set `algorithm: fixed_window`"));
+            return None;
+        }
+        _ => false,
+    };
     if algorithm == Algorithm::SlidingLog
         && let Some(too_big) = specs.iter().find(|s| s.requests_per_unit > max_sliding_log)
     {
@@ -587,6 +601,7 @@ pub fn limits_of(
                 window_millis: spec.window_millis,
                 algorithm,
                 burst,
+                hybrid,
             })
             .collect(),
     )

@@ -9,6 +9,7 @@
 //! - `cluster`: the slot map that splits a request's groups by node;
 //! - `sentinel`: which server is the master, asked of the sentinels again after a failover;
 //! - `over_cache`: descriptors known to be over their limit, answered without Redis;
+//! - `hybrid`: `hybrid: true` fixed windows, counted here and sent to Redis in batches;
 //! - `settings`: flags and envoyproxy/ratelimit's environment variables.
 //!
 //! One round trip per node per request: standalone (or to Sentinel's master), all groups of
@@ -19,6 +20,7 @@
 
 mod breaker;
 mod cluster;
+mod hybrid;
 mod keys;
 mod node;
 mod over_cache;
@@ -40,6 +42,7 @@ use redis::{
 
 use self::breaker::Permit;
 use self::cluster::SlotMap;
+use self::hybrid::Hybrid;
 pub use self::keys::{push_penalty_key, push_redis_key, slot};
 use self::node::{Node, NodeError};
 use self::over_cache::OverCache;
@@ -81,6 +84,8 @@ struct Inner {
     over_cache: Option<OverCache>,
     /// Told how many descriptors each cached answer covered (the server's metric).
     cache_hit_sink: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    /// `hybrid: true` counters (standalone and Sentinel; a cluster counts them exactly).
+    hybrid: Hybrid,
 }
 
 enum Topology {
@@ -170,8 +175,15 @@ impl RedisStore {
                 fallbacks: AtomicU64::new(0),
                 over_cache: OverCache::new(options.local_cache_entries),
                 cache_hit_sink: OnceLock::new(),
+                hybrid: Hybrid::default(),
             }),
         };
+        if !matches!(store.inner.topology, Topology::Cluster(_)) {
+            tokio::spawn(hybrid_loop(
+                Arc::downgrade(&store.inner),
+                options.hybrid_flush,
+            ));
+        }
         match &store.inner.topology {
             Topology::Standalone(node) => {
                 // Connect and load the script now, so the first request does not pay for it;
@@ -291,13 +303,18 @@ impl Inner {
                 reset_after_millis: 0,
             },
         );
-        // Descriptors the over-limit cache answers need no round trip; the others go to Redis.
+        // Descriptors the over-limit cache answers need no round trip, nor do hybrid ones;
+        // the others go to Redis.
         let mut ranges = Vec::new();
         let mut start = 0;
         let mut cached = 0;
         for group in groups(checks) {
             let range = start..start + group.len();
             start = range.end;
+            if self.is_hybrid(group) {
+                self.decide_hybrid(checks, range, now_millis, out);
+                continue;
+            }
             if let (Some(cache), Some(slots)) = (&self.over_cache, out.get_mut(range.clone()))
                 && cache.answer(group, now_millis, slots)
             {
@@ -364,6 +381,89 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Whether `group` is counted in hybrid mode: its limits say so, no penalty box needs
+    /// exact counts, and the store is not a cluster (whose per-node batching it lacks).
+    fn is_hybrid(&self, group: &[Check<'_>]) -> bool {
+        !matches!(self.topology, Topology::Cluster(_))
+            && group
+                .first()
+                .is_some_and(|c| c.limit.hybrid && c.penalty.is_none())
+    }
+
+    /// The node hybrid counters are sent to: the standalone server or Sentinel's master.
+    fn hybrid_node(&self) -> Option<Arc<Node>> {
+        match &self.topology {
+            Topology::Standalone(node) => Some(node.clone()),
+            Topology::Sentinel(sentinel) => sentinel.master(),
+            Topology::Cluster(_) => None,
+        }
+    }
+
+    /// Decides one hybrid group locally; while its node is away (breaker open, or no master
+    /// known) the failure policy answers, as for any other key.
+    fn decide_hybrid(
+        &self,
+        checks: &[Check<'_>],
+        range: Range<usize>,
+        now_millis: u64,
+        out: &mut [Verdict],
+    ) {
+        let reachable = self
+            .hybrid_node()
+            .is_some_and(|node| !node.breaker.is_open());
+        if !reachable {
+            self.master_failed();
+            self.fallback(checks, std::slice::from_ref(&range), now_millis, out);
+            return;
+        }
+        if let (Some(group), Some(slots)) = (checks.get(range.clone()), out.get_mut(range)) {
+            self.hybrid.decide(&self.prefix, group, now_millis, slots);
+        }
+    }
+
+    /// Sends every hybrid counter's unsent hits in one pipeline and reads the totals back.
+    /// Hits of a failed flush are sent again with the next (a flush that timed out after
+    /// Redis applied it counts them twice: the error is on the side of limiting).
+    async fn flush_hybrid(&self) {
+        let increments = self.hybrid.take_increments();
+        if increments.is_empty() {
+            return;
+        }
+        let Some(node) = self.hybrid_node() else {
+            self.hybrid.unsent(increments);
+            return;
+        };
+        if node.breaker.permit() == Permit::Skip {
+            self.hybrid.unsent(increments);
+            return;
+        }
+        let pipeline = hybrid::pipeline(&increments);
+        match tokio::time::timeout(self.timeout, node.run(&pipeline, &self.script)).await {
+            Ok(Ok(totals)) => {
+                node.breaker.success();
+                self.hybrid.flushed(&increments, &totals);
+            }
+            Ok(Err(NodeError::Connecting)) => self.hybrid.unsent(increments),
+            Ok(Err(error)) => {
+                if matches!(error, NodeError::Failed { redirect: true, .. }) {
+                    self.mark_stale();
+                }
+                self.master_failed();
+                node.breaker
+                    .failure(&format!("{}: hybrid flush: {error}", node.name));
+                self.hybrid.unsent(increments);
+            }
+            Err(_) => {
+                self.master_failed();
+                node.breaker.failure(&format!(
+                    "{}: hybrid flush did not answer within {:?}",
+                    node.name, self.timeout
+                ));
+                self.hybrid.unsent(increments);
+            }
+        }
     }
 
     /// Splits `ranges` (groups of `checks`) by node, and on a cluster by slot within a node.
@@ -639,6 +739,19 @@ async fn refresh_loop(inner: std::sync::Weak<Inner>) {
                 tracing::debug!(%error, "cannot refresh the Redis Cluster slot map");
             }
         }
+    }
+}
+
+/// Sends the hybrid counters' hits every `every` for as long as the store lives.
+async fn hybrid_loop(inner: std::sync::Weak<Inner>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.flush_hybrid().await;
     }
 }
 

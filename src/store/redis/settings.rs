@@ -97,7 +97,12 @@ pub struct RedisOptions {
     pub local_capacity: u64,
     /// Descriptors the local over-limit cache holds (`over_cache`); 0 turns it off.
     pub local_cache_entries: u64,
+    /// How often `hybrid: true` counters send their hits to Redis.
+    pub hybrid_flush: Duration,
 }
+
+/// `--redis-hybrid-flush` when not given.
+pub const DEFAULT_HYBRID_FLUSH: Duration = Duration::from_millis(5);
 
 /// `--redis-local-cache-entries` when not given.
 pub const DEFAULT_LOCAL_CACHE_ENTRIES: u64 = 100_000;

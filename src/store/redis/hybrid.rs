@@ -1,0 +1,227 @@
+//! Hybrid counting for hot fixed windows (`hybrid: true` on a policy): each replica decides
+//! from what Redis last told it plus its own hits not yet sent, and adds those hits to Redis
+//! in one pipeline every `--redis-hybrid-flush`, reading the new totals back.
+//!
+//! Why only fixed windows: their state is one count per window that every replica can add
+//! to (`INCRBY`) without reading the others' state first, so batching changes only *when* a
+//! replica learns the others' hits, never the total. The cost is a bounded overshoot: a
+//! replica does not see the hits the others admitted since their last flush and its own last
+//! read, at most about two flush intervals plus a round trip of their traffic:
+//! admitted ≤ limit + (replicas − 1) × rate per replica × (2 × flush + round trip), and
+//! never more than `replicas × limit`. Below the limit decisions need no round trip.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use redis::Value;
+
+use super::keys::push_redis_key;
+use crate::algorithm::Verdict;
+use crate::store::Check;
+
+/// One window of one hybrid counter on this replica.
+struct Counter {
+    limit: u64,
+    window: u64,
+    /// When the window ends, in the limiter's milliseconds.
+    window_end: u64,
+    /// The total Redis returned at the last flush: every replica's flushed hits.
+    seen: u64,
+    /// Hits admitted here and not yet added to Redis.
+    pending: u64,
+}
+
+/// The hybrid counters of this replica, keyed by Redis key (one key per window).
+#[derive(Default)]
+pub struct Hybrid {
+    // Held only to decide or to swap counts, never across an await.
+    counters: Mutex<HashMap<String, Counter>>,
+    /// The latest time a decision was taken at: the flush runs on the limiter's clock too.
+    last_now: AtomicU64,
+}
+
+/// Hits to add to Redis: the key, how many, and how long the key must live.
+pub struct Increment {
+    pub key: String,
+    pub hits: u64,
+    pub ttl_millis: u64,
+}
+
+impl Hybrid {
+    /// Decides `group` (one descriptor's fixed-window limits) all or nothing, from the last
+    /// totals read plus this replica's unsent hits; admitted hits become unsent hits.
+    pub fn decide(&self, prefix: &str, group: &[Check<'_>], now_millis: u64, out: &mut [Verdict]) {
+        self.last_now.fetch_max(now_millis, Ordering::Relaxed);
+        let mut counters = self.counters.lock();
+        let mut keys = Vec::with_capacity(group.len());
+        for check in group {
+            let window = check.limit.window_millis().max(1);
+            let start = now_millis - now_millis % window;
+            let mut key = String::with_capacity(96);
+            push_redis_key(&mut key, prefix, check.key);
+            key.push_str("|hybrid|");
+            key.push_str(&start.to_string());
+            counters.entry(key.clone()).or_insert(Counter {
+                limit: u64::from(check.limit.requests_per_unit),
+                window,
+                window_end: start + window,
+                seen: 0,
+                pending: 0,
+            });
+            keys.push((key, check.hits));
+        }
+        let fits = keys.iter().all(|(key, hits)| {
+            counters
+                .get(key)
+                .is_some_and(|c| c.seen + c.pending + hits <= c.limit)
+        });
+        for ((key, hits), slot) in keys.iter().zip(out.iter_mut()) {
+            let Some(counter) = counters.get_mut(key) else {
+                continue;
+            };
+            let this_fits = counter.seen + counter.pending + hits <= counter.limit;
+            if fits {
+                counter.pending += hits;
+            }
+            *slot = Verdict {
+                over_limit: !this_fits,
+                remaining: counter.limit.saturating_sub(counter.seen + counter.pending),
+                reset_after_millis: counter.window_end.saturating_sub(now_millis),
+            };
+        }
+    }
+
+    /// The unsent hits, taken out for one flush; windows that ended with nothing unsent
+    /// are forgotten.
+    pub fn take_increments(&self) -> Vec<Increment> {
+        self.take_increments_at(self.last_now.load(Ordering::Relaxed))
+    }
+
+    fn take_increments_at(&self, now_millis: u64) -> Vec<Increment> {
+        let mut counters = self.counters.lock();
+        counters.retain(|_, c| c.pending > 0 || c.window_end > now_millis);
+        counters
+            .iter_mut()
+            .filter(|(_, c)| c.pending > 0)
+            .map(|(key, c)| {
+                let hits = std::mem::take(&mut c.pending);
+                Increment {
+                    key: key.clone(),
+                    hits,
+                    // A window past its end, so a replica whose clock is behind still adds
+                    // to the same key rather than to one that expired.
+                    ttl_millis: c.window_end.saturating_sub(now_millis) + c.window,
+                }
+            })
+            .collect()
+    }
+
+    /// Records the totals Redis answered for `increments`.
+    pub fn flushed(&self, increments: &[Increment], totals: &[Value]) {
+        let mut counters = self.counters.lock();
+        for (increment, total) in increments.iter().zip(totals.iter().step_by(2)) {
+            if let (Some(counter), Value::Int(total)) = (counters.get_mut(&increment.key), total) {
+                counter.seen = counter.seen.max(u64::try_from(*total).unwrap_or(0));
+            }
+        }
+    }
+
+    /// Puts the hits of a failed flush back, to be sent with the next one.
+    pub fn unsent(&self, increments: Vec<Increment>) {
+        let mut counters = self.counters.lock();
+        for increment in increments {
+            if let Some(counter) = counters.get_mut(&increment.key) {
+                counter.pending += increment.hits;
+            }
+        }
+    }
+}
+
+/// One pipeline adding every increment: `INCRBY` (its reply is the new total) and `PEXPIRE`
+/// per key.
+pub fn pipeline(increments: &[Increment]) -> redis::Pipeline {
+    let mut pipeline = redis::Pipeline::with_capacity(increments.len() * 2);
+    for increment in increments {
+        pipeline
+            .cmd("INCRBY")
+            .arg(&increment.key)
+            .arg(increment.hits)
+            .cmd("PEXPIRE")
+            .arg(&increment.key)
+            .arg(increment.ttl_millis);
+    }
+    pipeline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::{Algorithm, Limit, Unit};
+
+    fn check(key: &str, limit: u32) -> Check<'_> {
+        Check {
+            key,
+            limit: Limit {
+                hybrid: true,
+                ..Limit::per_unit(limit, Unit::Minute, Algorithm::FixedWindow)
+            },
+            hits: 1,
+            group: 0,
+            count_rejected: true,
+            penalty: None,
+        }
+    }
+
+    fn verdict() -> Verdict {
+        Verdict {
+            over_limit: false,
+            remaining: 0,
+            reset_after_millis: 0,
+        }
+    }
+
+    #[test]
+    fn counts_locally_and_learns_the_others_hits_from_the_flush() {
+        let hybrid = Hybrid::default();
+        let now = 120_000;
+        let mut out = [verdict()];
+        for _ in 0..3 {
+            hybrid.decide("p:", &[check("d|u=a|1m/fixed_window", 5)], now, &mut out);
+            assert!(!out[0].over_limit);
+        }
+        assert_eq!(out[0].remaining, 2);
+        let increments = hybrid.take_increments_at(now);
+        assert_eq!(increments.len(), 1);
+        assert_eq!(increments[0].hits, 3);
+        assert!(increments[0].key.ends_with("|hybrid|120000"));
+        // Another replica had added 2: Redis answers 5, the limit.
+        hybrid.flushed(&increments, &[Value::Int(5), Value::Int(1)]);
+        hybrid.decide(
+            "p:",
+            &[check("d|u=a|1m/fixed_window", 5)],
+            now + 1,
+            &mut out,
+        );
+        assert!(out[0].over_limit);
+        assert_eq!(out[0].reset_after_millis, 60_000 - 1);
+        // The next window starts from nothing.
+        hybrid.decide(
+            "p:",
+            &[check("d|u=a|1m/fixed_window", 5)],
+            now + 60_000,
+            &mut out,
+        );
+        assert!(!out[0].over_limit);
+    }
+
+    #[test]
+    fn a_failed_flush_keeps_its_hits_for_the_next() {
+        let hybrid = Hybrid::default();
+        let mut out = [verdict()];
+        hybrid.decide("p:", &[check("k|1m/fixed_window", 5)], 0, &mut out);
+        let increments = hybrid.take_increments_at(0);
+        hybrid.unsent(increments);
+        assert_eq!(hybrid.take_increments_at(0)[0].hits, 1);
+    }
+}
