@@ -83,26 +83,51 @@ fail() {
 }
 make_request() { "$bin/examples/make_request" "$@"; }
 
-# record MIX STORE LOAD OUT LOG: one row (req/s, percentiles, requests, failures) from an
-# h2load run's output and log; a failed request or non-2xx answer fails the run.
+# cpu_begin PID...: notes the servers' CPU time before a run, for cpu_per_request.
+cpu_begin() {
+  cpu_pids=("$@")
+  cpu_start=$(date +%s.%N)
+  cpu_ticks_start=0
+  local pid
+  for pid in "${cpu_pids[@]}"; do
+    cpu_ticks_start=$((cpu_ticks_start + $(cpu_ticks "$pid")))
+  done
+}
+
+# cpu_per_request RPS: the servers' CPU time per request since cpu_begin, in microseconds:
+# their busy share of the run (warm-up included) over its req/s. Unlike req/s, this barely
+# moves when other work on the machine takes the servers' core.
+cpu_per_request() {
+  local ticks=0 pid
+  for pid in "${cpu_pids[@]}"; do
+    ticks=$((ticks + $(cpu_ticks "$pid")))
+  done
+  awk -v t="$((ticks - cpu_ticks_start))" -v hz="$(getconf CLK_TCK)" -v s="$cpu_start" \
+    -v e="$(date +%s.%N)" -v r="$1" 'BEGIN { printf "%.1f", (r > 0 ? t / hz / (e - s) * 1e6 / r : 0) }'
+}
+
+# record MIX STORE LOAD OUT LOG: one row (req/s, percentiles, server CPU per request,
+# requests, failures) from an h2load run's output and log, and the servers' CPU since
+# cpu_begin; a failed request or non-2xx answer fails the run.
 record() {
   local mix=$1 store=$2 load=$3 out=$4 log=$5 counts rps done_count succeeded errors twoxx
   counts=$(h2load_counts "$out")
   if [ -z "$counts" ]; then
     fail "$mix/$store/$load: could not read h2load's output: $(tail -3 "$out" | tr '\n' ' ')"
-    printf '%s\t%s\t%s\t0\t0\t0\t0\t0\t1\n' "$mix" "$store" "$load" >>"$rows"
+    printf '%s\t%s\t%s\t0\t0\t0\t0\t0\t0\t1\n' "$mix" "$store" "$load" >>"$rows"
     return 0
   fi
   read -r rps done_count succeeded errors twoxx <<<"$counts"
   local bad=$((errors + done_count - twoxx))
   [ "$bad" -eq 0 ] || fail "$mix/$store/$load: $errors requests failed and $((done_count - twoxx)) answers were not 2xx"
   [ "$succeeded" -eq "$done_count" ] || fail "$mix/$store/$load: only $succeeded of $done_count succeeded"
-  local p50 p99 p999
+  local p50 p99 p999 cpu
+  cpu=$(cpu_per_request "$rps")
   read -r p50 p99 p999 < <(percentiles "$log")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mix" "$store" "$load" "$rps" "${p50:-0}" \
-    "${p99:-0}" "${p999:-0}" "$done_count" "$bad" >>"$rows"
-  printf '  %-7s %-8s %-5s %10s req/s  p50 %7s  p99 %7s  p99.9 %7s ms\n' "$mix" "$store" \
-    "$load" "$rps" "$p50" "$p99" "$p999"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mix" "$store" "$load" "$rps" \
+    "${p50:-0}" "${p99:-0}" "${p999:-0}" "$cpu" "$done_count" "$bad" >>"$rows"
+  printf '  %-7s %-8s %-5s %10s req/s  p50 %7s  p99 %7s  p99.9 %7s ms  CPU %6s us/req\n' \
+    "$mix" "$store" "$load" "$rps" "$p50" "$p99" "$p999" "$cpu"
   {
     echo "--- $mix, $store, $load ---"
     grep -E '^(finished|requests|status codes|time for request)' "$out"
@@ -127,6 +152,7 @@ grpc_step() {
     make_request write --descriptors "$descriptors" "$body"
   fi
   rm -f "$log" # h2load appends to its log
+  cpu_begin "${server_pid[$store]}"
   timeout "$((warmup + seconds + slack))" taskset -c 0 h2load -c "$connections" \
     -m "$streams" -t 1 -D "$seconds" --warm-up-time="$warmup" "${grpc_headers[@]}" \
     -d "$body" --log-file="$log" "$@" "http://127.0.0.1:$port$rpc" >"$out" 2>&1 ||
@@ -166,15 +192,19 @@ echo "==> starting ok_server :$ok_port, meshlimit (memory) :$memory_port, redis-
 make_request write "$work/ready.bin"
 start_pinned 1 "$work/ok_server.log" "$bin/examples/ok_server" --grpc-addr "127.0.0.1:$ok_port"
 wait_grpc_ready ok_server "$started" "$work/ok_server.log" "$ok_port" "$work/ready.bin"
+declare -A server_pid=([ceiling]=$started)
 start_pinned 1 "$work/memory.log" "$bin/meshlimit" serve --config bench/config \
   --grpc-addr "127.0.0.1:$memory_port" --admin-addr "127.0.0.1:$memory_admin"
 wait_grpc_ready memory "$started" "$work/memory.log" "$memory_port" "$work/ready.bin" "$memory_admin"
+server_pid[memory]=$started
 start_pinned 0 "$work/redis-server.log" "$redis_server" --bind 127.0.0.1 --port "$redis_port" \
   --save '' --appendonly no
 start_pinned 1 "$work/redis.log" "$bin/meshlimit" serve --config bench/config \
   --grpc-addr "127.0.0.1:$redis_grpc" --admin-addr "127.0.0.1:$redis_admin" \
   --store redis --redis-url "redis://127.0.0.1:$redis_port" --redis-timeout 1s
 wait_grpc_ready redis "$started" "$work/redis.log" "$redis_grpc" "$work/ready.bin" "$redis_admin"
+# meshlimit's CPU only: Redis's is on CPU 0, with the load generator.
+server_pid[redis]=$started
 
 declare -A port=([ceiling]=$ok_port [memory]=$memory_port [redis]=$redis_grpc)
 for mix in "${mixes[@]}"; do
@@ -229,6 +259,8 @@ envoy_step() {
     exit 1
   fi
   rm -f "$log"
+  # CPU 1's servers: Envoy, and the meshlimit the filter calls (idle without the filter).
+  cpu_begin "$envoy_pid" "${server_pid[memory]}"
   timeout "$((warmup + seconds + slack))" taskset -c 0 h2load -c "$envoy_connections" \
     -m "$envoy_streams" -t 1 -D "$seconds" --warm-up-time="$warmup" \
     --rps="$((envoy_rps / envoy_connections))" -H "x-user-id: $user" --log-file="$log" \
@@ -245,7 +277,7 @@ envoy_step() {
       awk '{ s += $1 } END { print s + 0 }')
     note "  Envoy's ratelimit filter: ${ok:-0} checks OK, $errors errors or over limit"
     local done_count
-    done_count=$(awk -F'\t' '$1 == "envoy" && $2 == "filter" { print $8 }' "$rows")
+    done_count=$(awk -F'\t' '$1 == "envoy" && $2 == "filter" { print $9 }' "$rows")
     if [ "${ok:-0}" -lt "${done_count:-1}" ] || [ "$errors" -ne 0 ]; then
       fail "envoy/filter: ${ok:-0} ratelimit checks OK for ${done_count:-?} requests, $errors errors"
     fi
@@ -259,23 +291,25 @@ envoy_step filter
 
 # The table: each max row as a share of the same mix's ceiling; the targets.
 {
-  printf 'mix\tstore\tload\treq_per_s\tp50_ms\tp99_ms\tp999_ms\tpct_of_ceiling\trequests\tfailed\n'
+  printf 'mix\tstore\tload\treq_per_s\tp50_ms\tp99_ms\tp999_ms\tcpu_us_per_req\tpct_of_ceiling\trequests\tfailed\n'
   awk -F'\t' -v OFS='\t' '
     NR == FNR { if ($2 == "ceiling" && $3 == "max") ceiling[$1] = $4; next }
     {
       pct = ($3 == "max" && ceiling[$1] > 0) ? sprintf("%.1f", 100 * $4 / ceiling[$1]) : "-"
-      print $1, $2, $3, $4, $5, $6, $7, pct, $8, $9
+      print $1, $2, $3, $4, $5, $6, $7, $8, pct, $9, $10
     }' "$rows" "$rows"
 } >"$work/run.tsv"
 {
   echo
-  awk -F'\t' 'NR == 1 { printf "%-7s %-8s %-5s %10s %8s %8s %8s %9s %9s %6s\n", "mix", "store",
-      "load", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "% ceiling", "requests", "failed"; next }
-    { printf "%-7s %-8s %-5s %10.0f %8.3f %8.3f %8.3f %9s %9s %6s\n", $1, $2, $3, $4, $5, $6,
-      $7, $8, $9, $10 }' "$work/run.tsv"
+  awk -F'\t' 'NR == 1 { printf "%-7s %-8s %-5s %10s %8s %8s %8s %10s %9s %9s %6s\n", "mix",
+      "store", "load", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU us/req", "% ceiling",
+      "requests", "failed"; next }
+    { printf "%-7s %-8s %-5s %10.0f %8.3f %8.3f %8.3f %10s %9s %9s %6s\n", $1, $2, $3, $4, $5,
+      $6, $7, $8, $9, $10, $11 }' "$work/run.tsv"
   echo
   awk -F'\t' '
     NR > 1 { rps[$1, $2, $3] = $4; p99[$1, $2, $3] = $6; p50[$1, $2, $3] = $5; p999[$1, $2, $3] = $7
+      cpu[$1, $2, $3] = $8
       if (!seen[$1]++ && $1 != "envoy") mixes[++n] = $1 }
     function verdict(ok) { return ok ? "met" : "NOT met" }
     END {
@@ -286,11 +320,15 @@ envoy_step filter
           m, c ? 100 * mem / c : 0, verdict(c && mem >= 0.9 * c), mem ? 100 * r / mem : 0,
           verdict(mem && r >= 0.5 * mem), p99[m, "memory", "half"], p99[m, "redis", "half"],
           verdict(p99[m, "memory", "half"] <= 1 && p99[m, "redis", "half"] <= 1)
+        cc = cpu[m, "ceiling", "max"]; cm = cpu[m, "memory", "max"]; cr = cpu[m, "redis", "max"]
+        printf "%-7s server CPU per request at max: ceiling %.1f us, memory %.1f us, redis %.1f us (ceiling / memory = %.1f%%)\n",
+          m, cc, cm, cr, cm ? 100 * cc / cm : 0
       }
-      printf "Envoy: the ratelimit filter adds p50 %+.3f ms, p99 %+.3f ms, p99.9 %+.3f ms at %s req/s\n",
+      printf "Envoy: the ratelimit filter adds p50 %+.3f ms, p99 %+.3f ms, p99.9 %+.3f ms, CPU %+.1f us per request (Envoy + meshlimit) at %s req/s\n",
         p50["envoy", "filter", "fixed"] - p50["envoy", "plain", "fixed"],
         p99["envoy", "filter", "fixed"] - p99["envoy", "plain", "fixed"],
         p999["envoy", "filter", "fixed"] - p999["envoy", "plain", "fixed"],
+        cpu["envoy", "filter", "fixed"] - cpu["envoy", "plain", "fixed"],
         rps["envoy", "filter", "fixed"]
     }' "$work/run.tsv"
   echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -103,22 +103,22 @@ fn every_step_of_the_load_harness_runs_without_failures() {
     assert_eq!(
         lines.next(),
         Some(
-            "mix\tstore\tload\treq_per_s\tp50_ms\tp99_ms\tp999_ms\tpct_of_ceiling\trequests\tfailed"
+            "mix\tstore\tload\treq_per_s\tp50_ms\tp99_ms\tp999_ms\tcpu_us_per_req\tpct_of_ceiling\trequests\tfailed"
         ),
         "{log}"
     );
     let mut seen = BTreeSet::new();
     for line in lines {
         let fields: Vec<&str> = line.split('\t').collect();
-        assert_eq!(fields.len(), 10, "row {line:?}\n{log}");
+        assert_eq!(fields.len(), 11, "row {line:?}\n{log}");
         let number = |i: usize| -> f64 {
             fields[i]
                 .parse()
                 .unwrap_or_else(|_| panic!("field {i} of {line:?} is not a number\n{log}"))
         };
         assert!(number(3) > 0.0, "no throughput in {line:?}\n{log}");
-        assert!(number(8) > 0.0, "no requests in {line:?}\n{log}");
-        assert_eq!(number(9), 0.0, "failed requests in {line:?}\n{log}");
+        assert!(number(9) > 0.0, "no requests in {line:?}\n{log}");
+        assert_eq!(number(10), 0.0, "failed requests in {line:?}\n{log}");
         for percentile in 4..=6 {
             assert!(number(percentile) > 0.0, "no latency in {line:?}\n{log}");
         }
