@@ -17,14 +17,27 @@ pub fn append_counter_key(out: &mut String, domain: &str, entries: &[Entry], lim
         push_escaped(out, &entry.value);
     }
     out.push('|');
-    write_duration(out, limit.window_millis);
+    // The windows of Envoy's units are spelled from a table; `write_duration` (division
+    // by every unit size) is for the rest.
+    match limit.window_millis {
+        1_000 => out.push_str("1s"),
+        60_000 => out.push_str("1m"),
+        3_600_000 => out.push_str("1h"),
+        86_400_000 => out.push_str("1d"),
+        other => write_duration(out, other),
+    }
     out.push('/');
     out.push_str(limit.algorithm.name());
 }
 
 fn push_escaped(out: &mut String, text: &str) {
-    // A byte scan: far cheaper than a char-set search, and all three are ASCII.
-    if !text.bytes().any(|b| matches!(b, b'|' | b'=' | b'%')) {
+    // All three are ASCII, so a byte scan finds them. It folds over every byte rather
+    // than stopping at the first hit so the compiler vectorises it: names and values are
+    // short, rarely contain one, and are then copied whole.
+    let special = text.bytes().fold(false, |found, b| {
+        found | (b == b'|') | (b == b'=') | (b == b'%')
+    });
+    if !special {
         out.push_str(text);
         return;
     }
@@ -63,6 +76,27 @@ mod tests {
             key(&[("user", "alice"), ("path", "/a")]),
             "edge|user=alice|path=/a|1m/sliding_window"
         );
+    }
+
+    #[test]
+    fn every_window_is_spelled_as_written_in_config() {
+        for (millis, text) in [
+            (1_000, "1s"),
+            (60_000, "1m"),
+            (3_600_000, "1h"),
+            (86_400_000, "1d"),
+            (10_000, "10s"),
+            (1_500, "1500ms"),
+            (7 * 86_400_000, "7d"),
+        ] {
+            let limit = Limit {
+                window_millis: millis,
+                ..Limit::per_unit(1, Unit::Second, Algorithm::FixedWindow)
+            };
+            let mut out = String::new();
+            append_counter_key(&mut out, "d", &[], &limit);
+            assert_eq!(out, format!("d|{text}/fixed_window"));
+        }
     }
 
     #[test]

@@ -237,7 +237,6 @@ pub fn format_duration(millis: u64) -> String {
 /// `format_duration` into an existing buffer: the counter key path writes one per key and
 /// must not allocate for it.
 pub fn write_duration(out: &mut String, millis: u64) {
-    use std::fmt::Write as _;
     const STEPS: [(u64, &str); 4] = [
         (86_400_000, "d"),
         (3_600_000, "h"),
@@ -248,8 +247,26 @@ pub fn write_duration(out: &mut String, millis: u64) {
         .iter()
         .find(|(size, _)| millis >= *size && millis.is_multiple_of(*size))
         .map_or((millis, "ms"), |(size, suffix)| (millis / size, *suffix));
-    // Writing to a String cannot fail.
-    let _ = write!(out, "{count}{suffix}");
+    push_decimal(out, count);
+    out.push_str(suffix);
+}
+
+/// Appends `n` in decimal. Counter keys are built on every request, and `write!` through
+/// `core::fmt` cost more than the rest of the key.
+pub fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        start -= 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &digit in digits.iter().skip(start) {
+        out.push(char::from(digit));
+    }
 }
 
 /// Parses `per:` durations: a whole number followed by ms, s, m, h or d.
@@ -272,6 +289,15 @@ pub fn parse_duration(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_are_written_without_fmt() {
+        for n in [0, 7, 10, 1_000, 4_000_000_000, u64::MAX] {
+            let mut out = String::from("x");
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}"));
+        }
+    }
 
     #[test]
     fn durations_parse_and_print_back() {

@@ -4,6 +4,7 @@
 //! count in the store → build one status per descriptor. Transport-free, so it is tested
 //! and benchmarked without a socket; the gRPC adapter only converts errors.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -157,14 +158,14 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
 
         let plan = Plan::new(request, &resolved, Counting::Hits);
         let checks = plan.checks();
-        let mut verdicts = Vec::with_capacity(checks.len());
+        let mut verdicts = Spare::verdicts();
         if !checks.is_empty() {
             self.count(&checks, now, &mut verdicts).await?;
         }
 
         // One outcome per counted descriptor: of its limits, the one that decided.
         let mut decided: Vec<Decided<'_>> = Vec::with_capacity(request.descriptors.len());
-        let mut results = plan.counted.iter().zip(&verdicts).peekable();
+        let mut results = plan.counted.iter().zip(verdicts.iter()).peekable();
         while let Some((first, verdict)) = results.next() {
             let mut deciding = (first.limit, *verdict);
             while let Some((next, verdict)) =
@@ -317,16 +318,21 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             .collect())
     }
 
-    /// One store call, timed, with failures counted.
+    /// One store call, timed when the store can wait, with failures counted.
     async fn count(
         &self,
         checks: &[Check<'_>],
         now: u64,
         verdicts: &mut Vec<Verdict>,
     ) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let result = self.store.apply(checks, now, verdicts).await;
-        self.metrics.store_latency.observe(started.elapsed());
+        let result = if S::WAITS {
+            let started = Instant::now();
+            let result = self.store.apply(checks, now, verdicts).await;
+            self.metrics.store_latency.observe(started.elapsed());
+            result
+        } else {
+            self.store.apply(checks, now, verdicts).await
+        };
         if result.is_err() {
             self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -459,9 +465,7 @@ struct Plan {
 
 impl Plan {
     fn new(request: &RateLimitRequest, resolved: &[Resolved<'_>], counting: Counting) -> Self {
-        // Room for typical keys (user ids, paths) so the buffer is allocated once.
-        let mut key_text = String::with_capacity(128 * request.descriptors.len());
-        let mut counted: Vec<Counted> = Vec::with_capacity(request.descriptors.len());
+        let (mut key_text, mut counted) = (Spare::keys(), Spare::counted());
         for (i, (descriptor, resolved)) in request.descriptors.iter().zip(resolved).enumerate() {
             let (limits, count_rejected, penalty) = match resolved {
                 Resolved::Rule(Rule {
@@ -505,6 +509,81 @@ impl Plan {
                 penalty: c.penalty,
             })
             .collect()
+    }
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        Spare::give_back(
+            std::mem::take(&mut self.key_text),
+            std::mem::take(&mut self.counted),
+        );
+    }
+}
+
+/// Buffers kept per thread between decisions, so a decision allocates none of them: the
+/// key text, the counted limits and the store's verdicts. Taken at the start and given
+/// back when dropped (a decision that moved to another thread gives them to that one).
+struct Spare;
+
+/// Buffers that grew past this (a request with hundreds of descriptors) are freed rather
+/// than kept, so one odd request does not pin memory on every thread.
+const SPARE_MAX_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    static SPARE_KEYS: Cell<String> = const { Cell::new(String::new()) };
+    static SPARE_COUNTED: Cell<Vec<Counted>> = const { Cell::new(Vec::new()) };
+    static SPARE_VERDICTS: Cell<Vec<Verdict>> = const { Cell::new(Vec::new()) };
+}
+
+impl Spare {
+    fn keys() -> String {
+        SPARE_KEYS.take()
+    }
+
+    fn counted() -> Vec<Counted> {
+        SPARE_COUNTED.take()
+    }
+
+    fn verdicts() -> Verdicts {
+        Verdicts(SPARE_VERDICTS.take())
+    }
+
+    fn give_back(mut keys: String, mut counted: Vec<Counted>) {
+        if keys.capacity() <= SPARE_MAX_BYTES {
+            keys.clear();
+            SPARE_KEYS.set(keys);
+        }
+        if counted.capacity() * size_of::<Counted>() <= SPARE_MAX_BYTES {
+            counted.clear();
+            SPARE_COUNTED.set(counted);
+        }
+    }
+}
+
+/// The store's verdicts for one decision, in a spare buffer.
+struct Verdicts(Vec<Verdict>);
+
+impl std::ops::Deref for Verdicts {
+    type Target = Vec<Verdict>;
+    fn deref(&self) -> &Vec<Verdict> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Verdicts {
+    fn deref_mut(&mut self) -> &mut Vec<Verdict> {
+        &mut self.0
+    }
+}
+
+impl Drop for Verdicts {
+    fn drop(&mut self) {
+        let mut verdicts = std::mem::take(&mut self.0);
+        if verdicts.capacity() * size_of::<Verdict>() <= SPARE_MAX_BYTES {
+            verdicts.clear();
+            SPARE_VERDICTS.set(verdicts);
+        }
     }
 }
 

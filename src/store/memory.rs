@@ -1,167 +1,189 @@
-//! The in-memory counter store: a bounded moka cache of per-key counter state.
+//! The in-memory counter store: per-key counter state in a bounded, sharded table.
 //!
-//! Keys are hashed to 128 bits so the cache holds no key strings (collisions are
-//! negligible at 2^-64 for billions of keys) and a lookup allocates nothing. Each entry
-//! expires once its state can no longer influence a decision; when the cache is full,
-//! moka evicts the least useful entries, so a flood of distinct keys cannot exhaust memory.
+//! Keys are hashed to 128 bits (xxh3 with a per-process seed, so clients cannot aim keys
+//! at one bucket) and the table holds no key strings; collisions are negligible at 2^-64
+//! for billions of keys. Each state is dropped once it can no longer influence a decision;
+//! when the table is full, sampled eviction drops the least recently used of a few, so a
+//! flood of distinct keys cannot exhaust memory (see `shard`).
+//!
+//! Why not a general-purpose cache (moka, which the Redis store's over-limit cache uses):
+//! a counter lookup is the whole work of a decision, and moka's per-entry bookkeeping
+//! (reference-counted entries, access-order queues drained by maintenance) cost ~4x the
+//! time and ~2.5x the memory of this table, see BENCHMARKS.md.
+
+mod shard;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use moka::Expiry;
-use moka::notification::RemovalCause;
-use moka::sync::Cache;
 use parking_lot::{Mutex, MutexGuard};
 
+use self::shard::{Removed, Shard};
 use super::{Check, CounterStore, StoreError, groups};
-use crate::algorithm::penalty::{Penalty, PenaltyState};
+use crate::algorithm::penalty::PenaltyState;
 use crate::algorithm::{self, CounterState, Verdict};
 
-/// One key's state. Its lifetime rides along so expiry needs no lookup.
-struct Counter {
-    lifetime: Duration,
-    // A short critical section with no await inside: a plain mutex is cheaper than atomics
-    // juggling several related fields, and uncontended it costs a couple of atomic ops.
-    state: Mutex<CounterState>,
-}
+/// Most shards a store is split into. More than the cores that could contend for them, so
+/// two decisions rarely wait on the same lock; few enough that summing them is cheap.
+const MAX_SHARDS: usize = 64;
+/// Fewest counters per shard, so small stores are not split into crumbs that each fill up
+/// (and evict) long before the store as a whole is full.
+const MIN_SHARD_CAPACITY: u64 = 1_024;
 
-struct ExpireAfterLastUse;
+/// A shard's lock on its own cache lines, so neighbouring shards' locks do not share one.
+#[repr(align(128))]
+struct Padded(Mutex<Shard>);
 
-impl Expiry<u128, Arc<Counter>> for ExpireAfterLastUse {
-    fn expire_after_create(
-        &self,
-        _: &u128,
-        counter: &Arc<Counter>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(counter.lifetime)
-    }
-
-    fn expire_after_read(
-        &self,
-        _: &u128,
-        counter: &Arc<Counter>,
-        _: Instant,
-        _: Option<Duration>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(counter.lifetime)
-    }
+struct Inner {
+    shards: Box<[Padded]>,
+    /// `shards.len() - 1`; the count is a power of two.
+    mask: usize,
+    seed: u64,
+    /// Counters dropped to stay within capacity (not those that expired).
+    evictions: AtomicU64,
 }
 
 /// Counters in this process's memory, bounded by entry count.
 #[derive(Clone)]
 pub struct MemoryStore {
-    // foldhash rather than moka's default SipHash: the keys are already xxh3 hashes, and
-    // hashing them again with a DoS-resistant hasher cost ~15 % of a lookup.
-    counters: Cache<u128, Arc<Counter>, foldhash::fast::RandomState>,
-    /// Counters dropped to stay within capacity (not those that expired).
-    evictions: Arc<AtomicU64>,
+    inner: Arc<Inner>,
 }
 
 impl MemoryStore {
     /// A store holding at most `capacity` counters.
     pub fn new(capacity: u64) -> Self {
-        let evictions = Arc::new(AtomicU64::new(0));
-        let counted = evictions.clone();
+        let capacity = capacity.max(1);
+        let shards = usize::try_from(capacity / MIN_SHARD_CAPACITY)
+            .unwrap_or(MAX_SHARDS)
+            .clamp(1, MAX_SHARDS)
+            .next_power_of_two()
+            .min(MAX_SHARDS);
+        let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), capacity);
+        // The capacity is split exactly: the first `capacity % shards` shards take one more.
+        let (each, extra) = (capacity / shards as u64, capacity % shards as u64);
+        let shards: Box<[Padded]> = (0..shards as u64)
+            .map(|i| {
+                let own = each + u64::from(i < extra);
+                Padded(Mutex::new(Shard::new(
+                    usize::try_from(own).unwrap_or(usize::MAX),
+                    seed ^ (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                )))
+            })
+            .collect();
         Self {
-            counters: Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(ExpireAfterLastUse)
-                .eviction_listener(move |_, _, cause| {
-                    if cause == RemovalCause::Size {
-                        counted.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-                .build_with_hasher(foldhash::fast::RandomState::default()),
-            evictions,
+            inner: Arc::new(Inner {
+                mask: shards.len() - 1,
+                shards,
+                seed,
+                evictions: AtomicU64::new(0),
+            }),
         }
     }
 
     /// Counters evicted to stay within capacity so far.
     pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
+        self.inner.evictions.load(Ordering::Relaxed)
     }
 
-    /// Counters held, without forcing moka's pending maintenance (cheap, for metrics).
-    pub fn entry_count(&self) -> u64 {
-        self.counters.entry_count()
-    }
-
-    /// Counters currently held (approximate until moka's pending maintenance runs).
+    /// Counters held, including expired ones not yet reclaimed (they go first when a
+    /// shard needs room, and one is checked on every insertion).
     pub fn len(&self) -> u64 {
-        self.counters.run_pending_tasks();
-        self.counters.entry_count()
+        self.inner
+            .shards
+            .iter()
+            .map(|shard| shard.0.lock().len() as u64)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn counter(&self, check: &Check<'_>) -> (u128, Arc<Counter>) {
-        let hash = xxhash_rust::xxh3::xxh3_128(check.key.as_bytes());
-        let lifetime = algorithm::state_lifetime_millis(&check.limit);
-        (hash, self.counter_at(hash, lifetime))
+    fn key_hash(&self, key: &str) -> u128 {
+        xxhash_rust::xxh3::xxh3_128_with_seed(key.as_bytes(), self.inner.seed)
     }
 
-    fn counter_at(&self, hash: u128, lifetime_millis: u64) -> Arc<Counter> {
-        // `_by_ref`: moka allocates its key only when the entry is new, not on every hit.
-        self.counters.get_with_by_ref(&hash, || {
-            Arc::new(Counter {
-                lifetime: Duration::from_millis(lifetime_millis),
-                state: Mutex::new(CounterState::Empty),
-            })
-        })
-    }
-
-    /// The penalty box state of a group, under its first key with `|penalty` appended.
-    fn penalty_counter(&self, key: &str, penalty: &Penalty) -> Arc<Counter> {
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    /// The penalty box state of a group lives under its first key with `|penalty` appended.
+    fn penalty_hash(&self, key: &str) -> u128 {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::with_seed(self.inner.seed);
         hasher.update(key.as_bytes());
         hasher.update(b"|penalty");
-        self.counter_at(hasher.digest128(), PenaltyState::lifetime_millis(penalty))
+        hasher.digest128()
+    }
+
+    fn shard_of(&self, hash: u128) -> usize {
+        // The high half picks the shard; the shard's index uses the low half.
+        ((hash >> 64) as usize) & self.inner.mask
+    }
+
+    fn lock(&self, shard: usize) -> Option<MutexGuard<'_, Shard>> {
+        self.inner.shards.get(shard).map(|padded| padded.0.lock())
+    }
+
+    fn counted(&self, removed: Removed) {
+        if removed == Removed::Evicted {
+            self.inner.evictions.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Applies one check synchronously; the in-memory store never waits.
     pub fn apply_one(&self, check: &Check<'_>, now_millis: u64) -> Verdict {
-        let (_, counter) = self.counter(check);
-        let mut state = counter.state.lock();
-        algorithm::apply(
-            &mut state,
+        let hash = self.key_hash(check.key);
+        let lifetime = algorithm::state_lifetime_millis(&check.limit);
+        let mut scratch = CounterState::Empty;
+        let mut guard = self.lock(self.shard_of(hash));
+        let (state, removed) = match guard.as_mut() {
+            Some(shard) => shard.get_mut(hash, now_millis, lifetime),
+            None => (None, Removed::Nothing),
+        };
+        let verdict = algorithm::apply(
+            state.unwrap_or(&mut scratch),
             &check.limit,
             check.hits,
             now_millis,
             check.count_rejected,
-        )
+        );
+        drop(guard);
+        self.counted(removed);
+        verdict
     }
 
     /// Applies one descriptor's checks all or nothing, appending their verdicts to `out`.
     /// (`count_rejected` only matters alone: envoyproxy-style rules carry a single limit.)
     pub fn apply_group(&self, group: &[Check<'_>], now_millis: u64, out: &mut Vec<Verdict>) {
-        let Some((first, penalty)) = group.first().and_then(|c| Some((c, c.penalty?))) else {
-            self.apply_limits(group, now_millis, out);
-            return;
-        };
-        // The penalty lock is taken before any limit's: every request for this descriptor
-        // takes them in the same order.
-        let counter = self.penalty_counter(first.key, &penalty);
-        let mut guard = counter.state.lock();
-        let mut state = match &*guard {
-            CounterState::Penalty(state) => *state,
-            _ => PenaltyState::default(),
-        };
-        if let Some(left) = state.blocked_for(now_millis) {
-            out.extend(group.iter().map(|_| Verdict {
-                over_limit: true,
-                remaining: 0,
-                reset_after_millis: left,
-            }));
+        let penalty = group.first().and_then(|c| Some((c.key, c.penalty?)));
+        if penalty.is_none()
+            && let [check] = group
+        {
+            out.push(self.apply_one(check, now_millis));
             return;
         }
+        let hashes: Vec<u128> = group.iter().map(|c| self.key_hash(c.key)).collect();
+        let penalty = penalty.map(|(key, penalty)| (self.penalty_hash(key), penalty));
+        let mut locked = Locked::new(self, hashes.iter().chain(penalty.iter().map(|(h, _)| h)));
+
+        let mut box_state = None;
+        if let Some((hash, penalty)) = penalty {
+            let state = match locked.read(hash, now_millis) {
+                CounterState::Penalty(state) => state,
+                _ => PenaltyState::default(),
+            };
+            if let Some(left) = state.blocked_for(now_millis) {
+                out.extend(group.iter().map(|_| Verdict {
+                    over_limit: true,
+                    remaining: 0,
+                    reset_after_millis: left,
+                }));
+                return;
+            }
+            box_state = Some((hash, penalty, state));
+        }
+
         let start = out.len();
-        self.apply_limits(group, now_millis, out);
+        locked.apply_limits(group, &hashes, now_millis, out);
+        let Some((hash, penalty, mut state)) = box_state else {
+            return;
+        };
         let verdicts = out.get_mut(start..).unwrap_or_default();
         // A zero-hit check (a usage query) only looks; it never earns a penalty.
         if verdicts.iter().any(|v| v.over_limit) && group.iter().any(|c| c.hits > 0) {
@@ -170,54 +192,107 @@ impl MemoryStore {
                     verdict.reset_after_millis = block;
                 }
             }
-            *guard = CounterState::Penalty(state);
+            locked.write(
+                hash,
+                CounterState::Penalty(state),
+                now_millis,
+                PenaltyState::lifetime_millis(&penalty),
+            );
         }
     }
+}
 
-    fn apply_limits(&self, group: &[Check<'_>], now_millis: u64, out: &mut Vec<Verdict>) {
-        if let [check] = group {
-            out.push(self.apply_one(check, now_millis));
-            return;
-        }
-        let counters: Vec<(u128, Arc<Counter>)> = group.iter().map(|c| self.counter(c)).collect();
-        // Lock in hash order so two requests sharing counters can never deadlock; a key
-        // listed twice is locked once.
-        let mut by_hash: Vec<&(u128, Arc<Counter>)> = counters.iter().collect();
-        by_hash.sort_by_key(|(hash, _)| *hash);
-        by_hash.dedup_by_key(|(hash, _)| *hash);
-        // Each locked counter with the state it would have if this group is admitted.
-        let mut locked: Vec<(u128, MutexGuard<'_, CounterState>, CounterState)> = by_hash
+/// The shards one group touches, locked in index order so two groups sharing shards can
+/// never deadlock; each shard is locked once however many of the group's keys it holds.
+struct Locked<'s> {
+    store: &'s MemoryStore,
+    guards: Vec<(usize, MutexGuard<'s, Shard>)>,
+}
+
+impl<'s> Locked<'s> {
+    fn new<'h>(store: &'s MemoryStore, hashes: impl Iterator<Item = &'h u128>) -> Self {
+        let mut shards: Vec<usize> = hashes.map(|&hash| store.shard_of(hash)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let guards = shards
             .into_iter()
-            .map(|(hash, counter)| {
-                let guard = counter.state.lock();
-                let state = guard.clone();
-                (*hash, guard, state)
-            })
+            .filter_map(|i| Some((i, store.lock(i)?)))
             .collect();
+        Self { store, guards }
+    }
+
+    fn shard(&mut self, hash: u128) -> Option<&mut Shard> {
+        let shard = self.store.shard_of(hash);
+        let at = self.guards.binary_search_by_key(&shard, |(i, _)| *i).ok()?;
+        self.guards.get_mut(at).map(|(_, guard)| &mut **guard)
+    }
+
+    fn read(&mut self, hash: u128, now_millis: u64) -> CounterState {
+        self.shard(hash)
+            .map(|shard| shard.read(hash, now_millis))
+            .unwrap_or_default()
+    }
+
+    fn write(&mut self, hash: u128, state: CounterState, now_millis: u64, lifetime: u64) {
+        let Some(shard) = self.shard(hash) else {
+            return;
+        };
+        let (slot, removed) = shard.get_mut(hash, now_millis, lifetime);
+        if let Some(slot) = slot {
+            *slot = state;
+        }
+        self.store.counted(removed);
+    }
+
+    /// The group's limits on copies of their states, kept only if every limit admits.
+    fn apply_limits(
+        &mut self,
+        group: &[Check<'_>],
+        hashes: &[u128],
+        now_millis: u64,
+        out: &mut Vec<Verdict>,
+    ) {
+        // A key listed twice is one state, counted twice, kept for the longer lifetime.
+        let mut working: Vec<(u128, CounterState, u64)> = Vec::with_capacity(group.len());
         let start = out.len();
-        for (check, (hash, _)) in group.iter().zip(&counters) {
-            if let Some((_, _, state)) = locked.iter_mut().find(|(h, _, _)| h == hash) {
-                out.push(algorithm::apply(
-                    state,
-                    &check.limit,
-                    check.hits,
-                    now_millis,
-                    false,
-                ));
-            }
+        for (check, &hash) in group.iter().zip(hashes) {
+            let lifetime = algorithm::state_lifetime_millis(&check.limit);
+            let at = match working.iter().position(|(h, _, _)| *h == hash) {
+                Some(at) => at,
+                None => {
+                    let state = self.read(hash, now_millis);
+                    working.push((hash, state, 0));
+                    working.len() - 1
+                }
+            };
+            let Some((_, state, kept_for)) = working.get_mut(at) else {
+                continue;
+            };
+            *kept_for = (*kept_for).max(lifetime);
+            // Alone, a check keeps envoyproxy's fixed-window counting of rejected hits.
+            let count_rejected = group.len() == 1 && check.count_rejected;
+            out.push(algorithm::apply(
+                state,
+                &check.limit,
+                check.hits,
+                now_millis,
+                count_rejected,
+            ));
         }
         let admitted = out
             .get(start..)
             .is_some_and(|verdicts| verdicts.iter().all(|v| !v.over_limit));
-        if admitted {
-            for (_, guard, state) in &mut locked {
-                **guard = std::mem::take(state);
+        if admitted || group.len() == 1 {
+            for (hash, state, lifetime) in working {
+                self.write(hash, state, now_millis, lifetime);
             }
         }
     }
 }
 
 impl CounterStore for MemoryStore {
+    const WAITS: bool = false;
+
     fn apply(
         &self,
         checks: &[Check<'_>],
@@ -351,6 +426,7 @@ mod tests {
 #[cfg(test)]
 mod penalty_tests {
     use super::*;
+    use crate::algorithm::penalty::Penalty;
     use crate::limit::{Algorithm, Limit, Unit};
 
     const LOGIN: Penalty = Penalty {

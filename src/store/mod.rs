@@ -51,6 +51,11 @@ pub struct StoreError {
 /// A place counters live. Implementations must make every check atomic: concurrent batches
 /// touching the same key never lose or double a hit.
 pub trait CounterStore: Send + Sync + 'static {
+    /// Whether `apply` can wait on I/O. Only then is a call worth timing: an in-memory
+    /// call is part of the decision's own latency, and two clock reads would cost more
+    /// than the call itself.
+    const WAITS: bool = true;
+
     /// Applies every check at time `now_millis`, writing one verdict per check into `out`
     /// (cleared first), in the order of `checks`. Each group is atomic: either every check
     /// of it is counted or (but for `count_rejected`) none.
