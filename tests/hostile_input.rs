@@ -266,7 +266,9 @@ fn yaml_alias_bombs_are_refused_quickly() {
         let error = compile(&text).expect_err(name);
         let took = started.elapsed();
         eprintln!("{name}: refused in {took:?}: {}", first_line(&error));
-        assert!(took < Duration::from_secs(3), "{name}: took {took:?}");
+        // Unbounded expansion would run for minutes or exhaust memory; the margin is wide
+        // because the suite runs unoptimised with other test binaries beside it.
+        assert!(took < Duration::from_secs(30), "{name}: took {took:?}");
         assert!(
             error.contains("alias") || error.contains("unknown field"),
             "{name}: {error}"
@@ -283,7 +285,7 @@ fn yaml_alias_bombs_stay_within_memory_in_the_binary() {
         let (code, output, took) = validate_with_memory_cap(dir.path(), 160);
         assert_eq!(code, Some(1), "{name}: validate exited {code:?}:\n{output}");
         assert!(output.contains("edge.yaml"), "{name}:\n{output}");
-        assert!(took < Duration::from_secs(5), "{name}: took {took:?}");
+        assert!(took < Duration::from_secs(30), "{name}: took {took:?}");
     }
 }
 
@@ -350,7 +352,9 @@ fn deep_nesting_is_an_error_not_a_stack_overflow() {
         let error = on_reload_sized_stack(move || compile(&text)).expect_err(name);
         let took = started.elapsed();
         eprintln!("{name}: refused in {took:?}: {}", first_line(&error));
-        assert!(took < Duration::from_secs(3), "{name}: took {took:?}");
+        // Unbounded expansion would run for minutes or exhaust memory; the margin is wide
+        // because the suite runs unoptimised with other test binaries beside it.
+        assert!(took < Duration::from_secs(30), "{name}: took {took:?}");
     }
 }
 
@@ -484,7 +488,8 @@ fn a_huge_file_is_refused_by_size() {
         errors.contains(&format!("at most {MAX_FILE_BYTES} bytes")),
         "{errors}"
     );
-    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // Reading and parsing all 50 MB unoptimised takes minutes; refusing by size, moments.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
     let snapshot = snapshot(dir.path());
     assert!(
         snapshot
