@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
+use smallvec::SmallVec;
 
 use crate::algorithm::Verdict;
 use crate::algorithm::penalty::Penalty;
@@ -74,6 +75,10 @@ pub struct RateLimiter<S, C> {
     /// (envoyproxy/ratelimit's NEAR_LIMIT_RATIO).
     near_limit_ppm: u64,
 }
+
+/// Per-descriptor scratch lists of a decision. Envoy's filters send a handful of
+/// descriptors, so up to eight live on the stack and a decision allocates none of them.
+type Few<T> = SmallVec<[T; 8]>;
 
 /// What one request descriptor resolved to.
 enum Resolved<'a> {
@@ -164,7 +169,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         }
 
         // One outcome per counted descriptor: of its limits, the one that decided.
-        let mut decided: Vec<Decided<'_>> = Vec::with_capacity(request.descriptors.len());
+        let mut decided: Few<Decided<'_>> = Few::new();
         let mut results = plan.counted.iter().zip(verdicts.iter()).peekable();
         while let Some((first, verdict)) = results.next() {
             let mut deciding = (first.limit, *verdict);
@@ -422,8 +427,8 @@ fn resolve<'c>(
     request: &RateLimitRequest,
     config: &RateLimitConfig,
     domain: &'c DomainTree,
-) -> Result<Vec<Resolved<'c>>, DecisionError> {
-    let mut resolved: Vec<Resolved<'c>> = Vec::with_capacity(request.descriptors.len());
+) -> Result<Few<Resolved<'c>>, DecisionError> {
+    let mut resolved: Few<Resolved<'c>> = Few::new();
     for (i, descriptor) in request.descriptors.iter().enumerate() {
         resolved.push(match &descriptor.limit {
             Some(limit) => {
@@ -497,7 +502,7 @@ impl Plan {
         Self { counted, key_text }
     }
 
-    fn checks(&self) -> Vec<Check<'_>> {
+    fn checks(&self) -> Few<Check<'_>> {
         self.counted
             .iter()
             .map(|c| Check {
