@@ -120,8 +120,6 @@ fn counters(algorithm: &str) -> bool {
     let baseline = proc_status_bytes("VmRSS");
     let limiter = limiter(algorithm, COUNTERS);
     sender.send(&limiter, 0..COUNTERS);
-    // `len` first runs the store's pending housekeeping, which is where moka builds each
-    // entry's bookkeeping, so the memory read after it is the steady state.
     let live = limiter.store().len();
     let used = proc_status_bytes("VmRSS").saturating_sub(baseline);
     let per_counter = used / live.max(1);

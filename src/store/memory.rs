@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use self::shard::{Removed, Shard};
+use self::shard::{Removed, Room, Shard};
 use super::{Check, CounterStore, StoreError, groups};
 use crate::algorithm::penalty::PenaltyState;
 use crate::algorithm::{self, CounterState, Verdict};
@@ -26,8 +26,8 @@ use crate::algorithm::{self, CounterState, Verdict};
 /// Most shards a store is split into. More than the cores that could contend for them, so
 /// two decisions rarely wait on the same lock; few enough that summing them is cheap.
 const MAX_SHARDS: usize = 64;
-/// Fewest counters per shard, so small stores are not split into crumbs that each fill up
-/// (and evict) long before the store as a whole is full.
+/// A shard per this many counters of capacity: a small store needs little parallelism,
+/// and a full shard must have counters of its own to evict (see `shard::Room`).
 const MIN_SHARD_CAPACITY: u64 = 1_024;
 
 /// A shard's lock on its own cache lines, so neighbouring shards' locks do not share one.
@@ -39,6 +39,7 @@ struct Inner {
     /// `shards.len() - 1`; the count is a power of two.
     mask: usize,
     seed: u64,
+    room: Room,
     /// Counters dropped to stay within capacity (not those that expired).
     evictions: AtomicU64,
 }
@@ -59,13 +60,9 @@ impl MemoryStore {
             .next_power_of_two()
             .min(MAX_SHARDS);
         let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), capacity);
-        // The capacity is split exactly: the first `capacity % shards` shards take one more.
-        let (each, extra) = (capacity / shards as u64, capacity % shards as u64);
         let shards: Box<[Padded]> = (0..shards as u64)
             .map(|i| {
-                let own = each + u64::from(i < extra);
                 Padded(Mutex::new(Shard::new(
-                    usize::try_from(own).unwrap_or(usize::MAX),
                     seed ^ (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 )))
             })
@@ -75,6 +72,7 @@ impl MemoryStore {
                 mask: shards.len() - 1,
                 shards,
                 seed,
+                room: Room::new(capacity),
                 evictions: AtomicU64::new(0),
             }),
         }
@@ -88,11 +86,7 @@ impl MemoryStore {
     /// Counters held, including expired ones not yet reclaimed (they go first when a
     /// shard needs room, and one is checked on every insertion).
     pub fn len(&self) -> u64 {
-        self.inner
-            .shards
-            .iter()
-            .map(|shard| shard.0.lock().len() as u64)
-            .sum()
+        self.inner.room.entries()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -133,7 +127,7 @@ impl MemoryStore {
         let mut scratch = CounterState::Empty;
         let mut guard = self.lock(self.shard_of(hash));
         let (state, removed) = match guard.as_mut() {
-            Some(shard) => shard.get_mut(hash, now_millis, lifetime),
+            Some(shard) => shard.get_mut(&self.inner.room, hash, now_millis, lifetime),
             None => (None, Removed::Nothing),
         };
         let verdict = algorithm::apply(
@@ -234,14 +228,15 @@ impl<'s> Locked<'s> {
     }
 
     fn write(&mut self, hash: u128, state: CounterState, now_millis: u64, lifetime: u64) {
+        let store = self.store;
         let Some(shard) = self.shard(hash) else {
             return;
         };
-        let (slot, removed) = shard.get_mut(hash, now_millis, lifetime);
+        let (slot, removed) = shard.get_mut(&store.inner.room, hash, now_millis, lifetime);
         if let Some(slot) = slot {
             *slot = state;
         }
-        self.store.counted(removed);
+        store.counted(removed);
     }
 
     /// The group's limits on copies of their states, kept only if every limit admits.
@@ -359,6 +354,40 @@ mod tests {
             store.apply_one(&check(&format!("flood-{i}"), 10), 0);
         }
         assert!(store.len() <= 100, "held {}", store.len());
+    }
+
+    #[test]
+    fn a_sharded_store_holds_its_full_capacity_then_evicts_one_per_new_key() {
+        // 5 000 counters over 4 shards: keys never spread evenly, and none may be evicted
+        // before the store as a whole is full.
+        let store = MemoryStore::new(5_000);
+        assert_eq!(store.inner.shards.len(), 4);
+        let keys: Vec<String> = (0..6_000).map(|i| format!("user={i}")).collect();
+        for key in &keys[..5_000] {
+            store.apply_one(&check(key, 10), 0);
+        }
+        assert_eq!((store.len(), store.evictions()), (5_000, 0));
+        for key in &keys[5_000..] {
+            store.apply_one(&check(key, 10), 0);
+        }
+        assert_eq!((store.len(), store.evictions()), (5_000, 1_000));
+    }
+
+    #[test]
+    fn expired_counters_make_room_before_live_ones_are_evicted() {
+        let store = MemoryStore::new(2_000);
+        for i in 0..2_000 {
+            store.apply_one(&check(&format!("old-{i}"), 10), 0);
+        }
+        // An hour later every per-minute counter has expired. Replacing half of them, a
+        // sample of five finds an expired one nearly every time (all five live has
+        // probability (live share)^5, ~5 expected over the 1 000), so live counters are
+        // almost never evicted.
+        for i in 0..1_000 {
+            store.apply_one(&check(&format!("new-{i}"), 10), 3_600_000);
+        }
+        assert_eq!(store.len(), 2_000);
+        assert!(store.evictions() < 50, "evicted {}", store.evictions());
     }
 
     fn multi(per_second: u32, per_minute: u32) -> [Check<'static>; 2] {

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::algorithm::CounterState;
 
@@ -34,24 +35,55 @@ pub enum Removed {
     Evicted,
 }
 
+/// The store-wide bound all shards share. Capacity is not split per shard: keys do not
+/// spread exactly evenly, and a store of N must hold N counters, not evict from one full
+/// shard while others have room.
+pub struct Room {
+    entries: AtomicU64,
+    capacity: u64,
+}
+
+impl Room {
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            entries: AtomicU64::new(0),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// Takes a place for a new counter; `false` when the store is full and the taker must
+    /// free one first. (Taking before checking means two shards inserting at once cannot
+    /// both slip past the bound.)
+    fn take(&self) -> bool {
+        self.entries.fetch_add(1, Ordering::Relaxed) < self.capacity
+    }
+
+    fn give_back(&self) {
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub struct Shard {
     index: HashMap<u128, u32, KeyHashIsTheHash>,
     slots: Vec<Slot>,
-    capacity: usize,
     /// xorshift state for sampling; its quality only affects which slots get sampled.
     random: u64,
 }
 
 impl Shard {
-    pub fn new(capacity: usize, seed: u64) -> Self {
+    pub fn new(seed: u64) -> Self {
         Self {
             index: HashMap::with_hasher(KeyHashIsTheHash),
             slots: Vec::new(),
-            capacity: capacity.max(1),
             random: seed | 1,
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.slots.len()
     }
@@ -68,11 +100,13 @@ impl Shard {
     }
 
     /// The state under `key`, created empty (or reset, when expired) if need be, and kept
-    /// for `lifetime_millis` from now. Creating one in a full shard removes another first.
+    /// for `lifetime_millis` from now. Creating one in a full store removes another from
+    /// this shard first.
     /// (`None` only if the index pointed past the slots, which `insert` and `remove` rule
     /// out; callers then decide on an empty state rather than panic.)
     pub fn get_mut(
         &mut self,
+        room: &Room,
         key: u128,
         now_millis: u64,
         lifetime_millis: u64,
@@ -80,7 +114,7 @@ impl Shard {
         let expires_at_millis = now_millis.saturating_add(lifetime_millis);
         let (at, removed) = match self.index.get(&key) {
             Some(&at) => (at as usize, Removed::Nothing),
-            None => self.insert(key, now_millis),
+            None => self.insert(room, key, now_millis),
         };
         let state = self.slots.get_mut(at).map(|slot| {
             if slot.expires_at_millis <= now_millis {
@@ -92,9 +126,17 @@ impl Shard {
         (state, removed)
     }
 
-    fn insert(&mut self, key: u128, now_millis: u64) -> (usize, Removed) {
-        let removed = if self.slots.len() >= self.capacity {
-            self.evict_one(now_millis)
+    fn insert(&mut self, room: &Room, key: u128, now_millis: u64) -> (usize, Removed) {
+        let removed = if !room.take() {
+            // Full: this insertion's place is paid for by one of this shard's counters. (A
+            // shard with none to give holds under 1/64 of a full store's share, which
+            // uniform hashing does not produce; the counter is kept regardless, since
+            // dropping it would stop limiting its key.)
+            let removed = self.evict_one(now_millis);
+            if removed != Removed::Nothing {
+                room.give_back();
+            }
+            removed
         } else {
             // Below capacity, one sampled slot per insertion is still dropped if expired,
             // so a shard's size follows the live counters rather than only ever growing.
@@ -105,6 +147,7 @@ impl Shard {
                 .is_some_and(|slot| slot.expires_at_millis <= now_millis)
             {
                 self.remove(sampled);
+                room.give_back();
                 Removed::Expired
             } else {
                 Removed::Nothing
@@ -221,36 +264,37 @@ mod tests {
 
     #[test]
     fn a_state_reads_back_until_it_expires() {
-        let mut shard = Shard::new(10, 7);
-        *shard.get_mut(1, 1_000, 500).0.unwrap() = window(3);
+        let (room, mut shard) = (Room::new(10), Shard::new(7));
+        *shard.get_mut(&room, 1, 1_000, 500).0.unwrap() = window(3);
         assert_eq!(shard.read(1, 1_499), window(3));
         assert_eq!(shard.read(1, 1_500), CounterState::Empty, "expired");
         assert_eq!(shard.read(2, 1_000), CounterState::Empty, "never written");
         // Using an expired slot starts it over rather than resurrecting the old counts.
         assert_eq!(
-            *shard.get_mut(1, 2_000, 500).0.unwrap(),
+            *shard.get_mut(&room, 1, 2_000, 500).0.unwrap(),
             CounterState::Empty
         );
     }
 
     #[test]
     fn each_use_extends_the_lifetime() {
-        let mut shard = Shard::new(10, 7);
-        *shard.get_mut(1, 0, 100).0.unwrap() = window(1);
-        shard.get_mut(1, 90, 100);
+        let (room, mut shard) = (Room::new(10), Shard::new(7));
+        *shard.get_mut(&room, 1, 0, 100).0.unwrap() = window(1);
+        shard.get_mut(&room, 1, 90, 100);
         assert_eq!(shard.read(1, 150), window(1));
     }
 
     #[test]
     fn a_full_shard_evicts_to_stay_within_capacity() {
-        let mut shard = Shard::new(100, 7);
+        let (room, mut shard) = (Room::new(100), Shard::new(7));
         let mut evicted = 0;
         for key in 0..10_000u128 {
-            if shard.get_mut(key, 0, 60_000).1 == Removed::Evicted {
+            if shard.get_mut(&room, key, 0, 60_000).1 == Removed::Evicted {
                 evicted += 1;
             }
         }
         assert_eq!(shard.len(), 100);
+        assert_eq!(room.entries(), 100);
         assert_eq!(evicted, 9_900);
         // Every index entry still points at its own slot.
         for (key, &at) in &shard.index {
@@ -260,24 +304,41 @@ mod tests {
 
     #[test]
     fn expired_slots_go_before_live_ones_and_are_not_evictions() {
-        let mut shard = Shard::new(4, 7);
+        let (room, mut shard) = (Room::new(4), Shard::new(7));
         for key in 0..4u128 {
-            *shard.get_mut(key, 0, 10).0.unwrap() = window(1);
+            *shard.get_mut(&room, key, 0, 10).0.unwrap() = window(1);
         }
         // All four expired at 10: replacing them is expiry, not eviction.
         for key in 10..14u128 {
-            assert_ne!(shard.get_mut(key, 100, 1_000).1, Removed::Evicted);
+            assert_ne!(shard.get_mut(&room, key, 100, 1_000).1, Removed::Evicted);
         }
-        assert_eq!(shard.len(), 4);
+        assert_eq!((shard.len(), room.entries()), (4, 4));
+    }
+
+    #[test]
+    fn shards_share_one_capacity() {
+        // Two shards of one store of 10: the busy one holds more than half, and once the
+        // store is full each new key takes the place of one in its own shard.
+        let (room, mut busy, mut quiet) = (Room::new(10), Shard::new(7), Shard::new(8));
+        for key in 0..8u128 {
+            assert_eq!(busy.get_mut(&room, key, 0, 1_000).1, Removed::Nothing);
+        }
+        for key in 8..10u128 {
+            assert_eq!(quiet.get_mut(&room, key, 0, 1_000).1, Removed::Nothing);
+        }
+        for key in 10..30u128 {
+            assert_eq!(quiet.get_mut(&room, key, 0, 1_000).1, Removed::Evicted);
+        }
+        assert_eq!((busy.len(), quiet.len(), room.entries()), (8, 2, 10));
     }
 
     #[test]
     fn eviction_prefers_the_least_recently_used() {
         // One hot key used on every step survives a stream of one-off keys.
-        let mut shard = Shard::new(50, 7);
+        let (room, mut shard) = (Room::new(50), Shard::new(7));
         for step in 0..5_000u64 {
-            *shard.get_mut(u128::MAX, step, 1_000).0.unwrap() = window(step);
-            shard.get_mut(u128::from(step), step, 1_000);
+            *shard.get_mut(&room, u128::MAX, step, 1_000).0.unwrap() = window(step);
+            shard.get_mut(&room, u128::from(step), step, 1_000);
         }
         assert_eq!(shard.read(u128::MAX, 5_000), window(4_999));
     }
