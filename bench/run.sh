@@ -18,7 +18,10 @@
 # Each mix runs against the ceiling, meshlimit --store memory and meshlimit --store redis:
 #   max:  h2load -c 8 -m 16 (128 requests in flight), as fast as the server answers;
 #   half: the same connections, each held by --rps to half of that server's max, which
-#         is where the p99 target (<= 1 ms) applies.
+#         is where the p99 target (<= 1 ms) applies. h2load paces --rps in 10 ms ticks,
+#         sending each tick's requests together, so the latency at half load includes
+#         queueing behind bursts of ~1 % of a second's requests; the ceiling's half row,
+#         paced the same way, shows what that costs a server that does nothing.
 # Envoy: h2load (h2c, 4 connections, BENCH_ENVOY_RPS requests/s in all, default 2 000)
 # through bench/envoy/bootstrap.yaml with and without the ratelimit filter (which calls
 # the memory meshlimit); the difference is the latency the filter adds.
