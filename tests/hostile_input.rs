@@ -457,8 +457,13 @@ fn extending_a_wide_domain_loads_in_linear_time() {
         assert!(loaded.is_ok(), "{:?}", loaded.err().map(|e| e.to_string()));
         started.elapsed()
     };
-    let plain = time_load(false);
-    let extended = time_load(true);
+    // The fastest of three, alternating: a stall from other tests running beside this one
+    // lengthens one load, not all three.
+    let (mut plain, mut extended) = (Duration::MAX, Duration::MAX);
+    for _ in 0..3 {
+        plain = plain.min(time_load(false));
+        extended = extended.min(time_load(true));
+    }
     eprintln!("2 x 3 000 descriptors: {plain:?} as two domains, {extended:?} with extends");
     // The quadratic merge took about 5 times the plain load at this size.
     assert!(
