@@ -76,25 +76,12 @@ fn times(count: usize, plan: &str, user: &str) -> Vec<(String, String)> {
 fn tiers_bootstrap_passes_envoy_validation() {
     let dir = tempfile::tempdir().unwrap();
     let template = std::fs::read_to_string(fixture(TEMPLATE)).unwrap();
-    let rendered = envoy::render(
+    envoy::assert_template_valid(
+        dir.path(),
+        "ratelimit_tiers.yaml",
         &template,
-        &[
-            ("LISTENER_PORT", "10000".into()),
-            ("ADMIN_PORT", "9901".into()),
-            ("RLS_PORT", "8081".into()),
-            ("UPSTREAM_PORT", "8080".into()),
-            ("DOMAIN", "tiers".into()),
-        ],
-    );
-    let bootstrap = dir.path().join("ratelimit_tiers.yaml");
-    std::fs::write(&bootstrap, rendered).unwrap();
-    let output = envoy::validate(&bootstrap);
-    assert!(
-        output.status.success(),
-        "envoy --mode validate rejected {}:\n{}{}",
-        bootstrap.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        &[("DOMAIN", "tiers".into())],
+        TEMPLATE,
     );
 }
 

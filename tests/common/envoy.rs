@@ -52,6 +52,41 @@ pub fn validate(bootstrap: &Path) -> Output {
         .expect("run envoy --mode validate")
 }
 
+/// Renders `template` with placeholder ports (validation binds nothing) and `extra`
+/// substitutions into `dir/name`, and asserts `envoy --mode validate` accepts it,
+/// printing Envoy's complaint and `what` if not. Returns the rendered file.
+pub fn assert_template_valid(
+    dir: &Path,
+    name: &str,
+    template: &str,
+    extra: &[(&str, String)],
+    what: &str,
+) -> PathBuf {
+    let ports = ["LISTENER_PORT", "ADMIN_PORT", "RLS_PORT", "UPSTREAM_PORT"];
+    let mut substitutions: Vec<(&str, String)> = ports
+        .iter()
+        .map(|&port| (port, "10000".to_owned()))
+        .collect();
+    substitutions.extend(extra.iter().cloned());
+    let path = dir.join(name);
+    std::fs::write(&path, render(template, &substitutions)).expect("write the bootstrap");
+    assert_valid(&path, what);
+    path
+}
+
+/// Asserts `envoy --mode validate` accepts `bootstrap`, printing Envoy's complaint and
+/// `what` if not.
+pub fn assert_valid(bootstrap: &Path, what: &str) {
+    let output = validate(bootstrap);
+    assert!(
+        output.status.success(),
+        "envoy --mode validate rejected {} ({what}):\n{}{}",
+        bootstrap.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Each Envoy in this test process gets its own base id. Hot restart is disabled, so
 /// nothing should share memory anyway; a distinct id keeps that true if it is enabled.
 fn next_base_id() -> u32 {
