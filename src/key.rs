@@ -17,15 +17,7 @@ pub fn append_counter_key(out: &mut String, domain: &str, entries: &[Entry], lim
         push_escaped(out, &entry.value);
     }
     out.push('|');
-    // The windows of Envoy's units are spelled from a table; `write_duration` (division
-    // by every unit size) is for the rest.
-    match limit.window_millis {
-        1_000 => out.push_str("1s"),
-        60_000 => out.push_str("1m"),
-        3_600_000 => out.push_str("1h"),
-        86_400_000 => out.push_str("1d"),
-        other => write_duration(out, other),
-    }
+    write_duration(out, limit.window_millis);
     out.push('/');
     out.push_str(limit.algorithm.name());
 }
