@@ -38,11 +38,17 @@ fn push_escaped(out: &mut String, text: &str) {
     }
 }
 
-/// Whether `bytes` holds `|`, `=` or `%`, eight bytes at a time: a word XORed with a
-/// separator repeated has a zero byte exactly where the separator was, and
-/// `(v - 0x01…) & !v & 0x80…` is non-zero exactly when `v` has a zero byte. Keys are built
-/// on every request, and a byte-at-a-time scan was a sixth of a decision.
+/// Whether `bytes` holds `|`, `=` or `%`: the separators a key escapes.
 fn has_separator(bytes: &[u8]) -> bool {
+    contains_any(bytes, [b'|', b'=', b'%'])
+}
+
+/// Whether `bytes` holds any of `needles`, eight bytes at a time: a word XORed with a
+/// needle repeated has a zero byte exactly where the needle was, and
+/// `(v - 0x01…) & !v & 0x80…` is non-zero exactly when `v` has a zero byte. Keys are built
+/// (and, for Redis, escaped again) on every request, and a byte-at-a-time scan was a
+/// sixth of a decision.
+pub fn contains_any<const N: usize>(bytes: &[u8], needles: [u8; N]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     let has_zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
@@ -52,17 +58,13 @@ fn has_separator(bytes: &[u8]) -> bool {
             continue;
         };
         let v = u64::from_ne_bytes(word);
-        if has_zero_byte(v ^ (ONES * u64::from(b'|')))
-            | has_zero_byte(v ^ (ONES * u64::from(b'=')))
-            | has_zero_byte(v ^ (ONES * u64::from(b'%')))
-        {
+        if needles.iter().fold(false, |found, &n| {
+            found | has_zero_byte(v ^ (ONES * u64::from(n)))
+        }) {
             return true;
         }
     }
-    words
-        .remainder()
-        .iter()
-        .any(|&b| matches!(b, b'|' | b'=' | b'%'))
+    words.remainder().iter().any(|b| needles.contains(b))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::thread::LocalKey;
 use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
@@ -529,40 +530,75 @@ impl Drop for Plan {
 /// Buffers kept per thread between decisions, so a decision allocates none of them: the
 /// key text, the counted limits and the store's verdicts. Taken at the start and given
 /// back when dropped (a decision that moved to another thread gives them to that one).
+/// Each thread keeps a few of each: with the Redis store, every decision waiting on its
+/// round trip holds a set, and a single spare served only one of them (the others
+/// allocated theirs and grew them, five reallocations a request).
 struct Spare;
 
-/// Buffers that grew past this (a request with hundreds of descriptors) are freed rather
-/// than kept, so one odd request does not pin memory on every thread.
-const SPARE_MAX_BYTES: usize = 16 * 1024;
+/// Buffers that grew past this (a request with many descriptors) are freed rather than
+/// kept, so odd requests do not pin memory on every thread.
+const SPARE_MAX_BYTES: usize = 4 * 1024;
+/// Sets kept per thread: decisions in flight at once on one thread beyond this allocate
+/// their own. At most 3 × 64 × 4 KiB per thread, typically a few KiB.
+const SPARE_POOL: usize = 64;
+/// A new key buffer's room: the keys of a few descriptors, without growing.
+const KEY_TEXT_START: usize = 512;
 
 thread_local! {
-    static SPARE_KEYS: Cell<String> = const { Cell::new(String::new()) };
-    static SPARE_COUNTED: Cell<Vec<Counted>> = const { Cell::new(Vec::new()) };
-    static SPARE_VERDICTS: Cell<Vec<Verdict>> = const { Cell::new(Vec::new()) };
+    static SPARE_KEYS: Cell<Vec<String>> = const { Cell::new(Vec::new()) };
+    static SPARE_COUNTED: Cell<Vec<Vec<Counted>>> = const { Cell::new(Vec::new()) };
+    static SPARE_VERDICTS: Cell<Vec<Vec<Verdict>>> = const { Cell::new(Vec::new()) };
+}
+
+/// Takes a buffer from `pool`, or makes one with `new`.
+fn take_spare<T>(pool: &'static LocalKey<Cell<Vec<T>>>, new: impl FnOnce() -> T) -> T {
+    pool.try_with(|cell| {
+        let mut spares = cell.take();
+        let spare = spares.pop();
+        cell.set(spares);
+        spare
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_else(new)
+}
+
+/// Puts an emptied buffer of `bytes` capacity back into `pool`, if it is small and the
+/// pool not full.
+fn keep_spare<T>(pool: &'static LocalKey<Cell<Vec<T>>>, spare: T, bytes: usize) {
+    if bytes > SPARE_MAX_BYTES {
+        return;
+    }
+    // Whatever goes wrong (the thread is ending), the buffer is simply freed.
+    let _ = pool.try_with(|cell| {
+        let mut spares = cell.take();
+        if spares.len() < SPARE_POOL {
+            spares.push(spare);
+        }
+        cell.set(spares);
+    });
 }
 
 impl Spare {
     fn keys() -> String {
-        SPARE_KEYS.take()
+        take_spare(&SPARE_KEYS, || String::with_capacity(KEY_TEXT_START))
     }
 
     fn counted() -> Vec<Counted> {
-        SPARE_COUNTED.take()
+        take_spare(&SPARE_COUNTED, || Vec::with_capacity(8))
     }
 
     fn verdicts() -> Verdicts {
-        Verdicts(SPARE_VERDICTS.take())
+        Verdicts(take_spare(&SPARE_VERDICTS, || Vec::with_capacity(8)))
     }
 
     fn give_back(mut keys: String, mut counted: Vec<Counted>) {
-        if keys.capacity() <= SPARE_MAX_BYTES {
-            keys.clear();
-            SPARE_KEYS.set(keys);
-        }
-        if counted.capacity() * size_of::<Counted>() <= SPARE_MAX_BYTES {
-            counted.clear();
-            SPARE_COUNTED.set(counted);
-        }
+        keys.clear();
+        let bytes = keys.capacity();
+        keep_spare(&SPARE_KEYS, keys, bytes);
+        counted.clear();
+        let bytes = counted.capacity() * size_of::<Counted>();
+        keep_spare(&SPARE_COUNTED, counted, bytes);
     }
 }
 
@@ -585,10 +621,9 @@ impl std::ops::DerefMut for Verdicts {
 impl Drop for Verdicts {
     fn drop(&mut self) {
         let mut verdicts = std::mem::take(&mut self.0);
-        if verdicts.capacity() * size_of::<Verdict>() <= SPARE_MAX_BYTES {
-            verdicts.clear();
-            SPARE_VERDICTS.set(verdicts);
-        }
+        verdicts.clear();
+        let bytes = verdicts.capacity() * size_of::<Verdict>();
+        keep_spare(&SPARE_VERDICTS, verdicts, bytes);
     }
 }
 

@@ -213,15 +213,18 @@ fn start_with_target(args: &[&str], env: &[(&str, &str)]) -> Meshlimit {
 
 /// Whether `redis` holds the counter of `user` (the fixed window's key, `e2e:{shared|user=…}`).
 fn counted_in(redis: &RedisServer, user: &str) -> bool {
-    let pattern = format!("e2e:{{shared|user={user}}}*");
-    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg(&pattern));
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg(counter_pattern(user)));
     !keys.is_empty()
+}
+
+/// The KEYS pattern of `user`'s counters.
+fn counter_pattern(user: &str) -> String {
+    format!("e2e:{{shared|user={user}}}*")
 }
 
 /// The stored counter of `user`, when there is one.
 fn counter_value(redis: &RedisServer, user: &str) -> Option<String> {
-    let pattern = format!("e2e:{{shared|user={user}}}*");
-    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg(&pattern));
+    let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg(counter_pattern(user)));
     redis.query(redis::cmd("GET").arg(keys.first()?))
 }
 
@@ -334,7 +337,13 @@ impl SentinelSetup {
                     "a request took {took:?} during the failover\n{}",
                     self.logs()
                 );
-                if counted_in(&self.replica, &user) {
+                // Sentinel drops client connections while it reconfigures the servers: a
+                // failed look is "not yet", and the next probe looks again.
+                let keys: Vec<String> = self
+                    .replica
+                    .try_query(redis::cmd("KEYS").arg(counter_pattern(&user)))
+                    .unwrap_or_default();
+                if !keys.is_empty() {
                     followed[at] = Some(since.elapsed());
                 }
             }

@@ -209,6 +209,15 @@ impl RedisServer {
             .unwrap_or_else(|err| panic!("connect to redis at {}: {err}", self.addr))
     }
 
+    /// Runs one command and returns its reply, or the error: for servers being reconfigured
+    /// (Sentinel kills client connections during a failover).
+    pub fn try_query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut connection = self
+            .client()?
+            .get_connection_with_timeout(Duration::from_secs(5))?;
+        cmd.query(&mut connection)
+    }
+
     /// Runs one command and returns its reply.
     pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
         cmd.query(&mut self.connection())

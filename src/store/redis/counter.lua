@@ -18,7 +18,10 @@
 --   then per check: algorithm (s|f|t|l|k), requests_per_unit, window_millis, burst, hits,
 --   count_rejected (0|1), ttl_millis.
 -- Returns three integers per check, in order: over_limit (0, 1, or 2 when the penalty box
--- answered for a blocked key), remaining, reset_after_millis.
+-- answered for a blocked key), remaining, reset_after_millis; as one string of decimals
+-- separated by spaces, which the store reads with a split where an array of integers
+-- cost it a parsed value each. (Every value is a whole number below 10^14, which Lua
+-- writes as plain digits.)
 
 local floor = math.floor
 local now = tonumber(ARGV[1])
@@ -387,4 +390,4 @@ for _ = 1, group_count do
   end
 end
 
-return out
+return table.concat(out, ' ')

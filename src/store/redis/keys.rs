@@ -27,7 +27,9 @@ pub fn push_penalty_key(out: &mut String, prefix: &str, first_counter_key: &str)
 }
 
 fn push_escaped(out: &mut String, text: &str) {
-    if !text.contains(['{', '}']) {
+    // A `contains` with a pattern of chars decodes UTF-8 as it goes: several times the
+    // cost of the rest of the key's encoding.
+    if !crate::key::contains_any(text.as_bytes(), [b'{', b'}']) {
         out.push_str(text);
         return;
     }

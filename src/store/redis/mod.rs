@@ -333,10 +333,16 @@ impl Inner {
         }
         let mut blocked = vec![false; checks.len()];
         let batches = self.plan(checks, ranges);
-        let calls = batches
-            .iter()
-            .map(|batch| self.call(batch, checks, now_millis));
-        let replies = futures_util::future::join_all(calls).await;
+        // One batch (a standalone server, Sentinel's master, or keys on one cluster node)
+        // is awaited directly: join_all's bookkeeping is a cost for nothing there.
+        let replies = if let [batch] = batches.as_slice() {
+            vec![self.call(batch, checks, now_millis).await]
+        } else {
+            let calls = batches
+                .iter()
+                .map(|batch| self.call(batch, checks, now_millis));
+            futures_util::future::join_all(calls).await
+        };
         for (batch, reply) in batches.iter().zip(replies) {
             let decoded = reply.and_then(|values| {
                 if values.len() != batch.calls.len() {

@@ -115,8 +115,15 @@ impl OverCache {
         now_millis: u64,
     ) {
         let id = identity(group);
+        // Most answers are not over the limit and nothing is cached for them: a lookup is
+        // far cheaper than an invalidation (which moka queues as a write).
+        let forget = || {
+            if self.entries.contains_key(&id) {
+                self.entries.invalidate(&id);
+            }
+        };
         if group.is_empty() || group.len() != verdicts.len() || group.len() != blocked.len() {
-            self.entries.invalidate(&id);
+            forget();
             return;
         }
         let all_over = verdicts
@@ -130,7 +137,7 @@ impl OverCache {
             group.iter().all(fits_some_day)
         };
         if !(all_over && counted && safe) {
-            self.entries.invalidate(&id);
+            forget();
             return;
         }
         let resets: Box<[u64]> = verdicts
@@ -165,35 +172,36 @@ fn fits_some_day(check: &Check<'_>) -> bool {
 }
 
 /// A group's keys and rules (a reload that changes a limit makes a new entry); not its
-/// hits, so a request of another size replaces or removes the entry.
+/// hits, so a request of another size replaces or removes the entry. One-shot hashes of
+/// each key, seeded with its rule: a streaming hasher over the same bytes cost several
+/// times as much, twice per descriptor per request.
 fn identity(group: &[Check<'_>]) -> u128 {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    for check in group {
+    group.iter().fold(0, |identity: u128, check| {
         let limit = &check.limit;
-        hasher.update(check.key.as_bytes());
-        hasher.update(&[
-            0,
-            check.limit.algorithm as u8,
-            u8::from(check.count_rejected),
-        ]);
-        for n in [
-            u64::from(limit.requests_per_unit),
+        let penalty = check.penalty.map_or([0; 3], |p| {
+            [
+                u64::from(p.after_rejections),
+                p.within_millis,
+                p.block_millis,
+            ]
+        });
+        let rule = [
+            u64::from(limit.requests_per_unit)
+                | (limit.algorithm as u64) << 32
+                | u64::from(check.count_rejected) << 40
+                | u64::from(check.penalty.is_some()) << 41,
             limit.window_millis(),
             u64::from(limit.burst()),
-        ] {
-            hasher.update(&n.to_le_bytes());
-        }
-        if let Some(penalty) = check.penalty {
-            for n in [
-                u64::from(penalty.after_rejections),
-                penalty.within_millis,
-                penalty.block_millis,
-            ] {
-                hasher.update(&n.to_le_bytes());
-            }
-        }
-    }
-    hasher.digest128()
+            penalty[0],
+            penalty[1],
+            penalty[2],
+        ];
+        let seed = rule.iter().fold(0u64, |seed, word| {
+            (seed.rotate_left(23) ^ word).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        });
+        // Rotated before each check so the order of a group's checks matters.
+        identity.rotate_left(29) ^ xxhash_rust::xxh3::xxh3_128_with_seed(check.key.as_bytes(), seed)
+    })
 }
 
 #[cfg(test)]
