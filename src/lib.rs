@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod algorithm;
 pub mod clock;
+pub mod codec;
 pub mod config;
 pub mod explain;
 pub mod key;

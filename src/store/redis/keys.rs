@@ -9,7 +9,7 @@
 /// Appends the Redis key of `counter_key` to `out`.
 pub fn push_redis_key(out: &mut String, prefix: &str, counter_key: &str) {
     out.push_str(prefix);
-    let (tag, rest) = match counter_key.rfind('|') {
+    let (tag, rest) = match counter_key.bytes().rposition(|b| b == b'|') {
         Some(split) => counter_key.split_at(split),
         None => (counter_key, ""),
     };
