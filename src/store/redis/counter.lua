@@ -55,9 +55,8 @@ local function div_ceil(a, b)
   return floor((a + b - 1) / b)
 end
 
-local function int(n)
-  return string.format('%d', n)
-end
+-- States are written with one string.format each: a format per number, joined with `..`,
+-- was the costliest part of a check.
 
 -- State encodings: "w <window> <current> <previous>", "b <tat_micros>",
 -- "l <at>:<hits> <at>:<hits> …" (sliding log, oldest first), "k <level> <updated_millis>"
@@ -113,17 +112,17 @@ local kinds = { s = 'w', f = 'w', t = 'b', l = 'l', k = 'k' }
 
 local function encode(state)
   if state.kind == 'w' then
-    return 'w ' .. int(state.window) .. ' ' .. int(state.current) .. ' ' .. int(state.previous)
+    return string.format('w %d %d %d', state.window, state.current, state.previous)
   elseif state.kind == 'l' then
     local parts = { 'l' }
     for i = state.head, #state.at do
-      parts[#parts + 1] = int(state.at[i]) .. ':' .. int(state.hits[i])
+      parts[#parts + 1] = string.format('%d:%d', state.at[i], state.hits[i])
     end
     return table.concat(parts, ' ')
   elseif state.kind == 'k' then
-    return 'k ' .. int(state.level) .. ' ' .. int(state.updated)
+    return string.format('k %d %d', state.level, state.updated)
   end
-  return 'b ' .. int(state.tat)
+  return string.format('b %d', state.tat)
 end
 
 -- WindowState::roll_to
@@ -308,17 +307,20 @@ for _ = 1, group_count do
     local any_over = false
     local any_hits = false
     for _ = 1, check_count do
+      -- Read in place rather than through next_arg: seven calls a check were a tenth of
+      -- the script's time.
       local k = next_key()
-      local algorithm = next_arg()
-      local limit = next_number()
-      local window = next_number()
-      local burst = next_number()
-      local hits = next_number()
-      count_rejected = next_arg() == '1'
+      local algorithm = ARGV[arg]
+      local limit = tonumber(ARGV[arg + 1])
+      local window = tonumber(ARGV[arg + 2])
+      local burst = tonumber(ARGV[arg + 3])
+      local hits = tonumber(ARGV[arg + 4])
+      count_rejected = ARGV[arg + 5] == '1'
+      local ttl = ARGV[arg + 6]
+      arg = arg + 7
       if hits > 0 then
         any_hits = true
       end
-      local ttl = next_arg()
       local read = readers[algorithm]
       if not read then
         return redis.error_reply('meshlimit counter script: unknown algorithm ' .. algorithm)
@@ -384,8 +386,8 @@ for _ = 1, group_count do
         end
       end
       redis.call('SET', penalty_key,
-        'p ' .. int(penalty_state.window) .. ' ' .. int(penalty_state.rejections) .. ' ' ..
-        int(penalty_state.blocked_until), 'PX', penalty_ttl)
+        string.format('p %d %d %d', penalty_state.window, penalty_state.rejections,
+          penalty_state.blocked_until), 'PX', penalty_ttl)
     end
   end
 end
