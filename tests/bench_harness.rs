@@ -32,9 +32,10 @@ fn on_path(name: &str) -> bool {
 }
 
 /// A base port with the PORTS after it free on loopback (a later bind may still lose a
-/// race; the script then says which port is taken).
-fn free_port_base() -> u16 {
-    let start = 20_000 + (std::process::id() % 2_000) as u16 * 10;
+/// race; the script then says which port is taken). Each test passes its own `lane`, so
+/// two tests of this process do not start their search at the same port.
+fn free_port_base(lane: u16) -> u16 {
+    let start = 20_000 + ((std::process::id() % 1_000) as u16 * 10 + lane * 10_000) % 20_000;
     (0..200)
         .map(|i| 20_000 + (start - 20_000 + i * 97) % 20_000)
         .find(|&base| {
@@ -43,22 +44,11 @@ fn free_port_base() -> u16 {
         .expect("no run of free loopback ports between 20000 and 40000")
 }
 
-#[test]
-fn every_step_of_the_load_harness_runs_without_failures() {
-    if !on_path("h2load") {
-        eprintln!(
-            "skipped: h2load is missing (apt-get install nghttp2-client; scripts/test.sh \
-             installs it when run as root)"
-        );
-        return;
-    }
+/// target/debug: the meshlimit binary, and beside it the examples, which `cargo test
+/// --all-targets` builds only as test harnesses; this builds them as programs (cargo is no
+/// longer holding the build directory while tests run).
+fn debug_binaries() -> &'static Path {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // target/debug: the meshlimit binary, and beside it the examples, which `cargo test
-    // --all-targets` builds only as test harnesses; this builds them as programs (cargo
-    // is no longer holding the build directory while tests run).
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_meshlimit"))
-        .parent()
-        .expect("the binary's directory");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let build = Command::new(cargo)
         .current_dir(root)
@@ -77,6 +67,22 @@ fn every_step_of_the_load_harness_runs_without_failures() {
         "cargo build --example ok_server --example make_request:\n{}",
         String::from_utf8_lossy(&build.stderr)
     );
+    Path::new(env!("CARGO_BIN_EXE_meshlimit"))
+        .parent()
+        .expect("the binary's directory")
+}
+
+#[test]
+fn every_step_of_the_load_harness_runs_without_failures() {
+    if !on_path("h2load") {
+        eprintln!(
+            "skipped: h2load is missing (apt-get install nghttp2-client; scripts/test.sh \
+             installs it when run as root)"
+        );
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin_dir = debug_binaries();
     let results = tempfile::tempdir().expect("a temp dir for the results");
     let output = Command::new("timeout")
         .args(["--kill-after=10", LIMIT_SECONDS, "bash"])
@@ -86,7 +92,7 @@ fn every_step_of_the_load_harness_runs_without_failures() {
         .env("BENCH_ENVOY_RPS", "400")
         .env("BENCH_BIN_DIR", bin_dir)
         .env("BENCH_RESULTS", results.path())
-        .env("BENCH_PORT_BASE", free_port_base().to_string())
+        .env("BENCH_PORT_BASE", free_port_base(0).to_string())
         .output()
         .expect("run bench/run.sh");
     let log = format!(
@@ -148,4 +154,56 @@ fn every_step_of_the_load_harness_runs_without_failures() {
         report.contains("Envoy: the ratelimit filter adds"),
         "{report}"
     );
+}
+
+/// `bench/instructions.sh` at CI size: 100 counted requests per row with the debug
+/// binaries. Checks every server has a count for every request size; the counts of a
+/// debug build say nothing about the release numbers in BENCHMARKS.md.
+#[test]
+fn the_instruction_count_has_a_row_for_every_server() {
+    for tool in ["h2load", "valgrind", "callgrind_control"] {
+        if !on_path(tool) {
+            eprintln!(
+                "skipped: {tool} is missing (apt-get install nghttp2-client valgrind; \
+                 scripts/test.sh installs them when run as root)"
+            );
+            return;
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin_dir = debug_binaries();
+    let results = tempfile::tempdir().expect("a temp dir for the results");
+    let output = Command::new("timeout")
+        .args(["--kill-after=10", "600", "bash"])
+        .arg(root.join("bench/instructions.sh"))
+        .env("BENCH_REQUESTS", "100")
+        .env("BENCH_WARMUP_REQUESTS", "20")
+        .env("BENCH_BIN_DIR", bin_dir)
+        .env("BENCH_RESULTS", results.path())
+        .env("BENCH_PORT_BASE", free_port_base(1).to_string())
+        .output()
+        .expect("run bench/instructions.sh");
+    let log = format!(
+        "bench/instructions.sh exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{log}");
+    let report = std::fs::read_to_string(results.path().join("instructions.txt"))
+        .unwrap_or_else(|err| panic!("read instructions.txt: {err}\n{log}"));
+    for server in SERVERS {
+        let row = report
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(server))
+            .unwrap_or_else(|| panic!("no {server} row\n{report}"));
+        let counts: Vec<u64> = row
+            .split_whitespace()
+            .skip(1)
+            .map(|field| field.parse().unwrap_or(0))
+            .collect();
+        assert_eq!(counts.len(), 3, "{row}\n{report}");
+        assert!(counts.iter().all(|&n| n > 0), "{row}\n{report}");
+    }
+    assert!(report.contains("d8: memory = "), "{report}");
 }
