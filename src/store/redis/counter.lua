@@ -18,9 +18,10 @@
 --   then per check: algorithm (s|f|t|l|k), requests_per_unit, window_millis, burst, hits,
 --   count_rejected (0|1), ttl_millis.
 -- Returns three integers per check, in order: over_limit (0, 1, or 2 when the penalty box
--- answered for a blocked key), remaining, reset_after_millis. (An array of numbers, which
--- Redis turns into integers by a cast; joined into one string they cost Redis a printf
--- each, a tenth of an 8-descriptor call.)
+-- answered for a blocked key), remaining, reset_after_millis; packed into one string as
+-- unsigned 64-bit big-endian integers (struct.pack, a cast per number). An array of
+-- integers cost meshlimit's Redis client a parsed value each (a tenth of its work with 8
+-- descriptors), and numbers joined as text cost Redis a printf each.
 --
 -- What a call costs Redis is mostly turning strings into numbers (strtod, per tonumber)
 -- and each SET: only the numbers a check uses are converted.
@@ -395,4 +396,9 @@ for _ = 1, group_count do
   end
 end
 
-return out
+local packed = {}
+for first = 1, #out, 48 do
+  local last = math.min(first + 47, #out)
+  packed[#packed + 1] = struct.pack('>' .. string.rep('I8', last - first + 1), unpack(out, first, last))
+end
+return table.concat(packed)

@@ -97,25 +97,32 @@ fn has_penalty(group: &[Check<'_>]) -> bool {
     group.first().is_some_and(|c| c.penalty.is_some())
 }
 
-/// Writes the verdicts of one script reply (three integers per check) into `out`, at the
-/// positions of `groups`, and into `blocked` whether the penalty box answered (the
-/// script's over code 2).
+/// Writes the verdicts of one script reply (three unsigned 64-bit big-endian integers per
+/// check, in one string) into `out`, at the positions of `groups`, and into `blocked`
+/// whether the penalty box answered (the script's over code 2).
 pub fn decode(
     value: &Value,
     groups: &[Range<usize>],
     out: &mut [Verdict],
     blocked: &mut [bool],
 ) -> Result<(), String> {
-    let Value::Array(items) = value else {
+    let Value::BulkString(bytes) = value else {
         return Err(format!(
-            "the counter script answered {value:?}, not an array of numbers"
+            "the counter script answered {value:?}, not a string of packed numbers"
         ));
     };
-    let mut numbers = items.iter().map(number);
+    let words = bytes.chunks_exact(8);
+    if !words.remainder().is_empty() {
+        return Err(format!(
+            "the counter script answered {} bytes, not whole 8-byte numbers",
+            bytes.len()
+        ));
+    }
+    let mut numbers = words.map(|word| <[u8; 8]>::try_from(word).map_or(0, u64::from_be_bytes));
     let mut next = || {
         numbers
             .next()
-            .unwrap_or_else(|| Err("the counter script answered too few numbers".into()))
+            .ok_or_else(|| "the counter script answered too few numbers".to_string())
     };
     for index in groups.iter().flat_map(|r| r.clone()) {
         let (over, remaining, reset) = (next()?, next()?, next()?);
@@ -139,22 +146,12 @@ pub fn decode(
     Ok(())
 }
 
-fn number(value: &Value) -> Result<u64, String> {
-    match value {
-        Value::Int(n) => u64::try_from(*n)
-            .map_err(|_| format!("the counter script answered {n}, not a whole number")),
-        other => Err(format!(
-            "the counter script answered {other:?}, not a whole number"
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ints(numbers: &[i64]) -> Value {
-        Value::Array(numbers.iter().map(|&n| Value::Int(n)).collect())
+    fn packed(numbers: &[u64]) -> Value {
+        Value::BulkString(numbers.iter().flat_map(|n| n.to_be_bytes()).collect())
     }
 
     fn verdict(over_limit: bool, remaining: u64, reset_after_millis: u64) -> Verdict {
@@ -167,7 +164,7 @@ mod tests {
 
     #[test]
     fn reads_three_numbers_per_check_into_the_groups_positions() {
-        let reply = ints(&[0, 4, 60_000, 2, 0, 1_500, 1, 0, 250]);
+        let reply = packed(&[0, 4, 60_000, 2, 0, 1_500, 1, 0, 250]);
         let mut out = [verdict(false, 9, 9); 4];
         let mut blocked = [false; 4];
         decode(&reply, &[0..1, 2..4], &mut out, &mut blocked).unwrap();
@@ -188,14 +185,10 @@ mod tests {
         let mut out = [verdict(false, 0, 0); 2];
         let mut blocked = [false; 2];
         for (reply, expected) in [
-            (ints(&[0, 4]), "too few"),
-            (ints(&[0, 4, 1, 0, 4, 1, 7]), "more numbers"),
-            (ints(&[0, -4, 1, 0, 4, 1]), "-4, not a whole"),
-            (
-                Value::Array(vec![Value::Int(0), Value::BulkString(b"4".to_vec())]),
-                "not a whole number",
-            ),
-            (Value::Int(3), "not an array"),
+            (packed(&[0, 4]), "too few"),
+            (packed(&[0, 4, 1, 0, 4, 1, 7]), "more numbers"),
+            (Value::BulkString(vec![0; 20]), "20 bytes"),
+            (Value::Array(vec![Value::Int(0)]), "not a string"),
         ] {
             let error = decode(
                 &reply,
