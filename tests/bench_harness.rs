@@ -72,6 +72,37 @@ fn debug_binaries() -> &'static Path {
         .expect("the binary's directory")
 }
 
+/// Runs `script` under `timeout limit_seconds` with the debug binaries, results in a
+/// temp dir, ports from `lane`'s search and `settings`; returns the results dir and the
+/// script's output, after asserting it succeeded.
+fn run_script(
+    script: &str,
+    limit_seconds: &str,
+    lane: u16,
+    settings: &[(&str, &str)],
+) -> (tempfile::TempDir, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin_dir = debug_binaries();
+    let results = tempfile::tempdir().expect("a temp dir for the results");
+    let output = Command::new("timeout")
+        .args(["--kill-after=10", limit_seconds, "bash"])
+        .arg(root.join(script))
+        .envs(settings.iter().copied())
+        .env("BENCH_BIN_DIR", bin_dir)
+        .env("BENCH_RESULTS", results.path())
+        .env("BENCH_PORT_BASE", free_port_base(lane).to_string())
+        .output()
+        .unwrap_or_else(|err| panic!("run {script}: {err}"));
+    let log = format!(
+        "{script} exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{log}");
+    (results, log)
+}
+
 #[test]
 fn every_step_of_the_load_harness_runs_without_failures() {
     if !on_path("h2load") {
@@ -81,27 +112,16 @@ fn every_step_of_the_load_harness_runs_without_failures() {
         );
         return;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bin_dir = debug_binaries();
-    let results = tempfile::tempdir().expect("a temp dir for the results");
-    let output = Command::new("timeout")
-        .args(["--kill-after=10", LIMIT_SECONDS, "bash"])
-        .arg(root.join("bench/run.sh"))
-        .env("BENCH_SECONDS", "1")
-        .env("BENCH_WARMUP", "0")
-        .env("BENCH_ENVOY_RPS", "400")
-        .env("BENCH_BIN_DIR", bin_dir)
-        .env("BENCH_RESULTS", results.path())
-        .env("BENCH_PORT_BASE", free_port_base(0).to_string())
-        .output()
-        .expect("run bench/run.sh");
-    let log = format!(
-        "bench/run.sh exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let (results, log) = run_script(
+        "bench/run.sh",
+        LIMIT_SECONDS,
+        0,
+        &[
+            ("BENCH_SECONDS", "1"),
+            ("BENCH_WARMUP", "0"),
+            ("BENCH_ENVOY_RPS", "400"),
+        ],
     );
-    assert!(output.status.success(), "{log}");
 
     let tsv = std::fs::read_to_string(results.path().join("run.tsv"))
         .unwrap_or_else(|err| panic!("read run.tsv: {err}\n{log}"));
@@ -170,26 +190,12 @@ fn the_instruction_count_has_a_row_for_every_server() {
             return;
         }
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bin_dir = debug_binaries();
-    let results = tempfile::tempdir().expect("a temp dir for the results");
-    let output = Command::new("timeout")
-        .args(["--kill-after=10", "600", "bash"])
-        .arg(root.join("bench/instructions.sh"))
-        .env("BENCH_REQUESTS", "100")
-        .env("BENCH_WARMUP_REQUESTS", "20")
-        .env("BENCH_BIN_DIR", bin_dir)
-        .env("BENCH_RESULTS", results.path())
-        .env("BENCH_PORT_BASE", free_port_base(1).to_string())
-        .output()
-        .expect("run bench/instructions.sh");
-    let log = format!(
-        "bench/instructions.sh exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let (results, log) = run_script(
+        "bench/instructions.sh",
+        "600",
+        1,
+        &[("BENCH_REQUESTS", "100"), ("BENCH_WARMUP_REQUESTS", "20")],
     );
-    assert!(output.status.success(), "{log}");
     let report = std::fs::read_to_string(results.path().join("instructions.txt"))
         .unwrap_or_else(|err| panic!("read instructions.txt: {err}\n{log}"));
     for server in SERVERS {
