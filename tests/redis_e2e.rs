@@ -28,6 +28,11 @@ const REDIS_TIMEOUT: &str = "50ms";
 const ANSWER_BOUND: Duration = Duration::from_millis(1_000);
 
 fn start(redis: &RedisServer, extra: &[&str]) -> Meshlimit {
+    start_config("config_redis", redis, extra)
+}
+
+/// meshlimit counting `fixture`'s limits in `redis`, named `e2e:` keys.
+fn start_config(fixture_name: &str, redis: &RedisServer, extra: &[&str]) -> Meshlimit {
     let url = redis.url();
     let mut args = vec![
         "--store",
@@ -38,7 +43,7 @@ fn start(redis: &RedisServer, extra: &[&str]) -> Meshlimit {
         "e2e:",
     ];
     args.extend_from_slice(extra);
-    Meshlimit::start_with(fixture("config_redis"), &args)
+    Meshlimit::start_with(fixture(fixture_name), &args)
 }
 
 fn request(user: &str) -> RateLimitRequest {
@@ -696,23 +701,8 @@ async fn hybrid_replicas_overshoot_at_most_the_documented_bound() {
     const FLUSH_MS: u64 = 20;
     common::avoid_window_edge(60, 8);
     let redis = RedisServer::start();
-    let url = redis.url();
     let flush = format!("{FLUSH_MS}ms");
-    let start = || {
-        Meshlimit::start_with(
-            fixture("config_hybrid"),
-            &[
-                "--store",
-                "redis",
-                "--redis-url",
-                &url,
-                "--redis-prefix",
-                "e2e:",
-                "--redis-hybrid-flush",
-                &flush,
-            ],
-        )
-    };
+    let start = || start_config("config_hybrid", &redis, &["--redis-hybrid-flush", &flush]);
     let replicas = [start(), start()];
     let started = Instant::now();
     let mut runs = Vec::new();
