@@ -17,11 +17,13 @@
 #   d4-one: 4 descriptors, always the same client: bench/load.sh's request.
 # Each mix runs against the ceiling, meshlimit --store memory and meshlimit --store redis:
 #   max:  h2load -c 8 -m 16 (128 requests in flight), as fast as the server answers;
-#   half: the same connections, each held by --rps to half of that server's max, which
-#         is where the p99 target (<= 1 ms) applies. h2load paces --rps in 10 ms ticks,
-#         sending each tick's requests together, so the latency at half load includes
-#         queueing behind bursts of ~1 % of a second's requests; the ceiling's half row,
-#         paced the same way, shows what that costs a server that does nothing.
+#   half: half of that server's max, sent open loop by `make_request pace` (CPU 0): one
+#         request every 1/rate s over 8 HTTP/2 connections, each request's latency counted
+#         from when it was due, with the mix's clients (one request per slot). This is
+#         where the p99 target (<= 1 ms) applies. (h2load's --rps sends each 10 ms tick's
+#         requests together, so every request queued behind a burst.) Before the runs,
+#         `make_request hiccups` spins on CPU 1 while the servers idle and counts the
+#         machine's own stalls: a pause of d ms delays ~2 d ms of requests at half load.
 # Envoy: h2load (h2c, 4 connections, BENCH_ENVOY_RPS requests/s in all, default 2 000)
 # through bench/envoy/bootstrap.yaml with and without the ratelimit filter (which calls
 # the memory meshlimit); the difference is the latency the filter adds.
@@ -169,6 +171,42 @@ grpc_step() {
   record "$mix" "$store" "$load" "$out" "$log"
 }
 
+# pace_field OUT KEY: KEY's value in make_request pace's key=value summary.
+pace_field() { sed -n "s/.*\b$2=\([^ ]*\).*/\1/p" "$1"; }
+
+# pace_step MIX STORE PORT RATE: `make_request pace` at RATE requests/s with the mix's
+# clients, recorded as the mix's half row.
+pace_step() {
+  local mix=$1 store=$2 port=$3 rate=$4 out="$work/$mix.$store.half.pace" clients
+  if [ "${mix_rotates[$mix]}" = yes ]; then
+    clients=(--hot 2 --cold 2000 --cold-every 5)
+  else
+    clients=(--one-client)
+  fi
+  cpu_begin "${server_pid[$store]}"
+  if ! timeout "$((warmup + seconds + slack))" taskset -c 0 "$bin/examples/make_request" pace \
+    --addr "127.0.0.1:$port" --rate "$rate" --seconds "$seconds" --warmup "$warmup" \
+    --connections "$connections" --descriptors "${mix_descriptors[$mix]}" "${clients[@]}" \
+    >"$out" 2>&1; then
+    fail "$mix/$store/half: $(tail -1 "$out")"
+    printf '%s\t%s\thalf\t0\t0\t0\t0\t0\t0\t1\n' "$mix" "$store" >>"$rows"
+    return 0
+  fi
+  local cpu requests p50 p99 p999 late
+  cpu=$(cpu_per_request "$rate")
+  requests=$(pace_field "$out" requests) p50=$(pace_field "$out" p50_ms)
+  p99=$(pace_field "$out" p99_ms) p999=$(pace_field "$out" p999_ms)
+  late=$(pace_field "$out" sent_late)
+  printf '%s\t%s\thalf\t%s\t%s\t%s\t%s\t%s\t%s\t0\n' "$mix" "$store" "$rate" "$p50" "$p99" \
+    "$p999" "$cpu" "$requests" >>"$rows"
+  printf '  %-7s %-8s %-5s %10s req/s  p50 %7s  p99 %7s  p99.9 %7s ms  CPU %6s us/req  (sender late: %s)\n' \
+    "$mix" "$store" half "$rate" "$p50" "$p99" "$p999" "$cpu" "$late"
+  {
+    echo "--- $mix, $store, half (make_request pace) ---"
+    cat "$out"
+  } >>"$work/details.txt"
+}
+
 # check_answer NAME PORT MIX [--expect-limits]: a real gRPC client posts the mix's body
 # (a hot client's) and checks the answer: the run measured right answers, not just 200s.
 check_answer() {
@@ -188,7 +226,7 @@ mixes=(d1-mix d4-mix d8-mix d4-one)
 
 note "meshlimit load harness: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(commit)"
 note "$(machine) at the start; servers on CPU 1, h2load, the rotator and $("$redis_server" --version | cut -d' ' -f1-3) on CPU 0"
-note "gRPC: h2load -c $connections -m $streams -t 1 -D $seconds --warm-up-time=$warmup; half = --rps at half each server's max"
+note "gRPC: max = h2load -c $connections -m $streams -t 1 -D $seconds --warm-up-time=$warmup; half = make_request pace, open loop at half each server's max"
 note "Envoy: $("$envoy" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*/[A-Za-z]*' | head -1), h2load h2c -c $envoy_connections -m $envoy_streams at $envoy_rps req/s in all"
 
 echo "==> starting ok_server :$ok_port, meshlimit (memory) :$memory_port, redis-server :$redis_port, meshlimit (redis) :$redis_grpc"
@@ -209,6 +247,9 @@ wait_grpc_ready redis "$started" "$work/redis.log" "$redis_grpc" "$work/ready.bi
 # meshlimit's CPU only: Redis's is on CPU 0, with the load generator.
 server_pid[redis]=$started
 
+hiccup_seconds=$((seconds < 5 ? seconds : 5))
+note "CPU 1's own stalls, spinning ${hiccup_seconds} s while the servers idle: $(taskset -c 1 "$bin/examples/make_request" hiccups --seconds "$hiccup_seconds")"
+
 declare -A port=([ceiling]=$ok_port [memory]=$memory_port [redis]=$redis_grpc)
 for mix in "${mixes[@]}"; do
   echo "==> $mix: max, then half of max, for each server (${seconds} s each)"
@@ -218,12 +259,12 @@ for mix in "${mixes[@]}"; do
   [ "${mix_rotates[$mix]}" = no ] || note "  $mix rotation (last run): $slots"
   for store in ceiling memory redis; do
     max=$(awk -F'\t' -v m="$mix" -v s="$store" '$1 == m && $2 == s && $3 == "max" { print $4 }' "$rows")
-    per_client=$(awk -v r="${max:-0}" -v c="$connections" 'BEGIN { printf "%.1f", r / 2 / c }')
-    if [ "$per_client" = 0.0 ]; then
+    rate=$(awk -v r="${max:-0}" 'BEGIN { printf "%d", r / 2 }')
+    if [ "$rate" = 0 ]; then
       fail "$mix/$store: no max throughput to halve"
       continue
     fi
-    grpc_step "$mix" "$store" "${port[$store]}" half --rps="$per_client"
+    pace_step "$mix" "$store" "${port[$store]}" "$rate"
   done
   check_answer ok_server "$ok_port" "$mix"
   check_answer memory "$memory_port" "$mix" --expect-limits

@@ -6,6 +6,8 @@
 //!     cargo run --release --example make_request -- rotate --seconds 11 request.bin
 //!     cargo run --release --example make_request -- check --addr 127.0.0.1:18081 \
 //!         --body request.bin --expect-limits
+//!     cargo run --release --example make_request -- pace --addr 127.0.0.1:18081 \
+//!         --rate 10000 --seconds 10
 //!
 //! `write` stores one gRPC message as it travels in an HTTP/2 DATA frame: a 5-byte prefix
 //! (compressed flag 0, big-endian length) and the protobuf `RateLimitRequest`, which is the
@@ -19,18 +21,27 @@
 //! a fixed pattern: most slots go to a few hot clients in turn, every `--cold-every`th to
 //! the next of many cold clients. All the bodies have the same length and layout, so a
 //! read that overlaps a rewrite still posts a valid request, only of a mixed client.
+//!
+//! `pace` measures latency at a given load, which h2load cannot do well: its `--rps` sends
+//! each 10 ms tick's requests together, so at half of a server's maximum every request
+//! queues behind a burst. `pace` is an open-loop client: request i is due at start +
+//! i / rate, whatever happened to the ones before it, and its latency is counted from
+//! when it was due, not from when it was sent, so a late sender shows up as latency
+//! rather than hiding it. It sends the same hot/cold client pattern as `rotate`, one
+//! request per slot, over several HTTP/2 connections.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::rate_limit_response::Code;
 use meshlimit::proto::rate_limit_service_client::RateLimitServiceClient;
-use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
+use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
 use prost::Message;
 use tokio::signal::unix::{SignalKind, signal};
 use tonic::transport::Channel;
@@ -59,20 +70,41 @@ enum Command {
     /// SIGTERM arrives, then print how the slots went.
     Rotate {
         file: PathBuf,
-        #[arg(long, default_value_t = 4, value_parser = descriptor_count)]
-        descriptors: usize,
-        /// Clients 1..=HOT take the slots that are not cold, in turn.
-        #[arg(long, default_value_t = 2)]
-        hot: u32,
-        /// The next COLD clients after the hot ones take every --cold-every'th slot, in
-        /// turn, so each comes back once in COLD cold slots.
-        #[arg(long, default_value_t = 2000)]
-        cold: u32,
-        #[arg(long, default_value_t = 5)]
-        cold_every: u64,
+        #[command(flatten)]
+        mix: Mix,
         #[arg(long, default_value_t = 200)]
         slot_us: u64,
         #[arg(long)]
+        seconds: f64,
+    },
+    /// Send requests at --rate per second for --seconds (after --warmup seconds at the same
+    /// rate), open loop, and print the latency percentiles counted from each request's due
+    /// time. Exits 1 if any request failed or was not answered gRPC OK.
+    Pace {
+        #[arg(long)]
+        addr: String,
+        #[command(flatten)]
+        mix: Mix,
+        /// Every request from client 0 (bench/load.sh's request) instead of the hot/cold
+        /// pattern.
+        #[arg(long)]
+        one_client: bool,
+        /// Requests per second, over all connections.
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// HTTP/2 connections; requests go to them in turn.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+    },
+    /// Spin on one core for --seconds and count the times this thread was kept from running
+    /// (two clock readings more than 0.2 ms apart): the machine's own stalls, which every
+    /// latency measured on it includes. Run it pinned to the servers' core while they idle.
+    Hiccups {
+        #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
     /// Send the request in FILE to a server and check it answers gRPC OK, overall OK, with
@@ -87,6 +119,56 @@ enum Command {
         #[arg(long)]
         expect_limits: bool,
     },
+}
+
+/// Which client sends each request (or each rotated slot): `descriptors` a request, slots
+/// that are not cold going to the hot clients in turn.
+#[derive(clap::Args, Clone, Copy)]
+struct Mix {
+    #[arg(long, default_value_t = 4, value_parser = descriptor_count)]
+    descriptors: usize,
+    /// Clients 1..=HOT take the slots that are not cold, in turn.
+    #[arg(long, default_value_t = 2)]
+    hot: u32,
+    /// The next COLD clients after the hot ones take every --cold-every'th slot, in
+    /// turn, so each comes back once in COLD cold slots.
+    #[arg(long, default_value_t = 2000)]
+    cold: u32,
+    #[arg(long, default_value_t = 5)]
+    cold_every: u64,
+}
+
+impl Mix {
+    fn check(&self) -> Result<(), String> {
+        if self.hot == 0 || self.cold == 0 || self.cold_every < 2 {
+            return Err("--hot and --cold must be at least 1, --cold-every at least 2".into());
+        }
+        Ok(())
+    }
+
+    /// The clients of slots 1, 2, 3, ...: hot ones in turn, every `cold_every`th slot the
+    /// next cold one.
+    fn clients(self) -> impl Iterator<Item = u32> {
+        let Mix {
+            hot,
+            cold,
+            cold_every,
+            ..
+        } = self;
+        (1u64..).scan(0u64, move |cold_slots, slot| {
+            Some(if slot % cold_every == 0 {
+                *cold_slots += 1;
+                hot + 1 + ((*cold_slots - 1) % u64::from(cold)) as u32
+            } else {
+                1 + ((slot - *cold_slots) % u64::from(hot)) as u32
+            })
+        })
+    }
+
+    /// Whether `client` is one of the cold ones.
+    fn is_cold(&self, client: u32) -> bool {
+        client > self.hot
+    }
 }
 
 fn descriptor_count(text: &str) -> Result<usize, String> {
@@ -237,11 +319,271 @@ async fn check(addr: &str, body: &Path, expect_limits: bool) -> Result<String, S
     ))
 }
 
+/// One paced request: when it was due, how late the sender was, how long from due to
+/// answer, and how it was answered.
+struct Sample {
+    late: Duration,
+    latency: Duration,
+    answer: Answer,
+}
+
+enum Answer {
+    Ok,
+    OverLimit,
+    Failed(String),
+}
+
+struct Pacing {
+    mix: Mix,
+    one_client: bool,
+    rate: f64,
+    seconds: f64,
+    warmup: f64,
+    connections: usize,
+}
+
+/// Sends `pacing.rate` requests a second, open loop, and summarizes the measured ones.
+async fn pace(addr: &str, pacing: &Pacing) -> Result<String, String> {
+    let Pacing {
+        mix,
+        one_client,
+        rate,
+        seconds,
+        warmup,
+        connections,
+    } = *pacing;
+    mix.check()?;
+    // 1e7 a second is far beyond what one core sends; the bound keeps the sample vector sane.
+    if !(rate > 0.0 && rate <= 1e7 && seconds > 0.0 && warmup >= 0.0 && connections > 0) {
+        return Err(
+            "--rate must be above 0 (at most 1e7), --seconds above 0, --warmup at least 0 and --connections at least 1"
+                .into(),
+        );
+    }
+    let mut links = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        links.push(connect_h2(addr).await?);
+    }
+    let uri: http::Uri = format!("http://{addr}{RPC}")
+        .parse()
+        .map_err(|error| format!("bad address {addr}: {error}"))?;
+    // Built up front: the sender's own work between due times is a clone and a spawn.
+    let bodies: Vec<Bytes> = if one_client {
+        vec![edge_request(mix.descriptors, 0)]
+    } else {
+        (1..=mix.hot + mix.cold)
+            .map(|client| edge_request(mix.descriptors, client))
+            .collect()
+    }
+    .iter()
+    .map(|request| Bytes::from(frame(request)))
+    .collect();
+    let mut order: Box<dyn Iterator<Item = usize>> = if one_client {
+        Box::new(std::iter::repeat(0))
+    } else {
+        Box::new(mix.clients().map(|client| client as usize - 1))
+    };
+    let warm = (warmup * rate) as u64;
+    let total = warm + (seconds * rate) as u64;
+    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(
+        usize::try_from(total - warm).unwrap_or(0),
+    )));
+    let mut running = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    let start = Instant::now() + Duration::from_millis(20);
+    for i in 0..total {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        // A spin, not a sleep: tokio's timer counts whole milliseconds, and a thread that
+        // sleeps and is woken costs more than a request at these rates. Each turn lets the
+        // runtime read answers (tokio's yield) and lets any other process waiting for this
+        // core run first (sched_yield: in bench/run.sh, redis-server shares it).
+        while Instant::now() < due {
+            std::thread::yield_now();
+            tokio::task::yield_now().await;
+        }
+        let late = due.elapsed();
+        let body = bodies[order.next().unwrap_or(0)].clone();
+        let connection = links[i as usize % connections].clone();
+        let uri = uri.clone();
+        let samples = Arc::clone(&samples);
+        running.push(tokio::spawn(async move {
+            let answer = match call_h2(connection, uri, body).await {
+                Ok(code) if code == Code::Ok as i32 => Answer::Ok,
+                Ok(code) if code == Code::OverLimit as i32 => Answer::OverLimit,
+                Ok(code) => Answer::Failed(format!("overall_code {code}")),
+                Err(error) => Answer::Failed(error),
+            };
+            let latency = due.elapsed();
+            if i >= warm {
+                let sample = Sample {
+                    late,
+                    latency,
+                    answer,
+                };
+                samples.lock().map(|mut samples| samples.push(sample)).ok();
+            }
+        }));
+    }
+    for request in running {
+        request
+            .await
+            .map_err(|error| format!("a request task failed: {error}"))?;
+    }
+    let samples = std::mem::take(
+        &mut *samples
+            .lock()
+            .map_err(|_| "the samples' lock is poisoned")?,
+    );
+    summarize(&samples, seconds)
+}
+
+const RPC: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+
+/// An HTTP/2 connection (prior knowledge, as gRPC without TLS), driven by a task of its own.
+async fn connect_h2(addr: &str) -> Result<h2::client::SendRequest<Bytes>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|error| format!("cannot connect to {addr}: {error}"))?;
+    tcp.set_nodelay(true)
+        .map_err(|error| format!("cannot set TCP_NODELAY: {error}"))?;
+    let (send, connection) = h2::client::handshake(tcp)
+        .await
+        .map_err(|error| format!("HTTP/2 handshake with {addr} failed: {error}"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            eprintln!("make_request: HTTP/2 connection closed: {error}");
+        }
+    });
+    Ok(send)
+}
+
+/// One ShouldRateLimit call with a framed body: its overall_code, or why it failed.
+async fn call_h2(
+    connection: h2::client::SendRequest<Bytes>,
+    uri: http::Uri,
+    body: Bytes,
+) -> Result<i32, String> {
+    let failed = |what: &str, error: h2::Error| format!("{what}: {error}");
+    let mut connection = connection
+        .ready()
+        .await
+        .map_err(|error| failed("connection", error))?;
+    let request = http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|error| format!("cannot build the request: {error}"))?;
+    let (response, mut stream) = connection
+        .send_request(request, false)
+        .map_err(|error| failed("send", error))?;
+    stream
+        .send_data(body, true)
+        .map_err(|error| failed("send body", error))?;
+    let response = response.await.map_err(|error| failed("response", error))?;
+    if response.status() != http::StatusCode::OK {
+        return Err(format!("HTTP status {}", response.status()));
+    }
+    // A gRPC error without a message comes as headers only.
+    if let Some(status) = response.headers().get("grpc-status") {
+        return Err(format!("grpc-status {status:?} in the headers"));
+    }
+    let mut body = response.into_body();
+    let mut message = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|error| failed("body", error))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        message.extend_from_slice(&chunk);
+    }
+    let trailers = body
+        .trailers()
+        .await
+        .map_err(|error| failed("trailers", error))?;
+    let status = trailers
+        .as_ref()
+        .and_then(|trailers| trailers.get("grpc-status"));
+    if status.is_none_or(|status| status != "0") {
+        return Err(format!("grpc-status {status:?}, not 0"));
+    }
+    let Some(message) = message.get(5..) else {
+        return Err("the answer is shorter than the gRPC prefix".into());
+    };
+    RateLimitResponse::decode(message)
+        .map(|response| response.overall_code)
+        .map_err(|error| format!("not a RateLimitResponse: {error}"))
+}
+
+/// One line of key=value pairs (bench/run.sh reads them); an error if any request failed.
+fn summarize(samples: &[Sample], seconds: f64) -> Result<String, String> {
+    if samples.is_empty() {
+        return Err("no request was measured; raise --rate or --seconds".into());
+    }
+    if let Some(failure) = samples.iter().find_map(|sample| match &sample.answer {
+        Answer::Failed(why) => Some(why),
+        _ => None,
+    }) {
+        let failed = samples
+            .iter()
+            .filter(|s| matches!(s.answer, Answer::Failed(_)))
+            .count();
+        return Err(format!(
+            "{failed} of {} requests failed, the first with {failure}",
+            samples.len()
+        ));
+    }
+    let over_limit = samples
+        .iter()
+        .filter(|s| matches!(s.answer, Answer::OverLimit))
+        .count();
+    let mut latencies: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+    latencies.sort_unstable();
+    let at = |fraction: f64| {
+        let rank = ((fraction * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
+        latencies[rank - 1].as_secs_f64() * 1e3
+    };
+    // A sender more than 0.1 ms behind its schedule: the client, not the server, was busy.
+    let late = samples
+        .iter()
+        .filter(|s| s.late > Duration::from_micros(100))
+        .count();
+    let worst_late = samples.iter().map(|s| s.late).max().unwrap_or_default();
+    Ok(format!(
+        "requests={} rate={:.1} over_limit={over_limit} failed=0 p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3} sent_late={late} worst_late_ms={:.3}",
+        samples.len(),
+        samples.len() as f64 / seconds,
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(0.999),
+        at(1.0),
+        worst_late.as_secs_f64() * 1e3,
+    ))
+}
+
+/// Gaps in a busy loop over `seconds`, as key=value pairs.
+fn hiccups(seconds: f64) -> String {
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut last = Instant::now();
+    let (mut over_1ms, mut over_5ms, mut longest, mut lost) =
+        (0u32, 0u32, Duration::ZERO, Duration::ZERO);
+    while last < end {
+        let now = Instant::now();
+        let gap = now - last;
+        if gap > Duration::from_micros(200) {
+            lost += gap;
+            longest = longest.max(gap);
+            over_1ms += u32::from(gap > Duration::from_millis(1));
+            over_5ms += u32::from(gap > Duration::from_millis(5));
+        }
+        last = now;
+    }
+    format!(
+        "seconds={seconds} stalls_over_1ms={over_1ms} stalls_over_5ms={over_5ms} longest_ms={:.1} lost_ms={:.1}",
+        longest.as_secs_f64() * 1e3,
+        lost.as_secs_f64() * 1e3
+    )
+}
+
 struct Rotation {
-    descriptors: usize,
-    hot: u32,
-    cold: u32,
-    cold_every: u64,
+    mix: Mix,
     slot: Duration,
     seconds: f64,
 }
@@ -249,20 +591,11 @@ struct Rotation {
 /// Rewrites `file` slot by slot until `stop`; returns a summary of the slots.
 fn rotate(file: &Path, rotation: &Rotation, stop: &AtomicBool) -> Result<String, String> {
     use std::os::unix::fs::FileExt;
-    let Rotation {
-        descriptors,
-        hot,
-        cold,
-        cold_every,
-        slot,
-        seconds,
-    } = *rotation;
-    if hot == 0 || cold == 0 || cold_every < 2 {
-        return Err("--hot and --cold must be at least 1, --cold-every at least 2".into());
-    }
+    let Rotation { mix, slot, seconds } = *rotation;
+    mix.check()?;
     // Encoded up front, so a slot costs one write and no encoding on h2load's CPU.
-    let bodies: Vec<Vec<u8>> = (1..=hot + cold)
-        .map(|client| frame(&edge_request(descriptors, client)))
+    let bodies: Vec<Vec<u8>> = (1..=mix.hot + mix.cold)
+        .map(|client| frame(&edge_request(mix.descriptors, client)))
         .collect();
     if bodies.iter().any(|body| body.len() != bodies[0].len()) {
         return Err("the clients' bodies differ in length; h2load would post torn requests".into());
@@ -288,23 +621,21 @@ fn rotate(file: &Path, rotation: &Rotation, stop: &AtomicBool) -> Result<String,
     }
     let end = std::time::Instant::now() + Duration::from_secs_f64(seconds);
     let (mut slots, mut cold_slots) = (0u64, 0u64);
+    let mut clients = mix.clients();
     while std::time::Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        let Some(client) = clients.next() else { break };
         slots += 1;
-        let client = if slots % cold_every == 0 {
-            cold_slots += 1;
-            hot + 1 + ((cold_slots - 1) % u64::from(cold)) as u32
-        } else {
-            1 + ((slots - cold_slots) % u64::from(hot)) as u32
-        };
+        cold_slots += u64::from(mix.is_cold(client));
         out.write_all_at(&bodies[client as usize - 1], 0)
             .map_err(cannot)?;
         // A thread sleep, not tokio's timer: that one counts in whole milliseconds.
         std::thread::sleep(slot);
     }
     Ok(format!(
-        "{slots} slots: {} to {hot} hot clients, {cold_slots} to {} distinct cold clients",
+        "{slots} slots: {} to {} hot clients, {cold_slots} to {} distinct cold clients",
         slots - cold_slots,
-        cold_slots.min(u64::from(cold))
+        mix.hot,
+        cold_slots.min(u64::from(mix.cold))
     ))
 }
 
@@ -324,18 +655,12 @@ async fn main() -> ExitCode {
         },
         Command::Rotate {
             file,
-            descriptors,
-            hot,
-            cold,
-            cold_every,
+            mix,
             slot_us,
             seconds,
         } => {
             let rotation = Rotation {
-                descriptors,
-                hot,
-                cold,
-                cold_every,
+                mix,
                 slot: Duration::from_micros(slot_us),
                 seconds,
             };
@@ -366,6 +691,38 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Pace {
+            addr,
+            mix,
+            one_client,
+            rate,
+            seconds,
+            warmup,
+            connections,
+        } => {
+            let pacing = Pacing {
+                mix,
+                one_client,
+                rate,
+                seconds,
+                warmup,
+                connections,
+            };
+            match pace(&addr, &pacing).await {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("make_request: {addr}: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Hiccups { seconds } => {
+            println!("{}", hiccups(seconds));
+            ExitCode::SUCCESS
         }
         Command::Check {
             addr,

@@ -174,6 +174,8 @@ fn every_step_of_the_load_harness_runs_without_failures() {
         report.contains("Envoy: the ratelimit filter adds"),
         "{report}"
     );
+    // The machine's own stalls, which every latency on it includes, are in the report.
+    assert!(report.contains("stalls_over_1ms="), "{report}");
 }
 
 /// `bench/instructions.sh` at CI size: 100 counted requests per row with the debug
