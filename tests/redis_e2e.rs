@@ -227,8 +227,9 @@ fn counter_pattern(user: &str) -> String {
     format!("e2e:{{shared|user={user}}}*")
 }
 
-/// The stored counter of `user`, when there is one.
-fn counter_value(redis: &RedisServer, user: &str) -> Option<String> {
+/// The stored counter of `user` (its state, as the counter script encodes it), when there
+/// is one.
+fn counter_value(redis: &RedisServer, user: &str) -> Option<Vec<u8>> {
     let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg(counter_pattern(user)));
     redis.query(redis::cmd("GET").arg(keys.first()?))
 }

@@ -13,34 +13,68 @@
 -- subtracted from, and the comparison that clamps it at zero stays exact.
 --
 -- KEYS, per group: [penalty key,] one key per check.
--- ARGV: now_millis, group count, then per group:
+-- ARGV[1]: unsigned 64-bit big-endian integers, unpacked at once (decimal arguments cost
+-- Redis an argument object and a strtod each, a third of the script's cost):
+--   now_millis, group count, then per group:
 --   check count, has_penalty (0|1), [after_rejections, within_millis, block_millis, ttl],
---   then per check: algorithm (s|f|t|l|k), requests_per_unit, window_millis, burst, hits,
---   count_rejected (0|1), ttl_millis.
+--   then per check: algorithm (1 sliding window, 2 fixed window, 3 token bucket, 4 sliding
+--   log, 5 leaky bucket), requests_per_unit, window_millis, burst, hits, count_rejected
+--   (0|1), ttl_millis.
 -- Returns three integers per check, in order: over_limit (0, 1, or 2 when the penalty box
 -- answered for a blocked key), remaining, reset_after_millis; packed into one string as
 -- unsigned 64-bit big-endian integers (struct.pack, a cast per number). An array of
 -- integers cost meshlimit's Redis client a parsed value each (a tenth of its work with 8
 -- descriptors), and numbers joined as text cost Redis a printf each.
 --
--- What a call costs Redis is mostly turning strings into numbers (strtod, per tonumber)
--- and each SET: only the numbers a check uses are converted.
+-- What a call costs Redis is mostly each SET and reading the states.
 
 local floor = math.floor
-local now = tonumber(ARGV[1])
-local group_count = tonumber(ARGV[2])
+
+-- struct.unpack returns its numbers on Lua's C stack, which holds 8 000: a request with
+-- more numbers than a chunk is unpacked chunk by chunk.
+local CHUNK = 4000
+local function unpack_numbers(blob)
+  local count = #blob / 8
+  if count <= CHUNK then
+    return { struct.unpack('>' .. string.rep('I8', count), blob) }
+  end
+  local numbers = {}
+  local at = 1
+  while count > 0 do
+    local n = math.min(count, CHUNK)
+    local chunk = { struct.unpack('>' .. string.rep('I8', n), blob, at) }
+    for i = 1, n do
+      numbers[#numbers + 1] = chunk[i]
+    end
+    at = chunk[n + 1]
+    count = count - n
+  end
+  return numbers
+end
+
+local numbers = unpack_numbers(ARGV[1])
+local now = numbers[1]
+local group_count = numbers[2]
 local arg = 3
 local key = 1
 local out = {}
 
-local function next_arg()
-  local value = ARGV[arg]
+local function next_number()
+  local value = numbers[arg]
   arg = arg + 1
   return value
 end
 
-local function next_number()
-  return tonumber(next_arg())
+-- A TTL as text, once per distinct value a call: Redis turns a number argument into text
+-- with a printf, and a request's checks mostly share a few windows.
+local ttl_texts = {}
+local function ttl_text(ttl)
+  local text = ttl_texts[ttl]
+  if not text then
+    text = string.format('%d', ttl)
+    ttl_texts[ttl] = text
+  end
+  return text
 end
 
 local function next_key()
@@ -58,29 +92,27 @@ local function div_ceil(a, b)
   return floor((a + b - 1) / b)
 end
 
--- States are written with one string.format each: a format per number, joined with `..`,
--- was the costliest part of a check.
+-- State encodings: a kind byte, then unsigned 64-bit big-endian integers: "w" window,
+-- current, previous (the window algorithms); "b" tat_micros (token bucket); "k" level
+-- (hit·ms), updated_millis (leaky bucket); "p" window, rejections, blocked_until_millis
+-- (penalty). Binary, because reading text cost a pattern match and a strtod per number,
+-- and writing it a printf per number. The sliding log stays text, "l <at>:<hits> …"
+-- (oldest first): its length varies with the limit. A value of another kind (the rule's
+-- algorithm changed) starts over, as `algorithm::apply` does.
+local WINDOW, BUCKET, LEAKY, PENALTY = 119, 98, 107, 112 -- w, b, k, p
 
--- State encodings: "w <window> <current> <previous>", "b <tat_micros>",
--- "l <at>:<hits> <at>:<hits> …" (sliding log, oldest first), "k <level> <updated_millis>"
--- (leaky bucket, level in hit·ms), "p <window> <rejections> <blocked_until_millis>". A value
--- of another kind (the rule's algorithm changed) starts over, as `algorithm::apply` does.
 local function read_window(raw)
-  if raw then
-    local w, c, p = string.match(raw, '^w (%d+) (%d+) (%d+)$')
-    if w then
-      return { kind = 'w', window = tonumber(w), current = tonumber(c), previous = tonumber(p) }
-    end
+  if raw and #raw == 25 and string.byte(raw) == WINDOW then
+    local _, w, c, p = struct.unpack('>BI8I8I8', raw)
+    return { kind = 'w', window = w, current = c, previous = p }
   end
   return { kind = 'w', window = 0, current = 0, previous = 0 }
 end
 
 local function read_bucket(raw)
-  if raw then
-    local tat = string.match(raw, '^b (%d+)$')
-    if tat then
-      return { kind = 'b', tat = tonumber(tat) }
-    end
+  if raw and #raw == 9 and string.byte(raw) == BUCKET then
+    local _, tat = struct.unpack('>BI8', raw)
+    return { kind = 'b', tat = tat }
   end
   return { kind = 'b', tat = 0 }
 end
@@ -99,23 +131,20 @@ local function read_log(raw)
 end
 
 local function read_leaky(raw)
-  if raw then
-    local level, updated = string.match(raw, '^k (%d+) (%d+)$')
-    if level then
-      return { kind = 'k', level = tonumber(level), updated = tonumber(updated) }
-    end
+  if raw and #raw == 17 and string.byte(raw) == LEAKY then
+    local _, level, updated = struct.unpack('>BI8I8', raw)
+    return { kind = 'k', level = level, updated = updated }
   end
   return { kind = 'k', level = 0, updated = 0 }
 end
 
-local readers = {
-  s = read_window, f = read_window, t = read_bucket, l = read_log, k = read_leaky,
-}
-local kinds = { s = 'w', f = 'w', t = 'b', l = 'l', k = 'k' }
+-- Indexed by the algorithm's code.
+local readers = { read_window, read_window, read_bucket, read_log, read_leaky }
+local kinds = { 'w', 'w', 'b', 'l', 'k' }
 
 local function encode(state)
   if state.kind == 'w' then
-    return string.format('w %d %d %d', state.window, state.current, state.previous)
+    return struct.pack('>BI8I8I8', WINDOW, state.window, state.current, state.previous)
   elseif state.kind == 'l' then
     local parts = { 'l' }
     for i = state.head, #state.at do
@@ -123,9 +152,9 @@ local function encode(state)
     end
     return table.concat(parts, ' ')
   elseif state.kind == 'k' then
-    return string.format('k %d %d', state.level, state.updated)
+    return struct.pack('>BI8I8', LEAKY, state.level, state.updated)
   end
-  return string.format('b %d', state.tat)
+  return struct.pack('>BI8', BUCKET, state.tat)
 end
 
 -- WindowState::roll_to
@@ -274,20 +303,18 @@ local function leaky_bucket(state, limit, window, burst, hits)
 end
 
 for _ = 1, group_count do
-  local check_count = tonumber(next_arg())
-  local has_penalty = next_arg() == '1'
+  local check_count = next_number()
+  local has_penalty = next_number() == 1
   local penalty, penalty_key, penalty_state, penalty_ttl
   if has_penalty then
     penalty = { after = next_number(), within = next_number(), block = next_number() }
-    penalty_ttl = next_arg()
+    penalty_ttl = next_number()
     penalty_key = next_key()
     penalty_state = { window = 0, rejections = 0, blocked_until = 0 }
     local raw = redis.call('GET', penalty_key)
-    if raw then
-      local w, r, b = string.match(raw, '^p (%d+) (%d+) (%d+)$')
-      if w then
-        penalty_state = { window = tonumber(w), rejections = tonumber(r), blocked_until = tonumber(b) }
-      end
+    if raw and #raw == 25 and string.byte(raw) == PENALTY then
+      local _, w, r, b = struct.unpack('>BI8I8I8', raw)
+      penalty_state = { window = w, rejections = r, blocked_until = b }
     end
   end
 
@@ -310,24 +337,23 @@ for _ = 1, group_count do
     local any_over = false
     local any_hits = false
     for _ = 1, check_count do
-      -- Read in place rather than through next_arg: seven calls a check were a tenth of
-      -- the script's time.
+      -- Read in place rather than through next_number: seven calls a check were a tenth
+      -- of the script's time.
       local k = next_key()
-      local algorithm = ARGV[arg]
-      local limit = tonumber(ARGV[arg + 1])
-      local window = tonumber(ARGV[arg + 2])
-      -- Only the buckets have a burst.
-      local burst = (algorithm == 't' or algorithm == 'k') and tonumber(ARGV[arg + 3]) or 0
-      local hits = tonumber(ARGV[arg + 4])
-      count_rejected = ARGV[arg + 5] == '1'
-      local ttl = ARGV[arg + 6]
+      local algorithm = numbers[arg]
+      local limit = numbers[arg + 1]
+      local window = numbers[arg + 2]
+      local burst = numbers[arg + 3]
+      local hits = numbers[arg + 4]
+      count_rejected = numbers[arg + 5] == 1
+      local ttl = numbers[arg + 6]
       arg = arg + 7
       if hits > 0 then
         any_hits = true
       end
       local read = readers[algorithm]
       if not read then
-        return redis.error_reply('meshlimit counter script: unknown algorithm ' .. algorithm)
+        return redis.error_reply('meshlimit counter script: unknown algorithm code ' .. algorithm)
       end
       local state = states[k]
       if not state then
@@ -341,19 +367,17 @@ for _ = 1, group_count do
       end
       ttls[k] = ttl
       local over, remaining, reset
-      if algorithm == 's' then
+      if algorithm == 1 then
         over, remaining, reset = sliding_window(state, limit, window, hits)
-      elseif algorithm == 'f' then
+      elseif algorithm == 2 then
         over, remaining, reset = fixed_window(state, limit, window, hits,
           count_rejected and check_count == 1)
-      elseif algorithm == 't' then
+      elseif algorithm == 3 then
         over, remaining, reset = token_bucket(state, limit, window, burst, hits)
-      elseif algorithm == 'l' then
+      elseif algorithm == 4 then
         over, remaining, reset = sliding_log(state, limit, window, hits)
-      elseif algorithm == 'k' then
-        over, remaining, reset = leaky_bucket(state, limit, window, burst, hits)
       else
-        return redis.error_reply('meshlimit counter script: unknown algorithm ' .. algorithm)
+        over, remaining, reset = leaky_bucket(state, limit, window, burst, hits)
       end
       -- A bucket's rejected hit leaves its TAT alone; a rejected window hit may still have
       -- rolled the window, which only a kept state writes back.
@@ -369,7 +393,7 @@ for _ = 1, group_count do
     local keep = not any_over or (check_count == 1 and count_rejected)
     if keep then
       for _, k in ipairs(touched) do
-        redis.call('SET', k, encode(states[k]), 'PX', ttls[k])
+        redis.call('SET', k, encode(states[k]), 'PX', ttl_text(ttls[k]))
       end
     end
     -- A zero-hit check (a usage query) only looks; it never earns a penalty.
@@ -390,8 +414,8 @@ for _ = 1, group_count do
         end
       end
       redis.call('SET', penalty_key,
-        string.format('p %d %d %d', penalty_state.window, penalty_state.rejections,
-          penalty_state.blocked_until), 'PX', penalty_ttl)
+        struct.pack('>BI8I8I8', PENALTY, penalty_state.window, penalty_state.rejections,
+          penalty_state.blocked_until), 'PX', ttl_text(penalty_ttl))
     end
   end
 end
