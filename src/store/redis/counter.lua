@@ -1,4 +1,5 @@
--- meshlimit's counter script: applies one request's checks atomically inside Redis.
+-- meshlimit's counter script: applies the checks of one request, or of several requests
+-- in turn, atomically inside Redis.
 --
 -- It mirrors src/algorithm/*.rs line for line (same integer arithmetic, same order of
 -- operations), and src/store/memory.rs for what is kept: a group (one descriptor's limits)
@@ -12,9 +13,10 @@
 -- since an old or empty bucket), a product past 2^53 only ever exceeds the level it is
 -- subtracted from, and the comparison that clamps it at zero stays exact.
 --
--- KEYS, per group: [penalty key,] one key per check.
--- ARGV[1]: unsigned 64-bit big-endian integers, unpacked at once (decimal arguments cost
--- Redis an argument object and a strtod each, a third of the script's cost):
+-- KEYS, per request, per group: [penalty key,] one key per check.
+-- ARGV: one argument per request (meshlimit sends the requests waiting for the same
+-- server in one call), each unsigned 64-bit big-endian integers unpacked at once (decimal
+-- arguments cost Redis an argument object and a strtod each, a third of the script's cost):
 --   now_millis, group count, then per group:
 --   check count, has_penalty (0|1), [after_rejections, within_millis, block_millis, ttl],
 --   then per check: algorithm (1 sliding window, 2 fixed window, 3 token bucket, 4 sliding
@@ -52,10 +54,9 @@ local function unpack_numbers(blob)
   return numbers
 end
 
-local numbers = unpack_numbers(ARGV[1])
-local now = numbers[1]
-local group_count = numbers[2]
-local arg = 3
+-- The request being applied: its numbers, its time, and the next number to read. KEYS
+-- are every request's keys in order, so `key` runs on across requests.
+local numbers, now, arg
 local key = 1
 local out = {}
 
@@ -302,120 +303,127 @@ local function leaky_bucket(state, limit, window, burst, hits)
   return 0, div_floor(capacity - state.level, window), empty_in
 end
 
-for _ = 1, group_count do
-  local check_count = next_number()
-  local has_penalty = next_number() == 1
-  local penalty, penalty_key, penalty_state, penalty_ttl
-  if has_penalty then
-    penalty = { after = next_number(), within = next_number(), block = next_number() }
-    penalty_ttl = next_number()
-    penalty_key = next_key()
-    penalty_state = { window = 0, rejections = 0, blocked_until = 0 }
-    local raw = redis.call('GET', penalty_key)
-    if raw and #raw == 25 and string.byte(raw) == PENALTY then
-      local _, w, r, b = struct.unpack('>BI8I8I8', raw)
-      penalty_state = { window = w, rejections = r, blocked_until = b }
+-- One request after another; each one's groups in order.
+for request = 1, #ARGV do
+  numbers = unpack_numbers(ARGV[request])
+  now = numbers[1]
+  local group_count = numbers[2]
+  arg = 3
+  for _ = 1, group_count do
+    local check_count = next_number()
+    local has_penalty = next_number() == 1
+    local penalty, penalty_key, penalty_state, penalty_ttl
+    if has_penalty then
+      penalty = { after = next_number(), within = next_number(), block = next_number() }
+      penalty_ttl = next_number()
+      penalty_key = next_key()
+      penalty_state = { window = 0, rejections = 0, blocked_until = 0 }
+      local raw = redis.call('GET', penalty_key)
+      if raw and #raw == 25 and string.byte(raw) == PENALTY then
+        local _, w, r, b = struct.unpack('>BI8I8I8', raw)
+        penalty_state = { window = w, rejections = r, blocked_until = b }
+      end
     end
-  end
 
-  local first = #out + 1
-  if penalty_state and penalty_state.blocked_until > now then
-    -- Blocked: answered over the limit without counting (the check arguments are skipped).
-    for _ = 1, check_count do
-      next_key()
-      arg = arg + 7
-      out[#out + 1] = 2
-      out[#out + 1] = 0
-      out[#out + 1] = penalty_state.blocked_until - now
-    end
-  else
-    -- One state per distinct key: a key listed twice in a group is counted twice, in order.
-    local states = {}
-    local touched = {}
-    local ttls = {}
-    local count_rejected = false
-    local any_over = false
-    local any_hits = false
-    for _ = 1, check_count do
-      -- Read in place rather than through next_number: seven calls a check were a tenth
-      -- of the script's time.
-      local k = next_key()
-      local algorithm = numbers[arg]
-      local limit = numbers[arg + 1]
-      local window = numbers[arg + 2]
-      local burst = numbers[arg + 3]
-      local hits = numbers[arg + 4]
-      count_rejected = numbers[arg + 5] == 1
-      local ttl = numbers[arg + 6]
-      arg = arg + 7
-      if hits > 0 then
-        any_hits = true
+    local first = #out + 1
+    if penalty_state and penalty_state.blocked_until > now then
+      -- Blocked: answered over the limit without counting (the check arguments are skipped).
+      for _ = 1, check_count do
+        next_key()
+        arg = arg + 7
+        out[#out + 1] = 2
+        out[#out + 1] = 0
+        out[#out + 1] = penalty_state.blocked_until - now
       end
-      local read = readers[algorithm]
-      if not read then
-        return redis.error_reply('meshlimit counter script: unknown algorithm code ' .. algorithm)
+    else
+      -- One state per distinct key: a key listed twice in a group is counted twice, in order.
+      local states = {}
+      local touched = {}
+      local ttls = {}
+      local count_rejected = false
+      local any_over = false
+      local any_hits = false
+      for _ = 1, check_count do
+        -- Read in place rather than through next_number: seven calls a check were a tenth
+        -- of the script's time.
+        local k = next_key()
+        local algorithm = numbers[arg]
+        local limit = numbers[arg + 1]
+        local window = numbers[arg + 2]
+        local burst = numbers[arg + 3]
+        local hits = numbers[arg + 4]
+        count_rejected = numbers[arg + 5] == 1
+        local ttl = numbers[arg + 6]
+        arg = arg + 7
+        if hits > 0 then
+          any_hits = true
+        end
+        local read = readers[algorithm]
+        if not read then
+          return redis.error_reply('meshlimit counter script: unknown algorithm code ' .. algorithm)
+        end
+        local state = states[k]
+        if not state then
+          state = read(redis.call('GET', k))
+          states[k] = state
+          touched[#touched + 1] = k
+        elseif state.kind ~= kinds[algorithm] then
+          -- The same key counted by another algorithm in this group starts over.
+          state = read(nil)
+          states[k] = state
+        end
+        ttls[k] = ttl
+        local over, remaining, reset
+        if algorithm == 1 then
+          over, remaining, reset = sliding_window(state, limit, window, hits)
+        elseif algorithm == 2 then
+          over, remaining, reset = fixed_window(state, limit, window, hits,
+            count_rejected and check_count == 1)
+        elseif algorithm == 3 then
+          over, remaining, reset = token_bucket(state, limit, window, burst, hits)
+        elseif algorithm == 4 then
+          over, remaining, reset = sliding_log(state, limit, window, hits)
+        else
+          over, remaining, reset = leaky_bucket(state, limit, window, burst, hits)
+        end
+        -- A bucket's rejected hit leaves its TAT alone; a rejected window hit may still have
+        -- rolled the window, which only a kept state writes back.
+        if over == 1 then
+          any_over = true
+        end
+        out[#out + 1] = over
+        out[#out + 1] = remaining
+        out[#out + 1] = reset
       end
-      local state = states[k]
-      if not state then
-        state = read(redis.call('GET', k))
-        states[k] = state
-        touched[#touched + 1] = k
-      elseif state.kind ~= kinds[algorithm] then
-        -- The same key counted by another algorithm in this group starts over.
-        state = read(nil)
-        states[k] = state
-      end
-      ttls[k] = ttl
-      local over, remaining, reset
-      if algorithm == 1 then
-        over, remaining, reset = sliding_window(state, limit, window, hits)
-      elseif algorithm == 2 then
-        over, remaining, reset = fixed_window(state, limit, window, hits,
-          count_rejected and check_count == 1)
-      elseif algorithm == 3 then
-        over, remaining, reset = token_bucket(state, limit, window, burst, hits)
-      elseif algorithm == 4 then
-        over, remaining, reset = sliding_log(state, limit, window, hits)
-      else
-        over, remaining, reset = leaky_bucket(state, limit, window, burst, hits)
-      end
-      -- A bucket's rejected hit leaves its TAT alone; a rejected window hit may still have
-      -- rolled the window, which only a kept state writes back.
-      if over == 1 then
-        any_over = true
-      end
-      out[#out + 1] = over
-      out[#out + 1] = remaining
-      out[#out + 1] = reset
-    end
-    -- MemoryStore::apply_one keeps a lone check's state when admitted or count_rejected;
-    -- a group of several is kept only when every check was admitted.
-    local keep = not any_over or (check_count == 1 and count_rejected)
-    if keep then
-      for _, k in ipairs(touched) do
-        redis.call('SET', k, encode(states[k]), 'PX', ttl_text(ttls[k]))
-      end
-    end
-    -- A zero-hit check (a usage query) only looks; it never earns a penalty.
-    if penalty and any_over and any_hits then
-      local window = div_floor(now, math.max(penalty.within, 1))
-      if window ~= penalty_state.window then
-        penalty_state.window = window
-        penalty_state.rejections = 0
-      end
-      penalty_state.rejections = math.min(penalty_state.rejections + 1, 4294967295)
-      if penalty_state.rejections >= penalty.after then
-        penalty_state.rejections = 0
-        penalty_state.blocked_until = now + penalty.block
-        for i = first, #out, 3 do
-          if out[i] == 1 then
-            out[i + 2] = penalty.block
-          end
+      -- MemoryStore::apply_one keeps a lone check's state when admitted or count_rejected;
+      -- a group of several is kept only when every check was admitted.
+      local keep = not any_over or (check_count == 1 and count_rejected)
+      if keep then
+        for _, k in ipairs(touched) do
+          redis.call('SET', k, encode(states[k]), 'PX', ttl_text(ttls[k]))
         end
       end
-      redis.call('SET', penalty_key,
-        struct.pack('>BI8I8I8', PENALTY, penalty_state.window, penalty_state.rejections,
-          penalty_state.blocked_until), 'PX', ttl_text(penalty_ttl))
+      -- A zero-hit check (a usage query) only looks; it never earns a penalty.
+      if penalty and any_over and any_hits then
+        local window = div_floor(now, math.max(penalty.within, 1))
+        if window ~= penalty_state.window then
+          penalty_state.window = window
+          penalty_state.rejections = 0
+        end
+        penalty_state.rejections = math.min(penalty_state.rejections + 1, 4294967295)
+        if penalty_state.rejections >= penalty.after then
+          penalty_state.rejections = 0
+          penalty_state.blocked_until = now + penalty.block
+          for i = first, #out, 3 do
+            if out[i] == 1 then
+              out[i + 2] = penalty.block
+            end
+          end
+        end
+        redis.call('SET', penalty_key,
+          struct.pack('>BI8I8I8', PENALTY, penalty_state.window, penalty_state.rejections,
+            penalty_state.blocked_until), 'PX', ttl_text(penalty_ttl))
+      end
     end
   end
 end

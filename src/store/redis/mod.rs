@@ -20,6 +20,7 @@
 
 mod breaker;
 mod cluster;
+mod coalesce;
 mod hybrid;
 mod keys;
 mod node;
@@ -540,20 +541,31 @@ impl Inner {
             self.master_failed();
             return Err(format!("{}: circuit breaker open", node.name));
         }
-        let mut pipeline = Pipeline::with_capacity(batch.calls.len());
-        // The replies are inspected one by one: a server error in one is not an error of the
-        // whole round trip (NOSCRIPT is answered by loading the script).
-        pipeline.ignore_errors();
-        for groups in &batch.calls {
-            pipeline.add_command(script::evalsha(
-                &self.script,
-                &self.prefix,
-                checks,
-                groups,
-                now_millis,
-            ));
-        }
-        match tokio::time::timeout(self.timeout, node.run(&pipeline, &self.script)).await {
+        let reply = async {
+            if let (false, [groups]) = (
+                matches!(self.topology, Topology::Cluster(_)),
+                batch.calls.as_slice(),
+            ) {
+                // One server for every key: the request shares a call with any others
+                // waiting for it.
+                let request = script::encode(&self.prefix, checks, groups, now_millis);
+                return node
+                    .call(request, &self.script, self.timeout)
+                    .await
+                    .map(|value| vec![value]);
+            }
+            // A cluster node: one call per slot, in one pipeline.
+            let mut pipeline = Pipeline::with_capacity(batch.calls.len());
+            // The replies are inspected one by one: a server error in one is not an error
+            // of the whole round trip (NOSCRIPT is answered by loading the script).
+            pipeline.ignore_errors();
+            for groups in &batch.calls {
+                let request = script::encode(&self.prefix, checks, groups, now_millis);
+                pipeline.add_command(script::evalsha(&self.script, std::iter::once(&request)));
+            }
+            node.run(&pipeline, &self.script).await
+        };
+        match tokio::time::timeout(self.timeout, reply).await {
             Ok(Ok(values)) => {
                 node.breaker.success();
                 Ok(values)

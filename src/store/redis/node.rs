@@ -1,14 +1,19 @@
 //! One Redis server (a standalone server or a cluster master): its connection, reconnected
 //! on demand, and its circuit breaker.
 
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ConnectionInfo, Pipeline, Script, Value};
 
 use super::breaker::Breaker;
+use super::coalesce::Queue;
+use super::script::Encoded;
 
 /// Why a call to a node gave no answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum NodeError {
     /// Another request is connecting right now; rather than queue behind it, this request
     /// takes the failure policy. Not counted against the node.
@@ -42,6 +47,8 @@ pub struct Node {
     connection: Mutex<Option<MultiplexedConnection>>,
     connecting: tokio::sync::Mutex<()>,
     pub breaker: Breaker,
+    /// Requests waiting to share a script call (see `coalesce`); started by the first.
+    queue: OnceLock<Queue>,
 }
 
 impl Node {
@@ -52,7 +59,22 @@ impl Node {
             connecting: tokio::sync::Mutex::new(()),
             breaker: Breaker::new(name.clone()),
             name,
+            queue: OnceLock::new(),
         })
+    }
+
+    /// Applies one request's checks in the next script call to this node, together with
+    /// whatever other requests are waiting for it; its answer, or why there is none.
+    pub async fn call(
+        self: &Arc<Self>,
+        request: Encoded,
+        script: &Script,
+        timeout: Duration,
+    ) -> Result<Value, NodeError> {
+        self.queue
+            .get_or_init(|| Queue::start(Arc::downgrade(self), script.clone(), timeout))
+            .call(request)
+            .await
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, NodeError> {

@@ -41,46 +41,55 @@ fn algorithm_code(algorithm: Algorithm) -> u64 {
     }
 }
 
-/// One EVALSHA applying `groups` (ranges of `checks`, each one descriptor) at `now_millis`.
+/// One request's part of a script call: its keys and its numbers.
+pub struct Encoded {
+    /// The keys one after another; `key_ends` says where each ends.
+    keys: String,
+    key_ends: Vec<usize>,
+    numbers: Vec<u8>,
+    /// How many checks it applies: its answer is three numbers (24 bytes) per check.
+    pub checks: usize,
+}
+
+/// Encodes `groups` (ranges of `checks`, each one descriptor) at `now_millis`.
 ///
 /// Every number travels in one argument, as unsigned 64-bit big-endian integers the script
 /// unpacks with one `struct.unpack`: as decimal arguments, each cost Redis an argument
 /// object and a `strtod`, which was a third of what the script cost it.
-pub fn evalsha(
-    script: &Script,
+pub fn encode(
     prefix: &str,
     checks: &[Check<'_>],
     groups: &[Range<usize>],
     now_millis: u64,
-) -> Cmd {
+) -> Encoded {
     let group_checks = || groups.iter().filter_map(|range| checks.get(range.clone()));
     let key_count: usize = group_checks()
         .map(|group| group.len() + usize::from(has_penalty(group)))
         .sum();
-    // Sized up front: grown argument by argument, the command's two buffers were
-    // reallocated a dozen times a call, a visible share of the Redis store's CPU.
     let check_count: usize = group_checks().map(<[Check<'_>]>::len).sum();
     let key_bytes: usize = group_checks()
         .flatten()
         .map(|check| prefix.len() + check.key.len() + KEY_ESCAPE_ROOM)
         .sum();
-    let number_bytes = 8 * (2 + groups.len() * NUMBERS_PER_GROUP + check_count * NUMBERS_PER_CHECK);
-    let mut cmd = Cmd::with_capacity(4 + key_count, key_bytes + number_bytes + 64);
-    cmd.arg("EVALSHA").arg(script.get_hash()).arg(key_count);
-    let mut key = String::with_capacity(96);
+    let mut encoded = Encoded {
+        keys: String::with_capacity(key_bytes + 16),
+        key_ends: Vec::with_capacity(key_count),
+        numbers: Vec::with_capacity(
+            8 * (2 + groups.len() * NUMBERS_PER_GROUP + check_count * NUMBERS_PER_CHECK),
+        ),
+        checks: check_count,
+    };
     for group in group_checks() {
         if let (Some(first), true) = (group.first(), has_penalty(group)) {
-            key.clear();
-            push_penalty_key(&mut key, prefix, first.key);
-            cmd.arg(&key);
+            push_penalty_key(&mut encoded.keys, prefix, first.key);
+            encoded.key_ends.push(encoded.keys.len());
         }
         for check in group {
-            key.clear();
-            push_redis_key(&mut key, prefix, check.key);
-            cmd.arg(&key);
+            push_redis_key(&mut encoded.keys, prefix, check.key);
+            encoded.key_ends.push(encoded.keys.len());
         }
     }
-    let mut numbers = Vec::with_capacity(number_bytes);
+    let numbers = &mut encoded.numbers;
     let mut push =
         |number: u64| numbers.extend_from_slice(&number.min(LARGEST_EXACT).to_be_bytes());
     push(now_millis);
@@ -108,8 +117,63 @@ pub fn evalsha(
             push(algorithm::state_lifetime_millis(limit).max(1));
         }
     }
-    cmd.arg(numbers);
+    encoded
+}
+
+/// One EVALSHA applying `requests` in order (on a cluster, all in one slot).
+pub fn evalsha<'a>(script: &Script, requests: impl Iterator<Item = &'a Encoded> + Clone) -> Cmd {
+    let (key_count, arg_count, bytes) = requests.clone().fold((0, 0, 0), |(k, a, b), r| {
+        (
+            k + r.key_ends.len(),
+            a + r.key_ends.len() + 1,
+            b + r.keys.len() + r.numbers.len(),
+        )
+    });
+    // Sized up front: grown argument by argument, the command's two buffers were
+    // reallocated a dozen times a call, a visible share of the Redis store's CPU.
+    let mut cmd = Cmd::with_capacity(3 + arg_count, bytes + 64);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(key_count);
+    for request in requests.clone() {
+        let mut start = 0;
+        for &end in &request.key_ends {
+            cmd.arg(request.keys.get(start..end).unwrap_or_default());
+            start = end;
+        }
+    }
+    for request in requests {
+        cmd.arg(request.numbers.as_slice());
+    }
     cmd
+}
+
+/// Splits the answer to a call of several requests into one answer per request, each
+/// `checks` long (three numbers a check).
+pub fn split(value: Value, checks: impl Iterator<Item = usize>) -> Result<Vec<Value>, String> {
+    let Value::BulkString(bytes) = value else {
+        return Err(format!(
+            "the counter script answered {value:?}, not a string of packed numbers"
+        ));
+    };
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for count in checks {
+        let end = start + count * 24;
+        let Some(part) = bytes.get(start..end) else {
+            return Err(format!(
+                "the counter script answered {} bytes, fewer than its checks need",
+                bytes.len()
+            ));
+        };
+        parts.push(Value::BulkString(part.to_vec()));
+        start = end;
+    }
+    if start != bytes.len() {
+        return Err(format!(
+            "the counter script answered {} bytes, more than its checks need",
+            bytes.len()
+        ));
+    }
+    Ok(parts)
 }
 
 fn has_penalty(group: &[Check<'_>]) -> bool {
