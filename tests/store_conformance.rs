@@ -658,6 +658,53 @@ async fn a_request_of_a_thousand_checks_is_decided_like_memory() {
     assert!(from_redis.iter().any(|v| !v.over_limit));
 }
 
+/// Requests arriving together share script calls (src/store/redis/coalesce.rs), and each
+/// is still counted exactly once: 300 concurrent hits on one counter see 300 distinct
+/// counts, in fewer calls than requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_script_calls_and_each_counts_once() {
+    let server = RedisServer::start();
+    let store = std::sync::Arc::new(
+        RedisStore::connect(options(RedisTarget::Standalone(server.url()), "share:"))
+            .await
+            .expect("the Redis store starts"),
+    );
+    let before = server.command_calls("evalsha");
+    let requests: Vec<_> = (0..300u64)
+        .map(|i| {
+            let store = std::sync::Arc::clone(&store);
+            tokio::spawn(async move {
+                let key = "d|k=shared|1m/f".to_owned();
+                let checks = [Check {
+                    key: &key,
+                    limit: limit(1_000, MINUTE, Algorithm::FixedWindow),
+                    hits: 1,
+                    group: 0,
+                    count_rejected: false,
+                    penalty: None,
+                }];
+                let mut out = Vec::new();
+                store.apply(&checks, T0 + i % 10, &mut out).await.unwrap();
+                out[0]
+            })
+        })
+        .collect();
+    let mut remaining = Vec::new();
+    for request in requests {
+        let verdict = request.await.unwrap();
+        assert!(!verdict.over_limit, "{verdict:?}");
+        remaining.push(verdict.remaining);
+    }
+    remaining.sort_unstable();
+    assert_eq!(remaining, (700..1_000).collect::<Vec<u64>>());
+    let calls = server.command_calls("evalsha") - before;
+    assert!(
+        calls < 300,
+        "{calls} script calls for 300 concurrent requests"
+    );
+    eprintln!("{calls} script calls for 300 concurrent requests");
+}
+
 /// Runs `steps` (one check each) against memory and Redis, asserting identical verdicts,
 /// and returns for each step whether it reached Redis (an EVALSHA ran).
 async fn reached_redis(server: &RedisServer, store: &RedisStore, steps: &[Step]) -> Vec<bool> {
