@@ -658,6 +658,52 @@ async fn a_request_of_a_thousand_checks_is_decided_like_memory() {
     assert!(from_redis.iter().any(|v| !v.over_limit));
 }
 
+/// A window counter's TTL is set by the first write of each window and kept by the
+/// window's later writes (KEEPTTL), and it outlasts the window's relevance plus a margin
+/// for clock skew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_counter_keeps_its_ttl_within_a_window_and_renews_it_in_the_next() {
+    let server = RedisServer::start();
+    let prefix = "ttl:";
+    let store = RedisStore::connect(options(RedisTarget::Standalone(server.url()), prefix))
+        .await
+        .expect("the Redis store starts");
+    let key = "d|k=ttl|1m/s".to_owned();
+    let checks = [Check {
+        key: &key,
+        limit: limit(100, MINUTE, Algorithm::SlidingWindow),
+        hits: 1,
+        group: 0,
+        count_rejected: false,
+        penalty: None,
+    }];
+    let mut redis_key = String::new();
+    push_redis_key(&mut redis_key, prefix, &key);
+    let pttl = || -> i64 { server.query(redis::cmd("PTTL").arg(&redis_key)) };
+    let mut out = Vec::new();
+
+    store.apply(&checks, T0, &mut out).await.unwrap();
+    // Two windows for a sliding window, and the one-second margin.
+    let first = pttl();
+    assert!(
+        first > 2 * MINUTE as i64 && first <= 2 * MINUTE as i64 + 1_000,
+        "{first}"
+    );
+    // As if most of that life had passed: a later write in the same window keeps it.
+    let _: () = server.query(redis::cmd("PEXPIRE").arg(&redis_key).arg(5_000));
+    store
+        .apply(&checks, T0 + 30 * SECOND, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(out[0].remaining, 98, "{out:?}");
+    let kept = pttl();
+    assert!(kept > 0 && kept <= 5_000, "{kept}");
+    // The next window's first write sets a new one.
+    store.apply(&checks, T0 + MINUTE, &mut out).await.unwrap();
+    let renewed = pttl();
+    assert!(renewed > 2 * MINUTE as i64, "{renewed}");
+}
+
 /// Requests arriving together share script calls (src/store/redis/coalesce.rs), and each
 /// is still counted exactly once: 300 concurrent hits on one counter see 300 distinct
 /// counts, in fewer calls than requests.

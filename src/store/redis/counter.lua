@@ -105,7 +105,7 @@ local WINDOW, BUCKET, LEAKY, PENALTY = 119, 98, 107, 112 -- w, b, k, p
 local function read_window(raw)
   if raw and #raw == 25 and string.byte(raw) == WINDOW then
     local _, w, c, p = struct.unpack('>BI8I8I8', raw)
-    return { kind = 'w', window = w, current = c, previous = p }
+    return { kind = 'w', window = w, current = c, previous = p, stored = w }
   end
   return { kind = 'w', window = 0, current = 0, previous = 0 }
 end
@@ -400,7 +400,16 @@ for request = 1, #ARGV do
       local keep = not any_over or (check_count == 1 and count_rejected)
       if keep then
         for _, k in ipairs(touched) do
-          redis.call('SET', k, encode(states[k]), 'PX', ttl_text(ttls[k]))
+          local state = states[k]
+          -- A window state written again in the window it was stored in keeps its TTL:
+          -- the first write of a window set one that outlasts the window's relevance.
+          -- Setting an expiry costs Redis more than the rest of the SET (it also
+          -- rewrites the command as PXAT for replication).
+          if state.stored == state.window then
+            redis.call('SET', k, encode(state), 'KEEPTTL')
+          else
+            redis.call('SET', k, encode(state), 'PX', ttl_text(ttls[k]))
+          end
         end
       end
       -- A zero-hit check (a usage query) only looks; it never earns a penalty.

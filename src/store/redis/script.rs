@@ -25,6 +25,11 @@ const KEY_ESCAPE_ROOM: usize = 8;
 /// above it (no real limit comes near: 2^53 ms is 285 000 years) is capped rather than
 /// rounded into a different TTL.
 const LARGEST_EXACT: u64 = 1 << 53;
+/// Added to a window counter's Redis TTL. The script sets the TTL at a window's first write
+/// and keeps it for the window's later writes (KEEPTTL), so a replica whose clock runs
+/// ahead can start a key's life early by its skew; the margin keeps the count alive for
+/// replicas whose clocks lag by up to a second.
+const CLOCK_SKEW_MARGIN_MILLIS: u64 = 1_000;
 
 pub fn counter_script() -> Script {
     Script::new(SOURCE)
@@ -114,7 +119,11 @@ pub fn encode(
             push(u64::from(limit.burst()));
             push(check.hits);
             push(u64::from(check.count_rejected));
-            push(algorithm::state_lifetime_millis(limit).max(1));
+            let margin = match limit.algorithm {
+                Algorithm::SlidingWindow | Algorithm::FixedWindow => CLOCK_SKEW_MARGIN_MILLIS,
+                _ => 0,
+            };
+            push(algorithm::state_lifetime_millis(limit).max(1) + margin);
         }
     }
     encoded
