@@ -30,7 +30,8 @@
 #
 # The servers (meshlimit, ok_server, Envoy) run on CPU 1; h2load, the rotator and
 # redis-server on CPU 0 (in production Redis has a machine of its own, so this is
-# pessimistic for the Redis store). Servers answer one step at a time; a mix's ceiling,
+# pessimistic for the Redis store; the report gives redis-server's CPU per request at max,
+# which with h2load's bounds the Redis rows). Servers answer one step at a time; a mix's ceiling,
 # memory and Redis steps run back to back, so a burst of other work on the machine
 # lands on all three. Every h2load run is bounded by `timeout`.
 #
@@ -158,6 +159,8 @@ grpc_step() {
   fi
   rm -f "$log" # h2load appends to its log
   cpu_begin "${server_pid[$store]}"
+  local redis_ticks
+  redis_ticks=$(cpu_ticks "$redis_server_pid")
   timeout "$((warmup + seconds + slack))" taskset -c 0 h2load -c "$connections" \
     -m "$streams" -t 1 -D "$seconds" --warm-up-time="$warmup" "${grpc_headers[@]}" \
     -d "$body" --log-file="$log" "$@" "http://127.0.0.1:$port$rpc" >"$out" 2>&1 ||
@@ -169,6 +172,13 @@ grpc_step() {
     [[ $slots == *" slots: "* ]] || fail "$mix/$store/$load: the rotator failed: $slots"
   fi
   record "$mix" "$store" "$load" "$out" "$log"
+  if [ "$store" = redis ]; then
+    # Redis's CPU per request, on CPU 0 beside h2load: what bounds the Redis rows here.
+    local answered
+    answered=$(awk -F'\t' -v m="$mix" -v l="$load" '$1 == m && $2 == "redis" && $3 == l { print $9 }' "$rows")
+    redis_cpu[$mix]=$(awk -v t="$(($(cpu_ticks "$redis_server_pid") - redis_ticks))" \
+      -v hz="$(getconf CLK_TCK)" -v n="${answered:-0}" 'BEGIN { printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0) }')
+  fi
 }
 
 # pace_field OUT KEY: KEY's value in make_request pace's key=value summary.
@@ -177,7 +187,8 @@ pace_field() { sed -n "s/.*\b$2=\([^ ]*\).*/\1/p" "$1"; }
 # pace_step MIX STORE PORT RATE: `make_request pace` at RATE requests/s with the mix's
 # clients, recorded as the mix's half row.
 pace_step() {
-  local mix=$1 store=$2 port=$3 rate=$4 out="$work/$mix.$store.half.pace" clients
+  local mix=$1 store=$2 port=$3 rate=$4 clients
+  local out="$work/$mix.$store.half.pace"
   if [ "${mix_rotates[$mix]}" = yes ]; then
     clients=(--hot 2 --cold 2000 --cold-every 5)
   else
@@ -240,6 +251,8 @@ wait_grpc_ready memory "$started" "$work/memory.log" "$memory_port" "$work/ready
 server_pid[memory]=$started
 start_pinned 0 "$work/redis-server.log" "$redis_server" --bind 127.0.0.1 --port "$redis_port" \
   --save '' --appendonly no
+redis_server_pid=$started
+declare -A redis_cpu=()
 start_pinned 1 "$work/redis.log" "$bin/meshlimit" serve --config bench/config \
   --grpc-addr "127.0.0.1:$redis_grpc" --admin-addr "127.0.0.1:$redis_admin" \
   --store redis --redis-url "redis://127.0.0.1:$redis_port" --redis-timeout 1s
@@ -257,6 +270,7 @@ for mix in "${mixes[@]}"; do
     grpc_step "$mix" "$store" "${port[$store]}" max
   done
   [ "${mix_rotates[$mix]}" = no ] || note "  $mix rotation (last run): $slots"
+  note "  $mix redis-server CPU per request at max: ${redis_cpu[$mix]:-?} us (on CPU 0, beside h2load)"
   for store in ceiling memory redis; do
     max=$(awk -F'\t' -v m="$mix" -v s="$store" '$1 == m && $2 == s && $3 == "max" { print $4 }' "$rows")
     rate=$(awk -v r="${max:-0}" 'BEGIN { printf "%d", r / 2 }')
