@@ -751,6 +751,55 @@ async fn concurrent_requests_share_script_calls_and_each_counts_once() {
     eprintln!("{calls} script calls for 300 concurrent requests");
 }
 
+/// Requests sharing a call read a key once and write it once (the script keeps the call's
+/// states), and a rejected group's changes still stay out of what later requests see:
+/// 200 concurrent requests of two limits each, the second of 50, admit 50, and the first
+/// key counts exactly those 50.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_groups_in_shared_calls_leave_no_count_behind() {
+    let server = RedisServer::start();
+    let store = std::sync::Arc::new(
+        RedisStore::connect(options(RedisTarget::Standalone(server.url()), "group:"))
+            .await
+            .expect("the Redis store starts"),
+    );
+    let wide = limit(1_000, MINUTE, Algorithm::FixedWindow);
+    let narrow = limit(50, MINUTE, Algorithm::FixedWindow);
+    let (a, b) = ("d|k=a|1m/f".to_owned(), "d|k=b|1m/f".to_owned());
+    fn check(key: &str, limit: Limit) -> Check<'_> {
+        Check {
+            key,
+            limit,
+            hits: 1,
+            group: 0,
+            count_rejected: false,
+            penalty: None,
+        }
+    }
+    let requests: Vec<_> = (0..200)
+        .map(|_| {
+            let (store, a, b) = (std::sync::Arc::clone(&store), a.clone(), b.clone());
+            tokio::spawn(async move {
+                let checks = [check(&a, wide), check(&b, narrow)];
+                let mut out = Vec::new();
+                store.apply(&checks, T0, &mut out).await.unwrap();
+                !out.iter().any(|v| v.over_limit)
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for request in requests {
+        admitted += usize::from(request.await.unwrap());
+    }
+    assert_eq!(admitted, 50);
+    let mut out = Vec::new();
+    store
+        .apply(&[check(&a, wide)], T0 + 1, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(out[0].remaining, 1_000 - 50 - 1, "{out:?}");
+}
+
 /// Runs `steps` (one check each) against memory and Redis, asserting identical verdicts,
 /// and returns for each step whether it reached Redis (an EVALSHA ran).
 async fn reached_redis(server: &RedisServer, store: &RedisStore, steps: &[Step]) -> Vec<bool> {

@@ -143,6 +143,26 @@ end
 local readers = { read_window, read_window, read_bucket, read_log, read_leaky }
 local kinds = { 'w', 'w', 'b', 'l', 'k' }
 
+-- A working copy of a state, so a group that is rejected leaves the call's state as it
+-- was (its changes are dropped, as a rejected group's are never written).
+local function copy(state)
+  local copied = {}
+  for field, value in pairs(state) do
+    copied[field] = value
+  end
+  if state.kind == 'l' then
+    -- A loop, not unpack: a log can hold more entries than Lua's stack.
+    local at, hits = {}, {}
+    for i = 1, #state.at do
+      at[i] = state.at[i]
+      hits[i] = state.hits[i]
+    end
+    copied.at = at
+    copied.hits = hits
+  end
+  return copied
+end
+
 local function encode(state)
   if state.kind == 'w' then
     return struct.pack('>BI8I8I8', WINDOW, state.window, state.current, state.previous)
@@ -303,6 +323,14 @@ local function leaky_bucket(state, limit, window, burst, hits)
   return 0, div_floor(capacity - state.level, window), empty_in
 end
 
+-- Every counter key the call has touched: its state as the call has left it so far (read
+-- from Redis once, at its first use), and the TTL of its last kept write. The requests of
+-- a call often share keys (a busy client's), and each GET and SET costs Redis more than
+-- the arithmetic: a key is read once and written once a call, with its final state.
+local call_states = {}
+local call_keys = {}
+local call_ttls = {}
+
 -- One request after another; each one's groups in order.
 for request = 1, #ARGV do
   numbers = unpack_numbers(ARGV[request])
@@ -364,7 +392,17 @@ for request = 1, #ARGV do
         end
         local state = states[k]
         if not state then
-          state = read(redis.call('GET', k))
+          local known = call_states[k]
+          if known == nil then
+            known = read(redis.call('GET', k))
+            call_states[k] = known
+            call_keys[#call_keys + 1] = k
+          end
+          if known.kind == kinds[algorithm] then
+            state = copy(known)
+          else
+            state = read(nil)
+          end
           states[k] = state
           touched[#touched + 1] = k
         elseif state.kind ~= kinds[algorithm] then
@@ -400,16 +438,8 @@ for request = 1, #ARGV do
       local keep = not any_over or (check_count == 1 and count_rejected)
       if keep then
         for _, k in ipairs(touched) do
-          local state = states[k]
-          -- A window state written again in the window it was stored in keeps its TTL:
-          -- the first write of a window set one that outlasts the window's relevance.
-          -- Setting an expiry costs Redis more than the rest of the SET (it also
-          -- rewrites the command as PXAT for replication).
-          if state.stored == state.window then
-            redis.call('SET', k, encode(state), 'KEEPTTL')
-          else
-            redis.call('SET', k, encode(state), 'PX', ttl_text(ttls[k]))
-          end
+          call_states[k] = states[k]
+          call_ttls[k] = ttls[k]
         end
       end
       -- A zero-hit check (a usage query) only looks; it never earns a penalty.
@@ -433,6 +463,22 @@ for request = 1, #ARGV do
           struct.pack('>BI8I8I8', PENALTY, penalty_state.window, penalty_state.rejections,
             penalty_state.blocked_until), 'PX', ttl_text(penalty_ttl))
       end
+    end
+  end
+end
+
+-- Each kept state, written once. A window state still in the window it was stored in keeps
+-- its TTL: the first write of a window set one that outlasts the window's relevance, and
+-- setting an expiry costs Redis more than the rest of the SET (it also rewrites the command
+-- as PXAT for replication).
+for _, k in ipairs(call_keys) do
+  local ttl = call_ttls[k]
+  if ttl then
+    local state = call_states[k]
+    if state.stored ~= nil and state.stored == state.window then
+      redis.call('SET', k, encode(state), 'KEEPTTL')
+    else
+      redis.call('SET', k, encode(state), 'PX', ttl_text(ttl))
     end
   end
 end
