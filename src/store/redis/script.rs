@@ -103,14 +103,11 @@ pub fn encode(
     for group in group_checks() {
         let penalty = group.first().and_then(|c| c.penalty);
         push(group.len() as u64 * 2 + u64::from(penalty.is_some()));
-        match penalty {
-            Some(penalty) => {
-                push(u64::from(penalty.after_rejections));
-                push(penalty.within_millis);
-                push(penalty.block_millis);
-                push(PenaltyState::lifetime_millis(&penalty).max(1));
-            }
-            None => {}
+        if let Some(penalty) = penalty {
+            push(u64::from(penalty.after_rejections));
+            push(penalty.within_millis);
+            push(penalty.block_millis);
+            push(PenaltyState::lifetime_millis(&penalty).max(1));
         }
         for check in group {
             let limit = &check.limit;
