@@ -84,21 +84,7 @@ enum Command {
         #[arg(long)]
         addr: String,
         #[command(flatten)]
-        mix: Mix,
-        /// Every request from client 0 (bench/load.sh's request) instead of the hot/cold
-        /// pattern.
-        #[arg(long)]
-        one_client: bool,
-        /// Requests per second, over all connections.
-        #[arg(long)]
-        rate: f64,
-        #[arg(long)]
-        seconds: f64,
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
-        /// HTTP/2 connections; requests go to them in turn.
-        #[arg(long, default_value_t = 8)]
-        connections: usize,
+        pacing: Pacing,
     },
     /// Spin on one core for --seconds and count the times this thread was kept from running
     /// (two clock readings more than 0.2 ms apart): the machine's own stalls, which every
@@ -333,12 +319,23 @@ enum Answer {
     Failed(String),
 }
 
+#[derive(clap::Args, Clone, Copy)]
 struct Pacing {
+    #[command(flatten)]
     mix: Mix,
+    /// Every request from client 0 (bench/load.sh's request) instead of the hot/cold
+    /// pattern.
+    #[arg(long)]
     one_client: bool,
+    /// Requests per second, over all connections.
+    #[arg(long)]
     rate: f64,
+    #[arg(long)]
     seconds: f64,
+    #[arg(long, default_value_t = 1.0)]
     warmup: f64,
+    /// HTTP/2 connections; requests go to them in turn.
+    #[arg(long, default_value_t = 8)]
     connections: usize,
 }
 
@@ -681,45 +678,12 @@ async fn main() -> ExitCode {
             });
             let rotated =
                 tokio::task::spawn_blocking(move || rotate(&file, &rotation, &stop)).await;
-            match rotated.unwrap_or_else(|error| Err(format!("the rotation failed: {error}"))) {
-                Ok(summary) => {
-                    println!("{summary}");
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("make_request: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+            finish(
+                "rotate",
+                rotated.unwrap_or_else(|error| Err(format!("the rotation failed: {error}"))),
+            )
         }
-        Command::Pace {
-            addr,
-            mix,
-            one_client,
-            rate,
-            seconds,
-            warmup,
-            connections,
-        } => {
-            let pacing = Pacing {
-                mix,
-                one_client,
-                rate,
-                seconds,
-                warmup,
-                connections,
-            };
-            match pace(&addr, &pacing).await {
-                Ok(summary) => {
-                    println!("{summary}");
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("make_request: {addr}: {error}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Pace { addr, pacing } => finish(&addr, pace(&addr, &pacing).await),
         Command::Hiccups { seconds } => {
             println!("{}", hiccups(seconds));
             ExitCode::SUCCESS
@@ -728,15 +692,20 @@ async fn main() -> ExitCode {
             addr,
             body,
             expect_limits,
-        } => match check(&addr, &body, expect_limits).await {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("make_request: {addr}: {error}");
-                ExitCode::FAILURE
-            }
-        },
+        } => finish(&addr, check(&addr, &body, expect_limits).await),
+    }
+}
+
+/// Prints a command's summary (exit 0), or its error after `context` (exit 1).
+fn finish(context: &str, outcome: Result<String, String>) -> ExitCode {
+    match outcome {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("make_request: {context}: {error}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -60,6 +60,18 @@ fn limit(requests_per_unit: u32, window_millis: u64, algorithm: Algorithm) -> Li
     }
 }
 
+/// One hit on `key` under `limit`, in group `group`, without penalty box.
+fn one_hit(key: &str, limit: Limit, group: u32) -> Check<'_> {
+    Check {
+        key,
+        limit,
+        hits: 1,
+        group,
+        count_rejected: false,
+        penalty: None,
+    }
+}
+
 fn step(now: u64, checks: Vec<Spec>) -> Step {
     Step { now, checks }
 }
@@ -433,6 +445,13 @@ fn random_steps(seed: u64, count: usize, algorithms: usize) -> Vec<Step> {
     steps
 }
 
+/// A Redis store on `server` with the test options and `prefix`.
+async fn standalone_store(server: &RedisServer, prefix: &str) -> RedisStore {
+    RedisStore::connect(options(RedisTarget::Standalone(server.url()), prefix))
+        .await
+        .expect("the Redis store starts")
+}
+
 fn options(target: RedisTarget, prefix: &str) -> RedisOptions {
     RedisOptions {
         target,
@@ -592,22 +611,13 @@ fn window_counts(value: &[u8]) -> Option<(u64, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_evalsha_per_request_on_a_standalone_redis() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(options(RedisTarget::Standalone(server.url()), "trips:"))
-        .await
-        .expect("the Redis store starts");
+    let store = standalone_store(&server, "trips:").await;
     let window = limit(100, MINUTE, Algorithm::SlidingWindow);
     let keys: Vec<String> = (0..4).map(|i| format!("d|k={i}|1m/s")).collect();
     let checks: Vec<Check<'_>> = keys
         .iter()
         .enumerate()
-        .map(|(i, key)| Check {
-            key,
-            limit: window,
-            hits: 1,
-            group: i as u32 / 2,
-            count_rejected: false,
-            penalty: None,
-        })
+        .map(|(i, key)| one_hit(key, window, i as u32 / 2))
         .collect();
     let before = server.command_calls("evalsha");
     let mut out = Vec::new();
@@ -624,22 +634,20 @@ async fn one_evalsha_per_request_on_a_standalone_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_of_a_thousand_checks_is_decided_like_memory() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(options(RedisTarget::Standalone(server.url()), "many:"))
-        .await
-        .expect("the Redis store starts");
+    let store = standalone_store(&server, "many:").await;
     let memory = MemoryStore::new(10_000);
     let keys: Vec<String> = (0..1_000).map(|i| format!("d|k={i}|1m/f")).collect();
     let checks: Vec<Check<'_>> = keys
         .iter()
         .enumerate()
         .map(|(i, key)| Check {
-            key,
-            // Limits differ per key, so an answer read from the wrong place shows.
-            limit: limit(2 + (i % 7) as u32, MINUTE, Algorithm::FixedWindow),
             hits: 1 + (i % 2) as u64,
-            group: i as u32,
-            count_rejected: false,
-            penalty: None,
+            // Limits differ per key, so an answer read from the wrong place shows.
+            ..one_hit(
+                key,
+                limit(2 + (i % 7) as u32, MINUTE, Algorithm::FixedWindow),
+                i as u32,
+            )
         })
         .collect();
     let (mut from_redis, mut from_memory) = (Vec::new(), Vec::new());
@@ -665,18 +673,13 @@ async fn a_request_of_a_thousand_checks_is_decided_like_memory() {
 async fn a_window_counter_keeps_its_ttl_within_a_window_and_renews_it_in_the_next() {
     let server = RedisServer::start();
     let prefix = "ttl:";
-    let store = RedisStore::connect(options(RedisTarget::Standalone(server.url()), prefix))
-        .await
-        .expect("the Redis store starts");
+    let store = standalone_store(&server, prefix).await;
     let key = "d|k=ttl|1m/s".to_owned();
-    let checks = [Check {
-        key: &key,
-        limit: limit(100, MINUTE, Algorithm::SlidingWindow),
-        hits: 1,
-        group: 0,
-        count_rejected: false,
-        penalty: None,
-    }];
+    let checks = [one_hit(
+        &key,
+        limit(100, MINUTE, Algorithm::SlidingWindow),
+        0,
+    )];
     let mut redis_key = String::new();
     push_redis_key(&mut redis_key, prefix, &key);
     let pttl = || -> i64 { server.query(redis::cmd("PTTL").arg(&redis_key)) };
@@ -710,25 +713,18 @@ async fn a_window_counter_keeps_its_ttl_within_a_window_and_renews_it_in_the_nex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_share_script_calls_and_each_counts_once() {
     let server = RedisServer::start();
-    let store = std::sync::Arc::new(
-        RedisStore::connect(options(RedisTarget::Standalone(server.url()), "share:"))
-            .await
-            .expect("the Redis store starts"),
-    );
+    let store = std::sync::Arc::new(standalone_store(&server, "share:").await);
     let before = server.command_calls("evalsha");
     let requests: Vec<_> = (0..300u64)
         .map(|i| {
             let store = std::sync::Arc::clone(&store);
             tokio::spawn(async move {
                 let key = "d|k=shared|1m/f".to_owned();
-                let checks = [Check {
-                    key: &key,
-                    limit: limit(1_000, MINUTE, Algorithm::FixedWindow),
-                    hits: 1,
-                    group: 0,
-                    count_rejected: false,
-                    penalty: None,
-                }];
+                let checks = [one_hit(
+                    &key,
+                    limit(1_000, MINUTE, Algorithm::FixedWindow),
+                    0,
+                )];
                 let mut out = Vec::new();
                 store.apply(&checks, T0 + i % 10, &mut out).await.unwrap();
                 out[0]
@@ -758,29 +754,15 @@ async fn concurrent_requests_share_script_calls_and_each_counts_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_groups_in_shared_calls_leave_no_count_behind() {
     let server = RedisServer::start();
-    let store = std::sync::Arc::new(
-        RedisStore::connect(options(RedisTarget::Standalone(server.url()), "group:"))
-            .await
-            .expect("the Redis store starts"),
-    );
+    let store = std::sync::Arc::new(standalone_store(&server, "group:").await);
     let wide = limit(1_000, MINUTE, Algorithm::FixedWindow);
     let narrow = limit(50, MINUTE, Algorithm::FixedWindow);
     let (a, b) = ("d|k=a|1m/f".to_owned(), "d|k=b|1m/f".to_owned());
-    fn check(key: &str, limit: Limit) -> Check<'_> {
-        Check {
-            key,
-            limit,
-            hits: 1,
-            group: 0,
-            count_rejected: false,
-            penalty: None,
-        }
-    }
     let requests: Vec<_> = (0..200)
         .map(|_| {
             let (store, a, b) = (std::sync::Arc::clone(&store), a.clone(), b.clone());
             tokio::spawn(async move {
-                let checks = [check(&a, wide), check(&b, narrow)];
+                let checks = [one_hit(&a, wide, 0), one_hit(&b, narrow, 0)];
                 let mut out = Vec::new();
                 store.apply(&checks, T0, &mut out).await.unwrap();
                 !out.iter().any(|v| v.over_limit)
@@ -794,7 +776,7 @@ async fn rejected_groups_in_shared_calls_leave_no_count_behind() {
     assert_eq!(admitted, 50);
     let mut out = Vec::new();
     store
-        .apply(&[check(&a, wide)], T0 + 1, &mut out)
+        .apply(&[one_hit(&a, wide, 0)], T0 + 1, &mut out)
         .await
         .unwrap();
     assert_eq!(out[0].remaining, 1_000 - 50 - 1, "{out:?}");
@@ -824,9 +806,7 @@ async fn reached_redis(server: &RedisServer, store: &RedisStore, steps: &[Step])
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_over_their_limit_are_answered_locally_until_their_reset() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(options(RedisTarget::Standalone(server.url()), "cache:"))
-        .await
-        .expect("the Redis store starts");
+    let store = standalone_store(&server, "cache:").await;
 
     // Fixed window, envoyproxy-style: three admitted, the fourth goes over in Redis, the
     // rest of the window is answered locally with the reset counting down, and the next
