@@ -120,7 +120,12 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                     .local_cache_hits
                     .fetch_add(descriptors, std::sync::atomic::Ordering::Relaxed);
             });
-            let (health, fallbacks) = (store.clone(), store.clone());
+            let (health, fallbacks, entries) = (store.clone(), store.clone(), store.clone());
+            metrics.gauge(
+                "meshlimit_cache_entries",
+                "Counters held in memory: with --store redis, those --redis-failure-mode local kept while Redis was away.",
+                move || entries.fallback_counters(),
+            );
             metrics.gauge(
                 "meshlimit_redis_degraded",
                 "1 while a Redis node's circuit breaker is open and the failure policy answers for it.",

@@ -158,6 +158,12 @@ async fn redis_dies_and_comes_back(mode: &str) {
     let health = http::get(server.admin_addr, "/healthcheck", &[]).expect("GET /healthcheck");
     assert_eq!(health.status, 200, "a degraded replica still serves");
     assert_eq!(metric(&server, "meshlimit_redis_degraded"), Some(1));
+    // Only `local` keeps counters of its own while Redis is away, and says so.
+    let kept = metric(&server, "meshlimit_cache_entries");
+    match mode {
+        "local" => assert!(kept.is_some_and(|n| n > 0), "local counters: {kept:?}"),
+        _ => assert_eq!(kept, Some(0), "{mode} keeps no counters"),
+    }
 
     redis.restart();
     let restarted = Instant::now();

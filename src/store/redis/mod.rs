@@ -264,6 +264,12 @@ impl RedisStore {
         self.inner.fallbacks.load(Ordering::Relaxed)
     }
 
+    /// Counters held in this replica's memory by `--redis-failure-mode local`, for the
+    /// decisions it took while Redis was away (0 under the other failure modes).
+    pub fn fallback_counters(&self) -> u64 {
+        self.inner.local.len()
+    }
+
     /// Descriptors answered over the limit by the local over-limit cache, without Redis.
     pub fn local_cache_hits(&self) -> u64 {
         self.inner.over_cache.as_ref().map_or(0, OverCache::hits)
