@@ -4,8 +4,9 @@
 # stack (examples/ok_server.rs, a bare tonic server answering OK), and the latency the
 # ratelimit filter adds inside a real Envoy.
 #
-#   bench/run.sh                                # 10 s per step (+1 s warm-up), ~6 minutes
+#   bench/run.sh                                # 10 s per step (+1 s warm-up), ~10 minutes
 #   BENCH_SECONDS=1 BENCH_WARMUP=0 bench/run.sh # the CI size (tests/bench_harness.rs)
+#   BENCH_ROUNDS=5 bench/run.sh                 # more rounds of the max steps (default 3)
 #
 # Mixes (bodies from examples/make_request.rs; descriptors as in bench/config/edge.yaml):
 #   d1-mix, d4-mix, d8-mix: 1, 4 or 8 descriptors a request, from a hot/cold client mix:
@@ -16,7 +17,11 @@
 #     bursts of the few requests one slot carries (see the report's slot counts).
 #   d4-one: 4 descriptors, always the same client: bench/load.sh's request.
 # Each mix runs against the ceiling, meshlimit --store memory and meshlimit --store redis:
-#   max:  h2load -c 8 -m 16 (128 requests in flight), as fast as the server answers;
+#   max:  h2load -c 8 -m 16 (128 requests in flight), as fast as the server answers, in
+#         BENCH_ROUNDS rounds of ceiling, memory, Redis; each server's max row is its
+#         median round by req/s. A slow spell of the shared machine then lands on one
+#         round of each server rather than on one server's whole step (one-shot steps
+#         saw the same ceiling cost 19 us a request in one mix and 27 us in the next);
 #   half: half of that server's max, sent open loop by `make_request pace` (CPU 0): one
 #         request every 1/rate s over 8 HTTP/2 connections, each request's latency counted
 #         from when it was due, with the mix's clients (one request per slot). This is
@@ -48,6 +53,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/common.sh
 
 seconds=${BENCH_SECONDS:-10}
+rounds=${BENCH_ROUNDS:-3}
 warmup=${BENCH_WARMUP:-1}
 envoy_rps=${BENCH_ENVOY_RPS:-2000}
 port_base=${BENCH_PORT_BASE:-18280}
@@ -81,6 +87,8 @@ build_release --bin meshlimit --example ok_server --example make_request
 bench_workdir
 report=$work/report.txt
 rows=$work/rows.tsv
+# Every round of the max steps: the round's number, then a row as in $rows.
+round_rows=$work/rounds.tsv
 failed=0
 note() { printf '%s\n' "$*" | tee -a "$report"; }
 fail() {
@@ -252,7 +260,7 @@ server_pid[memory]=$started
 start_pinned 0 "$work/redis-server.log" "$redis_server" --bind 127.0.0.1 --port "$redis_port" \
   --save '' --appendonly no
 redis_server_pid=$started
-declare -A redis_cpu=()
+declare -A redis_cpu=() redis_cpu_rounds=()
 start_pinned 1 "$work/redis.log" "$bin/meshlimit" serve --config bench/config \
   --grpc-addr "127.0.0.1:$redis_grpc" --admin-addr "127.0.0.1:$redis_admin" \
   --store redis --redis-url "redis://127.0.0.1:$redis_port" --redis-timeout 1s
@@ -265,12 +273,24 @@ note "CPU 1's own stalls, spinning ${hiccup_seconds} s while the servers idle: $
 
 declare -A port=([ceiling]=$ok_port [memory]=$memory_port [redis]=$redis_grpc)
 for mix in "${mixes[@]}"; do
-  echo "==> $mix: max, then half of max, for each server (${seconds} s each)"
+  echo "==> $mix: max in $rounds rounds, then half of max, for each server (${seconds} s each)"
+  for round in $(seq 1 "$rounds"); do
+    for store in ceiling memory redis; do
+      grpc_step "$mix" "$store" "${port[$store]}" max
+      # The round's row moves to $round_rows; the median round comes back below.
+      tail -n 1 "$rows" | sed "s/^/$round\t/" >>"$round_rows"
+      sed -i '$ d' "$rows"
+    done
+    redis_cpu_rounds[$mix]+="${redis_cpu[$mix]:-?} "
+  done
   for store in ceiling memory redis; do
-    grpc_step "$mix" "$store" "${port[$store]}" max
+    awk -F'\t' -v m="$mix" -v s="$store" '$2 == m && $3 == s' "$round_rows" |
+      sort -t$'\t' -k5,5g | awk -v n="$rounds" 'NR == int((n + 1) / 2)' | cut -f2- >>"$rows"
+    note "  $mix $store max, req/s by round: $(awk -F'\t' -v m="$mix" -v s="$store" \
+      '$2 == m && $3 == s { printf "%s%s", (n++ ? " / " : ""), $5 }' "$round_rows") (the median is its row)"
   done
   [ "${mix_rotates[$mix]}" = no ] || note "  $mix rotation (last run): $slots"
-  note "  $mix redis-server CPU per request at max: ${redis_cpu[$mix]:-?} us (on CPU 0, beside h2load)"
+  note "  $mix redis-server CPU per request at max, by round: ${redis_cpu_rounds[$mix]}us (on CPU 0, beside h2load)"
   for store in ceiling memory redis; do
     max=$(awk -F'\t' -v m="$mix" -v s="$store" '$1 == m && $2 == s && $3 == "max" { print $4 }' "$rows")
     rate=$(awk -v r="${max:-0}" 'BEGIN { printf "%d", r / 2 }')

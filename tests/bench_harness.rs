@@ -170,6 +170,36 @@ fn every_step_of_the_load_harness_runs_without_failures() {
     }
     assert_eq!(seen, expected, "rows of run.tsv\n{log}");
     let report = std::fs::read_to_string(results.path().join("run.txt")).expect("read run.txt");
+    // Each max row is the median of that server's rounds, as the report lists them.
+    for mix in MIXES {
+        for server in SERVERS {
+            let prefix = format!("{mix} {server} max, req/s by round: ");
+            let line = report
+                .lines()
+                .find_map(|line| line.trim().strip_prefix(prefix.as_str()))
+                .unwrap_or_else(|| panic!("no rounds for {mix} {server}\n{report}"));
+            let mut rounds: Vec<f64> = line
+                .split(" (")
+                .next()
+                .unwrap_or_default()
+                .split(" / ")
+                .map(|rps| rps.parse().unwrap_or_else(|_| panic!("{line:?}")))
+                .collect();
+            assert_eq!(rounds.len(), 3, "{line:?}");
+            rounds.sort_by(f64::total_cmp);
+            let row = tsv
+                .lines()
+                .find(|row| row.starts_with(&format!("{mix}\t{server}\tmax\t")))
+                .expect("a max row");
+            let rps: f64 = row
+                .split('\t')
+                .nth(3)
+                .unwrap_or_default()
+                .parse()
+                .expect("req/s");
+            assert_eq!(rps, rounds[1], "{row:?} is not the median of {line:?}");
+        }
+    }
     assert!(
         report.contains("Envoy: the ratelimit filter adds"),
         "{report}"
