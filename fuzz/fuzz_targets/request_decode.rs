@@ -1,5 +1,5 @@
 //! Any bytes as the body of a ShouldRateLimit call: decoded as the gRPC adapter's codec
-//! decodes it, then decided by the limiter against a config of every algorithm. Decoding
+//! decodes it (and checked against prost's decoding), then decided by the limiter against a config of every algorithm. Decoding
 //! may fail; a decoded request must be answered or refused, with one status per
 //! descriptor, never a panic.
 #![no_main]
@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwapOption;
 use libfuzzer_sys::fuzz_target;
 use meshlimit::clock::ManualClock;
+use meshlimit::codec::decode_request;
 use meshlimit::config::{LoadOptions, compile_str};
 use meshlimit::limit::Algorithm;
 use meshlimit::limiter::{DecisionError, RateLimiter, RequestBounds};
@@ -82,7 +83,15 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pause, body)) = data.split_first() else {
         return;
     };
-    let Ok(request) = RateLimitRequest::decode(body) else {
+    // The service's own reader must agree with prost on every input: the same request
+    // where prost decodes one, an error where prost refuses.
+    let decoded = decode_request(body);
+    assert_eq!(
+        decoded.as_ref().ok(),
+        RateLimitRequest::decode(body).as_ref().ok(),
+        "meshlimit's reader and prost disagree"
+    );
+    let Ok(request) = decoded else {
         return;
     };
     let harness = harness();
