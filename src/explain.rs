@@ -187,6 +187,32 @@ descriptor 1: tenant=acme,path=/orders
         assert_eq!(text, expected);
     }
 
+    /// A policy's `hybrid: true` changes how its counts reach Redis; explain says so and
+    /// where it was set.
+    #[test]
+    fn explains_a_hybrid_policy() {
+        let yaml = "\
+domain: api
+policies:
+  hot:
+    algorithm: fixed_window
+    hybrid: true
+    limits: [{requests_per_unit: 1000, unit: second}]
+descriptors:
+  - key: tenant
+    policy: hot
+";
+        let tree = compile_str("api.yaml", yaml, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let config = RateLimitConfig::new([tree], Algorithm::SlidingWindow);
+        let tenant = parse_descriptor("tenant=acme").unwrap();
+        let text = explain(&config, "api", &[tenant]);
+        assert!(
+            text.contains("hybrid: true (with --store redis each replica counts locally and adds its hits to Redis in batches) — from policy `hot` (api.yaml:5:13)"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn explains_an_inline_override_on_a_wildcard() {
         let admin = parse_descriptor("tenant=acme,path=/admin/users").unwrap();

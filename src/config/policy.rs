@@ -643,6 +643,14 @@ pub fn describe(policy: &ResolvedPolicy, default_algorithm: Algorithm) -> Vec<St
     if let Some((capacity, origin)) = &policy.capacity {
         lines.push(format!("capacity: {capacity} — from {origin}"));
     }
+    if let Some((hybrid, origin)) = &policy.hybrid {
+        let how = if *hybrid {
+            "with --store redis each replica counts locally and adds its hits to Redis in batches"
+        } else {
+            "every hit goes to the store"
+        };
+        lines.push(format!("hybrid: {hybrid} ({how}) — from {origin}"));
+    }
     if let Some((shadow, origin)) = &policy.shadow_mode {
         lines.push(format!("shadow_mode: {shadow} — from {origin}"));
     }
