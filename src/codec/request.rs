@@ -31,10 +31,9 @@ pub fn decode_request(bytes: &[u8]) -> Result<RateLimitRequest, DecodeError> {
 
 /// The plain shape read fast, or `None` for prost to decide.
 fn read_request(bytes: &[u8]) -> Option<RateLimitRequest> {
-    let mut reader = Reader { bytes, at: 0 };
     let mut request = RateLimitRequest::default();
-    while !reader.done() {
-        match reader.tag()? {
+    each_field(bytes, |reader, tag| {
+        match tag {
             (1, LEN) => request.domain = reader.string()?,
             (2, LEN) => request
                 .descriptors
@@ -42,15 +41,15 @@ fn read_request(bytes: &[u8]) -> Option<RateLimitRequest> {
             (3, VARINT) => request.hits_addend = reader.varint()? as u32,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(request)
 }
 
 fn read_descriptor(bytes: &[u8]) -> Option<RateLimitDescriptor> {
-    let mut reader = Reader { bytes, at: 0 };
     let mut descriptor = RateLimitDescriptor::default();
-    while !reader.done() {
-        match reader.tag()? {
+    each_field(bytes, |reader, tag| {
+        match tag {
             (1, LEN) => descriptor.entries.push(read_entry(reader.delimited()?)?),
             // A second occurrence merges into the first in prost; left to prost.
             (2, LEN) if descriptor.limit.is_none() => {
@@ -61,47 +60,62 @@ fn read_descriptor(bytes: &[u8]) -> Option<RateLimitDescriptor> {
             }
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(descriptor)
 }
 
 fn read_entry(bytes: &[u8]) -> Option<Entry> {
-    let mut reader = Reader { bytes, at: 0 };
     let mut entry = Entry::default();
-    while !reader.done() {
-        match reader.tag()? {
+    each_field(bytes, |reader, tag| {
+        match tag {
             (1, LEN) => entry.key = reader.string()?,
             (2, LEN) => entry.value = reader.string()?,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(entry)
 }
 
 fn read_override(bytes: &[u8]) -> Option<RateLimitOverride> {
-    let mut reader = Reader { bytes, at: 0 };
     let mut limit = RateLimitOverride::default();
-    while !reader.done() {
-        match reader.tag()? {
+    each_field(bytes, |reader, tag| {
+        match tag {
             (1, VARINT) => limit.requests_per_unit = reader.varint()? as u32,
             (2, VARINT) => limit.unit = reader.varint()? as i32,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(limit)
 }
 
 /// `google.protobuf.UInt64Value`: its one field, 0 when absent.
 fn read_u64_value(bytes: &[u8]) -> Option<u64> {
-    let mut reader = Reader { bytes, at: 0 };
     let mut value = 0;
-    while !reader.done() {
-        match reader.tag()? {
+    each_field(bytes, |reader, tag| {
+        match tag {
             (1, VARINT) => value = reader.varint()?,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(value)
+}
+
+/// Hands each field of one message's `bytes` (its tag, and the reader positioned at its
+/// value) to `field`, which reads the value or returns `None` to leave it to prost.
+fn each_field<'a>(
+    bytes: &'a [u8],
+    mut field: impl FnMut(&mut Reader<'a>, (u64, u8)) -> Option<()>,
+) -> Option<()> {
+    let mut reader = Reader { bytes, at: 0 };
+    while !reader.done() {
+        let tag = reader.tag()?;
+        field(&mut reader, tag)?;
+    }
+    Some(())
 }
 
 /// A position in one message's bytes. Every read returns `None` where prost would have
