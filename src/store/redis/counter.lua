@@ -169,21 +169,13 @@ local function copy(state)
   elseif kind == 'k' then
     return { kind = 'k', level = state.level, updated = state.updated }
   end
-  local copied = {}
-  for field, value in pairs(state) do
-    copied[field] = value
+  -- The sliding log ('l'). A loop, not unpack: a log can hold more entries than Lua's stack.
+  local at, hits = {}, {}
+  for i = 1, #state.at do
+    at[i] = state.at[i]
+    hits[i] = state.hits[i]
   end
-  if kind == 'l' then
-    -- A loop, not unpack: a log can hold more entries than Lua's stack.
-    local at, hits = {}, {}
-    for i = 1, #state.at do
-      at[i] = state.at[i]
-      hits[i] = state.hits[i]
-    end
-    copied.at = at
-    copied.hits = hits
-  end
-  return copied
+  return { kind = 'l', at = at, hits = hits, head = state.head, total = state.total }
 end
 
 local function encode(state)
