@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 use crate::algorithm::Verdict;
 use crate::algorithm::penalty::Penalty;
 use crate::clock::Clock;
-use crate::key::append_counter_key;
+use crate::key::{KeyForm, append_key};
 use crate::limit::{Limit, Unit};
 use crate::matcher::{Capacity, DomainTree, RateLimitConfig};
 use crate::metrics::{Hit, Metrics};
@@ -162,7 +162,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             return Ok(shed);
         }
 
-        let plan = Plan::new(request, &resolved, Counting::Hits);
+        let plan = Plan::new(request, &resolved, Counting::Hits, S::KEY_FORM);
         let checks = plan.checks();
         let mut verdicts = Spare::verdicts();
         if !checks.is_empty() {
@@ -239,7 +239,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             ..capacity.limit
         };
         let mut key = String::new();
-        append_counter_key(&mut key, &request.domain, &[], &capacity.limit);
+        append_key(&mut key, S::KEY_FORM, &request.domain, &[], &capacity.limit);
         key.push_str("|capacity");
         let check = Check {
             key: &key,
@@ -289,7 +289,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             return Ok(Vec::new());
         };
         let resolved = resolve(request, &config, domain)?;
-        let plan = Plan::new(request, &resolved, Counting::LookOnly);
+        let plan = Plan::new(request, &resolved, Counting::LookOnly, S::KEY_FORM);
         let checks = plan.checks();
         let mut verdicts = Vec::with_capacity(checks.len());
         if !checks.is_empty() {
@@ -470,7 +470,12 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(request: &RateLimitRequest, resolved: &[Resolved<'_>], counting: Counting) -> Self {
+    fn new(
+        request: &RateLimitRequest,
+        resolved: &[Resolved<'_>],
+        counting: Counting,
+        form: KeyForm,
+    ) -> Self {
         let (mut key_text, mut counted) = (Spare::keys(), Spare::counted());
         for (i, (descriptor, resolved)) in request.descriptors.iter().zip(resolved).enumerate() {
             let (limits, count_rejected, penalty) = match resolved {
@@ -489,7 +494,13 @@ impl Plan {
             };
             for limit in limits {
                 let start = key_text.len();
-                append_counter_key(&mut key_text, &request.domain, &descriptor.entries, limit);
+                append_key(
+                    &mut key_text,
+                    form,
+                    &request.domain,
+                    &descriptor.entries,
+                    limit,
+                );
                 counted.push(Counted {
                     descriptor: i,
                     limit: *limit,

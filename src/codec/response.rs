@@ -31,7 +31,8 @@ pub fn encode_response(response: &RateLimitResponse, out: &mut Vec<u8>) {
         response.encode_raw(out);
         return;
     }
-    out.reserve(response_len(response));
+    // No reserve up front: working out the whole length walked every status a second time,
+    // and the scratch vector it is written into keeps its capacity between answers.
     put_enum(out, 1, response.overall_code);
     for status in &response.statuses {
         put_key(out, 2, LEN);
@@ -45,19 +46,6 @@ pub fn encode_response(response: &RateLimitResponse, out: &mut Vec<u8>) {
         put_header(out, 4, header);
     }
     put_bytes(out, 5, &response.raw_body);
-}
-
-fn response_len(response: &RateLimitResponse) -> usize {
-    let statuses: usize = response
-        .statuses
-        .iter()
-        .map(|status| nested_len(status_len(status)))
-        .sum();
-    let headers: usize = (response.response_headers_to_add.iter())
-        .chain(&response.request_headers_to_add)
-        .map(|header| nested_len(header_len(header)))
-        .sum();
-    enum_len(response.overall_code) + statuses + headers + bytes_len(&response.raw_body)
 }
 
 fn put_status(out: &mut Vec<u8>, status: &DescriptorStatus) {

@@ -22,6 +22,7 @@ use self::shard::{Removed, Room, Shard};
 use super::{Check, CounterStore, StoreError, groups};
 use crate::algorithm::penalty::PenaltyState;
 use crate::algorithm::{self, CounterState, Verdict};
+use crate::key::KeyForm;
 
 /// Most shards a store is split into. More than the cores that could contend for them, so
 /// two decisions rarely wait on the same lock; few enough that summing them is cheap.
@@ -287,6 +288,8 @@ impl<'s> Locked<'s> {
 
 impl CounterStore for MemoryStore {
     const WAITS: bool = false;
+    // Keys are only hashed here, never shown: the packed form skips scanning and escaping.
+    const KEY_FORM: KeyForm = KeyForm::Packed;
 
     fn apply(
         &self,

@@ -10,6 +10,7 @@ use std::future::Future;
 
 use crate::algorithm::Verdict;
 use crate::algorithm::penalty::Penalty;
+use crate::key::KeyForm;
 use crate::limit::Limit;
 
 pub use self::redis::RedisStore;
@@ -18,7 +19,8 @@ pub use memory::MemoryStore;
 /// One counter to update: the hits of one descriptor against one of its limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Check<'a> {
-    /// The full counter key: domain, every matched entry, and the limit's window (see `key`).
+    /// The full counter key: domain, every matched entry, and the limit's window, in the
+    /// store's `KEY_FORM` (see `key`).
     pub key: &'a str,
     pub limit: Limit,
     /// 0 checks without counting.
@@ -55,6 +57,10 @@ pub trait CounterStore: Send + Sync + 'static {
     /// call is part of the decision's own latency, and two clock reads would cost more
     /// than the call itself.
     const WAITS: bool = true;
+
+    /// How the limiter writes this store's keys: text where people read them, packed where
+    /// they are only hashed.
+    const KEY_FORM: KeyForm = KeyForm::Text;
 
     /// Applies every check at time `now_millis`, writing one verdict per check into `out`
     /// (cleared first), in the order of `checks`. Each group is atomic: either every check
