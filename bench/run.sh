@@ -29,9 +29,15 @@
 #         requests together, so every request queued behind a burst.) Before the runs,
 #         `make_request hiccups` spins on CPU 1 while the servers idle and counts the
 #         machine's own stalls: a pause of d ms delays ~2 d ms of requests at half load.
-# Envoy: h2load (h2c, 4 connections, BENCH_ENVOY_RPS requests/s in all, default 2 000)
-# through bench/envoy/bootstrap.yaml with and without the ratelimit filter (which calls
-# the memory meshlimit); the difference is the latency the filter adds.
+# Envoy: through bench/envoy/bootstrap.yaml with and without the ratelimit filter (which
+# calls the memory meshlimit); the difference is the latency the filter adds. Two loads:
+#   serial: one request at a time (h2load -c 1 -m 1), so nothing queues: what the filter
+#           adds to each request;
+#   fixed:  h2load (h2c, 4 connections, BENCH_ENVOY_RPS requests/s in all, default 2 000).
+#           Its 10 ms ticks send 20 requests at once, and on this 2-core machine Envoy
+#           alone costs ~190 us a request, so the later ones in a tick wait milliseconds
+#           for Envoy itself: this row is Envoy's queue under bursts, with the filter's
+#           work in it, not the filter's own delay.
 #
 # The servers (meshlimit, ok_server, Envoy) run on CPU 1; h2load, the rotator and
 # redis-server on CPU 0 (in production Redis has a machine of its own, so this is
@@ -246,7 +252,7 @@ mixes=(d1-mix d4-mix d8-mix d4-one)
 note "meshlimit load harness: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(commit)"
 note "$(machine) at the start; servers on CPU 1, h2load, the rotator and $("$redis_server" --version | cut -d' ' -f1-3) on CPU 0"
 note "gRPC: max = h2load -c $connections -m $streams -t 1 -D $seconds --warm-up-time=$warmup; half = make_request pace, open loop at half each server's max"
-note "Envoy: $("$envoy" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*/[A-Za-z]*' | head -1), h2load h2c -c $envoy_connections -m $envoy_streams at $envoy_rps req/s in all"
+note "Envoy: $("$envoy" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*/[A-Za-z]*' | head -1), h2load h2c -c $envoy_connections -m $envoy_streams at $envoy_rps req/s in all, and -c 1 -m 1 (one request at a time)"
 
 echo "==> starting ok_server :$ok_port, meshlimit (memory) :$memory_port, redis-server :$redis_port, meshlimit (redis) :$redis_grpc"
 make_request write "$work/ready.bin"
@@ -345,6 +351,11 @@ envoy_step() {
     "http://127.0.0.1:$envoy_port/api/v1/orders" >"$out" 2>&1 ||
     fail "envoy/$variant: h2load exited with an error"
   record envoy "$variant" fixed "$out" "$log"
+  timeout "$((warmup + seconds + slack))" taskset -c 0 h2load -c 1 -m 1 -t 1 -D "$seconds" \
+    --warm-up-time="$warmup" -H "x-user-id: $user" --log-file="$log.serial" \
+    "http://127.0.0.1:$envoy_port/api/v1/orders" >"$out.serial" 2>&1 ||
+    fail "envoy/$variant/serial: h2load exited with an error"
+  record envoy "$variant" serial "$out.serial" "$log.serial"
   if [ "$variant" = filter ]; then
     # Envoy's own count: every request it answered was checked with meshlimit, and none
     # of the checks failed (failure_mode_deny would also have shown them as 500s).
@@ -355,7 +366,7 @@ envoy_step() {
       awk '{ s += $1 } END { print s + 0 }')
     note "  Envoy's ratelimit filter: ${ok:-0} checks OK, $errors errors or over limit"
     local done_count
-    done_count=$(awk -F'\t' '$1 == "envoy" && $2 == "filter" { print $9 }' "$rows")
+    done_count=$(awk -F'\t' '$1 == "envoy" && $2 == "filter" { n += $9 } END { print n + 0 }' "$rows")
     if [ "${ok:-0}" -lt "${done_count:-1}" ] || [ "$errors" -ne 0 ]; then
       fail "envoy/filter: ${ok:-0} ratelimit checks OK for ${done_count:-?} requests, $errors errors"
     fi
@@ -402,12 +413,17 @@ envoy_step filter
         printf "%-7s server CPU per request at max: ceiling %.1f us, memory %.1f us, redis %.1f us (ceiling / memory = %.1f%%)\n",
           m, cc, cm, cr, cm ? 100 * cc / cm : 0
       }
-      printf "Envoy: the ratelimit filter adds p50 %+.3f ms, p99 %+.3f ms, p99.9 %+.3f ms, CPU %+.1f us per request (Envoy + meshlimit) at %s req/s\n",
+      printf "Envoy: the ratelimit filter adds p50 %+.3f ms, p99 %+.3f ms, p99.9 %+.3f ms one request at a time (Envoy alone: p50 %.3f ms)\n",
+        p50["envoy", "filter", "serial"] - p50["envoy", "plain", "serial"],
+        p99["envoy", "filter", "serial"] - p99["envoy", "plain", "serial"],
+        p999["envoy", "filter", "serial"] - p999["envoy", "plain", "serial"],
+        p50["envoy", "plain", "serial"]
+      printf "Envoy: at %s req/s in 10 ms bursts, with the filter p50 %+.3f ms, p99 %+.3f ms, p99.9 %+.3f ms, CPU %+.1f us per request (Envoy + meshlimit)\n",
+        rps["envoy", "filter", "fixed"],
         p50["envoy", "filter", "fixed"] - p50["envoy", "plain", "fixed"],
         p99["envoy", "filter", "fixed"] - p99["envoy", "plain", "fixed"],
         p999["envoy", "filter", "fixed"] - p999["envoy", "plain", "fixed"],
-        cpu["envoy", "filter", "fixed"] - cpu["envoy", "plain", "fixed"],
-        rps["envoy", "filter", "fixed"]
+        cpu["envoy", "filter", "fixed"] - cpu["envoy", "plain", "fixed"]
     }' "$work/run.tsv"
   echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
   if [ "$failed" -eq 0 ]; then

@@ -166,7 +166,9 @@ fn every_step_of_the_load_harness_runs_without_failures() {
         }
     }
     for variant in ["plain", "filter"] {
-        expected.insert(("envoy".to_owned(), variant.to_owned(), "fixed".to_owned()));
+        for load in ["fixed", "serial"] {
+            expected.insert(("envoy".to_owned(), variant.to_owned(), load.to_owned()));
+        }
     }
     assert_eq!(seen, expected, "rows of run.tsv\n{log}");
     let report = std::fs::read_to_string(results.path().join("run.txt")).expect("read run.txt");
@@ -201,7 +203,8 @@ fn every_step_of_the_load_harness_runs_without_failures() {
         }
     }
     assert!(
-        report.contains("Envoy: the ratelimit filter adds"),
+        report.contains("Envoy: the ratelimit filter adds")
+            && report.contains("one request at a time"),
         "{report}"
     );
     // The machine's own stalls, which every latency on it includes, are in the report.
