@@ -193,13 +193,17 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             });
         }
 
-        let mut statuses: Vec<DescriptorStatus> =
-            resolved.iter().map(status_without_counting).collect();
-        for d in &decided {
-            if let Some(slot) = statuses.get_mut(d.descriptor) {
-                *slot = counted_status(&d.limit, d.name, &d.verdict, d.rejects);
-            }
-        }
+        // `decided` is in descriptor order, one entry per counted descriptor: one pass
+        // builds every status once.
+        let mut deciding = decided.iter().peekable();
+        let statuses: Vec<DescriptorStatus> = (resolved.iter().enumerate())
+            .map(
+                |(i, resolved)| match deciding.next_if(|d| d.descriptor == i) {
+                    Some(d) => counted_status(&d.limit, d.name, &d.verdict, d.rejects),
+                    None => status_without_counting(resolved),
+                },
+            )
+            .collect();
         for d in &decided {
             self.record(request, d);
         }
