@@ -137,14 +137,18 @@ mod tests {
     use super::*;
     use crate::limit::{Algorithm, Unit};
 
-    fn key(entries: &[(&str, &str)]) -> String {
-        let entries: Vec<Entry> = entries
-            .iter()
-            .map(|(k, v)| Entry {
-                key: k.to_string(),
-                value: v.to_string(),
+    fn entries_of<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<Entry> {
+        pairs
+            .into_iter()
+            .map(|(key, value)| Entry {
+                key: key.to_owned(),
+                value: value.to_owned(),
             })
-            .collect();
+            .collect()
+    }
+
+    fn key(entries: &[(&str, &str)]) -> String {
+        let entries = entries_of(entries.iter().copied());
         let limit = Limit::per_unit(1, Unit::Minute, Algorithm::SlidingWindow);
         let mut out = String::new();
         append_counter_key(&mut out, "edge", &entries, &limit);
@@ -182,13 +186,7 @@ mod tests {
         window_millis: u64,
         algorithm: Algorithm,
     ) -> String {
-        let entries: Vec<Entry> = entries
-            .iter()
-            .map(|(key, value)| Entry {
-                key: key.clone(),
-                value: value.clone(),
-            })
-            .collect();
+        let entries = entries_of(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let limit = Limit {
             window_millis,
             ..Limit::per_unit(1, Unit::Second, algorithm)
