@@ -33,7 +33,7 @@ pub fn append_key(out: &mut String, form: KeyForm, domain: &str, entries: &[Entr
 /// so the key is still a `str` and each part ends exactly where its length says. A key is
 /// therefore never a prefix of another, and a suffix such as `|penalty` cannot turn one
 /// key into another.
-pub fn append_packed_key(out: &mut String, domain: &str, entries: &[Entry], limit: &Limit) {
+fn append_packed_key(out: &mut String, domain: &str, entries: &[Entry], limit: &Limit) {
     push_packed(out, domain);
     push_length(out, entries.len() as u64);
     for entry in entries {
