@@ -444,10 +444,10 @@ async fn connect_h2(addr: &str) -> Result<h2::client::SendRequest<Bytes>, String
         .map_err(|error| format!("cannot set TCP_NODELAY: {error}"))?;
     // h2 closes a connection (ENHANCE_YOUR_CALM, "too_many_data_frames") once the small
     // DATA frames it holds unread pass a budget of half the connection window. Every
-    // answer is one small DATA frame, and when this core is busy (redis-server shares it)
-    // the answers of a 100 ms stall outgrow the default window's budget: one stall killed a
-    // connection and failed a quarter of a run's requests. A 4 MiB window lets a stall
-    // show up as the latency it is.
+    // answer is one small DATA frame, so when the answers come faster than this process's
+    // tasks read them (a stall of either side), the default window's 32 KiB budget runs
+    // out: in one run that closed a connection and failed a quarter of a row's requests.
+    // A 4 MiB window lets a stall show up as the latency it is.
     let (send, connection) = h2::client::Builder::new()
         .initial_connection_window_size(4 << 20)
         .handshake(tcp)
