@@ -23,6 +23,10 @@ use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
 use meshlimit::store::MemoryStore;
 
+/// The allocator `meshlimit serve` uses, so the footprint is the shipped binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Live counters in the footprint measurement: the server's default `--cache-capacity`.
 const COUNTERS: u64 = 1_000_000;
 /// The flood: a store a tenth of that size, sent ten million distinct keys.

@@ -4,8 +4,8 @@
 //!     cargo run --release --example ok_server -- --grpc-addr 127.0.0.1:18091
 //!
 //! It is served the way `meshlimit serve` serves its gRPC port (same tonic server, tokio
-//! multi-thread runtime, TCP_NODELAY), so the gap between the two in the load test is the
-//! cost of meshlimit's own work: matching, counting and the fuller answer.
+//! multi-thread runtime, TCP_NODELAY, allocator), so the gap between the two in the load
+//! test is the cost of meshlimit's own work: matching, counting and the fuller answer.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -17,6 +17,10 @@ use meshlimit::proto::{RateLimitRequest, RateLimitResponse};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+
+/// The allocator `meshlimit serve` uses: the ceiling is the same stack, allocator included.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(about = "A RateLimitService that answers OK to everything: the load test's ceiling")]
