@@ -23,7 +23,8 @@ use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
 use meshlimit::store::MemoryStore;
 
-/// The allocator `meshlimit serve` uses, so the footprint is the shipped binary's.
+/// The allocator `meshlimit serve` uses, set as it sets it, so the footprint is the shipped
+/// binary's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -194,6 +195,8 @@ fn run_all() -> bool {
 }
 
 fn main() -> ExitCode {
+    // As `meshlimit serve --store memory` does (an operator's MIMALLOC_PURGE_DELAY wins).
+    meshlimit::allocator::purge_freed_memory_at_once();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let ok = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         [] => run_all(),

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod algorithm;
+pub mod allocator;
 pub mod clock;
 pub mod codec;
 pub mod config;

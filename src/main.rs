@@ -476,6 +476,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before the runtime's threads start (src/allocator.rs says why only this store).
+    if matches!(store, StoreChoice::Memory) && meshlimit::allocator::purge_freed_memory_at_once() {
+        tracing::debug!("mimalloc gives freed memory back at once (memory store)");
+    }
     let options = ServeOptions {
         config_dir: args.config,
         grpc_addr: args.grpc_addr,
