@@ -9,7 +9,7 @@
 //!
 //! Only the memory store gets it. With the Redis store, whose requests allocate and free
 //! more (the script's arguments, the replies) and which holds few counters in meshlimit,
-//! purging at once cost 15–20 % more CPU a request in the same measurement, so it keeps
+//! purging at once cost 16–17 % more CPU a request in the same measurement, so it keeps
 //! mimalloc's default.
 
 use libmimalloc_sys::{mi_option_get, mi_option_set, mi_option_t};
