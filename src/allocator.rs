@@ -33,7 +33,8 @@ pub fn purge_freed_memory_at_once() -> bool {
         return false;
     }
     // SAFETY: `mi_option_set` stores a number into mimalloc's option table; the index is
-    // in range (checked above and by the test) and any value is valid for a delay.
+    // in range (the tests hold it to mimalloc's own table) and any value is valid for a
+    // delay.
     unsafe { mi_option_set(PURGE_DELAY, 0) };
     true
 }
@@ -63,7 +64,8 @@ mod tests {
 
     use super::*;
 
-    /// Set in a child of this test binary: what the child checks, in `KEY=VALUE` form.
+    /// Set only in a child of this test binary, which then checks instead of spawning; its
+    /// value is the delay the first test expects the child to read.
     const CHILD: &str = "MESHLIMIT_ALLOCATOR_TEST_CHILD";
 
     /// Runs `test` of this module again in a child process with `variables` set, and
