@@ -521,20 +521,8 @@ async fn redis_cluster_decides_exactly_like_memory_and_survives_a_dead_master() 
     let mut cluster = RedisCluster::start();
     conform(RedisTarget::Cluster(cluster.seed_urls()), "cluster").await;
 
-    // One descriptor per master, found by its hash slot.
     let prefix = "survive:";
-    let mut per_master: Vec<Option<String>> = vec![None; 3];
-    for i in 0.. {
-        let key = format!("d|user=u{i}|1m/fixed_window");
-        let mut redis_key = String::new();
-        push_redis_key(&mut redis_key, prefix, &key);
-        let master = cluster.master_of(slot(&redis_key));
-        per_master[master].get_or_insert(key);
-        if per_master.iter().all(Option::is_some) {
-            break;
-        }
-    }
-    let keys: Vec<String> = per_master.into_iter().flatten().collect();
+    let keys = one_key_per_master(&cluster, prefix);
     let store = RedisStore::connect(RedisOptions {
         timeout: Duration::from_millis(200),
         failure_mode: FailureMode::Allow,
@@ -592,6 +580,144 @@ async fn redis_cluster_decides_exactly_like_memory_and_survives_a_dead_master() 
             "{redis_key} = {value:?}"
         );
     }
+}
+
+/// One counter key per master of `cluster` (in master order), found by its hash slot.
+fn one_key_per_master(cluster: &RedisCluster, prefix: &str) -> Vec<String> {
+    let mut per_master: Vec<Option<String>> = vec![None; cluster.masters.len()];
+    for i in 0.. {
+        let key = format!("d|user=u{i}|1m/fixed_window");
+        let mut redis_key = String::new();
+        push_redis_key(&mut redis_key, prefix, &key);
+        let master = cluster.master_of(slot(&redis_key));
+        per_master[master].get_or_insert(key);
+        if per_master.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    per_master.into_iter().flatten().collect()
+}
+
+/// `hybrid: true` on a cluster: two replicas decide locally, every flush sends each master
+/// the hits of the keys in its slots, so Redis holds every admitted hit on the right
+/// master, each replica learns the other's hits, and no decision waited for a script call;
+/// a dead master takes only its own keys to the failure policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_counters_on_a_cluster_reach_the_master_of_each_key() {
+    let mut cluster = RedisCluster::start();
+    let prefix = "hybrid:";
+    let keys = one_key_per_master(&cluster, prefix);
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(
+            RedisStore::connect(options(RedisTarget::Cluster(cluster.seed_urls()), prefix))
+                .await
+                .expect("the Redis store starts"),
+        );
+    }
+    let hybrid = Limit {
+        hybrid: true,
+        ..limit(1_000, MINUTE, Algorithm::FixedWindow)
+    };
+    let checks = |hits: u64| -> Vec<Check<'_>> {
+        (keys.iter().enumerate())
+            .map(|(i, key)| Check {
+                hits,
+                count_rejected: true,
+                ..one_hit(key, hybrid, i as u32)
+            })
+            .collect()
+    };
+    let hybrid_key = |key: &str| {
+        let mut redis_key = String::new();
+        push_redis_key(&mut redis_key, prefix, key);
+        // T0 starts a window.
+        format!("{redis_key}|hybrid|{T0}")
+    };
+    // Waits until every master holds `total` for its key; then what each replica sees.
+    let settled = async |total: u64| {
+        let mut stored = false;
+        for _ in 0..200 {
+            stored = (cluster.masters.iter().zip(&keys)).all(|(master, key)| {
+                master.query::<Option<u64>>(redis::cmd("GET").arg(hybrid_key(key))) == Some(total)
+            });
+            if stored {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(stored, "every master holds {total} for its key within 5 s");
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        for replica in &replicas {
+            // Zero hits: only looks.
+            replica.apply(&checks(0), T0, &mut out).await.unwrap();
+            seen.push(out.iter().map(|v| 1_000 - v.remaining).collect::<Vec<_>>());
+        }
+        seen
+    };
+    let admit = async |replica: &RedisStore, hits: usize| {
+        let mut out = Vec::new();
+        for _ in 0..hits {
+            replica.apply(&checks(1), T0, &mut out).await.unwrap();
+            assert!(out.iter().all(|v| !v.over_limit), "{out:?}");
+        }
+    };
+
+    // A replica learns the others' hits from the totals its own flush reads back.
+    admit(&replicas[0], 3).await;
+    assert_eq!(settled(3).await, [[3; 3], [0; 3]]);
+    admit(&replicas[1], 4).await;
+    assert_eq!(settled(7).await, [[3; 3], [7; 3]]);
+    admit(&replicas[0], 1).await;
+    assert_eq!(settled(8).await, [[8; 3], [7; 3]]);
+    for master in &cluster.masters {
+        assert_eq!(
+            master.command_calls("evalsha"),
+            0,
+            "no script call per decision"
+        );
+    }
+    for replica in &replicas {
+        assert_eq!(replica.fallback_decisions(), 0);
+    }
+
+    // A dead master: once its breaker opens, its key is answered by the failure policy
+    // (deny, in these options), and the other masters' flushes go on.
+    cluster.masters[0].kill();
+    let mut out = Vec::new();
+    let mut sent = 0;
+    while sent < 200 {
+        replicas[0].apply(&checks(1), T0, &mut out).await.unwrap();
+        sent += 1;
+        if out[0].over_limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("the dead master's key went to the failure policy after {sent} requests");
+    assert!(
+        out[0].over_limit,
+        "the dead master's key is still counted locally"
+    );
+    assert!(replicas[0].fallback_decisions() > 0);
+    let mut stored = Vec::new();
+    for _ in 0..200 {
+        stored = (cluster.masters[1..].iter().zip(&keys[1..]))
+            .map(|(master, key)| {
+                master.query::<Option<u64>>(redis::cmd("GET").arg(hybrid_key(key)))
+            })
+            .collect();
+        if stored.iter().all(|&total| total == Some(8 + sent)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        stored,
+        [Some(8 + sent); 2],
+        "the live masters' totals after {sent} more hits"
+    );
 }
 
 /// The current and previous counts of a window state as counter.lua stores it: `w`, then

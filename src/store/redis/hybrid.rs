@@ -1,6 +1,7 @@
 //! Hybrid counting for hot fixed windows (`hybrid: true` on a policy): each replica decides
 //! from what Redis last told it plus its own hits not yet sent, and adds those hits to Redis
-//! in one pipeline every `--redis-hybrid-flush`, reading the new totals back.
+//! in one pipeline per node every `--redis-hybrid-flush` (on a cluster, each master gets the
+//! keys of its slots), reading the new totals back.
 //!
 //! Why only fixed windows: their state is one count per window that every replica can add
 //! to (`INCRBY`) without reading the others' state first, so batching changes only *when* a
@@ -142,6 +143,9 @@ impl Hybrid {
 /// per key.
 pub fn pipeline(increments: &[Increment]) -> redis::Pipeline {
     let mut pipeline = redis::Pipeline::with_capacity(increments.len() * 2);
+    // Error replies come back as values, so a cluster master's MOVED is seen as a
+    // redirect (and the slot map re-read) rather than as a broken connection.
+    pipeline.ignore_errors();
     for increment in increments {
         pipeline
             .cmd("INCRBY")

@@ -43,7 +43,7 @@ use redis::{
 
 use self::breaker::Permit;
 use self::cluster::SlotMap;
-use self::hybrid::Hybrid;
+use self::hybrid::{Hybrid, Increment};
 pub use self::keys::{push_penalty_key, push_redis_key, slot};
 use self::node::{Node, NodeError};
 use self::over_cache::OverCache;
@@ -85,7 +85,7 @@ struct Inner {
     over_cache: Option<OverCache>,
     /// Told how many descriptors each cached answer covered (the server's metric).
     cache_hit_sink: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
-    /// `hybrid: true` counters (standalone and Sentinel; a cluster counts them exactly).
+    /// `hybrid: true` counters; on a cluster each master is sent its own keys' hits.
     hybrid: Hybrid,
 }
 
@@ -179,12 +179,10 @@ impl RedisStore {
                 hybrid: Hybrid::default(),
             }),
         };
-        if !matches!(store.inner.topology, Topology::Cluster(_)) {
-            tokio::spawn(hybrid_loop(
-                Arc::downgrade(&store.inner),
-                options.hybrid_flush,
-            ));
-        }
+        tokio::spawn(hybrid_loop(
+            Arc::downgrade(&store.inner),
+            options.hybrid_flush,
+        ));
         match &store.inner.topology {
             Topology::Standalone(node) => {
                 // Connect and load the script now, so the first request does not pay for it;
@@ -396,21 +394,24 @@ impl Inner {
         Ok(())
     }
 
-    /// Whether `group` is counted in hybrid mode: its limits say so, no penalty box needs
-    /// exact counts, and the store is not a cluster (whose per-node batching it lacks).
+    /// Whether `group` is counted in hybrid mode: its limits say so, and no penalty box
+    /// needs exact counts.
     fn is_hybrid(&self, group: &[Check<'_>]) -> bool {
-        !matches!(self.topology, Topology::Cluster(_))
-            && group
-                .first()
-                .is_some_and(|c| c.limit.hybrid && c.penalty.is_none())
+        group
+            .first()
+            .is_some_and(|c| c.limit.hybrid && c.penalty.is_none())
     }
 
-    /// The node hybrid counters are sent to: the standalone server or Sentinel's master.
-    fn hybrid_node(&self) -> Option<Arc<Node>> {
+    /// The node hybrid counters are sent to: the standalone server, Sentinel's master, or
+    /// the cluster master serving the slot `slot` works out (only asked on a cluster).
+    fn hybrid_node(&self, slot: impl FnOnce() -> u16) -> Option<Arc<Node>> {
         match &self.topology {
             Topology::Standalone(node) => Some(node.clone()),
             Topology::Sentinel(sentinel) => sentinel.master(),
-            Topology::Cluster(_) => None,
+            Topology::Cluster(cluster) => {
+                let map = cluster.map.load();
+                map.node_of(slot()).map(|(_, node)| node.clone())
+            }
         }
     }
 
@@ -423,10 +424,19 @@ impl Inner {
         now_millis: u64,
         out: &mut [Verdict],
     ) {
-        let reachable = self
-            .hybrid_node()
-            .is_some_and(|node| !node.breaker.is_open());
+        // A group's hybrid keys share its counter keys' hash tag, so its first key's slot.
+        let node = checks.get(range.start).and_then(|first| {
+            self.hybrid_node(|| {
+                let mut key = String::with_capacity(self.prefix.len() + first.key.len() + 8);
+                push_redis_key(&mut key, &self.prefix, first.key);
+                keys::slot(&key)
+            })
+        });
+        let reachable = node.as_ref().is_some_and(|node| !node.breaker.is_open());
         if !reachable {
+            if node.is_none() {
+                self.mark_stale();
+            }
             self.master_failed();
             self.fallback(checks, std::slice::from_ref(&range), now_millis, out);
             return;
@@ -436,18 +446,39 @@ impl Inner {
         }
     }
 
-    /// Sends every hybrid counter's unsent hits in one pipeline and reads the totals back.
-    /// Hits of a failed flush are sent again with the next (a flush that timed out after
-    /// Redis applied it counts them twice: the error is on the side of limiting).
+    /// Sends every hybrid counter's unsent hits and reads the totals back: one pipeline per
+    /// node (on a cluster, each master gets the keys of its slots), the nodes at once.
     async fn flush_hybrid(&self) {
         let increments = self.hybrid.take_increments();
         if increments.is_empty() {
             return;
         }
-        let Some(node) = self.hybrid_node() else {
-            self.hybrid.unsent(increments);
-            return;
-        };
+        let mut by_node: Vec<(Arc<Node>, Vec<Increment>)> = Vec::new();
+        let mut nowhere = Vec::new();
+        for increment in increments {
+            match self.hybrid_node(|| keys::slot(&increment.key)) {
+                Some(node) => match by_node.iter_mut().find(|(n, _)| Arc::ptr_eq(n, &node)) {
+                    Some((_, increments)) => increments.push(increment),
+                    None => by_node.push((node, vec![increment])),
+                },
+                None => nowhere.push(increment),
+            }
+        }
+        if !nowhere.is_empty() {
+            // No master known for them yet: kept for the next flush.
+            self.mark_stale();
+            self.hybrid.unsent(nowhere);
+        }
+        let flushes = by_node
+            .into_iter()
+            .map(|(node, increments)| self.flush_hybrid_to(node, increments));
+        futures_util::future::join_all(flushes).await;
+    }
+
+    /// Sends one node its hybrid increments. Hits of a failed flush are sent again with the
+    /// next (a flush that timed out after Redis applied it counts them twice: the error is
+    /// on the side of limiting).
+    async fn flush_hybrid_to(&self, node: Arc<Node>, increments: Vec<Increment>) {
         if node.breaker.permit() == Permit::Skip {
             self.hybrid.unsent(increments);
             return;
