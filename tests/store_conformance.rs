@@ -628,25 +628,13 @@ async fn hybrid_counters_on_a_cluster_reach_the_master_of_each_key() {
             })
             .collect()
     };
-    let hybrid_key = |key: &str| {
-        let mut redis_key = String::new();
-        push_redis_key(&mut redis_key, prefix, key);
-        // T0 starts a window.
-        format!("{redis_key}|hybrid|{T0}")
-    };
     // Waits until every master holds `total` for its key; then what each replica sees.
     let settled = async |total: u64| {
-        let mut stored = false;
-        for _ in 0..200 {
-            stored = (cluster.masters.iter().zip(&keys)).all(|(master, key)| {
-                master.query::<Option<u64>>(redis::cmd("GET").arg(hybrid_key(key))) == Some(total)
-            });
-            if stored {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(stored, "every master holds {total} for its key within 5 s");
+        let stored = hybrid_totals(&cluster.masters, &keys, prefix, total).await;
+        assert!(
+            stored.iter().all(|&t| t == Some(total)),
+            "every master holds {total} for its key within 5 s: {stored:?}"
+        );
         let mut out = Vec::new();
         let mut seen = Vec::new();
         for replica in &replicas {
@@ -701,23 +689,37 @@ async fn hybrid_counters_on_a_cluster_reach_the_master_of_each_key() {
         "the dead master's key is still counted locally"
     );
     assert!(replicas[0].fallback_decisions() > 0);
-    let mut stored = Vec::new();
-    for _ in 0..200 {
-        stored = (cluster.masters[1..].iter().zip(&keys[1..]))
-            .map(|(master, key)| {
-                master.query::<Option<u64>>(redis::cmd("GET").arg(hybrid_key(key)))
-            })
-            .collect();
-        if stored.iter().all(|&total| total == Some(8 + sent)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let stored = hybrid_totals(&cluster.masters[1..], &keys[1..], prefix, 8 + sent).await;
     assert_eq!(
         stored,
         [Some(8 + sent); 2],
         "the live masters' totals after {sent} more hits"
     );
+}
+
+/// What each of `masters` holds for its key's hybrid counter of the window T0 starts,
+/// polled every 25 ms until each holds `total` or 5 s have passed.
+async fn hybrid_totals(
+    masters: &[RedisServer],
+    keys: &[String],
+    prefix: &str,
+    total: u64,
+) -> Vec<Option<u64>> {
+    let mut stored = Vec::new();
+    for _ in 0..200 {
+        stored = (masters.iter().zip(keys))
+            .map(|(master, key)| {
+                let mut redis_key = String::new();
+                push_redis_key(&mut redis_key, prefix, key);
+                master.query(redis::cmd("GET").arg(format!("{redis_key}|hybrid|{T0}")))
+            })
+            .collect();
+        if stored.iter().all(|&t| t == Some(total)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    stored
 }
 
 /// The current and previous counts of a window state as counter.lua stores it: `w`, then
