@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::key::append_counter_key;
+use crate::key::{append_counter_key, with_shared_values};
 use crate::matcher::{DomainTree, RateLimitConfig};
 use crate::proto::rate_limit_descriptor::Entry;
 use crate::rule::{Rule, RuleLimit};
@@ -91,7 +91,8 @@ fn explain_one(out: &mut String, tree: &DomainTree, entries: &[Entry], replaced:
         let _ = writeln!(out, "  counter keys:");
         for limit in limits.iter() {
             let mut key = String::new();
-            append_counter_key(&mut key, &tree.name, entries, limit);
+            let entries = with_shared_values(entries, &rule.shared_values);
+            append_counter_key(&mut key, &tree.name, &entries, limit);
             let _ = writeln!(out, "    {key}");
         }
     }

@@ -9,6 +9,8 @@
 //!   length, so no byte of a name or value needs scanning or escaping. Lengths make the
 //!   form as unambiguous as escaping does, at a fraction of the work.
 
+use std::borrow::Cow;
+
 use crate::limit::{Limit, write_duration};
 use crate::proto::rate_limit_descriptor::Entry;
 
@@ -17,6 +19,33 @@ use crate::proto::rate_limit_descriptor::Entry;
 pub enum KeyForm {
     Text,
     Packed,
+}
+
+/// Entries whose value a counter key replaces by a wildcard: `(entry index, wildcard)`,
+/// a rule's `share_threshold` values (`Rule::shared_values`).
+pub type Shared = [(usize, Box<str>)];
+
+/// The entries a counter key is written from: the request's own, or, for a rule with
+/// `share_threshold` wildcards, a copy with the wildcard in place of each shared value, so
+/// every value a wildcard matches lands on one key. Borrowed (free) when nothing is shared.
+#[inline]
+pub fn with_shared_values<'e>(entries: &'e [Entry], shared: &Shared) -> Cow<'e, [Entry]> {
+    if shared.is_empty() {
+        Cow::Borrowed(entries)
+    } else {
+        Cow::Owned(shared_copy(entries, shared))
+    }
+}
+
+#[cold]
+fn shared_copy(entries: &[Entry], shared: &Shared) -> Vec<Entry> {
+    let mut copy = entries.to_vec();
+    for (at, wildcard) in shared {
+        if let Some(entry) = copy.get_mut(*at) {
+            entry.value = wildcard.to_string();
+        }
+    }
+    copy
 }
 
 /// Appends the counter key in `form` to `out`, so one buffer can hold every key of a request.

@@ -16,15 +16,15 @@ use smallvec::SmallVec;
 use crate::algorithm::Verdict;
 use crate::algorithm::penalty::Penalty;
 use crate::clock::Clock;
-use crate::key::{KeyForm, append_key};
+use crate::key::{KeyForm, append_key, with_shared_values};
 use crate::limit::{Limit, Unit};
 use crate::matcher::{Capacity, DomainTree, RateLimitConfig};
-use crate::metrics::{Hit, Metrics};
+use crate::metrics::{Hit, Metrics, RuleStats};
 use crate::proto::rate_limit_response::rate_limit::Unit as ProtoUnit;
 use crate::proto::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use crate::proto::{RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
 use crate::response::{self, Decided, ResponseSettings};
-use crate::rule::{Rule, RuleLimit};
+use crate::rule::{MetricPart, Rule, RuleLimit};
 use crate::store::{Check, CounterStore, StoreError};
 
 /// Bounds on a request's shape, so a hostile or broken client cannot make one request cost
@@ -369,6 +369,12 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             near_limit: used * 1_000_000 > self.near_limit_ppm * limit,
             shadow: rule.shadow_mode,
         };
+        // `value_to_metric` writes the request's values into the metric key; envoyproxy/
+        // ratelimit lets `detailed_metric` take precedence over it.
+        if !rule.metric_key.is_empty() && !rule.detailed_metric {
+            record_by_value(request, d, rule, stats, &hit);
+            return;
+        }
         // `detailed_metric` counts per value of the descriptor's last entry, capped.
         let detailed = rule
             .detailed_metric
@@ -427,6 +433,23 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
     }
 }
 
+/// Records a `value_to_metric` rule's hit under its metric key with the request's values.
+#[cold]
+fn record_by_value(
+    request: &RateLimitRequest,
+    d: &Decided<'_>,
+    rule: &Rule,
+    stats: &RuleStats,
+    hit: &Hit,
+) {
+    let entries = request
+        .descriptors
+        .get(d.descriptor)
+        .map_or(&[][..], |descriptor| &descriptor.entries[..]);
+    let values = entries.iter().map(|entry| entry.value.as_str());
+    stats.record_keyed(hit, &MetricPart::key_of(&rule.metric_key, values));
+}
+
 /// Matches every descriptor of a request, then applies `replaces`.
 fn resolve<'c>(
     request: &RateLimitRequest,
@@ -482,29 +505,30 @@ impl Plan {
     ) -> Self {
         let (mut key_text, mut counted) = (Spare::keys(), Spare::counted());
         for (i, (descriptor, resolved)) in request.descriptors.iter().zip(resolved).enumerate() {
-            let (limits, count_rejected, penalty) = match resolved {
+            let (limits, count_rejected, penalty, shared) = match resolved {
                 Resolved::Rule(Rule {
                     limit: RuleLimit::Limited(limits),
                     count_rejected,
                     treatment,
+                    shared_values,
                     ..
-                }) => (&limits[..], *count_rejected, treatment.penalty),
-                Resolved::Override(limit) => (std::slice::from_ref(limit), false, None),
+                }) => (
+                    &limits[..],
+                    *count_rejected,
+                    treatment.penalty,
+                    &shared_values[..],
+                ),
+                Resolved::Override(limit) => (std::slice::from_ref(limit), false, None, &[][..]),
                 _ => continue,
             };
             let hits = match counting {
                 Counting::Hits => hits_of(request, descriptor),
                 Counting::LookOnly => 0,
             };
+            let entries = with_shared_values(&descriptor.entries, shared);
             for limit in limits {
                 let start = key_text.len();
-                append_key(
-                    &mut key_text,
-                    form,
-                    &request.domain,
-                    &descriptor.entries,
-                    limit,
-                );
+                append_key(&mut key_text, form, &request.domain, &entries, limit);
                 counted.push(Counted {
                     descriptor: i,
                     limit: *limit,

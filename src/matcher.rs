@@ -2,8 +2,9 @@
 //!
 //! The lookup follows envoyproxy/ratelimit step by step, so a config migrated from it
 //! matches the same nodes: at each level try the exact `key=value`, then the wildcard values
-//! (`value: "prefix*"`) in file order, then the value-less `key`; never backtrack; take a
-//! rule only from the node matched by the request's last entry.
+//! (`value: "prefix*"`, `"a*b"`, `"*x*"`: each `*` any run of characters) in file order,
+//! then the value-less `key`; never backtrack; take a rule only from the node matched by
+//! the request's last entry.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -144,8 +145,8 @@ pub(crate) struct Level {
 #[derive(Debug, Default)]
 struct KeyBranch {
     exact: Map<Node>,
-    /// `(prefix, node)` for values written as `prefix*`, in file order.
-    wildcards: Vec<(Box<str>, Node)>,
+    /// Values written with a `*`, in file order.
+    wildcards: Vec<(Wildcard, Node)>,
     any_value: Option<Box<Node>>,
 }
 
@@ -182,7 +183,7 @@ impl Trace for Vec<String> {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum ValuePattern {
     Exact(String),
-    Prefix(String),
+    Wildcard(Wildcard),
     Any,
 }
 
@@ -190,11 +191,62 @@ impl ValuePattern {
     pub(crate) fn parse(value: Option<&str>) -> Self {
         match value {
             None | Some("") => ValuePattern::Any,
-            Some(value) => match value.strip_suffix('*') {
-                Some(prefix) => ValuePattern::Prefix(prefix.to_owned()),
-                None => ValuePattern::Exact(value.to_owned()),
-            },
+            Some(value) if value.contains('*') => ValuePattern::Wildcard(Wildcard::new(value)),
+            Some(value) => ValuePattern::Exact(value.to_owned()),
         }
+    }
+}
+
+/// A value written with `*`s, each standing for any run of characters (none included):
+/// `files/*`, `*.pdf`, `api/*/orders`. envoyproxy/ratelimit first allowed only a
+/// trailing `*` and later any number anywhere; both read the same here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Wildcard {
+    /// As written, e.g. `api/*/orders`.
+    pattern: Box<str>,
+    /// The literal runs between the `*`s: `["api/", "/orders"]`. There is always one more
+    /// than there are `*`s, so the first and last may be empty.
+    parts: Box<[Box<str>]>,
+}
+
+impl Wildcard {
+    pub(crate) fn new(pattern: &str) -> Self {
+        Self {
+            pattern: pattern.into(),
+            parts: pattern.split('*').map(Into::into).collect(),
+        }
+    }
+
+    pub(crate) fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Whether `value` is the literal runs in order, with anything between them. The
+    /// first run must open the value and the last close it; the middle ones are taken
+    /// leftmost first, which finds a match whenever one exists.
+    pub(crate) fn matches(&self, value: &str) -> bool {
+        let (first, rest) = match &*self.parts {
+            [first, rest @ ..] => (first, rest),
+            [] => return false,
+        };
+        let Some(mut left) = value.strip_prefix(&**first) else {
+            return false;
+        };
+        let Some((last, middle)) = rest.split_last() else {
+            return left.is_empty();
+        };
+        // The last run is taken off the end first, so a middle run cannot use its bytes.
+        let Some(between) = left.strip_suffix(&**last) else {
+            return false;
+        };
+        left = between;
+        for part in middle {
+            match left.find(&**part) {
+                Some(at) => left = &left[at + part.len()..],
+                None => return false,
+            }
+        }
+        true
     }
 }
 
@@ -217,12 +269,22 @@ impl Level {
             return Some(node);
         }
         trace.step(|| format!("`{key}: {value}`: no exact `{key}: {value}`"));
-        for (prefix, node) in &branch.wildcards {
-            if value.starts_with(&**prefix) {
-                trace.step(|| format!("`{key}: {value}`: matched wildcard `{prefix}*`"));
+        for (wildcard, node) in &branch.wildcards {
+            if wildcard.matches(value) {
+                trace.step(|| {
+                    format!(
+                        "`{key}: {value}`: matched wildcard `{}`",
+                        wildcard.pattern()
+                    )
+                });
                 return Some(node);
             }
-            trace.step(|| format!("`{key}: {value}`: wildcard `{prefix}*` does not match"));
+            trace.step(|| {
+                format!(
+                    "`{key}: {value}`: wildcard `{}` does not match",
+                    wildcard.pattern()
+                )
+            });
         }
         match branch.any_value.as_deref() {
             Some(node) => {
@@ -248,11 +310,11 @@ impl Level {
                 }
                 branch.exact.insert(value.into(), node);
             }
-            ValuePattern::Prefix(prefix) => {
-                if branch.wildcards.iter().any(|(p, _)| **p == *prefix) {
+            ValuePattern::Wildcard(wildcard) => {
+                if branch.wildcards.iter().any(|(w, _)| *w == wildcard) {
                     return false;
                 }
-                branch.wildcards.push((prefix.into(), node));
+                branch.wildcards.push((wildcard, node));
             }
             ValuePattern::Any => {
                 if branch.any_value.is_some() {
@@ -275,6 +337,35 @@ impl Level {
                 out.extend(node.rule.as_deref());
                 node.children.collect_rules(out);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::Wildcard;
+
+    /// Glob matching the slow, obviously right way: try every length for each `*`.
+    fn reference(pattern: &[u8], value: &[u8]) -> bool {
+        match pattern.split_first() {
+            None => value.is_empty(),
+            Some((b'*', rest)) => (0..=value.len()).any(|skip| reference(rest, &value[skip..])),
+            Some((c, rest)) => value.first() == Some(c) && reference(rest, &value[1..]),
+        }
+    }
+
+    proptest! {
+        // Small alphabets so stars, repeats and overlaps between runs come up often.
+        #[test]
+        fn matches_like_a_glob(pattern in "[ab*]{0,8}", value in "[ab]{0,10}") {
+            let wildcard = Wildcard::new(&pattern);
+            prop_assert_eq!(
+                wildcard.matches(&value),
+                reference(pattern.as_bytes(), value.as_bytes()),
+                "pattern {:?} value {:?}", pattern, value
+            );
         }
     }
 }

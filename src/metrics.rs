@@ -3,7 +3,9 @@
 //! Per-rule names follow envoyproxy/ratelimit's stats as its Prometheus exporter spells
 //! them (`ratelimit_service_rate_limit_<stat>{domain, key}`), so existing dashboards and
 //! alerts keep working. Labels are per rule (bounded by the config), never per request
-//! value — except for rules with `detailed_metric`, capped at `DETAILED_VALUES_CAP`.
+//! value — except for rules with `detailed_metric` (a `value` label) or `value_to_metric`
+//! (request values in the `key` label, as envoyproxy/ratelimit writes them), each capped
+//! at `DETAILED_VALUES_CAP` series a rule.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -79,6 +81,8 @@ impl HitCounters {
 pub struct RuleStats {
     pub counters: HitCounters,
     detailed: Mutex<HashMap<String, Arc<HitCounters>>>,
+    /// `value_to_metric`: counters by metric key with the request's values in it.
+    by_key: Mutex<HashMap<String, Arc<HitCounters>>>,
 }
 
 impl RuleStats {
@@ -102,6 +106,22 @@ impl RuleStats {
             }
         };
         counters.record(hit);
+    }
+
+    /// Records a `value_to_metric` hit under `key` instead of the rule's own series, as
+    /// envoyproxy/ratelimit does. Past the cap, new keys count in the rule's own series.
+    pub fn record_keyed(&self, hit: &Hit, key: &str) {
+        let counters = {
+            let mut by_key = self.by_key.lock();
+            match by_key.get(key) {
+                Some(counters) => Some(counters.clone()),
+                None if by_key.len() < DETAILED_VALUES_CAP => {
+                    Some(by_key.entry(key.to_owned()).or_default().clone())
+                }
+                None => None,
+            }
+        };
+        counters.as_deref().unwrap_or(&self.counters).record(hit);
     }
 }
 
@@ -297,6 +317,15 @@ impl Metrics {
                     escape(domain),
                     escape(key)
                 );
+                for (key, counters) in stats.by_key.lock().iter() {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{domain=\"{}\",key=\"{}\"}} {}",
+                        escape(domain),
+                        escape(key),
+                        counters.get(stat)
+                    );
+                }
                 for (detail, counters) in stats.detailed.lock().iter() {
                     let value = counters.get(stat);
                     let _ = writeln!(

@@ -39,6 +39,14 @@ pub struct Rule {
     /// Counted and reported, but never turns a request away.
     pub shadow_mode: bool,
     pub detailed_metric: bool,
+    /// `share_threshold`: `(entry index, wildcard as written)` for every sharing wildcard
+    /// on the way to this rule. Counter keys carry the wildcard in place of those entries'
+    /// values, so every value a wildcard matches counts on one counter (as
+    /// envoyproxy/ratelimit keys them).
+    pub shared_values: Box<[(usize, Box<str>)]>,
+    /// `value_to_metric`: this rule's metric key, one part per entry, when some entry puts
+    /// the request's value in it; empty when none does (the metric key is then `path`).
+    pub metric_key: Box<[MetricPart]>,
     /// The rule's place in the tree, like envoyproxy/ratelimit's stat key:
     /// `domain.key_value.key` (value-less keys have no `_value`).
     pub path: Box<str>,
@@ -53,6 +61,37 @@ pub struct Rule {
     pub treatment: Treatment,
     /// This rule's counters, attached after loading so they survive reloads.
     pub stats: std::sync::OnceLock<std::sync::Arc<crate::metrics::RuleStats>>,
+}
+
+/// One entry's part of a `value_to_metric` metric key, written as envoyproxy/ratelimit
+/// writes its stat keys: `key`, or `key_value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricPart {
+    /// From the config: `key`, or `key_value` for an exact value or a wildcard.
+    Written(Box<str>),
+    /// The key; the request's value follows it.
+    RequestValue(Box<str>),
+}
+
+impl MetricPart {
+    /// The metric key of one request: the parts joined by dots, request values filled in.
+    pub fn key_of<'e>(parts: &[MetricPart], values: impl IntoIterator<Item = &'e str>) -> String {
+        let mut key = String::new();
+        for (part, value) in parts.iter().zip(values) {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            match part {
+                MetricPart::Written(written) => key.push_str(written),
+                MetricPart::RequestValue(name) => {
+                    key.push_str(name);
+                    key.push('_');
+                    key.push_str(value);
+                }
+            }
+        }
+        key
+    }
 }
 
 /// What a policy says beyond its limits: how decisions are presented and enforced.

@@ -16,7 +16,7 @@ use super::file::{DescriptorEntry, PolicyFields, RateLimitBlock};
 use super::policy::{self, Overrides, PolicyTable, Problems, ResolvedPolicy, Scope, location};
 use crate::limit::{Algorithm, Limit, Unit};
 use crate::matcher::{Level, Node, ValuePattern};
-use crate::rule::{Rule, RuleLimit, SourceLocation, Treatment};
+use crate::rule::{MetricPart, Rule, RuleLimit, SourceLocation, Treatment};
 
 /// What a node passes down to its descendants.
 #[derive(Debug, Clone)]
@@ -32,6 +32,15 @@ pub enum Inherited {
     NoLimit {
         via: String,
     },
+}
+
+/// One node on the way from the domain to a rule: what the rule's counter keys and metric
+/// key take from the request entry that node matched.
+#[derive(Debug, Clone)]
+pub struct Step {
+    metric: MetricPart,
+    /// `share_threshold`: the wildcard, as written, that stands for the entry's value.
+    shared: Option<Box<str>>,
 }
 
 pub struct Compiler<'t, 'd> {
@@ -145,10 +154,12 @@ impl Compiler<'_, '_> {
         })
     }
 
-    /// Compiles the descriptors of one level; `path` is the stat-style path of the parent.
+    /// Compiles the descriptors of one level; `path` is the stat-style path of the parent
+    /// and `above` the steps that led to it.
     pub fn level(
         &mut self,
         path: &str,
+        above: &[Step],
         entries: &[DescriptorEntry],
         inherited: &Inherited,
         domain_file: &Arc<str>,
@@ -199,6 +210,10 @@ impl Compiler<'_, '_> {
                 continue;
             }
             seen.insert((key.value.clone(), pattern.clone()), at.line);
+            let Some(step) = self.step(entry, &key.value, &pattern, &file) else {
+                continue;
+            };
+            let steps = [above, &[step]].concat();
 
             let what = format!("descriptor {label}");
             let via = format!("{what} ({at})");
@@ -233,7 +248,8 @@ impl Compiler<'_, '_> {
                     self.policy_rule(setting, entry, &at, &node_path, "its own setting")
                 }
                 (None, None) => self.policy_rule(inherited, entry, &at, &node_path, "inherited"),
-            };
+            }
+            .map(|rule| with_steps(rule, &steps));
             let setting = own.as_ref().unwrap_or(inherited);
             let note = match (&rule, setting) {
                 (Some(_), _) => None,
@@ -241,7 +257,13 @@ impl Compiler<'_, '_> {
                 (None, _) => Some("no limit — no `rate_limit`, `policy`, `limits` or `defaults` apply to this node".to_owned()),
             };
             let passed_down = own.unwrap_or_else(|| inherited.clone());
-            let children = self.level(&node_path, &entry.descriptors, &passed_down, domain_file);
+            let children = self.level(
+                &node_path,
+                &steps,
+                &entry.descriptors,
+                &passed_down,
+                domain_file,
+            );
             level.insert(
                 &key.value,
                 pattern,
@@ -255,6 +277,56 @@ impl Compiler<'_, '_> {
             );
         }
         level
+    }
+
+    /// What a node's matched entry gives rules below it; `None` after an error.
+    fn step(
+        &mut self,
+        entry: &DescriptorEntry,
+        key: &str,
+        pattern: &ValuePattern,
+        file: &Arc<str>,
+    ) -> Option<Step> {
+        let share = entry.share_threshold.as_ref().filter(|s| s.value);
+        let by_value = entry.value_to_metric;
+        let step = match pattern {
+            ValuePattern::Exact(value) => {
+                if let Some(share) = share {
+                    self.error(&location(file, &share.referenced), format!("`share_threshold` is for wildcard values, and `{key}: {value}` has no `*`; remove it, or write the value as a wildcard such as `{value}*`"));
+                    return None;
+                }
+                Step {
+                    metric: MetricPart::Written(format!("{key}_{value}").into()),
+                    shared: None,
+                }
+            }
+            ValuePattern::Wildcard(wildcard) => {
+                let written = format!("{key}_{}", wildcard.pattern());
+                Step {
+                    metric: if by_value && share.is_none() {
+                        MetricPart::RequestValue(key.into())
+                    } else {
+                        MetricPart::Written(written.into())
+                    },
+                    shared: share.map(|_| wildcard.pattern().into()),
+                }
+            }
+            ValuePattern::Any => {
+                if let Some(share) = share {
+                    self.error(&location(file, &share.referenced), format!("`share_threshold` is for wildcard values, and `{key}` has no value; remove it (a value-less key already counts each value on its own), or give it a wildcard value"));
+                    return None;
+                }
+                Step {
+                    metric: if by_value {
+                        MetricPart::RequestValue(key.into())
+                    } else {
+                        MetricPart::Written(key.into())
+                    },
+                    shared: None,
+                }
+            }
+        };
+        Some(step)
     }
 
     fn policy_rule(
@@ -289,7 +361,8 @@ impl Compiler<'_, '_> {
                     .or(policy.shadow_mode.as_ref().map(|(s, _)| *s))
                     .unwrap_or(false);
                 treatment = Treatment {
-                    warn_only: policy.warn_only.as_ref().is_some_and(|(w, _)| *w),
+                    warn_only: policy.warn_only.as_ref().is_some_and(|(w, _)| *w)
+                        || quota_mode(entry),
                     soft_limit: policy.soft_limit.as_ref().map(|(r, _)| r.0),
                     penalty: policy.penalty.as_ref().map(|(p, _)| *p),
                     headers: policy.headers.as_ref().map(|(h, _)| *h),
@@ -314,6 +387,8 @@ impl Compiler<'_, '_> {
             replaces: Box::new([]),
             shadow_mode: shadow,
             detailed_metric: entry.detailed_metric,
+            shared_values: Box::default(),
+            metric_key: Box::default(),
             path: path.into(),
             source: at.clone(),
             count_rejected: false,
@@ -381,11 +456,16 @@ impl Compiler<'_, '_> {
             replaces: replaces.into(),
             shadow_mode: entry.shadow_mode.as_ref().is_some_and(|s| s.value),
             detailed_metric: entry.detailed_metric,
+            shared_values: Box::default(),
+            metric_key: Box::default(),
             path: path.into(),
             source: at,
             count_rejected,
             provenance: provenance.into(),
-            treatment: Treatment::default(),
+            treatment: Treatment {
+                warn_only: quota_mode(entry),
+                ..Treatment::default()
+            },
             stats: Default::default(),
         })
     }
@@ -462,4 +542,38 @@ impl Compiler<'_, '_> {
         }
         Some(limit)
     }
+}
+
+/// envoyproxy/ratelimit's `quota_mode: true`: over the limit, answer OK (`mode: warn`).
+fn quota_mode(entry: &DescriptorEntry) -> bool {
+    entry.quota_mode.as_ref().is_some_and(|q| q.value)
+}
+
+/// Gives a rule what the steps to it say about shared counters and metric keys, and says
+/// so in its provenance (what `explain` and `/rlconfig` show).
+fn with_steps(mut rule: Rule, steps: &[Step]) -> Rule {
+    let mut provenance = rule.provenance.into_vec();
+    rule.shared_values = steps
+        .iter()
+        .enumerate()
+        .filter_map(|(at, step)| Some((at, step.shared.clone()?)))
+        .collect();
+    for (_, wildcard) in &rule.shared_values {
+        provenance.push(format!(
+            "share_threshold — every value matching `{wildcard}` counts on one counter"
+        ));
+    }
+    // The metric key differs from the rule's path only when some entry puts its value in.
+    if steps
+        .iter()
+        .any(|step| matches!(step.metric, MetricPart::RequestValue(_)))
+    {
+        rule.metric_key = steps.iter().map(|step| step.metric.clone()).collect();
+        provenance.push(format!(
+            "value_to_metric — metric key {}",
+            MetricPart::key_of(&rule.metric_key, steps.iter().map(|_| "<value>"))
+        ));
+    }
+    rule.provenance = provenance.into();
+    rule
 }

@@ -1,7 +1,8 @@
 //! The YAML shape of one config file, exactly as an operator writes it.
 //!
 //! The fields are envoyproxy/ratelimit's (`domain`, `descriptors`, `key`, `value`,
-//! `rate_limit`, `shadow_mode`, `detailed_metric`), plus meshlimit's policy model
+//! `rate_limit`, `shadow_mode`, `quota_mode`, `detailed_metric`, `value_to_metric`,
+//! `share_threshold`), plus meshlimit's policy model
 //! (`policies`, `defaults`, `extends`, and `policy` / `limits` on a descriptor). Unknown
 //! fields are rejected rather than ignored: a typo like `request_per_unit` must not silently
 //! become "no limit" or a limit of 0.
@@ -39,6 +40,16 @@ pub struct DescriptorEntry {
     pub shadow_mode: Option<Spanned<bool>>,
     #[serde(default)]
     pub detailed_metric: bool,
+    /// envoyproxy/ratelimit's: value-less and wildcard nodes put the request's value in
+    /// the rule's metric key.
+    #[serde(default)]
+    pub value_to_metric: bool,
+    /// envoyproxy/ratelimit's, wildcard values only: every value the wildcard matches
+    /// counts on one counter instead of one each.
+    pub share_threshold: Option<Spanned<bool>>,
+    /// envoyproxy/ratelimit's soft check: over the limit, the descriptor is still answered
+    /// OK (meshlimit's `mode: warn`).
+    pub quota_mode: Option<Spanned<bool>>,
     /// `policy`, `limits`, `algorithm`, `burst`, `unlimited`: this node's policy, inherited
     /// by its descendants.
     pub policy: Option<Spanned<String>>,

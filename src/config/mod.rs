@@ -284,7 +284,7 @@ fn compile_files(
             }
             (None, None) => Inherited::Nothing,
         };
-        let root = compiler.level(name, &source.descriptors, &inherited, &source.file);
+        let root = compiler.level(name, &[], &source.descriptors, &inherited, &source.file);
         errors.append(&mut compiler.errors);
         let mut tree = DomainTree {
             name: name.as_str().into(),

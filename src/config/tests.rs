@@ -100,6 +100,48 @@ fn exact_then_wildcard_in_file_order_then_value_less() {
 }
 
 #[test]
+fn a_star_anywhere_in_a_value_is_a_wildcard() {
+    // envoyproxy/ratelimit reads `*` at any place, any number of times, as "any run of
+    // characters"; a config using it must match the same requests here.
+    let tree = tree(
+        "\
+domain: edge
+descriptors:
+  - key: path
+    value: /api/*/orders
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: path
+    value: '*.pdf'
+    rate_limit: {unit: minute, requests_per_unit: 2}
+  - key: path
+    value: /a*b*b
+    rate_limit: {unit: minute, requests_per_unit: 3}
+  - key: path
+    rate_limit: {unit: minute, requests_per_unit: 9}
+",
+    );
+    let path = |value: &str| matched(&tree, &[("path", value)]);
+    assert_eq!(path("/api/v1/orders"), Some(1));
+    assert_eq!(
+        path("/api//orders"),
+        Some(1),
+        "a star may stand for nothing"
+    );
+    assert_eq!(
+        path("/api/v1/orders/7"),
+        Some(9),
+        "the last run must close the value"
+    );
+    assert_eq!(path("/files/report.pdf"), Some(2));
+    assert_eq!(path(".pdf"), Some(2));
+    assert_eq!(path("/report.pdf.txt"), Some(9));
+    assert_eq!(path("/abb"), Some(3));
+    assert_eq!(path("/axbxbxb"), Some(3));
+    // `b*b` needs two b's after the prefix's; the closing one cannot be reused.
+    assert_eq!(path("/ab"), Some(9));
+}
+
+#[test]
 fn the_limit_comes_only_from_the_node_of_the_last_entry() {
     let tree = tree(TREE);
     // `source: mobile` has no rate_limit of its own: a one-entry request gets none.
@@ -882,4 +924,44 @@ mod classic_algorithms {
             "{errors:?}"
         );
     }
+}
+
+#[test]
+fn share_threshold_needs_a_wildcard_value() {
+    let exact = errors(
+        "\
+domain: edge
+descriptors:
+  - key: files
+    value: report.pdf
+    share_threshold: true
+    rate_limit: {unit: hour, requests_per_unit: 2}
+",
+    );
+    assert_eq!(
+        exact,
+        [
+            "test.yaml:5:22: `share_threshold` is for wildcard values, and `files: report.pdf` has no `*`; remove it, or write the value as a wildcard such as `report.pdf*`"
+        ]
+    );
+    let value_less = errors(
+        "\
+domain: edge
+descriptors:
+  - key: files
+    share_threshold: true
+    rate_limit: {unit: hour, requests_per_unit: 2}
+",
+    );
+    assert_eq!(value_less.len(), 1);
+    assert!(
+        value_less[0].starts_with(
+            "test.yaml:4:22: `share_threshold` is for wildcard values, and `files` has no value"
+        ),
+        "{value_less:?}"
+    );
+    // `share_threshold: false` is accepted anywhere, as envoyproxy/ratelimit accepts it.
+    tree(
+        "domain: edge\ndescriptors:\n  - key: files\n    share_threshold: false\n    rate_limit: {unit: hour, requests_per_unit: 2}\n",
+    );
 }

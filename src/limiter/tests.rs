@@ -632,3 +632,132 @@ fn decisions_move_the_rule_counters_named_like_envoyproxy_ratelimit() {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }
 }
+
+/// The fields envoyproxy/ratelimit added in 2025–26, so configs using them migrate whole.
+const COMPAT_FIELDS: &str = "\
+domain: edge
+descriptors:
+  - key: files
+    value: files/*
+    share_threshold: true
+    rate_limit: {unit: hour, requests_per_unit: 2}
+  - key: files_no_share
+    value: files/*
+    rate_limit: {unit: hour, requests_per_unit: 2}
+  - key: route
+    value: api/*
+    share_threshold: true
+    descriptors:
+      - key: method
+        value_to_metric: true
+        rate_limit: {unit: minute, requests_per_unit: 60}
+  - key: user
+    value_to_metric: true
+    descriptors:
+      - key: action
+        value: read*
+        value_to_metric: true
+        descriptors:
+          - key: resource
+            rate_limit: {unit: minute, requests_per_unit: 60}
+  - key: soft
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+";
+
+/// A limiter on `config`, recording into the returned metrics.
+fn limiter_with_metrics(
+    config: &str,
+    clock: &ManualClock,
+) -> (
+    RateLimiter<MemoryStore, ManualClock>,
+    Arc<crate::metrics::Metrics>,
+) {
+    let tree = compile_str("edge.yaml", config, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let config = RateLimitConfig::new([tree], Algorithm::SlidingWindow);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    metrics.attach(&config);
+    let live = Arc::new(ArcSwapOption::from_pointee(config));
+    let limiter = RateLimiter::new(
+        live,
+        MemoryStore::new(100),
+        clock.clone(),
+        RequestBounds::default(),
+    )
+    .with_metrics(metrics.clone(), 0.8);
+    (limiter, metrics)
+}
+
+#[test]
+fn share_threshold_counts_every_value_of_its_wildcard_on_one_counter() {
+    let clock = ManualClock::at(START);
+    let (limiter, _) = limiter_with_metrics(COMPAT_FIELDS, &clock);
+    let one =
+        |key: &str, value: &str| decide(&limiter, &request(vec![descriptor(&[(key, value)])]));
+    assert_eq!(one("files", "files/a.pdf").overall_code(), Code::Ok);
+    assert_eq!(one("files", "files/b.csv").overall_code(), Code::Ok);
+    // A third file, never seen before, finds the shared threshold used up.
+    let third = one("files", "files/c.txt");
+    assert_eq!(third.overall_code(), Code::OverLimit);
+    assert_eq!(third.statuses[0].limit_remaining, 0);
+    // Without share_threshold each value has its own threshold.
+    for value in ["files/a.pdf", "files/b.csv", "files/c.txt"] {
+        assert_eq!(
+            one("files_no_share", value).overall_code(),
+            Code::Ok,
+            "{value}"
+        );
+    }
+    // Sharing also holds when the limit sits on a node below the wildcard: every api/*
+    // route's GETs count together, other methods apart.
+    let route = |path: &str, method: &str| {
+        let req = request(vec![descriptor(&[("route", path), ("method", method)])]);
+        decide(&limiter, &req).statuses[0].limit_remaining
+    };
+    assert_eq!(route("api/v1", "GET"), 59);
+    assert_eq!(route("api/v2", "GET"), 58);
+    assert_eq!(route("api/v2", "POST"), 59);
+}
+
+#[test]
+fn value_to_metric_puts_request_values_in_the_metric_key() {
+    let clock = ManualClock::at(START);
+    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock);
+    let req = request(vec![descriptor(&[
+        ("user", "alice"),
+        ("action", "readfile"),
+        ("resource", "r1"),
+    ])]);
+    decide(&limiter, &req);
+    decide(&limiter, &req);
+    let req = request(vec![descriptor(&[("route", "api/v1"), ("method", "GET")])]);
+    decide(&limiter, &req);
+    let text = metrics.render();
+    for line in [
+        // Value-less `user` and wildcard `read*` put the request's values in; `resource`
+        // has no `value_to_metric`, so it stays a bare key, as in envoyproxy/ratelimit.
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"user_alice.action_readfile.resource\"} 2",
+        // A shared wildcard stays written as the wildcard: its values share one counter.
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"route_api/*.method_GET\"} 1",
+        // The hits are counted under the keys with values instead of the rule's own.
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"user.action_read*.resource\"} 0",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    }
+}
+
+#[test]
+fn quota_mode_answers_ok_over_the_limit_and_still_counts() {
+    let clock = ManualClock::at(START);
+    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock);
+    let req = request(vec![descriptor(&[("soft", "x")])]);
+    decide(&limiter, &req);
+    let over = decide(&limiter, &req);
+    assert_eq!(over.overall_code(), Code::Ok);
+    assert_eq!(codes(&over), [Code::Ok]);
+    assert_eq!(over.statuses[0].limit_remaining, 0);
+    let text = metrics.render();
+    let line = "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"soft\"} 1";
+    assert!(text.contains(line), "missing `{line}` in:\n{text}");
+}
