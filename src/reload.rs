@@ -23,6 +23,33 @@ type Snapshot = Vec<(PathBuf, Vec<u8>)>;
 /// How long a changed directory must stay the same before it is loaded.
 const SETTLE: Duration = Duration::from_millis(50);
 
+/// The stack a reload parses and compiles on. Both recurse once per level of nesting and
+/// the parser stops a file at 64 levels; tokio's blocking threads have 2 MiB, which an
+/// unoptimised build overflowed at that depth, so reloads get a main thread's 8 MiB.
+pub const LOADER_STACK_BYTES: usize = 8 * 1024 * 1024;
+
+/// Runs `work` on a thread of its own with `LOADER_STACK_BYTES` of stack and waits for it;
+/// `None`, logged, when no thread can be started (the next reload tries again).
+pub fn on_loader_stack<T: Send>(work: impl FnOnce() -> T + Send) -> Option<T> {
+    std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name("config-loader".into())
+            .stack_size(LOADER_STACK_BYTES)
+            .spawn_scoped(scope, work);
+        match spawned {
+            Ok(loader) => Some(
+                loader
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            ),
+            Err(error) => {
+                tracing::error!(%error, "cannot start a thread to load the config; keeping the current one");
+                None
+            }
+        }
+    })
+}
+
 pub struct Reloader {
     dir: PathBuf,
     options: LoadOptions,
@@ -134,12 +161,16 @@ impl Reloader {
                 _ = ticker.tick(), if !interval.is_zero() => {
                     let reloader = self.clone();
                     // File reads are blocking; keep them off the request threads.
-                    let _ = tokio::task::spawn_blocking(move || reloader.reload_if_changed()).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        on_loader_stack(|| reloader.reload_if_changed())
+                    })
+                    .await;
                 }
                 _ = hangup.recv() => {
                     tracing::info!("SIGHUP: reloading the config");
                     let reloader = self.clone();
-                    let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                    let _ = tokio::task::spawn_blocking(move || on_loader_stack(|| reloader.reload()))
+                        .await;
                 }
             }
         }

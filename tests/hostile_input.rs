@@ -65,16 +65,10 @@ fn compile(text: &str) -> Result<(), String> {
     }
 }
 
-/// Runs `work` on a thread with the stack of a tokio blocking-pool thread (2 MiB), where
-/// hot reload runs the loader, so deep recursion fails here exactly as it would there.
+/// Runs `work` where hot reload runs the loader (`meshlimit::reload::on_loader_stack`),
+/// so deep recursion fails here exactly as it would there.
 fn on_reload_sized_stack<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::Builder::new()
-        .name("reload-sized-stack".into())
-        .stack_size(2 * 1024 * 1024)
-        .spawn(work)
-        .expect("spawn a thread")
-        .join()
-        .unwrap_or_else(|_| panic!("the loader panicked (see above)"))
+    meshlimit::reload::on_loader_stack(work).expect("start the loader thread")
 }
 
 /// `meshlimit validate DIR` with its address space capped at `limit_mib`, so an input that
