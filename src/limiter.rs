@@ -217,7 +217,18 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             statuses,
             ..Default::default()
         };
-        response::present(&mut response, request, &decided, &self.presentation);
+        let passed = if self.presentation.dynamic_metadata {
+            passed_rules(&resolved, &decided)
+        } else {
+            Few::new()
+        };
+        response::present(
+            &mut response,
+            request,
+            &decided,
+            &passed,
+            &self.presentation,
+        );
         Ok(response)
     }
 
@@ -277,7 +288,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 .collect(),
             ..Default::default()
         };
-        response::present(&mut response, request, &decided, &self.presentation);
+        response::present(&mut response, request, &decided, &[], &self.presentation);
         Ok(Some(response))
     }
 
@@ -448,6 +459,23 @@ fn record_by_value(
         .map_or(&[][..], |descriptor| &descriptor.entries[..]);
     let values = entries.iter().map(|entry| entry.value.as_str());
     stats.record_keyed(hit, &MetricPart::key_of(&rule.metric_key, values));
+}
+
+/// The rules with `metadata` that let their descriptor pass: unlimited, or counted and
+/// within the limit (a warn-mode rule over its limit did not, as in envoyproxy/ratelimit's
+/// quota mode).
+fn passed_rules<'c>(resolved: &[Resolved<'c>], decided: &[Decided<'_>]) -> Few<&'c Rule> {
+    resolved
+        .iter()
+        .enumerate()
+        .filter_map(|(i, resolved)| {
+            let rule = resolved.rule().filter(|rule| rule.metadata.is_some())?;
+            let over = decided
+                .iter()
+                .any(|d| d.descriptor == i && d.verdict.over_limit);
+            (!over).then_some(rule)
+        })
+        .collect()
 }
 
 /// Matches every descriptor of a request, then applies `replaces`.

@@ -103,6 +103,7 @@ pub fn present(
     response: &mut RateLimitResponse,
     request: &RateLimitRequest,
     decided: &[Decided<'_>],
+    passed: &[&Rule],
     settings: &ResponseSettings,
 ) {
     let over = response.overall_code == Code::OverLimit as i32;
@@ -161,7 +162,7 @@ pub fn present(
         }
     }
     if settings.dynamic_metadata {
-        response.dynamic_metadata = Some(metadata(request, response, deciding(decided)));
+        response.dynamic_metadata = Some(metadata(request, response, deciding(decided), passed));
     }
 }
 
@@ -244,6 +245,7 @@ fn metadata(
     request: &RateLimitRequest,
     response: &RateLimitResponse,
     deciding: Option<&Decided<'_>>,
+    passed: &[&Rule],
 ) -> Struct {
     let descriptors = request
         .descriptors
@@ -280,6 +282,22 @@ fn metadata(
         fields.push(("limit", number(f64::from(d.limit.requests_per_unit))));
         fields.push(("remaining", number(d.verdict.remaining as f64)));
     }
+    // The `metadata` of every rule that let the request pass, merged as envoyproxy/
+    // ratelimit merges it: nested mappings combine, otherwise the first rule's value stays.
+    let mut merged = Struct::default();
+    for rule in passed {
+        if let Some(metadata) = &rule.metadata {
+            merge(&mut merged, metadata);
+        }
+    }
+    if !merged.fields.is_empty() {
+        fields.push((
+            "metadata",
+            Value {
+                kind: Some(Kind::StructValue(merged)),
+            },
+        ));
+    }
     let Some(Kind::StructValue(inner)) = object(fields).kind else {
         return Struct::default();
     };
@@ -291,5 +309,24 @@ fn metadata(
             },
         )]
         .into(),
+    }
+}
+
+/// Adds `from`'s fields to `into`: a mapping in both is merged field by field; any other
+/// field `into` already has is kept.
+fn merge(into: &mut Struct, from: &Struct) {
+    for (name, value) in &from.fields {
+        match (into.fields.get_mut(name), &value.kind) {
+            (None, _) => {
+                into.fields.insert(name.clone(), value.clone());
+            }
+            (
+                Some(Value {
+                    kind: Some(Kind::StructValue(existing)),
+                }),
+                Some(Kind::StructValue(more)),
+            ) => merge(existing, more),
+            (Some(_), _) => {}
+        }
     }
 }

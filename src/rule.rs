@@ -47,6 +47,8 @@ pub struct Rule {
     /// `value_to_metric`: this rule's metric key, one part per entry, when some entry puts
     /// the request's value in it; empty when none does (the metric key is then `path`).
     pub metric_key: Box<[MetricPart]>,
+    /// `metadata`: added to Envoy's dynamic metadata when this rule lets a request pass.
+    pub metadata: Option<prost_types::Struct>,
     /// The rule's place in the tree, like envoyproxy/ratelimit's stat key:
     /// `domain.key_value.key` (value-less keys have no `_value`).
     pub path: Box<str>,

@@ -1,12 +1,17 @@
 //! A config using the fields envoyproxy/ratelimit added in 2025–26 (wildcards anywhere in a
-//! value, `share_threshold`, `quota_mode`, `value_to_metric`), through a real Envoy.
+//! value, `share_threshold`, `quota_mode`, `value_to_metric`, `metadata`), through a real
+//! Envoy.
 //!
 //! Route and descriptor [plan=<x-plan>, user=<x-user-id>]:
-//! tests/fixtures/envoy/ratelimit_tiers.yaml. Limits: tests/fixtures/config_migrated/.
+//! tests/fixtures/envoy/ratelimit_tiers.yaml, and ratelimit_metadata.yaml with an access
+//! log. Limits: tests/fixtures/config_migrated/.
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::fixture;
+use common::meshlimit::Meshlimit;
 use common::stack::Stack;
 
 #[test]
@@ -49,4 +54,43 @@ fn a_migrated_config_with_the_newer_fields_limits_as_envoyproxy_ratelimit_does()
     let metrics = stack.meshlimit.admin_get("/metrics").text();
     let line = r#"ratelimit_service_rate_limit_over_limit{domain="migrated",key="plan_trial.user_carol"} 1"#;
     assert!(metrics.contains(line), "missing `{line}` in:\n{metrics}");
+}
+
+#[test]
+fn descriptor_metadata_reaches_envoys_dynamic_metadata_while_the_request_passes() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let log = dir.path().join("access.log");
+    let meshlimit =
+        Meshlimit::start_with(fixture("config_migrated"), &["--dynamic-metadata", "true"]);
+    let stack = Stack::start_around(
+        meshlimit,
+        fixture("envoy/ratelimit_metadata.yaml"),
+        "migrated",
+        &[("ACCESS_LOG", log.display().to_string())],
+    );
+    for sent in 1..=3 {
+        let response = stack.get("/", &[("x-plan", "team-a-eu"), ("x-user-id", "erin")]);
+        let expected = if sent <= 2 { 200 } else { 429 };
+        stack.expect_status(&response, expected, &format!("erin's request {sent}"));
+    }
+    // Envoy writes its access log in the background (about once a second).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.len() >= 3 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(lines.len(), 3, "{lines:?}\n{}", stack.logs());
+    for line in &lines[..2] {
+        assert!(line.starts_with("200 erin "), "{line}");
+        assert!(line.contains(r#""billing":{"#), "{line}");
+        assert!(line.contains(r#""region":"eu""#), "{line}");
+        assert!(line.contains(r#""plan_family":"team""#), "{line}");
+    }
+    // Over the limit, the rule did not let the request pass: no metadata of it.
+    assert!(lines[2].starts_with("429 erin "), "{}", lines[2]);
+    assert!(!lines[2].contains("billing"), "{}", lines[2]);
 }

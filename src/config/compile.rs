@@ -17,6 +17,7 @@ use super::policy::{self, Overrides, PolicyTable, Problems, ResolvedPolicy, Scop
 use crate::limit::{Algorithm, Limit, Unit};
 use crate::matcher::{Level, Node, ValuePattern};
 use crate::rule::{MetricPart, Rule, RuleLimit, SourceLocation, Treatment};
+use prost_types::value::Kind;
 
 /// What a node passes down to its descendants.
 #[derive(Debug, Clone)]
@@ -250,6 +251,13 @@ impl Compiler<'_, '_> {
                 (None, None) => self.policy_rule(inherited, entry, &at, &node_path, "inherited"),
             }
             .map(|rule| with_steps(rule, &steps));
+            let rule = match (rule, &entry.metadata) {
+                (Some(mut rule), Some(metadata)) => {
+                    rule.metadata = self.metadata(metadata, &file);
+                    Some(rule)
+                }
+                (rule, _) => rule,
+            };
             let setting = own.as_ref().unwrap_or(inherited);
             let note = match (&rule, setting) {
                 (Some(_), _) => None,
@@ -277,6 +285,21 @@ impl Compiler<'_, '_> {
             );
         }
         level
+    }
+
+    /// A descriptor's `metadata` block as Envoy's metadata: it must be a mapping.
+    fn metadata(
+        &mut self,
+        metadata: &Spanned<serde_json::Value>,
+        file: &Arc<str>,
+    ) -> Option<prost_types::Struct> {
+        match to_proto(&metadata.value).kind {
+            Some(Kind::StructValue(fields)) => Some(fields),
+            _ => {
+                self.error(&location(file, &metadata.referenced), "`metadata` must be a mapping of names to values, e.g. `metadata: {team: payments}`");
+                None
+            }
+        }
     }
 
     /// What a node's matched entry gives rules below it; `None` after an error.
@@ -389,6 +412,7 @@ impl Compiler<'_, '_> {
             detailed_metric: entry.detailed_metric,
             shared_values: Box::default(),
             metric_key: Box::default(),
+            metadata: None,
             path: path.into(),
             source: at.clone(),
             count_rejected: false,
@@ -458,6 +482,7 @@ impl Compiler<'_, '_> {
             detailed_metric: entry.detailed_metric,
             shared_values: Box::default(),
             metric_key: Box::default(),
+            metadata: None,
             path: path.into(),
             source: at,
             count_rejected,
@@ -576,4 +601,26 @@ fn with_steps(mut rule: Rule, steps: &[Step]) -> Rule {
     }
     rule.provenance = provenance.into();
     rule
+}
+
+/// A YAML value as a protobuf `Value`, the form Envoy's metadata takes. Numbers become
+/// doubles, as in every protobuf `Struct`.
+fn to_proto(value: &serde_json::Value) -> prost_types::Value {
+    use serde_json::Value as Json;
+    let kind = match value {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(*b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Json::String(s) => Kind::StringValue(s.clone()),
+        Json::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(to_proto).collect(),
+        }),
+        Json::Object(fields) => Kind::StructValue(prost_types::Struct {
+            fields: fields
+                .iter()
+                .map(|(name, value)| (name.clone(), to_proto(value)))
+                .collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
 }

@@ -2,7 +2,7 @@
 //!
 //! The fields are envoyproxy/ratelimit's (`domain`, `descriptors`, `key`, `value`,
 //! `rate_limit`, `shadow_mode`, `quota_mode`, `detailed_metric`, `value_to_metric`,
-//! `share_threshold`), plus meshlimit's policy model
+//! `share_threshold`, `metadata`), plus meshlimit's policy model
 //! (`policies`, `defaults`, `extends`, and `policy` / `limits` on a descriptor). Unknown
 //! fields are rejected rather than ignored: a typo like `request_per_unit` must not silently
 //! become "no limit" or a limit of 0.
@@ -50,6 +50,9 @@ pub struct DescriptorEntry {
     /// envoyproxy/ratelimit's soft check: over the limit, the descriptor is still answered
     /// OK (meshlimit's `mode: warn`).
     pub quota_mode: Option<Spanned<bool>>,
+    /// envoyproxy/ratelimit's: names and values handed to Envoy's dynamic metadata when
+    /// this descriptor's rule lets a request pass (with `--dynamic-metadata`).
+    pub metadata: Option<Spanned<serde_json::Value>>,
     /// `policy`, `limits`, `algorithm`, `burst`, `unlimited`: this node's policy, inherited
     /// by its descendants.
     pub policy: Option<Spanned<String>>,

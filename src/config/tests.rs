@@ -965,3 +965,22 @@ descriptors:
         "domain: edge\ndescriptors:\n  - key: files\n    share_threshold: false\n    rate_limit: {unit: hour, requests_per_unit: 2}\n",
     );
 }
+
+#[test]
+fn metadata_must_be_a_mapping() {
+    let errors = errors(
+        "\
+domain: edge
+descriptors:
+  - key: tenant
+    metadata: [payments]
+    rate_limit: {unit: minute, requests_per_unit: 1}
+",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:4:15: `metadata` must be a mapping of names to values, e.g. `metadata: {team: payments}`"
+        ]
+    );
+}

@@ -600,19 +600,7 @@ descriptors:
 #[test]
 fn decisions_move_the_rule_counters_named_like_envoyproxy_ratelimit() {
     let clock = ManualClock::at(START);
-    let tree = compile_str("edge.yaml", CONFIG, &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("{e:?}"));
-    let config = RateLimitConfig::new([tree], Algorithm::SlidingWindow);
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    metrics.attach(&config);
-    let live = Arc::new(ArcSwapOption::from_pointee(config));
-    let limiter = RateLimiter::new(
-        live,
-        MemoryStore::new(100),
-        clock.clone(),
-        RequestBounds::default(),
-    )
-    .with_metrics(metrics.clone(), 0.5);
+    let (limiter, metrics) = limiter_with_metrics(CONFIG, &clock, 0.5);
     let req = request(vec![descriptor(&[("user", "alice")])]);
     for _ in 0..3 {
         decide(&limiter, &req);
@@ -663,12 +651,20 @@ descriptors:
   - key: soft
     quota_mode: true
     rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: tenant
+    metadata: {owner: {team: payments, oncall: pay-oncall}, tier: gold}
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: region
+    metadata: {owner: {team: platform, site: eu-1}, region_limited: true}
+    rate_limit: {unlimited: true}
 ";
 
-/// A limiter on `config`, recording into the returned metrics.
+/// A limiter on `config`, recording into the returned metrics; hits past
+/// `near_limit_ratio` of a limit count as near it.
 fn limiter_with_metrics(
     config: &str,
     clock: &ManualClock,
+    near_limit_ratio: f64,
 ) -> (
     RateLimiter<MemoryStore, ManualClock>,
     Arc<crate::metrics::Metrics>,
@@ -685,14 +681,14 @@ fn limiter_with_metrics(
         clock.clone(),
         RequestBounds::default(),
     )
-    .with_metrics(metrics.clone(), 0.8);
+    .with_metrics(metrics.clone(), near_limit_ratio);
     (limiter, metrics)
 }
 
 #[test]
 fn share_threshold_counts_every_value_of_its_wildcard_on_one_counter() {
     let clock = ManualClock::at(START);
-    let (limiter, _) = limiter_with_metrics(COMPAT_FIELDS, &clock);
+    let (limiter, _) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
     let one =
         |key: &str, value: &str| decide(&limiter, &request(vec![descriptor(&[(key, value)])]));
     assert_eq!(one("files", "files/a.pdf").overall_code(), Code::Ok);
@@ -723,7 +719,7 @@ fn share_threshold_counts_every_value_of_its_wildcard_on_one_counter() {
 #[test]
 fn value_to_metric_puts_request_values_in_the_metric_key() {
     let clock = ManualClock::at(START);
-    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock);
+    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
     let req = request(vec![descriptor(&[
         ("user", "alice"),
         ("action", "readfile"),
@@ -750,7 +746,7 @@ fn value_to_metric_puts_request_values_in_the_metric_key() {
 #[test]
 fn quota_mode_answers_ok_over_the_limit_and_still_counts() {
     let clock = ManualClock::at(START);
-    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock);
+    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
     let req = request(vec![descriptor(&[("soft", "x")])]);
     decide(&limiter, &req);
     let over = decide(&limiter, &req);
@@ -760,4 +756,53 @@ fn quota_mode_answers_ok_over_the_limit_and_still_counts() {
     let text = metrics.render();
     let line = "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"soft\"} 1";
     assert!(text.contains(line), "missing `{line}` in:\n{text}");
+}
+
+#[test]
+fn metadata_of_the_rules_a_request_passed_reaches_dynamic_metadata() {
+    use prost_types::value::Kind;
+
+    let clock = ManualClock::at(START);
+    let (limiter, _) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
+    let limiter = limiter.with_presentation(ResponseSettings {
+        dynamic_metadata: true,
+        ..ResponseSettings::default()
+    });
+    let req = request(vec![
+        descriptor(&[("tenant", "acme")]),
+        descriptor(&[("region", "eu")]),
+    ]);
+    // The `metadata` merged into the decision's `meshlimit` struct, as JSON-ish text.
+    let passed = |response: &RateLimitResponse| -> Option<String> {
+        let meshlimit = response
+            .dynamic_metadata
+            .as_ref()?
+            .fields
+            .get("meshlimit")?;
+        let Some(Kind::StructValue(fields)) = &meshlimit.kind else {
+            return None;
+        };
+        let mut text = format!("{:?}", fields.fields.get("metadata")?);
+        text.retain(|c| !c.is_whitespace());
+        Some(text)
+    };
+    let first = passed(&decide(&limiter, &req)).expect("metadata of both rules");
+    // Both rules passed: their mappings merge, nested ones field by field, and where both
+    // name a plain value the first descriptor's stays.
+    for part in [
+        "\"team\":Value{kind:Some(StringValue(\"payments\"))}",
+        "\"oncall\"",
+        "\"site\"",
+        "\"tier\"",
+        "\"region_limited\":Value{kind:Some(BoolValue(true))}",
+    ] {
+        assert!(first.contains(part), "missing {part} in {first}");
+    }
+    assert!(!first.contains("platform"), "{first}");
+    // Over its limit of 1, the tenant rule no longer passes: only the region's metadata.
+    let second = passed(&decide(&limiter, &req)).expect("metadata of the unlimited rule");
+    assert!(
+        second.contains("platform") && !second.contains("payments"),
+        "{second}"
+    );
 }

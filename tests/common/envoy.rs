@@ -147,6 +147,9 @@ impl Envoy {
                 "1",
                 "-l",
                 "warning",
+                // Access logs a test reads are on disk within 0.1 s, not Envoy's 10 s.
+                "--file-flush-interval-msec",
+                "100",
             ])
             .args(["--base-id", &next_base_id().to_string()]);
         let mut envoy = Envoy {
