@@ -75,6 +75,18 @@ pub struct RateLimiter<S, C> {
     /// Parts per million of a limit past which a hit counts as near the limit
     /// (envoyproxy/ratelimit's NEAR_LIMIT_RATIO).
     near_limit_ppm: u64,
+    modes: GlobalModes,
+}
+
+/// Service-wide overrides of every rule: envoyproxy/ratelimit's `SHADOW_MODE` and
+/// `QUOTA_MODE`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GlobalModes {
+    /// Count and report everything, but answer every request OK.
+    pub shadow: bool,
+    /// Every descriptor in quota mode: a request is turned away only when all its
+    /// descriptors (but unlimited ones) are over their limits.
+    pub quota: bool,
 }
 
 /// Per-descriptor scratch lists of a decision. Envoy's filters send a handful of
@@ -108,6 +120,42 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             presentation: ResponseSettings::default(),
             metrics: Arc::new(Metrics::default()),
             near_limit_ppm: 800_000,
+            modes: GlobalModes::default(),
+        }
+    }
+
+    /// Applies service-wide shadow or quota mode to every rule.
+    pub fn with_global_modes(mut self, modes: GlobalModes) -> Self {
+        self.modes = modes;
+        self
+    }
+
+    /// envoyproxy/ratelimit's quota mode: quota-mode descriptors over their limits turn the
+    /// request away only when every quota-mode descriptor of it is over. Under global
+    /// quota mode that is every descriptor but unlimited ones, matched by a rule or not.
+    fn settle_quota(&self, resolved: &[Resolved<'_>], decided: &mut [Decided<'_>]) {
+        let quota_over = decided.iter().filter(|d| d.quota && d.over).count();
+        if quota_over == 0 {
+            return;
+        }
+        let quota_descriptors = if self.modes.quota {
+            let unlimited = |r: &&Resolved<'_>| {
+                matches!(
+                    r,
+                    Resolved::Rule(Rule {
+                        limit: RuleLimit::Unlimited,
+                        ..
+                    })
+                )
+            };
+            resolved.iter().filter(|r| !unlimited(r)).count()
+        } else {
+            decided.iter().filter(|d| d.quota).count()
+        };
+        if quota_over == quota_descriptors {
+            for d in decided.iter_mut().filter(|d| d.quota && d.over) {
+                d.rejects = true;
+            }
         }
     }
 
@@ -183,15 +231,20 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             }
             let rule = resolved.get(first.descriptor).and_then(Resolved::rule);
             let forgiven = rule.is_some_and(|r| r.shadow_mode || r.treatment.warn_only);
+            let over = deciding.1.over_limit && !forgiven;
+            let quota = self.modes.quota || rule.is_some_and(|r| r.quota_mode);
             decided.push(Decided {
                 descriptor: first.descriptor,
                 rule,
                 name: rule.and_then(|r| r.name.as_deref()).unwrap_or_default(),
                 limit: deciding.0,
                 verdict: deciding.1,
-                rejects: deciding.1.over_limit && !forgiven,
+                over,
+                quota,
+                rejects: over && !quota,
             });
         }
+        self.settle_quota(&resolved, &mut decided);
 
         // `decided` is in descriptor order, one entry per counted descriptor: one pass
         // builds every status once.
@@ -199,7 +252,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let statuses: Vec<DescriptorStatus> = (resolved.iter().enumerate())
             .map(
                 |(i, resolved)| match deciding.next_if(|d| d.descriptor == i) {
-                    Some(d) => counted_status(&d.limit, d.name, &d.verdict, d.rejects),
+                    Some(d) => counted_status(&d.limit, d.name, &d.verdict, d.over),
                     None => status_without_counting(resolved),
                 },
             )
@@ -207,11 +260,18 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         for d in &decided {
             self.record(request, d);
         }
-        let overall = if decided.iter().any(|d| d.rejects) {
+        let mut overall = if decided.iter().any(|d| d.rejects) {
             Code::OverLimit
         } else {
             Code::Ok
         };
+        if overall == Code::OverLimit && self.modes.shadow {
+            // Counted and reported per descriptor, but the request passes.
+            overall = Code::Ok;
+            self.metrics
+                .global_shadow_mode
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let mut response = RateLimitResponse {
             overall_code: overall as i32,
             statuses,
@@ -277,11 +337,22 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 name: "capacity",
                 limit: capacity.limit,
                 verdict: *verdict,
+                over: true,
+                quota: false,
                 rejects: true,
             })
             .collect();
+        // Under global shadow mode a shed request passes too, counted as let through.
+        let overall = if self.modes.shadow {
+            self.metrics
+                .global_shadow_mode
+                .fetch_add(1, Ordering::Relaxed);
+            Code::Ok
+        } else {
+            Code::OverLimit
+        };
         let mut response = RateLimitResponse {
-            overall_code: Code::OverLimit as i32,
+            overall_code: overall as i32,
             statuses: decided
                 .iter()
                 .map(|d| counted_status(&d.limit, d.name, &d.verdict, true))
@@ -461,18 +532,16 @@ fn record_by_value(
     stats.record_keyed(hit, &MetricPart::key_of(&rule.metric_key, values));
 }
 
-/// The rules with `metadata` that let their descriptor pass: unlimited, or counted and
-/// within the limit (a warn-mode rule over its limit did not, as in envoyproxy/ratelimit's
-/// quota mode).
+/// The rules with `metadata` that let their descriptor pass: unlimited, within the limit,
+/// or over it in shadow or warn mode (envoyproxy/ratelimit answers shadow mode OK). A
+/// quota-mode descriptor over its limit did not pass, even when the request does.
 fn passed_rules<'c>(resolved: &[Resolved<'c>], decided: &[Decided<'_>]) -> Few<&'c Rule> {
     resolved
         .iter()
         .enumerate()
         .filter_map(|(i, resolved)| {
             let rule = resolved.rule().filter(|rule| rule.metadata.is_some())?;
-            let over = decided
-                .iter()
-                .any(|d| d.descriptor == i && d.verdict.over_limit);
+            let over = decided.iter().any(|d| d.descriptor == i && d.over);
             (!over).then_some(rule)
         })
         .collect()

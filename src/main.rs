@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshlimit::config::{self, LoadOptions};
 use meshlimit::limit::Algorithm;
-use meshlimit::limiter::RequestBounds;
+use meshlimit::limiter::{GlobalModes, RequestBounds};
 use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
 use meshlimit::server::{self, ServeOptions, StoreChoice};
@@ -144,6 +144,14 @@ struct ServeArgs {
     /// Fraction of a limit past which hits are counted as `near_limit` in the metrics.
     #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8)]
     near_limit_ratio: f64,
+    /// Count and report as usual, but answer every request OK: a dry run of a whole config
+    /// (envoyproxy/ratelimit: SHADOW_MODE).
+    #[arg(long, env = "SHADOW_MODE", default_value_t = false, action = clap::ArgAction::Set)]
+    global_shadow_mode: bool,
+    /// Put every descriptor in quota mode: a request is turned away only when all its
+    /// descriptors are over their limits (envoyproxy/ratelimit: QUOTA_MODE).
+    #[arg(long, env = "QUOTA_MODE", default_value_t = false, action = clap::ArgAction::Set)]
+    global_quota_mode: bool,
     #[command(flatten)]
     tls: TlsArgs,
     /// After SIGTERM, how long to keep serving while health checks fail, so load balancers
@@ -495,6 +503,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         watch_interval: args.watch_interval,
         presentation: args.presentation.settings(),
         near_limit_ratio: args.near_limit_ratio,
+        global_modes: GlobalModes {
+            shadow: args.global_shadow_mode,
+            quota: args.global_quota_mode,
+        },
         store,
         tls: args.tls.files(),
         drain_delay: args.drain_delay,

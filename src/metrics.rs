@@ -199,6 +199,8 @@ pub struct Metrics {
     pub local_cache_hits: AtomicU64,
     /// Requests turned away by a domain's shared capacity.
     pub shed: AtomicU64,
+    /// Over-limit answers turned to OK by global shadow mode.
+    pub global_shadow_mode: AtomicU64,
     rules: Mutex<HashMap<RuleId, Arc<RuleStats>>>,
     gauges: Mutex<Vec<Gauge>>,
 }
@@ -251,6 +253,11 @@ impl Metrics {
                 "meshlimit_local_cache_hits_total",
                 "Over-limit answers served from the local cache without a store round trip.",
                 &self.local_cache_hits,
+            ),
+            (
+                "ratelimit_service_global_shadow_mode",
+                "Requests answered OK only because of global shadow mode (--global-shadow-mode).",
+                &self.global_shadow_mode,
             ),
             (
                 "meshlimit_shed_total",

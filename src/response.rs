@@ -71,7 +71,12 @@ pub struct Decided<'a> {
     pub name: &'a str,
     pub limit: Limit,
     pub verdict: Verdict,
-    /// Whether this descriptor turned the request away (over, and neither shadow nor warn).
+    /// Over its limit, and neither in shadow nor in warn mode.
+    pub over: bool,
+    /// In envoyproxy/ratelimit's quota mode: being over only turns the request away when
+    /// every quota-mode descriptor of the request is over.
+    pub quota: bool,
+    /// Whether this descriptor turned the request away.
     pub rejects: bool,
 }
 

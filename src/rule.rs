@@ -49,6 +49,9 @@ pub struct Rule {
     pub metric_key: Box<[MetricPart]>,
     /// `metadata`: added to Envoy's dynamic metadata when this rule lets a request pass.
     pub metadata: Option<prost_types::Struct>,
+    /// envoyproxy/ratelimit's `quota_mode`: over the limit, the request is only turned
+    /// away when all its quota-mode descriptors are over.
+    pub quota_mode: bool,
     /// The rule's place in the tree, like envoyproxy/ratelimit's stat key:
     /// `domain.key_value.key` (value-less keys have no `_value`).
     pub path: Box<str>,

@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub presentation: crate::response::ResponseSettings,
     /// Fraction of a limit past which hits count as near the limit (NEAR_LIMIT_RATIO).
     pub near_limit_ratio: f64,
+    /// Service-wide shadow or quota mode (SHADOW_MODE, QUOTA_MODE).
+    pub global_modes: crate::limiter::GlobalModes,
     /// TLS (and with a client CA, mTLS) on the gRPC port.
     pub tls: Option<TlsFiles>,
     /// After a shutdown signal, how long to keep serving with failing health checks.
@@ -153,7 +155,8 @@ async fn serve_with<S: CounterStore>(
     let limiter = Arc::new(
         RateLimiter::new(live.clone(), store, SystemClock, options.bounds)
             .with_presentation(options.presentation.clone())
-            .with_metrics(metrics.clone(), options.near_limit_ratio),
+            .with_metrics(metrics.clone(), options.near_limit_ratio)
+            .with_global_modes(options.global_modes),
     );
 
     let grpc_listener = bind(options.grpc_addr, "gRPC", "--grpc-addr").await?;

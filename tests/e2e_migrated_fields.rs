@@ -1,6 +1,6 @@
 //! A config using the fields envoyproxy/ratelimit added in 2025–26 (wildcards anywhere in a
-//! value, `share_threshold`, `quota_mode`, `value_to_metric`, `metadata`), through a real
-//! Envoy.
+//! value, `share_threshold`, `value_to_metric`, `metadata`) and its SHADOW_MODE, through
+//! a real Envoy. (`quota_mode` needs several descriptors a request: src/limiter/tests.rs.)
 //!
 //! Route and descriptor [plan=<x-plan>, user=<x-user-id>]:
 //! tests/fixtures/envoy/ratelimit_tiers.yaml, and ratelimit_metadata.yaml with an access
@@ -39,15 +39,8 @@ fn a_migrated_config_with_the_newer_fields_limits_as_envoyproxy_ratelimit_does()
     stack.expect_status(&us, 200, "alice via team-a-us");
     assert_eq!(us.header("x-ratelimit-limit"), None, "{us:?}");
 
-    // quota_mode: the second request is over the limit of 1 and still passes.
     stack.expect_status(&get("trial", "carol"), 200, "carol's first trial request");
-    let over = get("trial", "carol");
-    stack.expect_status(
-        &over,
-        200,
-        "carol's second trial request, over in quota mode",
-    );
-    assert_eq!(over.header_u64("x-ratelimit-remaining"), 0, "{over:?}");
+    stack.expect_status(&get("trial", "carol"), 429, "carol's second trial request");
 
     // value_to_metric: the trial rule's hits are counted under a key naming the plan and
     // the user, as envoyproxy/ratelimit's stats name them.
@@ -93,4 +86,35 @@ fn descriptor_metadata_reaches_envoys_dynamic_metadata_while_the_request_passes(
     // Over the limit, the rule did not let the request pass: no metadata of it.
     assert!(lines[2].starts_with("429 erin "), "{}", lines[2]);
     assert!(!lines[2].contains("billing"), "{}", lines[2]);
+}
+
+#[test]
+fn shadow_mode_in_the_environment_lets_everything_pass_and_counts_it() {
+    // A deployment configured the envoyproxy/ratelimit way, through its variables.
+    let meshlimit =
+        Meshlimit::start_with_env(fixture("config_migrated"), &[], &[("SHADOW_MODE", "true")]);
+    let stack = Stack::start_around(
+        meshlimit,
+        fixture("envoy/ratelimit_tiers.yaml"),
+        "migrated",
+        &[],
+    );
+    for sent in 1..=4 {
+        let response = stack.get("/", &[("x-plan", "trial"), ("x-user-id", "frank")]);
+        stack.expect_status(
+            &response,
+            200,
+            &format!("frank's request {sent} of a limit of 1"),
+        );
+    }
+    // Three requests were over the limit: counted as such, and as passed by shadow mode.
+    assert_eq!(
+        stack
+            .meshlimit
+            .metric("ratelimit_service_global_shadow_mode"),
+        3
+    );
+    let metrics = stack.meshlimit.admin_get("/metrics").text();
+    let line = r#"ratelimit_service_rate_limit_over_limit{domain="migrated",key="plan_trial.user_frank"} 3"#;
+    assert!(metrics.contains(line), "missing `{line}` in:\n{metrics}");
 }

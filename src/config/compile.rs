@@ -384,8 +384,7 @@ impl Compiler<'_, '_> {
                     .or(policy.shadow_mode.as_ref().map(|(s, _)| *s))
                     .unwrap_or(false);
                 treatment = Treatment {
-                    warn_only: policy.warn_only.as_ref().is_some_and(|(w, _)| *w)
-                        || quota_mode(entry),
+                    warn_only: policy.warn_only.as_ref().is_some_and(|(w, _)| *w),
                     soft_limit: policy.soft_limit.as_ref().map(|(r, _)| r.0),
                     penalty: policy.penalty.as_ref().map(|(p, _)| *p),
                     headers: policy.headers.as_ref().map(|(h, _)| *h),
@@ -413,6 +412,7 @@ impl Compiler<'_, '_> {
             shared_values: Box::default(),
             metric_key: Box::default(),
             metadata: None,
+            quota_mode: quota_mode(entry),
             path: path.into(),
             source: at.clone(),
             count_rejected: false,
@@ -483,14 +483,12 @@ impl Compiler<'_, '_> {
             shared_values: Box::default(),
             metric_key: Box::default(),
             metadata: None,
+            quota_mode: quota_mode(entry),
             path: path.into(),
             source: at,
             count_rejected,
             provenance: provenance.into(),
-            treatment: Treatment {
-                warn_only: quota_mode(entry),
-                ..Treatment::default()
-            },
+            treatment: Treatment::default(),
             stats: Default::default(),
         })
     }
@@ -569,7 +567,7 @@ impl Compiler<'_, '_> {
     }
 }
 
-/// envoyproxy/ratelimit's `quota_mode: true`: over the limit, answer OK (`mode: warn`).
+/// envoyproxy/ratelimit's `quota_mode: true` on a descriptor.
 fn quota_mode(entry: &DescriptorEntry) -> bool {
     entry.quota_mode.as_ref().is_some_and(|q| q.value)
 }
@@ -587,6 +585,9 @@ fn with_steps(mut rule: Rule, steps: &[Step]) -> Rule {
         provenance.push(format!(
             "share_threshold — every value matching `{wildcard}` counts on one counter"
         ));
+    }
+    if rule.quota_mode {
+        provenance.push("quota_mode — over the limit, turns a request away only when all its quota-mode descriptors are over".to_owned());
     }
     // The metric key differs from the rule's path only when some entry puts its value in.
     if steps

@@ -651,6 +651,9 @@ descriptors:
   - key: soft
     quota_mode: true
     rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: soft_big
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 2}
   - key: tenant
     metadata: {owner: {team: payments, oncall: pay-oncall}, tier: gold}
     rate_limit: {unit: minute, requests_per_unit: 1}
@@ -744,18 +747,78 @@ fn value_to_metric_puts_request_values_in_the_metric_key() {
 }
 
 #[test]
-fn quota_mode_answers_ok_over_the_limit_and_still_counts() {
+fn quota_mode_turns_a_request_away_only_when_all_its_quota_descriptors_are_over() {
     let clock = ManualClock::at(START);
     let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
-    let req = request(vec![descriptor(&[("soft", "x")])]);
+    let req = request(vec![
+        descriptor(&[("soft", "x")]),
+        descriptor(&[("soft_big", "x")]),
+    ]);
+    assert_eq!(codes(&decide(&limiter, &req)), [Code::Ok, Code::Ok]);
+    // `soft` (limit 1) is over, `soft_big` (limit 2) is not: the request passes, and the
+    // status still says which one is over.
+    let one_over = decide(&limiter, &req);
+    assert_eq!(one_over.overall_code(), Code::Ok);
+    assert_eq!(codes(&one_over), [Code::OverLimit, Code::Ok]);
+    // Both over: turned away.
+    let both_over = decide(&limiter, &req);
+    assert_eq!(both_over.overall_code(), Code::OverLimit);
+    assert_eq!(codes(&both_over), [Code::OverLimit, Code::OverLimit]);
+    let text = metrics.render();
+    let line = "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"soft\"} 2";
+    assert!(text.contains(line), "missing `{line}` in:\n{text}");
+}
+
+#[test]
+fn global_quota_mode_counts_every_limited_descriptor_as_a_quota() {
+    let clock = ManualClock::at(START);
+    let (limiter, _) = limiter_with_metrics(CONFIG, &clock, 0.8);
+    let limiter = limiter.with_global_modes(GlobalModes {
+        quota: true,
+        ..GlobalModes::default()
+    });
+    // `ip` allows 1, `user` 2; a descriptor no rule matches is a quota that always passes,
+    // so with it in the request nothing is ever turned away.
+    let with_unmatched = request(vec![
+        descriptor(&[("ip", "1.2.3.4")]),
+        descriptor(&[("nolimit", "x")]),
+    ]);
+    decide(&limiter, &with_unmatched);
+    assert_eq!(decide(&limiter, &with_unmatched).overall_code(), Code::Ok);
+    let req = request(vec![
+        descriptor(&[("ip", "5.6.7.8")]),
+        descriptor(&[("user", "u")]),
+    ]);
+    assert_eq!(decide(&limiter, &req).overall_code(), Code::Ok);
+    assert_eq!(
+        decide(&limiter, &req).overall_code(),
+        Code::Ok,
+        "ip over, user not"
+    );
+    assert_eq!(
+        decide(&limiter, &req).overall_code(),
+        Code::OverLimit,
+        "both over"
+    );
+}
+
+#[test]
+fn global_shadow_mode_answers_ok_and_counts_what_it_let_through() {
+    let clock = ManualClock::at(START);
+    let (limiter, metrics) = limiter_with_metrics(CONFIG, &clock, 0.8);
+    let limiter = limiter.with_global_modes(GlobalModes {
+        shadow: true,
+        ..GlobalModes::default()
+    });
+    let req = request(vec![descriptor(&[("ip", "1.2.3.4")])]);
     decide(&limiter, &req);
     let over = decide(&limiter, &req);
     assert_eq!(over.overall_code(), Code::Ok);
-    assert_eq!(codes(&over), [Code::Ok]);
-    assert_eq!(over.statuses[0].limit_remaining, 0);
-    let text = metrics.render();
-    let line = "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"soft\"} 1";
-    assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    // The descriptor still reports being over, as envoyproxy/ratelimit's does, but no
+    // 429 body or Retry-After is prepared.
+    assert_eq!(codes(&over), [Code::OverLimit]);
+    assert!(over.raw_body.is_empty());
+    assert_eq!(metrics.global_shadow_mode.load(Ordering::Relaxed), 1);
 }
 
 #[test]
