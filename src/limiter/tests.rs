@@ -581,6 +581,33 @@ descriptors:
     }
 
     #[test]
+    fn global_shadow_mode_lets_a_shed_request_pass() {
+        let clock = ManualClock::at(START - START % 1_000);
+        let limiter =
+            api_limiter(&clock, ResponseSettings::default()).with_global_modes(GlobalModes {
+                shadow: true,
+                ..GlobalModes::default()
+            });
+        let free = |i: usize| RateLimitRequest {
+            domain: "tiers".into(),
+            ..api(&[("plan", "free"), ("user", &format!("f{i}"))])
+        };
+        // Free may fill 6 of the capacity of 10; the rest would be shed.
+        let answers: Vec<_> = (0..8).map(|i| decide(&limiter, &free(i))).collect();
+        assert!(answers.iter().all(|a| a.overall_code() == Code::Ok));
+        let shed = &answers[7];
+        assert_eq!(shed.statuses[0].code(), Code::OverLimit, "{shed:?}");
+        assert!(
+            shed.raw_body.is_empty(),
+            "no 429 body for a request that passes"
+        );
+        assert_eq!(
+            limiter.metrics().global_shadow_mode.load(Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
     fn dynamic_metadata_summarises_the_decision() {
         let clock = ManualClock::at(START);
         let settings = ResponseSettings {
