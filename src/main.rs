@@ -97,6 +97,10 @@ struct CountingArgs {
     /// The largest limit a `sliding_log` rule may have: it keeps one timestamp per hit.
     #[arg(long, env = "MESHLIMIT_MAX_SLIDING_LOG_LIMIT", default_value_t = LoadOptions::default().max_sliding_log_limit)]
     max_sliding_log_limit: u32,
+    /// Let several files name the same domain and add their descriptors to it
+    /// (envoyproxy/ratelimit: MERGE_DOMAIN_CONFIG).
+    #[arg(long, env = "MERGE_DOMAIN_CONFIG", default_value_t = false, action = clap::ArgAction::Set)]
+    merge_domain_config: bool,
 }
 
 impl CountingArgs {
@@ -104,6 +108,7 @@ impl CountingArgs {
         LoadOptions {
             default_algorithm: self.default_algorithm,
             max_sliding_log_limit: self.max_sliding_log_limit,
+            merge_domains: self.merge_domain_config,
         }
     }
 }

@@ -153,3 +153,43 @@ fn explain_refuses_an_invalid_or_missing_config_dir() {
     assert!(!ok, "explain accepted a missing dir:\n{stdout}{stderr}");
     assert!(stderr.contains("no_such_dir"), "{stderr}");
 }
+
+#[test]
+fn validate_merges_files_of_one_domain_when_the_environment_says_so() {
+    // Two files of one domain, as envoyproxy/ratelimit deployments split them.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let write = |name: &str, key: &str| {
+        let text = format!(
+            "domain: shop\ndescriptors:\n  - key: {key}\n    rate_limit: {{unit: minute, requests_per_unit: 5}}\n"
+        );
+        std::fs::write(dir.path().join(name), text).expect("write a config file");
+    };
+    write("a.yaml", "user");
+    write("b.yaml", "ip");
+    let run = |merge: Option<&str>| {
+        let mut validate = command();
+        validate.arg("validate").arg(dir.path());
+        if let Some(value) = merge {
+            validate.env("MERGE_DOMAIN_CONFIG", value);
+        }
+        let output = validate.output().expect("run meshlimit validate");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    };
+    let (ok, text) = run(None);
+    assert!(
+        !ok && text.contains("domain `shop` is already defined in"),
+        "{text}"
+    );
+    let (ok, text) = run(Some("true"));
+    assert!(ok, "{text}");
+    // One domain holding the rules of both files.
+    assert!(
+        text.contains("domain shop") && text.contains("2 rules"),
+        "{text}"
+    );
+}

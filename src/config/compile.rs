@@ -166,7 +166,7 @@ impl Compiler<'_, '_> {
         domain_file: &Arc<str>,
     ) -> Level {
         let mut level = Level::default();
-        let mut seen: HashMap<(String, ValuePattern), u64> = HashMap::new();
+        let mut seen: HashMap<(String, ValuePattern), SourceLocation> = HashMap::new();
         for entry in entries {
             let file = entry.file.clone().unwrap_or_else(|| domain_file.clone());
             let Some(key) = &entry.key else {
@@ -202,15 +202,21 @@ impl Compiler<'_, '_> {
                     format!("`{}` (any value)", key.value),
                 ),
             };
-            if let Some(first_line) = seen.get(&(key.value.clone(), pattern.clone())) {
+            if let Some(first) = seen.get(&(key.value.clone(), pattern.clone())) {
                 let described = match value {
                     Some(value) => format!("`{}: {value}`", key.value),
                     None => format!("`{}` without a value", key.value),
                 };
-                self.error(&at, format!("the descriptor {described} is already defined at line {first_line} of this level; merge the two blocks"));
+                // Files merged into one domain share its top level.
+                let place = if first.file == at.file {
+                    format!("line {}", first.line)
+                } else {
+                    format!("{}:{}", first.file, first.line)
+                };
+                self.error(&at, format!("the descriptor {described} is already defined at {place} of this level; merge the two blocks"));
                 continue;
             }
-            seen.insert((key.value.clone(), pattern.clone()), at.line);
+            seen.insert((key.value.clone(), pattern.clone()), at.clone());
             let Some(step) = self.step(entry, &key.value, &pattern, &file) else {
                 continue;
             };

@@ -43,6 +43,9 @@ pub struct LoadOptions {
     pub default_algorithm: Algorithm,
     /// The largest limit a `sliding_log` rule may have (it keeps one timestamp per hit).
     pub max_sliding_log_limit: u32,
+    /// envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG: files naming the same domain add their
+    /// descriptors to it instead of being an error.
+    pub merge_domains: bool,
 }
 
 impl Default for LoadOptions {
@@ -50,6 +53,7 @@ impl Default for LoadOptions {
         Self {
             default_algorithm: Algorithm::default(),
             max_sliding_log_limit: 1_000,
+            merge_domains: false,
         }
     }
 }
@@ -220,6 +224,32 @@ struct DomainSource {
     capacity: Option<(Arc<str>, Spanned<CapacityBlock>)>,
 }
 
+/// `--merge-domain-config`: adds a second file's descriptors to the domain `name` first
+/// defined in `first`. Only descriptors merge: what shapes the whole domain (`extends`,
+/// `policies`, `defaults`, `capacity`) must be written once, in the first file.
+fn merge_into(
+    name: &str,
+    first: &Arc<str>,
+    at: &SourceLocation,
+    parsed: ConfigFile,
+    domain_files: &mut [(String, Arc<str>, ConfigFile)],
+    errors: &mut Vec<ConfigError>,
+) {
+    let domain_wide = [
+        ("extends", parsed.extends.is_some()),
+        ("policies", !parsed.policies.is_empty()),
+        ("defaults", parsed.defaults.is_some()),
+        ("capacity", parsed.capacity.is_some()),
+    ];
+    if let Some((field, _)) = domain_wide.iter().find(|(_, set)| *set) {
+        errors.push(ConfigError::at(at, format!("domain `{name}` is also defined in {first}; merged files may only add descriptors, so move `{field}` to {first}")));
+        return;
+    }
+    if let Some((_, _, target)) = domain_files.iter_mut().find(|(n, _, _)| n == name) {
+        target.descriptors.extend(parsed.descriptors);
+    }
+}
+
 /// Compiles parsed files together: shared files offer policies and defaults to every
 /// domain; each domain file becomes one tree.
 fn compile_files(
@@ -248,10 +278,12 @@ fn compile_files(
             continue;
         }
         if let Some(first) = first_seen.get(&name) {
-            errors.push(ConfigError::at(
-                &location(&file, &domain.referenced),
-                format!("domain `{name}` is already defined in {first}; each domain lives in one file, so merge the two"),
-            ));
+            let at = location(&file, &domain.referenced);
+            if !options.merge_domains {
+                errors.push(ConfigError::at(&at, format!("domain `{name}` is already defined in {first}; each domain lives in one file, so merge the two (or pass --merge-domain-config, envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG)")));
+                continue;
+            }
+            merge_into(&name, first, &at, parsed, &mut domain_files, &mut errors);
             continue;
         }
         first_seen.insert(name.clone(), file.clone());

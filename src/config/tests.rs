@@ -425,6 +425,53 @@ mod directory {
     }
 
     #[test]
+    fn merge_domain_config_adds_every_files_descriptors_to_one_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.yaml"), USER).unwrap();
+        let ip = "domain: one\ndescriptors:\n  - key: ip\n    rate_limit: {unit: second, requests_per_unit: 9}\n";
+        fs::write(dir.path().join("b.yaml"), ip).unwrap();
+        let merge = LoadOptions {
+            merge_domains: true,
+            ..LoadOptions::default()
+        };
+        let config = load_dir(dir.path(), &merge).unwrap_or_else(|e| panic!("{e}"));
+        let domain = config.domain("one").expect("one domain");
+        assert_eq!(matched(domain, &[("user", "u")]), Some(3));
+        assert_eq!(matched(domain, &[("ip", "1.2.3.4")]), Some(9));
+        // Errors in a merged file still name it.
+        assert_eq!(
+            domain
+                .lookup(&entries(&[("ip", "x")]))
+                .map(|r| r.source.file.ends_with("b.yaml")),
+            Some(true)
+        );
+
+        // The same descriptor in both files is the usual duplicate, with both places.
+        fs::write(dir.path().join("c.yaml"), USER).unwrap();
+        let text = load_dir(dir.path(), &merge).unwrap_err().to_string();
+        assert!(
+            text.contains(
+                "c.yaml:3:10: the descriptor `user` without a value is already defined at "
+            ) && text.contains("a.yaml:3"),
+            "{text}"
+        );
+        fs::remove_file(dir.path().join("c.yaml")).unwrap();
+
+        // Only the first file shapes the domain as a whole.
+        fs::write(
+            dir.path().join("c.yaml"),
+            "domain: one\ndefaults: {limits: [{requests_per_unit: 1, unit: second}]}\n",
+        )
+        .unwrap();
+        let text = load_dir(dir.path(), &merge).unwrap_err().to_string();
+        assert!(
+            text.contains("c.yaml:1:9: domain `one` is also defined in")
+                && text.contains("so move `defaults` to"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn invalid_utf8_and_a_missing_directory_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("bad.yaml"), b"domain: \xff\xfe\n").unwrap();
