@@ -130,6 +130,22 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         self
     }
 
+    /// The answer's overall code when its descriptors do or do not turn it away. Global
+    /// shadow mode lets every request pass, shed ones included, counting those it let
+    /// through; their descriptors still report being over.
+    fn overall(&self, turned_away: bool) -> Code {
+        if !turned_away {
+            return Code::Ok;
+        }
+        if self.modes.shadow {
+            self.metrics
+                .global_shadow_mode
+                .fetch_add(1, Ordering::Relaxed);
+            return Code::Ok;
+        }
+        Code::OverLimit
+    }
+
     /// envoyproxy/ratelimit's quota mode: quota-mode descriptors over their limits turn the
     /// request away only when every quota-mode descriptor of it is over. Under global
     /// quota mode that is every descriptor but unlimited ones, matched by a rule or not.
@@ -260,18 +276,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         for d in &decided {
             self.record(request, d);
         }
-        let mut overall = if decided.iter().any(|d| d.rejects) {
-            Code::OverLimit
-        } else {
-            Code::Ok
-        };
-        if overall == Code::OverLimit && self.modes.shadow {
-            // Counted and reported per descriptor, but the request passes.
-            overall = Code::Ok;
-            self.metrics
-                .global_shadow_mode
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        let overall = self.overall(decided.iter().any(|d| d.rejects));
         let mut response = RateLimitResponse {
             overall_code: overall as i32,
             statuses,
@@ -342,15 +347,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 rejects: true,
             })
             .collect();
-        // Under global shadow mode a shed request passes too, counted as let through.
-        let overall = if self.modes.shadow {
-            self.metrics
-                .global_shadow_mode
-                .fetch_add(1, Ordering::Relaxed);
-            Code::Ok
-        } else {
-            Code::OverLimit
-        };
+        let overall = self.overall(true);
         let mut response = RateLimitResponse {
             overall_code: overall as i32,
             statuses: decided

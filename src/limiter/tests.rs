@@ -25,6 +25,12 @@ descriptors:
 
 const START: u64 = 1_000 * 60_000 + 5_000;
 
+/// `--global-shadow-mode`.
+const GLOBAL_SHADOW: GlobalModes = GlobalModes {
+    shadow: true,
+    quota: false,
+};
+
 fn limiter(clock: &ManualClock) -> RateLimiter<MemoryStore, ManualClock> {
     let tree = compile_str("edge.yaml", CONFIG, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{e:?}"));
@@ -584,10 +590,7 @@ descriptors:
     fn global_shadow_mode_lets_a_shed_request_pass() {
         let clock = ManualClock::at(START - START % 1_000);
         let limiter =
-            api_limiter(&clock, ResponseSettings::default()).with_global_modes(GlobalModes {
-                shadow: true,
-                ..GlobalModes::default()
-            });
+            api_limiter(&clock, ResponseSettings::default()).with_global_modes(GLOBAL_SHADOW);
         let free = |i: usize| RateLimitRequest {
             domain: "tiers".into(),
             ..api(&[("plan", "free"), ("user", &format!("f{i}"))])
@@ -802,7 +805,7 @@ fn global_quota_mode_counts_every_limited_descriptor_as_a_quota() {
     let (limiter, _) = limiter_with_metrics(CONFIG, &clock, 0.8);
     let limiter = limiter.with_global_modes(GlobalModes {
         quota: true,
-        ..GlobalModes::default()
+        shadow: false,
     });
     // `ip` allows 1, `user` 2; a descriptor no rule matches is a quota that always passes,
     // so with it in the request nothing is ever turned away.
@@ -833,10 +836,7 @@ fn global_quota_mode_counts_every_limited_descriptor_as_a_quota() {
 fn global_shadow_mode_answers_ok_and_counts_what_it_let_through() {
     let clock = ManualClock::at(START);
     let (limiter, metrics) = limiter_with_metrics(CONFIG, &clock, 0.8);
-    let limiter = limiter.with_global_modes(GlobalModes {
-        shadow: true,
-        ..GlobalModes::default()
-    });
+    let limiter = limiter.with_global_modes(GLOBAL_SHADOW);
     let req = request(vec![descriptor(&[("ip", "1.2.3.4")])]);
     decide(&limiter, &req);
     let over = decide(&limiter, &req);
