@@ -1,10 +1,10 @@
 //! A config using the fields envoyproxy/ratelimit added in 2025–26 (wildcards anywhere in a
-//! value, `share_threshold`, `value_to_metric`, `metadata`) and its SHADOW_MODE, through
-//! a real Envoy. (`quota_mode` needs several descriptors a request: src/limiter/tests.rs.)
+//! value, `share_threshold`, `value_to_metric`, `metadata`, `quota_mode`) and its
+//! SHADOW_MODE, through a real Envoy.
 //!
-//! Route and descriptor [plan=<x-plan>, user=<x-user-id>]:
-//! tests/fixtures/envoy/ratelimit_tiers.yaml, and ratelimit_metadata.yaml with an access
-//! log. Limits: tests/fixtures/config_migrated/.
+//! Routes: tests/fixtures/envoy/ratelimit_tiers.yaml ([plan=<x-plan>, user=<x-user-id>]),
+//! ratelimit_metadata.yaml (the same, with an access log) and ratelimit_http.yaml ([user],
+//! [user, path], [remote_address]). Limits: tests/fixtures/config_migrated/.
 
 mod common;
 
@@ -117,4 +117,18 @@ fn shadow_mode_in_the_environment_lets_everything_pass_and_counts_it() {
     let metrics = stack.meshlimit.admin_get("/metrics").text();
     let line = r#"ratelimit_service_rate_limit_over_limit{domain="migrated",key="plan_trial.user_frank"} 3"#;
     assert!(metrics.contains(line), "missing `{line}` in:\n{metrics}");
+}
+
+#[test]
+fn quota_mode_turns_a_request_away_only_when_every_quota_is_used_up() {
+    let stack = Stack::start(
+        fixture("config_migrated"),
+        fixture("envoy/ratelimit_http.yaml"),
+        "quota",
+    );
+    let get = || stack.get("/reports", &[("x-user-id", "grace")]);
+    stack.expect_status(&get(), 200, "grace's first request, both quotas with room");
+    // The per-user quota of 1 is used up, the per-path one of 2 is not: still admitted.
+    stack.expect_status(&get(), 200, "grace's second request, one quota with room");
+    stack.expect_status(&get(), 429, "grace's third request, both quotas used up");
 }
