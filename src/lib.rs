@@ -11,6 +11,7 @@
 //!
 //! Around it: [`config`] loads and checks YAML directories, [`clock`] is the injectable
 //! time source, [`admin`] is the HTTP admin port, [`server`] wires `meshlimit serve`,
+//! [`envoyproxy_env`] reads the environment an envoyproxy/ratelimit deployment sets,
 //! and [`proto`] holds the generated protobuf code.
 
 // Request and reload paths must answer with an error, never a panic.
@@ -30,6 +31,7 @@ pub mod allocator;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod envoyproxy_env;
 pub mod explain;
 pub mod key;
 pub mod limit;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshlimit::config::{self, LoadOptions};
+use meshlimit::envoyproxy_env::{self, EnvoyproxyEnv, MetricsListener};
 use meshlimit::limit::Algorithm;
 use meshlimit::limiter::{GlobalModes, RequestBounds};
 use meshlimit::response::{LegacyNames, ResponseSettings};
@@ -115,15 +116,22 @@ impl CountingArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// The directory holding the *.yaml config files (one domain per file).
+    /// The directory holding the *.yaml config files (one domain per file) [required,
+    /// unless envoyproxy/ratelimit's RUNTIME_ROOT and RUNTIME_SUBDIRECTORY name it].
     #[arg(long, env = "MESHLIMIT_CONFIG")]
-    config: PathBuf,
-    /// Where the gRPC rate limit service listens.
-    #[arg(long, env = "MESHLIMIT_GRPC_ADDR", default_value = "0.0.0.0:8081")]
-    grpc_addr: SocketAddr,
-    /// Where the HTTP admin port (/healthcheck) listens.
-    #[arg(long, env = "MESHLIMIT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
-    admin_addr: SocketAddr,
+    config: Option<PathBuf>,
+    /// Where the gRPC rate limit service listens [default: 0.0.0.0:8081, or GRPC_HOST and
+    /// GRPC_PORT].
+    #[arg(long, env = "MESHLIMIT_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// Where the HTTP admin port (/healthcheck, /metrics) listens [default: 0.0.0.0:8080, or
+    /// HOST and PORT].
+    #[arg(long, env = "MESHLIMIT_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
+    /// Serve /metrics here too, for scrapers that expect a port of their own
+    /// [also USE_PROMETHEUS=true with PROMETHEUS_ADDR and PROMETHEUS_PATH].
+    #[arg(long, env = "MESHLIMIT_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     counting: CountingArgs,
     /// The most counters the in-memory store holds; least useful ones are evicted first.
@@ -166,9 +174,9 @@ struct ServeArgs {
     /// How long in-flight requests may take to finish once the listeners stop.
     #[arg(long, env = "MESHLIMIT_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_interval)]
     shutdown_grace: Duration,
-    /// Log lines as human-readable text or as JSON objects.
-    #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// Log lines as human-readable text or as JSON objects [default: text, or LOG_FORMAT].
+    #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 /// Where counters live. envoyproxy/ratelimit's REDIS_TYPE, REDIS_URL, REDIS_AUTH, REDIS_TLS,
@@ -176,9 +184,11 @@ struct ServeArgs {
 /// too (see `store::redis::settings`).
 #[derive(Args)]
 struct StoreArgs {
-    /// memory: this process's counters; redis: counters shared by every replica.
-    #[arg(long = "store", env = "MESHLIMIT_STORE", value_enum, default_value_t = StoreKind::Memory)]
-    kind: StoreKind,
+    /// memory: this process's counters; redis: counters shared by every replica
+    /// [default: memory, or redis when envoyproxy/ratelimit's REDIS_URL or BACKEND_TYPE=redis
+    /// is set].
+    #[arg(long = "store", env = "MESHLIMIT_STORE", value_enum)]
+    kind: Option<StoreKind>,
     /// The Redis or Valkey server: redis://[user:password@]host:port[/db], or rediss:// for TLS.
     #[arg(long, env = "MESHLIMIT_REDIS_URL")]
     redis_url: Option<String>,
@@ -203,9 +213,10 @@ struct StoreArgs {
     /// Put before every Redis key [default: meshlimit:, or CACHE_KEY_PREFIX].
     #[arg(long, env = "MESHLIMIT_REDIS_PREFIX")]
     redis_prefix: Option<String>,
-    /// The most a request waits on Redis; keep it well under Envoy's filter timeout.
-    #[arg(long, env = "MESHLIMIT_REDIS_TIMEOUT", default_value = "50ms", value_parser = parse_interval)]
-    redis_timeout: Duration,
+    /// The most a request waits on Redis; keep it well under Envoy's filter timeout
+    /// [default: 50ms, or REDIS_TIMEOUT].
+    #[arg(long, env = "MESHLIMIT_REDIS_TIMEOUT", value_parser = parse_interval)]
+    redis_timeout: Option<Duration>,
     /// The answer when Redis does not answer in time: allow (fail open), deny (fail closed),
     /// or local (in-memory counters, each limit divided by --replicas).
     #[arg(long, env = "MESHLIMIT_REDIS_FAILURE_MODE", value_enum, default_value_t = FailureMode::Allow)]
@@ -224,6 +235,10 @@ struct StoreArgs {
     redis_hybrid_flush: Duration,
 }
 
+/// Long enough for a loaded Redis, short enough that a dead one is answered by the failure
+/// mode before Envoy's filter gives up (deploy/envoy/envoy.yaml gives it 100 ms).
+const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreKind {
     Memory,
@@ -231,11 +246,26 @@ enum StoreKind {
 }
 
 impl StoreArgs {
-    fn choice(self, cache_capacity: u64) -> Result<StoreChoice, String> {
-        if self.kind == StoreKind::Memory {
+    fn choice(self, cache_capacity: u64, compat: &EnvoyproxyEnv) -> Result<StoreChoice, String> {
+        let kind = match self.kind {
+            Some(kind) => kind,
+            None if compat.redis => {
+                tracing::info!(
+                    "counters in Redis, as envoyproxy/ratelimit keeps them: REDIS_URL or \
+                     BACKEND_TYPE=redis is set (--store memory keeps them in this process)"
+                );
+                StoreKind::Redis
+            }
+            None => StoreKind::Memory,
+        };
+        if kind == StoreKind::Memory {
             return Ok(StoreChoice::Memory);
         }
-        if self.redis_timeout.is_zero() {
+        let redis_timeout = self
+            .redis_timeout
+            .or(compat.redis_timeout)
+            .unwrap_or(DEFAULT_REDIS_TIMEOUT);
+        if redis_timeout.is_zero() {
             return Err("--redis-timeout must be above zero, e.g. 50ms".into());
         }
         if self.redis_hybrid_flush.is_zero() {
@@ -257,7 +287,7 @@ impl StoreArgs {
             target: resolved.target,
             tls: resolved.tls,
             prefix: resolved.prefix,
-            timeout: self.redis_timeout,
+            timeout: redis_timeout,
             failure_mode: self.redis_failure_mode,
             replicas: self.replicas.max(1),
             local_capacity: cache_capacity,
@@ -283,12 +313,16 @@ struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn files(self) -> Option<meshlimit::tls::TlsFiles> {
-        Some(meshlimit::tls::TlsFiles {
-            cert: self.tls_cert?,
-            key: self.tls_key?,
-            client_ca: self.tls_client_ca,
-        })
+    /// The flags' files, else envoyproxy/ratelimit's GRPC_SERVER_USE_TLS set.
+    fn files(self, compat: Option<meshlimit::tls::TlsFiles>) -> Option<meshlimit::tls::TlsFiles> {
+        match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(meshlimit::tls::TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            _ => compat,
+        }
     }
 }
 
@@ -481,22 +515,58 @@ fn explain(
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    init_logging(args.log_format);
-    let store = match args.store.choice(args.cache_capacity) {
+    let compat = match envoyproxy_env::read(|name| std::env::var(name).ok()) {
+        Ok(compat) => compat,
+        Err(message) => {
+            eprintln!("meshlimit: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let json_logs = match args.log_format {
+        Some(format) => matches!(format, LogFormat::Json),
+        None => compat.json_logs.unwrap_or(false),
+    };
+    init_logging(json_logs, compat.log_filter);
+    for line in &compat.ignored {
+        tracing::warn!("{line}");
+    }
+    let Some(config_dir) = args.config.or(compat.config_dir.clone()) else {
+        eprintln!(
+            "meshlimit: serve needs --config DIR (or MESHLIMIT_CONFIG), the directory holding \
+             the *.yaml files; envoyproxy/ratelimit's RUNTIME_ROOT and RUNTIME_SUBDIRECTORY \
+             name it too"
+        );
+        return ExitCode::from(2);
+    };
+    let store = match args.store.choice(args.cache_capacity, &compat) {
         Ok(store) => store,
         Err(message) => {
             eprintln!("meshlimit: {message}");
             return ExitCode::from(2);
         }
     };
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(MetricsListener {
+            addr,
+            path: "/metrics".to_owned(),
+        }),
+        None => compat.metrics.clone(),
+    };
     // Before the runtime's threads start (src/allocator.rs says why only this store).
     if matches!(store, StoreChoice::Memory) && meshlimit::allocator::purge_freed_memory_at_once() {
         tracing::debug!("mimalloc gives freed memory back at once (memory store)");
     }
     let options = ServeOptions {
-        config_dir: args.config,
-        grpc_addr: args.grpc_addr,
-        admin_addr: args.admin_addr,
+        config_dir,
+        grpc_addr: args
+            .grpc_addr
+            .or(compat.grpc_addr)
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8081))),
+        admin_addr: args
+            .admin_addr
+            .or(compat.admin_addr)
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
+        metrics_listener,
         load: args.counting.load_options(),
         cache_capacity: args.cache_capacity,
         bounds: RequestBounds {
@@ -513,7 +583,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             quota: args.global_quota_mode,
         },
         store,
-        tls: args.tls.files(),
+        tls: args.tls.files(compat.tls),
         drain_delay: args.drain_delay,
         shutdown_grace: args.shutdown_grace,
     };
@@ -567,16 +637,18 @@ fn validate(dir: &std::path::Path, counting: CountingArgs) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// `MESHLIMIT_LOG` (a tracing filter) wins over envoyproxy/ratelimit's `LOG_LEVEL`.
+fn init_logging(json: bool, level: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHLIMIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour codes only where a person reads a terminal, never in collected logs.
         .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }

@@ -15,6 +15,7 @@ use tonic_health::ServingStatus;
 use crate::admin::{self, AdminState, Health};
 use crate::clock::SystemClock;
 use crate::config::{ConfigErrors, LoadOptions};
+use crate::envoyproxy_env::MetricsListener;
 use crate::limiter::{RateLimiter, RequestBounds};
 use crate::metrics::Metrics;
 use crate::proto::rate_limit_service_server::RateLimitServiceServer;
@@ -30,6 +31,8 @@ pub struct ServeOptions {
     pub config_dir: PathBuf,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// A second listener serving only the metrics.
+    pub metrics_listener: Option<MetricsListener>,
     pub load: LoadOptions,
     pub cache_capacity: u64,
     pub bounds: RequestBounds,
@@ -161,9 +164,22 @@ async fn serve_with<S: CounterStore>(
 
     let grpc_listener = bind(options.grpc_addr, "gRPC", "--grpc-addr").await?;
     let admin_listener = bind(options.admin_addr, "admin", "--admin-addr").await?;
+    let metrics_listener = match &options.metrics_listener {
+        Some(listener) => Some((
+            bind(
+                listener.addr,
+                "metrics",
+                "--metrics-addr (or PROMETHEUS_ADDR)",
+            )
+            .await?,
+            listener.path.as_str(),
+        )),
+        None => None,
+    };
     tracing::info!(
         grpc = %local(&grpc_listener),
         admin = %local(&admin_listener),
+        metrics = metrics_listener.as_ref().map(|(listener, path)| format!("{}{path}", local(listener))),
         config = %options.config_dir.display(),
         "meshlimit listening"
     );
@@ -193,6 +209,8 @@ async fn serve_with<S: CounterStore>(
 
     let health = Arc::new(Health::default());
     health.set_serving(true);
+    let metrics_app = metrics_listener
+        .map(|(listener, path)| (listener, admin::metrics_router(metrics.clone(), path)));
     let admin_app = admin::router(AdminState {
         health: health.clone(),
         config: live,
@@ -237,7 +255,23 @@ async fn serve_with<S: CounterStore>(
             )),
         };
     let admin = axum::serve(admin_listener, admin_app).with_graceful_shutdown(when_stopped());
-    let mut servers = tokio::spawn(async move { tokio::join!(grpc, admin) });
+    let metrics_only = {
+        let stopped = when_stopped();
+        async move {
+            match metrics_app {
+                Some((listener, app)) => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+                None => Ok(()),
+            }
+        }
+    };
+    let mut servers = tokio::spawn(async move {
+        let (grpc, admin, metrics) = tokio::join!(grpc, admin, metrics_only);
+        (grpc, admin.and(metrics))
+    });
 
     let (grpc, admin) = tokio::select! {
         finished = &mut servers => finished.map_err(|e| ServeError::Serve { what: "server", message: e.to_string() })?,

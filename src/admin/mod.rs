@@ -90,6 +90,17 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// The metrics alone at `path`, for a listener of their own (`--metrics-addr`, or
+/// envoyproxy/ratelimit's `USE_PROMETHEUS` with `PROMETHEUS_ADDR` and `PROMETHEUS_PATH`).
+pub fn metrics_router(metrics: Arc<Metrics>, path: &str) -> Router {
+    Router::new()
+        .route(
+            path,
+            get(|State(metrics): State<Arc<Metrics>>| async move { metrics.render() }),
+        )
+        .with_state(metrics)
+}
+
 /// envoyproxy/ratelimit's contract: 200 `OK` when healthy, 500 otherwise.
 async fn healthcheck(State(state): State<AdminState>) -> (StatusCode, &'static str) {
     if state.health.is_serving() && state.config.load().is_some() {

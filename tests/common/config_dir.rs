@@ -44,13 +44,25 @@ fn write_file(path: &Path, text: &str) {
 /// links and deletes the old version, as the kubelet's `AtomicWriter` does.
 pub struct ConfigMapDir {
     dir: TempDir,
+    /// Where the ConfigMap is mounted: `dir` itself, or a directory below it.
+    mount: PathBuf,
     generation: u32,
 }
 
 impl ConfigMapDir {
     pub fn new(files: &[(&str, &str)]) -> ConfigMapDir {
+        ConfigMapDir::mounted_at("", files)
+    }
+
+    /// Mounted at `below` inside a fresh directory (`root()`), as envoyproxy/ratelimit's
+    /// deployments mount theirs at `RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/config`.
+    pub fn mounted_at(below: &str, files: &[(&str, &str)]) -> ConfigMapDir {
+        let dir = tempfile::tempdir().expect("create a temp ConfigMap dir");
+        let mount = dir.path().join(below);
+        fs::create_dir_all(&mount).expect("create the ConfigMap mount point");
         let mut config_map = ConfigMapDir {
-            dir: tempfile::tempdir().expect("create a temp ConfigMap dir"),
+            dir,
+            mount,
             generation: 0,
         };
         config_map.update(files);
@@ -59,12 +71,17 @@ impl ConfigMapDir {
 
     /// The mount point: what `--config` names.
     pub fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    /// The directory the mount point is inside.
+    pub fn root(&self) -> &Path {
         self.dir.path()
     }
 
     /// Swaps in a new version holding exactly `files`.
     pub fn update(&mut self, files: &[(&str, &str)]) {
-        let root = self.dir.path();
+        let root = self.mount.as_path();
         let previous = self.version_dir();
         self.generation += 1;
         let version = self.version_name();
@@ -103,6 +120,6 @@ impl ConfigMapDir {
     }
 
     fn version_dir(&self) -> Option<PathBuf> {
-        (self.generation > 0).then(|| self.dir.path().join(self.version_name()))
+        (self.generation > 0).then(|| self.mount.join(self.version_name()))
     }
 }

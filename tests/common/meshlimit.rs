@@ -36,6 +36,24 @@ const INHERITED_SETTINGS: &[&str] = &[
     "LIMIT_RESET_HEADER",
     "RESPONSE_DYNAMIC_METADATA",
     "NEAR_LIMIT_RATIO",
+    // Where meshlimit listens, reads its config and keeps counters, in envoyproxy/ratelimit's
+    // words (src/envoyproxy_env.rs).
+    "RUNTIME_ROOT",
+    "RUNTIME_SUBDIRECTORY",
+    "RUNTIME_APPDIRECTORY",
+    "HOST",
+    "PORT",
+    "GRPC_HOST",
+    "GRPC_PORT",
+    "USE_PROMETHEUS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "GRPC_SERVER_USE_TLS",
+    "BACKEND_TYPE",
+    "REDIS_URL",
+    "REDIS_TYPE",
+    "REDIS_TIMEOUT",
+    "CONFIG_TYPE",
 ];
 
 /// A `Command` for the built binary with the developer's meshlimit settings removed.
@@ -51,6 +69,15 @@ pub fn command() -> Command {
 
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshlimit"))
+}
+
+/// Where a started server is told its config directory and addresses.
+#[derive(Clone, Copy)]
+enum Placement<'a> {
+    /// `--config`, `--grpc-addr` and `--admin-addr`.
+    Flags(&'a Path),
+    /// envoyproxy/ratelimit's variables only.
+    Environment,
 }
 
 pub struct Meshlimit {
@@ -78,9 +105,20 @@ impl Meshlimit {
         env: &[(&str, &str)],
     ) -> Meshlimit {
         let config_dir = config_dir.as_ref();
+        Meshlimit::start_placed(Placement::Flags(config_dir), extra_args, env)
+    }
+
+    /// `meshlimit serve` with no flags at all: the config directory and everything else come
+    /// from `env`, as in an envoyproxy/ratelimit deployment; the addresses from `HOST`/`PORT`
+    /// and `GRPC_HOST`/`GRPC_PORT`, which this sets to free loopback ports.
+    pub fn start_envoyproxy_style(env: &[(&str, &str)]) -> Meshlimit {
+        Meshlimit::start_placed(Placement::Environment, &[], env)
+    }
+
+    fn start_placed(placement: Placement, extra_args: &[&str], env: &[(&str, &str)]) -> Meshlimit {
         let mut attempt = 1;
         loop {
-            match Meshlimit::try_start(config_dir, extra_args, env) {
+            match Meshlimit::try_start(placement, extra_args, env) {
                 Ok(server) => return server,
                 Err(failure) if failure.lost_port_race && attempt < START_ATTEMPTS => attempt += 1,
                 Err(failure) => panic!("meshlimit did not become healthy:\n{}", failure.report),
@@ -89,23 +127,33 @@ impl Meshlimit {
     }
 
     fn try_start(
-        config_dir: &Path,
+        placement: Placement,
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Meshlimit, StartFailure> {
         let grpc_addr = free_loopback_addr();
         let admin_addr = free_loopback_addr();
         let mut command = command();
-        command
-            .envs(env.iter().copied())
-            .arg("serve")
-            .arg("--config")
-            .arg(config_dir)
-            .arg("--grpc-addr")
-            .arg(grpc_addr.to_string())
-            .arg("--admin-addr")
-            .arg(admin_addr.to_string())
-            .args(extra_args);
+        command.envs(env.iter().copied()).arg("serve");
+        match placement {
+            Placement::Flags(config_dir) => {
+                command
+                    .arg("--config")
+                    .arg(config_dir)
+                    .arg("--grpc-addr")
+                    .arg(grpc_addr.to_string())
+                    .arg("--admin-addr")
+                    .arg(admin_addr.to_string());
+            }
+            Placement::Environment => {
+                command
+                    .env("HOST", admin_addr.ip().to_string())
+                    .env("PORT", admin_addr.port().to_string())
+                    .env("GRPC_HOST", grpc_addr.ip().to_string())
+                    .env("GRPC_PORT", grpc_addr.port().to_string());
+            }
+        }
+        command.args(extra_args);
         let dir = tempfile::tempdir().expect("create a temp dir for meshlimit");
         let mut server = Meshlimit {
             grpc_addr,

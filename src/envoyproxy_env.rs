@@ -1,0 +1,601 @@
+//! The environment an envoyproxy/ratelimit deployment already sets (`RUNTIME_ROOT`,
+//! `GRPC_PORT`, `USE_PROMETHEUS`, `BACKEND_TYPE`, `LOG_LEVEL`, …), read so that its
+//! manifests — Istio's rate-limit sample among them — run meshlimit with only the image
+//! changed.
+//!
+//! Every variable is either understood, refused with what to write instead (when ignoring
+//! it would change decisions or security), or listed as ignored with the reason (when it
+//! only tunes what meshlimit does another way). meshlimit's own flags and `MESHLIMIT_*`
+//! variables always win; the Redis variables are read by `store::redis::settings`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::tls::TlsFiles;
+
+/// envoyproxy/ratelimit's defaults for the variables below.
+const DEFAULT_RUNTIME_ROOT: &str = "/srv/runtime_data/current";
+const DEFAULT_APP_DIRECTORY: &str = "config";
+const DEFAULT_PROMETHEUS_ADDR: &str = ":9090";
+const DEFAULT_METRICS_PATH: &str = "/metrics";
+const DEFAULT_ADMIN_PORT: u16 = 8080;
+const DEFAULT_GRPC_PORT: u16 = 8081;
+
+/// What the environment says, for the settings meshlimit also has flags for. `None` means
+/// the environment is silent and meshlimit's own default applies.
+#[derive(Debug, Default, PartialEq)]
+pub struct EnvoyproxyEnv {
+    /// `RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY`: where envoyproxy/ratelimit
+    /// reads its config files.
+    pub config_dir: Option<PathBuf>,
+    /// `GRPC_HOST:GRPC_PORT`.
+    pub grpc_addr: Option<SocketAddr>,
+    /// `HOST:PORT`, envoyproxy/ratelimit's HTTP port (`/healthcheck`, `/json`).
+    pub admin_addr: Option<SocketAddr>,
+    /// `USE_PROMETHEUS=true`: a second listener for the metrics, at `PROMETHEUS_ADDR`.
+    pub metrics: Option<MetricsListener>,
+    /// `LOG_LEVEL`, as a tracing filter.
+    pub log_filter: Option<&'static str>,
+    /// `LOG_FORMAT=json`.
+    pub json_logs: Option<bool>,
+    /// `GRPC_SERVER_USE_TLS=true` with its files.
+    pub tls: Option<TlsFiles>,
+    /// `BACKEND_TYPE=redis`, or a `REDIS_URL`: counters in Redis, as envoyproxy/ratelimit
+    /// always keeps them.
+    pub redis: bool,
+    /// `REDIS_TIMEOUT`.
+    pub redis_timeout: Option<Duration>,
+    /// Variables that are set, have no effect here, and why; logged once at start.
+    pub ignored: Vec<String>,
+}
+
+/// Where and at which path the metrics are served besides the admin port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsListener {
+    pub addr: SocketAddr,
+    pub path: String,
+}
+
+/// Reads the environment through `env` (empty values count as unset). An error names the
+/// variable and what to write instead.
+pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, String> {
+    let env = |name: &str| {
+        env(name)
+            .map(|value| value.trim().to_owned())
+            .filter(|value| !value.is_empty())
+    };
+    let flag = |name: &str| -> Result<Option<bool>, String> {
+        env(name).map(|value| parse_bool(name, &value)).transpose()
+    };
+    refuse_what_would_change_decisions(&env, &flag)?;
+
+    let mut read = EnvoyproxyEnv {
+        config_dir: runtime_dir(&env),
+        ..EnvoyproxyEnv::default()
+    };
+    if env("HOST").is_some() || env("PORT").is_some() {
+        read.admin_addr = Some(listen_addr(&env, "HOST", "PORT", DEFAULT_ADMIN_PORT)?);
+    }
+    if env("GRPC_HOST").is_some() || env("GRPC_PORT").is_some() {
+        read.grpc_addr = Some(listen_addr(
+            &env,
+            "GRPC_HOST",
+            "GRPC_PORT",
+            DEFAULT_GRPC_PORT,
+        )?);
+    }
+    if flag("USE_PROMETHEUS")? == Some(true) {
+        let addr = env("PROMETHEUS_ADDR").unwrap_or_else(|| DEFAULT_PROMETHEUS_ADDR.to_owned());
+        let path = env("PROMETHEUS_PATH").unwrap_or_else(|| DEFAULT_METRICS_PATH.to_owned());
+        if !path.starts_with('/') {
+            return Err(format!(
+                "PROMETHEUS_PATH={path}: write a path starting with /, e.g. /metrics"
+            ));
+        }
+        read.metrics = Some(MetricsListener {
+            addr: go_listen_addr("PROMETHEUS_ADDR", &addr)?,
+            path,
+        });
+    }
+    if let Some(level) = env("LOG_LEVEL") {
+        read.log_filter = Some(log_filter(&level)?);
+    }
+    read.json_logs = match env("LOG_FORMAT").map(|f| f.to_ascii_lowercase()).as_deref() {
+        None => None,
+        Some("json") => Some(true),
+        Some("text") => Some(false),
+        Some(other) => return Err(format!("LOG_FORMAT={other}: write text or json")),
+    };
+    if flag("GRPC_SERVER_USE_TLS")? == Some(true) {
+        let file = |name: &str| {
+            env(name).map(PathBuf::from).ok_or_else(|| {
+                format!(
+                    "GRPC_SERVER_USE_TLS=true needs {name}: the PEM file of the gRPC port's \
+                     certificate chain (GRPC_SERVER_TLS_CERT) and key (GRPC_SERVER_TLS_KEY)"
+                )
+            })
+        };
+        read.tls = Some(TlsFiles {
+            cert: file("GRPC_SERVER_TLS_CERT")?,
+            key: file("GRPC_SERVER_TLS_KEY")?,
+            client_ca: env("GRPC_CLIENT_TLS_CACERT").map(PathBuf::from),
+        });
+    }
+    read.redis = match env("BACKEND_TYPE")
+        .map(|b| b.to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("redis") => true,
+        None => env("REDIS_URL").is_some(),
+        Some(other) => {
+            return Err(format!(
+                "BACKEND_TYPE={other}: meshlimit keeps counters in memory (the default) or in \
+                 Redis; unset BACKEND_TYPE, or write redis with REDIS_URL=host:port"
+            ));
+        }
+    };
+    if let Some(timeout) = env("REDIS_TIMEOUT") {
+        let parsed = go_duration(&timeout)
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| {
+                format!("REDIS_TIMEOUT={timeout}: write a duration above zero, e.g. 50ms or 1s")
+            })?;
+        read.redis_timeout = Some(parsed);
+    }
+    read.ignored = ignored(&env, &flag)?;
+    Ok(read)
+}
+
+/// Settings whose silent absence would change what gets limited or who may connect.
+fn refuse_what_would_change_decisions(
+    env: &impl Fn(&str) -> Option<String>,
+    flag: &impl Fn(&str) -> Result<Option<bool>, String>,
+) -> Result<(), String> {
+    if let Some(kind) = env("CONFIG_TYPE")
+        && !kind.eq_ignore_ascii_case("file")
+    {
+        return Err(format!(
+            "CONFIG_TYPE={kind}: meshlimit reads its config from YAML files only; mount them \
+             and point RUNTIME_ROOT/RUNTIME_SUBDIRECTORY (or --config) at them"
+        ));
+    }
+    if let Some(path) = env("GRPC_UDS") {
+        return Err(format!(
+            "GRPC_UDS={path}: meshlimit serves gRPC on TCP only; unset GRPC_UDS and use \
+             GRPC_HOST/GRPC_PORT (or --grpc-addr 127.0.0.1:8081 for a sidecar)"
+        ));
+    }
+    if let Some(san) = env("GRPC_CLIENT_TLS_SAN") {
+        return Err(format!(
+            "GRPC_CLIENT_TLS_SAN={san}: meshlimit checks that a client certificate is signed \
+             by GRPC_CLIENT_TLS_CACERT but not its name; issue client certificates from a CA \
+             used only for the rate-limit service's clients, then unset GRPC_CLIENT_TLS_SAN"
+        ));
+    }
+    if env("REDIS_SOCKET_TYPE").is_some_and(|t| t.eq_ignore_ascii_case("unix")) {
+        return Err(
+            "REDIS_SOCKET_TYPE=unix: meshlimit reaches Redis over TCP only; write \
+             REDIS_SOCKET_TYPE=tcp and REDIS_URL=host:port"
+                .to_owned(),
+        );
+    }
+    if flag("REDIS_PERSECOND")? == Some(true) {
+        return Err(
+            "REDIS_PERSECOND=true: meshlimit counts per-second limits in the same Redis as the \
+             others; unset REDIS_PERSECOND and the REDIS_PERSECOND_* variables, and size \
+             REDIS_URL's server for both"
+                .to_owned(),
+        );
+    }
+    if flag("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION")? == Some(true) {
+        return Err(
+            "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION=true: meshlimit always checks that the Redis \
+             certificate names the server; put a name the certificate holds in REDIS_URL, \
+             or sign one for the name you use"
+                .to_owned(),
+        );
+    }
+    if flag("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT")? == Some(true) {
+        return Err(
+            "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT=true is not supported: meshlimit counts each \
+             descriptor on its own. To keep a rejected request from using up another limit, \
+             put both limits on one descriptor (`limits:`), which are counted all or nothing"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// Variables that are set and do nothing here, each with why.
+fn ignored(
+    env: &impl Fn(&str) -> Option<String>,
+    flag: &impl Fn(&str) -> Result<Option<bool>, String>,
+) -> Result<Vec<String>, String> {
+    let mut ignored = Vec::new();
+    let mut note = |names: &[&str], why: &str| {
+        let set: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|name| env(name).is_some())
+            .collect();
+        if !set.is_empty() {
+            ignored.push(format!("{} ignored: {why}", set.join(", ")));
+        }
+    };
+    note(
+        &[
+            "REDIS_POOL_SIZE",
+            "REDIS_PIPELINE_WINDOW",
+            "REDIS_PIPELINE_LIMIT",
+            "REDIS_CLUSTER_PIPELINE_PARALLELISM",
+            "REDIS_POOL_ON_EMPTY_BEHAVIOR",
+        ],
+        "meshlimit keeps one multiplexed connection per Redis node and sends each request's \
+         counters in one script call",
+    );
+    note(
+        &["EXPIRATION_JITTER_MAX_SECONDS"],
+        "meshlimit's Redis keys expire with their window",
+    );
+    note(
+        &["GRPC_MAX_CONNECTION_AGE", "GRPC_MAX_CONNECTION_AGE_GRACE"],
+        "connections stay open until the client or shutdown closes them",
+    );
+    note(
+        &["DEBUG_HOST", "DEBUG_PORT"],
+        "/rlconfig is served on the HTTP port (PORT)",
+    );
+    note(
+        &["PROMETHEUS_MAPPER_YAML"],
+        "metric names are envoyproxy/ratelimit's defaults",
+    );
+    if flag("USE_STATSD")? == Some(true) {
+        ignored.push(
+            "USE_STATSD=true ignored: meshlimit sends no statsd; scrape /metrics on the HTTP \
+             port (and on PROMETHEUS_ADDR with USE_PROMETHEUS=true)"
+                .to_owned(),
+        );
+    }
+    if flag("USE_DOG_STATSD")? == Some(true) {
+        ignored.push("USE_DOG_STATSD=true ignored: meshlimit sends no statsd".to_owned());
+    }
+    if flag("TRACING_ENABLED")? == Some(true) {
+        ignored.push("TRACING_ENABLED=true ignored: meshlimit exports no traces".to_owned());
+    }
+    Ok(ignored)
+}
+
+/// envoyproxy/ratelimit reads `RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY`;
+/// used only when one of the first two is set, so a missing `--config` still says so.
+fn runtime_dir(env: &impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let root = env("RUNTIME_ROOT");
+    let subdirectory = env("RUNTIME_SUBDIRECTORY");
+    if root.is_none() && subdirectory.is_none() {
+        return None;
+    }
+    let mut dir = PathBuf::from(root.unwrap_or_else(|| DEFAULT_RUNTIME_ROOT.to_owned()));
+    if let Some(subdirectory) = subdirectory {
+        dir.push(subdirectory);
+    }
+    dir.push(env("RUNTIME_APPDIRECTORY").unwrap_or_else(|| DEFAULT_APP_DIRECTORY.to_owned()));
+    Some(dir)
+}
+
+fn listen_addr(
+    env: &impl Fn(&str) -> Option<String>,
+    host_name: &str,
+    port_name: &str,
+    default_port: u16,
+) -> Result<SocketAddr, String> {
+    let host = match env(host_name) {
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| {
+                format!("{host_name}={host}: write the IP address to listen on, e.g. 0.0.0.0")
+            })?,
+    };
+    let port = match env(port_name) {
+        None => default_port,
+        Some(port) => port
+            .parse()
+            .map_err(|_| format!("{port_name}={port}: write a port number, e.g. {default_port}"))?,
+    };
+    Ok(SocketAddr::new(host, port))
+}
+
+/// Go's listen address: `:9090` means every interface.
+fn go_listen_addr(name: &str, text: &str) -> Result<SocketAddr, String> {
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => text.to_owned(),
+    };
+    full.parse()
+        .map_err(|_| format!("{name}={text}: write :port or ip:port, e.g. :9090 or 127.0.0.1:9090"))
+}
+
+/// logrus's level names, as tracing filters.
+fn log_filter(level: &str) -> Result<&'static str, String> {
+    match level.to_ascii_lowercase().as_str() {
+        "trace" => Ok("trace"),
+        "debug" => Ok("debug"),
+        "info" => Ok("info"),
+        "warn" | "warning" => Ok("warn"),
+        "error" | "fatal" | "panic" => Ok("error"),
+        _ => Err(format!(
+            "LOG_LEVEL={level}: write trace, debug, info, warn or error"
+        )),
+    }
+}
+
+/// Go's `strconv.ParseBool`, which envoyproxy/ratelimit's settings go through.
+fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("{name}={value}: write true or false")),
+    }
+}
+
+/// Go's `time.ParseDuration` for the units a timeout uses: a sequence of decimal numbers,
+/// each with a unit (`h`, `m`, `s`, `ms`, `us`, `µs`, `ns`), e.g. `1m30s` or `0.5s`.
+fn go_duration(text: &str) -> Option<Duration> {
+    match text {
+        "" => return None,
+        "0" => return Some(Duration::ZERO),
+        _ => {}
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .filter(|end| *end > 0)?;
+        let (number, after) = rest.split_at(number_end);
+        let number: f64 = number.parse().ok()?;
+        let unit_end = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_end);
+        let seconds = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += number * seconds;
+        rest = after;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_of(vars: &[(&str, &str)]) -> Result<EnvoyproxyEnv, String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        read(move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn an_empty_environment_leaves_every_default_to_meshlimit() {
+        assert_eq!(read_of(&[]).unwrap(), EnvoyproxyEnv::default());
+    }
+
+    /// The variables of Istio's rate-limit sample (samples/ratelimit/rate-limit-service.yaml).
+    #[test]
+    fn istios_sample_environment_is_understood() {
+        let read = read_of(&[
+            ("LOG_LEVEL", "debug"),
+            ("REDIS_SOCKET_TYPE", "tcp"),
+            ("REDIS_URL", "redis:6379"),
+            ("USE_STATSD", "false"),
+            ("RUNTIME_ROOT", "/data"),
+            ("RUNTIME_SUBDIRECTORY", "ratelimit"),
+            ("RUNTIME_WATCH_ROOT", "false"),
+            ("RUNTIME_IGNOREDOTFILES", "true"),
+        ])
+        .unwrap();
+        assert_eq!(
+            read.config_dir,
+            Some(PathBuf::from("/data/ratelimit/config"))
+        );
+        assert_eq!(read.log_filter, Some("debug"));
+        assert!(read.redis, "a REDIS_URL means counters in Redis");
+        assert!(read.ignored.is_empty(), "{:?}", read.ignored);
+    }
+
+    #[test]
+    fn runtime_directories_follow_envoyproxys_defaults() {
+        let dir = |vars: &[(&str, &str)]| read_of(vars).unwrap().config_dir;
+        assert_eq!(
+            dir(&[("RUNTIME_SUBDIRECTORY", "ratelimit")]),
+            Some(PathBuf::from("/srv/runtime_data/current/ratelimit/config"))
+        );
+        assert_eq!(
+            dir(&[("RUNTIME_ROOT", "/d"), ("RUNTIME_APPDIRECTORY", "limits")]),
+            Some(PathBuf::from("/d/limits"))
+        );
+        assert_eq!(dir(&[("RUNTIME_APPDIRECTORY", "limits")]), None);
+    }
+
+    #[test]
+    fn ports_and_hosts_give_listen_addresses() {
+        let read = read_of(&[
+            ("PORT", "9080"),
+            ("GRPC_HOST", "127.0.0.1"),
+            ("GRPC_PORT", "9081"),
+        ])
+        .unwrap();
+        assert_eq!(read.admin_addr, Some("0.0.0.0:9080".parse().unwrap()));
+        assert_eq!(read.grpc_addr, Some("127.0.0.1:9081".parse().unwrap()));
+        let v6 = read_of(&[("HOST", "::1")]).unwrap();
+        assert_eq!(v6.admin_addr, Some("[::1]:8080".parse().unwrap()));
+        let bad = read_of(&[("GRPC_PORT", "tcp://10.0.0.7:8081")]).unwrap_err();
+        assert!(bad.contains("GRPC_PORT=tcp://10.0.0.7:8081") && bad.contains("port number"));
+        assert!(
+            read_of(&[("HOST", "localhost")])
+                .unwrap_err()
+                .contains("IP address")
+        );
+    }
+
+    #[test]
+    fn prometheus_gets_a_listener_of_its_own_only_when_asked() {
+        assert_eq!(
+            read_of(&[("PROMETHEUS_ADDR", ":9"),]).unwrap().metrics,
+            None
+        );
+        let read = read_of(&[("USE_PROMETHEUS", "true")]).unwrap();
+        assert_eq!(
+            read.metrics,
+            Some(MetricsListener {
+                addr: "0.0.0.0:9090".parse().unwrap(),
+                path: "/metrics".into()
+            })
+        );
+        let read = read_of(&[
+            ("USE_PROMETHEUS", "1"),
+            ("PROMETHEUS_ADDR", "127.0.0.1:9102"),
+            ("PROMETHEUS_PATH", "/stats/prometheus"),
+        ])
+        .unwrap();
+        let metrics = read.metrics.unwrap();
+        assert_eq!(metrics.addr, "127.0.0.1:9102".parse().unwrap());
+        assert_eq!(metrics.path, "/stats/prometheus");
+        assert!(
+            read_of(&[("USE_PROMETHEUS", "yes")])
+                .unwrap_err()
+                .contains("USE_PROMETHEUS=yes: write true or false")
+        );
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_takes_the_client_ca() {
+        let read = read_of(&[
+            ("GRPC_SERVER_USE_TLS", "true"),
+            ("GRPC_SERVER_TLS_CERT", "/tls/tls.crt"),
+            ("GRPC_SERVER_TLS_KEY", "/tls/tls.key"),
+            ("GRPC_CLIENT_TLS_CACERT", "/tls/ca.crt"),
+        ])
+        .unwrap();
+        let tls = read.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/tls/tls.crt"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.crt")));
+        let missing = read_of(&[
+            ("GRPC_SERVER_USE_TLS", "true"),
+            ("GRPC_SERVER_TLS_CERT", "/tls/tls.crt"),
+        ])
+        .unwrap_err();
+        assert!(missing.contains("needs GRPC_SERVER_TLS_KEY"), "{missing}");
+        // Files without the switch are off, as in envoyproxy/ratelimit.
+        assert!(
+            read_of(&[("GRPC_SERVER_TLS_CERT", "/c")])
+                .unwrap()
+                .tls
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_backend_is_redis_when_envoyproxy_would_use_it() {
+        assert!(read_of(&[("BACKEND_TYPE", "redis")]).unwrap().redis);
+        assert!(!read_of(&[("REDIS_AUTH", "x")]).unwrap().redis);
+        let memcache = read_of(&[("BACKEND_TYPE", "memcache")]).unwrap_err();
+        assert!(memcache.contains("BACKEND_TYPE=memcache"), "{memcache}");
+    }
+
+    #[test]
+    fn logging_and_timeouts_parse_as_envoyproxy_writes_them() {
+        let read = read_of(&[
+            ("LOG_LEVEL", "WARN"),
+            ("LOG_FORMAT", "json"),
+            ("REDIS_TIMEOUT", "1m30s"),
+        ])
+        .unwrap();
+        assert_eq!(read.log_filter, Some("warn"));
+        assert_eq!(read.json_logs, Some(true));
+        assert_eq!(read.redis_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(go_duration("0.5s"), Some(Duration::from_millis(500)));
+        assert_eq!(go_duration("250ms"), Some(Duration::from_millis(250)));
+        for bad in ["10", "s", "1x", "1.2.3s", ""] {
+            assert_eq!(go_duration(bad), None, "{bad}");
+        }
+        assert!(read_of(&[("REDIS_TIMEOUT", "0s")]).is_err());
+        assert!(
+            read_of(&[("LOG_LEVEL", "loud")])
+                .unwrap_err()
+                .contains("LOG_LEVEL=loud")
+        );
+    }
+
+    #[test]
+    fn settings_that_would_change_decisions_are_refused_with_what_to_do() {
+        for (vars, expected) in [
+            (&[("CONFIG_TYPE", "GRPC_XDS_SOTW")][..], "YAML files only"),
+            (&[("GRPC_UDS", "/run/rl.sock")][..], "GRPC_HOST/GRPC_PORT"),
+            (
+                &[("GRPC_CLIENT_TLS_SAN", "envoy")][..],
+                "unset GRPC_CLIENT_TLS_SAN",
+            ),
+            (
+                &[("REDIS_SOCKET_TYPE", "unix")][..],
+                "REDIS_SOCKET_TYPE=tcp",
+            ),
+            (&[("REDIS_PERSECOND", "true")][..], "unset REDIS_PERSECOND"),
+            (
+                &[("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION", "true")][..],
+                "names the server",
+            ),
+            (
+                &[("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "true")][..],
+                "on one descriptor",
+            ),
+        ] {
+            let error = read_of(vars).unwrap_err();
+            assert!(error.contains(expected), "{vars:?}: {error}");
+        }
+        // Their off values are what meshlimit does anyway.
+        for vars in [
+            &[("CONFIG_TYPE", "FILE")][..],
+            &[("REDIS_PERSECOND", "false")][..],
+            &[("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "false")][..],
+        ] {
+            assert!(read_of(vars).is_ok(), "{vars:?}");
+        }
+    }
+
+    #[test]
+    fn tuning_without_an_equivalent_is_listed_as_ignored() {
+        let read = read_of(&[
+            ("REDIS_POOL_SIZE", "20"),
+            ("REDIS_PIPELINE_WINDOW", "150us"),
+            ("USE_STATSD", "true"),
+            ("GRPC_MAX_CONNECTION_AGE", "1h"),
+        ])
+        .unwrap();
+        assert_eq!(read.ignored.len(), 3, "{:?}", read.ignored);
+        assert!(read.ignored[0].starts_with("REDIS_POOL_SIZE, REDIS_PIPELINE_WINDOW ignored"));
+        assert!(
+            read.ignored
+                .iter()
+                .any(|line| line.starts_with("USE_STATSD=true"))
+        );
+        assert!(
+            read_of(&[("USE_STATSD", "false")])
+                .unwrap()
+                .ignored
+                .is_empty()
+        );
+    }
+}

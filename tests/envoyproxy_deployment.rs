@@ -1,0 +1,204 @@
+//! An envoyproxy/ratelimit deployment with only the image changed: meshlimit started with
+//! no flags, configured by the environment Istio's rate-limit sample sets
+//! (samples/ratelimit/rate-limit-service.yaml: LOG_LEVEL, REDIS_SOCKET_TYPE, REDIS_URL,
+//! USE_STATSD, RUNTIME_ROOT, RUNTIME_SUBDIRECTORY, RUNTIME_WATCH_ROOT,
+//! RUNTIME_IGNOREDOTFILES), its config mounted as a ConfigMap at
+//! `RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/config`, behind a real Envoy, counting in a real
+//! Redis, with Prometheus metrics on a port of their own (USE_PROMETHEUS).
+
+mod common;
+
+use common::config_dir::ConfigMapDir;
+use common::meshlimit::{Meshlimit, command};
+use common::redis::RedisServer;
+use common::stack::Stack;
+use common::{fixture, free_loopback_addr, http, poll_until};
+use meshlimit::proto::rate_limit_descriptor::Entry;
+use meshlimit::proto::rate_limit_response::Code;
+use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
+use std::time::Duration;
+
+/// The sample's shape on the descriptors tests/fixtures/envoy/ratelimit_http.yaml sends
+/// ([user], [user, path], [remote_address]): one request a minute to /productpage per user,
+/// a hundred to any other path.
+const CONFIG: &str = "\
+domain: ratelimit
+descriptors:
+  - key: user
+    descriptors:
+      - key: path
+        value: /productpage
+        rate_limit:
+          unit: minute
+          requests_per_unit: 1
+      - key: path
+        rate_limit:
+          unit: minute
+          requests_per_unit: 100
+";
+
+/// Istio's sample environment, pointed at `config` and `redis`, plus Prometheus on `metrics`.
+fn sample_env(config: &ConfigMapDir, redis: &RedisServer, metrics: &str) -> Vec<(String, String)> {
+    [
+        ("LOG_LEVEL", "debug".to_owned()),
+        ("REDIS_SOCKET_TYPE", "tcp".to_owned()),
+        ("REDIS_URL", redis.addr.to_string()),
+        ("USE_STATSD", "false".to_owned()),
+        ("RUNTIME_ROOT", config.root().display().to_string()),
+        ("RUNTIME_SUBDIRECTORY", "ratelimit".to_owned()),
+        ("RUNTIME_WATCH_ROOT", "false".to_owned()),
+        ("RUNTIME_IGNOREDOTFILES", "true".to_owned()),
+        ("USE_PROMETHEUS", "true".to_owned()),
+        ("PROMETHEUS_ADDR", metrics.to_owned()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect()
+}
+
+fn start(env: &[(String, String)]) -> Meshlimit {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Meshlimit::start_envoyproxy_style(&env)
+}
+
+fn productpage(user: &str) -> RateLimitRequest {
+    let entry = |key: &str, value: &str| Entry {
+        key: key.into(),
+        value: value.into(),
+    };
+    RateLimitRequest {
+        domain: "ratelimit".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![entry("user", user), entry("path", "/productpage")],
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
+
+#[tokio::test]
+async fn istios_sample_environment_runs_meshlimit_unchanged() {
+    // Well inside one minute window: the limit is one request a minute.
+    common::avoid_window_edge(60, 15);
+    let redis = RedisServer::start();
+    let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
+    let metrics_addr = free_loopback_addr();
+    let env = sample_env(&config, &redis, &metrics_addr.to_string());
+    let first = start(&env);
+    let stack = Stack::start_around(
+        first,
+        fixture("envoy/ratelimit_http.yaml"),
+        "ratelimit",
+        &[],
+    );
+
+    let page = stack.get_as("alice", "/productpage");
+    stack.expect_status(&page, 200, "alice's first /productpage");
+    let page = stack.get_as("alice", "/productpage");
+    stack.expect_status(&page, 429, "alice's second /productpage in the minute");
+    let other = stack.get_as("alice", "/reviews");
+    stack.expect_status(&other, 200, "another path, under the limit of 100");
+    let logs = stack.meshlimit.logs();
+    assert!(
+        logs.contains("counters in Redis") && logs.contains("DEBUG"),
+        "REDIS_URL should choose Redis and LOG_LEVEL=debug should show debug lines:\n{logs}"
+    );
+
+    // The count lives in Redis: a second replica with the same environment (its own ports)
+    // turns alice away at once, and lets bob through.
+    let second_metrics = free_loopback_addr().to_string();
+    let second_env = sample_env(&config, &redis, &second_metrics);
+    let second = start(&second_env);
+    let mut client = second.client().await;
+    for (user, expected) in [("alice", Code::OverLimit), ("bob", Code::Ok)] {
+        let answer = client
+            .should_rate_limit(productpage(user))
+            .await
+            .unwrap_or_else(|status| panic!("{user}: {status}\n{}", second.logs()))
+            .into_inner();
+        assert_eq!(
+            answer.overall_code(),
+            expected,
+            "{user} on the second replica"
+        );
+    }
+
+    // USE_PROMETHEUS: the first replica's metrics on PROMETHEUS_ADDR at /metrics.
+    let scraped = poll_until(Duration::from_secs(5), || {
+        let text = http::get(metrics_addr, "/metrics", &[]).ok()?.text();
+        text.contains("ratelimit_service_rate_limit_over_limit{domain=\"ratelimit\"")
+            .then_some(text)
+    });
+    let text = scraped.unwrap_or_else(|| {
+        panic!(
+            "no over-limit counter at http://{metrics_addr}/metrics:\n{}",
+            stack.logs()
+        )
+    });
+    assert!(
+        text.lines().any(|line| line.starts_with(
+            "ratelimit_service_rate_limit_over_limit{domain=\"ratelimit\",key=\"user.path_/productpage\"} 1"
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
+    let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
+    let root = config.root().display().to_string();
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "true")],
+            "put both limits on one descriptor",
+        ),
+        (&[("BACKEND_TYPE", "memcache")], "BACKEND_TYPE=memcache"),
+        (&[("CONFIG_TYPE", "GRPC_XDS_SOTW")], "YAML files only"),
+    ];
+    for (env, expected) in cases {
+        let mut serve = command();
+        serve
+            .arg("serve")
+            .env("RUNTIME_ROOT", &root)
+            .env("RUNTIME_SUBDIRECTORY", "ratelimit")
+            .env("HOST", "127.0.0.1")
+            .env("PORT", free_loopback_addr().port().to_string())
+            .env("GRPC_HOST", "127.0.0.1")
+            .env("GRPC_PORT", free_loopback_addr().port().to_string())
+            .envs(env.iter().copied());
+        let (code, stderr) = exit_of(serve);
+        assert_eq!(code, Some(2), "{env:?}: {stderr}");
+        assert!(stderr.contains(expected), "{env:?}: {stderr}");
+    }
+
+    // Without --config and without RUNTIME_*, the message names both ways to give it.
+    let mut serve = command();
+    serve.arg("serve");
+    let (code, stderr) = exit_of(serve);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--config DIR") && stderr.contains("RUNTIME_ROOT"),
+        "{stderr}"
+    );
+}
+
+/// Runs `command` to its exit: the exit code and stderr. A server that starts instead of
+/// refusing is killed after a few seconds, and the test fails on its code.
+fn exit_of(mut command: std::process::Command) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start meshlimit serve");
+    let exited = poll_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let status = child.wait().expect("wait for meshlimit");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (status.code(), stderr)
+}
