@@ -159,6 +159,8 @@ pub fn resolve(
         }
     };
     let auth = env("REDIS_AUTH");
+    // The sentinels' own password, apart from the master's (envoyproxy/ratelimit's meaning).
+    let sentinel_auth = env("REDIS_SENTINEL_AUTH");
     let redis_type = env("REDIS_TYPE").map(|t| t.to_ascii_lowercase());
     let redis_type = match redis_type.as_deref() {
         None | Some("single") => RedisType::Single,
@@ -190,7 +192,12 @@ pub fn resolve(
     let target = if let Some(nodes) = &flags.cluster_nodes {
         RedisTarget::Cluster(urls(nodes, tls, auth.as_deref())?)
     } else if let Some(list) = &flags.sentinel {
-        RedisTarget::Sentinel(sentinel_of(list, tls, auth.as_deref())?)
+        RedisTarget::Sentinel(sentinel_of(
+            list,
+            tls,
+            auth.as_deref(),
+            sentinel_auth.as_deref(),
+        )?)
     } else if let Some(url) = &flags.url {
         RedisTarget::Standalone(url_of(url, tls, auth.as_deref())?)
     } else if let Some(url) = env("REDIS_URL") {
@@ -199,7 +206,12 @@ pub fn resolve(
         match redis_type {
             RedisType::Single => RedisTarget::Standalone(url_of(&url, tls, auth.as_deref())?),
             RedisType::Cluster => RedisTarget::Cluster(urls(&url, tls, auth.as_deref())?),
-            RedisType::Sentinel => RedisTarget::Sentinel(sentinel_of(&url, tls, auth.as_deref())?),
+            RedisType::Sentinel => RedisTarget::Sentinel(sentinel_of(
+                &url,
+                tls,
+                auth.as_deref(),
+                sentinel_auth.as_deref(),
+            )?),
         }
     } else {
         return Err(
@@ -276,7 +288,12 @@ fn uses_tls(target: &RedisTarget) -> bool {
 /// to give the master's scheme, credentials and database; otherwise `REDIS_TLS` and
 /// `REDIS_AUTH` apply to the master. Sentinels are `host:port` (plain TCP, or TLS with
 /// `REDIS_TLS`, without credentials, as sentinels usually run) or URLs of their own.
-fn sentinel_of(list: &str, tls: bool, auth: Option<&str>) -> Result<SentinelTarget, String> {
+fn sentinel_of(
+    list: &str,
+    tls: bool,
+    auth: Option<&str>,
+    sentinel_auth: Option<&str>,
+) -> Result<SentinelTarget, String> {
     const FORMAT: &str =
         "write the master's name, then the sentinels: mymaster,host:26379,host:26379";
     let mut items = list
@@ -320,7 +337,7 @@ fn sentinel_of(list: &str, tls: bool, auth: Option<&str>) -> Result<SentinelTarg
         ));
     }
     let sentinels: Vec<String> = items
-        .map(|item| url_of(item, tls, None))
+        .map(|item| url_of(item, tls, sentinel_auth))
         .collect::<Result<_, _>>()?;
     if sentinels.is_empty() {
         return Err(format!(
@@ -504,6 +521,26 @@ mod tests {
             target.master.at("10.0.0.1", 6379),
             "redis://user:pw@10.0.0.1:6379"
         );
+
+        // REDIS_SENTINEL_AUTH is the sentinels' password, apart from the master's.
+        let resolved = resolve(
+            &RedisFlags::default(),
+            env_of(&[
+                ("REDIS_TYPE", "sentinel"),
+                ("REDIS_URL", "mymaster,s1:26379,redis://s2:26380"),
+                ("REDIS_AUTH", "pw"),
+                ("REDIS_SENTINEL_AUTH", "s/pw"),
+            ]),
+        )
+        .unwrap();
+        let RedisTarget::Sentinel(target) = resolved.target else {
+            panic!("not a sentinel target: {:?}", resolved.target);
+        };
+        assert_eq!(
+            target.sentinels,
+            ["redis://:s%2Fpw@s1:26379", "redis://s2:26380"]
+        );
+        assert_eq!(target.master.at("h", 1), "redis://:pw@h:1");
     }
 
     #[test]
