@@ -46,6 +46,9 @@ pub struct EnvoyproxyEnv {
     pub redis: bool,
     /// `REDIS_TIMEOUT`.
     pub redis_timeout: Option<Duration>,
+    /// `GRPC_MAX_CONNECTION_AGE`: how long a client connection lives before it is asked
+    /// to go (GOAWAY) and reconnect, so new replicas get their share.
+    pub max_connection_age: Option<Duration>,
     /// Variables that are set, have no effect here, and why; logged once at start.
     pub ignored: Vec<String>,
 }
@@ -135,14 +138,17 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
             ));
         }
     };
-    if let Some(timeout) = env("REDIS_TIMEOUT") {
-        let parsed = go_duration(&timeout)
-            .filter(|t| !t.is_zero())
-            .ok_or_else(|| {
-                format!("REDIS_TIMEOUT={timeout}: write a duration above zero, e.g. 50ms or 1s")
-            })?;
-        read.redis_timeout = Some(parsed);
-    }
+    let duration = |name: &str, example: &str| -> Result<Option<Duration>, String> {
+        env(name)
+            .map(|text| {
+                go_duration(&text).filter(|t| !t.is_zero()).ok_or_else(|| {
+                    format!("{name}={text}: write a duration above zero, e.g. {example}")
+                })
+            })
+            .transpose()
+    };
+    read.redis_timeout = duration("REDIS_TIMEOUT", "50ms or 1s")?;
+    read.max_connection_age = duration("GRPC_MAX_CONNECTION_AGE", "24h or 5m")?;
     read.ignored = ignored(&env, &flag)?;
     Ok(read)
 }
@@ -235,12 +241,12 @@ fn ignored(
          counters in one script call",
     );
     note(
-        &["EXPIRATION_JITTER_MAX_SECONDS"],
-        "meshlimit's Redis keys expire with their window",
+        &["GRPC_MAX_CONNECTION_AGE_GRACE"],
+        "a connection asked to go closes once its requests finish, which take milliseconds",
     );
     note(
-        &["GRPC_MAX_CONNECTION_AGE", "GRPC_MAX_CONNECTION_AGE_GRACE"],
-        "connections stay open until the client or shutdown closes them",
+        &["EXPIRATION_JITTER_MAX_SECONDS"],
+        "meshlimit's Redis keys expire with their window",
     );
     note(
         &["DEBUG_HOST", "DEBUG_PORT"],
@@ -521,8 +527,10 @@ mod tests {
             ("LOG_LEVEL", "WARN"),
             ("LOG_FORMAT", "json"),
             ("REDIS_TIMEOUT", "1m30s"),
+            ("GRPC_MAX_CONNECTION_AGE", "5m"),
         ])
         .unwrap();
+        assert_eq!(read.max_connection_age, Some(Duration::from_secs(300)));
         assert_eq!(read.log_filter, Some("warn"));
         assert_eq!(read.json_logs, Some(true));
         assert_eq!(read.redis_timeout, Some(Duration::from_secs(90)));
@@ -581,7 +589,7 @@ mod tests {
             ("REDIS_POOL_SIZE", "20"),
             ("REDIS_PIPELINE_WINDOW", "150us"),
             ("USE_STATSD", "true"),
-            ("GRPC_MAX_CONNECTION_AGE", "1h"),
+            ("DEBUG_PORT", "6070"),
         ])
         .unwrap();
         assert_eq!(read.ignored.len(), 3, "{:?}", read.ignored);

@@ -174,6 +174,11 @@ struct ServeArgs {
     /// How long in-flight requests may take to finish once the listeners stop.
     #[arg(long, env = "MESHLIMIT_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_interval)]
     shutdown_grace: Duration,
+    /// Ask a client to reconnect (HTTP/2 GOAWAY) once its connection is this old, so that
+    /// replicas added later get a share of long-lived Envoy connections [default: never, or
+    /// GRPC_MAX_CONNECTION_AGE].
+    #[arg(long, env = "MESHLIMIT_MAX_CONNECTION_AGE", value_parser = parse_interval)]
+    max_connection_age: Option<Duration>,
     /// Log lines as human-readable text or as JSON objects [default: text, or LOG_FORMAT].
     #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -567,6 +572,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             .or(compat.admin_addr)
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
         metrics_listener,
+        max_connection_age: args
+            .max_connection_age
+            .or(compat.max_connection_age)
+            .filter(|age| !age.is_zero()),
         load: args.counting.load_options(),
         cache_capacity: args.cache_capacity,
         bounds: RequestBounds {

@@ -33,6 +33,9 @@ pub struct ServeOptions {
     pub admin_addr: SocketAddr,
     /// A second listener serving only the metrics.
     pub metrics_listener: Option<MetricsListener>,
+    /// gRPC connections older than this are asked to reconnect (GOAWAY); each closes once
+    /// its requests have finished.
+    pub max_connection_age: Option<Duration>,
     pub load: LoadOptions,
     pub cache_capacity: u64,
     pub bounds: RequestBounds,
@@ -230,7 +233,13 @@ async fn serve_with<S: CounterStore>(
             let _ = stopped.wait_for(|stop| *stop).await;
         }
     };
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    // Without tonic's max_connection_age_grace: with it set, tonic 0.14 skips the GOAWAY
+    // and drops the connection, requests in flight included, at age + grace.
+    if let Some(age) = options.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    let router = builder
         .add_service(rate_limit)
         .add_service(health_service)
         .add_service(reflection);

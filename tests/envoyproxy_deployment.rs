@@ -83,7 +83,9 @@ async fn istios_sample_environment_runs_meshlimit_unchanged() {
     let redis = RedisServer::start();
     let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
     let metrics_addr = free_loopback_addr();
-    let env = sample_env(&config, &redis, &metrics_addr.to_string());
+    let mut env = sample_env(&config, &redis, &metrics_addr.to_string());
+    // Envoy's connection is rotated between its two /productpage requests.
+    env.push(("GRPC_MAX_CONNECTION_AGE".into(), "1s".into()));
     let first = start(&env);
     let stack = Stack::start_around(
         first,
@@ -94,6 +96,9 @@ async fn istios_sample_environment_runs_meshlimit_unchanged() {
 
     let page = stack.get_as("alice", "/productpage");
     stack.expect_status(&page, 200, "alice's first /productpage");
+    // Past the connection's age: Envoy was sent a GOAWAY and asks on a new connection. The
+    // filter fails open, so only a 429 shows that the call went through.
+    std::thread::sleep(Duration::from_millis(1_500));
     let page = stack.get_as("alice", "/productpage");
     stack.expect_status(&page, 429, "alice's second /productpage in the minute");
     let other = stack.get_as("alice", "/reviews");
@@ -201,4 +206,56 @@ fn exit_of(mut command: std::process::Command) -> (Option<i32>, String) {
         let _ = pipe.read_to_string(&mut stderr);
     }
     (status.code(), stderr)
+}
+
+/// GRPC_MAX_CONNECTION_AGE: a connection that lives past it is sent an HTTP/2 GOAWAY, so a
+/// client like Envoy reconnects, and replicas added since get their share of connections.
+/// A raw HTTP/2 connection, so nothing reconnects behind the test's back.
+#[test]
+fn old_grpc_connections_are_asked_to_reconnect() {
+    use std::io::{Read, Write};
+    let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
+    let root = config.root().display().to_string();
+    let server = Meshlimit::start_envoyproxy_style(&[
+        ("RUNTIME_ROOT", &root),
+        ("RUNTIME_SUBDIRECTORY", "ratelimit"),
+        ("GRPC_MAX_CONNECTION_AGE", "1s"),
+    ]);
+    let mut connection =
+        std::net::TcpStream::connect(server.grpc_addr).expect("connect to the gRPC port");
+    connection
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("set a read timeout");
+    // The client preface and an empty SETTINGS frame.
+    connection
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .expect("send the HTTP/2 preface");
+    let opened = std::time::Instant::now();
+    let mut frame_types = Vec::new();
+    loop {
+        let mut header = [0u8; 9];
+        if connection.read_exact(&mut header).is_err() {
+            break; // closed, or nothing for 15 s
+        }
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; length];
+        connection
+            .read_exact(&mut payload)
+            .expect("read a frame's payload");
+        frame_types.push(header[3]);
+        const GOAWAY: u8 = 0x7;
+        if header[3] == GOAWAY {
+            break;
+        }
+    }
+    let waited = opened.elapsed();
+    assert!(
+        frame_types.contains(&0x7),
+        "no GOAWAY in {waited:?}; frame types seen: {frame_types:?}\n{}",
+        server.logs()
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "GOAWAY after {waited:?}, before the connection was 1 s old"
+    );
 }
