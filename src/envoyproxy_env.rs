@@ -119,10 +119,20 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
                 )
             })
         };
+        let client_ca = env("GRPC_CLIENT_TLS_CACERT").map(PathBuf::from);
+        let client_name = env("GRPC_CLIENT_TLS_SAN");
+        if client_name.is_some() && client_ca.is_none() {
+            return Err(
+                "GRPC_CLIENT_TLS_SAN needs GRPC_CLIENT_TLS_CACERT: a client's name is checked \
+                 only on certificates the client CA signed"
+                    .to_owned(),
+            );
+        }
         read.tls = Some(TlsFiles {
             cert: file("GRPC_SERVER_TLS_CERT")?,
             key: file("GRPC_SERVER_TLS_KEY")?,
-            client_ca: env("GRPC_CLIENT_TLS_CACERT").map(PathBuf::from),
+            client_ca,
+            client_name,
         });
     }
     read.redis = match env("BACKEND_TYPE")
@@ -170,13 +180,6 @@ fn refuse_what_would_change_decisions(
         return Err(format!(
             "GRPC_UDS={path}: meshlimit serves gRPC on TCP only; unset GRPC_UDS and use \
              GRPC_HOST/GRPC_PORT (or --grpc-addr 127.0.0.1:8081 for a sidecar)"
-        ));
-    }
-    if let Some(san) = env("GRPC_CLIENT_TLS_SAN") {
-        return Err(format!(
-            "GRPC_CLIENT_TLS_SAN={san}: meshlimit checks that a client certificate is signed \
-             by GRPC_CLIENT_TLS_CACERT but not its name; issue client certificates from a CA \
-             used only for the rate-limit service's clients, then unset GRPC_CLIENT_TLS_SAN"
         ));
     }
     if env("REDIS_SOCKET_TYPE").is_some_and(|t| t.eq_ignore_ascii_case("unix")) {
@@ -493,11 +496,21 @@ mod tests {
             ("GRPC_SERVER_TLS_CERT", "/tls/tls.crt"),
             ("GRPC_SERVER_TLS_KEY", "/tls/tls.key"),
             ("GRPC_CLIENT_TLS_CACERT", "/tls/ca.crt"),
+            ("GRPC_CLIENT_TLS_SAN", "envoy.mesh"),
         ])
         .unwrap();
         let tls = read.tls.unwrap();
         assert_eq!(tls.cert, PathBuf::from("/tls/tls.crt"));
         assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.crt")));
+        assert_eq!(tls.client_name.as_deref(), Some("envoy.mesh"));
+        let no_ca = read_of(&[
+            ("GRPC_SERVER_USE_TLS", "true"),
+            ("GRPC_SERVER_TLS_CERT", "/c"),
+            ("GRPC_SERVER_TLS_KEY", "/k"),
+            ("GRPC_CLIENT_TLS_SAN", "envoy.mesh"),
+        ])
+        .unwrap_err();
+        assert!(no_ca.contains("needs GRPC_CLIENT_TLS_CACERT"), "{no_ca}");
         let missing = read_of(&[
             ("GRPC_SERVER_USE_TLS", "true"),
             ("GRPC_SERVER_TLS_CERT", "/tls/tls.crt"),
@@ -552,10 +565,6 @@ mod tests {
         for (vars, expected) in [
             (&[("CONFIG_TYPE", "GRPC_XDS_SOTW")][..], "YAML files only"),
             (&[("GRPC_UDS", "/run/rl.sock")][..], "GRPC_HOST/GRPC_PORT"),
-            (
-                &[("GRPC_CLIENT_TLS_SAN", "envoy")][..],
-                "unset GRPC_CLIENT_TLS_SAN",
-            ),
             (
                 &[("REDIS_SOCKET_TYPE", "unix")][..],
                 "REDIS_SOCKET_TYPE=tcp",

@@ -315,6 +315,10 @@ struct TlsArgs {
     /// PEM CA certificates; when set, clients must present a certificate they signed (mTLS).
     #[arg(long, env = "MESHLIMIT_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: the client certificate must also hold this name (a DNS name or
+    /// IP address among its subject alternative names).
+    #[arg(long, env = "MESHLIMIT_TLS_CLIENT_SAN", requires = "tls_client_ca")]
+    tls_client_san: Option<String>,
 }
 
 impl TlsArgs {
@@ -325,6 +329,7 @@ impl TlsArgs {
                 cert,
                 key,
                 client_ca: self.tls_client_ca,
+                client_name: self.tls_client_san,
             }),
             _ => compat,
         }

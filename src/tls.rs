@@ -15,11 +15,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -33,6 +36,9 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// When set, clients must present a certificate signed by one of these CAs (mTLS).
     pub client_ca: Option<PathBuf>,
+    /// When set (with `client_ca`), the client certificate must also be valid for this
+    /// name: a DNS name or IP address among its subject alternative names.
+    pub client_name: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,13 +200,78 @@ pub fn server_config(cert: Arc<ReloadingCert>) -> Result<Arc<ServerConfig>, TlsE
                     path: ca_path.display().to_string(),
                     message: e.to_string(),
                 })?;
-            builder.with_client_cert_verifier(verifier)
+            match &cert.files.client_name {
+                Some(name) => builder.with_client_cert_verifier(Arc::new(ClientNameVerifier {
+                    signed: verifier,
+                    name: ServerName::try_from(name.clone()).map_err(|_| TlsError::Invalid {
+                        path: "--tls-client-san".into(),
+                        message: format!(
+                            "`{name}` is neither a DNS name nor an IP address; write the name \
+                             the clients' certificates hold, e.g. envoy.istio-system.svc"
+                        ),
+                    })?,
+                })),
+                None => builder.with_client_cert_verifier(verifier),
+            }
         }
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A client certificate must be signed by the client CA (`signed`) and valid for `name`,
+/// as envoyproxy/ratelimit's `GRPC_CLIENT_TLS_SAN` asks: when the CA also signs other
+/// workloads' certificates, only the named client gets decisions.
+#[derive(Debug)]
+struct ClientNameVerifier {
+    signed: Arc<dyn ClientCertVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ClientCertVerifier for ClientNameVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.signed.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .signed
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        cert.verify_is_valid_for_subject_name(&self.name)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::NotValidForName))?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signed.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signed.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.signed.supported_verify_schemes()
+    }
 }
 
 /// Accepted TLS connections, for tonic's `serve_with_incoming`. Handshakes run on their own
@@ -287,6 +358,7 @@ mod tests {
             cert: dir.join("tls.crt"),
             key: dir.join("tls.key"),
             client_ca: None,
+            client_name: None,
         }
     }
 

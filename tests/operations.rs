@@ -524,6 +524,53 @@ async fn mtls_serves_only_clients_with_a_certificate_and_picks_up_a_rotated_one(
     assert_eq!(response.overall_code(), Code::Ok);
 }
 
+/// envoyproxy/ratelimit's GRPC_* TLS variables, GRPC_CLIENT_TLS_SAN among them: of the
+/// clients the CA signed, only the one whose certificate holds that name gets decisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_name_admits_only_the_certificate_that_holds_it() {
+    let ca = Ca::new("meshlimit test CA");
+    let files = TlsDir::new();
+    ca.server_cert()
+        .write(&files.path("tls.crt"), &files.path("tls.key"));
+    std::fs::write(files.path("ca.crt"), ca.pem()).expect("write the client CA");
+    let (cert, key, client_ca) = (
+        files.arg("tls.crt"),
+        files.arg("tls.key"),
+        files.arg("ca.crt"),
+    );
+    let server = Meshlimit::start_with_env(
+        config(),
+        &[],
+        &[
+            ("GRPC_SERVER_USE_TLS", "true"),
+            ("GRPC_SERVER_TLS_CERT", &cert),
+            ("GRPC_SERVER_TLS_KEY", &key),
+            ("GRPC_CLIENT_TLS_CACERT", &client_ca),
+            ("GRPC_CLIENT_TLS_SAN", "envoy.istio-system.svc"),
+        ],
+    );
+
+    let envoy = ca.client_cert_for("envoy.istio-system.svc");
+    assert_eq!(
+        decide_over_tls(&server, ca.client_config(Some(&envoy))).await,
+        Ok(Code::Ok),
+        "{}",
+        server.logs()
+    );
+    let other_workload = ca.client_cert_for("reports.default.svc");
+    let common_name_only = ca.client_cert("envoy.istio-system.svc");
+    for (what, issued) in [
+        ("another name", &other_workload),
+        ("the name only as its common name", &common_name_only),
+    ] {
+        let outcome = decide_over_tls(&server, ca.client_config(Some(issued))).await;
+        assert!(
+            outcome.is_err(),
+            "a certificate with {what} got a decision: {outcome:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_without_a_client_ca_serves_clients_without_a_certificate() {
     let ca = Ca::new("meshlimit test CA");

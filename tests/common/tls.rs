@@ -87,6 +87,15 @@ impl Ca {
         self.issue(Vec::new(), common_name, ExtendedKeyUsagePurpose::ClientAuth)
     }
 
+    /// A new client certificate whose subject alternative name is the DNS name `name`.
+    pub fn client_cert_for(&self, name: &str) -> Issued {
+        self.issue(
+            vec![name.to_owned()],
+            name,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+
     fn issue(
         &self,
         names: Vec<String>,
