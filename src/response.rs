@@ -245,13 +245,94 @@ fn object(fields: Vec<(&str, Value)>) -> Value {
     }
 }
 
-/// The decision for access logs: domain, descriptors and what decided.
+/// The decision for access logs. At the top, envoyproxy/ratelimit's layout, so access log
+/// formats written for it keep working: `domain`, `descriptors` (each `entries` as
+/// `key=value` strings, its `limit` override and `hitsAddend` when sent), the request's
+/// `hitsAddend` when not zero, and `metadata` merged from the rules that let the request
+/// pass. Under `meshlimit`, what decided.
 fn metadata(
     request: &RateLimitRequest,
     response: &RateLimitResponse,
     deciding: Option<&Decided<'_>>,
     passed: &[&Rule],
 ) -> Struct {
+    let mut top = vec![
+        ("domain", string(&request.domain)),
+        (
+            "descriptors",
+            list(
+                request
+                    .descriptors
+                    .iter()
+                    .map(envoyproxy_descriptor)
+                    .collect(),
+            ),
+        ),
+    ];
+    if request.hits_addend != 0 {
+        top.push(("hitsAddend", number(f64::from(request.hits_addend))));
+    }
+    // The `metadata` of every rule that let the request pass, merged as envoyproxy/
+    // ratelimit merges it: nested mappings combine, otherwise the first rule's value stays.
+    let mut merged = Struct::default();
+    for rule in passed {
+        if let Some(metadata) = &rule.metadata {
+            merge(&mut merged, metadata);
+        }
+    }
+    if !merged.fields.is_empty() {
+        top.push((
+            "metadata",
+            Value {
+                kind: Some(Kind::StructValue(merged)),
+            },
+        ));
+    }
+    top.push(("meshlimit", decision(request, response, deciding)));
+    match object(top).kind {
+        Some(Kind::StructValue(fields)) => fields,
+        _ => Struct::default(),
+    }
+}
+
+/// One descriptor as envoyproxy/ratelimit writes it into dynamic metadata.
+fn envoyproxy_descriptor(descriptor: &crate::proto::RateLimitDescriptor) -> Value {
+    let entries = descriptor
+        .entries
+        .iter()
+        .map(|e| string(&format!("{}={}", e.key, e.value)))
+        .collect();
+    let mut fields = vec![("entries", list(entries))];
+    if let Some(limit) = &descriptor.limit {
+        let unit = crate::proto::envoy::r#type::v3::RateLimitUnit::try_from(limit.unit)
+            .map_or("UNKNOWN", |unit| unit.as_str_name());
+        fields.push((
+            "limit",
+            string(&format!(
+                "requests_per_unit:{} unit:{unit}",
+                limit.requests_per_unit
+            )),
+        ));
+    }
+    if let Some(hits) = descriptor.hits_addend {
+        fields.push(("hitsAddend", number(hits as f64)));
+    }
+    object(fields)
+}
+
+fn list(values: Vec<Value>) -> Value {
+    Value {
+        kind: Some(Kind::ListValue(ListValue { values })),
+    }
+}
+
+/// meshlimit's own summary: the descriptors as mappings, the overall code, and the policy,
+/// descriptor and limit that decided.
+fn decision(
+    request: &RateLimitRequest,
+    response: &RateLimitResponse,
+    deciding: Option<&Decided<'_>>,
+) -> Value {
     let descriptors = request
         .descriptors
         .iter()
@@ -271,14 +352,7 @@ fn metadata(
     };
     let mut fields = vec![
         ("domain", string(&request.domain)),
-        (
-            "descriptors",
-            Value {
-                kind: Some(Kind::ListValue(ListValue {
-                    values: descriptors,
-                })),
-            },
-        ),
+        ("descriptors", list(descriptors)),
         ("overall_code", string(overall)),
     ];
     if let Some(d) = deciding {
@@ -287,34 +361,7 @@ fn metadata(
         fields.push(("limit", number(f64::from(d.limit.requests_per_unit))));
         fields.push(("remaining", number(d.verdict.remaining as f64)));
     }
-    // The `metadata` of every rule that let the request pass, merged as envoyproxy/
-    // ratelimit merges it: nested mappings combine, otherwise the first rule's value stays.
-    let mut merged = Struct::default();
-    for rule in passed {
-        if let Some(metadata) = &rule.metadata {
-            merge(&mut merged, metadata);
-        }
-    }
-    if !merged.fields.is_empty() {
-        fields.push((
-            "metadata",
-            Value {
-                kind: Some(Kind::StructValue(merged)),
-            },
-        ));
-    }
-    let Some(Kind::StructValue(inner)) = object(fields).kind else {
-        return Struct::default();
-    };
-    Struct {
-        fields: [(
-            "meshlimit".to_owned(),
-            Value {
-                kind: Some(Kind::StructValue(inner)),
-            },
-        )]
-        .into(),
-    }
+    object(fields)
 }
 
 /// Adds `from`'s fields to `into`: a mapping in both is merged field by field; any other

@@ -83,6 +83,14 @@ fn descriptor_metadata_reaches_envoys_dynamic_metadata_while_the_request_passes(
         assert!(line.contains(r#""region":"eu""#), "{line}");
         assert!(line.contains(r#""plan_family":"team""#), "{line}");
     }
+    // envoyproxy/ratelimit's layout, at the top where its access log formats look.
+    for line in &lines {
+        assert!(line.contains(" migrated "), "{line}");
+        assert!(
+            line.ends_with(r#" migrated [{"entries":["plan=team-a-eu","user=erin"]}]"#),
+            "{line}"
+        );
+    }
     // Over the limit, the rule did not let the request pass: no metadata of it.
     assert!(lines[2].starts_with("429 erin "), "{}", lines[2]);
     assert!(!lines[2].contains("billing"), "{}", lines[2]);

@@ -618,12 +618,22 @@ descriptors:
             ..ResponseSettings::default()
         };
         let limiter = api_limiter(&clock, settings);
-        let response = decide(&limiter, &api(&[("report", "r")]));
+        let mut req = api(&[("report", "r")]);
+        req.hits_addend = 2;
+        let response = decide(&limiter, &req);
         let metadata = response.dynamic_metadata.expect("metadata");
         let text = format!("{metadata:?}");
         assert!(text.contains("\"meshlimit\""), "{text}");
         assert!(text.contains("StringValue(\"reports\")"), "{text}");
         assert!(text.contains("StringValue(\"OK\")"), "{text}");
+        // envoyproxy/ratelimit's own layout at the top: entries as key=value strings.
+        let top: Vec<&str> = metadata.fields.keys().map(String::as_str).collect();
+        assert_eq!(
+            top,
+            ["descriptors", "domain", "hitsAddend", "meshlimit"],
+            "{text}"
+        );
+        assert!(text.contains("StringValue(\"report=r\")"), "{text}");
     }
 }
 
@@ -862,17 +872,11 @@ fn metadata_of_the_rules_a_request_passed_reaches_dynamic_metadata() {
         descriptor(&[("tenant", "acme")]),
         descriptor(&[("region", "eu")]),
     ]);
-    // The `metadata` merged into the decision's `meshlimit` struct, as JSON-ish text.
+    // The `metadata` merged at the top of the dynamic metadata, where envoyproxy/ratelimit
+    // puts it, as JSON-ish text.
     let passed = |response: &RateLimitResponse| -> Option<String> {
-        let meshlimit = response
-            .dynamic_metadata
-            .as_ref()?
-            .fields
-            .get("meshlimit")?;
-        let Some(Kind::StructValue(fields)) = &meshlimit.kind else {
-            return None;
-        };
-        let mut text = format!("{:?}", fields.fields.get("metadata")?);
+        let metadata = response.dynamic_metadata.as_ref()?.fields.get("metadata")?;
+        let mut text = format!("{metadata:?}");
         text.retain(|c| !c.is_whitespace());
         Some(text)
     };
