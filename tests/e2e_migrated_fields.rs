@@ -83,13 +83,11 @@ fn descriptor_metadata_reaches_envoys_dynamic_metadata_while_the_request_passes(
         assert!(line.contains(r#""region":"eu""#), "{line}");
         assert!(line.contains(r#""plan_family":"team""#), "{line}");
     }
-    // envoyproxy/ratelimit's layout, at the top where its access log formats look.
-    for line in &lines {
-        assert!(line.contains(" migrated "), "{line}");
-        assert!(
-            line.ends_with(r#" migrated [{"entries":["plan=team-a-eu","user=erin"]}]"#),
-            "{line}"
-        );
+    // envoyproxy/ratelimit's layout, at the top where its access log formats look, and
+    // meshlimit's summary under `meshlimit`.
+    for (line, code) in lines.iter().zip(["OK", "OK", "OVER_LIMIT"]) {
+        let tail = format!(r#" migrated [{{"entries":["plan=team-a-eu","user=erin"]}}] {code}"#);
+        assert!(line.ends_with(&tail), "{line}");
     }
     // Over the limit, the rule did not let the request pass: no metadata of it.
     assert!(lines[2].starts_with("429 erin "), "{}", lines[2]);
