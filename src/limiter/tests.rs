@@ -860,8 +860,6 @@ fn global_shadow_mode_answers_ok_and_counts_what_it_let_through() {
 
 #[test]
 fn metadata_of_the_rules_a_request_passed_reaches_dynamic_metadata() {
-    use prost_types::value::Kind;
-
     let clock = ManualClock::at(START);
     let (limiter, _) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
     let limiter = limiter.with_presentation(ResponseSettings {
