@@ -205,14 +205,6 @@ fn refuse_what_would_change_decisions(
                 .to_owned(),
         );
     }
-    if flag("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT")? == Some(true) {
-        return Err(
-            "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT=true is not supported: meshlimit counts each \
-             descriptor on its own. To keep a rejected request from using up another limit, \
-             put both limits on one descriptor (`limits:`), which are counted all or nothing"
-                .to_owned(),
-        );
-    }
     Ok(())
 }
 
@@ -574,10 +566,6 @@ mod tests {
                 &[("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION", "true")][..],
                 "names the server",
             ),
-            (
-                &[("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "true")][..],
-                "on one descriptor",
-            ),
         ] {
             let error = read_of(vars).unwrap_err();
             assert!(error.contains(expected), "{vars:?}: {error}");
@@ -586,7 +574,6 @@ mod tests {
         for vars in [
             &[("CONFIG_TYPE", "FILE")][..],
             &[("REDIS_PERSECOND", "false")][..],
-            &[("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "false")][..],
         ] {
             assert!(read_of(vars).is_ok(), "{vars:?}");
         }

@@ -78,8 +78,8 @@ pub struct RateLimiter<S, C> {
     modes: GlobalModes,
 }
 
-/// Service-wide overrides of every rule: envoyproxy/ratelimit's `SHADOW_MODE` and
-/// `QUOTA_MODE`.
+/// Service-wide overrides of every rule: envoyproxy/ratelimit's `SHADOW_MODE`,
+/// `QUOTA_MODE` and `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GlobalModes {
     /// Count and report everything, but answer every request OK.
@@ -87,6 +87,8 @@ pub struct GlobalModes {
     /// Every descriptor in quota mode: a request is turned away only when all its
     /// descriptors (but unlimited ones) are over their limits.
     pub quota: bool,
+    /// A request one descriptor turns away counts on none of the others.
+    pub spare_when_turned_away: bool,
 }
 
 /// Per-descriptor scratch lists of a decision. Envoy's filters send a handful of
@@ -227,9 +229,13 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         }
 
         let plan = Plan::new(request, &resolved, Counting::Hits, S::KEY_FORM);
-        let checks = plan.checks();
+        let mut checks = plan.checks();
         let mut verdicts = Spare::verdicts();
         if !checks.is_empty() {
+            if self.modes.spare_when_turned_away {
+                self.spare_the_others(&resolved, &mut checks, now, &mut verdicts)
+                    .await?;
+            }
             self.count(&checks, now, &mut verdicts).await?;
         }
 
@@ -405,6 +411,55 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 }
             })
             .collect())
+    }
+
+    /// envoyproxy/ratelimit's `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`: when a descriptor
+    /// is about to turn the request away, the request's other descriptors count nothing,
+    /// so a request rejected by a per-minute limit does not use up a per-day one on another
+    /// descriptor. The counters are looked at first, then counted: a second store call, for
+    /// requests with more than one limited descriptor only, and not atomic across
+    /// descriptors (as envoyproxy/ratelimit's is not). Several limits on one descriptor are
+    /// all or nothing without it, atomically.
+    async fn spare_the_others(
+        &self,
+        resolved: &[Resolved<'_>],
+        checks: &mut [Check<'_>],
+        now: u64,
+        looked: &mut Vec<Verdict>,
+    ) -> Result<(), StoreError> {
+        let first = checks.first().map(|c| c.group);
+        if checks.iter().all(|c| Some(c.group) == first) {
+            return Ok(());
+        }
+        let looks: Few<Check<'_>> = checks.iter().map(|c| Check { hits: 0, ..*c }).collect();
+        self.count(&looks, now, looked).await?;
+        // Shadow, warn and quota descriptors do not turn a request away on their own.
+        let turns_away = |group: u32| {
+            resolved.get(group as usize).is_some_and(|r| match r {
+                Resolved::Rule(rule) => {
+                    !(rule.shadow_mode
+                        || rule.treatment.warn_only
+                        || rule.quota_mode
+                        || self.modes.quota)
+                }
+                _ => !self.modes.quota,
+            })
+        };
+        let mut rejecting: Few<u32> = Few::new();
+        for (check, verdict) in checks.iter().zip(looked.iter()) {
+            let over = verdict.over_limit || verdict.remaining < check.hits;
+            if over && turns_away(check.group) && !rejecting.contains(&check.group) {
+                rejecting.push(check.group);
+            }
+        }
+        if !rejecting.is_empty() {
+            for check in checks.iter_mut() {
+                if !rejecting.contains(&check.group) {
+                    check.hits = 0;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One store call, timed when the store can wait, with failures counted.

@@ -165,6 +165,16 @@ struct ServeArgs {
     /// descriptors are over their limits (envoyproxy/ratelimit: QUOTA_MODE).
     #[arg(long, env = "QUOTA_MODE", default_value_t = false, action = clap::ArgAction::Set)]
     global_quota_mode: bool,
+    /// A request one descriptor turns away counts on none of its other descriptors
+    /// (envoyproxy/ratelimit: STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT). Costs a second store
+    /// call for requests with several limited descriptors.
+    #[arg(
+        long = "stop-counting-when-over-limit",
+        env = "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    spare_when_turned_away: bool,
     #[command(flatten)]
     tls: TlsArgs,
     /// After SIGTERM, how long to keep serving while health checks fail, so load balancers
@@ -595,6 +605,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         global_modes: GlobalModes {
             shadow: args.global_shadow_mode,
             quota: args.global_quota_mode,
+            spare_when_turned_away: args.spare_when_turned_away,
         },
         store,
         tls: args.tls.files(compat.tls),

@@ -153,10 +153,7 @@ fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
     let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
     let root = config.root().display().to_string();
     let cases: [(&[(&str, &str)], &str); 3] = [
-        (
-            &[("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "true")],
-            "put both limits on one descriptor",
-        ),
+        (&[("REDIS_PERSECOND", "true")], "unset REDIS_PERSECOND"),
         (&[("BACKEND_TYPE", "memcache")], "BACKEND_TYPE=memcache"),
         (&[("CONFIG_TYPE", "GRPC_XDS_SOTW")], "YAML files only"),
     ];
@@ -258,4 +255,43 @@ fn old_grpc_connections_are_asked_to_reconnect() {
         waited >= Duration::from_millis(900),
         "GOAWAY after {waited:?}, before the connection was 1 s old"
     );
+}
+
+/// STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT through a real Envoy, whose filter sends [user]
+/// and [remote_address] (ratelimit_http.yaml): alice's second request is turned away by her
+/// own limit of 1 and so does not count on the shared address's limit of 3, which then
+/// admits bob and carol. Without the variable carol would be the one turned away.
+#[test]
+fn a_request_turned_away_does_not_use_up_the_shared_limit() {
+    const SPARE: &str = "\
+domain: spare
+descriptors:
+  - key: user
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: remote_address
+    rate_limit: {unit: minute, requests_per_unit: 3}
+";
+    common::avoid_window_edge(60, 15);
+    let config = common::config_dir::plain(&[("spare.yaml", SPARE)]);
+    let meshlimit = Meshlimit::start_with_env(
+        config.path(),
+        &[],
+        &[("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "true")],
+    );
+    let stack = Stack::start_around(
+        meshlimit,
+        fixture("envoy/ratelimit_http.yaml"),
+        "spare",
+        &[],
+    );
+    for (user, status) in [
+        ("alice", 200),
+        ("alice", 429),
+        ("bob", 200),
+        ("carol", 200),
+        ("dave", 429),
+    ] {
+        let response = stack.get_as(user, "/");
+        stack.expect_status(&response, status, &format!("{user}'s request"));
+    }
 }

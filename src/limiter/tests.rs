@@ -29,6 +29,7 @@ const START: u64 = 1_000 * 60_000 + 5_000;
 const GLOBAL_SHADOW: GlobalModes = GlobalModes {
     shadow: true,
     quota: false,
+    spare_when_turned_away: false,
 };
 
 fn limiter(clock: &ManualClock) -> RateLimiter<MemoryStore, ManualClock> {
@@ -815,7 +816,7 @@ fn global_quota_mode_counts_every_limited_descriptor_as_a_quota() {
     let (limiter, _) = limiter_with_metrics(CONFIG, &clock, 0.8);
     let limiter = limiter.with_global_modes(GlobalModes {
         quota: true,
-        shadow: false,
+        ..GlobalModes::default()
     });
     // `ip` allows 1, `user` 2; a descriptor no rule matches is a quota that always passes,
     // so with it in the request nothing is ever turned away.
@@ -839,6 +840,62 @@ fn global_quota_mode_counts_every_limited_descriptor_as_a_quota() {
         decide(&limiter, &req).overall_code(),
         Code::OverLimit,
         "both over"
+    );
+}
+
+/// STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT: `ip` (1 a minute) turns the second request
+/// away; with the mode, that request did not count on `user` (2 a minute), so a third
+/// request for the user alone still passes.
+#[test]
+fn a_request_turned_away_counts_on_none_of_its_other_descriptors() {
+    let both = request(vec![
+        descriptor(&[("user", "u")]),
+        descriptor(&[("ip", "1.2.3.4")]),
+    ]);
+    let user_alone = request(vec![descriptor(&[("user", "u")])]);
+    for (spare, third) in [(true, Code::Ok), (false, Code::OverLimit)] {
+        let clock = ManualClock::at(START);
+        let (limiter, metrics) = limiter_with_metrics(CONFIG, &clock, 0.8);
+        let limiter = limiter.with_global_modes(GlobalModes {
+            spare_when_turned_away: spare,
+            ..GlobalModes::default()
+        });
+        assert_eq!(decide(&limiter, &both).overall_code(), Code::Ok);
+        let turned_away = decide(&limiter, &both);
+        assert_eq!(turned_away.overall_code(), Code::OverLimit, "spare={spare}");
+        assert_eq!(codes(&turned_away), [Code::Ok, Code::OverLimit]);
+        let remaining = turned_away.statuses[0].limit_remaining;
+        assert_eq!(remaining, if spare { 1 } else { 0 }, "spare={spare}");
+        assert_eq!(
+            decide(&limiter, &user_alone).overall_code(),
+            third,
+            "spare={spare}"
+        );
+        // The rejecting descriptor is counted as usual: its hits, and its over-limit.
+        let text = metrics.render();
+        let line = "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"ip\"} 1";
+        assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    }
+
+    // A shadow-mode descriptor over its limit turns nothing away, so spares nothing.
+    let clock = ManualClock::at(START);
+    let (limiter, _) = limiter_with_metrics(CONFIG, &clock, 0.8);
+    let limiter = limiter.with_global_modes(GlobalModes {
+        spare_when_turned_away: true,
+        ..GlobalModes::default()
+    });
+    let with_trial = request(vec![
+        descriptor(&[("user", "v")]),
+        descriptor(&[("trial", "t")]),
+    ]);
+    for _ in 0..2 {
+        assert_eq!(decide(&limiter, &with_trial).overall_code(), Code::Ok);
+    }
+    let user_v = request(vec![descriptor(&[("user", "v")])]);
+    assert_eq!(
+        decide(&limiter, &user_v).overall_code(),
+        Code::OverLimit,
+        "both requests counted on user v"
     );
 }
 
