@@ -98,6 +98,13 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             }
         })?;
     let reloader = Arc::new(reloader);
+    for path in crate::config::skipped_entries(&options.config_dir) {
+        tracing::warn!(
+            path = %path.display(),
+            "not read: only *.yaml and *.yml files directly in the config directory are; \
+             rename the file, or move it up from its subdirectory"
+        );
+    }
     if let Some(loaded) = reloader.live().load_full() {
         for domain in loaded.domains() {
             tracing::info!(domain = %domain.name, file = %domain.file, rules = domain.rules().len(), "loaded domain");

@@ -125,6 +125,28 @@ fn read_text(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
+/// Entries of `dir` a user may expect to be read that `load_dir` skips: files not named
+/// `*.yaml`/`*.yml`, and subdirectories (envoyproxy/ratelimit reads every file, in
+/// subdirectories too). Dot-names are skipped silently, as they should be.
+pub fn skipped_entries(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut skipped: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+            let path = entry.path();
+            !name.starts_with('.') && (path.is_dir() || (path.is_file() && !is_yaml))
+        })
+        .map(|entry| entry.path())
+        .collect();
+    skipped.sort();
+    skipped
+}
+
 fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let entries = fs::read_dir(dir).map_err(|error| {
         ConfigError::whole_file(

@@ -399,6 +399,21 @@ mod directory {
     }
 
     #[test]
+    fn skipped_files_and_subdirectories_are_named_but_dot_names_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("one.yaml"), USER).unwrap();
+        fs::write(dir.path().join(".hidden"), "").unwrap();
+        fs::write(dir.path().join("ratelimit-config"), USER).unwrap();
+        fs::create_dir(dir.path().join("..2026_01_01")).unwrap();
+        fs::create_dir(dir.path().join("team")).unwrap();
+        let skipped: Vec<String> = super::skipped_entries(dir.path())
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(skipped, ["ratelimit-config", "team"]);
+    }
+
+    #[test]
     fn reads_a_kubernetes_configmap_mount_through_its_symlinks_once() {
         let dir = tempfile::tempdir().unwrap();
         let timestamped = dir.path().join("..2026_11_23_10_00_00.123");
