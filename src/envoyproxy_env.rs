@@ -189,14 +189,6 @@ fn refuse_what_would_change_decisions(
                 .to_owned(),
         );
     }
-    if flag("REDIS_PERSECOND")? == Some(true) {
-        return Err(
-            "REDIS_PERSECOND=true: meshlimit counts per-second limits in the same Redis as the \
-             others; unset REDIS_PERSECOND and the REDIS_PERSECOND_* variables, and size \
-             REDIS_URL's server for both"
-                .to_owned(),
-        );
-    }
     if flag("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION")? == Some(true) {
         return Err(
             "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION=true: meshlimit always checks that the Redis \
@@ -561,7 +553,6 @@ mod tests {
                 &[("REDIS_SOCKET_TYPE", "unix")][..],
                 "REDIS_SOCKET_TYPE=tcp",
             ),
-            (&[("REDIS_PERSECOND", "true")][..], "unset REDIS_PERSECOND"),
             (
                 &[("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION", "true")][..],
                 "names the server",
@@ -573,7 +564,7 @@ mod tests {
         // Their off values are what meshlimit does anyway.
         for vars in [
             &[("CONFIG_TYPE", "FILE")][..],
-            &[("REDIS_PERSECOND", "false")][..],
+            &[("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION", "false")][..],
         ] {
             assert!(read_of(vars).is_ok(), "{vars:?}");
         }

@@ -298,17 +298,28 @@ impl StoreArgs {
             },
         };
         let resolved = settings::resolve(&flags, |name| std::env::var(name).ok())?;
-        Ok(StoreChoice::Redis(Box::new(RedisOptions {
-            target: resolved.target,
-            tls: resolved.tls,
-            prefix: resolved.prefix,
+        let per_second = settings::resolve_per_second(|name| std::env::var(name).ok())?;
+        let options = |target, tls, prefix: &str, per_second| RedisOptions {
+            target,
+            tls,
+            prefix: prefix.to_owned(),
             timeout: redis_timeout,
             failure_mode: self.redis_failure_mode,
             replicas: self.replicas.max(1),
             local_capacity: cache_capacity,
             local_cache_entries: self.redis_local_cache_entries,
             hybrid_flush: self.redis_hybrid_flush,
-        })))
+            per_second,
+        };
+        // The per-second Redis shares the prefix, whether from --redis-prefix or not.
+        let per_second = per_second
+            .map(|second| Box::new(options(second.target, second.tls, &resolved.prefix, None)));
+        Ok(StoreChoice::Redis(Box::new(options(
+            resolved.target,
+            resolved.tls,
+            &resolved.prefix,
+            per_second,
+        ))))
     }
 }
 

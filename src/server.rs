@@ -22,6 +22,7 @@ use crate::proto::rate_limit_service_server::RateLimitServiceServer;
 use crate::reload::Reloader;
 use crate::service::grpc::GrpcRateLimitService;
 use crate::store::redis::{RedisOptions, RedisSetupError, StoreHealth};
+use crate::store::split::SplitStore;
 use crate::store::{CounterStore, MemoryStore, RedisStore};
 use crate::tls::{self, ReloadingCert, TlsFiles, TlsIncoming};
 
@@ -127,33 +128,61 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             );
             serve_with(options, metrics, reloader, store).await
         }
-        StoreChoice::Redis(redis) => {
-            let store = RedisStore::connect(*redis).await?;
-            let counted = metrics.clone();
-            store.on_local_cache_hits(move |descriptors| {
-                counted
-                    .local_cache_hits
-                    .fetch_add(descriptors, std::sync::atomic::Ordering::Relaxed);
-            });
-            let (health, fallbacks, entries) = (store.clone(), store.clone(), store.clone());
-            metrics.gauge(
-                "meshlimit_cache_entries",
-                "Counters held in memory: with --store redis, those --redis-failure-mode local kept while Redis was away.",
-                move || entries.fallback_counters(),
-            );
-            metrics.gauge(
-                "meshlimit_redis_degraded",
-                "1 while a Redis node's circuit breaker is open and the failure policy answers for it.",
-                move || u64::from(health.health() == StoreHealth::Degraded),
-            );
-            metrics.gauge(
-                "meshlimit_redis_fallback_decisions",
-                "Checks decided by --redis-failure-mode because Redis did not answer in time.",
-                move || fallbacks.fallback_decisions(),
-            );
-            serve_with(options, metrics, reloader, store).await
+        StoreChoice::Redis(mut redis) => {
+            let per_second = redis.per_second.take();
+            let main = RedisStore::connect(*redis).await?;
+            match per_second {
+                None => {
+                    redis_gauges(&metrics, vec![main.clone()]);
+                    serve_with(options, metrics, reloader, main).await
+                }
+                Some(per_second) => {
+                    let per_second = RedisStore::connect(*per_second).await?;
+                    tracing::info!(
+                        "per-second limits are counted in their own Redis (REDIS_PERSECOND)"
+                    );
+                    redis_gauges(&metrics, vec![main.clone(), per_second.clone()]);
+                    let store = SplitStore::new(main, per_second);
+                    serve_with(options, metrics, reloader, store).await
+                }
+            }
         }
     }
+}
+
+/// The Redis store's metrics, summed over `stores` (two with a per-second Redis).
+fn redis_gauges(metrics: &Arc<Metrics>, stores: Vec<RedisStore>) {
+    for store in &stores {
+        let counted = metrics.clone();
+        store.on_local_cache_hits(move |descriptors| {
+            counted
+                .local_cache_hits
+                .fetch_add(descriptors, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    let stores = Arc::new(stores);
+    let (health, fallbacks, entries) = (stores.clone(), stores.clone(), stores);
+    metrics.gauge(
+        "meshlimit_cache_entries",
+        "Counters held in memory: with --store redis, those --redis-failure-mode local kept while Redis was away.",
+        move || entries.iter().map(RedisStore::fallback_counters).sum(),
+    );
+    metrics.gauge(
+        "meshlimit_redis_degraded",
+        "1 while a Redis node's circuit breaker is open and the failure policy answers for it.",
+        move || {
+            u64::from(
+                health
+                    .iter()
+                    .any(|store| store.health() == StoreHealth::Degraded),
+            )
+        },
+    );
+    metrics.gauge(
+        "meshlimit_redis_fallback_decisions",
+        "Checks decided by --redis-failure-mode because Redis did not answer in time.",
+        move || fallbacks.iter().map(RedisStore::fallback_decisions).sum(),
+    );
 }
 
 async fn serve_with<S: CounterStore>(

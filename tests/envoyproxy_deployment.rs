@@ -153,7 +153,10 @@ fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
     let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
     let root = config.root().display().to_string();
     let cases: [(&[(&str, &str)], &str); 3] = [
-        (&[("REDIS_PERSECOND", "true")], "unset REDIS_PERSECOND"),
+        (
+            &[("GRPC_UDS", "/run/ratelimit.sock")],
+            "GRPC_HOST/GRPC_PORT",
+        ),
         (&[("BACKEND_TYPE", "memcache")], "BACKEND_TYPE=memcache"),
         (&[("CONFIG_TYPE", "GRPC_XDS_SOTW")], "YAML files only"),
     ];
@@ -294,4 +297,81 @@ descriptors:
         let response = stack.get_as(user, "/");
         stack.expect_status(&response, status, &format!("{user}'s request"));
     }
+}
+
+/// REDIS_PERSECOND: descriptors whose limits are per second are counted in a Redis of
+/// their own, the others in REDIS_URL's, as envoyproxy/ratelimit splits them.
+#[tokio::test]
+async fn per_second_limits_are_counted_in_their_own_redis() {
+    const SPLIT: &str = "\
+domain: split
+descriptors:
+  - key: burst
+    rate_limit: {unit: second, requests_per_unit: 1}
+  - key: steady
+    rate_limit: {unit: minute, requests_per_unit: 100}
+";
+    let (main, fast) = (RedisServer::start(), RedisServer::start());
+    let config = common::config_dir::plain(&[("split.yaml", SPLIT)]);
+    let (main_url, fast_url) = (main.addr.to_string(), fast.addr.to_string());
+    let server = Meshlimit::start_with_env(
+        config.path(),
+        &[],
+        &[
+            ("REDIS_SOCKET_TYPE", "tcp"),
+            ("REDIS_URL", &main_url),
+            ("REDIS_PERSECOND", "true"),
+            ("REDIS_PERSECOND_SOCKET_TYPE", "tcp"),
+            ("REDIS_PERSECOND_URL", &fast_url),
+        ],
+    );
+    let mut client = server.client().await;
+    let request = |key: &str| RateLimitRequest {
+        domain: "split".into(),
+        descriptors: vec![
+            RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: key.into(),
+                    value: "x".into(),
+                }],
+                ..Default::default()
+            },
+            RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "steady".into(),
+                    value: "y".into(),
+                }],
+                ..Default::default()
+            },
+        ],
+        hits_addend: 0,
+    };
+    // Three requests within a few milliseconds: at least two share a second, so the limit
+    // of one a second turns one away.
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let answer = client
+            .should_rate_limit(request("burst"))
+            .await
+            .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()))
+            .into_inner();
+        codes.push(answer.statuses[0].code());
+    }
+    assert!(codes.contains(&Code::OverLimit), "{codes:?}");
+    assert_eq!(codes[0], Code::Ok, "{codes:?}");
+
+    let keys = |redis: &RedisServer| -> Vec<String> {
+        let mut keys: Vec<String> = redis.query(&redis::cmd("KEYS").arg("*"));
+        keys.sort();
+        keys
+    };
+    let (in_main, in_fast) = (keys(&main), keys(&fast));
+    assert!(
+        in_fast.len() == 1 && in_fast[0].contains("burst"),
+        "the per-second Redis holds the per-second counter only: {in_fast:?}"
+    );
+    assert!(
+        in_main.len() == 1 && in_main[0].contains("steady"),
+        "the main Redis holds the per-minute counter only: {in_main:?}"
+    );
 }

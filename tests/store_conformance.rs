@@ -15,6 +15,7 @@ use meshlimit::algorithm::penalty::Penalty;
 use meshlimit::limit::{Algorithm, Limit};
 use meshlimit::store::redis::settings::{MasterUrl, SentinelTarget};
 use meshlimit::store::redis::{FailureMode, RedisOptions, RedisTarget, push_redis_key, slot};
+use meshlimit::store::split::SplitStore;
 use meshlimit::store::{Check, CounterStore, MemoryStore, RedisStore};
 
 /// A Tuesday in 2023, on a day boundary: every window of the scenarios starts here.
@@ -465,6 +466,7 @@ fn options(target: RedisTarget, prefix: &str) -> RedisOptions {
         // On, so every scenario also checks that cached answers are Redis's answers.
         local_cache_entries: 10_000,
         hybrid_flush: Duration::from_millis(5),
+        per_second: None,
     }
 }
 
@@ -499,6 +501,59 @@ async fn conform(target: RedisTarget, label: &str) {
 async fn standalone_redis_decides_exactly_like_memory() {
     let server = RedisServer::start();
     conform(RedisTarget::Standalone(server.url()), "standalone").await;
+}
+
+/// envoyproxy/ratelimit's REDIS_PERSECOND: the scenarios mix per-second and longer limits,
+/// in one request too; split over two Redis servers they decide as one memory store does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_second_redis_beside_the_main_one_decides_exactly_like_memory() {
+    let (main, fast) = (RedisServer::start(), RedisServer::start());
+    for (name, mut steps) in scenarios() {
+        // A rule's descriptor always has the same limits, so each of its keys lives in one
+        // store. The random sequences put one key in groups of different limits; tagging
+        // each key with its group's store keeps that true here (and in memory alike).
+        for step in &mut steps {
+            let mut start = 0;
+            while start < step.checks.len() {
+                let group = step.checks[start].group;
+                let end = (start..step.checks.len())
+                    .find(|&i| step.checks[i].group != group)
+                    .unwrap_or(step.checks.len());
+                let fast = step.checks[start..end]
+                    .iter()
+                    .all(|c| c.limit.window_millis <= SECOND);
+                for check in &mut step.checks[start..end] {
+                    check.key.push_str(if fast { "|s" } else { "|m" });
+                }
+                start = end;
+            }
+        }
+        let expected = run(&MemoryStore::new(10_000), &steps).await;
+        let prefix = format!("split:{name}:{}:", std::process::id());
+        let store = SplitStore::new(
+            standalone_store(&main, &prefix).await,
+            standalone_store(&fast, &prefix).await,
+        );
+        let actual = run(&store, &steps).await;
+        assert_eq!(
+            store.main().fallback_decisions() + store.per_second().fallback_decisions(),
+            0,
+            "{name}: Redis did not answer every call"
+        );
+        if let Some(i) = (0..steps.len()).find(|&i| expected[i] != actual[i]) {
+            panic!(
+                "{name}, step {i} with {:#?}:\nmemory: {:?}\nsplit:  {:?}",
+                steps[i].checks, expected[i], actual[i]
+            );
+        }
+    }
+    let keys = |server: &RedisServer| -> u64 { server.query(&redis::cmd("DBSIZE")) };
+    assert!(
+        keys(&main) > 0 && keys(&fast) > 0,
+        "both servers hold counters: main {}, per-second {}",
+        keys(&main),
+        keys(&fast)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

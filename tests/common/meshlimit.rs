@@ -53,7 +53,13 @@ const INHERITED_SETTINGS: &[&str] = &[
     "REDIS_URL",
     "REDIS_TYPE",
     "REDIS_TIMEOUT",
+    "REDIS_PERSECOND",
     "CONFIG_TYPE",
+    "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
+    "GRPC_MAX_CONNECTION_AGE",
+    "SHADOW_MODE",
+    "QUOTA_MODE",
+    "MERGE_DOMAIN_CONFIG",
 ];
 
 /// A `Command` for the built binary with the developer's meshlimit settings removed.

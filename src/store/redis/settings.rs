@@ -99,6 +99,9 @@ pub struct RedisOptions {
     pub local_cache_entries: u64,
     /// How often `hybrid: true` counters send their hits to Redis.
     pub hybrid_flush: Duration,
+    /// envoyproxy/ratelimit's `REDIS_PERSECOND`: descriptors whose limits are all per second
+    /// are counted in this second Redis (`store::split`); its own `per_second` is unused.
+    pub per_second: Option<Box<RedisOptions>>,
 }
 
 /// `--redis-hybrid-flush` when not given.
@@ -125,6 +128,54 @@ pub struct Resolved {
     pub target: RedisTarget,
     pub prefix: String,
     pub tls: RedisTls,
+}
+
+/// The variables envoyproxy/ratelimit reads again with `REDIS_PERSECOND_` for the
+/// per-second Redis; the TLS files, the prefix and the rest are shared.
+const PER_SECOND_VARIABLES: &[&str] = &[
+    "REDIS_TYPE",
+    "REDIS_URL",
+    "REDIS_AUTH",
+    "REDIS_TLS",
+    "REDIS_SENTINEL_AUTH",
+    "REDIS_SOCKET_TYPE",
+];
+
+/// envoyproxy/ratelimit's `REDIS_PERSECOND=true`: where per-second limits are counted,
+/// read from `REDIS_PERSECOND_TYPE`, `REDIS_PERSECOND_URL`, `REDIS_PERSECOND_AUTH`,
+/// `REDIS_PERSECOND_TLS` and `REDIS_PERSECOND_SENTINEL_AUTH`. `None` when it is not set.
+pub fn resolve_per_second(
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Resolved>, String> {
+    let env = |name: &str| env(name).filter(|value| !value.trim().is_empty());
+    match env("REDIS_PERSECOND").as_deref().map(str::trim) {
+        None | Some("false" | "0" | "f" | "F" | "FALSE" | "False") => return Ok(None),
+        Some("true" | "1" | "t" | "T" | "TRUE" | "True") => {}
+        Some(other) => return Err(format!("REDIS_PERSECOND={other}: write true or false")),
+    }
+    if env("REDIS_PERSECOND_URL").is_none() {
+        return Err(
+            "REDIS_PERSECOND=true needs REDIS_PERSECOND_URL, the per-second Redis's host:port"
+                .to_owned(),
+        );
+    }
+    if env("REDIS_PERSECOND_SOCKET_TYPE").is_some_and(|t| t.trim().eq_ignore_ascii_case("unix")) {
+        return Err(
+            "REDIS_PERSECOND_SOCKET_TYPE=unix: meshlimit reaches Redis over TCP only; write \
+             REDIS_PERSECOND_SOCKET_TYPE=tcp and REDIS_PERSECOND_URL=host:port"
+                .to_owned(),
+        );
+    }
+    let renamed = |name: &str| {
+        if PER_SECOND_VARIABLES.contains(&name) {
+            env(&name.replacen("REDIS_", "REDIS_PERSECOND_", 1))
+        } else {
+            env(name)
+        }
+    };
+    resolve(&RedisFlags::default(), renamed)
+        .map(Some)
+        .map_err(|error| format!("the per-second Redis (REDIS_PERSECOND_*): {error}"))
 }
 
 /// The prefix when neither `--redis-prefix` nor `CACHE_KEY_PREFIX` is set.
@@ -498,6 +549,54 @@ mod tests {
             RedisTarget::Standalone("redis://flag:1".into())
         );
         assert_eq!(resolved.prefix, "p:");
+    }
+
+    #[test]
+    fn the_per_second_redis_reads_envoyproxys_persecond_variables() {
+        assert_eq!(
+            resolve_per_second(env_of(&[("REDIS_URL", "a:1")])),
+            Ok(None)
+        );
+        let resolved = resolve_per_second(env_of(&[
+            ("REDIS_PERSECOND", "true"),
+            ("REDIS_URL", "main:6379"),
+            ("REDIS_AUTH", "main-password"),
+            ("REDIS_PERSECOND_URL", "fast:6380"),
+            ("REDIS_PERSECOND_AUTH", "fast-password"),
+            ("CACHE_KEY_PREFIX", "rl_"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            resolved.target,
+            RedisTarget::Standalone("redis://:fast-password@fast:6380".into())
+        );
+        assert_eq!(resolved.prefix, "rl_", "the prefix is shared");
+        let cluster = resolve_per_second(env_of(&[
+            ("REDIS_PERSECOND", "1"),
+            ("REDIS_PERSECOND_TYPE", "cluster"),
+            ("REDIS_PERSECOND_URL", "c1:7000,c2:7001"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert!(matches!(cluster.target, RedisTarget::Cluster(nodes) if nodes.len() == 2));
+        for (vars, expected) in [
+            (
+                &[("REDIS_PERSECOND", "true")][..],
+                "needs REDIS_PERSECOND_URL",
+            ),
+            (
+                &[
+                    ("REDIS_PERSECOND", "true"),
+                    ("REDIS_PERSECOND_URL", "/run/fast.sock"),
+                ][..],
+                "per-second Redis (REDIS_PERSECOND_*): `/run/fast.sock`: unix sockets",
+            ),
+            (&[("REDIS_PERSECOND", "yes")][..], "REDIS_PERSECOND=yes"),
+        ] {
+            let error = resolve_per_second(env_of(vars)).unwrap_err();
+            assert!(error.contains(expected), "{vars:?}: {error}");
+        }
     }
 
     #[test]
