@@ -120,12 +120,12 @@ struct ServeArgs {
     /// unless envoyproxy/ratelimit's RUNTIME_ROOT and RUNTIME_SUBDIRECTORY name it].
     #[arg(long, env = "MESHLIMIT_CONFIG")]
     config: Option<PathBuf>,
-    /// Where the gRPC rate limit service listens [default: 0.0.0.0:8081, or GRPC_HOST and
-    /// GRPC_PORT].
+    /// Where the gRPC rate limit service listens; unset, envoyproxy/ratelimit's GRPC_HOST and
+    /// GRPC_PORT apply [default: 0.0.0.0:8081]
     #[arg(long, env = "MESHLIMIT_GRPC_ADDR")]
     grpc_addr: Option<SocketAddr>,
-    /// Where the HTTP admin port (/healthcheck, /metrics) listens [default: 0.0.0.0:8080, or
-    /// HOST and PORT].
+    /// Where the HTTP admin port (/healthcheck, /metrics) listens; unset, envoyproxy/ratelimit's
+    /// HOST and PORT apply [default: 0.0.0.0:8080]
     #[arg(long, env = "MESHLIMIT_ADMIN_ADDR")]
     admin_addr: Option<SocketAddr>,
     /// Serve /metrics here too, for scrapers that expect a port of their own

@@ -361,7 +361,7 @@ descriptors:
     assert_eq!(codes[0], Code::Ok, "{codes:?}");
 
     let keys = |redis: &RedisServer| -> Vec<String> {
-        let mut keys: Vec<String> = redis.query(&redis::cmd("KEYS").arg("*"));
+        let mut keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("*"));
         keys.sort();
         keys
     };
