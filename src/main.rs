@@ -116,8 +116,10 @@ impl CountingArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// The directory holding the *.yaml config files (one domain per file) [required,
-    /// unless envoyproxy/ratelimit's RUNTIME_ROOT and RUNTIME_SUBDIRECTORY name it].
+    /// The directory holding the *.yaml config files (one domain per file); unset,
+    /// envoyproxy/ratelimit's RUNTIME_ROOT and RUNTIME_SUBDIRECTORY name it, else this
+    /// default, when it exists (the container image's example config)
+    /// [default: /etc/meshlimit/config]
     #[arg(long, env = "MESHLIMIT_CONFIG")]
     config: Option<PathBuf>,
     /// Where the gRPC rate limit service listens; unset, envoyproxy/ratelimit's GRPC_HOST and
@@ -249,6 +251,10 @@ struct StoreArgs {
     #[arg(long, env = "MESHLIMIT_REDIS_HYBRID_FLUSH", default_value = "5ms", value_parser = parse_interval)]
     redis_hybrid_flush: Duration,
 }
+
+/// The config directory when nothing names one: where the container image puts its
+/// example config and the Kubernetes manifests mount theirs.
+const DEFAULT_CONFIG_DIR: &str = "/etc/meshlimit/config";
 
 /// Long enough for a loaded Redis, short enough that a dead one is answered by the failure
 /// mode before Envoy's filter gives up (deploy/envoy/envoy.yaml gives it 100 ms).
@@ -561,11 +567,18 @@ fn serve(args: ServeArgs) -> ExitCode {
     for line in &compat.ignored {
         tracing::warn!("{line}");
     }
-    let Some(config_dir) = args.config.or(compat.config_dir.clone()) else {
+    // An image-wide default must not beat a deployment's RUNTIME_ROOT, so it is not an
+    // environment variable of the image but the last resort here.
+    let image_default = PathBuf::from(DEFAULT_CONFIG_DIR);
+    let Some(config_dir) = args
+        .config
+        .or(compat.config_dir.clone())
+        .or_else(|| image_default.is_dir().then_some(image_default))
+    else {
         eprintln!(
             "meshlimit: serve needs --config DIR (or MESHLIMIT_CONFIG), the directory holding \
              the *.yaml files; envoyproxy/ratelimit's RUNTIME_ROOT and RUNTIME_SUBDIRECTORY \
-             name it too"
+             name it too ({DEFAULT_CONFIG_DIR}, the default, does not exist)"
         );
         return ExitCode::from(2);
     };

@@ -109,18 +109,24 @@ fn help_settings() -> BTreeSet<String> {
         .collect()
 }
 
-/// The port in the default address of `flag` (e.g. `--grpc-addr`).
-fn help_default_port(flag: &str) -> u16 {
+/// The default of `flag` (e.g. `--grpc-addr`) as `serve --help` gives it.
+fn help_default(flag: &str) -> String {
     let help = serve_help();
     let section = help
         .split_once(&format!("{flag} <"))
         .unwrap_or_else(|| panic!("no {flag} in serve --help:\n{help}"))
         .1;
-    let default = section
+    section
         .split_once("[default: ")
         .and_then(|(_, rest)| rest.split_once(']'))
         .unwrap_or_else(|| panic!("no default for {flag} in serve --help"))
-        .0;
+        .0
+        .to_owned()
+}
+
+/// The port in the default address of `flag` (e.g. `--grpc-addr`).
+fn help_default_port(flag: &str) -> u16 {
+    let default = help_default(flag);
     default
         .rsplit_once(':')
         .and_then(|(_, port)| port.parse().ok())
@@ -552,13 +558,17 @@ fn dockerfile_passes_hadolint_and_matches_the_binary_and_manifests() {
         ])
     );
 
-    // The config directory: a setting the binary reads, holding the example config, and
-    // where Kubernetes mounts its ConfigMap.
-    let envs = instruction(&stage, "ENV");
-    let config_dir = envs
-        .iter()
-        .find_map(|env| env.strip_prefix("MESHLIMIT_CONFIG="))
-        .expect("ENV MESHLIMIT_CONFIG=...");
+    // The config directory: the binary's default, holding the example config, and where
+    // Kubernetes mounts its ConfigMap. Not an ENV, which would beat an envoyproxy/ratelimit
+    // Deployment's RUNTIME_ROOT.
+    let config_dir = help_default("--config");
+    let config_dir = config_dir.as_str();
+    assert!(
+        !instruction(&stage, "ENV")
+            .iter()
+            .any(|env| env.starts_with("MESHLIMIT_CONFIG=")),
+        "ENV MESHLIMIT_CONFIG in the image would beat a deployment's RUNTIME_ROOT"
+    );
     assert!(help_settings().contains("MESHLIMIT_CONFIG"));
     assert!(
         copies

@@ -176,7 +176,11 @@ fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
         assert!(stderr.contains(expected), "{env:?}: {stderr}");
     }
 
-    // Without --config and without RUNTIME_*, the message names both ways to give it.
+    // Without --config and without RUNTIME_*, the message names both ways to give it
+    // (unless this machine has the default directory, as a container would).
+    if std::path::Path::new("/etc/meshlimit/config").is_dir() {
+        return;
+    }
     let mut serve = command();
     serve.arg("serve");
     let (code, stderr) = exit_of(serve);
