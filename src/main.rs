@@ -459,8 +459,22 @@ enum LogFormat {
     Json,
 }
 
+/// Started under envoyproxy/ratelimit's binary name (`/bin/ratelimit`, which the image
+/// links to meshlimit and Deployments written for it run), meshlimit serves.
+fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called = args
+        .first()
+        .and_then(|first| std::path::Path::new(first).file_name())
+        .is_some_and(|name| name == "ratelimit");
+    if called && args.len() == 1 {
+        args.push("serve".into());
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    match Cli::parse_from(arguments()).command {
         Command::Serve(args) => serve(*args),
         Command::Validate { dir, counting } => validate(&dir, counting),
         Command::Simulate {

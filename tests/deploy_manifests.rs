@@ -544,6 +544,14 @@ fn dockerfile_passes_hadolint_and_matches_the_binary_and_manifests() {
         entrypoint[0]
     );
 
+    // envoyproxy/ratelimit's `/bin/ratelimit`, for Deployments written for it.
+    assert!(
+        copies
+            .iter()
+            .any(|c| c.starts_with("--from=build ") && c.ends_with(" /bin/ratelimit")),
+        "no /bin/ratelimit for envoyproxy/ratelimit's Deployments: {copies:?}"
+    );
+
     // EXPOSE the binary's default ports, the same the manifests use.
     let exposed: BTreeSet<u16> = instruction(&stage, "EXPOSE")
         .iter()

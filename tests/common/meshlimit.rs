@@ -64,7 +64,12 @@ const INHERITED_SETTINGS: &[&str] = &[
 
 /// A `Command` for the built binary with the developer's meshlimit settings removed.
 pub fn command() -> Command {
-    let mut command = Command::new(binary());
+    command_for(binary())
+}
+
+/// Like `command`, running `program` (the binary, or a link to it).
+fn command_for(program: PathBuf) -> Command {
+    let mut command = Command::new(program);
     for name in INHERITED_SETTINGS {
         command.env_remove(name);
     }
@@ -114,9 +119,10 @@ impl Meshlimit {
         Meshlimit::start_placed(Placement::Flags(config_dir), extra_args, env)
     }
 
-    /// `meshlimit serve` with no flags at all: the config directory and everything else come
-    /// from `env`, as in an envoyproxy/ratelimit deployment; the addresses from `HOST`/`PORT`
-    /// and `GRPC_HOST`/`GRPC_PORT`, which this sets to free loopback ports.
+    /// The binary run as envoyproxy/ratelimit's Deployments run theirs — as `ratelimit`,
+    /// with no arguments: the config directory and everything else come from `env`, the
+    /// addresses from `HOST`/`PORT` and `GRPC_HOST`/`GRPC_PORT`, which this sets to free
+    /// loopback ports.
     pub fn start_envoyproxy_style(env: &[(&str, &str)]) -> Meshlimit {
         Meshlimit::start_placed(Placement::Environment, &[], env)
     }
@@ -139,8 +145,23 @@ impl Meshlimit {
     ) -> Result<Meshlimit, StartFailure> {
         let grpc_addr = free_loopback_addr();
         let admin_addr = free_loopback_addr();
-        let mut command = command();
-        command.envs(env.iter().copied()).arg("serve");
+        let dir = tempfile::tempdir().expect("create a temp dir for meshlimit");
+        let mut command = match placement {
+            Placement::Flags(_) => {
+                let mut command = command();
+                command.arg("serve");
+                command
+            }
+            // As envoyproxy/ratelimit's Deployments start it: `/bin/ratelimit`, no arguments
+            // (the image links that name to meshlimit).
+            Placement::Environment => {
+                let ratelimit = dir.path().join("ratelimit");
+                std::os::unix::fs::symlink(binary(), &ratelimit)
+                    .expect("link `ratelimit` to the meshlimit binary");
+                command_for(ratelimit)
+            }
+        };
+        command.envs(env.iter().copied());
         match placement {
             Placement::Flags(config_dir) => {
                 command
@@ -160,7 +181,6 @@ impl Meshlimit {
             }
         }
         command.args(extra_args);
-        let dir = tempfile::tempdir().expect("create a temp dir for meshlimit");
         let mut server = Meshlimit {
             grpc_addr,
             admin_addr,
