@@ -379,3 +379,55 @@ descriptors:
         "the main Redis holds the per-minute counter only: {in_main:?}"
     );
 }
+
+/// MERGE_DOMAIN_CONFIG: two files of one domain in the ConfigMap, both served.
+#[tokio::test]
+async fn files_of_one_domain_are_served_together_when_merged() {
+    let file = |key: &str| {
+        format!(
+            "domain: shop\ndescriptors:\n  - key: {key}\n    rate_limit: {{unit: hour, requests_per_unit: 1}}\n"
+        )
+    };
+    let (users, addresses) = (file("user"), file("ip"));
+    let config = ConfigMapDir::mounted_at(
+        "ratelimit/config",
+        &[("users.yaml", &users), ("addresses.yaml", &addresses)],
+    );
+    let root = config.root().display().to_string();
+    let server = Meshlimit::start_envoyproxy_style(&[
+        ("RUNTIME_ROOT", &root),
+        ("RUNTIME_SUBDIRECTORY", "ratelimit"),
+        ("MERGE_DOMAIN_CONFIG", "true"),
+    ]);
+    let mut client = server.client().await;
+    // Well inside one hour: each descriptor is allowed once.
+    common::avoid_window_edge(3_600, 20);
+    for key in ["user", "ip"] {
+        let request = RateLimitRequest {
+            domain: "shop".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: key.into(),
+                    value: "one".into(),
+                }],
+                ..Default::default()
+            }],
+            hits_addend: 0,
+        };
+        let mut codes = Vec::new();
+        for _ in 0..2 {
+            let answer = client
+                .should_rate_limit(request.clone())
+                .await
+                .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()))
+                .into_inner();
+            codes.push(answer.overall_code());
+        }
+        assert_eq!(
+            codes,
+            [Code::Ok, Code::OverLimit],
+            "{key}: {}",
+            server.logs()
+        );
+    }
+}
