@@ -4,7 +4,9 @@
 //! - text, for stores whose keys people read (Redis): `domain|key=value|key=value|window/algorithm`,
 //!   e.g. `edge|user=alice|1m/sliding_window`. Separators inside names and values are
 //!   percent-escaped, so a crafted value such as `alice|path=/admin` can never produce the
-//!   key of a different descriptor and drain someone else's counter;
+//!   key of a different descriptor and drain someone else's counter. Braces are escaped
+//!   too (`{` → `%7B`, `}` → `%7D`), so the Redis store can put a key's descriptor part in
+//!   a cluster hash tag as it is, without a second pass over it;
 //! - packed, for the memory store, which only hashes its keys: every part behind its
 //!   length, so no byte of a name or value needs scanning or escaping. Lengths make the
 //!   form as unambiguous as escaping does, at a fraction of the work.
@@ -112,14 +114,16 @@ fn push_escaped(out: &mut String, text: &str) {
             '|' => out.push_str("%7C"),
             '=' => out.push_str("%3D"),
             '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
             c => out.push(c),
         }
     }
 }
 
-/// Whether `bytes` holds `|`, `=` or `%`: the separators a key escapes.
+/// Whether `bytes` holds `|`, `=`, `%`, `{` or `}`: what a text key escapes.
 fn has_separator(bytes: &[u8]) -> bool {
-    contains_any(bytes, [b'|', b'=', b'%'])
+    contains_any(bytes, [b'|', b'=', b'%', b'{', b'}'])
 }
 
 /// Whether `bytes` holds any of `needles`, eight bytes at a time: a word XORed with a
@@ -198,7 +202,7 @@ mod tests {
             let plain = "a".repeat(len);
             assert!(!has_separator(plain.as_bytes()), "{plain}");
             for at in 0..len {
-                for separator in ['|', '=', '%'] {
+                for separator in ['|', '=', '%', '{', '}'] {
                     let mut text = plain.clone();
                     text.replace_range(at..=at, &separator.to_string());
                     assert!(has_separator(text.as_bytes()), "{text}");
@@ -206,7 +210,7 @@ mod tests {
             }
         }
         // Bytes next to the separators' values, and non-ASCII, are not separators.
-        assert!(!has_separator("{}<>~$&é\u{7f}\u{80}ÿ/:;?@".as_bytes()));
+        assert!(!has_separator("<>$&z~[]é\u{7f}\u{80}ÿ/:;?@".as_bytes()));
     }
 
     fn packed(
