@@ -4,8 +4,9 @@
 //! every limit of one descriptor, and its penalty box (`…|penalty`), hash to the same
 //! Redis Cluster slot and one script can update them atomically. A crafted value cannot
 //! end the tag early: text counter keys hold no braces, `key.rs` writes a value's as
-//! `%7B` and `%7D` (once, while it escapes the separators; a second pass here was 8 % of
-//! a Redis decision's instructions at 8 descriptors).
+//! `%7B` and `%7D` once, while it escapes the separators (a second pass over every key
+//! here cost 1.3 % of a Redis decision's instructions at 8 descriptors; BENCHMARKS.md
+//! section 15).
 
 /// Appends the Redis key of `counter_key`, a text counter key (see `key.rs`), to `out`.
 pub fn push_redis_key(out: &mut String, prefix: &str, counter_key: &str) {
