@@ -61,17 +61,24 @@ fn start(env: &[(String, String)]) -> Meshlimit {
     Meshlimit::start_envoyproxy_style(&env)
 }
 
-fn productpage(user: &str) -> RateLimitRequest {
-    let entry = |key: &str, value: &str| Entry {
-        key: key.into(),
-        value: value.into(),
-    };
+/// A request for `domain` with one descriptor per item of `descriptors`, each a list of
+/// (key, value) entries.
+fn request(domain: &str, descriptors: &[&[(&str, &str)]]) -> RateLimitRequest {
     RateLimitRequest {
-        domain: "ratelimit".into(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: vec![entry("user", user), entry("path", "/productpage")],
-            ..Default::default()
-        }],
+        domain: domain.into(),
+        descriptors: descriptors
+            .iter()
+            .map(|entries| RateLimitDescriptor {
+                entries: entries
+                    .iter()
+                    .map(|(key, value)| Entry {
+                        key: (*key).into(),
+                        value: (*value).into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
         hits_addend: 0,
     }
 }
@@ -117,7 +124,10 @@ async fn istios_sample_environment_runs_meshlimit_unchanged() {
     let mut client = second.client().await;
     for (user, expected) in [("alice", Code::OverLimit), ("bob", Code::Ok)] {
         let answer = client
-            .should_rate_limit(productpage(user))
+            .should_rate_limit(request(
+                "ratelimit",
+                &[&[("user", user), ("path", "/productpage")]],
+            ))
             .await
             .unwrap_or_else(|status| panic!("{user}: {status}\n{}", second.logs()))
             .into_inner();
@@ -330,32 +340,13 @@ descriptors:
         ],
     );
     let mut client = server.client().await;
-    let request = |key: &str| RateLimitRequest {
-        domain: "split".into(),
-        descriptors: vec![
-            RateLimitDescriptor {
-                entries: vec![Entry {
-                    key: key.into(),
-                    value: "x".into(),
-                }],
-                ..Default::default()
-            },
-            RateLimitDescriptor {
-                entries: vec![Entry {
-                    key: "steady".into(),
-                    value: "y".into(),
-                }],
-                ..Default::default()
-            },
-        ],
-        hits_addend: 0,
-    };
+    let both = request("split", &[&[("burst", "x")], &[("steady", "y")]]);
     // Three requests within a few milliseconds: at least two share a second, so the limit
     // of one a second turns one away.
     let mut codes = Vec::new();
     for _ in 0..3 {
         let answer = client
-            .should_rate_limit(request("burst"))
+            .should_rate_limit(both.clone())
             .await
             .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()))
             .into_inner();
@@ -403,21 +394,11 @@ async fn files_of_one_domain_are_served_together_when_merged() {
     // Well inside one hour: each descriptor is allowed once.
     common::avoid_window_edge(3_600, 20);
     for key in ["user", "ip"] {
-        let request = RateLimitRequest {
-            domain: "shop".into(),
-            descriptors: vec![RateLimitDescriptor {
-                entries: vec![Entry {
-                    key: key.into(),
-                    value: "one".into(),
-                }],
-                ..Default::default()
-            }],
-            hits_addend: 0,
-        };
+        let one = request("shop", &[&[(key, "one")]]);
         let mut codes = Vec::new();
         for _ in 0..2 {
             let answer = client
-                .should_rate_limit(request.clone())
+                .should_rate_limit(one.clone())
                 .await
                 .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()))
                 .into_inner();
