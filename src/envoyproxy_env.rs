@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::statsd::StatsdOptions;
 use crate::tls::TlsFiles;
 
 /// envoyproxy/ratelimit's defaults for the variables below.
@@ -21,6 +22,9 @@ const DEFAULT_PROMETHEUS_ADDR: &str = ":9090";
 const DEFAULT_METRICS_PATH: &str = "/metrics";
 const DEFAULT_ADMIN_PORT: u16 = 8080;
 const DEFAULT_GRPC_PORT: u16 = 8081;
+const DEFAULT_STATSD_HOST: &str = "localhost";
+const DEFAULT_STATSD_PORT: u16 = 8125;
+const DEFAULT_STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the environment says, for the settings meshlimit also has flags for. `None` means
 /// the environment is silent and meshlimit's own default applies.
@@ -49,6 +53,9 @@ pub struct EnvoyproxyEnv {
     /// `GRPC_MAX_CONNECTION_AGE`: how long a client connection lives before it is asked
     /// to go (GOAWAY) and reconnect, so new replicas get their share.
     pub max_connection_age: Option<Duration>,
+    /// `USE_STATSD=true` (or a `STATSD_HOST`/`STATSD_PORT`): counters pushed to statsd at
+    /// `STATSD_HOST:STATSD_PORT` every `STATS_FLUSH_INTERVAL`.
+    pub statsd: Option<StatsdOptions>,
     /// Variables that are set, have no effect here, and why; logged once at start.
     pub ignored: Vec<String>,
 }
@@ -159,6 +166,7 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
     };
     read.redis_timeout = duration("REDIS_TIMEOUT", "50ms or 1s")?;
     read.max_connection_age = duration("GRPC_MAX_CONNECTION_AGE", "24h or 5m")?;
+    read.statsd = statsd(&env, &flag)?;
     read.ignored = ignored(&env, &flag)?;
     Ok(read)
 }
@@ -198,6 +206,39 @@ fn refuse_what_would_change_decisions(
         );
     }
     Ok(())
+}
+
+/// envoyproxy/ratelimit sends statsd unless `USE_STATSD=false`; meshlimit, whose metrics
+/// are on `/metrics` anyway, only when asked: `USE_STATSD=true`, or a statsd address set.
+fn statsd(
+    env: &impl Fn(&str) -> Option<String>,
+    flag: &impl Fn(&str) -> Result<Option<bool>, String>,
+) -> Result<Option<StatsdOptions>, String> {
+    let asked =
+        flag("USE_STATSD")?.unwrap_or(env("STATSD_HOST").is_some() || env("STATSD_PORT").is_some());
+    if !asked || flag("DISABLE_STATS")? == Some(true) {
+        return Ok(None);
+    }
+    let host = env("STATSD_HOST").unwrap_or_else(|| DEFAULT_STATSD_HOST.to_owned());
+    let port = match env("STATSD_PORT") {
+        None => DEFAULT_STATSD_PORT,
+        Some(port) => port
+            .parse()
+            .map_err(|_| format!("STATSD_PORT={port}: write a port number, e.g. 8125"))?,
+    };
+    let interval = match env("STATS_FLUSH_INTERVAL") {
+        None => DEFAULT_STATS_FLUSH_INTERVAL,
+        Some(text) => go_duration(&text).filter(|d| !d.is_zero()).ok_or_else(|| {
+            format!("STATS_FLUSH_INTERVAL={text}: write a duration above zero, e.g. 10s")
+        })?,
+    };
+    // An IPv6 literal needs brackets before its port.
+    let target = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok(Some(StatsdOptions { target, interval }))
 }
 
 /// Variables that are set and do nothing here, each with why.
@@ -243,15 +284,16 @@ fn ignored(
         &["PROMETHEUS_MAPPER_YAML"],
         "metric names are envoyproxy/ratelimit's defaults",
     );
-    if flag("USE_STATSD")? == Some(true) {
+    note(
+        &["EXTRA_TAGS", "USE_DOG_STATSD_MOGRIFIERS"],
+        "statsd lines carry no tags",
+    );
+    if flag("USE_DOG_STATSD")? == Some(true) {
         ignored.push(
-            "USE_STATSD=true ignored: meshlimit sends no statsd; scrape /metrics on the HTTP \
-             port (and on PROMETHEUS_ADDR with USE_PROMETHEUS=true)"
+            "USE_DOG_STATSD=true ignored: meshlimit sends plain statsd lines (USE_STATSD=true), \
+             which a DogStatsD agent takes too, without tags"
                 .to_owned(),
         );
-    }
-    if flag("USE_DOG_STATSD")? == Some(true) {
-        ignored.push("USE_DOG_STATSD=true ignored: meshlimit sends no statsd".to_owned());
     }
     if flag("TRACING_ENABLED")? == Some(true) {
         ignored.push("TRACING_ENABLED=true ignored: meshlimit exports no traces".to_owned());
@@ -575,7 +617,7 @@ mod tests {
         let read = read_of(&[
             ("REDIS_POOL_SIZE", "20"),
             ("REDIS_PIPELINE_WINDOW", "150us"),
-            ("USE_STATSD", "true"),
+            ("USE_DOG_STATSD", "true"),
             ("DEBUG_PORT", "6070"),
         ])
         .unwrap();
@@ -584,13 +626,52 @@ mod tests {
         assert!(
             read.ignored
                 .iter()
-                .any(|line| line.starts_with("USE_STATSD=true"))
+                .any(|line| line.starts_with("USE_DOG_STATSD=true"))
         );
         assert!(
             read_of(&[("USE_STATSD", "false")])
                 .unwrap()
                 .ignored
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn statsd_is_sent_when_asked_for_to_envoyproxys_defaults() {
+        assert_eq!(read_of(&[]).unwrap().statsd, None);
+        assert_eq!(read_of(&[("USE_STATSD", "false")]).unwrap().statsd, None);
+        assert_eq!(
+            read_of(&[("USE_STATSD", "true")]).unwrap().statsd,
+            Some(StatsdOptions {
+                target: "localhost:8125".into(),
+                interval: Duration::from_secs(10)
+            })
+        );
+        // An address alone asks for it; USE_STATSD=false or DISABLE_STATS still win.
+        let read = read_of(&[
+            ("STATSD_HOST", "::1"),
+            ("STATSD_PORT", "9125"),
+            ("STATS_FLUSH_INTERVAL", "500ms"),
+        ])
+        .unwrap();
+        assert_eq!(
+            read.statsd,
+            Some(StatsdOptions {
+                target: "[::1]:9125".into(),
+                interval: Duration::from_millis(500)
+            })
+        );
+        for off in [("USE_STATSD", "false"), ("DISABLE_STATS", "true")] {
+            assert_eq!(
+                read_of(&[("STATSD_HOST", "agent"), off]).unwrap().statsd,
+                None,
+                "{off:?}"
+            );
+        }
+        assert!(
+            read_of(&[("USE_STATSD", "1"), ("STATSD_PORT", "x")])
+                .unwrap_err()
+                .contains("STATSD_PORT=x")
         );
     }
 }

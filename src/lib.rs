@@ -12,6 +12,7 @@
 //! Around it: [`config`] loads and checks YAML directories, [`clock`] is the injectable
 //! time source, [`admin`] is the HTTP admin port, [`server`] wires `meshlimit serve`,
 //! [`envoyproxy_env`] reads the environment an envoyproxy/ratelimit deployment sets,
+//! [`statsd`] pushes the counters to a statsd agent,
 //! and [`proto`] holds the generated protobuf code.
 
 // Request and reload paths must answer with an error, never a panic.
@@ -45,5 +46,6 @@ pub mod rule;
 pub mod server;
 pub mod service;
 pub mod simulate;
+pub mod statsd;
 pub mod store;
 pub mod tls;

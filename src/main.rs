@@ -16,6 +16,7 @@ use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
 use meshlimit::server::{self, ServeOptions, StoreChoice};
 use meshlimit::simulate::{Pattern, Scenario};
+use meshlimit::statsd::StatsdOptions;
 use meshlimit::store::redis::settings::{self, RedisFlags};
 use meshlimit::store::redis::{FailureMode, RedisOptions, RedisTls};
 
@@ -191,6 +192,13 @@ struct ServeArgs {
     /// GRPC_MAX_CONNECTION_AGE].
     #[arg(long, env = "MESHLIMIT_MAX_CONNECTION_AGE", value_parser = parse_interval)]
     max_connection_age: Option<Duration>,
+    /// Push the counters to this statsd agent (host:port, UDP) under envoyproxy/ratelimit's
+    /// statsd names [also USE_STATSD=true with STATSD_HOST and STATSD_PORT].
+    #[arg(long, env = "MESHLIMIT_STATSD_ADDR")]
+    statsd_addr: Option<String>,
+    /// How often to push to statsd [default: 10s, or STATS_FLUSH_INTERVAL].
+    #[arg(long, env = "MESHLIMIT_STATSD_INTERVAL", value_parser = parse_interval)]
+    statsd_interval: Option<Duration>,
     /// Log lines as human-readable text or as JSON objects [default: text, or LOG_FORMAT].
     #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -629,6 +637,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             .max_connection_age
             .or(compat.max_connection_age)
             .filter(|age| !age.is_zero()),
+        statsd: statsd_options(args.statsd_addr, args.statsd_interval, compat.statsd),
         load: args.counting.load_options(),
         cache_capacity: args.cache_capacity,
         bounds: RequestBounds {
@@ -698,6 +707,26 @@ fn validate(dir: &std::path::Path, counting: CountingArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The flags' statsd agent, else envoyproxy/ratelimit's `USE_STATSD` one; the flag's
+/// interval wins over either's.
+fn statsd_options(
+    addr: Option<String>,
+    interval: Option<Duration>,
+    compat: Option<StatsdOptions>,
+) -> Option<StatsdOptions> {
+    let mut options = match addr {
+        Some(target) => StatsdOptions {
+            target,
+            interval: Duration::from_secs(10),
+        },
+        None => compat?,
+    };
+    if let Some(interval) = interval.filter(|i| !i.is_zero()) {
+        options.interval = interval;
+    }
+    Some(options)
 }
 
 /// `MESHLIMIT_LOG` (a tracing filter) wins over envoyproxy/ratelimit's `LOG_LEVEL`.

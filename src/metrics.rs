@@ -298,6 +298,48 @@ impl Metrics {
         out
     }
 
+    /// Every counter under envoyproxy/ratelimit's statsd name, with its value: the service's
+    /// (`ratelimit.service.config_load_success`, …) and each rule's
+    /// (`ratelimit.service.rate_limit.<domain>.<key>.<stat>`; a `detailed_metric` value
+    /// appends `_<value>` to the key). For `statsd`, which sends what changed.
+    pub fn statsd_counters(&self) -> Vec<(String, u64)> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = vec![
+            (
+                "ratelimit.service.config_load_success".to_owned(),
+                load(&self.config_load_success),
+            ),
+            (
+                "ratelimit.service.config_load_error".to_owned(),
+                load(&self.config_load_error),
+            ),
+            (
+                "ratelimit.service.global_shadow_mode".to_owned(),
+                load(&self.global_shadow_mode),
+            ),
+        ];
+        let rules = self.rules.lock();
+        for ((domain, path), stats) in rules.iter() {
+            let key = rule_key(domain, path);
+            let mut push = |key: &str, counters: &HitCounters| {
+                for (stat, value) in counters.values() {
+                    out.push((
+                        format!("ratelimit.service.rate_limit.{domain}.{key}.{stat}"),
+                        value,
+                    ));
+                }
+            };
+            push(key, &stats.counters);
+            for (by_key, counters) in stats.by_key.lock().iter() {
+                push(by_key, counters);
+            }
+            for (value, counters) in stats.detailed.lock().iter() {
+                push(&format!("{key}_{value}"), counters);
+            }
+        }
+        out
+    }
+
     fn render_rules(&self, out: &mut String) {
         let rules = self.rules.lock();
         let mut sorted: Vec<_> = rules.iter().collect();
@@ -312,11 +354,7 @@ impl Metrics {
             let name = format!("ratelimit_service_rate_limit_{stat}");
             let _ = writeln!(out, "# TYPE {name} counter");
             for ((domain, path), stats) in &sorted {
-                // The key label is the rule path without its domain, as envoyproxy/ratelimit
-                // names its stats: `user.path_/admin`.
-                let key = path
-                    .strip_prefix(&**domain)
-                    .map_or(&**path, |k| k.trim_start_matches('.'));
+                let key = rule_key(domain, path);
                 let value = stats.counters.get(stat);
                 let _ = writeln!(
                     out,
@@ -346,6 +384,13 @@ impl Metrics {
             }
         }
     }
+}
+
+/// The rule path without its domain, as envoyproxy/ratelimit names its stats:
+/// `user.path_/admin`.
+fn rule_key<'p>(domain: &str, path: &'p str) -> &'p str {
+    path.strip_prefix(domain)
+        .map_or(path, |k| k.trim_start_matches('.'))
 }
 
 /// Escapes a Prometheus label value.

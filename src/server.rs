@@ -37,6 +37,8 @@ pub struct ServeOptions {
     /// gRPC connections older than this are asked to reconnect (GOAWAY); each closes once
     /// its requests have finished.
     pub max_connection_age: Option<Duration>,
+    /// Push the counters to a statsd agent.
+    pub statsd: Option<crate::statsd::StatsdOptions>,
     pub load: LoadOptions,
     pub cache_capacity: u64,
     pub bounds: RequestBounds,
@@ -250,6 +252,10 @@ async fn serve_with<S: CounterStore>(
     health.set_serving(true);
     let metrics_app = metrics_listener
         .map(|(listener, path)| (listener, admin::metrics_router(metrics.clone(), path)));
+    let statsd = options.statsd.clone().map(|statsd| {
+        tracing::info!(target = %statsd.target, every = ?statsd.interval, "pushing counters to statsd");
+        tokio::spawn(crate::statsd::push_loop(metrics.clone(), statsd))
+    });
     let admin_app = admin::router(AdminState {
         health: health.clone(),
         config: live,
@@ -339,6 +345,9 @@ async fn serve_with<S: CounterStore>(
     };
     health.set_serving(false);
     watcher.abort();
+    if let Some(statsd) = statsd {
+        statsd.abort();
+    }
     if let Some(tls_watcher) = tls_watcher {
         tls_watcher.abort();
     }

@@ -412,3 +412,61 @@ async fn files_of_one_domain_are_served_together_when_merged() {
         );
     }
 }
+
+/// USE_STATSD: the counters reach a statsd agent (here, a UDP socket of the test's) under
+/// envoyproxy/ratelimit's names, as increments that add up to what happened.
+#[tokio::test]
+async fn counters_reach_statsd_under_envoyproxys_names() {
+    const LIMITS: &str = "\
+domain: statsd
+descriptors:
+  - key: user
+    rate_limit: {unit: hour, requests_per_unit: 2}
+";
+    common::avoid_window_edge(3_600, 20);
+    let agent = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind the test's statsd socket");
+    let port = agent.local_addr().expect("its address").port().to_string();
+    let config = common::config_dir::plain(&[("statsd.yaml", LIMITS)]);
+    let server = Meshlimit::start_with_env(
+        config.path(),
+        &[],
+        &[
+            ("USE_STATSD", "true"),
+            ("STATSD_HOST", "127.0.0.1"),
+            ("STATSD_PORT", &port),
+            ("STATS_FLUSH_INTERVAL", "200ms"),
+        ],
+    );
+    let mut client = server.client().await;
+    for _ in 0..3 {
+        client
+            .should_rate_limit(request("statsd", &[&[("user", "ann")]]))
+            .await
+            .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()));
+    }
+
+    // Sum the increments by name until the three requests are all there.
+    let prefix = "ratelimit.service.rate_limit.statsd.user.";
+    let wanted = [
+        (format!("{prefix}total_hits"), 3),
+        (format!("{prefix}within_limit"), 2),
+        (format!("{prefix}over_limit"), 1),
+        ("ratelimit.service.config_load_success".to_owned(), 1),
+    ];
+    let mut totals = std::collections::HashMap::<String, u64>::new();
+    let mut buffer = vec![0u8; 65_536];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while wanted.iter().any(|(name, n)| totals.get(name) != Some(n)) {
+        let received = tokio::time::timeout_at(deadline, agent.recv(&mut buffer)).await;
+        let Ok(Ok(size)) = received else {
+            panic!("statsd totals after 15 s: {totals:?}\n{}", server.logs());
+        };
+        for line in String::from_utf8_lossy(&buffer[..size]).lines() {
+            let (name, rest) = line.split_once(':').expect("name:value|c");
+            let value = rest.strip_suffix("|c").expect("a counter");
+            *totals.entry(name.to_owned()).or_default() += value.parse::<u64>().unwrap();
+        }
+    }
+}
