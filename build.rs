@@ -6,6 +6,8 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 const PROTOS: &[&str] = &["proto/envoy/service/ratelimit/v3/rls.proto"];
+/// OTLP's trace export, which meshlimit calls as a client (src/trace/export.rs).
+const OTLP_PROTOS: &[&str] = &["proto/opentelemetry/proto/collector/trace/v1/trace_service.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -22,5 +24,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // tonic's prost codec with buffers sized for our messages (src/codec.rs).
         .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(descriptors)?;
+    // Not served, so kept out of the reflection set; prost's own codec is fine for a
+    // batch of spans every few seconds.
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(protox::compile(OTLP_PROTOS, ["proto"])?)?;
     Ok(())
 }

@@ -295,9 +295,6 @@ fn ignored(
                 .to_owned(),
         );
     }
-    if flag("TRACING_ENABLED")? == Some(true) {
-        ignored.push("TRACING_ENABLED=true ignored: meshlimit exports no traces".to_owned());
-    }
     Ok(ignored)
 }
 
@@ -367,7 +364,7 @@ fn log_filter(level: &str) -> Result<&'static str, String> {
 }
 
 /// Go's `strconv.ParseBool`, which envoyproxy/ratelimit's settings go through.
-fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
     match value {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),

@@ -12,7 +12,8 @@
 //! Around it: [`config`] loads and checks YAML directories, [`clock`] is the injectable
 //! time source, [`admin`] is the HTTP admin port, [`server`] wires `meshlimit serve`,
 //! [`envoyproxy_env`] reads the environment an envoyproxy/ratelimit deployment sets,
-//! [`statsd`] pushes the counters to a statsd agent,
+//! [`statsd`] pushes the counters to a statsd agent, [`trace`] sends a span of each call
+//! to an OTLP collector,
 //! and [`proto`] holds the generated protobuf code.
 
 // Request and reload paths must answer with an error, never a panic.
@@ -49,3 +50,4 @@ pub mod simulate;
 pub mod statsd;
 pub mod store;
 pub mod tls;
+pub mod trace;

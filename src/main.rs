@@ -180,6 +180,8 @@ struct ServeArgs {
     spare_when_turned_away: bool,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    tracing: TracingArgs,
     /// After SIGTERM, how long to keep serving while health checks fail, so load balancers
     /// and Envoy stop sending first (e.g. 5s on Kubernetes).
     #[arg(long, env = "MESHLIMIT_DRAIN_DELAY", default_value = "0s", value_parser = parse_interval)]
@@ -334,6 +336,49 @@ impl StoreArgs {
             &resolved.prefix,
             per_second,
         ))))
+    }
+}
+
+/// Spans of ShouldRateLimit calls, sent to an OpenTelemetry (OTLP) collector. Also on with
+/// envoyproxy/ratelimit's TRACING_ENABLED=true; OpenTelemetry's OTEL_EXPORTER_OTLP_* and
+/// OTEL_BSP_* variables are read.
+#[derive(Args)]
+struct TracingArgs {
+    /// Send spans to this OTLP collector, e.g. http://otel-collector:4318 (http/protobuf,
+    /// /v1/traces is added) or http://otel-collector:4317 with --otlp-protocol grpc
+    /// [default: off, or OTEL_EXPORTER_OTLP_ENDPOINT with TRACING_ENABLED=true].
+    #[arg(long, env = "MESHLIMIT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// grpc or http/protobuf [default: http/protobuf, or OTEL_EXPORTER_OTLP_PROTOCOL, or
+    /// TRACING_EXPORTER_PROTOCOL].
+    #[arg(long, env = "MESHLIMIT_OTLP_PROTOCOL")]
+    otlp_protocol: Option<String>,
+    /// The service.name of the spans [default: meshlimit, or OTEL_SERVICE_NAME, or
+    /// TRACING_SERVICE_NAME].
+    #[arg(long, env = "MESHLIMIT_TRACE_SERVICE_NAME")]
+    trace_service_name: Option<String>,
+    /// The share of new traces to keep, 0 to 1; a caller's own decision is always followed
+    /// [default: 1, or TRACING_SAMPLING_RATE].
+    #[arg(long, env = "MESHLIMIT_TRACE_SAMPLING_RATE")]
+    trace_sampling_rate: Option<f64>,
+}
+
+impl TracingArgs {
+    fn options(self) -> Result<Option<meshlimit::trace::TracingOptions>, String> {
+        let flags = meshlimit::trace::settings::TracingFlags {
+            endpoint: self.otlp_endpoint,
+            protocol: self.otlp_protocol,
+            service_name: self.trace_service_name,
+            sampling_rate: self.trace_sampling_rate,
+        };
+        let env = |name: &str| std::env::var(name).ok();
+        let options = meshlimit::trace::settings::resolve(&flags, env)?;
+        if options.is_none()
+            && let Some(hint) = meshlimit::trace::settings::off_but_configured(env)
+        {
+            tracing::info!("{hint}");
+        }
+        Ok(options)
     }
 }
 
@@ -611,6 +656,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tracing = match args.tracing.options() {
+        Ok(tracing) => tracing,
+        Err(message) => {
+            eprintln!("meshlimit: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let metrics_listener = match args.metrics_addr {
         Some(addr) => Some(MetricsListener {
             addr,
@@ -638,6 +690,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             .or(compat.max_connection_age)
             .filter(|age| !age.is_zero()),
         statsd: statsd_options(args.statsd_addr, args.statsd_interval, compat.statsd),
+        tracing,
         load: args.counting.load_options(),
         cache_capacity: args.cache_capacity,
         bounds: RequestBounds {

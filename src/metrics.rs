@@ -201,6 +201,9 @@ pub struct Metrics {
     pub shed: AtomicU64,
     /// Over-limit answers turned to OK by global shadow mode.
     pub global_shadow_mode: AtomicU64,
+    /// Spans the OTLP collector took, and spans lost to a full queue or a failed export.
+    pub spans_exported: AtomicU64,
+    pub spans_dropped: AtomicU64,
     rules: Mutex<HashMap<RuleId, Arc<RuleStats>>>,
     gauges: Mutex<Vec<Gauge>>,
 }
@@ -263,6 +266,16 @@ impl Metrics {
                 "meshlimit_shed_total",
                 "Requests turned away by a domain's shared capacity.",
                 &self.shed,
+            ),
+            (
+                "meshlimit_trace_spans_exported_total",
+                "Spans the OTLP collector took.",
+                &self.spans_exported,
+            ),
+            (
+                "meshlimit_trace_spans_dropped_total",
+                "Spans lost to a full export queue or a failed export; decisions are not affected.",
+                &self.spans_dropped,
             ),
         ];
         for (name, help, value) in counters {

@@ -32,6 +32,32 @@ pub mod envoy {
     }
 }
 
+/// OTLP's trace export, for the spans meshlimit sends to a collector (`crate::trace`).
+pub mod opentelemetry {
+    pub mod common {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.common.v1");
+        }
+    }
+    pub mod resource {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.resource.v1");
+        }
+    }
+    pub mod trace {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.trace.v1");
+        }
+    }
+    pub mod collector {
+        pub mod trace {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+            }
+        }
+    }
+}
+
 /// The encoded descriptor set of every file above, served through gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/meshlimit_descriptor.bin"));

@@ -25,6 +25,7 @@ use crate::store::redis::{RedisOptions, RedisSetupError, StoreHealth};
 use crate::store::split::SplitStore;
 use crate::store::{CounterStore, MemoryStore, RedisStore};
 use crate::tls::{self, ReloadingCert, TlsFiles, TlsIncoming};
+use crate::trace::{Tracer, TracingOptions};
 
 /// Everything `serve` needs, parsed from flags and environment by the binary.
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ pub struct ServeOptions {
     pub max_connection_age: Option<Duration>,
     /// Push the counters to a statsd agent.
     pub statsd: Option<crate::statsd::StatsdOptions>,
+    /// Send a span of each sampled call to an OTLP collector.
+    pub tracing: Option<TracingOptions>,
     pub load: LoadOptions,
     pub cache_capacity: u64,
     pub bounds: RequestBounds,
@@ -241,10 +244,23 @@ async fn serve_with<S: CounterStore>(
             what: "reflection",
             message: error.to_string(),
         })?;
-    let rate_limit = RateLimitServiceServer::new(GrpcRateLimitService::new(
-        limiter.clone(),
-        options.max_request_bytes,
-    ))
+    let tracer = match options.tracing.clone() {
+        Some(tracing) => {
+            tracing::info!(endpoint = %tracing.endpoint, transport = ?tracing.transport, "exporting spans over OTLP");
+            let (tracer, export) =
+                Tracer::new(tracing, metrics.clone()).map_err(|message| ServeError::Serve {
+                    what: "tracing",
+                    message,
+                })?;
+            tokio::spawn(export);
+            Some(Arc::new(tracer))
+        }
+        None => None,
+    };
+    let rate_limit = RateLimitServiceServer::new(
+        GrpcRateLimitService::new(limiter.clone(), options.max_request_bytes)
+            .with_tracer(tracer.clone()),
+    )
     // Far larger bodies are refused by the transport before they are decoded.
     .max_decoding_message_size(options.max_request_bytes.saturating_mul(4));
 
@@ -345,6 +361,10 @@ async fn serve_with<S: CounterStore>(
     };
     health.set_serving(false);
     watcher.abort();
+    // The last calls' spans, while the process still can.
+    if let Some(tracer) = tracer {
+        tracer.flush(Duration::from_secs(2)).await;
+    }
     if let Some(statsd) = statsd {
         statsd.abort();
     }

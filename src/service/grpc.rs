@@ -13,10 +13,12 @@ use crate::limiter::{DecisionError, RateLimiter};
 use crate::proto::rate_limit_service_server::RateLimitService;
 use crate::proto::{RateLimitRequest, RateLimitResponse};
 use crate::store::CounterStore;
+use crate::trace::{Outcome, Tracer};
 
 pub struct GrpcRateLimitService<S, C> {
     limiter: Arc<RateLimiter<S, C>>,
     max_request_bytes: usize,
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl<S, C> GrpcRateLimitService<S, C> {
@@ -24,7 +26,14 @@ impl<S, C> GrpcRateLimitService<S, C> {
         Self {
             limiter,
             max_request_bytes,
+            tracer: None,
         }
+    }
+
+    /// Makes a span of every sampled call.
+    pub fn with_tracer(mut self, tracer: Option<Arc<Tracer>>) -> Self {
+        self.tracer = tracer;
+        self
     }
 }
 
@@ -48,12 +57,33 @@ impl<S: CounterStore, C: Clock> RateLimitService for GrpcRateLimitService<S, C> 
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let Some(tracer) = &self.tracer else {
+            return self.answer(&request.into_inner()).await.map(Response::new);
+        };
+        let metadata = request.metadata();
+        let call = tracer.start(|name| metadata.get(name)?.to_str().ok());
         let request = request.into_inner();
+        let answer = self.answer(&request).await;
+        if let Some(call) = call {
+            let outcome = match &answer {
+                Ok(response) => Outcome::Answered {
+                    overall_code: response.overall_code,
+                },
+                Err(status) => Outcome::Failed(status),
+            };
+            tracer.finish(call, &request.domain, request.descriptors.len(), outcome);
+        }
+        answer.map(Response::new)
+    }
+}
+
+impl<S: CounterStore, C: Clock> GrpcRateLimitService<S, C> {
+    async fn answer(&self, request: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
         // The transport refuses bodies far over the bound without decoding them; this check
         // gives requests just over it the clearer INVALID_ARGUMENT. prost's exact size walks
         // every field a varint at a time, so it is only worked out when a cheap upper bound
         // does not already settle it, as it does for nearly every request.
-        if size_at_most(&request) > self.max_request_bytes {
+        if size_at_most(request) > self.max_request_bytes {
             let size = request.encoded_len();
             if size > self.max_request_bytes {
                 return Err(Status::invalid_argument(format!(
@@ -62,8 +92,7 @@ impl<S: CounterStore, C: Clock> RateLimitService for GrpcRateLimitService<S, C> 
                 )));
             }
         }
-        let response = self.limiter.should_rate_limit(&request).await?;
-        Ok(Response::new(response))
+        Ok(self.limiter.should_rate_limit(request).await?)
     }
 }
 

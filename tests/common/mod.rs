@@ -10,10 +10,12 @@
 //! - `redis`: real Redis / Valkey servers, standalone and a 3-master cluster
 //! - `stack`: meshlimit, the upstream and Envoy in front of them, for end-to-end tests
 //! - `tls`: a test CA issuing server and client certificates, and a raw TLS client
+//! - `collector`: an OTLP trace collector that keeps the spans it receives
 //!
 //! Each test binary compiles this module separately and uses only part of it.
 #![allow(dead_code)]
 
+pub mod collector;
 pub mod config_dir;
 pub mod envoy;
 pub mod http;

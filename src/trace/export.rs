@@ -1,0 +1,275 @@
+//! The export task: batches queued spans and sends them to the collector, over gRPC or
+//! HTTP, as OpenTelemetry's batch span processor does. It runs beside the service and never
+//! holds up a request: a failed export drops its batch, counts it, and says so in the log
+//! (at most once a minute, with how many were lost meanwhile).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use prost::Message as _;
+use prost::bytes::Bytes;
+use tokio::sync::mpsc;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+
+use super::settings::{BatchSettings, Transport};
+use super::{Message, TracingOptions, text};
+use crate::metrics::Metrics;
+use crate::proto::opentelemetry::collector::trace::v1::trace_service_client::TraceServiceClient;
+use crate::proto::opentelemetry::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use crate::proto::opentelemetry::common::v1::InstrumentationScope;
+use crate::proto::opentelemetry::resource::v1::Resource;
+use crate::proto::opentelemetry::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+/// How often a collector that keeps failing is named in the log.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+enum Wire {
+    Grpc {
+        client: TraceServiceClient<Channel>,
+        headers: MetadataMap,
+    },
+    Http {
+        uri: http::Uri,
+        headers: http::HeaderMap,
+    },
+}
+
+pub(super) struct Exporter {
+    wire: Wire,
+    endpoint: String,
+    timeout: Duration,
+    resource: Resource,
+}
+
+impl Exporter {
+    /// Checks the settings and prepares the connection, which is made at the first export.
+    pub(super) fn new(options: &TracingOptions) -> Result<Self, String> {
+        let bad_header = |name: &str| {
+            format!(
+                "OTEL_EXPORTER_OTLP_HEADERS: {name:?} cannot be sent as a header; header names \
+                 are letters, digits and -, values printable ASCII"
+            )
+        };
+        let wire = match options.transport {
+            Transport::Grpc => {
+                let mut headers = MetadataMap::new();
+                for (name, value) in &options.headers {
+                    let key = MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
+                        .map_err(|_| bad_header(name))?;
+                    let value =
+                        MetadataValue::try_from(value.as_str()).map_err(|_| bad_header(name))?;
+                    headers.insert(key, value);
+                }
+                let channel = Endpoint::from_shared(options.endpoint.clone())
+                    .map_err(|error| format!("OTLP endpoint {}: {error}", options.endpoint))?
+                    .connect_timeout(options.timeout)
+                    .timeout(options.timeout)
+                    .connect_lazy();
+                Wire::Grpc {
+                    client: TraceServiceClient::new(channel),
+                    headers,
+                }
+            }
+            Transport::HttpProtobuf => {
+                let mut headers = http::HeaderMap::new();
+                for (name, value) in &options.headers {
+                    let key = http::HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| bad_header(name))?;
+                    let value = http::HeaderValue::from_str(value).map_err(|_| bad_header(name))?;
+                    headers.insert(key, value);
+                }
+                let uri = options
+                    .endpoint
+                    .parse()
+                    .map_err(|error| format!("OTLP endpoint {}: {error}", options.endpoint))?;
+                Wire::Http { uri, headers }
+            }
+        };
+        Ok(Self {
+            wire,
+            endpoint: options.endpoint.clone(),
+            timeout: options.timeout,
+            resource: Resource {
+                attributes: (options.resource.iter())
+                    .map(|(key, value)| text(key, value))
+                    .collect(),
+            },
+        })
+    }
+
+    /// Sends `spans` in one request; the spans the collector took, or why none were.
+    async fn export(&mut self, spans: Vec<Span>) -> Result<u64, String> {
+        let count = spans.len() as u64;
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(self.resource.clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "meshlimit".to_owned(),
+                        version: env!("CARGO_PKG_VERSION").to_owned(),
+                    }),
+                    spans,
+                }],
+            }],
+        };
+        let answer = tokio::time::timeout(self.timeout, self.send(request))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.timeout))??;
+        let rejected = answer.partial_success.map_or(0, |partial| {
+            u64::try_from(partial.rejected_spans).unwrap_or(0)
+        });
+        Ok(count.saturating_sub(rejected))
+    }
+
+    async fn send(
+        &mut self,
+        request: ExportTraceServiceRequest,
+    ) -> Result<ExportTraceServiceResponse, String> {
+        match &mut self.wire {
+            Wire::Grpc { client, headers } => {
+                let mut call = tonic::Request::new(request);
+                *call.metadata_mut() = headers.clone();
+                client
+                    .export(call)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+            }
+            Wire::Http { uri, headers } => post(uri, headers, request.encode_to_vec()).await,
+        }
+    }
+}
+
+/// One POST on a fresh HTTP/1.1 connection: an export every few seconds needs no pool.
+async fn post(
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    body: Vec<u8>,
+) -> Result<ExportTraceServiceResponse, String> {
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|error| format!("cannot connect: {error}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| format!("HTTP handshake: {error}"))?;
+    let connection = tokio::spawn(connection);
+    // Origin form (`POST /v1/traces`), as to a server rather than a proxy.
+    let path = uri.path_and_query().map_or("/", |path| path.as_str());
+    let mut request = http::Request::post(path)
+        .header(http::header::HOST, authority)
+        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|error| error.to_string())?;
+    request.headers_mut().extend(headers.clone());
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|error| format!("HTTP request: {error}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|error| format!("HTTP response: {error}"))?
+            .to_bytes();
+        if !status.is_success() {
+            let start = body.get(..200).unwrap_or(&body);
+            let text = String::from_utf8_lossy(start).into_owned();
+            return Err(format!("HTTP {status}: {text}"));
+        }
+        // A collector may answer with an empty body; that is full success.
+        Ok(ExportTraceServiceResponse::decode(body).unwrap_or_default())
+    }
+    .await;
+    connection.abort();
+    result
+}
+
+/// Batches what `queue` brings until it closes: a batch goes when it is full, when its
+/// first span has waited `batch.delay`, or when a flush asks.
+pub(super) async fn run(
+    mut queue: mpsc::Receiver<Message>,
+    mut exporter: Exporter,
+    batch: BatchSettings,
+    metrics: Arc<Metrics>,
+) {
+    let mut failures = Failures::default();
+    let mut pending: Vec<Span> = Vec::new();
+    let mut open = true;
+    while open {
+        let Some(first) = queue.recv().await else {
+            break;
+        };
+        let mut flushed = Vec::new();
+        let take = |message, pending: &mut Vec<Span>, flushed: &mut Vec<_>| match message {
+            Message::Span(span) => pending.push(*span),
+            Message::Flush(done) => flushed.push(done),
+        };
+        take(first, &mut pending, &mut flushed);
+        let deadline = tokio::time::Instant::now() + batch.delay;
+        while pending.len() < batch.max_batch && flushed.is_empty() {
+            match tokio::time::timeout_at(deadline, queue.recv()).await {
+                Ok(Some(message)) => take(message, &mut pending, &mut flushed),
+                Ok(None) => {
+                    open = false;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        while !pending.is_empty() {
+            let spans: Vec<Span> = pending
+                .drain(..pending.len().min(batch.max_batch))
+                .collect();
+            let count = spans.len() as u64;
+            match exporter.export(spans).await {
+                Ok(taken) => {
+                    metrics.spans_exported.fetch_add(taken, Ordering::Relaxed);
+                    metrics
+                        .spans_dropped
+                        .fetch_add(count - taken, Ordering::Relaxed);
+                }
+                Err(why) => {
+                    metrics.spans_dropped.fetch_add(count, Ordering::Relaxed);
+                    failures.record(count, &exporter.endpoint, &why);
+                }
+            }
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Export failures, logged at most once every `WARN_EVERY`.
+#[derive(Default)]
+struct Failures {
+    last_warned: Option<Instant>,
+    lost_since: u64,
+}
+
+impl Failures {
+    fn record(&mut self, spans: u64, endpoint: &str, why: &str) {
+        self.lost_since += spans;
+        if self.last_warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            endpoint,
+            error = why,
+            spans_dropped = self.lost_since,
+            "cannot export spans to the OTLP collector; check that it listens there and takes \
+             this protocol (--otlp-protocol). Decisions are not affected"
+        );
+        self.last_warned = Some(Instant::now());
+        self.lost_since = 0;
+    }
+}

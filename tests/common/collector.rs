@@ -1,0 +1,84 @@
+//! An OTLP trace collector (tests/wire/otlp_collector.py, on the venv's Python): takes spans
+//! over gRPC and HTTP on loopback and keeps each as a JSON line the test reads back.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::process::Supervised;
+use super::{poll_until, repo_root, venv_tool};
+
+pub struct Collector {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    spans: PathBuf,
+    process: Supervised,
+}
+
+impl Collector {
+    pub fn start() -> Collector {
+        let dir = tempfile::tempdir().expect("create a temp dir for the collector");
+        let spans = dir.path().join("spans.jsonl");
+        let mut command = Command::new(venv_tool("MESHLIMIT_PYTHON", "bin/python"));
+        command
+            .arg(repo_root().join("tests/wire/otlp_collector.py"))
+            .arg(&spans);
+        let mut process = Supervised::spawn("otlp-collector", command, dir);
+        let mut ports = None;
+        let started =
+            process.wait_ready(Duration::from_secs(30), "the collector listening", || {
+                ports = listening_ports(&process_log_of(&spans));
+                ports.is_some()
+            });
+        if let Err(failure) = started {
+            panic!("the OTLP collector did not start:\n{}", failure.report);
+        }
+        let (grpc, http) = ports.expect("ports were read");
+        Collector {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], grpc)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], http)),
+            spans,
+            process,
+        }
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.spans)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("the collector writes JSON lines"))
+            .collect()
+    }
+
+    /// Waits (up to 30 s) until the spans received satisfy `done`, and returns them.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        poll_until(Duration::from_secs(30), || {
+            let spans = self.spans();
+            done(&spans).then_some(spans)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the collector never had {what}; it has:\n{:#?}\n{}",
+                self.spans(),
+                self.process.describe()
+            )
+        })
+    }
+}
+
+/// The collector's log sits beside its spans file (Supervised names it after the process).
+fn process_log_of(spans: &std::path::Path) -> String {
+    std::fs::read_to_string(spans.with_file_name("otlp-collector.log")).unwrap_or_default()
+}
+
+fn listening_ports(log: &str) -> Option<(u16, u16)> {
+    let line = log.lines().find(|line| line.starts_with("listening "))?;
+    let mut ports = line
+        .split_whitespace()
+        .filter_map(|part| part.split_once('=')?.1.parse().ok());
+    Some((ports.next()?, ports.next()?))
+}

@@ -1,0 +1,242 @@
+//! Distributed tracing as an operator sees it in their trace backend: meshlimit's span of
+//! each decision sits under the span real Envoy made for its ratelimit call, in the same
+//! trace, both received by an OTLP collector (tests/wire/otlp_collector.py, which decodes
+//! with OpenTelemetry's own protos). Also: envoyproxy/ratelimit's `TRACING_*` variables
+//! over OTLP/HTTP, the caller's sampling decision, and a collector that never answers,
+//! which must cost no decision.
+//!
+//! Envoy's tracer and listener: tests/fixtures/envoy/ratelimit_tracing.yaml.
+
+mod common;
+
+use std::net::TcpListener;
+
+use common::collector::Collector;
+use common::meshlimit::Meshlimit;
+use common::stack::Stack;
+use common::{avoid_window_edge, fixture, poll_until};
+use meshlimit::proto::rate_limit_descriptor::Entry;
+use meshlimit::proto::rate_limit_response::Code;
+use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
+use serde_json::Value;
+
+/// One request a minute per user.
+const LIMITS: &str = "\
+domain: traced
+descriptors:
+  - key: user
+    rate_limit: {unit: minute, requests_per_unit: 1}
+";
+
+/// Spans are sent a tenth of a second after they end, not OpenTelemetry's 5 s.
+const QUICK_BATCHES: (&str, &str) = ("OTEL_BSP_SCHEDULE_DELAY", "100");
+
+fn text<'a>(span: &'a Value, field: &str) -> &'a str {
+    span[field].as_str().unwrap_or_default()
+}
+
+fn from_service<'a>(spans: &'a [Value], service: &str) -> Vec<&'a Value> {
+    spans
+        .iter()
+        .filter(|span| span["resource"]["service.name"] == service)
+        .collect()
+}
+
+#[test]
+fn meshlimits_span_is_the_child_of_envoys_ratelimit_call() {
+    avoid_window_edge(60, 15);
+    let collector = Collector::start();
+    let config = common::config_dir::plain(&[("traced.yaml", LIMITS)]);
+    let otlp = format!("http://{}", collector.grpc_addr);
+    let meshlimit = Meshlimit::start_with_env(
+        config.path(),
+        &["--otlp-endpoint", &otlp, "--otlp-protocol", "grpc"],
+        &[QUICK_BATCHES],
+    );
+    let stack = Stack::start_around(
+        meshlimit,
+        fixture("envoy/ratelimit_tracing.yaml"),
+        "traced",
+        &[("OTLP_PORT", collector.grpc_addr.port().to_string())],
+    );
+    let allowed = stack.get_as("ann", "/first");
+    stack.expect_status(&allowed, 200, "ann's first request in the minute");
+    let refused = stack.get_as("ann", "/second");
+    stack.expect_status(&refused, 429, "ann's second request in the minute");
+
+    // Both traces whole: meshlimit's span, and the Envoy span it hangs under.
+    let spans = collector.wait_for(
+        "both of meshlimit's spans and their Envoy parents",
+        |spans| {
+            let ours = from_service(spans, "meshlimit");
+            ours.len() == 2
+                && ours.iter().all(|span| {
+                    spans
+                        .iter()
+                        .any(|other| other["span_id"] == span["parent_span_id"])
+                })
+        },
+    );
+    let mut codes = Vec::new();
+    for span in from_service(&spans, "meshlimit") {
+        let parent = spans
+            .iter()
+            .find(|other| other["span_id"] == span["parent_span_id"])
+            .expect("waited for above");
+        assert_eq!(
+            parent["resource"]["service.name"], "front-envoy",
+            "{parent:#}"
+        );
+        assert_eq!(
+            parent["trace_id"], span["trace_id"],
+            "one trace: {span:#}\n{parent:#}"
+        );
+        // Envoy names its side of the call after the RPC; ours is the server side.
+        assert!(
+            text(parent, "name").contains("ShouldRateLimit"),
+            "the parent should be Envoy's ratelimit call: {parent:#}"
+        );
+        assert_eq!(
+            text(span, "name"),
+            "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+        );
+        assert_eq!(span["kind"], 2, "SPAN_KIND_SERVER: {span:#}");
+        assert_eq!(span["via"], "grpc");
+        assert_eq!(span["attributes"]["ratelimit.domain"], "traced");
+        assert_eq!(span["attributes"]["ratelimit.descriptors"], 1);
+        assert!(span["end"].as_u64() >= span["start"].as_u64());
+        // And Envoy's request span is the root of the same trace.
+        assert!(
+            spans
+                .iter()
+                .any(|other| other["trace_id"] == span["trace_id"]
+                    && text(other, "parent_span_id").is_empty()),
+            "no root span in trace {}",
+            span["trace_id"]
+        );
+        codes.push(
+            span["attributes"]["ratelimit.overall_code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    codes.sort();
+    assert_eq!(codes, ["OK", "OVER_LIMIT"]);
+    assert_eq!(
+        stack
+            .meshlimit
+            .metric("meshlimit_trace_spans_exported_total"),
+        2
+    );
+}
+
+fn call(user: &str) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "traced".to_owned(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "user".to_owned(),
+                value: user.to_owned(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
+
+/// ShouldRateLimit with `traceparent` set, as Envoy's OpenTelemetry tracer sets it.
+async fn call_traced(server: &Meshlimit, user: &str, traceparent: &str) -> Code {
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(call(user));
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().expect("ASCII"));
+    match client.should_rate_limit(request).await {
+        Ok(answer) => answer.into_inner().overall_code(),
+        Err(status) => panic!("{user}: {status}\n{}", server.logs()),
+    }
+}
+
+#[tokio::test]
+async fn envoyproxys_tracing_variables_export_over_http_following_the_callers_sampling() {
+    let collector = Collector::start();
+    let config = common::config_dir::plain(&[("traced.yaml", LIMITS)]);
+    let endpoint = format!("http://{}", collector.http_addr);
+    let server = Meshlimit::start_with_env(
+        config.path(),
+        &[],
+        &[
+            ("TRACING_ENABLED", "true"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("TRACING_SERVICE_NAME", "edge-ratelimit"),
+            ("TRACING_SERVICE_NAMESPACE", "edge"),
+            // Nothing new is sampled here: only what a caller sampled is traced.
+            ("TRACING_SAMPLING_RATE", "0"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=tr%40ce"),
+            QUICK_BATCHES,
+        ],
+    );
+    let unsampled = "00-11111111111111111111111111111111-2222222222222222-00";
+    let untraced = call_traced(&server, "bob", unsampled).await;
+    assert_eq!(untraced, Code::Ok);
+    let mut client = server.client().await;
+    let no_context = client.should_rate_limit(call("carol")).await;
+    assert!(no_context.is_ok());
+    let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    assert_eq!(call_traced(&server, "dave", sampled).await, Code::Ok);
+
+    let spans = collector.wait_for("the sampled call's span", |spans| !spans.is_empty());
+    // Spans leave in the order they end, so the two untraced calls would have come first.
+    assert_eq!(
+        spans.len(),
+        1,
+        "only the sampled call is traced: {spans:#?}"
+    );
+    let span = &spans[0];
+    assert_eq!(span["via"], "http");
+    assert_eq!(span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(span["parent_span_id"], "00f067aa0ba902b7");
+    assert_eq!(span["resource"]["service.name"], "edge-ratelimit");
+    assert_eq!(span["resource"]["service.namespace"], "edge");
+    assert_eq!(span["scope"], "meshlimit");
+    assert_eq!(span["headers"]["x-api-key"], "tr@ce");
+    assert_eq!(span["headers"]["content-type"], "application/x-protobuf");
+    assert_eq!(span["attributes"]["ratelimit.overall_code"], "OK");
+}
+
+#[tokio::test]
+async fn a_collector_that_never_answers_costs_no_decision() {
+    // Takes connections into its backlog and never reads them.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind a silent collector");
+    let endpoint = format!("http://{}", silent.local_addr().expect("its address"));
+    let config = common::config_dir::plain(&[("traced.yaml", LIMITS)]);
+    let server = Meshlimit::start_with_env(
+        config.path(),
+        &["--otlp-endpoint", &endpoint, "--otlp-protocol", "grpc"],
+        &[QUICK_BATCHES, ("OTEL_EXPORTER_OTLP_TIMEOUT", "300")],
+    );
+    let sampled = |n: usize| format!("00-{:032x}-{:016x}-01", n + 1, n + 1);
+    for n in 0..20 {
+        let code = call_traced(&server, &format!("user-{n}"), &sampled(n)).await;
+        assert_eq!(code, Code::Ok, "call {n}");
+    }
+    // A user over the limit is still refused: decisions go on as without tracing.
+    assert_eq!(
+        call_traced(&server, "user-0", &sampled(99)).await,
+        Code::OverLimit
+    );
+    let dropped = poll_until(std::time::Duration::from_secs(30), || {
+        let dropped = server.metric("meshlimit_trace_spans_dropped_total");
+        (dropped == 21).then_some(dropped)
+    });
+    assert_eq!(dropped, Some(21), "{}", server.logs());
+    assert_eq!(server.metric("meshlimit_trace_spans_exported_total"), 0);
+    assert!(
+        server
+            .logs()
+            .contains("cannot export spans to the OTLP collector"),
+        "{}",
+        server.logs()
+    );
+}

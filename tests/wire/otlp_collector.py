@@ -1,0 +1,120 @@
+"""An OTLP trace collector for the tracing tests: takes spans over gRPC and over HTTP.
+
+It decodes with the Python code PyPI's `xds-protos` generates from OpenTelemetry's own
+protos (Envoy's API depends on them), so meshlimit's hand-written OTLP protos are checked
+against an independent copy, and real Envoy exports its spans to the same place.
+
+    python tests/wire/otlp_collector.py SPANS_FILE
+
+Prints `listening grpc=PORT http=PORT` once both loopback ports are bound, then appends
+every span received as one JSON line to SPANS_FILE: where it came in, the exporting
+service's name, the ids in hex, name, kind, attributes, status, and the request's headers.
+"""
+
+import http.server
+import json
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+lock = threading.Lock()
+
+
+def value_of(any_value):
+    kind = any_value.WhichOneof("value")
+    return getattr(any_value, kind) if kind else None
+
+
+def scopes(resource_spans):
+    """(scope name, spans) of each scope. xds-protos carries an OTLP from before
+    `instrumentation_library_spans` was renamed `scope_spans`: the same field numbers, so
+    the same bytes, under older names."""
+    for scope_spans in resource_spans.instrumentation_library_spans:
+        yield scope_spans.instrumentation_library.name, scope_spans.spans
+
+
+def record(out, via, request, headers):
+    """Writes each span of an ExportTraceServiceRequest as a JSON line."""
+    with lock:
+        for resource_spans in request.resource_spans:
+            resource = {a.key: value_of(a.value) for a in resource_spans.resource.attributes}
+            for scope, spans in scopes(resource_spans):
+                for span in spans:
+                    line = {
+                        "via": via,
+                        "resource": resource,
+                        "scope": scope,
+                        "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(),
+                        "parent_span_id": span.parent_span_id.hex(),
+                        "trace_state": span.trace_state,
+                        "name": span.name,
+                        "kind": span.kind,
+                        "start": span.start_time_unix_nano,
+                        "end": span.end_time_unix_nano,
+                        "attributes": {a.key: value_of(a.value) for a in span.attributes},
+                        "status_code": span.status.code,
+                        "status_message": span.status.message,
+                        "headers": headers,
+                    }
+                    out.write(json.dumps(line) + "\n")
+        out.flush()
+
+
+def main():
+    out = open(sys.argv[1], "a", encoding="utf-8")
+
+    def export(request, context):
+        headers = {key: value for key, value in context.invocation_metadata()}
+        record(out, "grpc", request, headers)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Export": grpc.unary_unary_rpc_method_handler(
+                export,
+                request_deserializer=trace_service_pb2.ExportTraceServiceRequest.FromString,
+                response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    class Http(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if self.path != "/v1/traces":
+                self.send_error(404, "OTLP/HTTP traces are posted to /v1/traces")
+                return
+            if self.headers.get("Content-Type") != "application/x-protobuf":
+                self.send_error(415, "expected application/x-protobuf")
+                return
+            request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+            headers = {key.lower(): value for key, value in self.headers.items()}
+            record(out, "http", request, headers)
+            answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Http)
+    print(f"listening grpc={grpc_port} http={web.server_address[1]}", flush=True)
+    web.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
