@@ -10,6 +10,9 @@
 #   BENCH_REQUESTS=2000 bench/instructions.sh    # quicker, a little less exact
 #   BENCH_REQUESTS=100 BENCH_WARMUP_REQUESTS=20 BENCH_BIN_DIR=target/debug \
 #     bench/instructions.sh                      # the CI size (tests/bench_harness.rs)
+#   BENCH_TRACED=1 bench/instructions.sh         # adds a row: the memory store sending a
+#                                                # span of every call to an OTLP collector
+#                                                # (tests/wire/otlp_collector.py, on CPU 0)
 #
 # Each server runs under callgrind on CPU 1; h2load (-c 8 -m 16, CPU 0) sends 2 000
 # requests to warm it up, callgrind's counters are zeroed, BENCH_REQUESTS more are sent,
@@ -98,7 +101,19 @@ note "$(machine); callgrind $(valgrind --version), $requests counted requests pe
 note ""
 note "$(printf '%-12s %12s %12s %12s' server d1 d4 d8)"
 declare -A rows
-for server in ceiling memory redis; do
+servers=(ceiling memory redis)
+if [ -n "${BENCH_TRACED:-}" ]; then
+  python=${MESHLIMIT_PYTHON:-.venv/bin/python}
+  start_pinned 0 "$work/collector.log" "$python" tests/wire/otlp_collector.py "$work/spans.jsonl"
+  for _ in $(seq 1 100); do
+    grep -q '^listening' "$work/collector.log" && break
+    sleep 0.2
+  done
+  collector_http=$(sed -n 's/^listening grpc=[0-9]* http=\([0-9]*\)$/\1/p' "$work/collector.log")
+  [ -n "$collector_http" ] || { cat "$work/collector.log" >&2; exit 1; }
+  servers+=(traced)
+fi
+for server in "${servers[@]}"; do
   row=$(printf '%-12s' "$server")
   for descriptors in 1 4 8; do
     body="$work/d$descriptors.bin"
@@ -109,6 +124,9 @@ for server in ceiling memory redis; do
       redis) count "$server" "$body" "$bin/meshlimit" serve --config bench/config \
         --admin-addr "127.0.0.1:$admin_port" --store redis \
         --redis-url "redis://127.0.0.1:$redis_port" --redis-timeout 1s ;;
+      # Every call is sampled (no caller context, rate 1) and exported over OTLP/HTTP.
+      traced) count "$server" "$body" "$bin/meshlimit" serve --config bench/config \
+        --admin-addr "127.0.0.1:$admin_port" --otlp-endpoint "http://127.0.0.1:$collector_http" ;;
     esac
     rows[$server.$descriptors]=$ir
     row+=$(printf ' %12s' "$ir")
@@ -118,5 +136,11 @@ done
 note ""
 for descriptors in 1 4 8; do
   note "d$descriptors: memory = $(awk -v a="${rows[ceiling.$descriptors]}" -v b="${rows[memory.$descriptors]}" 'BEGIN { printf "%.1f", 100 * a / b }')% of the ceiling's instructions; redis = $(awk -v a="${rows[memory.$descriptors]}" -v b="${rows[redis.$descriptors]}" 'BEGIN { printf "%.1f", 100 * a / b }')% of memory's"
+  if [ -n "${rows[traced.$descriptors]:-}" ]; then
+    note "d$descriptors: tracing every call costs $((rows[traced.$descriptors] - rows[memory.$descriptors])) instructions a request ($(awk -v a="${rows[memory.$descriptors]}" -v b="${rows[traced.$descriptors]}" 'BEGIN { printf "%+.1f", 100 * (b - a) / a }')%)"
+  fi
 done
+if [ -n "${BENCH_TRACED:-}" ]; then
+  note "the collector received $(wc -l <"$work/spans.jsonl") spans"
+fi
 cp "$report" "$results/instructions.txt"

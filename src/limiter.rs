@@ -472,7 +472,15 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let result = if S::WAITS {
             let started = Instant::now();
             let result = self.store.apply(checks, now, verdicts).await;
-            self.metrics.store_latency.observe(started.elapsed());
+            let elapsed = started.elapsed();
+            self.metrics.store_latency.observe(elapsed);
+            crate::trace::note_store_call(
+                S::NAME,
+                started,
+                elapsed,
+                checks.len(),
+                result.as_ref().err(),
+            );
             result
         } else {
             self.store.apply(checks, now, verdicts).await

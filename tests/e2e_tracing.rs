@@ -2,8 +2,9 @@
 //! each decision sits under the span real Envoy made for its ratelimit call, in the same
 //! trace, both received by an OTLP collector (tests/wire/otlp_collector.py, which decodes
 //! with OpenTelemetry's own protos). Also: envoyproxy/ratelimit's `TRACING_*` variables
-//! over OTLP/HTTP, the caller's sampling decision, and a collector that never answers,
-//! which must cost no decision.
+//! over OTLP/HTTP, the caller's sampling decision, a span of each Redis call under the
+//! decision's (telling when Redis was away and the failure mode answered), and a collector
+//! that never answers, which must cost no decision.
 //!
 //! Envoy's tracer and listener: tests/fixtures/envoy/ratelimit_tracing.yaml.
 
@@ -13,6 +14,7 @@ use std::net::TcpListener;
 
 use common::collector::Collector;
 use common::meshlimit::Meshlimit;
+use common::redis::RedisServer;
 use common::stack::Stack;
 use common::{avoid_window_edge, fixture, poll_until};
 use meshlimit::proto::rate_limit_descriptor::Entry;
@@ -239,4 +241,71 @@ async fn a_collector_that_never_answers_costs_no_decision() {
         "{}",
         server.logs()
     );
+}
+
+#[tokio::test]
+async fn each_redis_call_is_a_child_span_that_tells_when_redis_was_away() {
+    let collector = Collector::start();
+    let mut redis = RedisServer::start();
+    let config = common::config_dir::plain(&[("traced.yaml", LIMITS)]);
+    let otlp = format!("http://{}", collector.grpc_addr);
+    let server = Meshlimit::start_with_env(
+        config.path(),
+        &[
+            "--otlp-endpoint",
+            &otlp,
+            "--otlp-protocol",
+            "grpc",
+            "--store",
+            "redis",
+            "--redis-url",
+            &redis.url(),
+            "--redis-failure-mode",
+            "deny",
+        ],
+        &[QUICK_BATCHES],
+    );
+    let counted = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-00000000000000a1-01";
+    assert_eq!(call_traced(&server, "erin", counted).await, Code::Ok);
+    redis.kill();
+    let denied = "00-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-00000000000000b1-01";
+    assert_eq!(call_traced(&server, "frank", denied).await, Code::OverLimit);
+
+    let spans = collector.wait_for("two decisions with a Redis call each", |spans| {
+        spans.iter().filter(|span| span["name"] == "redis").count() == 2
+    });
+    for (trace, failed) in [("aaaaaaaa", false), ("bbbbbbbb", true)] {
+        let in_trace: Vec<&Value> = spans
+            .iter()
+            .filter(|span| text(span, "trace_id").starts_with(trace))
+            .collect();
+        assert_eq!(in_trace.len(), 2, "trace {trace}: {in_trace:#?}");
+        let decision = in_trace
+            .iter()
+            .find(|span| text(span, "name").ends_with("/ShouldRateLimit"))
+            .expect("the decision's span");
+        let call = in_trace
+            .iter()
+            .find(|span| span["name"] == "redis")
+            .expect("the Redis call's span");
+        assert_eq!(call["parent_span_id"], decision["span_id"], "{call:#}");
+        assert_eq!(call["kind"], 3, "SPAN_KIND_CLIENT: {call:#}");
+        assert_eq!(call["attributes"]["db.system.name"], "redis");
+        assert_eq!(call["attributes"]["ratelimit.checks"], 1);
+        assert!(call["start"].as_u64() >= decision["start"].as_u64());
+        assert!(call["end"].as_u64() <= decision["end"].as_u64());
+        if failed {
+            assert_eq!(call["status_code"], 2, "STATUS_CODE_ERROR: {call:#}");
+            assert_eq!(
+                call["status_message"],
+                "Redis did not answer; decided by --redis-failure-mode deny"
+            );
+            assert_eq!(
+                decision["attributes"]["ratelimit.overall_code"],
+                "OVER_LIMIT"
+            );
+        } else {
+            assert_eq!(call["status_code"], 0, "{call:#}");
+        }
+    }
 }

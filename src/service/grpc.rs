@@ -63,16 +63,18 @@ impl<S: CounterStore, C: Clock> RateLimitService for GrpcRateLimitService<S, C> 
         let metadata = request.metadata();
         let call = tracer.start(|name| metadata.get(name)?.to_str().ok());
         let request = request.into_inner();
-        let answer = self.answer(&request).await;
-        if let Some(call) = call {
-            let outcome = match &answer {
-                Ok(response) => Outcome::Answered {
-                    overall_code: response.overall_code,
-                },
-                Err(status) => Outcome::Failed(status),
-            };
-            tracer.finish(call, &request.domain, request.descriptors.len(), outcome);
-        }
+        let Some(call) = call else {
+            return self.answer(&request).await.map(Response::new);
+        };
+        let (answer, store_calls) = crate::trace::with_store_calls(self.answer(&request)).await;
+        let outcome = match &answer {
+            Ok(response) => Outcome::Answered {
+                overall_code: response.overall_code,
+            },
+            Err(status) => Outcome::Failed(status),
+        };
+        let (domain, descriptors) = (&request.domain, request.descriptors.len());
+        tracer.finish(call, domain, descriptors, outcome, store_calls);
         answer.map(Response::new)
     }
 }

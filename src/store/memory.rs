@@ -287,6 +287,7 @@ impl<'s> Locked<'s> {
 }
 
 impl CounterStore for MemoryStore {
+    const NAME: &'static str = "memory";
     const WAITS: bool = false;
     // Keys are only hashed here, never shown: the packed form skips scanning and escaping.
     const KEY_FORM: KeyForm = KeyForm::Packed;

@@ -59,6 +59,9 @@ pub trait CounterStore: Send + Sync + 'static {
     /// than the call itself.
     const WAITS: bool = true;
 
+    /// The store's name in traces: a span of each call is named after it.
+    const NAME: &'static str;
+
     /// How the limiter writes this store's keys: text where people read them, packed where
     /// they are only hashed.
     const KEY_FORM: KeyForm = KeyForm::Text;

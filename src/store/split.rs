@@ -42,6 +42,7 @@ fn is_per_second_limit(limit: &Limit) -> bool {
 }
 
 impl<A: CounterStore, B: CounterStore> CounterStore for SplitStore<A, B> {
+    const NAME: &'static str = A::NAME;
     const WAITS: bool = A::WAITS || B::WAITS;
     // Both stores are handed the same keys, so they must agree on how they are written.
     const KEY_FORM: crate::key::KeyForm = A::KEY_FORM;

@@ -12,6 +12,7 @@ pub mod context;
 mod export;
 pub mod settings;
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -122,6 +123,74 @@ pub enum Outcome<'a> {
     Failed(&'a tonic::Status),
 }
 
+/// A counter store call made while deciding a traced call: a child span of its own, so a
+/// trace shows how much of the decision was the wait on Redis.
+#[derive(Debug)]
+pub struct StoreCall {
+    store: &'static str,
+    started: Instant,
+    elapsed: Duration,
+    checks: usize,
+    error: Option<String>,
+}
+
+/// What a traced call's decision did in the store, gathered while it runs.
+#[derive(Default)]
+struct StoreTrace {
+    calls: Vec<StoreCall>,
+    /// Set by the store when it answered the call in progress without Redis.
+    fallback: Option<&'static str>,
+}
+
+tokio::task_local! {
+    /// The store calls of the traced call this task is deciding.
+    static STORE_TRACE: RefCell<StoreTrace>;
+}
+
+/// Notes a store call for the span of the call this task is deciding, when it is traced.
+/// Only stores that wait on I/O are timed, so the memory store never comes here.
+pub fn note_store_call(
+    store: &'static str,
+    started: Instant,
+    elapsed: Duration,
+    checks: usize,
+    error: Option<&crate::store::StoreError>,
+) {
+    let _ = STORE_TRACE.try_with(|trace| {
+        let mut trace = trace.borrow_mut();
+        let error = match (error, trace.fallback.take()) {
+            (Some(error), _) => Some(error.to_string()),
+            (None, Some(mode)) => Some(format!(
+                "Redis did not answer; decided by --redis-failure-mode {mode}"
+            )),
+            (None, None) => None,
+        };
+        trace.calls.push(StoreCall {
+            store,
+            started,
+            elapsed,
+            checks,
+            error,
+        });
+    });
+}
+
+/// Notes that the store call in progress was answered by the failure mode `mode`, when the
+/// call is traced.
+pub fn note_fallback(mode: &'static str) {
+    let _ = STORE_TRACE.try_with(|trace| trace.borrow_mut().fallback = Some(mode));
+}
+
+/// Runs `decision`, keeping the store calls it makes for the call's span.
+pub async fn with_store_calls<T>(decision: impl Future<Output = T>) -> (T, Vec<StoreCall>) {
+    STORE_TRACE
+        .scope(RefCell::new(StoreTrace::default()), async move {
+            let answer = decision.await;
+            (answer, STORE_TRACE.with(|trace| trace.take().calls))
+        })
+        .await
+}
+
 /// What the export task is sent.
 enum Message {
     Span(Box<Span>),
@@ -178,11 +247,25 @@ impl Tracer {
         })
     }
 
-    /// Ends `call` with what the request asked and how it ended, and queues its span.
-    pub fn finish(&self, call: CallSpan, domain: &str, descriptors: usize, outcome: Outcome<'_>) {
+    /// Ends `call` with what the request asked and how it ended, and queues its span and
+    /// one span for each store call it made.
+    pub fn finish(
+        &self,
+        call: CallSpan,
+        domain: &str,
+        descriptors: usize,
+        outcome: Outcome<'_>,
+        store_calls: Vec<StoreCall>,
+    ) {
+        let children: Vec<Span> = store_calls
+            .into_iter()
+            .map(|store| store_span(&call, self.ids.span_id(), store))
+            .collect();
         let span = call_span(call, domain, descriptors, &outcome);
-        if self.queue.try_send(Message::Span(Box::new(span))).is_err() {
-            self.metrics.spans_dropped.fetch_add(1, Ordering::Relaxed);
+        for span in std::iter::once(span).chain(children) {
+            if self.queue.try_send(Message::Span(Box::new(span))).is_err() {
+                self.metrics.spans_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -241,6 +324,40 @@ fn call_span(call: CallSpan, domain: &str, descriptors: usize, outcome: &Outcome
         attributes,
         status: Some(status),
         // Sampled: unsampled calls make no span.
+        flags: 1,
+    }
+}
+
+/// A store call as a client span under the call's span, placed in time by its offset from
+/// the call's start.
+fn store_span(call: &CallSpan, span_id: [u8; 8], store: StoreCall) -> Span {
+    let offset = store.started.saturating_duration_since(call.started);
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    let start = call.start_unix_nanos.saturating_add(nanos(offset));
+    let status = match store.error {
+        Some(message) => Status {
+            message,
+            code: status::StatusCode::Error as i32,
+        },
+        None => Status::default(),
+    };
+    Span {
+        trace_id: call.trace_id.to_vec(),
+        span_id: span_id.to_vec(),
+        trace_state: call.trace_state.clone(),
+        parent_span_id: call.span_id.to_vec(),
+        name: store.store.to_owned(),
+        kind: span::SpanKind::Client as i32,
+        start_time_unix_nano: start,
+        end_time_unix_nano: start.saturating_add(nanos(store.elapsed)),
+        attributes: vec![
+            text("db.system.name", store.store),
+            number(
+                "ratelimit.checks",
+                i64::try_from(store.checks).unwrap_or(i64::MAX),
+            ),
+        ],
+        status: Some(status),
         flags: 1,
     }
 }

@@ -282,6 +282,7 @@ impl RedisStore {
 }
 
 impl CounterStore for RedisStore {
+    const NAME: &'static str = "redis";
     fn apply(
         &self,
         checks: &[Check<'_>],
@@ -660,6 +661,11 @@ impl Inner {
         now_millis: u64,
         out: &mut [Verdict],
     ) {
+        crate::trace::note_fallback(match self.failure_mode {
+            FailureMode::Allow => "allow",
+            FailureMode::Deny => "deny",
+            FailureMode::Local => "local",
+        });
         let mut local = Vec::new();
         for range in groups {
             let Some(group) = checks.get(range.clone()) else {
