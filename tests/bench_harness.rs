@@ -219,8 +219,9 @@ fn every_step_of_the_load_harness_runs_without_failures() {
 }
 
 /// `bench/instructions.sh` at CI size: 100 counted requests per row with the debug
-/// binaries. Checks every server has a count for every request size; the counts of a
-/// debug build say nothing about the release numbers in BENCHMARKS.md.
+/// binaries, the traced row included. Checks every server has a count for every request
+/// size and that the traced one's spans reached the collector; the counts of a debug build
+/// say nothing about the release numbers in BENCHMARKS.md.
 #[test]
 fn the_instruction_count_has_a_row_for_every_server() {
     for tool in ["h2load", "valgrind", "callgrind_control"] {
@@ -236,14 +237,18 @@ fn the_instruction_count_has_a_row_for_every_server() {
         "bench/instructions.sh",
         "600",
         1,
-        &[("BENCH_REQUESTS", "100"), ("BENCH_WARMUP_REQUESTS", "20")],
+        &[
+            ("BENCH_REQUESTS", "100"),
+            ("BENCH_WARMUP_REQUESTS", "20"),
+            ("BENCH_TRACED", "1"),
+        ],
     );
     let report = std::fs::read_to_string(results.path().join("instructions.txt"))
         .unwrap_or_else(|err| panic!("read instructions.txt: {err}\n{log}"));
-    for server in SERVERS {
+    for server in SERVERS.iter().chain(&["traced"]) {
         let row = report
             .lines()
-            .find(|line| line.split_whitespace().next() == Some(server))
+            .find(|line| line.split_whitespace().next() == Some(*server))
             .unwrap_or_else(|| panic!("no {server} row\n{report}"));
         let counts: Vec<u64> = row
             .split_whitespace()
@@ -254,4 +259,12 @@ fn the_instruction_count_has_a_row_for_every_server() {
         assert!(counts.iter().all(|&n| n > 0), "{row}\n{report}");
     }
     assert!(report.contains("d8: memory = "), "{report}");
+    assert!(report.contains("d8: tracing every call costs"), "{report}");
+    // Every traced request made a span: warm-up and counted, at three sizes, and the
+    // readiness checks.
+    let spans: u64 = report
+        .split_once("the collector received ")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no span count\n{report}"));
+    assert!(spans >= 3 * 120, "{spans} spans\n{report}");
 }
