@@ -24,10 +24,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // tonic's prost codec with buffers sized for our messages (src/codec.rs).
         .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(descriptors)?;
-    // Not served, so kept out of the reflection set; prost's own codec is fine for a
-    // batch of spans every few seconds.
+    // Messages only, kept out of the reflection set: spans are written by hand
+    // (src/trace/encode.rs) and these types read the collector's answer and check the
+    // encoder in its tests.
     tonic_prost_build::configure()
-        .build_client(true)
+        .build_client(false)
         .build_server(false)
         .compile_fds(protox::compile(OTLP_PROTOS, ["proto"])?)?;
     Ok(())

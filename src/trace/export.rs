@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use http::uri::PathAndQuery;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use prost::Message as _;
@@ -16,22 +17,35 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use super::settings::{BatchSettings, Transport};
-use super::{Message, TracingOptions, text};
+use super::{Message, TracingOptions, encode};
+use crate::codec::{Decode, Encode, SmallBufferCodec};
 use crate::metrics::Metrics;
-use crate::proto::opentelemetry::collector::trace::v1::trace_service_client::TraceServiceClient;
-use crate::proto::opentelemetry::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use crate::proto::opentelemetry::common::v1::InstrumentationScope;
-use crate::proto::opentelemetry::resource::v1::Resource;
-use crate::proto::opentelemetry::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use crate::proto::opentelemetry::collector::trace::v1::ExportTraceServiceResponse;
+
+/// The collector's gRPC method.
+const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// An `ExportTraceServiceRequest`, already encoded (see `encode`).
+struct EncodedRequest(Vec<u8>);
+
+impl Encode for EncodedRequest {
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0);
+    }
+}
+
+impl Decode for ExportTraceServiceResponse {
+    fn decode_bytes(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
+        Self::decode(bytes)
+    }
+}
 
 /// How often a collector that keeps failing is named in the log.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
 enum Wire {
     Grpc {
-        client: TraceServiceClient<Channel>,
+        client: tonic::client::Grpc<Channel>,
         headers: MetadataMap,
     },
     Http {
@@ -44,7 +58,9 @@ pub(super) struct Exporter {
     wire: Wire,
     endpoint: String,
     timeout: Duration,
-    resource: Resource,
+    /// The `Resource` and `InstrumentationScope` message bodies, the same in every export.
+    resource: Vec<u8>,
+    scope: Vec<u8>,
 }
 
 impl Exporter {
@@ -72,7 +88,7 @@ impl Exporter {
                     .timeout(options.timeout)
                     .connect_lazy();
                 Wire::Grpc {
-                    client: TraceServiceClient::new(channel),
+                    client: tonic::client::Grpc::new(channel),
                     headers,
                 }
             }
@@ -95,29 +111,26 @@ impl Exporter {
             wire,
             endpoint: options.endpoint.clone(),
             timeout: options.timeout,
-            resource: Resource {
-                attributes: (options.resource.iter())
-                    .map(|(key, value)| text(key, value))
-                    .collect(),
+            resource: {
+                let mut resource = Vec::new();
+                for (key, value) in &options.resource {
+                    encode::text(&mut resource, 1, key, value);
+                }
+                resource
+            },
+            scope: {
+                let mut scope = Vec::new();
+                encode::bytes(&mut scope, 1, b"meshlimit");
+                encode::bytes(&mut scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
+                scope
             },
         })
     }
 
     /// Sends `spans` in one request; the spans the collector took, or why none were.
-    async fn export(&mut self, spans: Vec<Span>) -> Result<u64, String> {
+    async fn export(&mut self, spans: &[Vec<u8>]) -> Result<u64, String> {
         let count = spans.len() as u64;
-        let request = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(self.resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "meshlimit".to_owned(),
-                        version: env!("CARGO_PKG_VERSION").to_owned(),
-                    }),
-                    spans,
-                }],
-            }],
-        };
+        let request = encode::export_request(&self.resource, &self.scope, spans);
         let answer = tokio::time::timeout(self.timeout, self.send(request))
             .await
             .map_err(|_| format!("no answer within {:?}", self.timeout))??;
@@ -127,21 +140,28 @@ impl Exporter {
         Ok(count.saturating_sub(rejected))
     }
 
-    async fn send(
-        &mut self,
-        request: ExportTraceServiceRequest,
-    ) -> Result<ExportTraceServiceResponse, String> {
+    async fn send(&mut self, request: Vec<u8>) -> Result<ExportTraceServiceResponse, String> {
         match &mut self.wire {
             Wire::Grpc { client, headers } => {
-                let mut call = tonic::Request::new(request);
+                let mut call = tonic::Request::new(EncodedRequest(request));
                 *call.metadata_mut() = headers.clone();
+                let failed =
+                    |status: tonic::Status| format!("{:?}: {}", status.code(), status.message());
                 client
-                    .export(call)
+                    .ready()
+                    .await
+                    .map_err(|error| format!("not connected: {error}"))?;
+                client
+                    .unary(
+                        call,
+                        PathAndQuery::from_static(EXPORT),
+                        SmallBufferCodec::<EncodedRequest, ExportTraceServiceResponse>::default(),
+                    )
                     .await
                     .map(tonic::Response::into_inner)
-                    .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+                    .map_err(failed)
             }
-            Wire::Http { uri, headers } => post(uri, headers, request.encode_to_vec()).await,
+            Wire::Http { uri, headers } => post(uri, headers, request).await,
         }
     }
 }
@@ -202,15 +222,15 @@ pub(super) async fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut failures = Failures::default();
-    let mut pending: Vec<Span> = Vec::new();
+    let mut pending: Vec<Vec<u8>> = Vec::new();
     let mut open = true;
     while open {
         let Some(first) = queue.recv().await else {
             break;
         };
         let mut flushed = Vec::new();
-        let take = |message, pending: &mut Vec<Span>, flushed: &mut Vec<_>| match message {
-            Message::Span(span) => pending.push(*span),
+        let take = |message, pending: &mut Vec<Vec<u8>>, flushed: &mut Vec<_>| match message {
+            Message::Span(span) => pending.push(span),
             Message::Flush(done) => flushed.push(done),
         };
         take(first, &mut pending, &mut flushed);
@@ -226,9 +246,8 @@ pub(super) async fn run(
             }
         }
         while !pending.is_empty() {
-            let spans: Vec<Span> = pending
-                .drain(..pending.len().min(batch.max_batch))
-                .collect();
+            let batch_len = pending.len().min(batch.max_batch);
+            let spans = pending.get(..batch_len).unwrap_or_default();
             let count = spans.len() as u64;
             match exporter.export(spans).await {
                 Ok(taken) => {
@@ -242,6 +261,7 @@ pub(super) async fn run(
                     failures.record(count, &exporter.endpoint, &why);
                 }
             }
+            pending.drain(..batch_len);
         }
         for done in flushed {
             let _ = done.send(());

@@ -9,6 +9,7 @@
 //! (`meshlimit_trace_spans_dropped_total`), never the answer delayed.
 
 pub mod context;
+mod encode;
 mod export;
 pub mod settings;
 
@@ -22,12 +23,15 @@ use tokio::sync::{mpsc, oneshot};
 use self::context::Parent;
 pub use self::settings::TracingOptions;
 use crate::metrics::Metrics;
-use crate::proto::opentelemetry::common::v1::{AnyValue, KeyValue, any_value};
-use crate::proto::opentelemetry::trace::v1::{Span, Status, span, status};
 
 /// The RPC meshlimit traces, named as OpenTelemetry's RPC conventions name a span.
 const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 const METHOD: &str = "ShouldRateLimit";
+const SPAN_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+/// `Span.kind` values and the attributes' field number, from OTLP's trace.proto.
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+const ATTRIBUTES: u32 = 9;
 
 /// Whether a call is traced.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -193,7 +197,8 @@ pub async fn with_store_calls<T>(decision: impl Future<Output = T>) -> (T, Vec<S
 
 /// What the export task is sent.
 enum Message {
-    Span(Box<Span>),
+    /// An encoded `Span` message.
+    Span(Vec<u8>),
     /// Export what is queued, then say so.
     Flush(oneshot::Sender<()>),
 }
@@ -257,13 +262,12 @@ impl Tracer {
         outcome: Outcome<'_>,
         store_calls: Vec<StoreCall>,
     ) {
-        let children: Vec<Span> = store_calls
+        let span = call_span(&call, domain, descriptors, &outcome);
+        let children = store_calls
             .into_iter()
-            .map(|store| store_span(&call, self.ids.span_id(), store))
-            .collect();
-        let span = call_span(call, domain, descriptors, &outcome);
+            .map(|store| store_span(&call, self.ids.span_id(), store));
         for span in std::iter::once(span).chain(children) {
-            if self.queue.try_send(Message::Span(Box::new(span))).is_err() {
+            if self.queue.try_send(Message::Span(span)).is_err() {
                 self.metrics.spans_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -278,106 +282,64 @@ impl Tracer {
     }
 }
 
-fn call_span(call: CallSpan, domain: &str, descriptors: usize, outcome: &Outcome<'_>) -> Span {
+/// The call's span, encoded.
+fn call_span(call: &CallSpan, domain: &str, descriptors: usize, outcome: &Outcome<'_>) -> Vec<u8> {
     let elapsed = u64::try_from(call.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    let (grpc_code, overall, status) = match outcome {
+    let (grpc_code, overall, error) = match outcome {
         Outcome::Answered { overall_code } => {
             let code = crate::proto::rate_limit_response::Code::try_from(*overall_code)
                 .map_or("UNKNOWN", |code| code.as_str_name());
-            (0, Some(code), Status::default())
+            (0, Some(code), None)
         }
-        Outcome::Failed(failure) => (
-            failure.code() as i64,
-            None,
-            Status {
-                message: failure.message().to_owned(),
-                code: status::StatusCode::Error as i32,
-            },
-        ),
+        Outcome::Failed(failure) => (failure.code() as i64, None, Some(failure.message())),
     };
-    let mut attributes = vec![
-        text("rpc.system", "grpc"),
-        text("rpc.service", SERVICE),
-        text("rpc.method", METHOD),
-        number("rpc.grpc.status_code", grpc_code),
-        text("ratelimit.domain", domain),
-        number(
-            "ratelimit.descriptors",
-            i64::try_from(descriptors).unwrap_or(i64::MAX),
-        ),
-    ];
-    if let Some(overall) = overall {
-        attributes.push(text("ratelimit.overall_code", overall));
-    }
-    Span {
-        trace_id: call.trace_id.to_vec(),
-        span_id: call.span_id.to_vec(),
-        trace_state: call.trace_state,
-        parent_span_id: call
-            .parent_span_id
-            .map(|id| id.to_vec())
-            .unwrap_or_default(),
-        name: format!("{SERVICE}/{METHOD}"),
-        kind: span::SpanKind::Server as i32,
-        start_time_unix_nano: call.start_unix_nanos,
-        end_time_unix_nano: call.start_unix_nanos.saturating_add(elapsed),
-        attributes,
-        status: Some(status),
-        // Sampled: unsampled calls make no span.
-        flags: 1,
-    }
+    let fields = encode::SpanFields {
+        trace_id: &call.trace_id,
+        span_id: &call.span_id,
+        parent_span_id: call.parent_span_id.as_ref(),
+        trace_state: &call.trace_state,
+        name: SPAN_NAME,
+        kind: SERVER,
+        start_unix_nanos: call.start_unix_nanos,
+        end_unix_nanos: call.start_unix_nanos.saturating_add(elapsed),
+        error,
+    };
+    encode::span(&fields, |out| {
+        encode::text(out, ATTRIBUTES, "rpc.system", "grpc");
+        encode::text(out, ATTRIBUTES, "rpc.service", SERVICE);
+        encode::text(out, ATTRIBUTES, "rpc.method", METHOD);
+        encode::int(out, ATTRIBUTES, "rpc.grpc.status_code", grpc_code);
+        encode::text(out, ATTRIBUTES, "ratelimit.domain", domain);
+        let descriptors = i64::try_from(descriptors).unwrap_or(i64::MAX);
+        encode::int(out, ATTRIBUTES, "ratelimit.descriptors", descriptors);
+        if let Some(overall) = overall {
+            encode::text(out, ATTRIBUTES, "ratelimit.overall_code", overall);
+        }
+    })
 }
 
 /// A store call as a client span under the call's span, placed in time by its offset from
 /// the call's start.
-fn store_span(call: &CallSpan, span_id: [u8; 8], store: StoreCall) -> Span {
+fn store_span(call: &CallSpan, span_id: [u8; 8], store: StoreCall) -> Vec<u8> {
     let offset = store.started.saturating_duration_since(call.started);
     let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     let start = call.start_unix_nanos.saturating_add(nanos(offset));
-    let status = match store.error {
-        Some(message) => Status {
-            message,
-            code: status::StatusCode::Error as i32,
-        },
-        None => Status::default(),
+    let fields = encode::SpanFields {
+        trace_id: &call.trace_id,
+        span_id: &span_id,
+        parent_span_id: Some(&call.span_id),
+        trace_state: &call.trace_state,
+        name: store.store,
+        kind: CLIENT,
+        start_unix_nanos: start,
+        end_unix_nanos: start.saturating_add(nanos(store.elapsed)),
+        error: store.error.as_deref(),
     };
-    Span {
-        trace_id: call.trace_id.to_vec(),
-        span_id: span_id.to_vec(),
-        trace_state: call.trace_state.clone(),
-        parent_span_id: call.span_id.to_vec(),
-        name: store.store.to_owned(),
-        kind: span::SpanKind::Client as i32,
-        start_time_unix_nano: start,
-        end_time_unix_nano: start.saturating_add(nanos(store.elapsed)),
-        attributes: vec![
-            text("db.system.name", store.store),
-            number(
-                "ratelimit.checks",
-                i64::try_from(store.checks).unwrap_or(i64::MAX),
-            ),
-        ],
-        status: Some(status),
-        flags: 1,
-    }
-}
-
-pub(crate) fn text(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_owned())),
-        }),
-    }
-}
-
-fn number(key: &str, value: i64) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(value)),
-        }),
-    }
+    encode::span(&fields, |out| {
+        encode::text(out, ATTRIBUTES, "db.system.name", store.store);
+        let checks = i64::try_from(store.checks).unwrap_or(i64::MAX);
+        encode::int(out, ATTRIBUTES, "ratelimit.checks", checks);
+    })
 }
 
 fn unix_nanos(time: SystemTime) -> u64 {
@@ -388,7 +350,33 @@ fn unix_nanos(time: SystemTime) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message as _;
+
     use super::*;
+    use crate::proto::opentelemetry::common::v1::{AnyValue, KeyValue, any_value};
+    use crate::proto::opentelemetry::trace::v1::{Span, status};
+
+    fn text(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.to_owned(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value.to_owned())),
+            }),
+        }
+    }
+
+    fn number(key: &str, value: i64) -> KeyValue {
+        KeyValue {
+            key: key.to_owned(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::IntValue(value)),
+            }),
+        }
+    }
+
+    fn decoded(span: Vec<u8>) -> Span {
+        Span::decode(span.as_slice()).expect("prost reads the span")
+    }
 
     fn trace_id_with_low(low: u64) -> [u8; 16] {
         let mut id = [0xabu8; 16];
@@ -447,7 +435,12 @@ mod tests {
             start_unix_nanos: 1_000,
             started: Instant::now(),
         };
-        let span = call_span(call, "edge", 3, &Outcome::Answered { overall_code: 2 });
+        let span = decoded(call_span(
+            &call,
+            "edge",
+            3,
+            &Outcome::Answered { overall_code: 2 },
+        ));
         assert_eq!(span.name, format!("{SERVICE}/{METHOD}"));
         assert_eq!(span.parent_span_id, vec![9; 8]);
         assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
@@ -470,7 +463,7 @@ mod tests {
             start_unix_nanos: 1_000,
             started: Instant::now(),
         };
-        let span = call_span(call, "edge", 99, &Outcome::Failed(&refused));
+        let span = decoded(call_span(&call, "edge", 99, &Outcome::Failed(&refused)));
         let status = span.status.unwrap();
         assert_eq!(status.code, status::StatusCode::Error as i32);
         assert_eq!(status.message, "too many descriptors");
