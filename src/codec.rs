@@ -10,6 +10,7 @@
 
 mod request;
 mod response;
+pub(crate) mod wire;
 
 use std::cell::RefCell;
 use std::marker::PhantomData;

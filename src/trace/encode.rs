@@ -5,75 +5,28 @@
 //! working out each nested message's length again at every level of the export request.
 //! A span is instead written once, when its call ends, into one buffer; the exporter only
 //! frames the buffers it sends. The field numbers are OTLP's (proto/opentelemetry/...),
-//! and the unit tests decode what is written here with prost's types of those protos.
+//! and the unit tests decode what is written here with prost's types of those protos. The
+//! wire primitives are the answer encoder's (`codec::wire`).
 
-/// Protobuf wire types.
-const VARINT: u8 = 0;
-const FIXED64: u8 = 1;
-const LEN: u8 = 2;
-const FIXED32: u8 = 5;
+use crate::codec::wire::{
+    LEN, put_bytes, put_bytes_always, put_fixed32, put_fixed64, put_key, put_nested, put_uint,
+    put_uint_always, put_varint, varint_len,
+};
 
-pub(super) fn varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn key(out: &mut Vec<u8>, field: u32, wire: u8) {
-    varint(out, u64::from(field) << 3 | u64::from(wire));
-}
-
-pub(super) fn bytes(out: &mut Vec<u8>, field: u32, value: &[u8]) {
-    key(out, field, LEN);
-    varint(out, value.len() as u64);
-    out.extend_from_slice(value);
-}
-
-fn fixed64(out: &mut Vec<u8>, field: u32, value: u64) {
-    key(out, field, FIXED64);
-    out.extend_from_slice(&value.to_le_bytes());
-}
-
-fn number(out: &mut Vec<u8>, field: u32, value: u64) {
-    key(out, field, VARINT);
-    varint(out, value);
-}
-
-/// A nested message written in place: its length is known only once written, so one byte
-/// is kept for it, enough for the small messages here, and the body is moved along in
-/// the rare case it needs more.
-pub(super) fn nested(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
-    key(out, field, LEN);
-    let at = out.len();
-    out.push(0);
-    body(out);
-    let len = out.len() - at - 1;
-    if len < 0x80 {
-        if let Some(byte) = out.get_mut(at) {
-            *byte = len as u8;
-        }
-    } else {
-        let mut prefix = Vec::with_capacity(3);
-        varint(&mut prefix, len as u64);
-        out.splice(at..=at, prefix);
-    }
-}
-
-/// A `KeyValue` with a string value.
-pub(super) fn text(out: &mut Vec<u8>, field: u32, name: &str, value: &str) {
-    nested(out, field, |kv| {
-        bytes(kv, 1, name.as_bytes());
-        nested(kv, 2, |any| bytes(any, 1, value.as_bytes()));
+/// A `KeyValue` with a string value. `AnyValue`'s members are a oneof, written even when
+/// empty or zero.
+pub(super) fn text(out: &mut Vec<u8>, field: u64, name: &str, value: &str) {
+    put_nested(out, field, |kv| {
+        put_bytes(kv, 1, name.as_bytes());
+        put_nested(kv, 2, |any| put_bytes_always(any, 1, value.as_bytes()));
     });
 }
 
 /// A `KeyValue` with an integer value.
-pub(super) fn int(out: &mut Vec<u8>, field: u32, name: &str, value: i64) {
-    nested(out, field, |kv| {
-        bytes(kv, 1, name.as_bytes());
-        nested(kv, 2, |any| number(any, 3, value as u64));
+pub(super) fn int(out: &mut Vec<u8>, field: u64, name: &str, value: i64) {
+    put_nested(out, field, |kv| {
+        put_bytes(kv, 1, name.as_bytes());
+        put_nested(kv, 2, |any| put_uint_always(any, 3, value as u64));
     });
 }
 
@@ -95,28 +48,25 @@ pub(super) struct SpanFields<'a> {
 /// 9, with `text` and `int`), then status and flags.
 pub(super) fn span(fields: &SpanFields<'_>, attributes: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut out = Vec::with_capacity(384);
-    bytes(&mut out, 1, fields.trace_id);
-    bytes(&mut out, 2, fields.span_id);
-    if !fields.trace_state.is_empty() {
-        bytes(&mut out, 3, fields.trace_state.as_bytes());
-    }
+    put_bytes(&mut out, 1, fields.trace_id);
+    put_bytes(&mut out, 2, fields.span_id);
+    put_bytes(&mut out, 3, fields.trace_state.as_bytes());
     if let Some(parent) = fields.parent_span_id {
-        bytes(&mut out, 4, parent);
+        put_bytes(&mut out, 4, parent);
     }
-    bytes(&mut out, 5, fields.name.as_bytes());
-    number(&mut out, 6, fields.kind as u64);
-    fixed64(&mut out, 7, fields.start_unix_nanos);
-    fixed64(&mut out, 8, fields.end_unix_nanos);
+    put_bytes(&mut out, 5, fields.name.as_bytes());
+    put_uint(&mut out, 6, fields.kind as u64);
+    put_fixed64(&mut out, 7, fields.start_unix_nanos);
+    put_fixed64(&mut out, 8, fields.end_unix_nanos);
     attributes(&mut out);
     if let Some(message) = fields.error {
-        nested(&mut out, 15, |status| {
-            bytes(status, 2, message.as_bytes());
-            number(status, 3, 2); // STATUS_CODE_ERROR
+        put_nested(&mut out, 15, |status| {
+            put_bytes(status, 2, message.as_bytes());
+            put_uint(status, 3, 2); // STATUS_CODE_ERROR
         });
     }
     // W3C flags: sampled (unsampled calls make no span).
-    key(&mut out, 16, FIXED32);
-    out.extend_from_slice(&1u32.to_le_bytes());
+    put_fixed32(&mut out, 16, 1);
     out
 }
 
@@ -127,20 +77,16 @@ pub(super) fn export_request(resource: &[u8], scope: &[u8], spans: &[Vec<u8>]) -
     let scope_spans = framed(scope.len()) + spans.iter().map(|s| framed(s.len())).sum::<usize>();
     let resource_spans = framed(resource.len()) + framed(scope_spans);
     let mut out = Vec::with_capacity(framed(resource_spans));
-    key(&mut out, 1, LEN);
-    varint(&mut out, resource_spans as u64);
-    bytes(&mut out, 1, resource);
-    key(&mut out, 2, LEN);
-    varint(&mut out, scope_spans as u64);
-    bytes(&mut out, 1, scope);
+    put_key(&mut out, 1, LEN);
+    put_varint(&mut out, resource_spans as u64);
+    put_bytes_always(&mut out, 1, resource);
+    put_key(&mut out, 2, LEN);
+    put_varint(&mut out, scope_spans as u64);
+    put_bytes_always(&mut out, 1, scope);
     for span in spans {
-        bytes(&mut out, 2, span);
+        put_bytes_always(&mut out, 2, span);
     }
     out
-}
-
-fn varint_len(value: u64) -> usize {
-    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 #[cfg(test)]
@@ -226,7 +172,7 @@ mod tests {
         let mut resource = Vec::new();
         text(&mut resource, 1, "service.name", "meshlimit");
         let mut scope = Vec::new();
-        bytes(&mut scope, 1, b"meshlimit");
+        put_bytes(&mut scope, 1, b"meshlimit");
         let spans: Vec<Vec<u8>> = (0..200u8)
             .map(|n| {
                 let fields = SpanFields {
@@ -257,23 +203,5 @@ mod tests {
         assert_eq!(scope_spans.scope.as_ref().unwrap().name, "meshlimit");
         assert_eq!(scope_spans.spans.len(), 200);
         assert_eq!(scope_spans.spans[199].trace_id, vec![199; 16]);
-    }
-
-    #[test]
-    fn varint_lengths_match_what_is_written() {
-        for value in [
-            0,
-            1,
-            127,
-            128,
-            16_383,
-            16_384,
-            u64::from(u32::MAX),
-            u64::MAX,
-        ] {
-            let mut out = Vec::new();
-            varint(&mut out, value);
-            assert_eq!(varint_len(value), out.len(), "{value}");
-        }
     }
 }

@@ -18,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::settings::{BatchSettings, Transport};
 use super::{Message, TracingOptions, encode};
+use crate::codec::wire::put_bytes;
 use crate::codec::{Decode, Encode, SmallBufferCodec};
 use crate::metrics::Metrics;
 use crate::proto::opentelemetry::collector::trace::v1::ExportTraceServiceResponse;
@@ -120,8 +121,8 @@ impl Exporter {
             },
             scope: {
                 let mut scope = Vec::new();
-                encode::bytes(&mut scope, 1, b"meshlimit");
-                encode::bytes(&mut scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
+                put_bytes(&mut scope, 1, b"meshlimit");
+                put_bytes(&mut scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
                 scope
             },
         })

@@ -31,7 +31,7 @@ const SPAN_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService/ShouldRateL
 /// `Span.kind` values and the attributes' field number, from OTLP's trace.proto.
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
-const ATTRIBUTES: u32 = 9;
+const ATTRIBUTES: u64 = 9;
 
 /// Whether a call is traced.
 #[derive(Debug, Clone, Copy, PartialEq)]
