@@ -23,7 +23,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -60,6 +60,59 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// The CA certificates in a PEM file; an error names the file.
+fn roots_from_pem(path: &Path, pem: &[u8]) -> Result<RootCertStore, TlsError> {
+    let invalid = |message: String| TlsError::Invalid {
+        path: path.display().to_string(),
+        message,
+    };
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(pem) {
+        let ca = ca.map_err(|e| invalid(e.to_string()))?;
+        roots.add(ca).map_err(|e| invalid(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Empty {
+            path: path.display().to_string(),
+            what: "CERTIFICATE",
+        });
+    }
+    Ok(roots)
+}
+
+/// A TLS client's settings: servers must present a certificate from the CAs in `ca`, or
+/// from the system's roots when `ca` is `None`; `alpn` names the protocol spoken inside
+/// (`h2`, `http/1.1`). For meshlimit's own calls out, the OTLP exporter's.
+pub fn client_config(ca: Option<&Path>, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
+    let roots = match ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            roots_from_pem(path, &pem).map_err(|error| error.to_string())?
+        }
+        None => {
+            let mut roots = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(
+                    "no CA certificates found on this system; name the collector's \
+                            CA with OTEL_EXPORTER_OTLP_CERTIFICATE"
+                        .to_owned(),
+                );
+            }
+            roots
+        }
+    };
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|error| error.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
 }
 
 fn certified_key(
@@ -176,24 +229,7 @@ pub fn server_config(cert: Arc<ReloadingCert>) -> Result<Arc<ServerConfig>, TlsE
         })?;
     let builder = match &cert.files.client_ca {
         Some(ca_path) => {
-            let pem = read(ca_path)?;
-            let mut roots = RootCertStore::empty();
-            for ca in CertificateDer::pem_slice_iter(&pem) {
-                let ca = ca.map_err(|e| TlsError::Invalid {
-                    path: ca_path.display().to_string(),
-                    message: e.to_string(),
-                })?;
-                roots.add(ca).map_err(|e| TlsError::Invalid {
-                    path: ca_path.display().to_string(),
-                    message: e.to_string(),
-                })?;
-            }
-            if roots.is_empty() {
-                return Err(TlsError::Empty {
-                    path: ca_path.display().to_string(),
-                    what: "CERTIFICATE",
-                });
-            }
+            let roots = roots_from_pem(ca_path, &read(ca_path)?)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|e| TlsError::Invalid {

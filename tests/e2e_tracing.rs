@@ -3,8 +3,9 @@
 //! trace, both received by an OTLP collector (tests/wire/otlp_collector.py, which decodes
 //! with OpenTelemetry's own protos). Also: envoyproxy/ratelimit's `TRACING_*` variables
 //! over OTLP/HTTP, the caller's sampling decision, a span of each Redis call under the
-//! decision's (telling when Redis was away and the failure mode answered), and a collector
-//! that never answers, which must cost no decision.
+//! decision's (telling when Redis was away and the failure mode answered), https://
+//! collectors checked against the operator's CA, and a collector that never answers, which
+//! must cost no decision.
 //!
 //! Envoy's tracer and listener: tests/fixtures/envoy/ratelimit_tracing.yaml.
 
@@ -16,6 +17,7 @@ use common::collector::Collector;
 use common::meshlimit::Meshlimit;
 use common::redis::RedisServer;
 use common::stack::Stack;
+use common::tls::Ca;
 use common::{avoid_window_edge, fixture, poll_until};
 use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::rate_limit_response::Code;
@@ -308,4 +310,53 @@ async fn each_redis_call_is_a_child_span_that_tells_when_redis_was_away() {
             assert_eq!(call["status_code"], 0, "{call:#}");
         }
     }
+}
+
+#[tokio::test]
+async fn https_collectors_are_reached_when_their_ca_is_trusted() {
+    let ca = Ca::new("otlp test CA");
+    let collector = Collector::start_tls(&ca.server_cert());
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).expect("write the CA");
+    let ca_path = ca_path.to_str().expect("a UTF-8 path");
+    let config = common::config_dir::plain(&[("traced.yaml", LIMITS)]);
+    let grpc = format!("https://{}", collector.grpc_addr);
+    let http = format!("https://{}", collector.http_addr);
+    let trusted = [QUICK_BATCHES, ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_path)];
+    let over_grpc = Meshlimit::start_with_env(
+        config.path(),
+        &["--otlp-endpoint", &grpc, "--otlp-protocol", "grpc"],
+        &trusted,
+    );
+    let over_http = Meshlimit::start_with_env(config.path(), &["--otlp-endpoint", &http], &trusted);
+    // Without the CA, the collector's certificate is not trusted (the system's roots do not
+    // hold the test CA): spans are dropped, decisions go on.
+    let untrusting =
+        Meshlimit::start_with_env(config.path(), &["--otlp-endpoint", &http], &[QUICK_BATCHES]);
+    for (n, server) in [&over_grpc, &over_http, &untrusting]
+        .into_iter()
+        .enumerate()
+    {
+        let traceparent = format!("00-{:032x}-{:016x}-01", 0xca00 + n, 0xca00 + n);
+        assert_eq!(call_traced(server, "gina", &traceparent).await, Code::Ok);
+    }
+    let spans = collector.wait_for("a span over each TLS transport", |spans| spans.len() >= 2);
+    let mut via: Vec<&str> = spans.iter().map(|span| text(span, "via")).collect();
+    via.sort_unstable();
+    assert_eq!(via, ["grpc", "http"], "{spans:#?}");
+    let dropped = poll_until(std::time::Duration::from_secs(30), || {
+        (untrusting.metric("meshlimit_trace_spans_dropped_total") == 1).then_some(())
+    });
+    assert!(dropped.is_some(), "{}", untrusting.logs());
+    assert!(
+        untrusting.logs().contains("cannot export spans"),
+        "{}",
+        untrusting.logs()
+    );
+    assert_eq!(
+        collector.spans().len(),
+        2,
+        "nothing arrived from the untrusting one"
+    );
 }

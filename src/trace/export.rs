@@ -26,6 +26,44 @@ use crate::proto::opentelemetry::collector::trace::v1::ExportTraceServiceRespons
 /// The collector's gRPC method.
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
+/// Connects the gRPC channel to an https:// collector: TCP, then TLS offering h2.
+#[derive(Clone)]
+struct TlsConnect {
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl tonic::codegen::Service<http::Uri> for TlsConnect {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move { Ok(TokioIo::new(connect_tls(&tls, &uri).await?)) })
+    }
+}
+
+/// TCP to `uri`'s host and port (443 when it names none), then TLS checking the
+/// certificate is for that host.
+async fn connect_tls(
+    tls: &tokio_rustls::TlsConnector,
+    uri: &http::Uri,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let host = uri.host().unwrap_or_default();
+    let port = uri.port_u16().unwrap_or(443);
+    let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
+    let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+    tls.connect(name, tcp).await
+}
+
 /// An `ExportTraceServiceRequest`, already encoded (see `encode`).
 struct EncodedRequest(Vec<u8>);
 
@@ -52,6 +90,8 @@ enum Wire {
     Http {
         uri: http::Uri,
         headers: http::HeaderMap,
+        /// For an https:// endpoint.
+        tls: Option<tokio_rustls::TlsConnector>,
     },
 }
 
@@ -83,11 +123,22 @@ impl Exporter {
                         MetadataValue::try_from(value.as_str()).map_err(|_| bad_header(name))?;
                     headers.insert(key, value);
                 }
-                let channel = Endpoint::from_shared(options.endpoint.clone())
+                let tls = tls_for(options, b"h2")?;
+                // tonic refuses an https:// URI unless its own TLS (another rustls set-up,
+                // with its own roots) is built in; the TLS here is `TlsConnect`'s, so the
+                // channel is given the address as http://.
+                let address = match tls {
+                    Some(_) => options.endpoint.replacen("https://", "http://", 1),
+                    None => options.endpoint.clone(),
+                };
+                let endpoint = Endpoint::from_shared(address)
                     .map_err(|error| format!("OTLP endpoint {}: {error}", options.endpoint))?
                     .connect_timeout(options.timeout)
-                    .timeout(options.timeout)
-                    .connect_lazy();
+                    .timeout(options.timeout);
+                let channel = match tls {
+                    Some(tls) => endpoint.connect_with_connector_lazy(TlsConnect { tls }),
+                    None => endpoint.connect_lazy(),
+                };
                 Wire::Grpc {
                     client: tonic::client::Grpc::new(channel),
                     headers,
@@ -105,7 +156,11 @@ impl Exporter {
                     .endpoint
                     .parse()
                     .map_err(|error| format!("OTLP endpoint {}: {error}", options.endpoint))?;
-                Wire::Http { uri, headers }
+                Wire::Http {
+                    uri,
+                    headers,
+                    tls: tls_for(options, b"http/1.1")?,
+                }
             }
         };
         Ok(Self {
@@ -162,25 +217,33 @@ impl Exporter {
                     .map(tonic::Response::into_inner)
                     .map_err(failed)
             }
-            Wire::Http { uri, headers } => post(uri, headers, request).await,
+            Wire::Http { uri, headers, tls } => post(uri, headers, tls.as_ref(), request).await,
         }
     }
 }
 
-/// One POST on a fresh HTTP/1.1 connection: an export every few seconds needs no pool.
+/// The TLS settings of an https:// endpoint, offering `alpn`; `None` for http://.
+fn tls_for(
+    options: &TracingOptions,
+    alpn: &[u8],
+) -> Result<Option<tokio_rustls::TlsConnector>, String> {
+    if !options.endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    let config = crate::tls::client_config(options.ca.as_deref(), alpn)
+        .map_err(|error| format!("OTLP endpoint {}: {error}", options.endpoint))?;
+    Ok(Some(tokio_rustls::TlsConnector::from(config)))
+}
+
+/// One POST on a fresh HTTP/1.1 connection (over TLS for https://): an export every few
+/// seconds needs no pool.
 async fn post(
     uri: &http::Uri,
     headers: &http::HeaderMap,
+    tls: Option<&tokio_rustls::TlsConnector>,
     body: Vec<u8>,
 ) -> Result<ExportTraceServiceResponse, String> {
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-    let stream = tokio::net::TcpStream::connect(authority)
-        .await
-        .map_err(|error| format!("cannot connect: {error}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|error| format!("HTTP handshake: {error}"))?;
-    let connection = tokio::spawn(connection);
     // Origin form (`POST /v1/traces`), as to a server rather than a proxy.
     let path = uri.path_and_query().map_or("/", |path| path.as_str());
     let mut request = http::Request::post(path)
@@ -189,6 +252,33 @@ async fn post(
         .body(Full::new(Bytes::from(body)))
         .map_err(|error| error.to_string())?;
     request.headers_mut().extend(headers.clone());
+    let cannot_connect = |error: std::io::Error| format!("cannot connect: {error}");
+    match tls {
+        Some(tls) => {
+            let stream = connect_tls(tls, uri).await.map_err(cannot_connect)?;
+            exchange(TokioIo::new(stream), request).await
+        }
+        None => {
+            let stream = tokio::net::TcpStream::connect(authority)
+                .await
+                .map_err(cannot_connect)?;
+            exchange(TokioIo::new(stream), request).await
+        }
+    }
+}
+
+/// `request` over a new HTTP/1.1 connection on `io`, and the collector's answer.
+async fn exchange<IO>(
+    io: IO,
+    request: http::Request<Full<Bytes>>,
+) -> Result<ExportTraceServiceResponse, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|error| format!("HTTP handshake: {error}"))?;
+    let connection = tokio::spawn(connection);
     let result = async {
         let response = sender
             .send_request(request)

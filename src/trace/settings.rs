@@ -40,8 +40,11 @@ impl Default for BatchSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TracingOptions {
     pub transport: Transport,
-    /// http://host:port for gRPC; the full URL to POST to for HTTP.
+    /// http(s)://host:port for gRPC; the full URL to POST to for HTTP.
     pub endpoint: String,
+    /// For an https:// endpoint: the CAs the collector's certificate must come from
+    /// (`OTEL_EXPORTER_OTLP_CERTIFICATE`), else the system's.
+    pub ca: Option<std::path::PathBuf>,
     /// Sent with every export (`OTEL_EXPORTER_OTLP_HEADERS`), e.g. a collector's API key.
     pub headers: Vec<(String, String)>,
     /// The most one export may take.
@@ -155,9 +158,16 @@ pub fn resolve(
         ));
     }
 
+    let ca = first(&[
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    ])
+    .map(|(_, path)| std::path::PathBuf::from(path));
+
     Ok(Some(TracingOptions {
         transport,
         endpoint,
+        ca,
         headers,
         timeout,
         sampler: sampler(flags, &env)?,
@@ -202,17 +212,14 @@ fn transport(name: &str, value: &str) -> Result<Transport, String> {
 /// envoyproxy/ratelimit's gRPC exporter takes it) is plain-text HTTP.
 fn endpoint_url(name: &str, url: &str, transport: Transport, base: bool) -> Result<String, String> {
     let url = url.trim();
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") {
-        return Err(format!(
-            "{name}={url}: meshlimit exports to plain-text OTLP endpoints only; point it at \
-             a collector agent on the node or in the pod (http://...), which forwards over TLS"
-        ));
-    } else if url.contains("://") {
-        return Err(format!("{name}={url}: use an http:// URL or host:port"));
-    } else {
-        url
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+        Some(_) => {
+            return Err(format!(
+                "{name}={url}: use an http:// or https:// URL, or host:port"
+            ));
+        }
+        None => ("http", url),
     };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     if authority.is_empty() || authority.parse::<http::uri::Authority>().is_err() {
@@ -221,12 +228,15 @@ fn endpoint_url(name: &str, url: &str, transport: Transport, base: bool) -> Resu
         ));
     }
     Ok(match transport {
-        Transport::Grpc => format!("http://{authority}"),
+        Transport::Grpc => format!("{scheme}://{authority}"),
         Transport::HttpProtobuf if base && !path.ends_with("/v1/traces") => {
-            format!("http://{authority}{}/v1/traces", path.trim_end_matches('/'))
+            format!(
+                "{scheme}://{authority}{}/v1/traces",
+                path.trim_end_matches('/')
+            )
         }
-        Transport::HttpProtobuf if path.is_empty() => format!("http://{authority}/"),
-        Transport::HttpProtobuf => format!("http://{authority}{path}"),
+        Transport::HttpProtobuf if path.is_empty() => format!("{scheme}://{authority}/"),
+        Transport::HttpProtobuf => format!("{scheme}://{authority}{path}"),
     })
 }
 
@@ -447,6 +457,25 @@ mod tests {
     }
 
     #[test]
+    fn https_endpoints_keep_their_scheme_and_take_a_ca_file() {
+        let options = on(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://api.honeycomb.io"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/otel/ca.pem"),
+        ]);
+        assert_eq!(options.endpoint, "https://api.honeycomb.io/v1/traces");
+        assert_eq!(options.ca, Some("/etc/otel/ca.pem".into()));
+        let grpc = on(&[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "https://collector:4317",
+            ),
+        ]);
+        assert_eq!(grpc.endpoint, "https://collector:4317");
+        assert_eq!(grpc.ca, None);
+    }
+
+    #[test]
     fn the_flag_wins_over_the_environment() {
         let flags = TracingFlags {
             endpoint: Some("http://flag:4317".to_owned()),
@@ -524,8 +553,8 @@ mod tests {
                 "use grpc or http/protobuf",
             ),
             (
-                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318")],
-                "plain-text OTLP endpoints",
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://c:4318")],
+                "http:// or https://",
             ),
             (
                 &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http:///v1/traces")],

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::process::Supervised;
+use super::tls::Issued;
 use super::{poll_until, repo_root, venv_tool};
 
 pub struct Collector {
@@ -20,12 +21,26 @@ pub struct Collector {
 
 impl Collector {
     pub fn start() -> Collector {
+        Collector::start_with(None)
+    }
+
+    /// A collector whose ports speak TLS only, with the certificate `issued`.
+    pub fn start_tls(issued: &Issued) -> Collector {
+        Collector::start_with(Some(issued))
+    }
+
+    fn start_with(tls: Option<&Issued>) -> Collector {
         let dir = tempfile::tempdir().expect("create a temp dir for the collector");
         let spans = dir.path().join("spans.jsonl");
         let mut command = Command::new(venv_tool("MESHLIMIT_PYTHON", "bin/python"));
         command
             .arg(repo_root().join("tests/wire/otlp_collector.py"))
             .arg(&spans);
+        if let Some(issued) = tls {
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            issued.write(&cert, &key);
+            command.arg(&cert).arg(&key);
+        }
         let mut process = Supervised::spawn("otlp-collector", command, dir);
         let mut ports = None;
         let started =

@@ -4,15 +4,17 @@ It decodes with the Python code PyPI's `xds-protos` generates from OpenTelemetry
 protos (Envoy's API depends on them), so meshlimit's hand-written OTLP protos are checked
 against an independent copy, and real Envoy exports its spans to the same place.
 
-    python tests/wire/otlp_collector.py SPANS_FILE
+    python tests/wire/otlp_collector.py SPANS_FILE [CERT KEY]
 
-Prints `listening grpc=PORT http=PORT` once both loopback ports are bound, then appends
+With a PEM certificate and key, both ports speak TLS only. Prints
+`listening grpc=PORT http=PORT` once both loopback ports are bound, then appends
 every span received as one JSON line to SPANS_FILE: where it came in, the exporting
 service's name, the ids in hex, name, kind, attributes, status, and the request's headers.
 """
 
 import http.server
 import json
+import ssl
 import sys
 import threading
 from concurrent import futures
@@ -86,7 +88,13 @@ def main():
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    tls = sys.argv[2:4]
+    if tls:
+        with open(tls[0], "rb") as cert, open(tls[1], "rb") as key:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        grpc_port = server.add_secure_port("127.0.0.1:0", credentials)
+    else:
+        grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
 
     class Http(http.server.BaseHTTPRequestHandler):
@@ -112,6 +120,10 @@ def main():
             pass
 
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Http)
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls[0], tls[1])
+        web.socket = context.wrap_socket(web.socket, server_side=True)
     print(f"listening grpc={grpc_port} http={web.server_address[1]}", flush=True)
     web.serve_forever()
 
