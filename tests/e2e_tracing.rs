@@ -4,8 +4,8 @@
 //! with OpenTelemetry's own protos). Also: envoyproxy/ratelimit's `TRACING_*` variables
 //! over OTLP/HTTP, the caller's sampling decision, a span of each Redis call under the
 //! decision's (telling when Redis was away and the failure mode answered), https://
-//! collectors checked against the operator's CA, and a collector that never answers, which
-//! must cost no decision.
+//! collectors checked against the operator's CA, a collector that never answers, which
+//! must cost no decision, and one that answers megabytes, which must not be read whole.
 //!
 //! Envoy's tracer and listener: tests/fixtures/envoy/ratelimit_tracing.yaml.
 
@@ -358,5 +358,50 @@ async fn https_collectors_are_reached_when_their_ca_is_trusted() {
         collector.spans().len(),
         2,
         "nothing arrived from the untrusting one"
+    );
+}
+
+#[tokio::test]
+async fn a_collector_answering_megabytes_is_not_read_past_a_limit() {
+    // Answers every export 200 with a 64 MiB body, streamed until the exporter hangs up.
+    let flood = TcpListener::bind("127.0.0.1:0").expect("bind a flooding collector");
+    let endpoint = format!("http://{}", flood.local_addr().expect("its address"));
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for connection in flood.incoming().take(4) {
+            let Ok(mut connection) = connection else {
+                continue;
+            };
+            let mut request = [0u8; 4096];
+            let _ = connection.read(&mut request);
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n\
+                        Content-Length: 67108864\r\n\r\n";
+            if connection.write_all(head.as_bytes()).is_err() {
+                continue;
+            }
+            let chunk = [0u8; 65_536];
+            for _ in 0..1_024 {
+                if connection.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let config = common::config_dir::plain(&[("traced.yaml", LIMITS)]);
+    let server = Meshlimit::start_with_env(
+        config.path(),
+        &["--otlp-endpoint", &endpoint],
+        &[QUICK_BATCHES],
+    );
+    let traceparent = "00-dddddddddddddddddddddddddddddddd-00000000000000d1-01";
+    assert_eq!(call_traced(&server, "hank", traceparent).await, Code::Ok);
+    let dropped = poll_until(std::time::Duration::from_secs(30), || {
+        (server.metric("meshlimit_trace_spans_dropped_total") == 1).then_some(())
+    });
+    assert!(dropped.is_some(), "{}", server.logs());
+    assert!(
+        server.logs().contains("length limit exceeded"),
+        "{}",
+        server.logs()
     );
 }

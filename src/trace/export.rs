@@ -79,6 +79,9 @@ impl Decode for ExportTraceServiceResponse {
     }
 }
 
+/// The most of a collector's HTTP answer that is read.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// How often a collector that keeps failing is named in the log.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -285,8 +288,8 @@ where
             .await
             .map_err(|error| format!("HTTP request: {error}"))?;
         let status = response.status();
-        let body = response
-            .into_body()
+        // An answer is a few bytes; a collector sending more is not read past this.
+        let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
             .collect()
             .await
             .map_err(|error| format!("HTTP response: {error}"))?
