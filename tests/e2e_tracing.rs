@@ -162,6 +162,15 @@ async fn call_traced(server: &Meshlimit, user: &str, traceparent: &str) -> Code 
     }
 }
 
+/// Waits (up to 30 s) until `server` has counted `spans` dropped spans, and no more.
+fn expect_dropped(server: &Meshlimit, spans: u64) {
+    let dropped = poll_until(std::time::Duration::from_secs(30), || {
+        let dropped = server.metric("meshlimit_trace_spans_dropped_total");
+        (dropped == spans).then_some(dropped)
+    });
+    assert_eq!(dropped, Some(spans), "{}", server.logs());
+}
+
 #[tokio::test]
 async fn envoyproxys_tracing_variables_export_over_http_following_the_callers_sampling() {
     let collector = Collector::start();
@@ -230,11 +239,7 @@ async fn a_collector_that_never_answers_costs_no_decision() {
         call_traced(&server, "user-0", &sampled(99)).await,
         Code::OverLimit
     );
-    let dropped = poll_until(std::time::Duration::from_secs(30), || {
-        let dropped = server.metric("meshlimit_trace_spans_dropped_total");
-        (dropped == 21).then_some(dropped)
-    });
-    assert_eq!(dropped, Some(21), "{}", server.logs());
+    expect_dropped(&server, 21);
     assert_eq!(server.metric("meshlimit_trace_spans_exported_total"), 0);
     assert!(
         server
@@ -345,10 +350,7 @@ async fn https_collectors_are_reached_when_their_ca_is_trusted() {
     let mut via: Vec<&str> = spans.iter().map(|span| text(span, "via")).collect();
     via.sort_unstable();
     assert_eq!(via, ["grpc", "http"], "{spans:#?}");
-    let dropped = poll_until(std::time::Duration::from_secs(30), || {
-        (untrusting.metric("meshlimit_trace_spans_dropped_total") == 1).then_some(())
-    });
-    assert!(dropped.is_some(), "{}", untrusting.logs());
+    expect_dropped(&untrusting, 1);
     assert!(
         untrusting.logs().contains("cannot export spans"),
         "{}",
@@ -395,10 +397,7 @@ async fn a_collector_answering_megabytes_is_not_read_past_a_limit() {
     );
     let traceparent = "00-dddddddddddddddddddddddddddddddd-00000000000000d1-01";
     assert_eq!(call_traced(&server, "hank", traceparent).await, Code::Ok);
-    let dropped = poll_until(std::time::Duration::from_secs(30), || {
-        (server.metric("meshlimit_trace_spans_dropped_total") == 1).then_some(())
-    });
-    assert!(dropped.is_some(), "{}", server.logs());
+    expect_dropped(&server, 1);
     assert!(
         server.logs().contains("length limit exceeded"),
         "{}",

@@ -13,7 +13,7 @@ use crate::limiter::{DecisionError, RateLimiter};
 use crate::proto::rate_limit_service_server::RateLimitService;
 use crate::proto::{RateLimitRequest, RateLimitResponse};
 use crate::store::CounterStore;
-use crate::trace::{CallSpan, Outcome, Tracer};
+use crate::trace::Tracer;
 
 pub struct GrpcRateLimitService<S, C> {
     limiter: Arc<RateLimiter<S, C>>,
@@ -57,44 +57,31 @@ impl<S: CounterStore, C: Clock> RateLimitService for GrpcRateLimitService<S, C> 
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let call = self.tracer.as_ref().and_then(|tracer| {
+        let traced = self.tracer.as_ref().and_then(|tracer| {
             let metadata = request.metadata();
-            tracer.start(|name| metadata.get(name)?.to_str().ok())
+            Some((
+                tracer,
+                tracer.start(|name| metadata.get(name)?.to_str().ok())?,
+            ))
         });
         let request = request.into_inner();
-        let answer = match call {
+        let answer = match traced {
             None => self.answer(&request).await,
             // Boxed, so the traced path's future (the decision inside a task-local scope)
             // is not laid out in every call's future: unboxed, the Redis store's untraced
             // calls spent ~25 k instructions a call in memcpy moving the larger future,
             // +14 k in all (BENCHMARKS.md section 16).
-            Some(call) => Box::pin(self.answer_traced(call, &request)).await,
+            Some((tracer, call)) => {
+                let (domain, descriptors) = (&request.domain, request.descriptors.len());
+                let decision = self.answer(&request);
+                Box::pin(tracer.trace(call, domain, descriptors, decision)).await
+            }
         };
         answer.map(Response::new)
     }
 }
 
 impl<S: CounterStore, C: Clock> GrpcRateLimitService<S, C> {
-    /// `answer`, with the span of the call and of its store calls sent to the tracer.
-    async fn answer_traced(
-        &self,
-        call: CallSpan,
-        request: &RateLimitRequest,
-    ) -> Result<RateLimitResponse, Status> {
-        let (answer, store_calls) = crate::trace::with_store_calls(self.answer(request)).await;
-        if let Some(tracer) = &self.tracer {
-            let outcome = match &answer {
-                Ok(response) => Outcome::Answered {
-                    overall_code: response.overall_code,
-                },
-                Err(status) => Outcome::Failed(status),
-            };
-            let (domain, descriptors) = (&request.domain, request.descriptors.len());
-            tracer.finish(call, domain, descriptors, outcome, store_calls);
-        }
-        answer
-    }
-
     async fn answer(&self, request: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
         // The transport refuses bodies far over the bound without decoding them; this check
         // gives requests just over it the clearer INVALID_ARGUMENT. prost's exact size walks

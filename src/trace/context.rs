@@ -162,18 +162,14 @@ fn hex_digit(c: u8) -> Option<u8> {
     }
 }
 
-/// Lower-case hex, as W3C and OTLP's JSON write ids.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut out, byte| {
-        let _ = write!(out, "{byte:02x}");
-        out
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lower-case hex, as W3C writes ids.
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
 
     fn parent(headers: &[(&str, &str)]) -> Option<Parent> {
         Parent::from_headers(|name| {

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use self::context::Parent;
 pub use self::settings::TracingOptions;
 use crate::metrics::Metrics;
+use crate::proto::RateLimitResponse;
 
 /// The RPC meshlimit traces, named as OpenTelemetry's RPC conventions name a span.
 const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
@@ -113,14 +114,8 @@ pub struct CallSpan {
     started: Instant,
 }
 
-impl CallSpan {
-    pub fn trace_id(&self) -> [u8; 16] {
-        self.trace_id
-    }
-}
-
 /// How a call ended, for its span.
-pub enum Outcome<'a> {
+enum Outcome<'a> {
     /// Answered, with the response's overall code.
     Answered { overall_code: i32 },
     /// Refused with this gRPC status.
@@ -130,7 +125,7 @@ pub enum Outcome<'a> {
 /// A counter store call made while deciding a traced call: a child span of its own, so a
 /// trace shows how much of the decision was the wait on Redis.
 #[derive(Debug)]
-pub struct StoreCall {
+struct StoreCall {
     store: &'static str,
     started: Instant,
     elapsed: Duration,
@@ -186,7 +181,7 @@ pub fn note_fallback(mode: &'static str) {
 }
 
 /// Runs `decision`, keeping the store calls it makes for the call's span.
-pub async fn with_store_calls<T>(decision: impl Future<Output = T>) -> (T, Vec<StoreCall>) {
+async fn with_store_calls<T>(decision: impl Future<Output = T>) -> (T, Vec<StoreCall>) {
     STORE_TRACE
         .scope(RefCell::new(StoreTrace::default()), async move {
             let answer = decision.await;
@@ -252,16 +247,22 @@ impl Tracer {
         })
     }
 
-    /// Ends `call` with what the request asked and how it ended, and queues its span and
-    /// one span for each store call it made.
-    pub fn finish(
+    /// Runs `decision` for `call`, a request to `domain` with `descriptors` descriptors,
+    /// then queues the call's span and one span for each store call the decision made.
+    pub async fn trace(
         &self,
         call: CallSpan,
         domain: &str,
         descriptors: usize,
-        outcome: Outcome<'_>,
-        store_calls: Vec<StoreCall>,
-    ) {
+        decision: impl Future<Output = Result<RateLimitResponse, tonic::Status>>,
+    ) -> Result<RateLimitResponse, tonic::Status> {
+        let (answer, store_calls) = with_store_calls(decision).await;
+        let outcome = match &answer {
+            Ok(response) => Outcome::Answered {
+                overall_code: response.overall_code,
+            },
+            Err(status) => Outcome::Failed(status),
+        };
         let span = call_span(&call, domain, descriptors, &outcome);
         let children = store_calls
             .into_iter()
@@ -271,6 +272,7 @@ impl Tracer {
                 self.metrics.spans_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+        answer
     }
 
     /// Exports every span queued so far, waiting at most `timeout`; for shutdown.
