@@ -5,7 +5,12 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["proto/envoy/service/ratelimit/v3/rls.proto"];
+const PROTOS: &[&str] = &[
+    "proto/envoy/service/ratelimit/v3/rls.proto",
+    // Messages only: the xDS config source's (src/xds/).
+    "proto/envoy/service/discovery/v3/discovery.proto",
+    "proto/ratelimit/config/ratelimit/v3/rls_conf.proto",
+];
 /// OTLP's trace export, which meshlimit calls as a client (src/trace/export.rs).
 const OTLP_PROTOS: &[&str] = &["proto/opentelemetry/proto/collector/trace/v1/trace_service.proto"];
 

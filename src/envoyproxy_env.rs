@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::statsd::StatsdOptions;
-use crate::tls::TlsFiles;
+use crate::tls::{ClientIdentity, TlsFiles};
+use crate::xds::XdsOptions;
 
 /// envoyproxy/ratelimit's defaults for the variables below.
 const DEFAULT_RUNTIME_ROOT: &str = "/srv/runtime_data/current";
@@ -25,6 +26,7 @@ const DEFAULT_GRPC_PORT: u16 = 8081;
 const DEFAULT_STATSD_HOST: &str = "localhost";
 const DEFAULT_STATSD_PORT: u16 = 8125;
 const DEFAULT_STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_XDS_SERVER: &str = "localhost:18000";
 
 /// What the environment says, for the settings meshlimit also has flags for. `None` means
 /// the environment is silent and meshlimit's own default applies.
@@ -56,6 +58,9 @@ pub struct EnvoyproxyEnv {
     /// `USE_STATSD=true` (or a `STATSD_HOST`/`STATSD_PORT`): counters pushed to statsd at
     /// `STATSD_HOST:STATSD_PORT` every `STATS_FLUSH_INTERVAL`.
     pub statsd: Option<StatsdOptions>,
+    /// `CONFIG_TYPE=GRPC_XDS_SOTW`: the config from an xDS management server, as Envoy
+    /// Gateway hands it out, with the `CONFIG_GRPC_XDS_*` settings.
+    pub xds: Option<XdsOptions>,
     /// Variables that are set, have no effect here, and why; logged once at start.
     pub ignored: Vec<String>,
 }
@@ -80,8 +85,15 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
     };
     refuse_what_would_change_decisions(&env, &flag)?;
 
+    let xds = xds(&env, &flag)?;
     let mut read = EnvoyproxyEnv {
-        config_dir: runtime_dir(&env),
+        // With xDS, envoyproxy/ratelimit reads no files, whatever RUNTIME_ROOT says.
+        config_dir: if xds.is_some() {
+            None
+        } else {
+            runtime_dir(&env)
+        },
+        xds,
         ..EnvoyproxyEnv::default()
     };
     if env("HOST").is_some() || env("PORT").is_some() {
@@ -178,10 +190,11 @@ fn refuse_what_would_change_decisions(
 ) -> Result<(), String> {
     if let Some(kind) = env("CONFIG_TYPE")
         && !kind.eq_ignore_ascii_case("file")
+        && !kind.eq_ignore_ascii_case("grpc_xds_sotw")
     {
         return Err(format!(
-            "CONFIG_TYPE={kind}: meshlimit reads its config from YAML files only; mount them \
-             and point RUNTIME_ROOT/RUNTIME_SUBDIRECTORY (or --config) at them"
+            "CONFIG_TYPE={kind}: meshlimit reads its config from YAML files (FILE) or an xDS \
+             server (GRPC_XDS_SOTW, with CONFIG_GRPC_XDS_SERVER_URL)"
         ));
     }
     if let Some(path) = env("GRPC_UDS") {
@@ -206,6 +219,87 @@ fn refuse_what_would_change_decisions(
         );
     }
     Ok(())
+}
+
+/// `CONFIG_TYPE=GRPC_XDS_SOTW` and its settings; `None` for files.
+fn xds(
+    env: &impl Fn(&str) -> Option<String>,
+    flag: &impl Fn(&str) -> Result<Option<bool>, String>,
+) -> Result<Option<XdsOptions>, String> {
+    if !env("CONFIG_TYPE").is_some_and(|kind| kind.eq_ignore_ascii_case("grpc_xds_sotw")) {
+        return Ok(None);
+    }
+    let tls = flag("CONFIG_GRPC_XDS_SERVER_USE_TLS")? == Some(true);
+    let address =
+        env("CONFIG_GRPC_XDS_SERVER_URL").unwrap_or_else(|| DEFAULT_XDS_SERVER.to_owned());
+    // envoyproxy/ratelimit dials host:port; a URL written with its scheme is taken as is.
+    let server = if address.contains("://") {
+        address
+    } else {
+        format!("{}://{address}", if tls { "https" } else { "http" })
+    };
+    let mut options = XdsOptions::new(server);
+    if let Some(id) = env("CONFIG_GRPC_XDS_NODE_ID") {
+        options.node_id = id;
+    }
+    if let Some(text) = env("CONFIG_GRPC_XDS_NODE_METADATA") {
+        options.node_metadata = pairs("CONFIG_GRPC_XDS_NODE_METADATA", &text)?;
+    }
+    if let Some(text) = env("CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS") {
+        options.headers = pairs("CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS", &text)?;
+    }
+    if tls {
+        options.ca = env("CONFIG_GRPC_XDS_SERVER_TLS_CACERT").map(PathBuf::from);
+        options.server_name = env("CONFIG_GRPC_XDS_SERVER_TLS_SAN");
+        options.identity = match (
+            env("CONFIG_GRPC_XDS_CLIENT_TLS_CERT"),
+            env("CONFIG_GRPC_XDS_CLIENT_TLS_KEY"),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            _ => {
+                return Err(
+                    "CONFIG_GRPC_XDS_CLIENT_TLS_CERT and CONFIG_GRPC_XDS_CLIENT_TLS_KEY go \
+                     together: set both (the client certificate for the xDS server) or neither"
+                        .to_owned(),
+                );
+            }
+        };
+    }
+    if let Some(text) = env("CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL") {
+        options.retry_interval = go_duration(&text).filter(|d| !d.is_zero()).ok_or_else(|| {
+            format!("CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL={text}: write a duration above zero, e.g. 3s")
+        })?;
+    }
+    if let Some(text) = env("XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES") {
+        options.max_message_bytes = text.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+            format!(
+                "XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES={text}: write a number of bytes, e.g. 16777216"
+            )
+        })?;
+    }
+    options.serve_before_config = flag("FORCE_START_WITHOUT_INITIAL_CONFIG")? == Some(true);
+    Ok(Some(options))
+}
+
+/// `key1:value1,key2:value2` (`=` is taken too), as envoyproxy/ratelimit's map settings.
+fn pairs(name: &str, text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair
+                .split_once(':')
+                .or_else(|| pair.split_once('='))
+                .ok_or_else(|| {
+                    format!("{name}: {pair:?} has no value; write key:value,key:value")
+                })?;
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect()
 }
 
 /// envoyproxy/ratelimit sends statsd unless `USE_STATSD=false`; meshlimit, whose metrics
@@ -275,6 +369,16 @@ fn ignored(
     note(
         &["EXPIRATION_JITTER_MAX_SECONDS"],
         "meshlimit's Redis keys expire with their window",
+    );
+    note(
+        &[
+            "XDS_CLIENT_BACKOFF_INITIAL_INTERVAL",
+            "XDS_CLIENT_BACKOFF_MAX_INTERVAL",
+            "XDS_CLIENT_BACKOFF_RANDOM_FACTOR",
+            "XDS_CLIENT_BACKOFF_JITTER",
+        ],
+        "a lost xDS stream is retried after CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL \
+         (3s), doubling up to 30s, each pause give or take a quarter",
     );
     note(
         &["DEBUG_HOST", "DEBUG_PORT"],
@@ -586,7 +690,22 @@ mod tests {
     #[test]
     fn settings_that_would_change_decisions_are_refused_with_what_to_do() {
         for (vars, expected) in [
-            (&[("CONFIG_TYPE", "GRPC_XDS_SOTW")][..], "YAML files only"),
+            (&[("CONFIG_TYPE", "GRPC_XDS_DELTA")][..], "GRPC_XDS_SOTW"),
+            (
+                &[
+                    ("CONFIG_TYPE", "GRPC_XDS_SOTW"),
+                    ("CONFIG_GRPC_XDS_SERVER_USE_TLS", "true"),
+                    ("CONFIG_GRPC_XDS_CLIENT_TLS_CERT", "/certs/tls.crt"),
+                ][..],
+                "set both",
+            ),
+            (
+                &[
+                    ("CONFIG_TYPE", "GRPC_XDS_SOTW"),
+                    ("CONFIG_GRPC_XDS_NODE_METADATA", "team"),
+                ][..],
+                "key:value",
+            ),
             (&[("GRPC_UDS", "/run/rl.sock")][..], "GRPC_HOST/GRPC_PORT"),
             (
                 &[("REDIS_SOCKET_TYPE", "unix")][..],
@@ -607,6 +726,60 @@ mod tests {
         ] {
             assert!(read_of(vars).is_ok(), "{vars:?}");
         }
+    }
+
+    #[test]
+    fn envoy_gateways_xds_settings_are_read() {
+        // As Envoy Gateway's rate limit Deployment sets them.
+        let read = read_of(&[
+            ("CONFIG_TYPE", "GRPC_XDS_SOTW"),
+            (
+                "CONFIG_GRPC_XDS_SERVER_URL",
+                "envoy-gateway.envoy-gateway-system.svc.cluster.local:18001",
+            ),
+            ("CONFIG_GRPC_XDS_NODE_ID", "envoy-gateway"),
+            ("CONFIG_GRPC_XDS_SERVER_USE_TLS", "true"),
+            ("CONFIG_GRPC_XDS_CLIENT_TLS_CERT", "/certs/tls.crt"),
+            ("CONFIG_GRPC_XDS_CLIENT_TLS_KEY", "/certs/tls.key"),
+            ("CONFIG_GRPC_XDS_SERVER_TLS_CACERT", "/certs/ca.crt"),
+            ("FORCE_START_WITHOUT_INITIAL_CONFIG", "true"),
+            ("RUNTIME_ROOT", "/data"),
+            ("RUNTIME_SUBDIRECTORY", "ratelimit"),
+            ("CONFIG_GRPC_XDS_NODE_METADATA", "zone:eu-1,team=edge"),
+            ("CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL", "500ms"),
+        ])
+        .unwrap();
+        assert_eq!(read.config_dir, None, "no files are read under xDS");
+        let xds = read.xds.expect("xDS is on");
+        assert_eq!(
+            xds.server,
+            "https://envoy-gateway.envoy-gateway-system.svc.cluster.local:18001"
+        );
+        assert_eq!(xds.node_id, "envoy-gateway");
+        assert_eq!(xds.ca, Some("/certs/ca.crt".into()));
+        assert_eq!(
+            xds.identity,
+            Some(ClientIdentity {
+                cert: "/certs/tls.crt".into(),
+                key: "/certs/tls.key".into()
+            })
+        );
+        assert!(xds.serve_before_config);
+        assert_eq!(xds.retry_interval, Duration::from_millis(500));
+        assert_eq!(
+            xds.node_metadata,
+            vec![
+                ("zone".to_owned(), "eu-1".to_owned()),
+                ("team".to_owned(), "edge".to_owned())
+            ]
+        );
+
+        let plain = read_of(&[("CONFIG_TYPE", "grpc_xds_sotw")]).unwrap();
+        let xds = plain.xds.expect("xDS is on");
+        assert_eq!(xds.server, "http://localhost:18000");
+        assert_eq!(xds.node_id, "default");
+        assert!(!xds.serve_before_config);
+        assert!(read_of(&[("CONFIG_TYPE", "FILE")]).unwrap().xds.is_none());
     }
 
     #[test]

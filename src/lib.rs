@@ -51,3 +51,4 @@ pub mod statsd;
 pub mod store;
 pub mod tls;
 pub mod trace;
+pub mod xds;

@@ -14,11 +14,12 @@ use meshlimit::limit::Algorithm;
 use meshlimit::limiter::{GlobalModes, RequestBounds};
 use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
-use meshlimit::server::{self, ServeOptions, StoreChoice};
+use meshlimit::server::{self, ConfigSource, ServeOptions, StoreChoice};
 use meshlimit::simulate::{Pattern, Scenario};
 use meshlimit::statsd::StatsdOptions;
 use meshlimit::store::redis::settings::{self, RedisFlags};
 use meshlimit::store::redis::{FailureMode, RedisOptions, RedisTls};
+use meshlimit::xds::XdsOptions;
 
 /// mimalloc instead of glibc's malloc: a decision's allocations (tonic's buffers, h2's frames,
 /// the decoded request's strings) are a fifth of its instructions under glibc, and mimalloc's
@@ -182,6 +183,8 @@ struct ServeArgs {
     tls: TlsArgs,
     #[command(flatten)]
     tracing: TracingArgs,
+    #[command(flatten)]
+    xds: XdsArgs,
     /// After SIGTERM, how long to keep serving while health checks fail, so load balancers
     /// and Envoy stop sending first (e.g. 5s on Kubernetes).
     #[arg(long, env = "MESHLIMIT_DRAIN_DELAY", default_value = "0s", value_parser = parse_interval)]
@@ -379,6 +382,95 @@ impl TracingArgs {
             tracing::info!("{hint}");
         }
         Ok(options)
+    }
+}
+
+/// The config from an xDS management server instead of files, as Envoy Gateway hands it to
+/// envoyproxy/ratelimit (also CONFIG_TYPE=GRPC_XDS_SOTW with its CONFIG_GRPC_XDS_*).
+#[derive(Args)]
+struct XdsArgs {
+    /// Take the config from this xDS server: http://host:port, or https://host:port for TLS
+    /// [default: files, or CONFIG_GRPC_XDS_SERVER_URL with CONFIG_TYPE=GRPC_XDS_SOTW].
+    #[arg(long, env = "MESHLIMIT_XDS_SERVER", conflicts_with = "config")]
+    xds_server: Option<String>,
+    /// The node id the server knows this service by [default: default, or
+    /// CONFIG_GRPC_XDS_NODE_ID].
+    #[arg(long, env = "MESHLIMIT_XDS_NODE_ID")]
+    xds_node_id: Option<String>,
+    /// PEM CA certificates of an https:// xDS server, instead of the system's [also
+    /// CONFIG_GRPC_XDS_SERVER_TLS_CACERT].
+    #[arg(long, env = "MESHLIMIT_XDS_CA")]
+    xds_ca: Option<PathBuf>,
+    /// PEM client certificate for an xDS server that asks for one [also
+    /// CONFIG_GRPC_XDS_CLIENT_TLS_CERT].
+    #[arg(long, env = "MESHLIMIT_XDS_CLIENT_CERT", requires = "xds_client_key")]
+    xds_client_cert: Option<PathBuf>,
+    /// PEM private key of --xds-client-cert [also CONFIG_GRPC_XDS_CLIENT_TLS_KEY].
+    #[arg(long, env = "MESHLIMIT_XDS_CLIENT_KEY", requires = "xds_client_cert")]
+    xds_client_key: Option<PathBuf>,
+    /// The name the xDS server's certificate must hold, when not its address's host [also
+    /// CONFIG_GRPC_XDS_SERVER_TLS_SAN].
+    #[arg(long, env = "MESHLIMIT_XDS_SERVER_NAME")]
+    xds_server_name: Option<String>,
+    /// The first pause before reconnecting to a lost xDS server; it doubles up to 30s
+    /// [default: 3s, or CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL].
+    #[arg(long, env = "MESHLIMIT_XDS_RETRY_INTERVAL", value_parser = parse_interval)]
+    xds_retry_interval: Option<Duration>,
+    /// Answer every request OK until the first config arrives, instead of failing health
+    /// checks [default: false, or FORCE_START_WITHOUT_INITIAL_CONFIG].
+    #[arg(long, env = "MESHLIMIT_XDS_SERVE_BEFORE_CONFIG", action = clap::ArgAction::Set)]
+    xds_serve_before_config: Option<bool>,
+}
+
+impl XdsArgs {
+    /// The flags over envoyproxy/ratelimit's variables; `None` when neither asks for xDS.
+    fn options(self, compat: Option<XdsOptions>) -> Result<Option<XdsOptions>, String> {
+        let mut options = match (self.xds_server, compat) {
+            (Some(server), Some(compat)) => XdsOptions { server, ..compat },
+            (Some(server), None) => XdsOptions::new(server),
+            (None, Some(compat)) => compat,
+            (None, None) => {
+                let set = [
+                    ("--xds-node-id", self.xds_node_id.is_some()),
+                    ("--xds-ca", self.xds_ca.is_some()),
+                    ("--xds-client-cert", self.xds_client_cert.is_some()),
+                    ("--xds-server-name", self.xds_server_name.is_some()),
+                    ("--xds-retry-interval", self.xds_retry_interval.is_some()),
+                    (
+                        "--xds-serve-before-config",
+                        self.xds_serve_before_config.is_some(),
+                    ),
+                ];
+                return match set.iter().find(|(_, set)| *set) {
+                    Some((flag, _)) => Err(format!(
+                        "{flag} needs --xds-server, the xDS server to take the config from"
+                    )),
+                    None => Ok(None),
+                };
+            }
+        };
+        if let Some(id) = self.xds_node_id {
+            options.node_id = id;
+        }
+        if let Some(ca) = self.xds_ca {
+            options.ca = Some(ca);
+        }
+        if let (Some(cert), Some(key)) = (self.xds_client_cert, self.xds_client_key) {
+            options.identity = Some(meshlimit::tls::ClientIdentity { cert, key });
+        }
+        if let Some(name) = self.xds_server_name {
+            options.server_name = Some(name);
+        }
+        if let Some(interval) = self.xds_retry_interval {
+            if interval.is_zero() {
+                return Err("--xds-retry-interval must be above zero, e.g. 3s".into());
+            }
+            options.retry_interval = interval;
+        }
+        if let Some(serve) = self.xds_serve_before_config {
+            options.serve_before_config = serve;
+        }
+        Ok(Some(options))
     }
 }
 
@@ -634,20 +726,40 @@ fn serve(args: ServeArgs) -> ExitCode {
     for line in &compat.ignored {
         tracing::warn!("{line}");
     }
-    // An image-wide default must not beat a deployment's RUNTIME_ROOT, so it is not an
-    // environment variable of the image but the last resort here.
-    let image_default = PathBuf::from(DEFAULT_CONFIG_DIR);
-    let Some(config_dir) = args
-        .config
-        .or(compat.config_dir.clone())
-        .or_else(|| image_default.is_dir().then_some(image_default))
-    else {
-        eprintln!(
-            "meshlimit: serve needs --config DIR (or MESHLIMIT_CONFIG), the directory holding \
-             the *.yaml files; envoyproxy/ratelimit's RUNTIME_ROOT and RUNTIME_SUBDIRECTORY \
-             name it too ({DEFAULT_CONFIG_DIR}, the default, does not exist)"
-        );
-        return ExitCode::from(2);
+    let xds = match args.xds.options(compat.xds.clone()) {
+        Ok(xds) => xds,
+        Err(message) => {
+            eprintln!("meshlimit: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match (args.config, xds) {
+        (None, Some(xds)) => ConfigSource::Xds(Box::new(xds)),
+        (Some(dir), Some(_)) => {
+            // Only envoyproxy/ratelimit's CONFIG_TYPE can get here: the flags conflict.
+            tracing::info!(
+                "CONFIG_TYPE=GRPC_XDS_SOTW ignored: --config names the config directory"
+            );
+            ConfigSource::Dir(dir)
+        }
+        (dir, None) => {
+            // An image-wide default must not beat a deployment's RUNTIME_ROOT, so it is not
+            // an environment variable of the image but the last resort here.
+            let image_default = PathBuf::from(DEFAULT_CONFIG_DIR);
+            let Some(dir) = dir
+                .or(compat.config_dir.clone())
+                .or_else(|| image_default.is_dir().then_some(image_default))
+            else {
+                eprintln!(
+                    "meshlimit: serve needs --config DIR (or MESHLIMIT_CONFIG), the directory \
+                     holding the *.yaml files, or --xds-server URL; envoyproxy/ratelimit's \
+                     RUNTIME_ROOT and RUNTIME_SUBDIRECTORY name the directory too \
+                     ({DEFAULT_CONFIG_DIR}, the default, does not exist)"
+                );
+                return ExitCode::from(2);
+            };
+            ConfigSource::Dir(dir)
+        }
     };
     let store = match args.store.choice(args.cache_capacity, &compat) {
         Ok(store) => store,
@@ -675,7 +787,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         tracing::debug!("mimalloc gives freed memory back at once (memory store)");
     }
     let options = ServeOptions {
-        config_dir,
+        config,
         grpc_addr: args
             .grpc_addr
             .or(compat.grpc_addr)

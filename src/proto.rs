@@ -24,6 +24,12 @@ pub mod envoy {
                 tonic::include_proto!("envoy.service.ratelimit.v3");
             }
         }
+        /// The xDS exchange meshlimit takes its config through (`crate::xds`).
+        pub mod discovery {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
     }
     pub mod r#type {
         pub mod v3 {
@@ -31,6 +37,25 @@ pub mod envoy {
         }
     }
 }
+
+/// The error detail of an xDS NACK.
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+/// envoyproxy/ratelimit's config as an xDS resource (`crate::xds`).
+pub mod ratelimit {
+    pub mod config {
+        pub mod ratelimit {
+            pub mod v3 {
+                tonic::include_proto!("ratelimit.config.ratelimit.v3");
+            }
+        }
+    }
+}
+pub use ratelimit::config::ratelimit::v3 as ratelimit_config;
 
 /// OTLP's trace export, for the spans meshlimit sends to a collector (`crate::trace`).
 pub mod opentelemetry {

@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 
 use crate::config::{self, ConfigErrors, LoadOptions};
 use crate::limiter::LiveConfig;
+use crate::matcher::RateLimitConfig;
 use crate::metrics::Metrics;
 
 type Snapshot = Vec<(PathBuf, Vec<u8>)>;
@@ -114,27 +115,14 @@ impl Reloader {
     fn load(&self, snapshot: Snapshot) -> bool {
         let hash = hash(&snapshot);
         *self.last.lock() = snapshot;
+        let source = self.dir.display().to_string();
         match config::load_dir(&self.dir, &self.options) {
             Ok(loaded) => {
-                let domains: Vec<String> = loaded
-                    .domains()
-                    .iter()
-                    .map(|d| d.name.to_string())
-                    .collect();
-                self.metrics.attach(&loaded);
-                self.live.store(Some(Arc::new(loaded)));
-                self.metrics
-                    .config_load_success
-                    .fetch_add(1, Ordering::Relaxed);
-                self.metrics.config_hash.store(hash, Ordering::Relaxed);
-                tracing::info!(dir = %self.dir.display(), domains = %domains.join(","), config_hash = hash, "config reloaded");
+                install(&self.live, &self.metrics, loaded, hash, &source);
                 true
             }
             Err(errors) => {
-                self.metrics
-                    .config_load_error
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(dir = %self.dir.display(), "config reload failed, the previous config keeps serving:\n{errors}");
+                refuse(&self.metrics, &source, &errors);
                 false
             }
         }
@@ -175,6 +163,33 @@ impl Reloader {
             }
         }
     }
+}
+
+/// Puts a validated config live in one atomic swap, with its rules' metrics attached
+/// first; counted, and logged with `source` (a directory, an xDS server).
+pub fn install(
+    live: &LiveConfig,
+    metrics: &Metrics,
+    loaded: RateLimitConfig,
+    hash: u64,
+    source: &str,
+) {
+    let domains: Vec<String> = loaded
+        .domains()
+        .iter()
+        .map(|d| d.name.to_string())
+        .collect();
+    metrics.attach(&loaded);
+    live.store(Some(Arc::new(loaded)));
+    metrics.config_load_success.fetch_add(1, Ordering::Relaxed);
+    metrics.config_hash.store(hash, Ordering::Relaxed);
+    tracing::info!(%source, domains = %domains.join(","), config_hash = hash, "config reloaded");
+}
+
+/// Counts and logs a config that failed validation; the live one keeps serving.
+pub fn refuse(metrics: &Metrics, source: &str, errors: &ConfigErrors) {
+    metrics.config_load_error.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(%source, "config reload failed, the previous config keeps serving:\n{errors}");
 }
 
 fn hash(snapshot: &Snapshot) -> u64 {

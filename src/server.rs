@@ -16,7 +16,7 @@ use crate::admin::{self, AdminState, Health};
 use crate::clock::SystemClock;
 use crate::config::{ConfigErrors, LoadOptions};
 use crate::envoyproxy_env::MetricsListener;
-use crate::limiter::{RateLimiter, RequestBounds};
+use crate::limiter::{LiveConfig, RateLimiter, RequestBounds};
 use crate::metrics::Metrics;
 use crate::proto::rate_limit_service_server::RateLimitServiceServer;
 use crate::reload::Reloader;
@@ -26,11 +26,13 @@ use crate::store::split::SplitStore;
 use crate::store::{CounterStore, MemoryStore, RedisStore};
 use crate::tls::{self, ReloadingCert, TlsFiles, TlsIncoming};
 use crate::trace::{Tracer, TracingOptions};
+use crate::xds::{XdsClient, XdsOptions};
 
 /// Everything `serve` needs, parsed from flags and environment by the binary.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub config_dir: PathBuf,
+    /// Where the config comes from.
+    pub config: ConfigSource,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     /// A second listener serving only the metrics.
@@ -64,6 +66,13 @@ pub struct ServeOptions {
     pub store: StoreChoice,
 }
 
+/// A directory of files (`--config`) or an xDS management server (`--xds-server`).
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    Dir(PathBuf),
+    Xds(Box<XdsOptions>),
+}
+
 /// `--store`: this process's memory, or Redis shared by every replica.
 #[derive(Debug, Clone)]
 pub enum StoreChoice {
@@ -76,6 +85,8 @@ pub enum StoreChoice {
 pub enum ServeError {
     #[error("the config in {dir} has problems:\n{errors}")]
     Config { dir: String, errors: ConfigErrors },
+    #[error("{0}")]
+    Xds(String),
     #[error("cannot listen on {addr} ({what}): {source}; pick a free address with {flag}")]
     Bind {
         addr: SocketAddr,
@@ -94,28 +105,102 @@ pub enum ServeError {
 /// The gRPC service name Envoy's health checks and envoyproxy/ratelimit users probe.
 pub const HEALTH_SERVICE_NAME: &str = "ratelimit";
 
-pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
-    let metrics = Arc::new(Metrics::default());
-    let reloader =
-        Reloader::start(&options.config_dir, options.load, metrics.clone()).map_err(|errors| {
-            ServeError::Config {
-                dir: options.config_dir.display().to_string(),
-                errors,
+/// The live config and what keeps it current.
+enum ConfigFeed {
+    Dir(Arc<Reloader>),
+    // Boxed: the client holds its settings and channel, the reloader is one pointer.
+    Xds {
+        live: LiveConfig,
+        client: Box<XdsClient>,
+    },
+}
+
+impl ConfigFeed {
+    /// Loads the directory (an invalid one is an error) or prepares the xDS client.
+    fn start(options: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Self, ServeError> {
+        match &options.config {
+            ConfigSource::Dir(dir) => {
+                let reloader =
+                    Reloader::start(dir, options.load, metrics.clone()).map_err(|errors| {
+                        ServeError::Config {
+                            dir: dir.display().to_string(),
+                            errors,
+                        }
+                    })?;
+                for path in crate::config::skipped_entries(dir) {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "not read: only *.yaml and *.yml files directly in the config directory are; \
+                         rename the file, or move it up from its subdirectory"
+                    );
+                }
+                if let Some(loaded) = reloader.live().load_full() {
+                    for domain in loaded.domains() {
+                        tracing::info!(domain = %domain.name, file = %domain.file, rules = domain.rules().len(), "loaded domain");
+                    }
+                }
+                Ok(Self::Dir(Arc::new(reloader)))
             }
-        })?;
-    let reloader = Arc::new(reloader);
-    for path in crate::config::skipped_entries(&options.config_dir) {
-        tracing::warn!(
-            path = %path.display(),
-            "not read: only *.yaml and *.yml files directly in the config directory are; \
-             rename the file, or move it up from its subdirectory"
-        );
-    }
-    if let Some(loaded) = reloader.live().load_full() {
-        for domain in loaded.domains() {
-            tracing::info!(domain = %domain.name, file = %domain.file, rules = domain.rules().len(), "loaded domain");
+            ConfigSource::Xds(xds) => {
+                let live: LiveConfig = Arc::new(arc_swap::ArcSwapOption::empty());
+                if xds.serve_before_config {
+                    // No domains: every request is answered OK until the first config.
+                    let empty = crate::config::load_texts([], &options.load)
+                        .map_err(|errors| ServeError::Xds(errors.to_string()))?;
+                    live.store(Some(Arc::new(empty)));
+                }
+                let client =
+                    XdsClient::new((**xds).clone(), options.load, live.clone(), metrics.clone())
+                        .map_err(ServeError::Xds)?;
+                Ok(Self::Xds {
+                    live,
+                    client: Box::new(client),
+                })
+            }
         }
     }
+
+    fn live(&self) -> LiveConfig {
+        match self {
+            Self::Dir(reloader) => reloader.live().clone(),
+            Self::Xds { live, .. } => live.clone(),
+        }
+    }
+
+    fn describe(&self, options: &ServeOptions) -> String {
+        match &options.config {
+            ConfigSource::Dir(dir) => dir.display().to_string(),
+            ConfigSource::Xds(xds) => format!("xDS {} as node {}", xds.server, xds.node_id),
+        }
+    }
+
+    /// Keeps the config current until shutdown: the directory checked every
+    /// `watch_interval` and on SIGHUP, or the xDS stream followed.
+    async fn follow(self, watch_interval: Duration, mut hangup: tokio::sync::mpsc::Receiver<()>) {
+        match self {
+            Self::Dir(reloader) => {
+                reloader
+                    .watch(watch_interval, hangup, shutdown_signal())
+                    .await
+            }
+            Self::Xds { client, .. } => {
+                let hangups = async move {
+                    while hangup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: the config comes from xDS; nothing to reload");
+                    }
+                };
+                tokio::select! {
+                    () = client.run(shutdown_signal()) => {}
+                    () = hangups => {}
+                }
+            }
+        }
+    }
+}
+
+pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::default());
+    let feed = ConfigFeed::start(&options, &metrics)?;
     // Both stores serve through the same generic path below.
     match options.store.clone() {
         StoreChoice::Memory => {
@@ -131,7 +216,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 "Counters evicted to stay within --cache-capacity.",
                 move || evictions.evictions(),
             );
-            serve_with(options, metrics, reloader, store).await
+            serve_with(options, metrics, feed, store).await
         }
         StoreChoice::Redis(mut redis) => {
             let per_second = redis.per_second.take();
@@ -139,7 +224,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             match per_second {
                 None => {
                     redis_gauges(&metrics, vec![main.clone()]);
-                    serve_with(options, metrics, reloader, main).await
+                    serve_with(options, metrics, feed, main).await
                 }
                 Some(per_second) => {
                     let per_second = RedisStore::connect(*per_second).await?;
@@ -148,7 +233,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                     );
                     redis_gauges(&metrics, vec![main.clone(), per_second.clone()]);
                     let store = SplitStore::new(main, per_second);
-                    serve_with(options, metrics, reloader, store).await
+                    serve_with(options, metrics, feed, store).await
                 }
             }
         }
@@ -193,10 +278,10 @@ fn redis_gauges(metrics: &Arc<Metrics>, stores: Vec<RedisStore>) {
 async fn serve_with<S: CounterStore>(
     options: ServeOptions,
     metrics: Arc<Metrics>,
-    reloader: Arc<Reloader>,
+    feed: ConfigFeed,
     store: S,
 ) -> Result<(), ServeError> {
-    let live = reloader.live().clone();
+    let live = feed.live();
     // SIGHUP's default action ends the process: handle it before anything reports healthy.
     let hangup = crate::reload::hangup_signal();
     let limiter = Arc::new(
@@ -224,18 +309,37 @@ async fn serve_with<S: CounterStore>(
         grpc = %local(&grpc_listener),
         admin = %local(&admin_listener),
         metrics = metrics_listener.as_ref().map(|(listener, path)| format!("{}{path}", local(listener))),
-        config = %options.config_dir.display(),
+        config = %feed.describe(&options),
         "meshlimit listening"
     );
 
     let mut tls_watcher = None;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::Serving)
-        .await;
-    health_reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
+    // Serving once there is a config: at once from a directory, at the first xDS response
+    // (the admin port's /healthcheck checks the same).
+    let first_config = {
+        let (reporter, live) = (health_reporter.clone(), live.clone());
+        async move {
+            while live.load().is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            for service in [HEALTH_SERVICE_NAME, ""] {
+                reporter
+                    .set_service_status(service, ServingStatus::Serving)
+                    .await;
+            }
+        }
+    };
+    if live.load().is_some() {
+        first_config.await;
+    } else {
+        for service in [HEALTH_SERVICE_NAME, ""] {
+            health_reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        tokio::spawn(first_config);
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -278,7 +382,7 @@ async fn serve_with<S: CounterStore>(
         metrics,
         decisions: limiter.clone(),
     });
-    let watcher = tokio::spawn(reloader.watch(options.watch_interval, hangup, shutdown_signal()));
+    let watcher = tokio::spawn(feed.follow(options.watch_interval, hangup));
 
     // Shutdown in three steps: a signal fails health at once (admin and gRPC health), so
     // load balancers and Envoy stop sending; after --drain-delay the listeners stop

@@ -84,8 +84,13 @@ fn roots_from_pem(path: &Path, pem: &[u8]) -> Result<RootCertStore, TlsError> {
 
 /// A TLS client's settings: servers must present a certificate from the CAs in `ca`, or
 /// from the system's roots when `ca` is `None`; `alpn` names the protocol spoken inside
-/// (`h2`, `http/1.1`). For meshlimit's own calls out, the OTLP exporter's.
-pub fn client_config(ca: Option<&Path>, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
+/// (`h2`, `http/1.1`); `identity` is the client's own certificate, for servers that ask for
+/// one (mTLS). For meshlimit's own calls out: the OTLP exporter's, the xDS client's.
+pub fn client_config(
+    ca: Option<&Path>,
+    alpn: &[u8],
+    identity: Option<&ClientIdentity>,
+) -> Result<Arc<ClientConfig>, String> {
     let roots = match ca {
         Some(path) => {
             let pem = std::fs::read(path)
@@ -98,21 +103,88 @@ pub fn client_config(ca: Option<&Path>, alpn: &[u8]) -> Result<Arc<ClientConfig>
             roots.add_parsable_certificates(found.certs);
             if roots.is_empty() {
                 return Err(
-                    "no CA certificates found on this system; name the collector's \
-                            CA with OTEL_EXPORTER_OTLP_CERTIFICATE"
-                        .to_owned(),
+                    "no CA certificates found on this system; name the server's CA file".to_owned(),
                 );
             }
             roots
         }
     };
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|error| error.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(identity) => {
+            let files = TlsFiles {
+                cert: identity.cert.clone(),
+                key: identity.key.clone(),
+                client_ca: None,
+                client_name: None,
+            };
+            let read = |path: &Path| {
+                std::fs::read(path)
+                    .map_err(|error| format!("cannot read {}: {error}", path.display()))
+            };
+            let certified = certified_key(&files, &read(&files.cert)?, &read(&files.key)?)
+                .map_err(|error| error.to_string())?;
+            builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                certified,
+            )))
+        }
+    };
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The PEM certificate chain and key a TLS client presents when the server asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Connects a tonic channel over meshlimit's own TLS: TCP, then TLS with `tls`'s settings.
+/// tonic refuses an https:// address unless its own TLS (another rustls set-up, with
+/// other roots) is built in, so a channel using this is given the address as http://.
+#[derive(Clone)]
+pub struct TlsConnect {
+    pub tls: tokio_rustls::TlsConnector,
+    /// The name the server's certificate must hold, when not the address's host.
+    pub server_name: Option<String>,
+}
+
+impl tonic::codegen::Service<http::Uri> for TlsConnect {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let (tls, name) = (self.tls.clone(), self.server_name.clone());
+        Box::pin(async move {
+            let stream = connect(&tls, &uri, name.as_deref()).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
+/// TCP to `uri`'s host and port (443 when it names none), then TLS checking the
+/// certificate is for `server_name`, or else that host.
+pub async fn connect(
+    tls: &tokio_rustls::TlsConnector,
+    uri: &http::Uri,
+    server_name: Option<&str>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let port = uri.port_u16().unwrap_or(443);
+    let tcp = TcpStream::connect((host, port)).await?;
+    let name = ServerName::try_from(server_name.unwrap_or(host).to_owned())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    tls.connect(name, tcp).await
 }
 
 fn certified_key(

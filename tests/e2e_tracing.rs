@@ -364,6 +364,51 @@ async fn https_collectors_are_reached_when_their_ca_is_trusted() {
 }
 
 #[tokio::test]
+async fn a_collector_asking_for_a_client_certificate_gets_the_one_configured() {
+    let ca = Ca::new("otlp mTLS CA");
+    let collector = Collector::start_mtls(&ca.server_cert(), &ca);
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = |name: &str| dir.path().join(name).to_str().expect("UTF-8").to_owned();
+    std::fs::write(file("ca.pem"), ca.pem()).expect("write the CA");
+    let (cert, key) = (file("client.pem"), file("client-key.pem"));
+    ca.client_cert("meshlimit")
+        .write(cert.as_ref(), key.as_ref());
+    let config = common::config_dir::plain(&[("traced.yaml", LIMITS)]);
+    let grpc = format!("https://{}", collector.grpc_addr);
+    let http = format!("https://{}", collector.http_addr);
+    let ca_file = file("ca.pem");
+    let trusted = [
+        QUICK_BATCHES,
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_file.as_str()),
+    ];
+    let identified = [
+        trusted[0],
+        trusted[1],
+        ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", cert.as_str()),
+        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", key.as_str()),
+    ];
+    let over_grpc = Meshlimit::start_with_env(
+        config.path(),
+        &["--otlp-endpoint", &grpc, "--otlp-protocol", "grpc"],
+        &identified,
+    );
+    let over_http =
+        Meshlimit::start_with_env(config.path(), &["--otlp-endpoint", &http], &identified);
+    // It trusts the collector but has no certificate to show: refused, spans dropped.
+    let anonymous = Meshlimit::start_with_env(config.path(), &["--otlp-endpoint", &http], &trusted);
+    for (n, server) in [&over_grpc, &over_http, &anonymous].into_iter().enumerate() {
+        let traceparent = format!("00-{:032x}-{:016x}-01", 0xc1e0 + n, 0xc1e0 + n);
+        assert_eq!(call_traced(server, "hal", &traceparent).await, Code::Ok);
+    }
+    let spans = collector.wait_for("a span over each mTLS transport", |spans| spans.len() >= 2);
+    let mut via: Vec<&str> = spans.iter().map(|span| text(span, "via")).collect();
+    via.sort_unstable();
+    assert_eq!(via, ["grpc", "http"], "{spans:#?}");
+    expect_dropped(&anonymous, 1);
+    assert_eq!(collector.spans().len(), 2, "nothing from the anonymous one");
+}
+
+#[tokio::test]
 async fn a_collector_answering_megabytes_is_not_read_past_a_limit() {
     // Answers every export 200 with a 64 MiB body, streamed until the exporter hangs up.
     let flood = TcpListener::bind("127.0.0.1:0").expect("bind a flooding collector");

@@ -168,7 +168,7 @@ fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
             "GRPC_HOST/GRPC_PORT",
         ),
         (&[("BACKEND_TYPE", "memcache")], "BACKEND_TYPE=memcache"),
-        (&[("CONFIG_TYPE", "GRPC_XDS_SOTW")], "YAML files only"),
+        (&[("CONFIG_TYPE", "GRPC_XDS_DELTA")], "GRPC_XDS_SOTW"),
     ];
     for (env, expected) in cases {
         let mut serve = command();

@@ -65,11 +65,25 @@ impl Default for LoadOptions {
 /// names are symlinks through `..data`, so each file is still read once).
 pub fn load_dir(dir: &Path, options: &LoadOptions) -> Result<RateLimitConfig, ConfigErrors> {
     let files = config_files(dir).map_err(|error| ConfigErrors(vec![error]))?;
+    let texts = files.into_iter().map(|path| {
+        let label: Arc<str> = path.display().to_string().into();
+        let text = read_text(&path);
+        (label, text)
+    });
+    load_texts(texts, options)
+}
+
+/// Loads config files given as text, each named by its label in errors, exactly as
+/// `load_dir` loads a directory's: for configs that arrive another way (xDS). A file that
+/// could not be read is passed as its error, reported with the others.
+pub fn load_texts(
+    texts: impl IntoIterator<Item = (Arc<str>, Result<String, ConfigError>)>,
+    options: &LoadOptions,
+) -> Result<RateLimitConfig, ConfigErrors> {
     let mut parsed = Vec::new();
     let mut errors = Vec::new();
-    for path in files {
-        let label: Arc<str> = path.display().to_string().into();
-        match read_text(&path).and_then(|text| parse(&label, &text)) {
+    for (label, text) in texts {
+        match text.and_then(|text| parse(&label, &text)) {
             Ok(file) => parsed.push((label, file)),
             Err(error) => errors.push(error),
         }

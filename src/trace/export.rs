@@ -22,47 +22,10 @@ use crate::codec::wire::put_bytes;
 use crate::codec::{Decode, Encode, SmallBufferCodec};
 use crate::metrics::Metrics;
 use crate::proto::opentelemetry::collector::trace::v1::ExportTraceServiceResponse;
+use crate::tls::TlsConnect;
 
 /// The collector's gRPC method.
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-
-/// Connects the gRPC channel to an https:// collector: TCP, then TLS offering h2.
-#[derive(Clone)]
-struct TlsConnect {
-    tls: tokio_rustls::TlsConnector,
-}
-
-impl tonic::codegen::Service<http::Uri> for TlsConnect {
-    type Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
-    type Error = std::io::Error;
-    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let tls = self.tls.clone();
-        Box::pin(async move { Ok(TokioIo::new(connect_tls(&tls, &uri).await?)) })
-    }
-}
-
-/// TCP to `uri`'s host and port (443 when it names none), then TLS checking the
-/// certificate is for that host.
-async fn connect_tls(
-    tls: &tokio_rustls::TlsConnector,
-    uri: &http::Uri,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let host = uri.host().unwrap_or_default();
-    let port = uri.port_u16().unwrap_or(443);
-    let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
-    let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
-        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
-    tls.connect(name, tcp).await
-}
 
 /// An `ExportTraceServiceRequest`, already encoded (see `encode`).
 struct EncodedRequest(Vec<u8>);
@@ -127,9 +90,7 @@ impl Exporter {
                     headers.insert(key, value);
                 }
                 let tls = tls_for(options, b"h2")?;
-                // tonic refuses an https:// URI unless its own TLS (another rustls set-up,
-                // with its own roots) is built in; the TLS here is `TlsConnect`'s, so the
-                // channel is given the address as http://.
+                // The TLS is `TlsConnect`'s, so the channel is given the address as http://.
                 let address = match tls {
                     Some(_) => options.endpoint.replacen("https://", "http://", 1),
                     None => options.endpoint.clone(),
@@ -139,7 +100,10 @@ impl Exporter {
                     .connect_timeout(options.timeout)
                     .timeout(options.timeout);
                 let channel = match tls {
-                    Some(tls) => endpoint.connect_with_connector_lazy(TlsConnect { tls }),
+                    Some(tls) => endpoint.connect_with_connector_lazy(TlsConnect {
+                        tls,
+                        server_name: None,
+                    }),
                     None => endpoint.connect_lazy(),
                 };
                 Wire::Grpc {
@@ -233,7 +197,7 @@ fn tls_for(
     if !options.endpoint.starts_with("https://") {
         return Ok(None);
     }
-    let config = crate::tls::client_config(options.ca.as_deref(), alpn)
+    let config = crate::tls::client_config(options.ca.as_deref(), alpn, options.identity.as_ref())
         .map_err(|error| format!("OTLP endpoint {}: {error}", options.endpoint))?;
     Ok(Some(tokio_rustls::TlsConnector::from(config)))
 }
@@ -258,7 +222,9 @@ async fn post(
     let cannot_connect = |error: std::io::Error| format!("cannot connect: {error}");
     match tls {
         Some(tls) => {
-            let stream = connect_tls(tls, uri).await.map_err(cannot_connect)?;
+            let stream = crate::tls::connect(tls, uri, None)
+                .await
+                .map_err(cannot_connect)?;
             exchange(TokioIo::new(stream), request).await
         }
         None => {

@@ -45,6 +45,9 @@ pub struct TracingOptions {
     /// For an https:// endpoint: the CAs the collector's certificate must come from
     /// (`OTEL_EXPORTER_OTLP_CERTIFICATE`), else the system's.
     pub ca: Option<std::path::PathBuf>,
+    /// The client certificate offered to a collector that asks for one
+    /// (`OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and `_CLIENT_KEY`).
+    pub identity: Option<crate::tls::ClientIdentity>,
     /// Sent with every export (`OTEL_EXPORTER_OTLP_HEADERS`), e.g. a collector's API key.
     pub headers: Vec<(String, String)>,
     /// The most one export may take.
@@ -163,17 +166,44 @@ pub fn resolve(
         "OTEL_EXPORTER_OTLP_CERTIFICATE",
     ])
     .map(|(_, path)| std::path::PathBuf::from(path));
+    let identity = identity(&first)?;
 
     Ok(Some(TracingOptions {
         transport,
         endpoint,
         ca,
+        identity,
         headers,
         timeout,
         sampler: sampler(flags, &env)?,
         resource,
         batch: batch(&env)?,
     }))
+}
+
+/// OpenTelemetry's client certificate variables: both files, or neither.
+fn identity(
+    first: &impl Fn(&[&'static str]) -> Option<(&'static str, String)>,
+) -> Result<Option<crate::tls::ClientIdentity>, String> {
+    let cert = first(&[
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    ]);
+    let key = first(&[
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    ]);
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some((_, cert)), Some((_, key))) => Ok(Some(crate::tls::ClientIdentity {
+            cert: cert.into(),
+            key: key.into(),
+        })),
+        (Some((name, _)), None) | (None, Some((name, _))) => Err(format!(
+            "{name} is set alone: a client certificate needs both \
+             OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY"
+        )),
+    }
 }
 
 /// A hint for an operator who set an OTLP endpoint and expected spans.
@@ -473,6 +503,40 @@ mod tests {
         ]);
         assert_eq!(grpc.endpoint, "https://collector:4317");
         assert_eq!(grpc.ca, None);
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        let options = on(&[
+            (
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                "/etc/otel/client.pem",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+                "/etc/otel/client-key.pem",
+            ),
+        ]);
+        assert_eq!(
+            options.identity,
+            Some(crate::tls::ClientIdentity {
+                cert: "/etc/otel/client.pem".into(),
+                key: "/etc/otel/client-key.pem".into(),
+            })
+        );
+        let alone = resolve_with(
+            &TracingFlags::default(),
+            &[
+                ("TRACING_ENABLED", "true"),
+                (
+                    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                    "/etc/otel/client.pem",
+                ),
+            ],
+        )
+        .unwrap_err();
+        assert!(alone.contains("OTEL_EXPORTER_OTLP_CLIENT_KEY"), "{alone}");
+        assert_eq!(on(&[]).identity, None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::process::Supervised;
-use super::tls::Issued;
+use super::tls::{Ca, Issued};
 use super::{poll_until, repo_root, venv_tool};
 
 pub struct Collector {
@@ -21,15 +21,20 @@ pub struct Collector {
 
 impl Collector {
     pub fn start() -> Collector {
-        Collector::start_with(None)
+        Collector::start_with(None, None)
     }
 
     /// A collector whose ports speak TLS only, with the certificate `issued`.
     pub fn start_tls(issued: &Issued) -> Collector {
-        Collector::start_with(Some(issued))
+        Collector::start_with(Some(issued), None)
     }
 
-    fn start_with(tls: Option<&Issued>) -> Collector {
+    /// Like `start_tls`, also requiring a client certificate `client_ca` signed.
+    pub fn start_mtls(issued: &Issued, client_ca: &Ca) -> Collector {
+        Collector::start_with(Some(issued), Some(client_ca))
+    }
+
+    fn start_with(tls: Option<&Issued>, client_ca: Option<&Ca>) -> Collector {
         let dir = tempfile::tempdir().expect("create a temp dir for the collector");
         let spans = dir.path().join("spans.jsonl");
         let mut command = Command::new(venv_tool("MESHLIMIT_PYTHON", "bin/python"));
@@ -40,6 +45,11 @@ impl Collector {
             let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
             issued.write(&cert, &key);
             command.arg(&cert).arg(&key);
+            if let Some(ca) = client_ca {
+                let path = dir.path().join("client-ca.pem");
+                std::fs::write(&path, ca.pem()).expect("write the client CA");
+                command.arg(path);
+            }
         }
         let mut process = Supervised::spawn("otlp-collector", command, dir);
         let mut ports = None;

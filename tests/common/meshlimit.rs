@@ -25,6 +25,7 @@ const INHERITED_SETTINGS: &[&str] = &[
     "MESHLIMIT_CONFIG",
     "MESHLIMIT_GRPC_ADDR",
     "MESHLIMIT_ADMIN_ADDR",
+    "MESHLIMIT_XDS_SERVER",
     "MESHLIMIT_DEFAULT_ALGORITHM",
     // What responses carry, including envoyproxy/ratelimit's variables of the same meaning.
     "MESHLIMIT_RESPONSE_HEADERS",
@@ -89,6 +90,18 @@ enum Placement<'a> {
     Flags(&'a Path),
     /// envoyproxy/ratelimit's variables only.
     Environment,
+    /// `--grpc-addr` and `--admin-addr`, no config directory: the config comes another
+    /// way (`--xds-server`).
+    Addresses,
+}
+
+/// What a start waits for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    /// `/healthcheck` answers 200 OK: a config is loaded.
+    Healthy,
+    /// `/healthcheck` answers at all, healthy or not.
+    Listening,
 }
 
 pub struct Meshlimit {
@@ -127,10 +140,37 @@ impl Meshlimit {
         Meshlimit::start_placed(Placement::Environment, &[], env)
     }
 
+    /// Like `start_envoyproxy_style`, waited on only until its admin port answers, healthy
+    /// or not.
+    pub fn start_envoyproxy_style_unready(env: &[(&str, &str)]) -> Meshlimit {
+        Meshlimit::start_ready(Placement::Environment, Readiness::Listening, &[], env)
+    }
+
+    /// `meshlimit serve` with its addresses and `extra_args` only (e.g. `--xds-server`),
+    /// waited on until healthy.
+    pub fn start_without_dir(extra_args: &[&str], env: &[(&str, &str)]) -> Meshlimit {
+        Meshlimit::start_placed(Placement::Addresses, extra_args, env)
+    }
+
+    /// Like `start_without_dir`, waited on only until its admin port answers, healthy or
+    /// not: for a server that has no config yet.
+    pub fn start_unready(extra_args: &[&str], env: &[(&str, &str)]) -> Meshlimit {
+        Meshlimit::start_ready(Placement::Addresses, Readiness::Listening, extra_args, env)
+    }
+
     fn start_placed(placement: Placement, extra_args: &[&str], env: &[(&str, &str)]) -> Meshlimit {
+        Meshlimit::start_ready(placement, Readiness::Healthy, extra_args, env)
+    }
+
+    fn start_ready(
+        placement: Placement,
+        readiness: Readiness,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Meshlimit {
         let mut attempt = 1;
         loop {
-            match Meshlimit::try_start(placement, extra_args, env) {
+            match Meshlimit::try_start(placement, readiness, extra_args, env) {
                 Ok(server) => return server,
                 Err(failure) if failure.lost_port_race && attempt < START_ATTEMPTS => attempt += 1,
                 Err(failure) => panic!("meshlimit did not become healthy:\n{}", failure.report),
@@ -140,6 +180,7 @@ impl Meshlimit {
 
     fn try_start(
         placement: Placement,
+        readiness: Readiness,
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Meshlimit, StartFailure> {
@@ -147,7 +188,7 @@ impl Meshlimit {
         let admin_addr = free_loopback_addr();
         let dir = tempfile::tempdir().expect("create a temp dir for meshlimit");
         let mut command = match placement {
-            Placement::Flags(_) => {
+            Placement::Flags(_) | Placement::Addresses => {
                 let mut command = command();
                 command.arg("serve");
                 command
@@ -172,6 +213,13 @@ impl Meshlimit {
                     .arg("--admin-addr")
                     .arg(admin_addr.to_string());
             }
+            Placement::Addresses => {
+                command
+                    .arg("--grpc-addr")
+                    .arg(grpc_addr.to_string())
+                    .arg("--admin-addr")
+                    .arg(admin_addr.to_string());
+            }
             Placement::Environment => {
                 command
                     .env("HOST", admin_addr.ip().to_string())
@@ -187,10 +235,15 @@ impl Meshlimit {
             process: Supervised::spawn("meshlimit", command, dir),
         };
 
-        let what = format!("GET http://{admin_addr}/healthcheck answered 200 OK");
+        let what = match readiness {
+            Readiness::Healthy => format!("GET http://{admin_addr}/healthcheck answered 200 OK"),
+            Readiness::Listening => format!("GET http://{admin_addr}/healthcheck answered"),
+        };
         server.process.wait_ready(STARTUP_TIMEOUT, &what, || {
-            http::get(admin_addr, "/healthcheck", &[])
-                .is_ok_and(|response| response.status == 200 && response.text().trim() == "OK")
+            http::get(admin_addr, "/healthcheck", &[]).is_ok_and(|response| {
+                readiness == Readiness::Listening
+                    || (response.status == 200 && response.text().trim() == "OK")
+            })
         })?;
         Ok(server)
     }

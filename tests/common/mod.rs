@@ -11,6 +11,7 @@
 //! - `stack`: meshlimit, the upstream and Envoy in front of them, for end-to-end tests
 //! - `tls`: a test CA issuing server and client certificates, and a raw TLS client
 //! - `collector`: an OTLP trace collector that keeps the spans it receives
+//! - `xds`: an xDS management server serving rate limit configs, as Envoy Gateway does
 //!
 //! Each test binary compiles this module separately and uses only part of it.
 #![allow(dead_code)]
@@ -25,6 +26,7 @@ pub mod redis;
 pub mod stack;
 pub mod tls;
 pub mod upstream;
+pub mod xds;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -4,9 +4,10 @@ It decodes with the Python code PyPI's `xds-protos` generates from OpenTelemetry
 protos (Envoy's API depends on them), so meshlimit's hand-written OTLP protos are checked
 against an independent copy, and real Envoy exports its spans to the same place.
 
-    python tests/wire/otlp_collector.py SPANS_FILE [CERT KEY]
+    python tests/wire/otlp_collector.py SPANS_FILE [CERT KEY [CLIENT_CA]]
 
-With a PEM certificate and key, both ports speak TLS only. Prints
+With a PEM certificate and key, both ports speak TLS only; with CLIENT_CA too, they
+require a client certificate it signed. Prints
 `listening grpc=PORT http=PORT` once both loopback ports are bound, then appends
 every span received as one JSON line to SPANS_FILE: where it came in, the exporting
 service's name, the ids in hex, name, kind, attributes, status, and the request's headers.
@@ -88,10 +89,18 @@ def main():
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    tls = sys.argv[2:4]
+    tls = sys.argv[2:5]
+    client_ca = tls[2] if len(tls) > 2 else None
     if tls:
         with open(tls[0], "rb") as cert, open(tls[1], "rb") as key:
-            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            pair = (key.read(), cert.read())
+        roots = None
+        if client_ca:
+            with open(client_ca, "rb") as ca:
+                roots = ca.read()
+        credentials = grpc.ssl_server_credentials(
+            [pair], root_certificates=roots, require_client_auth=roots is not None
+        )
         grpc_port = server.add_secure_port("127.0.0.1:0", credentials)
     else:
         grpc_port = server.add_insecure_port("127.0.0.1:0")
@@ -123,6 +132,9 @@ def main():
     if tls:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(tls[0], tls[1])
+        if client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(client_ca)
         web.socket = context.wrap_socket(web.socket, server_side=True)
     print(f"listening grpc={grpc_port} http={web.server_address[1]}", flush=True)
     web.serve_forever()
