@@ -1715,3 +1715,81 @@ async fn broken_http2_and_grpc_framing_is_answered_or_closed() {
         still_serves(&server, name).await;
     }
 }
+
+/// An xDS resource's bytes as a control plane (or an attacker in its place) might send
+/// them, through what the xDS client does with a response: decode, write out, load. An
+/// error must name the resource; nothing may panic.
+fn load_xds_resource(bytes: Vec<u8>) -> Result<(), String> {
+    let resource = prost_types::Any {
+        type_url: meshlimit::xds::resource::TYPE_URL.to_owned(),
+        value: bytes,
+    };
+    let (label, text) = meshlimit::xds::resource::decode(0, &resource)?;
+    assert!(label.starts_with("xds:"), "{label}");
+    on_reload_sized_stack(move || {
+        meshlimit::config::load_texts(
+            [(Arc::<str>::from(label), Ok(text))],
+            &LoadOptions::default(),
+        )
+        .map(|_| ())
+        .map_err(|errors| {
+            let text = errors.to_string();
+            assert!(
+                text.contains("xds:"),
+                "an error without its resource: {text}"
+            );
+            text
+        })
+    })
+}
+
+/// A `RateLimitConfig` whose descriptors nest `levels` deep, encoded by prost.
+fn nested_xds_config(levels: usize) -> Vec<u8> {
+    use meshlimit::proto::ratelimit_config::{RateLimitConfig, RateLimitDescriptor};
+    use prost::Message as _;
+    let mut node = RateLimitDescriptor {
+        key: "leaf".into(),
+        ..RateLimitDescriptor::default()
+    };
+    for level in 0..levels {
+        node = RateLimitDescriptor {
+            key: format!("k{level}"),
+            descriptors: vec![node],
+            ..RateLimitDescriptor::default()
+        };
+    }
+    RateLimitConfig {
+        name: "deep".into(),
+        domain: "edge".into(),
+        descriptors: vec![node],
+    }
+    .encode_to_vec()
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    #[test]
+    fn xds_resources_of_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = load_xds_resource(bytes);
+    }
+}
+
+#[test]
+fn deep_xds_resources_are_an_error_not_a_stack_overflow() {
+    assert!(
+        load_xds_resource(nested_xds_config(8)).is_ok(),
+        "8 levels must load"
+    );
+    for levels in [40, 99, 500, 5_000] {
+        let started = Instant::now();
+        let error =
+            load_xds_resource(nested_xds_config(levels)).expect_err("deeper than the loader takes");
+        eprintln!(
+            "{levels} levels: refused in {:?}: {}",
+            started.elapsed(),
+            first_line(&error)
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+}

@@ -21,14 +21,31 @@ pub fn decode(index: usize, resource: &prost_types::Any) -> Result<(String, Stri
             resource.type_url
         ));
     }
-    let config = RateLimitConfig::decode(resource.value.as_slice())
-        .map_err(|error| format!("resource {index} is not a valid RateLimitConfig: {error}"))?;
+    let config = RateLimitConfig::decode(resource.value.as_slice()).map_err(|error| {
+        format!(
+            "resource {index} is not a valid RateLimitConfig: {}",
+            shortened(&error.to_string())
+        )
+    })?;
     let label = if config.name.is_empty() {
         format!("xds:resource {index}")
     } else {
         format!("xds:{}", config.name)
     };
     Ok((label, config_text(&config)))
+}
+
+/// prost names every message on the way down to a problem: a hundred levels of nesting
+/// make a message of kilobytes. The start and the problem itself are what help.
+fn shortened(message: &str) -> String {
+    const KEEP: usize = 120;
+    match message.char_indices().nth(KEEP) {
+        Some((cut, _)) if message.len() > 2 * KEEP => {
+            let problem = message.rsplit(": ").next().unwrap_or_default();
+            format!("{}…: {problem}", &message[..cut])
+        }
+        _ => message.to_owned(),
+    }
 }
 
 /// The config file `config` stands for. Fields at their proto3 default are left out, so
@@ -293,6 +310,16 @@ descriptors:
             value: vec![0x0a, 0xff],
         };
         assert!(decode(3, &broken).unwrap_err().contains("resource 3"));
+        let long = format!(
+            "failed: {}recursion limit reached",
+            "Node.children: ".repeat(100)
+        );
+        let short = shortened(&long);
+        assert!(
+            short.len() < 200 && short.ends_with("…: recursion limit reached"),
+            "{short}"
+        );
+        assert_eq!(shortened("short: message"), "short: message");
         let good = prost_types::Any {
             type_url: TYPE_URL.into(),
             value: RateLimitConfig {
