@@ -1,7 +1,9 @@
 //! What the policy model and the client-facing features cost on the decision path:
 //! a flat config against a deep inherited tree of the same size (inheritance is resolved at
 //! load time, so they should cost the same), and a policy with headers, soft limit and
-//! penalty box against a plain one.
+//! penalty box against a plain one. Off the decision path: what loading a config costs when
+//! it arrives from an xDS server (decoded, written out, loaded) against the same config
+//! read as a file.
 //!
 //!     cargo bench --bench policy
 
@@ -165,5 +167,90 @@ fn features(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, inheritance, features);
+/// 20 domains of 100 users, each user with two routes of its own: 6 000 rules, as an
+/// xDS snapshot (one resource per domain) and as the same files.
+fn snapshot() -> (Vec<prost_types::Any>, Vec<(Arc<str>, String)>) {
+    use meshlimit::proto::ratelimit_config::{
+        RateLimitConfig as XdsConfig, RateLimitDescriptor as XdsNode, RateLimitPolicy,
+    };
+    use prost::Message as _;
+    let limit = |unit, requests_per_unit| {
+        Some(RateLimitPolicy {
+            unit,
+            requests_per_unit,
+            ..RateLimitPolicy::default()
+        })
+    };
+    let mut resources = Vec::new();
+    let mut files = Vec::new();
+    for d in 0..20 {
+        let mut yaml = format!("domain: d{d}\ndescriptors:\n");
+        let mut users = Vec::new();
+        for u in 0..100 {
+            let _ = write!(
+                yaml,
+                "  - key: user\n    value: u{u}\n    rate_limit: {{unit: minute, requests_per_unit: 100}}\n    descriptors:\n"
+            );
+            let mut routes = Vec::new();
+            for r in 0..2 {
+                let _ = write!(
+                    yaml,
+                    "      - key: path\n        value: /r{r}\n        rate_limit: {{unit: second, requests_per_unit: 5}}\n"
+                );
+                routes.push(XdsNode {
+                    key: "path".into(),
+                    value: format!("/r{r}"),
+                    rate_limit: limit(1, 5),
+                    ..XdsNode::default()
+                });
+            }
+            users.push(XdsNode {
+                key: "user".into(),
+                value: format!("u{u}"),
+                rate_limit: limit(2, 100),
+                descriptors: routes,
+                ..XdsNode::default()
+            });
+        }
+        let config = XdsConfig {
+            name: format!("d{d}"),
+            domain: format!("d{d}"),
+            descriptors: users,
+        };
+        resources.push(prost_types::Any {
+            type_url: meshlimit::xds::resource::TYPE_URL.into(),
+            value: config.encode_to_vec(),
+        });
+        files.push((Arc::<str>::from(format!("d{d}.yaml")), yaml));
+    }
+    (resources, files)
+}
+
+fn config_load(c: &mut Criterion) {
+    let mut group = c.benchmark_group("config_load_6000_rules");
+    group.sample_size(10);
+    let (resources, files) = snapshot();
+    let options = LoadOptions::default();
+    group.bench_function("files", |b| {
+        b.iter(|| {
+            let texts = files
+                .iter()
+                .map(|(name, yaml)| (name.clone(), Ok(yaml.clone())));
+            black_box(meshlimit::config::load_texts(texts, &options).expect("valid"))
+        })
+    });
+    group.bench_function("xds_snapshot", |b| {
+        b.iter(|| {
+            let texts = resources.iter().enumerate().map(|(i, resource)| {
+                let (label, text) =
+                    meshlimit::xds::resource::decode(i, resource).expect("valid resource");
+                (Arc::<str>::from(label), Ok(text))
+            });
+            black_box(meshlimit::config::load_texts(texts, &options).expect("valid"))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, inheritance, features, config_load);
 criterion_main!(benches);
