@@ -144,9 +144,8 @@ pub struct ClientIdentity {
     pub key: PathBuf,
 }
 
-/// Connects a tonic channel over meshlimit's own TLS: TCP, then TLS with `tls`'s settings.
-/// tonic refuses an https:// address unless its own TLS (another rustls set-up, with
-/// other roots) is built in, so a channel using this is given the address as http://.
+/// Connects a tonic channel over meshlimit's own TLS: TCP, then TLS with `tls`'s settings
+/// (see `grpc_channel`).
 #[derive(Clone)]
 pub struct TlsConnect {
     pub tls: tokio_rustls::TlsConnector,
@@ -170,6 +169,34 @@ impl tonic::codegen::Service<http::Uri> for TlsConnect {
             Ok(hyper_util::rt::TokioIo::new(stream))
         })
     }
+}
+
+/// A lazily connected gRPC channel to `url`, with `tune` applied to its endpoint (timeouts,
+/// keep-alive): in the clear for http://, over `tls` for https://. tonic refuses to dial an
+/// https:// address without its own TLS built in, so the channel dials it as http://
+/// through `TlsConnect`, while its requests name the https:// origin (`:scheme https`), as
+/// a strict gRPC server expects on a TLS connection. The error says what is wrong with
+/// `url`.
+pub fn grpc_channel(
+    url: &str,
+    tls: Option<TlsConnect>,
+    tune: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+) -> Result<tonic::transport::Channel, String> {
+    use tonic::transport::Endpoint;
+    let endpoint = match &tls {
+        Some(_) => {
+            let origin: http::Uri = url.parse().map_err(|error| format!("{url}: {error}"))?;
+            Endpoint::from_shared(url.replacen("https://", "http://", 1))
+                .map_err(|error| format!("{url}: {error}"))?
+                .origin(origin)
+        }
+        None => Endpoint::from_shared(url.to_owned()).map_err(|error| format!("{url}: {error}"))?,
+    };
+    let endpoint = tune(endpoint);
+    Ok(match tls {
+        Some(tls) => endpoint.connect_with_connector_lazy(tls),
+        None => endpoint.connect_lazy(),
+    })
 }
 
 /// TCP to `uri`'s host and port (443 when it names none), then TLS checking the

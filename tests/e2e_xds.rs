@@ -336,3 +336,52 @@ async fn an_mtls_server_gives_its_config_only_to_a_client_it_signed() {
     assert!(complained.is_some(), "{}", stranger.logs());
     assert_eq!(stranger.admin_get("/healthcheck").status, 500);
 }
+
+/// A strict gRPC server checks that a stream over TLS says `:scheme https`: meshlimit dials
+/// through its own TLS, and must still name the https:// origin. The server here is a raw
+/// HTTP/2 one, to see the pseudo-headers grpcio hides.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_the_stream_says_https_and_the_servers_name() {
+    let ca = Ca::new("xds scheme CA");
+    let acceptor = common::tls::h2_acceptor(&ca.server_cert());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let server = format!("https://{}:{port}", common::tls::SERVER_NAME);
+    let meshlimit = Meshlimit::start_unready(
+        &[
+            "--xds-server",
+            &server,
+            "--xds-ca",
+            ca_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let first_request = async {
+        let (tcp, _) = listener.accept().await.expect("meshlimit connects");
+        let tls = acceptor.accept(tcp).await.expect("the TLS handshake");
+        let mut connection = h2::server::handshake(tls)
+            .await
+            .expect("the HTTP/2 handshake");
+        let (request, _respond) = connection
+            .accept()
+            .await
+            .expect("a stream")
+            .expect("a valid stream");
+        request.uri().clone()
+    };
+    let uri = tokio::time::timeout(Duration::from_secs(30), first_request)
+        .await
+        .unwrap_or_else(|_| panic!("no stream within 30 s\n{}", meshlimit.logs()));
+    assert_eq!(uri.scheme_str(), Some("https"), "{uri}");
+    assert_eq!(
+        uri.authority().map(|a| a.as_str().to_owned()),
+        Some(format!("{}:{port}", common::tls::SERVER_NAME))
+    );
+    assert_eq!(
+        uri.path(),
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+    );
+}

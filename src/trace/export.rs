@@ -14,7 +14,7 @@ use prost::Message as _;
 use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::settings::{BatchSettings, Transport};
 use super::{Message, TracingOptions, encode};
@@ -89,23 +89,15 @@ impl Exporter {
                         MetadataValue::try_from(value.as_str()).map_err(|_| bad_header(name))?;
                     headers.insert(key, value);
                 }
-                let tls = tls_for(options, b"h2")?;
-                // The TLS is `TlsConnect`'s, so the channel is given the address as http://.
-                let address = match tls {
-                    Some(_) => options.endpoint.replacen("https://", "http://", 1),
-                    None => options.endpoint.clone(),
-                };
-                let endpoint = Endpoint::from_shared(address)
-                    .map_err(|error| format!("OTLP endpoint {}: {error}", options.endpoint))?
-                    .connect_timeout(options.timeout)
-                    .timeout(options.timeout);
-                let channel = match tls {
-                    Some(tls) => endpoint.connect_with_connector_lazy(TlsConnect {
-                        tls,
-                        server_name: None,
-                    }),
-                    None => endpoint.connect_lazy(),
-                };
+                let tls = tls_for(options, b"h2")?.map(|tls| TlsConnect {
+                    tls,
+                    server_name: None,
+                });
+                let timeout = options.timeout;
+                let channel = crate::tls::grpc_channel(&options.endpoint, tls, |endpoint| {
+                    endpoint.connect_timeout(timeout).timeout(timeout)
+                })
+                .map_err(|error| format!("OTLP endpoint {error}"))?;
                 Wire::Grpc {
                     client: tonic::client::Grpc::new(channel),
                     headers,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use http::uri::PathAndQuery;
 use tokio::sync::mpsc;
 use tonic::metadata::{MetadataKey, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::{self, LoadOptions};
 use crate::limiter::LiveConfig;
@@ -124,19 +124,17 @@ impl XdsClient {
                 options.server
             ));
         };
-        let address = options.server.replacen("https://", "http://", 1);
-        let endpoint = Endpoint::from_shared(address)
-            .map_err(|error| format!("xDS server {}: {error}", options.server))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        let channel = match tls {
-            Some(tls) => endpoint.connect_with_connector_lazy(TlsConnect {
-                tls,
-                server_name: options.server_name.clone(),
-            }),
-            None => endpoint.connect_lazy(),
-        };
+        let tls = tls.map(|tls| TlsConnect {
+            tls,
+            server_name: options.server_name.clone(),
+        });
+        let channel = crate::tls::grpc_channel(&options.server, tls, |endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_while_idle(true)
+        })
+        .map_err(|error| format!("xDS server {error}"))?;
         let mut headers = tonic::metadata::MetadataMap::new();
         for (name, value) in &options.headers {
             let bad = || {

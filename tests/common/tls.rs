@@ -170,3 +170,19 @@ impl Ca {
             .ok_or_else(|| format!("{addr} presented no certificate"))
     }
 }
+
+/// A TLS acceptor offering h2 with the certificate `issued`, for tests that stand in for a
+/// server meshlimit calls and look at the raw HTTP/2 request.
+pub fn h2_acceptor(issued: &Issued) -> tokio_rustls::TlsAcceptor {
+    let chain = vec![CertificateDer::from(issued.der.clone())];
+    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("the server key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("the server certificate");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
