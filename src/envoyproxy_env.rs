@@ -232,7 +232,12 @@ fn xds(
     let tls = flag("CONFIG_GRPC_XDS_SERVER_USE_TLS")? == Some(true);
     let address =
         env("CONFIG_GRPC_XDS_SERVER_URL").unwrap_or_else(|| DEFAULT_XDS_SERVER.to_owned());
-    // envoyproxy/ratelimit dials host:port; a URL written with its scheme is taken as is.
+    // envoyproxy/ratelimit dials host:port with grpc-go, which also takes a resolver's
+    // `dns:///host:port`; a URL written with its http(s) scheme is taken as is.
+    let address = address
+        .strip_prefix("dns:///")
+        .map(str::to_owned)
+        .unwrap_or(address);
     let server = if address.contains("://") {
         address
     } else {
@@ -773,6 +778,13 @@ mod tests {
                 ("team".to_owned(), "edge".to_owned())
             ]
         );
+
+        let resolver = read_of(&[
+            ("CONFIG_TYPE", "GRPC_XDS_SOTW"),
+            ("CONFIG_GRPC_XDS_SERVER_URL", "dns:///xds.example:18000"),
+        ])
+        .unwrap();
+        assert_eq!(resolver.xds.unwrap().server, "http://xds.example:18000");
 
         let plain = read_of(&[("CONFIG_TYPE", "grpc_xds_sotw")]).unwrap();
         let xds = plain.xds.expect("xDS is on");

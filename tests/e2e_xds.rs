@@ -47,6 +47,10 @@ fn gateway_env(server: &XdsServer) -> Vec<(&'static str, String)> {
         ("CONFIG_GRPC_XDS_NODE_ID", "envoy-gateway".to_owned()),
         ("CONFIG_GRPC_XDS_NODE_METADATA", "zone:eu-1".to_owned()),
         (
+            "CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS",
+            "x-tenant:blue".to_owned(),
+        ),
+        (
             "CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL",
             "200ms".to_owned(),
         ),
@@ -118,6 +122,10 @@ fn envoy_gateways_configs_are_applied_acknowledged_and_a_broken_one_refused() {
     assert_eq!(subscription["node_id"], "envoy-gateway", "{subscription:#}");
     assert_eq!(subscription["node_metadata"]["zone"], "eu-1");
     assert_eq!(subscription["user_agent_name"], "meshlimit");
+    assert_eq!(
+        subscription["headers"]["x-tenant"], "blue",
+        "{subscription:#}"
+    );
     assert_eq!(
         subscription["type_url"],
         "type.googleapis.com/ratelimit.config.ratelimit.v3.RateLimitConfig"
