@@ -409,6 +409,38 @@ async fn a_collector_asking_for_a_client_certificate_gets_the_one_configured() {
 }
 
 #[tokio::test]
+async fn a_busy_collector_is_tried_again_and_gets_the_spans() {
+    // Two refusals each: one transport's first export is refused twice and taken on the
+    // third try, within the export timeout.
+    for (protocol, refusals) in [("http/protobuf", 2), ("grpc", 2)] {
+        let collector = Collector::start_refusing(refusals);
+        let config = common::config_dir::plain(&[("traced.yaml", LIMITS)]);
+        let endpoint = match protocol {
+            "grpc" => format!("http://{}", collector.grpc_addr),
+            _ => format!("http://{}", collector.http_addr),
+        };
+        let server = Meshlimit::start_with_env(
+            config.path(),
+            &["--otlp-endpoint", &endpoint, "--otlp-protocol", protocol],
+            &[QUICK_BATCHES],
+        );
+        let traceparent = format!("00-{:032x}-{:016x}-01", 0xb05e, 0xb05e);
+        assert_eq!(call_traced(&server, "ivy", &traceparent).await, Code::Ok);
+        collector.wait_for("the span, after the refusals", |spans| spans.len() == 1);
+        let exported = poll_until(std::time::Duration::from_secs(10), || {
+            (server.metric("meshlimit_trace_spans_exported_total") == 1).then_some(())
+        });
+        assert!(exported.is_some(), "{protocol}: {}", server.logs());
+        assert_eq!(
+            server.metric("meshlimit_trace_spans_dropped_total"),
+            0,
+            "{protocol}: {}",
+            server.logs()
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_collector_answering_megabytes_is_not_read_past_a_limit() {
     // Answers every export 200 with a 64 MiB body, streamed until the exporter hangs up.
     let flood = TcpListener::bind("127.0.0.1:0").expect("bind a flooding collector");

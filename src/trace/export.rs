@@ -142,30 +142,42 @@ impl Exporter {
         })
     }
 
-    /// Sends `spans` in one request; the spans the collector took, or why none were.
+    /// Sends `spans` in one request; the spans the collector took, or why none were. A
+    /// failure OTLP calls transient (the collector busy, restarting, unreachable) is tried
+    /// again after a pause that doubles, for as long as the export timeout allows.
     async fn export(&mut self, spans: &[Vec<u8>]) -> Result<u64, String> {
         let count = spans.len() as u64;
         let request = encode::export_request(&self.resource, &self.scope, spans);
-        let answer = tokio::time::timeout(self.timeout, self.send(request))
-            .await
-            .map_err(|_| format!("no answer within {:?}", self.timeout))??;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut pause = FIRST_RETRY_PAUSE;
+        let answer = loop {
+            let attempt = tokio::time::timeout_at(deadline, self.send(request.clone())).await;
+            let failed = match attempt {
+                Ok(Ok(answer)) => break answer,
+                Ok(Err(failed)) => failed,
+                Err(_) => return Err(format!("no answer within {:?}", self.timeout)),
+            };
+            if !failed.transient || tokio::time::Instant::now() + pause >= deadline {
+                return Err(failed.why);
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        };
         let rejected = answer.partial_success.map_or(0, |partial| {
             u64::try_from(partial.rejected_spans).unwrap_or(0)
         });
         Ok(count.saturating_sub(rejected))
     }
 
-    async fn send(&mut self, request: Vec<u8>) -> Result<ExportTraceServiceResponse, String> {
+    async fn send(&mut self, request: Vec<u8>) -> Result<ExportTraceServiceResponse, Failed> {
         match &mut self.wire {
             Wire::Grpc { client, headers } => {
                 let mut call = tonic::Request::new(EncodedRequest(request));
                 *call.metadata_mut() = headers.clone();
-                let failed =
-                    |status: tonic::Status| format!("{:?}: {}", status.code(), status.message());
                 client
                     .ready()
                     .await
-                    .map_err(|error| format!("not connected: {error}"))?;
+                    .map_err(|error| Failed::transient(format!("not connected: {error}")))?;
                 client
                     .unary(
                         call,
@@ -174,9 +186,44 @@ impl Exporter {
                     )
                     .await
                     .map(tonic::Response::into_inner)
-                    .map_err(failed)
+                    .map_err(|status| {
+                        use tonic::Code;
+                        // OTLP's retryable gRPC codes.
+                        let transient = matches!(
+                            status.code(),
+                            Code::Cancelled
+                                | Code::DeadlineExceeded
+                                | Code::ResourceExhausted
+                                | Code::Aborted
+                                | Code::OutOfRange
+                                | Code::Unavailable
+                                | Code::DataLoss
+                        );
+                        Failed {
+                            why: format!("{:?}: {}", status.code(), status.message()),
+                            transient,
+                        }
+                    })
             }
             Wire::Http { uri, headers, tls } => post(uri, headers, tls.as_ref(), request).await,
+        }
+    }
+}
+
+/// The first pause before an export is tried again.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Why an export failed, and whether trying again may help.
+struct Failed {
+    why: String,
+    transient: bool,
+}
+
+impl Failed {
+    fn transient(why: String) -> Self {
+        Self {
+            why,
+            transient: true,
         }
     }
 }
@@ -201,7 +248,7 @@ async fn post(
     headers: &http::HeaderMap,
     tls: Option<&tokio_rustls::TlsConnector>,
     body: Vec<u8>,
-) -> Result<ExportTraceServiceResponse, String> {
+) -> Result<ExportTraceServiceResponse, Failed> {
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
     // Origin form (`POST /v1/traces`), as to a server rather than a proxy.
     let path = uri.path_and_query().map_or("/", |path| path.as_str());
@@ -209,9 +256,13 @@ async fn post(
         .header(http::header::HOST, authority)
         .header(http::header::CONTENT_TYPE, "application/x-protobuf")
         .body(Full::new(Bytes::from(body)))
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| Failed {
+            why: error.to_string(),
+            transient: false,
+        })?;
     request.headers_mut().extend(headers.clone());
-    let cannot_connect = |error: std::io::Error| format!("cannot connect: {error}");
+    let cannot_connect =
+        |error: std::io::Error| Failed::transient(format!("cannot connect: {error}"));
     match tls {
         Some(tls) => {
             let stream = crate::tls::connect(tls, uri, None)
@@ -232,30 +283,37 @@ async fn post(
 async fn exchange<IO>(
     io: IO,
     request: http::Request<Full<Bytes>>,
-) -> Result<ExportTraceServiceResponse, String>
+) -> Result<ExportTraceServiceResponse, Failed>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
         .await
-        .map_err(|error| format!("HTTP handshake: {error}"))?;
+        .map_err(|error| Failed::transient(format!("HTTP handshake: {error}")))?;
     let connection = tokio::spawn(connection);
     let result = async {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|error| format!("HTTP request: {error}"))?;
+            .map_err(|error| Failed::transient(format!("HTTP request: {error}")))?;
         let status = response.status();
         // An answer is a few bytes; a collector sending more is not read past this.
         let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
             .collect()
             .await
-            .map_err(|error| format!("HTTP response: {error}"))?
+            .map_err(|error| Failed {
+                why: format!("HTTP response: {error}"),
+                transient: false,
+            })?
             .to_bytes();
         if !status.is_success() {
             let start = body.get(..200).unwrap_or(&body);
             let text = String::from_utf8_lossy(start).into_owned();
-            return Err(format!("HTTP {status}: {text}"));
+            // OTLP/HTTP's retryable statuses.
+            return Err(Failed {
+                why: format!("HTTP {status}: {text}"),
+                transient: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+            });
         }
         // A collector may answer with an empty body; that is full success.
         Ok(ExportTraceServiceResponse::decode(body).unwrap_or_default())

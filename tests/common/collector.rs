@@ -21,23 +21,30 @@ pub struct Collector {
 
 impl Collector {
     pub fn start() -> Collector {
-        Collector::start_with(None, None)
+        Collector::start_with(None, None, 0)
+    }
+
+    /// A collector refusing its first `exports` exports as a busy one does (HTTP 503, gRPC
+    /// UNAVAILABLE), taking the rest.
+    pub fn start_refusing(exports: u32) -> Collector {
+        Collector::start_with(None, None, exports)
     }
 
     /// A collector whose ports speak TLS only, with the certificate `issued`.
     pub fn start_tls(issued: &Issued) -> Collector {
-        Collector::start_with(Some(issued), None)
+        Collector::start_with(Some(issued), None, 0)
     }
 
     /// Like `start_tls`, also requiring a client certificate `client_ca` signed.
     pub fn start_mtls(issued: &Issued, client_ca: &Ca) -> Collector {
-        Collector::start_with(Some(issued), Some(client_ca))
+        Collector::start_with(Some(issued), Some(client_ca), 0)
     }
 
-    fn start_with(tls: Option<&Issued>, client_ca: Option<&Ca>) -> Collector {
+    fn start_with(tls: Option<&Issued>, client_ca: Option<&Ca>, refuse_first: u32) -> Collector {
         let dir = tempfile::tempdir().expect("create a temp dir for the collector");
         let spans = dir.path().join("spans.jsonl");
         let mut command = Command::new(venv_tool("MESHLIMIT_PYTHON", "bin/python"));
+        command.env("COLLECTOR_REFUSE_FIRST", refuse_first.to_string());
         command
             .arg(repo_root().join("tests/wire/otlp_collector.py"))
             .arg(&spans);

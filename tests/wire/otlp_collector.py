@@ -6,7 +6,9 @@ against an independent copy, and real Envoy exports its spans to the same place.
 
     python tests/wire/otlp_collector.py SPANS_FILE [CERT KEY [CLIENT_CA]]
 
-With a PEM certificate and key, both ports speak TLS only; with CLIENT_CA too, they
+With COLLECTOR_REFUSE_FIRST=N in the environment, the first N exports (over either port)
+are refused as a busy collector refuses them: HTTP 503, gRPC UNAVAILABLE. With a PEM
+certificate and key, both ports speak TLS only; with CLIENT_CA too, they
 require a client certificate it signed. Prints
 `listening grpc=PORT http=PORT` once both loopback ports are bound, then appends
 every span received as one JSON line to SPANS_FILE: where it came in, the exporting
@@ -15,6 +17,7 @@ service's name, the ids in hex, name, kind, attributes, status, and the request'
 
 import http.server
 import json
+import os
 import ssl
 import sys
 import threading
@@ -26,6 +29,16 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 lock = threading.Lock()
+refusals_left = [int(os.environ.get("COLLECTOR_REFUSE_FIRST", "0"))]
+
+
+def refuse_this_one():
+    """True for the first COLLECTOR_REFUSE_FIRST exports."""
+    with lock:
+        if refusals_left[0] > 0:
+            refusals_left[0] -= 1
+            return True
+        return False
 
 
 def value_of(any_value):
@@ -73,6 +86,8 @@ def main():
     out = open(sys.argv[1], "a", encoding="utf-8")
 
     def export(request, context):
+        if refuse_this_one():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "busy, try again")
         headers = {key: value for key, value in context.invocation_metadata()}
         record(out, "grpc", request, headers)
         return trace_service_pb2.ExportTraceServiceResponse()
@@ -114,6 +129,9 @@ def main():
                 return
             if self.headers.get("Content-Type") != "application/x-protobuf":
                 self.send_error(415, "expected application/x-protobuf")
+                return
+            if refuse_this_one():
+                self.send_error(503, "busy, try again")
                 return
             request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
             headers = {key.lower(): value for key, value in self.headers.items()}
