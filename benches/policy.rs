@@ -241,12 +241,7 @@ fn config_load(c: &mut Criterion) {
     });
     group.bench_function("xds_snapshot", |b| {
         b.iter(|| {
-            let texts = resources.iter().enumerate().map(|(i, resource)| {
-                let (label, text) =
-                    meshlimit::xds::resource::decode(i, resource).expect("valid resource");
-                (Arc::<str>::from(label), Ok(text))
-            });
-            black_box(meshlimit::config::load_texts(texts, &options).expect("valid"))
+            black_box(meshlimit::xds::resource::load_snapshot(&resources, &options).expect("valid"))
         })
     });
     group.finish();

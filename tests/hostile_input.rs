@@ -1724,46 +1724,44 @@ fn load_xds_resource(bytes: Vec<u8>) -> Result<(), String> {
         type_url: meshlimit::xds::resource::TYPE_URL.to_owned(),
         value: bytes,
     };
-    let (label, text) = meshlimit::xds::resource::decode(0, &resource)?;
-    assert!(label.starts_with("xds:"), "{label}");
     on_reload_sized_stack(move || {
-        meshlimit::config::load_texts(
-            [(Arc::<str>::from(label), Ok(text))],
-            &LoadOptions::default(),
-        )
-        .map(|_| ())
-        .map_err(|errors| {
-            let text = errors.to_string();
-            assert!(
-                text.contains("xds:"),
-                "an error without its resource: {text}"
-            );
-            text
-        })
+        meshlimit::xds::resource::load_snapshot(&[resource], &LoadOptions::default())
+            .map(|_| ())
+            .map_err(|errors| {
+                let text = errors.to_string();
+                assert!(
+                    text.starts_with("xds:"),
+                    "an error without its resource: {text}"
+                );
+                text
+            })
     })
 }
 
-/// A `RateLimitConfig` whose descriptors nest `levels` deep, encoded by prost.
+/// A `RateLimitConfig` whose descriptors nest `levels` deep, encoded level by level: a
+/// nested struct that deep would overflow the test's own stack to build, encode and drop.
 fn nested_xds_config(levels: usize) -> Vec<u8> {
-    use meshlimit::proto::ratelimit_config::{RateLimitConfig, RateLimitDescriptor};
-    use prost::Message as _;
-    let mut node = RateLimitDescriptor {
-        key: "leaf".into(),
-        ..RateLimitDescriptor::default()
-    };
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    fn field(out: &mut Vec<u8>, number: u32, bytes: &[u8]) {
+        encode_key(number, WireType::LengthDelimited, out);
+        encode_varint(bytes.len() as u64, out);
+        out.extend_from_slice(bytes);
+    }
+    // RateLimitDescriptor: key = 1, descriptors = 4; RateLimitConfig: name = 1,
+    // domain = 2, descriptors = 3.
+    let mut node = Vec::new();
+    field(&mut node, 1, b"leaf");
     for level in 0..levels {
-        node = RateLimitDescriptor {
-            key: format!("k{level}"),
-            descriptors: vec![node],
-            ..RateLimitDescriptor::default()
-        };
+        let mut parent = Vec::new();
+        field(&mut parent, 1, format!("k{level}").as_bytes());
+        field(&mut parent, 4, &node);
+        node = parent;
     }
-    RateLimitConfig {
-        name: "deep".into(),
-        domain: "edge".into(),
-        descriptors: vec![node],
-    }
-    .encode_to_vec()
+    let mut config = Vec::new();
+    field(&mut config, 1, b"deep");
+    field(&mut config, 2, b"edge");
+    field(&mut config, 3, &node);
+    config
 }
 
 proptest! {

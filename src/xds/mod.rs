@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tonic::metadata::{MetadataKey, MetadataValue};
 use tonic::transport::Channel;
 
-use crate::config::{self, LoadOptions};
+use crate::config::LoadOptions;
 use crate::limiter::LiveConfig;
 use crate::metrics::Metrics;
 use crate::proto::envoy::config::core::v3::Node;
@@ -273,18 +273,15 @@ impl XdsClient {
 
     /// Loads every resource of `response` as one config and puts it live, or says why not.
     async fn apply(&self, response: &DiscoveryResponse) -> Result<(), String> {
-        let mut texts = Vec::with_capacity(response.resources.len());
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        for (index, resource) in response.resources.iter().enumerate() {
-            let (label, text) = resource::decode(index, resource)?;
+        for resource in &response.resources {
             hasher.update(&resource.value);
-            texts.push((Arc::<str>::from(label), Ok(text)));
         }
-        let load = self.load;
-        // Compiling recurses once per level of the tree: on the reload stack, off the
-        // request threads, as a config directory is.
+        let (resources, load) = (response.resources.clone(), self.load);
+        // Decoding and compiling recurse once per level of a tree: on the reload stack, off
+        // the request threads (whose 2 MiB a deep resource overflowed in a debug build).
         let loaded = tokio::task::spawn_blocking(move || {
-            reload::on_loader_stack(|| config::load_texts(texts, &load))
+            reload::on_loader_stack(|| resource::load_snapshot(&resources, &load))
         })
         .await
         .ok()

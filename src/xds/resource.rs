@@ -5,25 +5,57 @@
 //! reads), and loaded by the same code as the files: every check and every error message
 //! is the same whichever way a config arrives.
 
+use std::sync::Arc;
+
 use prost::Message as _;
 use serde::Serialize;
+
+use crate::config::{self, ConfigError, ConfigErrors, LoadOptions};
 
 use crate::proto::ratelimit_config::{RateLimitConfig, RateLimitDescriptor, RateLimitPolicy};
 
 /// The type URL of the resources meshlimit subscribes to.
 pub const TYPE_URL: &str = "type.googleapis.com/ratelimit.config.ratelimit.v3.RateLimitConfig";
 
+/// Loads every resource of a response as one config, as a directory's files are loaded
+/// together; a resource that does not decode is one more error, named after it. Decoding,
+/// writing out and compiling each recurse once per level of a descriptor tree: run this on
+/// the loader's stack (`reload::on_loader_stack`), as the xDS client does.
+pub fn load_snapshot(
+    resources: &[prost_types::Any],
+    options: &LoadOptions,
+) -> Result<crate::matcher::RateLimitConfig, ConfigErrors> {
+    let texts =
+        resources
+            .iter()
+            .enumerate()
+            .map(|(index, resource)| match decode(index, resource) {
+                Ok((label, text)) => (Arc::<str>::from(label), Ok(text)),
+                Err(message) => {
+                    let label = format!("xds:resource {index}");
+                    let error = ConfigError {
+                        file: label.clone(),
+                        line: 0,
+                        column: 0,
+                        message,
+                    };
+                    (Arc::<str>::from(label), Err(error))
+                }
+            });
+    config::load_texts(texts, options)
+}
+
 /// One resource of a response, decoded: the label its errors carry and its config text.
-pub fn decode(index: usize, resource: &prost_types::Any) -> Result<(String, String), String> {
+fn decode(index: usize, resource: &prost_types::Any) -> Result<(String, String), String> {
     if resource.type_url != TYPE_URL {
         return Err(format!(
-            "resource {index} is a {}; a rate limit service takes {TYPE_URL} only",
+            "a {}, where a rate limit service takes {TYPE_URL} only",
             resource.type_url
         ));
     }
     let config = RateLimitConfig::decode(resource.value.as_slice()).map_err(|error| {
         format!(
-            "resource {index} is not a valid RateLimitConfig: {}",
+            "not a valid RateLimitConfig: {}",
             shortened(&error.to_string())
         )
     })?;
@@ -163,7 +195,7 @@ fn unit(number: i32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{LoadOptions, load_texts};
+    use crate::config::load_texts;
     use crate::proto::ratelimit_config::RateLimitReplace;
 
     fn node(key: &str, value: &str, limit: Option<RateLimitPolicy>) -> RateLimitDescriptor {
@@ -305,11 +337,22 @@ descriptors:
             value: vec![],
         };
         assert!(decode(0, &other).unwrap_err().contains("Cluster"));
+        let errors = load_snapshot(&[other], &LoadOptions::default()).unwrap_err();
+        assert!(
+            errors
+                .to_string()
+                .starts_with("xds:resource 0: a type.googleapis.com/envoy.config.cluster"),
+            "{errors}"
+        );
         let broken = prost_types::Any {
             type_url: TYPE_URL.into(),
             value: vec![0x0a, 0xff],
         };
-        assert!(decode(3, &broken).unwrap_err().contains("resource 3"));
+        assert!(
+            decode(3, &broken)
+                .unwrap_err()
+                .contains("not a valid RateLimitConfig")
+        );
         let long = format!(
             "failed: {}recursion limit reached",
             "Node.children: ".repeat(100)
