@@ -73,6 +73,16 @@ pub enum ConfigSource {
     Xds(Box<XdsOptions>),
 }
 
+impl ConfigSource {
+    /// Where the config comes from, for the log.
+    fn describe(&self) -> String {
+        match self {
+            Self::Dir(dir) => dir.display().to_string(),
+            Self::Xds(xds) => format!("xDS {} as node {}", xds.server, xds.node_id),
+        }
+    }
+}
+
 /// `--store`: this process's memory, or Redis shared by every replica.
 #[derive(Debug, Clone)]
 pub enum StoreChoice {
@@ -109,10 +119,7 @@ pub const HEALTH_SERVICE_NAME: &str = "ratelimit";
 enum ConfigFeed {
     Dir(Arc<Reloader>),
     // Boxed: the client holds its settings and channel, the reloader is one pointer.
-    Xds {
-        live: LiveConfig,
-        client: Box<XdsClient>,
-    },
+    Xds(Box<XdsClient>),
 }
 
 impl ConfigFeed {
@@ -152,10 +159,7 @@ impl ConfigFeed {
                 let client =
                     XdsClient::new((**xds).clone(), options.load, live.clone(), metrics.clone())
                         .map_err(ServeError::Xds)?;
-                Ok(Self::Xds {
-                    live,
-                    client: Box::new(client),
-                })
+                Ok(Self::Xds(Box::new(client)))
             }
         }
     }
@@ -163,14 +167,7 @@ impl ConfigFeed {
     fn live(&self) -> LiveConfig {
         match self {
             Self::Dir(reloader) => reloader.live().clone(),
-            Self::Xds { live, .. } => live.clone(),
-        }
-    }
-
-    fn describe(&self, options: &ServeOptions) -> String {
-        match &options.config {
-            ConfigSource::Dir(dir) => dir.display().to_string(),
-            ConfigSource::Xds(xds) => format!("xDS {} as node {}", xds.server, xds.node_id),
+            Self::Xds(client) => client.live().clone(),
         }
     }
 
@@ -183,7 +180,7 @@ impl ConfigFeed {
                     .watch(watch_interval, hangup, shutdown_signal())
                     .await
             }
-            Self::Xds { client, .. } => {
+            Self::Xds(client) => {
                 let hangups = async move {
                     while hangup.recv().await.is_some() {
                         tracing::info!("SIGHUP: the config comes from xDS; nothing to reload");
@@ -309,7 +306,7 @@ async fn serve_with<S: CounterStore>(
         grpc = %local(&grpc_listener),
         admin = %local(&admin_listener),
         metrics = metrics_listener.as_ref().map(|(listener, path)| format!("{}{path}", local(listener))),
-        config = %feed.describe(&options),
+        config = %options.config.describe(),
         "meshlimit listening"
     );
 

@@ -91,12 +91,12 @@ pub fn client_config(
     alpn: &[u8],
     identity: Option<&ClientIdentity>,
 ) -> Result<Arc<ClientConfig>, String> {
+    // Not `read`: its message names the gRPC port's flags.
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))
+    };
     let roots = match ca {
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-            roots_from_pem(path, &pem).map_err(|error| error.to_string())?
-        }
+        Some(path) => roots_from_pem(path, &read(path)?).map_err(|error| error.to_string())?,
         None => {
             let mut roots = RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
@@ -121,10 +121,6 @@ pub fn client_config(
                 key: identity.key.clone(),
                 client_ca: None,
                 client_name: None,
-            };
-            let read = |path: &Path| {
-                std::fs::read(path)
-                    .map_err(|error| format!("cannot read {}: {error}", path.display()))
             };
             let certified = certified_key(&files, &read(&files.cert)?, &read(&files.key)?)
                 .map_err(|error| error.to_string())?;
@@ -197,6 +193,20 @@ pub fn grpc_channel(
         Some(tls) => endpoint.connect_with_connector_lazy(tls),
         None => endpoint.connect_lazy(),
     })
+}
+
+/// `headers` as gRPC metadata (names lower-cased), for meshlimit's own calls out; the
+/// error is the name of the first header that cannot be sent.
+pub fn grpc_metadata(headers: &[(String, String)]) -> Result<tonic::metadata::MetadataMap, String> {
+    use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+    let mut metadata = MetadataMap::new();
+    for (name, value) in headers {
+        let key = MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| name.clone())?;
+        let value = MetadataValue::try_from(value.as_str()).map_err(|_| name.clone())?;
+        metadata.insert(key, value);
+    }
+    Ok(metadata)
 }
 
 /// TCP to `uri`'s host and port (443 when it names none), then TLS checking the

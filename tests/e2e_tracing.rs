@@ -150,6 +150,16 @@ fn call(user: &str) -> RateLimitRequest {
 }
 
 /// ShouldRateLimit with `traceparent` set, as Envoy's OpenTelemetry tracer sets it.
+/// One call from `user` to each of `servers`, each in a sampled trace of its own (ids from
+/// `first_id` up), each expected OK.
+async fn one_sampled_call_each(servers: &[&Meshlimit], user: &str, first_id: usize) {
+    for (n, server) in servers.iter().enumerate() {
+        let id = first_id + n;
+        let traceparent = format!("00-{id:032x}-{id:016x}-01");
+        assert_eq!(call_traced(server, user, &traceparent).await, Code::Ok);
+    }
+}
+
 async fn call_traced(server: &Meshlimit, user: &str, traceparent: &str) -> Code {
     let mut client = server.client().await;
     let mut request = tonic::Request::new(call(user));
@@ -339,13 +349,7 @@ async fn https_collectors_are_reached_when_their_ca_is_trusted() {
     // hold the test CA): spans are dropped, decisions go on.
     let untrusting =
         Meshlimit::start_with_env(config.path(), &["--otlp-endpoint", &http], &[QUICK_BATCHES]);
-    for (n, server) in [&over_grpc, &over_http, &untrusting]
-        .into_iter()
-        .enumerate()
-    {
-        let traceparent = format!("00-{:032x}-{:016x}-01", 0xca00 + n, 0xca00 + n);
-        assert_eq!(call_traced(server, "gina", &traceparent).await, Code::Ok);
-    }
+    one_sampled_call_each(&[&over_grpc, &over_http, &untrusting], "gina", 0xca00).await;
     let spans = collector.wait_for("a span over each TLS transport", |spans| spans.len() >= 2);
     let mut via: Vec<&str> = spans.iter().map(|span| text(span, "via")).collect();
     via.sort_unstable();
@@ -396,10 +400,7 @@ async fn a_collector_asking_for_a_client_certificate_gets_the_one_configured() {
         Meshlimit::start_with_env(config.path(), &["--otlp-endpoint", &http], &identified);
     // It trusts the collector but has no certificate to show: refused, spans dropped.
     let anonymous = Meshlimit::start_with_env(config.path(), &["--otlp-endpoint", &http], &trusted);
-    for (n, server) in [&over_grpc, &over_http, &anonymous].into_iter().enumerate() {
-        let traceparent = format!("00-{:032x}-{:016x}-01", 0xc1e0 + n, 0xc1e0 + n);
-        assert_eq!(call_traced(server, "hal", &traceparent).await, Code::Ok);
-    }
+    one_sampled_call_each(&[&over_grpc, &over_http, &anonymous], "hal", 0xc1e0).await;
     let spans = collector.wait_for("a span over each mTLS transport", |spans| spans.len() >= 2);
     let mut via: Vec<&str> = spans.iter().map(|span| text(span, "via")).collect();
     via.sort_unstable();

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use prost::Message as _;
 use prost::bytes::Bytes;
 use tokio::sync::mpsc;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 
 use super::settings::{BatchSettings, Transport};
@@ -81,14 +81,8 @@ impl Exporter {
         };
         let wire = match options.transport {
             Transport::Grpc => {
-                let mut headers = MetadataMap::new();
-                for (name, value) in &options.headers {
-                    let key = MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
-                        .map_err(|_| bad_header(name))?;
-                    let value =
-                        MetadataValue::try_from(value.as_str()).map_err(|_| bad_header(name))?;
-                    headers.insert(key, value);
-                }
+                let headers = crate::tls::grpc_metadata(&options.headers)
+                    .map_err(|name| bad_header(&name))?;
                 let tls = tls_for(options, b"h2")?.map(|tls| TlsConnect {
                     tls,
                     server_name: None,

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use tokio::sync::mpsc;
-use tonic::metadata::{MetadataKey, MetadataValue};
 use tonic::transport::Channel;
 
 use crate::config::LoadOptions;
@@ -135,21 +134,12 @@ impl XdsClient {
                 .keep_alive_while_idle(true)
         })
         .map_err(|error| format!("xDS server {error}"))?;
-        let mut headers = tonic::metadata::MetadataMap::new();
-        for (name, value) in &options.headers {
-            let bad = || {
-                format!(
-                    "xDS header {name:?} cannot be sent: header names are letters, digits \
-                     and -, values printable ASCII"
-                )
-            };
-            let key =
-                MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|_| bad())?;
-            headers.insert(
-                key,
-                MetadataValue::try_from(value.as_str()).map_err(|_| bad())?,
-            );
-        }
+        let headers = crate::tls::grpc_metadata(&options.headers).map_err(|name| {
+            format!(
+                "xDS header {name:?} cannot be sent: header names are letters, digits and -, \
+                 values printable ASCII"
+            )
+        })?;
         let connected = Arc::new(AtomicBool::new(false));
         let gauge = connected.clone();
         metrics.gauge(
@@ -166,6 +156,11 @@ impl XdsClient {
             headers,
             connected,
         })
+    }
+
+    /// The config this client keeps current.
+    pub fn live(&self) -> &LiveConfig {
+        &self.live
     }
 
     /// Follows the server until `shutdown` resolves, reconnecting whenever the stream ends.
