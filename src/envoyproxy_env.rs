@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::statsd::StatsdOptions;
+use crate::statsd::{Dialect, Mogrifier, StatsdFormat, StatsdOptions};
 use crate::tls::{ClientIdentity, TlsFiles};
 use crate::xds::XdsOptions;
 
@@ -308,13 +308,24 @@ fn pairs(name: &str, text: &str) -> Result<Vec<(String, String)>, String> {
 }
 
 /// envoyproxy/ratelimit sends statsd unless `USE_STATSD=false`; meshlimit, whose metrics
-/// are on `/metrics` anyway, only when asked: `USE_STATSD=true`, or a statsd address set.
+/// are on `/metrics` anyway, only when asked: `USE_STATSD=true`, `USE_DOG_STATSD=true`, or a
+/// statsd address set.
 fn statsd(
     env: &impl Fn(&str) -> Option<String>,
     flag: &impl Fn(&str) -> Result<Option<bool>, String>,
 ) -> Result<Option<StatsdOptions>, String> {
+    let dog = flag("USE_DOG_STATSD")? == Some(true);
+    let plain = flag("USE_STATSD")?;
+    if dog && plain == Some(true) {
+        // envoyproxy/ratelimit refuses both at once too.
+        return Err(
+            "USE_DOG_STATSD=true and USE_STATSD=true: one statsd agent is sent to, \
+                    in one dialect; set USE_STATSD=false to send DogStatsD"
+                .to_owned(),
+        );
+    }
     let asked =
-        flag("USE_STATSD")?.unwrap_or(env("STATSD_HOST").is_some() || env("STATSD_PORT").is_some());
+        dog || plain.unwrap_or(env("STATSD_HOST").is_some() || env("STATSD_PORT").is_some());
     if !asked || flag("DISABLE_STATS")? == Some(true) {
         return Ok(None);
     }
@@ -337,7 +348,48 @@ fn statsd(
     } else {
         format!("{host}:{port}")
     };
-    Ok(Some(StatsdOptions { target, interval }))
+    let tags = match env("EXTRA_TAGS") {
+        Some(text) => pairs("EXTRA_TAGS", &text)?,
+        None => Vec::new(),
+    };
+    let (format, mogrifiers) = if dog {
+        (StatsdFormat::DogStatsd, mogrifiers(env)?)
+    } else {
+        (StatsdFormat::Plain, Vec::new())
+    };
+    Ok(Some(StatsdOptions {
+        target,
+        interval,
+        dialect: Dialect::new(format, tags, mogrifiers),
+    }))
+}
+
+/// `USE_DOG_STATSD_MOGRIFIERS=A,B` with `DOG_STATSD_MOGRIFIER_A_PATTERN`, `_NAME` and
+/// `_TAGS` for each, in the order named (the first match wins).
+fn mogrifiers(env: &impl Fn(&str) -> Option<String>) -> Result<Vec<Mogrifier>, String> {
+    let Some(labels) = env("USE_DOG_STATSD_MOGRIFIERS") else {
+        return Ok(Vec::new());
+    };
+    let labels = labels.split(',').map(str::trim).filter(|l| !l.is_empty());
+    labels
+        .map(|label| {
+            let var = |part: &str| format!("DOG_STATSD_MOGRIFIER_{label}_{part}");
+            let tags = match env(&var("TAGS")) {
+                Some(text) => pairs(&var("TAGS"), &text)?,
+                None => Vec::new(),
+            };
+            let pattern = env(&var("PATTERN")).unwrap_or_default();
+            let name = env(&var("NAME")).unwrap_or_default();
+            Mogrifier::new(label, &pattern, &name, tags).map_err(|error| {
+                format!(
+                    "{error} (set by {}, {} and {})",
+                    var("PATTERN"),
+                    var("NAME"),
+                    var("TAGS")
+                )
+            })
+        })
+        .collect()
 }
 
 /// Variables that are set and do nothing here, each with why.
@@ -393,15 +445,10 @@ fn ignored(
         &["PROMETHEUS_MAPPER_YAML"],
         "metric names are envoyproxy/ratelimit's defaults",
     );
-    note(
-        &["EXTRA_TAGS", "USE_DOG_STATSD_MOGRIFIERS"],
-        "statsd lines carry no tags",
-    );
-    if flag("USE_DOG_STATSD")? == Some(true) {
-        ignored.push(
-            "USE_DOG_STATSD=true ignored: meshlimit sends plain statsd lines (USE_STATSD=true), \
-             which a DogStatsD agent takes too, without tags"
-                .to_owned(),
+    if flag("USE_DOG_STATSD")? != Some(true) {
+        note(
+            &["USE_DOG_STATSD_MOGRIFIERS"],
+            "mogrifiers rewrite DogStatsD lines, sent with USE_DOG_STATSD=true",
         );
     }
     Ok(ignored)
@@ -799,7 +846,7 @@ mod tests {
         let read = read_of(&[
             ("REDIS_POOL_SIZE", "20"),
             ("REDIS_PIPELINE_WINDOW", "150us"),
-            ("USE_DOG_STATSD", "true"),
+            ("USE_DOG_STATSD_MOGRIFIERS", "HITS"),
             ("DEBUG_PORT", "6070"),
         ])
         .unwrap();
@@ -808,7 +855,7 @@ mod tests {
         assert!(
             read.ignored
                 .iter()
-                .any(|line| line.starts_with("USE_DOG_STATSD=true"))
+                .any(|line| line.starts_with("USE_DOG_STATSD_MOGRIFIERS ignored"))
         );
         assert!(
             read_of(&[("USE_STATSD", "false")])
@@ -824,10 +871,7 @@ mod tests {
         assert_eq!(read_of(&[("USE_STATSD", "false")]).unwrap().statsd, None);
         assert_eq!(
             read_of(&[("USE_STATSD", "true")]).unwrap().statsd,
-            Some(StatsdOptions {
-                target: "localhost:8125".into(),
-                interval: Duration::from_secs(10)
-            })
+            Some(StatsdOptions::new("localhost:8125".into()))
         );
         // An address alone asks for it; USE_STATSD=false or DISABLE_STATS still win.
         let read = read_of(&[
@@ -840,7 +884,8 @@ mod tests {
             read.statsd,
             Some(StatsdOptions {
                 target: "[::1]:9125".into(),
-                interval: Duration::from_millis(500)
+                interval: Duration::from_millis(500),
+                dialect: Dialect::default(),
             })
         );
         for off in [("USE_STATSD", "false"), ("DISABLE_STATS", "true")] {
@@ -855,5 +900,65 @@ mod tests {
                 .unwrap_err()
                 .contains("STATSD_PORT=x")
         );
+    }
+
+    #[test]
+    fn dogstatsd_with_extra_tags_and_mogrifiers_reads_as_envoyproxy_writes_it() {
+        let hits = "ratelimit.service.rate_limit.edge.user.over_limit";
+        let read = read_of(&[
+            ("USE_STATSD", "false"),
+            ("USE_DOG_STATSD", "true"),
+            ("EXTRA_TAGS", "env:prod,zone:eu-1"),
+            ("USE_DOG_STATSD_MOGRIFIERS", "HITS"),
+            (
+                "DOG_STATSD_MOGRIFIER_HITS_PATTERN",
+                r"^ratelimit\.service\.rate_limit\.([^.]+)\.(.+)\.([^.]+)$",
+            ),
+            (
+                "DOG_STATSD_MOGRIFIER_HITS_NAME",
+                "ratelimit.service.rate_limit.$3",
+            ),
+            ("DOG_STATSD_MOGRIFIER_HITS_TAGS", "domain:$1,descriptor:$2"),
+        ])
+        .unwrap();
+        assert!(read.ignored.is_empty(), "{:?}", read.ignored);
+        let statsd = read.statsd.expect("USE_DOG_STATSD=true sends");
+        assert_eq!(statsd.target, "localhost:8125");
+        assert_eq!(
+            statsd.dialect.line(hits, crate::statsd::Value::Count(1)),
+            "ratelimit.service.rate_limit.over_limit:1|c|#env:prod,zone:eu-1,domain:edge,descriptor:user"
+        );
+
+        // Plain statsd keeps EXTRA_TAGS in the name, as envoyproxy/ratelimit's TCP sink.
+        let plain = read_of(&[("USE_STATSD", "true"), ("EXTRA_TAGS", "env:prod")]).unwrap();
+        let line = plain
+            .statsd
+            .unwrap()
+            .dialect
+            .line(hits, crate::statsd::Value::Count(1));
+        assert_eq!(line, format!("{hits}.__env=prod:1|c"));
+    }
+
+    #[test]
+    fn dogstatsd_settings_that_cannot_work_are_refused_by_name() {
+        let both = read_of(&[("USE_DOG_STATSD", "true"), ("USE_STATSD", "true")]).unwrap_err();
+        assert!(both.contains("set USE_STATSD=false"), "{both}");
+        let dog = [
+            ("USE_DOG_STATSD", "true"),
+            ("USE_DOG_STATSD_MOGRIFIERS", "HITS"),
+        ];
+        let unset = read_of(&dog).unwrap_err();
+        assert!(unset.contains("mogrifier HITS has no pattern"), "{unset}");
+        assert!(
+            unset.contains("DOG_STATSD_MOGRIFIER_HITS_PATTERN"),
+            "{unset}"
+        );
+        let mut bad = dog.to_vec();
+        bad.push(("DOG_STATSD_MOGRIFIER_HITS_PATTERN", "(unclosed"));
+        bad.push(("DOG_STATSD_MOGRIFIER_HITS_NAME", "n"));
+        let bad = read_of(&bad).unwrap_err();
+        assert!(bad.contains("the pattern does not compile"), "{bad}");
+        let tags = read_of(&[("USE_STATSD", "true"), ("EXTRA_TAGS", "env")]).unwrap_err();
+        assert!(tags.contains("EXTRA_TAGS"), "{tags}");
     }
 }

@@ -16,7 +16,7 @@ use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
 use meshlimit::server::{self, ConfigSource, ServeOptions, StoreChoice};
 use meshlimit::simulate::{Pattern, Scenario};
-use meshlimit::statsd::StatsdOptions;
+use meshlimit::statsd::{StatsdFormat, StatsdOptions};
 use meshlimit::store::redis::settings::{self, RedisFlags};
 use meshlimit::store::redis::{FailureMode, RedisOptions, RedisTls};
 use meshlimit::xds::XdsOptions;
@@ -204,6 +204,14 @@ struct ServeArgs {
     /// How often to push to statsd [default: 10s, or STATS_FLUSH_INTERVAL].
     #[arg(long, env = "MESHLIMIT_STATSD_INTERVAL", value_parser = parse_interval)]
     statsd_interval: Option<Duration>,
+    /// The statsd agent's dialect: plain statsd, or DogStatsD with tags after `|#`
+    /// [default: plain, or dogstatsd with USE_DOG_STATSD=true].
+    #[arg(long, env = "MESHLIMIT_STATSD_FORMAT", value_enum)]
+    statsd_format: Option<StatsdDialect>,
+    /// A tag every `ratelimit.*` statsd stat carries, as key:value; repeat it for more
+    /// [default: EXTRA_TAGS]. Plain statsd writes it into the name (`.__key=value`).
+    #[arg(long = "statsd-tag", env = "MESHLIMIT_STATSD_TAGS", value_delimiter = ',', value_parser = parse_tag)]
+    statsd_tags: Vec<(String, String)>,
     /// Log lines as human-readable text or as JSON objects [default: text, or LOG_FORMAT].
     #[arg(long, env = "MESHLIMIT_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -599,6 +607,25 @@ impl PresentationArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum StatsdDialect {
+    Plain,
+    Dogstatsd,
+}
+
+/// `key:value` (or `key=value`).
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    let (key, value) = (text.split_once(':').or_else(|| text.split_once('=')))
+        .ok_or_else(|| format!("{text:?} has no value: write key:value, e.g. env:prod"))?;
+    let (key, value) = (key.trim(), value.trim());
+    if key.is_empty() || value.is_empty() {
+        return Err(format!(
+            "{text:?}: write both a key and a value, e.g. env:prod"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -801,7 +828,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             .max_connection_age
             .or(compat.max_connection_age)
             .filter(|age| !age.is_zero()),
-        statsd: statsd_options(args.statsd_addr, args.statsd_interval, compat.statsd),
+        statsd: statsd_options(
+            StatsdFlags {
+                addr: args.statsd_addr,
+                interval: args.statsd_interval,
+                format: args.statsd_format,
+                tags: args.statsd_tags,
+            },
+            compat.statsd,
+        ),
         tracing,
         load: args.counting.load_options(),
         cache_capacity: args.cache_capacity,
@@ -874,22 +909,32 @@ fn validate(dir: &std::path::Path, counting: CountingArgs) -> ExitCode {
     }
 }
 
-/// The flags' statsd agent, else envoyproxy/ratelimit's `USE_STATSD` one; the flag's
-/// interval wins over either's.
-fn statsd_options(
+/// The statsd flags, each `None` (or empty) when not given.
+struct StatsdFlags {
     addr: Option<String>,
     interval: Option<Duration>,
-    compat: Option<StatsdOptions>,
-) -> Option<StatsdOptions> {
-    let mut options = match addr {
-        Some(target) => StatsdOptions {
-            target,
-            interval: Duration::from_secs(10),
-        },
-        None => compat?,
+    format: Option<StatsdDialect>,
+    tags: Vec<(String, String)>,
+}
+
+/// envoyproxy/ratelimit's statsd settings with the flags laid over them: a flag's address,
+/// interval, dialect or tags win; its mogrifiers come only from the environment.
+fn statsd_options(flags: StatsdFlags, compat: Option<StatsdOptions>) -> Option<StatsdOptions> {
+    let mut options = match (flags.addr, compat) {
+        (Some(target), Some(compat)) => StatsdOptions { target, ..compat },
+        (Some(target), None) => StatsdOptions::new(target),
+        (None, compat) => compat?,
     };
-    if let Some(interval) = interval.filter(|i| !i.is_zero()) {
+    if let Some(interval) = flags.interval.filter(|i| !i.is_zero()) {
         options.interval = interval;
+    }
+    if flags.format.is_some() || !flags.tags.is_empty() {
+        let format = match flags.format {
+            Some(StatsdDialect::Plain) => StatsdFormat::Plain,
+            Some(StatsdDialect::Dogstatsd) => StatsdFormat::DogStatsd,
+            None => options.dialect.format,
+        };
+        options.dialect = options.dialect.with(format, flags.tags);
     }
     Some(options)
 }

@@ -129,6 +129,7 @@ impl RuleStats {
 #[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [f64],
+    /// One per bound, and one more for what took longer than the last.
     buckets: Vec<AtomicU64>,
     count: AtomicU64,
     sum_nanos: AtomicU64,
@@ -143,7 +144,9 @@ impl Default for Histogram {
     fn default() -> Self {
         Self {
             bounds: LATENCY_BUCKETS,
-            buckets: LATENCY_BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
+            buckets: (0..=LATENCY_BUCKETS.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             count: AtomicU64::new(0),
             sum_nanos: AtomicU64::new(0),
         }
@@ -153,14 +156,29 @@ impl Default for Histogram {
 impl Histogram {
     pub fn observe(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        if let Some(i) = self.bounds.iter().position(|bound| seconds <= *bound)
-            && let Some(bucket) = self.buckets.get(i)
-        {
+        let i =
+            (self.bounds.iter().position(|bound| seconds <= *bound)).unwrap_or(self.bounds.len());
+        if let Some(bucket) = self.buckets.get(i) {
             bucket.fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_nanos
             .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Each bucket as (its middle in milliseconds, the calls in it); the last, of calls
+    /// slower than the last bound, at that bound: statsd's timers take values, not ranges.
+    pub fn millis_buckets(&self) -> Vec<(f64, u64)> {
+        let mut lower = 0.0;
+        let middles = self.bounds.iter().map(|&upper| {
+            let middle = (lower + upper) / 2.0;
+            lower = upper;
+            middle
+        });
+        let slowest = self.bounds.last().copied().unwrap_or(0.0);
+        (middles.chain([slowest]).zip(&self.buckets))
+            .map(|(seconds, calls)| (seconds * 1e3, calls.load(Ordering::Relaxed)))
+            .collect()
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
@@ -330,6 +348,15 @@ impl Metrics {
                 "ratelimit.service.global_shadow_mode".to_owned(),
                 load(&self.global_shadow_mode),
             ),
+            // envoyproxy/ratelimit's only store is Redis: its name for a failed store call.
+            (
+                "ratelimit.service.call.should_rate_limit.redis_error".to_owned(),
+                load(&self.store_errors),
+            ),
+            (
+                "ratelimit_server.ShouldRateLimit.total_requests".to_owned(),
+                load(&self.decision_latency.count),
+            ),
         ];
         let rules = self.rules.lock();
         for ((domain, path), stats) in rules.iter() {
@@ -412,4 +439,32 @@ fn escape(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_read_as_their_middles_and_the_slowest_as_the_last_bound() {
+        let histogram = Histogram::default();
+        histogram.observe(Duration::from_micros(30));
+        histogram.observe(Duration::from_micros(40));
+        histogram.observe(Duration::from_secs(2));
+        let buckets = histogram.millis_buckets();
+        assert_eq!(buckets.len(), LATENCY_BUCKETS.len() + 1);
+        let filled: Vec<(f64, u64)> = buckets.into_iter().filter(|b| b.1 > 0).collect();
+        // 30 and 40 µs fall in (25 µs, 50 µs]; 2 s is past the last bound, 1 s.
+        assert_eq!(filled.len(), 2, "{filled:?}");
+        assert!(
+            (filled[0].0 - 0.0375).abs() < 1e-9 && filled[0].1 == 2,
+            "{filled:?}"
+        );
+        assert_eq!(filled[1], (1000.0, 1));
+        // The Prometheus rendering still counts the slow call only in +Inf.
+        let mut out = String::new();
+        histogram.render(&mut out, "t", "help");
+        assert!(out.contains("t_bucket{le=\"1\"} 2\n"), "{out}");
+        assert!(out.contains("t_bucket{le=\"+Inf\"} 3\n"), "{out}");
+    }
 }

@@ -414,9 +414,102 @@ async fn files_of_one_domain_are_served_together_when_merged() {
 }
 
 /// USE_STATSD: the counters reach a statsd agent (here, a UDP socket of the test's) under
-/// envoyproxy/ratelimit's names, as increments that add up to what happened.
+/// envoyproxy/ratelimit's names, as increments that add up to what happened, and every
+/// call's time as a timer.
 #[tokio::test]
 async fn counters_reach_statsd_under_envoyproxys_names() {
+    let agent = StatsdAgent::bind().await;
+    let port = agent.port();
+    let (server, _config) = three_calls_to_a_limit_of_two(&[
+        ("USE_STATSD", "true"),
+        ("STATSD_HOST", "127.0.0.1"),
+        ("STATSD_PORT", &port),
+        ("STATS_FLUSH_INTERVAL", "200ms"),
+        ("EXTRA_TAGS", "env:e2e"),
+    ])
+    .await;
+
+    // Plain statsd carries EXTRA_TAGS in the names of the service's stats.
+    let prefix = "ratelimit.service.rate_limit.statsd.user.";
+    let wanted = [
+        (format!("{prefix}total_hits.__env=e2e|c"), 3),
+        (format!("{prefix}within_limit.__env=e2e|c"), 2),
+        (format!("{prefix}over_limit.__env=e2e|c"), 1),
+        (
+            "ratelimit.service.config_load_success.__env=e2e|c".to_owned(),
+            1,
+        ),
+        (
+            "ratelimit_server.ShouldRateLimit.total_requests|c".to_owned(),
+            3,
+        ),
+        (
+            "ratelimit_server.ShouldRateLimit.response_time|ms".to_owned(),
+            3,
+        ),
+    ];
+    agent.wait_for_totals(&wanted, &server).await;
+}
+
+/// USE_DOG_STATSD: DogStatsD lines, with EXTRA_TAGS and a mogrifier turning the domain and
+/// descriptor out of the name into tags, as envoyproxy/ratelimit's Datadog users set it.
+#[tokio::test]
+async fn dogstatsd_lines_carry_extra_and_mogrified_tags() {
+    let agent = StatsdAgent::bind().await;
+    let port = agent.port();
+    let (server, _config) = three_calls_to_a_limit_of_two(&[
+        ("USE_STATSD", "false"),
+        ("USE_DOG_STATSD", "true"),
+        ("STATSD_HOST", "127.0.0.1"),
+        ("STATSD_PORT", &port),
+        ("STATS_FLUSH_INTERVAL", "200ms"),
+        ("EXTRA_TAGS", "env:e2e,cluster:eu.1"),
+        ("USE_DOG_STATSD_MOGRIFIERS", "HITS"),
+        (
+            "DOG_STATSD_MOGRIFIER_HITS_PATTERN",
+            r"^ratelimit\.service\.rate_limit\.([^.]+)\.(.+)\.([^.]+)$",
+        ),
+        (
+            "DOG_STATSD_MOGRIFIER_HITS_NAME",
+            "ratelimit.service.rate_limit.$3",
+        ),
+        ("DOG_STATSD_MOGRIFIER_HITS_TAGS", "domain:$1,descriptor:$2"),
+    ])
+    .await;
+
+    let tags = "#cluster:eu_1,env:e2e,domain:statsd,descriptor:user";
+    let wanted = [
+        (
+            format!("ratelimit.service.rate_limit.total_hits|c|{tags}"),
+            3,
+        ),
+        (
+            format!("ratelimit.service.rate_limit.within_limit|c|{tags}"),
+            2,
+        ),
+        (
+            format!("ratelimit.service.rate_limit.over_limit|c|{tags}"),
+            1,
+        ),
+        (
+            "ratelimit.service.config_load_success|c|#cluster:eu_1,env:e2e".to_owned(),
+            1,
+        ),
+        (
+            "ratelimit_server.ShouldRateLimit.total_requests|c".to_owned(),
+            3,
+        ),
+        (
+            "ratelimit_server.ShouldRateLimit.response_time|ms".to_owned(),
+            3,
+        ),
+    ];
+    agent.wait_for_totals(&wanted, &server).await;
+}
+
+/// meshlimit started with `env`, after answering three calls for one user under a limit of
+/// two an hour.
+async fn three_calls_to_a_limit_of_two(env: &[(&str, &str)]) -> (Meshlimit, tempfile::TempDir) {
     const LIMITS: &str = "\
 domain: statsd
 descriptors:
@@ -424,21 +517,8 @@ descriptors:
     rate_limit: {unit: hour, requests_per_unit: 2}
 ";
     common::avoid_window_edge(3_600, 20);
-    let agent = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind the test's statsd socket");
-    let port = agent.local_addr().expect("its address").port().to_string();
     let config = common::config_dir::plain(&[("statsd.yaml", LIMITS)]);
-    let server = Meshlimit::start_with_env(
-        config.path(),
-        &[],
-        &[
-            ("USE_STATSD", "true"),
-            ("STATSD_HOST", "127.0.0.1"),
-            ("STATSD_PORT", &port),
-            ("STATS_FLUSH_INTERVAL", "200ms"),
-        ],
-    );
+    let server = Meshlimit::start_with_env(config.path(), &[], env);
     let mut client = server.client().await;
     for _ in 0..3 {
         client
@@ -446,27 +526,55 @@ descriptors:
             .await
             .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()));
     }
+    (server, config)
+}
 
-    // Sum the increments by name until the three requests are all there.
-    let prefix = "ratelimit.service.rate_limit.statsd.user.";
-    let wanted = [
-        (format!("{prefix}total_hits"), 3),
-        (format!("{prefix}within_limit"), 2),
-        (format!("{prefix}over_limit"), 1),
-        ("ratelimit.service.config_load_success".to_owned(), 1),
-    ];
-    let mut totals = std::collections::HashMap::<String, u64>::new();
-    let mut buffer = vec![0u8; 65_536];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while wanted.iter().any(|(name, n)| totals.get(name) != Some(n)) {
-        let received = tokio::time::timeout_at(deadline, agent.recv(&mut buffer)).await;
-        let Ok(Ok(size)) = received else {
-            panic!("statsd totals after 15 s: {totals:?}\n{}", server.logs());
-        };
-        for line in String::from_utf8_lossy(&buffer[..size]).lines() {
-            let (name, rest) = line.split_once(':').expect("name:value|c");
-            let value = rest.strip_suffix("|c").expect("a counter");
-            *totals.entry(name.to_owned()).or_default() += value.parse::<u64>().unwrap();
+/// A statsd agent: a UDP socket of the test's that adds up what it is sent.
+struct StatsdAgent(tokio::net::UdpSocket);
+
+impl StatsdAgent {
+    async fn bind() -> Self {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await;
+        Self(socket.expect("bind the test's statsd socket"))
+    }
+
+    fn port(&self) -> String {
+        self.0.local_addr().expect("its address").port().to_string()
+    }
+
+    /// Receives until each of `wanted` adds up to its total. A line is keyed by its name
+    /// and the rest of it without the value and sample rate (`name|c|#tags`,
+    /// `name|ms`); a timer line counts the calls its sample rate stands for.
+    async fn wait_for_totals(&self, wanted: &[(String, u64)], server: &Meshlimit) {
+        let mut totals = std::collections::HashMap::<String, u64>::new();
+        let mut buffer = vec![0u8; 65_536];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while wanted.iter().any(|(key, n)| totals.get(key) != Some(n)) {
+            let received = tokio::time::timeout_at(deadline, self.0.recv(&mut buffer)).await;
+            let Ok(Ok(size)) = received else {
+                panic!("statsd totals after 15 s: {totals:#?}\n{}", server.logs());
+            };
+            for line in String::from_utf8_lossy(&buffer[..size]).lines() {
+                // Names hold no `:` (they are cleaned of it); DogStatsD tags do.
+                let (name, rest) =
+                    (line.split_once(':')).unwrap_or_else(|| panic!("not a statsd line: {line:?}"));
+                let mut parts = rest.split('|');
+                let value = parts.next().unwrap_or_default();
+                let mut key = name.to_owned();
+                let mut count: u64 = 1;
+                for part in parts {
+                    match part.strip_prefix('@') {
+                        Some(rate) => count = (1.0 / rate.parse::<f64>().unwrap()).round() as u64,
+                        None => key = format!("{key}|{part}"),
+                    }
+                }
+                if key.contains("|c") {
+                    count = value
+                        .parse()
+                        .unwrap_or_else(|_| panic!("a count: {line:?}"));
+                }
+                *totals.entry(key).or_default() += count;
+            }
         }
     }
 }
