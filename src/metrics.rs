@@ -182,16 +182,29 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
+        self.render_labeled(out, name, help, "");
+    }
+
+    /// `labels` (`key="value"`, or empty) go on every series.
+    fn render_labeled(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let (braces, comma) = if labels.is_empty() {
+            (String::new(), "")
+        } else {
+            (format!("{{{labels}}}"), ",")
+        };
         let mut cumulative = 0;
         for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{comma}le=\"{bound}\"}} {cumulative}"
+            );
         }
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{comma}le=\"+Inf\"}} {count}");
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        let _ = writeln!(out, "{name}_sum{braces} {sum}\n{name}_count{braces} {count}");
     }
 }
 
@@ -320,6 +333,7 @@ impl Metrics {
             "meshlimit_decision_duration_seconds",
             "Time to decide one ShouldRateLimit call.",
         );
+        self.render_envoyproxy_service(&mut out);
         self.store_latency.render(
             &mut out,
             "meshlimit_store_duration_seconds",
@@ -327,6 +341,29 @@ impl Metrics {
         );
         self.render_rules(&mut out);
         out
+    }
+
+    /// The call counts, times and errors again under the names envoyproxy/ratelimit's
+    /// Prometheus mapping gives them, so dashboards and alerts written for it keep working.
+    fn render_envoyproxy_service(&self, out: &mut String) {
+        const METHOD: &str = "grpc_method=\"ShouldRateLimit\"";
+        let calls = self.decision_latency.count.load(Ordering::Relaxed);
+        let errors = self.store_errors.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP ratelimit_service_total_requests ShouldRateLimit calls (meshlimit_decision_duration_seconds_count).\n\
+             # TYPE ratelimit_service_total_requests counter\n\
+             ratelimit_service_total_requests{{{METHOD}}} {calls}\n\
+             # HELP ratelimit_service_should_rate_limit_error Counter store calls that failed (meshlimit_store_errors_total).\n\
+             # TYPE ratelimit_service_should_rate_limit_error counter\n\
+             ratelimit_service_should_rate_limit_error{{err_type=\"redis_error\"}} {errors}"
+        );
+        self.decision_latency.render_labeled(
+            out,
+            "ratelimit_service_response_time_seconds",
+            "Time to decide one ShouldRateLimit call (meshlimit_decision_duration_seconds).",
+            METHOD,
+        );
     }
 
     /// Every counter under envoyproxy/ratelimit's statsd name, with its value: the service's
@@ -466,5 +503,25 @@ mod tests {
         histogram.render(&mut out, "t", "help");
         assert!(out.contains("t_bucket{le=\"1\"} 2\n"), "{out}");
         assert!(out.contains("t_bucket{le=\"+Inf\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn calls_times_and_errors_are_also_under_envoyproxys_prometheus_names() {
+        let metrics = Metrics::default();
+        for micros in [30, 40, 2_000] {
+            metrics.decision_latency.observe(Duration::from_micros(micros));
+        }
+        metrics.store_errors.fetch_add(2, Ordering::Relaxed);
+        let text = metrics.render();
+        for line in [
+            "ratelimit_service_total_requests{grpc_method=\"ShouldRateLimit\"} 3\n",
+            "ratelimit_service_should_rate_limit_error{err_type=\"redis_error\"} 2\n",
+            "ratelimit_service_response_time_seconds_bucket{grpc_method=\"ShouldRateLimit\",le=\"0.00005\"} 2\n",
+            "ratelimit_service_response_time_seconds_bucket{grpc_method=\"ShouldRateLimit\",le=\"+Inf\"} 3\n",
+            "ratelimit_service_response_time_seconds_count{grpc_method=\"ShouldRateLimit\"} 3\n",
+            "meshlimit_decision_duration_seconds_count 3\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
     }
 }
