@@ -204,7 +204,10 @@ impl Histogram {
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{comma}le=\"+Inf\"}} {count}");
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum{braces} {sum}\n{name}_count{braces} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {sum}\n{name}_count{braces} {count}"
+        );
     }
 }
 
@@ -509,7 +512,9 @@ mod tests {
     fn calls_times_and_errors_are_also_under_envoyproxys_prometheus_names() {
         let metrics = Metrics::default();
         for micros in [30, 40, 2_000] {
-            metrics.decision_latency.observe(Duration::from_micros(micros));
+            metrics
+                .decision_latency
+                .observe(Duration::from_micros(micros));
         }
         metrics.store_errors.fetch_add(2, Ordering::Relaxed);
         let text = metrics.render();

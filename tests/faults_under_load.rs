@@ -1,12 +1,14 @@
 //! Faults under load: while client tasks keep asking, Redis is killed and restarted, a
-//! flood of distinct keys arrives, and the config directory is rewritten with valid and
-//! invalid versions. Every request must still get a decision within the deadline, no
-//! server may panic, and the in-memory counters must stay within `--cache-capacity`.
+//! flood of distinct keys arrives, and the config is replaced with valid and invalid
+//! versions, through files and over xDS, whose server is killed and restarted too. Every
+//! request must still get a decision within the deadline, no server may panic, and the
+//! in-memory counters must stay within `--cache-capacity`.
 //!
-//! Two servers share the config directory and take the same flood: one on Redis with
-//! `--redis-failure-mode local` (the one Redis faults hit), and one on the memory store,
-//! whose `meshlimit_cache_entries` shows the bound holding (the Redis store does not
-//! export the size of its local fallback counters).
+//! Two servers take the same flood: one on Redis with `--redis-failure-mode local` (the
+//! one Redis faults hit), reading a config directory, and one on the memory store, whose
+//! `meshlimit_cache_entries` shows the bound holding (the Redis store does not export the
+//! size of its local fallback counters), taking its config from an xDS server as Envoy
+//! Gateway hands it out.
 //!
 //! CI runs it at a small size. `bench/faults.sh` runs it longer, in release, with the
 //! sizes below raised through the environment:
@@ -23,10 +25,12 @@ use std::time::{Duration, Instant};
 use common::config_dir;
 use common::meshlimit::Meshlimit;
 use common::redis::RedisServer;
+use common::xds::{Publisher, XdsServer};
 use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::rate_limit_service_client::RateLimitServiceClient;
 use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
 use parking_lot::Mutex;
+use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 /// An answer slower than this counts against the run. Generous: a debug build on a
@@ -62,6 +66,25 @@ fn config_versions() -> Vec<Vec<u8>> {
         valid_config(LIMITS[1]).into_bytes(),
         b"domain: faults\ndescriptors:\n  - key: user\n    rate_limit: {unit: second}\n".to_vec(),
         b"domain: faults\n\xff\xfe\n".to_vec(),
+    ]
+}
+
+/// The same versions as RateLimitConfig resources for the xDS server: both valid limits,
+/// one without a unit, and one whose descriptor has no key.
+fn xds_versions() -> Vec<Value> {
+    let config = |rate_limit: Value, key: &str| {
+        json!([{
+            "name": "faults/limits",
+            "domain": "faults",
+            "descriptors": [{"key": key, "rate_limit": rate_limit}],
+        }])
+    };
+    let valid = |limit: u32| json!({"unit": "SECOND", "requests_per_unit": limit});
+    vec![
+        config(valid(LIMITS[0]), "user"),
+        config(json!({"requests_per_unit": 5}), "user"),
+        config(valid(LIMITS[1]), "user"),
+        config(valid(LIMITS[0]), ""),
     ]
 }
 
@@ -175,18 +198,22 @@ async fn flood(channel: Channel, users: std::ops::Range<u64>, tally: Arc<Tally>)
     }
 }
 
-/// Rewrites the config every 150 ms, cycling through valid and invalid versions, until
-/// `stop`; then leaves the first version in place. Returns how many writes it made.
-async fn rewrite_config(dir: std::path::PathBuf, stop: Arc<AtomicBool>) -> u64 {
-    let versions = config_versions();
+/// Rewrites the config file, and publishes a new xDS version, every 150 ms, cycling
+/// through valid and invalid versions, until `stop`; then leaves the first version in
+/// place in both. Returns how many writes it made.
+async fn rewrite_config(dir: std::path::PathBuf, xds: Publisher, stop: Arc<AtomicBool>) -> u64 {
+    let (versions, xds_versions) = (config_versions(), xds_versions());
     let mut writes = 0;
     while !stop.load(Ordering::Relaxed) {
         let version = &versions[writes as usize % versions.len()];
         write_atomically(&dir, "faults.yaml", version);
+        let configs = xds_versions[writes as usize % xds_versions.len()].clone();
+        xds.publish(&writes.to_string(), configs);
         writes += 1;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     write_atomically(&dir, "faults.yaml", &versions[0]);
+    xds.publish("last", xds_versions[0].clone());
     writes
 }
 
@@ -220,6 +247,8 @@ async fn decisions_survive_redis_restarts_key_floods_and_config_rewrites() {
     let clients = setting("FAULTS_CLIENTS", 2) as usize;
 
     let dir = config_dir::plain(&[("faults.yaml", &valid_config(LIMITS[0]))]);
+    let mut xds = XdsServer::start();
+    xds.publish("first", xds_versions()[0].clone());
     let mut redis = RedisServer::start();
     let capacity = CACHE_CAPACITY.to_string();
     let url = redis.url();
@@ -241,7 +270,15 @@ async fn decisions_survive_redis_restarts_key_floods_and_config_rewrites() {
         ]
         .concat(),
     );
-    let in_memory = Meshlimit::start_with(dir.path(), &common_args);
+    let xds_url = xds.url();
+    let in_memory = Meshlimit::start_without_dir(
+        &[
+            &common_args[..],
+            &["--xds-server", &xds_url, "--xds-retry-interval", "100ms"],
+        ]
+        .concat(),
+        &[],
+    );
     let servers = [&on_redis, &in_memory];
     let loads_before: Vec<(u64, u64)> = servers
         .iter()
@@ -268,11 +305,16 @@ async fn decisions_survive_redis_restarts_key_floods_and_config_rewrites() {
             ));
         }
     }
-    let rewriter = tokio::spawn(rewrite_config(dir.path().to_owned(), stop.clone()));
+    let rewriter = tokio::spawn(rewrite_config(
+        dir.path().to_owned(),
+        xds.publisher(),
+        stop.clone(),
+    ));
 
     // The faults, spread over the run: a flood with Redis up (to both servers), Redis
     // killed and a second flood while it is down (the Redis server's local counters take
-    // it), Redis back, killed and back once more.
+    // it), Redis back, killed and back once more; the xDS server is down while Redis is
+    // the second time.
     let started = Instant::now();
     let step = Duration::from_secs(seconds) / 8;
     let half = flood_users / 2;
@@ -288,10 +330,16 @@ async fn decisions_survive_redis_restarts_key_floods_and_config_rewrites() {
     tokio::time::sleep(step * 2).await;
     tokio::task::block_in_place(|| redis.restart());
     tokio::time::sleep(step).await;
-    tokio::task::block_in_place(|| redis.kill());
+    tokio::task::block_in_place(|| {
+        redis.kill();
+        xds.kill();
+    });
     redis_kills += 1;
     tokio::time::sleep(step).await;
-    tokio::task::block_in_place(|| redis.restart());
+    tokio::task::block_in_place(|| {
+        redis.restart();
+        xds.restart();
+    });
     let until_end =
         (started + Duration::from_secs(seconds)).saturating_duration_since(Instant::now());
     tokio::time::sleep(until_end).await;
@@ -305,10 +353,12 @@ async fn decisions_survive_redis_restarts_key_floods_and_config_rewrites() {
     let writes = rewriter.await.expect("the config rewriter");
     let elapsed = started.elapsed();
 
-    // After the faults: both servers serve the last config, counting through Redis again.
+    // After the faults: both servers serve the last config, counting through Redis again,
+    // the memory one connected to the xDS server again.
     let mut recovered = false;
     for _ in 0..100 {
-        let degraded = metric(&on_redis, "meshlimit_redis_degraded");
+        let degraded = metric(&on_redis, "meshlimit_redis_degraded")
+            + (1 - metric(&in_memory, "meshlimit_xds_connected"));
         let mut answers = Vec::new();
         for channel in &channels {
             let mut client = RateLimitServiceClient::new(channel.clone());
@@ -360,10 +410,10 @@ async fn decisions_survive_redis_restarts_key_floods_and_config_rewrites() {
          ({:.0}/s), {slow} slower than {DEADLINE:?}, {errors} errors, {} lost decisions, \
          {wrong} wrong answers, {panicked} panics; latency p50 {:.1} ms, p99 {:.1} ms, \
          p99.9 {:.1} ms, max {:.1} ms; Redis killed {redis_kills}x ({fallbacks} checks \
-         answered locally); {flood_users} flooded users; memory store {cache_during} / \
+         answered locally), the xDS server once; {flood_users} flooded users; memory store {cache_during} / \
          {cache_entries} counters held (during / after, capacity {CACHE_CAPACITY}, \
          {evictions} evicted); meshlimit on Redis: RSS {rss_before} -> {rss_after} KiB; \
-         {writes} config writes, reloads ok/failed: redis {:?}, memory {:?}",
+         {writes} config writes, reloads ok/failed: redis (files) {:?}, memory (xDS) {:?}",
         answered as f64 / elapsed.as_secs_f64(),
         sent - answered,
         tally.percentile_millis(0.5),
@@ -390,7 +440,7 @@ async fn decisions_survive_redis_restarts_key_floods_and_config_rewrites() {
     );
     assert!(
         recovered,
-        "not back on Redis with the last config:\n{}",
+        "not back on Redis and xDS with the last config:\n{}",
         logs()
     );
     assert!(cache_entries <= CACHE_CAPACITY && cache_during <= CACHE_CAPACITY);

@@ -21,6 +21,21 @@ pub struct ServerTls<'a> {
     pub client_ca: Option<&'a Ca>,
 }
 
+/// Publishes snapshots to an `XdsServer`: see `XdsServer::publisher`.
+#[derive(Clone)]
+pub struct Publisher(PathBuf);
+
+impl Publisher {
+    /// Writes `configs` as `version` into the server's snapshot file, which it polls.
+    pub fn publish(&self, version: &str, configs: Value) {
+        let path = self.0.join("snapshot.json");
+        let temp = self.0.join(".snapshot.json.tmp");
+        let snapshot = json!({ "version": version, "configs": configs });
+        std::fs::write(&temp, snapshot.to_string()).expect("write the snapshot");
+        std::fs::rename(&temp, &path).expect("swap in the snapshot");
+    }
+}
+
 pub struct XdsServer {
     pub port: u16,
     /// The snapshot and the request log, kept across restarts.
@@ -95,11 +110,13 @@ impl XdsServer {
     /// Serves `configs` (RateLimitConfig resources as JSON) as `version`, pushing them to
     /// every open stream.
     pub fn publish(&self, version: &str, configs: Value) {
-        let path = self.state.path().join("snapshot.json");
-        let temp = self.state.path().join(".snapshot.json.tmp");
-        let snapshot = json!({ "version": version, "configs": configs });
-        std::fs::write(&temp, snapshot.to_string()).expect("write the snapshot");
-        std::fs::rename(&temp, &path).expect("swap in the snapshot");
+        self.publisher().publish(version, configs);
+    }
+
+    /// A handle that publishes to this server, for a task that does while the test kills
+    /// and restarts the server (a stopped server serves the latest snapshot on restart).
+    pub fn publisher(&self) -> Publisher {
+        Publisher(self.state.path().to_owned())
     }
 
     /// Every DiscoveryRequest received so far, oldest first.
