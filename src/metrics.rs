@@ -424,15 +424,21 @@ impl Metrics {
         let rules = self.rules.lock();
         let mut sorted: Vec<_> = rules.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(b.0));
-        for stat in [
-            "total_hits",
-            "over_limit",
-            "near_limit",
-            "within_limit",
-            "shadow_mode",
+        for (stat, help) in [
+            ("total_hits", "Hits counted against the rule."),
+            ("over_limit", "Hits over the rule's limit."),
+            (
+                "near_limit",
+                "Hits past NEAR_LIMIT_RATIO of the rule's limit.",
+            ),
+            ("within_limit", "Hits within the rule's limit."),
+            (
+                "shadow_mode",
+                "Hits over the limit let through by the rule's shadow mode.",
+            ),
         ] {
             let name = format!("ratelimit_service_rate_limit_{stat}");
-            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for ((domain, path), stats) in &sorted {
                 let key = rule_key(domain, path);
                 let value = stats.counters.get(stat);
