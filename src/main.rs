@@ -424,6 +424,10 @@ struct XdsArgs {
     /// [default: 3s, or CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL].
     #[arg(long, env = "MESHLIMIT_XDS_RETRY_INTERVAL", value_parser = parse_interval)]
     xds_retry_interval: Option<Duration>,
+    /// Warn when a subscription has gone this long without an answer, as a server does that
+    /// has no config for this node id [default: 15s].
+    #[arg(long, env = "MESHLIMIT_XDS_INITIAL_FETCH_TIMEOUT", value_parser = parse_interval)]
+    xds_initial_fetch_timeout: Option<Duration>,
     /// Answer every request OK until the first config arrives, instead of failing health
     /// checks [default: false, or FORCE_START_WITHOUT_INITIAL_CONFIG].
     #[arg(long, env = "MESHLIMIT_XDS_SERVE_BEFORE_CONFIG", action = clap::ArgAction::Set)]
@@ -444,6 +448,10 @@ impl XdsArgs {
                     ("--xds-client-cert", self.xds_client_cert.is_some()),
                     ("--xds-server-name", self.xds_server_name.is_some()),
                     ("--xds-retry-interval", self.xds_retry_interval.is_some()),
+                    (
+                        "--xds-initial-fetch-timeout",
+                        self.xds_initial_fetch_timeout.is_some(),
+                    ),
                     (
                         "--xds-serve-before-config",
                         self.xds_serve_before_config.is_some(),
@@ -474,6 +482,12 @@ impl XdsArgs {
                 return Err("--xds-retry-interval must be above zero, e.g. 3s".into());
             }
             options.retry_interval = interval;
+        }
+        if let Some(timeout) = self.xds_initial_fetch_timeout {
+            if timeout.is_zero() {
+                return Err("--xds-initial-fetch-timeout must be above zero, e.g. 15s".into());
+            }
+            options.initial_fetch_timeout = timeout;
         }
         if let Some(serve) = self.xds_serve_before_config {
             options.serve_before_config = serve;

@@ -255,7 +255,17 @@ async fn a_lost_server_costs_no_decision_and_is_rejoined_with_the_version_held()
 async fn before_the_first_config_health_fails_unless_asked_to_serve() {
     let xds = XdsServer::start();
     let url = xds.url();
-    let waiting = Meshlimit::start_unready(&["--xds-server", &url], &[]);
+    let waiting = Meshlimit::start_unready(
+        &[
+            "--xds-server",
+            &url,
+            "--xds-node-id",
+            "gateway-7",
+            "--xds-initial-fetch-timeout",
+            "300ms",
+        ],
+        &[],
+    );
     let serving = Meshlimit::start_unready(
         &["--xds-server", &url, "--xds-serve-before-config", "true"],
         &[],
@@ -273,6 +283,15 @@ async fn before_the_first_config_health_fails_unless_asked_to_serve() {
     let health = serving.admin_get("/healthcheck");
     assert_eq!(health.status, 200, "{}", serving.logs());
     assert_eq!(decide(&serving, "dee").await.unwrap(), Code::Ok);
+
+    // A subscription left unanswered is called out, with the node id a control plane
+    // without a config for it would ignore.
+    let warned = poll_until(Duration::from_secs(10), || {
+        let logs = waiting.logs();
+        logs.contains("has sent no config").then_some(logs)
+    })
+    .unwrap_or_else(|| panic!("no warning of the silence:\n{}", waiting.logs()));
+    assert!(warned.contains("node \"gateway-7\""), "{warned}");
 
     // The first config arrives: both serve, and limit.
     xds.publish("1", gateway_config(1, &[]));

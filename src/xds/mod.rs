@@ -60,6 +60,9 @@ pub struct XdsOptions {
     pub retry_interval: Duration,
     /// The largest response taken.
     pub max_message_bytes: usize,
+    /// How long a subscription may go unanswered before a warning says so (Envoy's
+    /// `initial_fetch_timeout`). The stream stays open: a server may answer late.
+    pub initial_fetch_timeout: Duration,
     /// Answer (with no limits) before the first config arrives, instead of failing health
     /// checks and answering UNAVAILABLE (FORCE_START_WITHOUT_INITIAL_CONFIG).
     pub serve_before_config: bool,
@@ -78,6 +81,7 @@ impl XdsOptions {
             server_name: None,
             retry_interval: Duration::from_secs(3),
             max_message_bytes: 4 * 1024 * 1024,
+            initial_fetch_timeout: Duration::from_secs(15),
             serve_before_config: false,
         }
     }
@@ -214,10 +218,12 @@ impl XdsClient {
             return not_answered(format!("cannot connect: {error}"));
         }
         let codec = tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryResponse>::default();
-        let mut inbound = match client
-            .streaming(call, PathAndQuery::from_static(ADS), codec)
-            .await
-        {
+        // Until the first response: a server may hold back even its response headers (a
+        // Python gRPC server does until it has a message), so the wait covers both.
+        let mut silent_until =
+            Some(tokio::time::Instant::now() + self.options.initial_fetch_timeout);
+        let opened = client.streaming(call, PathAndQuery::from_static(ADS), codec);
+        let mut inbound = match self.warn_if_silent(opened, &mut silent_until).await {
             Ok(response) => response.into_inner(),
             Err(status) => return not_answered(describe(&status)),
         };
@@ -225,7 +231,10 @@ impl XdsClient {
         tracing::info!(server = %self.options.server, node = %self.options.node_id, "xDS: subscribed to rate limit configs");
         let mut answered = false;
         loop {
-            let response = match inbound.message().await {
+            let received = self
+                .warn_if_silent(inbound.message(), &mut silent_until)
+                .await;
+            let response = match received {
                 Ok(Some(response)) => response,
                 Ok(None) => {
                     return Ended {
@@ -241,6 +250,7 @@ impl XdsClient {
                 }
             };
             answered = true;
+            silent_until = None;
             if response.type_url != resource::TYPE_URL {
                 // An aggregated stream may carry types this client never asked for.
                 tracing::debug!(type_url = %response.type_url, "xDS: skipped a response of another type");
@@ -264,6 +274,40 @@ impl XdsClient {
                 };
             }
         }
+    }
+
+    /// Awaits `step`; if `silent_until` passes first, warns (once: it is then cleared)
+    /// and goes on waiting. The most common reason a control plane says nothing is a node
+    /// id it has no config for: go-control-plane's snapshot cache, Envoy Gateway's among
+    /// them, holds such a subscription open and silent rather than refusing it.
+    async fn warn_if_silent<T>(
+        &self,
+        step: impl Future<Output = T>,
+        silent_until: &mut Option<tokio::time::Instant>,
+    ) -> T {
+        let Some(deadline) = *silent_until else {
+            return step.await;
+        };
+        tokio::pin!(step);
+        if let Ok(done) = tokio::time::timeout_at(deadline, &mut step).await {
+            return done;
+        }
+        *silent_until = None;
+        let meanwhile = if self.live.load().is_some() {
+            "the current config keeps serving"
+        } else {
+            "no config yet, so health checks fail"
+        };
+        tracing::warn!(
+            server = %self.options.server,
+            node = %self.options.node_id,
+            "xDS: the server took the subscription {:?} ago and has sent no config; a control \
+             plane answers only the node ids it has a config for: check that it knows node {:?} \
+             (--xds-node-id, CONFIG_GRPC_XDS_NODE_ID); {meanwhile}; still waiting",
+            self.options.initial_fetch_timeout,
+            self.options.node_id,
+        );
+        step.await
     }
 
     /// Loads every resource of `response` as one config and puts it live, or says why not.
