@@ -52,6 +52,8 @@ pub struct EnvoyproxyEnv {
     pub redis: bool,
     /// `REDIS_TIMEOUT`.
     pub redis_timeout: Option<Duration>,
+    /// `REDIS_HEALTH_CHECK_ACTIVE_CONNECTION`: health fails while Redis cannot be reached.
+    pub health_requires_redis: Option<bool>,
     /// `GRPC_MAX_CONNECTION_AGE`: how long a client connection lives before it is asked
     /// to go (GOAWAY) and reconnect, so new replicas get their share.
     pub max_connection_age: Option<Duration>,
@@ -177,6 +179,7 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
             .transpose()
     };
     read.redis_timeout = duration("REDIS_TIMEOUT", "50ms or 1s")?;
+    read.health_requires_redis = flag("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION")?;
     read.max_connection_age = duration("GRPC_MAX_CONNECTION_AGE", "24h or 5m")?;
     read.statsd = statsd(&env, &flag)?;
     read.ignored = ignored(&env, &flag)?;
@@ -415,9 +418,24 @@ fn ignored(
             "REDIS_PIPELINE_LIMIT",
             "REDIS_CLUSTER_PIPELINE_PARALLELISM",
             "REDIS_POOL_ON_EMPTY_BEHAVIOR",
+            "REDIS_USE_EXPLICIT_PIPELINE",
+            "REDIS_PERSECOND_POOL_SIZE",
+            "REDIS_PERSECOND_PIPELINE_WINDOW",
+            "REDIS_PERSECOND_PIPELINE_LIMIT",
+            "REDIS_PERSECOND_USE_EXPLICIT_PIPELINE",
+            "REDIS_PERSECOND_POOL_ON_EMPTY_BEHAVIOR",
         ],
         "meshlimit keeps one multiplexed connection per Redis node and sends each request's \
          counters in one script call",
+    );
+    note(
+        &["REDIS_PERSECOND_TIMEOUT"],
+        "the per-second Redis is waited on for REDIS_TIMEOUT (--redis-timeout), as the main one",
+    );
+    note(
+        &["HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED"],
+        "health always needs a loaded config (with xDS and FORCE_START_WITHOUT_INITIAL_CONFIG, \
+         the empty config it starts with counts)",
     );
     note(
         &["GRPC_MAX_CONNECTION_AGE_GRACE"],
@@ -960,5 +978,14 @@ mod tests {
         assert!(bad.contains("the pattern does not compile"), "{bad}");
         let tags = read_of(&[("USE_STATSD", "true"), ("EXTRA_TAGS", "env")]).unwrap_err();
         assert!(tags.contains("EXTRA_TAGS"), "{tags}");
+    }
+
+    #[test]
+    fn health_may_be_asked_to_follow_redis() {
+        assert_eq!(read_of(&[]).unwrap().health_requires_redis, None);
+        let asked = read_of(&[("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "true")]).unwrap();
+        assert_eq!(asked.health_requires_redis, Some(true));
+        let wrong = read_of(&[("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "yes please")]);
+        assert!(wrong.unwrap_err().contains("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION"));
     }
 }

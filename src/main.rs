@@ -259,6 +259,11 @@ struct StoreArgs {
     /// or local (in-memory counters, each limit divided by --replicas).
     #[arg(long, env = "MESHLIMIT_REDIS_FAILURE_MODE", value_enum, default_value_t = FailureMode::Allow)]
     redis_failure_mode: FailureMode,
+    /// Fail health checks (/healthcheck and gRPC health) while Redis cannot be reached, so
+    /// Kubernetes and Envoy send to other replicas; with every replica cut off from Redis
+    /// none is healthy [default: false, or REDIS_HEALTH_CHECK_ACTIVE_CONNECTION].
+    #[arg(long, env = "MESHLIMIT_HEALTH_REQUIRES_REDIS", action = clap::ArgAction::Set)]
+    health_requires_redis: Option<bool>,
     /// How many meshlimit replicas share the limits: each takes 1/replicas of every limit
     /// while Redis is away in the `local` failure mode.
     #[arg(long, env = "MESHLIMIT_REPLICAS", default_value_t = 1)]
@@ -802,6 +807,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             ConfigSource::Dir(dir)
         }
     };
+    let health_flag = args.store.health_requires_redis;
     let store = match args.store.choice(args.cache_capacity, &compat) {
         Ok(store) => store,
         Err(message) => {
@@ -868,6 +874,11 @@ fn serve(args: ServeArgs) -> ExitCode {
             quota: args.global_quota_mode,
             spare_when_turned_away: args.spare_when_turned_away,
         },
+        health_requires_redis: health_requires_redis(
+            &store,
+            health_flag,
+            compat.health_requires_redis,
+        ),
         store,
         tls: args.tls.files(compat.tls),
         drain_delay: args.drain_delay,
@@ -921,6 +932,19 @@ fn validate(dir: &std::path::Path, counting: CountingArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The flag, else envoyproxy/ratelimit's variable; meaningless (and said so) on the memory
+/// store, which is always reachable.
+fn health_requires_redis(store: &StoreChoice, flag: Option<bool>, compat: Option<bool>) -> bool {
+    let asked = flag.or(compat).unwrap_or(false);
+    if asked && matches!(store, StoreChoice::Memory) {
+        tracing::warn!(
+            "--health-requires-redis (REDIS_HEALTH_CHECK_ACTIVE_CONNECTION) ignored: the counters are in memory"
+        );
+        return false;
+    }
+    asked
 }
 
 /// The statsd flags, each `None` (or empty) when not given.

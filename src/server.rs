@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::admin::{self, AdminState, Health};
+use crate::admin::{self, AdminState, Health, StoreCheck};
 use crate::clock::SystemClock;
 use crate::config::{ConfigErrors, LoadOptions};
 use crate::envoyproxy_env::MetricsListener;
@@ -58,6 +58,9 @@ pub struct ServeOptions {
     pub global_modes: crate::limiter::GlobalModes,
     /// TLS (and with a client CA, mTLS) on the gRPC port.
     pub tls: Option<TlsFiles>,
+    /// Fail health checks while the Redis store cannot be reached (envoyproxy/ratelimit's
+    /// REDIS_HEALTH_CHECK_ACTIVE_CONNECTION).
+    pub health_requires_redis: bool,
     /// After a shutdown signal, how long to keep serving with failing health checks.
     pub drain_delay: Duration,
     /// How long in-flight requests may take to finish once listeners stop.
@@ -110,6 +113,14 @@ pub enum ServeError {
     Serve { what: &'static str, message: String },
     #[error("redis store: {0}")]
     Redis(#[from] RedisSetupError),
+}
+
+fn serving_status(healthy: bool) -> ServingStatus {
+    if healthy {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
 }
 
 /// The gRPC service name Envoy's health checks and envoyproxy/ratelimit users probe.
@@ -213,28 +224,54 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 "Counters evicted to stay within --cache-capacity.",
                 move || evictions.evictions(),
             );
-            serve_with(options, metrics, feed, store).await
+            serve_with(options, metrics, feed, store, None).await
         }
         StoreChoice::Redis(mut redis) => {
             let per_second = redis.per_second.take();
             let main = RedisStore::connect(*redis).await?;
             match per_second {
                 None => {
+                    let check = redis_check(&options, vec![main.clone()]);
                     redis_gauges(&metrics, vec![main.clone()]);
-                    serve_with(options, metrics, feed, main).await
+                    serve_with(options, metrics, feed, main, check).await
                 }
                 Some(per_second) => {
                     let per_second = RedisStore::connect(*per_second).await?;
                     tracing::info!(
                         "per-second limits are counted in their own Redis (REDIS_PERSECOND)"
                     );
-                    redis_gauges(&metrics, vec![main.clone(), per_second.clone()]);
+                    let both = vec![main.clone(), per_second.clone()];
+                    let check = redis_check(&options, both.clone());
+                    redis_gauges(&metrics, both);
                     let store = SplitStore::new(main, per_second);
-                    serve_with(options, metrics, feed, store).await
+                    serve_with(options, metrics, feed, store, check).await
                 }
             }
         }
     }
+}
+
+/// With `--health-requires-redis` (REDIS_HEALTH_CHECK_ACTIVE_CONNECTION): reachable while no
+/// Redis of `stores` is degraded. Each Redis is also pinged every breaker probe interval:
+/// a replica whose health fails gets no requests, and without them it would never see
+/// Redis come back.
+fn redis_check(options: &ServeOptions, stores: Vec<RedisStore>) -> Option<StoreCheck> {
+    if !options.health_requires_redis {
+        return None;
+    }
+    let probed = stores.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(crate::store::redis::PROBE_INTERVAL).await;
+            for store in &probed {
+                store.probe().await;
+            }
+        }
+    });
+    tracing::info!("health checks fail while Redis cannot be reached (--health-requires-redis)");
+    Some(Arc::new(move || {
+        (stores.iter()).all(|store| store.health() == StoreHealth::Healthy)
+    }))
 }
 
 /// The Redis store's metrics, summed over `stores` (two with a per-second Redis).
@@ -277,6 +314,7 @@ async fn serve_with<S: CounterStore>(
     metrics: Arc<Metrics>,
     feed: ConfigFeed,
     store: S,
+    store_check: Option<StoreCheck>,
 ) -> Result<(), ServeError> {
     let live = feed.live();
     // SIGHUP's default action ends the process: handle it before anything reports healthy.
@@ -312,31 +350,37 @@ async fn serve_with<S: CounterStore>(
 
     let mut tls_watcher = None;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    // Serving once there is a config: at once from a directory, at the first xDS response
-    // (the admin port's /healthcheck checks the same).
-    let first_config = {
-        let (reporter, live) = (health_reporter.clone(), live.clone());
-        async move {
-            while live.load().is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            for service in [HEALTH_SERVICE_NAME, ""] {
-                reporter
-                    .set_service_status(service, ServingStatus::Serving)
-                    .await;
-            }
-        }
-    };
-    if live.load().is_some() {
-        first_config.await;
-    } else {
-        for service in [HEALTH_SERVICE_NAME, ""] {
-            health_reporter
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
-        }
-        tokio::spawn(first_config);
+    let health = Arc::new(match store_check {
+        Some(check) => Health::requiring_store(check),
+        None => Health::default(),
+    });
+    health.set_serving(true);
+    // The gRPC health service says what /healthcheck says: serving once there is a config
+    // (at once from a directory, at the first xDS response) and, when required, while the
+    // store can be reached. Set before the port opens, then followed.
+    let mut reported = health.is_healthy(&live);
+    for service in [HEALTH_SERVICE_NAME, ""] {
+        health_reporter
+            .set_service_status(service, serving_status(reported))
+            .await;
     }
+    let health_follower = {
+        let (reporter, live, health) = (health_reporter.clone(), live.clone(), health.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let now = health.is_healthy(&live);
+                if now != reported {
+                    reported = now;
+                    for service in [HEALTH_SERVICE_NAME, ""] {
+                        reporter
+                            .set_service_status(service, serving_status(now))
+                            .await;
+                    }
+                }
+            }
+        })
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -365,8 +409,6 @@ async fn serve_with<S: CounterStore>(
     // Far larger bodies are refused by the transport before they are decoded.
     .max_decoding_message_size(options.max_request_bytes.saturating_mul(4));
 
-    let health = Arc::new(Health::default());
-    health.set_serving(true);
     let metrics_app = metrics_listener
         .map(|(listener, path)| (listener, admin::metrics_router(metrics.clone(), path)));
     let statsd = options.statsd.clone().map(|statsd| {
@@ -445,6 +487,7 @@ async fn serve_with<S: CounterStore>(
         finished = &mut servers => finished.map_err(|e| ServeError::Serve { what: "server", message: e.to_string() })?,
         () = shutdown_signal() => {
             health.set_serving(false);
+            health_follower.abort();
             for service in [HEALTH_SERVICE_NAME, ""] {
                 health_reporter.set_service_status(service, ServingStatus::NotServing).await;
             }
@@ -461,6 +504,7 @@ async fn serve_with<S: CounterStore>(
         }
     };
     health.set_serving(false);
+    health_follower.abort();
     watcher.abort();
     // The last calls' spans, while the process still can.
     if let Some(tracer) = tracer {

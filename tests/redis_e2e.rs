@@ -20,6 +20,9 @@ use meshlimit::proto::rate_limit_response::Code;
 use meshlimit::proto::rate_limit_service_client::RateLimitServiceClient;
 use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const LIMIT: usize = 10;
 /// The deadline the fault tests give Redis, and what a request may take on top of it on a
@@ -216,6 +219,68 @@ async fn redis_failure_limits_locally_with_local() {
 }
 
 /// meshlimit with `--store redis` and `args` (no `--redis-url`), named `e2e:` keys.
+/// What `/healthcheck` and the gRPC health service say of `server`.
+async fn health(server: &Meshlimit) -> (u16, ServingStatus) {
+    let http = server.admin_get("/healthcheck").status;
+    let mut client = HealthClient::new(server.channel().await);
+    let grpc = client
+        .check(HealthCheckRequest {
+            service: "ratelimit".into(),
+        })
+        .await
+        .map(|answer| ServingStatus::try_from(answer.into_inner().status))
+        .unwrap_or_else(|status| panic!("gRPC health: {status}\n{}", server.logs()))
+        .expect("a known status");
+    (http, grpc)
+}
+
+/// Polls `server`'s health until it is `wanted` (up to 15 s).
+async fn health_becomes(server: &Meshlimit, wanted: (u16, ServingStatus), why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut now = health(server).await;
+    while now != wanted && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = health(server).await;
+    }
+    assert_eq!(now, wanted, "{why}\n{}", server.logs());
+}
+
+/// REDIS_HEALTH_CHECK_ACTIVE_CONNECTION (`--health-requires-redis`): health fails while
+/// Redis is away and comes back with it, with no request sent to notice either; without
+/// it, a replica answering from its failure policy stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_redis_when_asked_to() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    // Asked for by envoyproxy/ratelimit's variable, as its Deployments set it.
+    let requiring = Meshlimit::start_with_env(
+        fixture("config_redis"),
+        &[
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--redis-timeout",
+            REDIS_TIMEOUT,
+        ],
+        &[("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "true")],
+    );
+    let tolerant = start(&redis, &["--redis-timeout", REDIS_TIMEOUT]);
+    let healthy = (200, ServingStatus::Serving);
+    let unhealthy = (500, ServingStatus::NotServing);
+    assert_eq!(health(&requiring).await, healthy, "{}", requiring.logs());
+
+    redis.kill();
+    health_becomes(&requiring, unhealthy, "Redis is down: health should fail").await;
+    assert_eq!(health(&tolerant).await, healthy, "{}", tolerant.logs());
+
+    redis.restart();
+    health_becomes(&requiring, healthy, "Redis is back: health should pass").await;
+    let mut client = requiring.client().await;
+    assert_eq!(decide(&mut client, &requiring, "after").await.0, Code::Ok);
+    assert!(dbsize(&redis) > 0, "counted in Redis again");
+}
+
 fn start_with_target(args: &[&str], env: &[(&str, &str)]) -> Meshlimit {
     let mut all = vec!["--store", "redis", "--redis-prefix", "e2e:"];
     all.extend_from_slice(args);

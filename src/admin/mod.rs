@@ -23,20 +23,40 @@ use crate::proto::rate_limit_response::Code;
 use crate::proto::{RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
 use crate::store::CounterStore;
 
-/// Whether this replica should receive traffic: a config is loaded and gRPC is serving.
-/// Turned off first thing on shutdown, so probes fail before connections close.
-#[derive(Debug, Default)]
+/// Whether the counter store can be reached, for health checks that ask it.
+pub type StoreCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Whether this replica should receive traffic: a config is loaded, gRPC is serving and,
+/// when asked (`--health-requires-redis`), the store can be reached. Serving is turned off
+/// first thing on shutdown, so probes fail before connections close.
+#[derive(Default)]
 pub struct Health {
     serving: AtomicBool,
+    store: Option<StoreCheck>,
 }
 
 impl Health {
+    /// Healthy only while `store` says the store can be reached, too.
+    pub fn requiring_store(store: StoreCheck) -> Self {
+        Self {
+            serving: AtomicBool::new(false),
+            store: Some(store),
+        }
+    }
+
     pub fn set_serving(&self, serving: bool) {
         self.serving.store(serving, Ordering::SeqCst);
     }
 
     pub fn is_serving(&self) -> bool {
         self.serving.load(Ordering::SeqCst)
+    }
+
+    /// Serving, with `config` loaded, and the store reachable if that is required.
+    pub fn is_healthy(&self, config: &LiveConfig) -> bool {
+        self.is_serving()
+            && config.load().is_some()
+            && self.store.as_ref().is_none_or(|reachable| reachable())
     }
 }
 
@@ -103,7 +123,7 @@ pub fn metrics_router(metrics: Arc<Metrics>, path: &str) -> Router {
 
 /// envoyproxy/ratelimit's contract: 200 `OK` when healthy, 500 otherwise.
 async fn healthcheck(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if state.health.is_serving() && state.config.load().is_some() {
+    if state.health.is_healthy(&state.config) {
         (StatusCode::OK, "OK")
     } else {
         (StatusCode::INTERNAL_SERVER_ERROR, "NOT OK")

@@ -29,6 +29,9 @@ mod script;
 mod sentinel;
 pub mod settings;
 
+/// How often an unreachable Redis is tried again; `--health-requires-redis` pings at it.
+pub use breaker::PROBE_INTERVAL;
+
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -255,6 +258,20 @@ impl RedisStore {
         } else {
             StoreHealth::Healthy
         }
+    }
+
+    /// Pings every node once (the Sentinel's master, a cluster's masters), each answer or
+    /// silence counted by its breaker as a call's, so `health` follows Redis without
+    /// traffic. A PING may wait up to 20 × `--redis-timeout`, as connecting does: a probe is
+    /// not a request, and a slow start is not an outage.
+    pub async fn probe(&self) {
+        let timeout = self.inner.timeout * 20;
+        let nodes: Vec<Arc<Node>> = match &self.inner.topology {
+            Topology::Standalone(node) => vec![node.clone()],
+            Topology::Cluster(cluster) => cluster.map.load().nodes.clone(),
+            Topology::Sentinel(sentinel) => sentinel.master().into_iter().collect(),
+        };
+        futures_util::future::join_all(nodes.iter().map(|node| node.ping(timeout))).await;
     }
 
     /// Decisions taken by the failure policy because Redis did not answer in time.

@@ -112,6 +112,29 @@ impl Node {
         Ok(connection)
     }
 
+    /// One PING within `timeout`, its outcome recorded in the breaker as a call's is: how a
+    /// replica that gets no requests (one whose health checks fail) still sees Redis go
+    /// and come back.
+    pub async fn ping(&self, timeout: Duration) {
+        let pinged = tokio::time::timeout(timeout, async {
+            let mut connection = self.connection().await?;
+            redis::cmd("PING")
+                .query_async::<Value>(&mut connection)
+                .await
+                .map_err(|error| self.broken(&error))
+        })
+        .await;
+        match pinged {
+            Ok(Ok(_)) => self.breaker.success(),
+            // Another task connecting: that one's outcome will count.
+            Ok(Err(NodeError::Connecting)) => {}
+            Ok(Err(error)) => self.breaker.failure(&error.to_string()),
+            Err(_) => self
+                .breaker
+                .failure(&format!("no answer to PING in {timeout:?}")),
+        }
+    }
+
     /// Forgets the connection, so the next call connects anew (after the server restarted,
     /// or the connection broke).
     pub fn reset(&self) {
