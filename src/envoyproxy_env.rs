@@ -986,6 +986,10 @@ mod tests {
         let asked = read_of(&[("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "true")]).unwrap();
         assert_eq!(asked.health_requires_redis, Some(true));
         let wrong = read_of(&[("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "yes please")]);
-        assert!(wrong.unwrap_err().contains("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION"));
+        assert!(
+            wrong
+                .unwrap_err()
+                .contains("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION")
+        );
     }
 }
