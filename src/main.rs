@@ -269,9 +269,10 @@ struct StoreArgs {
     #[arg(long, env = "MESHLIMIT_REPLICAS", default_value_t = 1)]
     replicas: u32,
     /// Descriptors Redis answered over the limit are answered locally, without a round trip,
-    /// until their reset; this many at most (0 turns the cache off).
-    #[arg(long, env = "MESHLIMIT_REDIS_LOCAL_CACHE_ENTRIES", default_value_t = settings::DEFAULT_LOCAL_CACHE_ENTRIES)]
-    redis_local_cache_entries: u64,
+    /// until their reset; this many at most, 0 turning the cache off [default: 100000, or
+    /// LOCAL_CACHE_SIZE_IN_BYTES / 512].
+    #[arg(long, env = "MESHLIMIT_REDIS_LOCAL_CACHE_ENTRIES")]
+    redis_local_cache_entries: Option<u64>,
     /// How often policies with `hybrid: true` send the hits each replica counted to Redis;
     /// the overshoot across replicas grows with it.
     #[arg(long, env = "MESHLIMIT_REDIS_HYBRID_FLUSH", default_value = "5ms", value_parser = parse_interval)]
@@ -328,6 +329,7 @@ impl StoreArgs {
                 client_cert: self.redis_tls_cert,
                 client_key: self.redis_tls_key,
             },
+            local_cache_entries: self.redis_local_cache_entries,
         };
         let resolved = settings::resolve(&flags, |name| std::env::var(name).ok())?;
         let per_second = settings::resolve_per_second(|name| std::env::var(name).ok())?;
@@ -339,7 +341,7 @@ impl StoreArgs {
             failure_mode: self.redis_failure_mode,
             replicas: self.replicas.max(1),
             local_capacity: cache_capacity,
-            local_cache_entries: self.redis_local_cache_entries,
+            local_cache_entries: resolved.local_cache_entries,
             hybrid_flush: self.redis_hybrid_flush,
             per_second,
         };

@@ -314,7 +314,8 @@ descriptors:
 }
 
 /// REDIS_PERSECOND: descriptors whose limits are per second are counted in a Redis of
-/// their own, the others in REDIS_URL's, as envoyproxy/ratelimit splits them.
+/// their own, the others in REDIS_URL's, as envoyproxy/ratelimit splits them; with
+/// LOCAL_CACHE_SIZE_IN_BYTES set, as its deployments often have it.
 #[tokio::test]
 async fn per_second_limits_are_counted_in_their_own_redis() {
     const SPLIT: &str = "\
@@ -337,7 +338,15 @@ descriptors:
             ("REDIS_PERSECOND", "true"),
             ("REDIS_PERSECOND_SOCKET_TYPE", "tcp"),
             ("REDIS_PERSECOND_URL", &fast_url),
+            // A common setting of envoyproxy/ratelimit's, which sizes meshlimit's own
+            // over-limit cache instead of stopping the start.
+            ("LOCAL_CACHE_SIZE_IN_BYTES", "1048576"),
         ],
+    );
+    assert!(
+        server.logs().contains("holds 2048 descriptors"),
+        "{}",
+        server.logs()
     );
     let mut client = server.client().await;
     let both = request("split", &[&[("burst", "x")], &[("steady", "y")]]);
