@@ -182,15 +182,11 @@ impl XdsClient {
                 pause = self.options.retry_interval;
             }
             let wait = jittered(pause);
-            let meanwhile = if self.live.load().is_some() {
-                "the current config keeps serving"
-            } else {
-                "no config yet, so health checks fail"
-            };
             tracing::warn!(
                 server = %self.options.server,
-                "xDS: {}; {meanwhile}; reconnecting in {wait:?}",
-                ended.why
+                "xDS: {}; {}; reconnecting in {wait:?}",
+                ended.why,
+                self.meanwhile()
             );
             tokio::select! {
                 () = &mut shutdown => return,
@@ -276,6 +272,15 @@ impl XdsClient {
         }
     }
 
+    /// What serves while the server is away or silent, for the warnings that say so.
+    fn meanwhile(&self) -> &'static str {
+        if self.live.load().is_some() {
+            "the current config keeps serving"
+        } else {
+            "no config yet, so health checks fail"
+        }
+    }
+
     /// Awaits `step`; if `silent_until` passes first, warns (once: it is then cleared)
     /// and goes on waiting. The most common reason a control plane says nothing is a node
     /// id it has no config for: go-control-plane's snapshot cache, Envoy Gateway's among
@@ -293,11 +298,7 @@ impl XdsClient {
             return done;
         }
         *silent_until = None;
-        let meanwhile = if self.live.load().is_some() {
-            "the current config keeps serving"
-        } else {
-            "no config yet, so health checks fail"
-        };
+        let meanwhile = self.meanwhile();
         tracing::warn!(
             server = %self.options.server,
             node = %self.options.node_id,
