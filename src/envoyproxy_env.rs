@@ -299,15 +299,16 @@ fn pairs(name: &str, text: &str) -> Result<Vec<(String, String)>, String> {
         .map(str::trim)
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
-            let (key, value) = pair
-                .split_once(':')
-                .or_else(|| pair.split_once('='))
-                .ok_or_else(|| {
-                    format!("{name}: {pair:?} has no value; write key:value,key:value")
-                })?;
-            Ok((key.trim().to_owned(), value.trim().to_owned()))
+            key_value(pair)
+                .ok_or_else(|| format!("{name}: {pair:?} has no value; write key:value,key:value"))
         })
         .collect()
+}
+
+/// One `key:value` (or `key=value`), trimmed; `None` without a separator.
+pub fn key_value(pair: &str) -> Option<(String, String)> {
+    let (key, value) = pair.split_once(':').or_else(|| pair.split_once('='))?;
+    Some((key.trim().to_owned(), value.trim().to_owned()))
 }
 
 /// envoyproxy/ratelimit sends statsd unless `USE_STATSD=false`; meshlimit, whose metrics

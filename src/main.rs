@@ -633,17 +633,12 @@ enum StatsdDialect {
     Dogstatsd,
 }
 
-/// `key:value` (or `key=value`).
+/// `key:value` (or `key=value`), both parts needed.
 fn parse_tag(text: &str) -> Result<(String, String), String> {
-    let (key, value) = (text.split_once(':').or_else(|| text.split_once('=')))
-        .ok_or_else(|| format!("{text:?} has no value: write key:value, e.g. env:prod"))?;
-    let (key, value) = (key.trim(), value.trim());
-    if key.is_empty() || value.is_empty() {
-        return Err(format!(
-            "{text:?}: write both a key and a value, e.g. env:prod"
-        ));
+    match meshlimit::envoyproxy_env::key_value(text) {
+        Some((key, value)) if !key.is_empty() && !value.is_empty() => Ok((key, value)),
+        _ => Err(format!("{text:?}: write key:value, e.g. env:prod")),
     }
-    Ok((key.to_owned(), value.to_owned()))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
