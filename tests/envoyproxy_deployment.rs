@@ -12,6 +12,7 @@ use common::config_dir::ConfigMapDir;
 use common::meshlimit::{Meshlimit, command};
 use common::redis::RedisServer;
 use common::stack::Stack;
+use common::statsd::StatsdDaemon;
 use common::{fixture, free_loopback_addr, http, poll_until};
 use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::rate_limit_response::Code;
@@ -514,6 +515,49 @@ async fn dogstatsd_lines_carry_extra_and_mogrified_tags() {
         ),
     ];
     agent.wait_for_totals(&wanted, &server).await;
+}
+
+/// The same lines read by a real statsd daemon (Etsy's, which statsd_exporter and Datadog's
+/// agent follow in this): the counters add up to what happened, and the response-time
+/// timer, a line per latency bucket with a sample rate, counts every call.
+#[tokio::test]
+async fn a_real_statsd_counts_every_call_and_its_time() {
+    let statsd = StatsdDaemon::start();
+    let port = statsd.port.to_string();
+    let (server, _config) = three_calls_to_a_limit_of_two(&[
+        ("USE_STATSD", "true"),
+        ("STATSD_HOST", "127.0.0.1"),
+        ("STATSD_PORT", &port),
+        ("STATS_FLUSH_INTERVAL", "200ms"),
+    ])
+    .await;
+
+    let prefix = "ratelimit.service.rate_limit.statsd.user.";
+    let counters = [
+        (format!("{prefix}total_hits"), 3.0),
+        (format!("{prefix}within_limit"), 2.0),
+        (format!("{prefix}over_limit"), 1.0),
+        (
+            "ratelimit_server.ShouldRateLimit.total_requests".to_owned(),
+            3.0,
+        ),
+    ];
+    let timer = "ratelimit_server.ShouldRateLimit.response_time";
+    let counted = common::poll_until(Duration::from_secs(15), || {
+        let totals = statsd.totals();
+        let all = counters
+            .iter()
+            .all(|(name, n)| totals.counters.get(name) == Some(n))
+            && totals.timer_calls.get(timer) == Some(&3.0);
+        all.then_some(())
+    });
+    assert!(
+        counted.is_some(),
+        "statsd counted {:#?}\n{}\n{}",
+        statsd.totals(),
+        statsd.log(),
+        server.logs()
+    );
 }
 
 /// meshlimit started with `env`, after answering three calls for one user under a limit of

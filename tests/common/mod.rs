@@ -12,6 +12,7 @@
 //! - `tls`: a test CA issuing server and client certificates, and a raw TLS client
 //! - `collector`: an OTLP trace collector that keeps the spans it receives
 //! - `xds`: an xDS management server serving rate limit configs, as Envoy Gateway does
+//! - `statsd`: Etsy's statsd daemon, reporting what it counted from the lines it was sent
 //!
 //! Each test binary compiles this module separately and uses only part of it.
 #![allow(dead_code)]
@@ -24,6 +25,7 @@ pub mod meshlimit;
 pub mod process;
 pub mod redis;
 pub mod stack;
+pub mod statsd;
 pub mod tls;
 pub mod upstream;
 pub mod xds;
