@@ -52,6 +52,8 @@ pub struct EnvoyproxyEnv {
     pub redis: bool,
     /// `REDIS_TIMEOUT`.
     pub redis_timeout: Option<Duration>,
+    /// `REDIS_PERSECOND_TIMEOUT`: the per-second Redis's own.
+    pub redis_per_second_timeout: Option<Duration>,
     /// `REDIS_HEALTH_CHECK_ACTIVE_CONNECTION`: health fails while Redis cannot be reached.
     pub health_requires_redis: Option<bool>,
     /// `GRPC_MAX_CONNECTION_AGE`: how long a client connection lives before it is asked
@@ -179,6 +181,7 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
             .transpose()
     };
     read.redis_timeout = duration("REDIS_TIMEOUT", "50ms or 1s")?;
+    read.redis_per_second_timeout = duration("REDIS_PERSECOND_TIMEOUT", "50ms or 1s")?;
     read.health_requires_redis = flag("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION")?;
     read.max_connection_age = duration("GRPC_MAX_CONNECTION_AGE", "24h or 5m")?;
     read.statsd = statsd(&env, &flag)?;
@@ -428,10 +431,6 @@ fn ignored(
         ],
         "meshlimit keeps one multiplexed connection per Redis node and sends each request's \
          counters in one script call",
-    );
-    note(
-        &["REDIS_PERSECOND_TIMEOUT"],
-        "the per-second Redis is waited on for REDIS_TIMEOUT (--redis-timeout), as the main one",
     );
     note(
         &["HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED"],
@@ -738,6 +737,7 @@ mod tests {
             ("LOG_LEVEL", "WARN"),
             ("LOG_FORMAT", "json"),
             ("REDIS_TIMEOUT", "1m30s"),
+            ("REDIS_PERSECOND_TIMEOUT", "20ms"),
             ("GRPC_MAX_CONNECTION_AGE", "5m"),
         ])
         .unwrap();
@@ -745,6 +745,10 @@ mod tests {
         assert_eq!(read.log_filter, Some("warn"));
         assert_eq!(read.json_logs, Some(true));
         assert_eq!(read.redis_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(
+            read.redis_per_second_timeout,
+            Some(Duration::from_millis(20))
+        );
         assert_eq!(go_duration("0.5s"), Some(Duration::from_millis(500)));
         assert_eq!(go_duration("250ms"), Some(Duration::from_millis(250)));
         for bad in ["10", "s", "1x", "1.2.3s", ""] {

@@ -333,11 +333,11 @@ impl StoreArgs {
         };
         let resolved = settings::resolve(&flags, |name| std::env::var(name).ok())?;
         let per_second = settings::resolve_per_second(|name| std::env::var(name).ok())?;
-        let options = |target, tls, prefix: &str, per_second| RedisOptions {
+        let options = |target, tls, prefix: &str, timeout, per_second| RedisOptions {
             target,
             tls,
             prefix: prefix.to_owned(),
-            timeout: redis_timeout,
+            timeout,
             failure_mode: self.redis_failure_mode,
             replicas: self.replicas.max(1),
             local_capacity: cache_capacity,
@@ -346,12 +346,23 @@ impl StoreArgs {
             per_second,
         };
         // The per-second Redis shares the prefix, whether from --redis-prefix or not.
-        let per_second = per_second
-            .map(|second| Box::new(options(second.target, second.tls, &resolved.prefix, None)));
+        // Its own REDIS_PERSECOND_TIMEOUT, else the main one's.
+        let second_timeout = compat.redis_per_second_timeout.unwrap_or(redis_timeout);
+        let per_second = per_second.map(|second| {
+            let prefix = &resolved.prefix;
+            Box::new(options(
+                second.target,
+                second.tls,
+                prefix,
+                second_timeout,
+                None,
+            ))
+        });
         Ok(StoreChoice::Redis(Box::new(options(
             resolved.target,
             resolved.tls,
             &resolved.prefix,
+            redis_timeout,
             per_second,
         ))))
     }

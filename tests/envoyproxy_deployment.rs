@@ -381,6 +381,62 @@ descriptors:
     );
 }
 
+/// REDIS_PERSECOND_TIMEOUT: the per-second Redis has a deadline of its own. That Redis
+/// hangs (DEBUG SLEEP) while the main one's REDIS_TIMEOUT is far longer: the per-second
+/// descriptor is answered by the failure policy at the per-second deadline, not the main one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_second_redis_keeps_its_own_deadline() {
+    const SPLIT: &str = "\
+domain: split
+descriptors:
+  - key: burst
+    rate_limit: {unit: second, requests_per_unit: 100}
+";
+    let main = RedisServer::start();
+    let fast = RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let config = common::config_dir::plain(&[("split.yaml", SPLIT)]);
+    let (main_url, fast_url) = (main.addr.to_string(), fast.addr.to_string());
+    let server = Meshlimit::start_with_env(
+        config.path(),
+        &[],
+        &[
+            ("REDIS_SOCKET_TYPE", "tcp"),
+            ("REDIS_URL", &main_url),
+            ("REDIS_TIMEOUT", "20s"),
+            ("REDIS_PERSECOND", "true"),
+            ("REDIS_PERSECOND_SOCKET_TYPE", "tcp"),
+            ("REDIS_PERSECOND_URL", &fast_url),
+            ("REDIS_PERSECOND_TIMEOUT", "200ms"),
+        ],
+    );
+    let mut client = server.client().await;
+    let burst = request("split", &[&[("burst", "x")]]);
+    let first = client.should_rate_limit(burst.clone()).await;
+    assert!(first.is_ok(), "{first:?}\n{}", server.logs());
+
+    // The per-second Redis stops answering for 5 s.
+    let sleeper = std::thread::spawn(move || {
+        let _: redis::RedisResult<()> = fast.try_query(redis::cmd("DEBUG").arg("SLEEP").arg(5));
+        fast
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let answer = client
+        .should_rate_limit(burst)
+        .await
+        .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()))
+        .into_inner();
+    let took = started.elapsed();
+    assert_eq!(answer.overall_code(), Code::Ok, "the failure policy allows");
+    assert!(
+        took < Duration::from_secs(3),
+        "answered after {took:?}: REDIS_PERSECOND_TIMEOUT (200ms) should bound the wait, not \
+         REDIS_TIMEOUT (20s) or the 5 s sleep\n{}",
+        server.logs()
+    );
+    drop(sleeper.join());
+}
+
 /// MERGE_DOMAIN_CONFIG: two files of one domain in the ConfigMap, both served.
 #[tokio::test]
 async fn files_of_one_domain_are_served_together_when_merged() {
