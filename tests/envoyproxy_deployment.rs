@@ -328,21 +328,13 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 100}
 ";
     let (main, fast) = (RedisServer::start(), RedisServer::start());
-    let config = common::config_dir::plain(&[("split.yaml", SPLIT)]);
-    let (main_url, fast_url) = (main.addr.to_string(), fast.addr.to_string());
-    let server = Meshlimit::start_with_env(
-        config.path(),
-        &[],
-        &[
-            ("REDIS_SOCKET_TYPE", "tcp"),
-            ("REDIS_URL", &main_url),
-            ("REDIS_PERSECOND", "true"),
-            ("REDIS_PERSECOND_SOCKET_TYPE", "tcp"),
-            ("REDIS_PERSECOND_URL", &fast_url),
-            // A common setting of envoyproxy/ratelimit's, which sizes meshlimit's own
-            // over-limit cache instead of stopping the start.
-            ("LOCAL_CACHE_SIZE_IN_BYTES", "1048576"),
-        ],
+    // A common setting of envoyproxy/ratelimit's, which sizes meshlimit's own over-limit
+    // cache instead of stopping the start.
+    let (server, _config) = start_split(
+        SPLIT,
+        &main,
+        &fast,
+        &[("LOCAL_CACHE_SIZE_IN_BYTES", "1048576")],
     );
     assert!(
         server.logs().contains("holds 2048 descriptors"),
@@ -381,6 +373,27 @@ descriptors:
     );
 }
 
+/// meshlimit on `limits` (one file), counting in `main` (REDIS_URL) and, for per-second
+/// limits, in `fast` (REDIS_PERSECOND_URL), with `extra` variables.
+fn start_split(
+    limits: &str,
+    main: &RedisServer,
+    fast: &RedisServer,
+    extra: &[(&str, &str)],
+) -> (Meshlimit, tempfile::TempDir) {
+    let config = common::config_dir::plain(&[("split.yaml", limits)]);
+    let (main_url, fast_url) = (main.addr.to_string(), fast.addr.to_string());
+    let redis = [
+        ("REDIS_SOCKET_TYPE", "tcp"),
+        ("REDIS_URL", main_url.as_str()),
+        ("REDIS_PERSECOND", "true"),
+        ("REDIS_PERSECOND_SOCKET_TYPE", "tcp"),
+        ("REDIS_PERSECOND_URL", fast_url.as_str()),
+    ];
+    let server = Meshlimit::start_with_env(config.path(), &[], &[&redis[..], extra].concat());
+    (server, config)
+}
+
 /// REDIS_PERSECOND_TIMEOUT: the per-second Redis has a deadline of its own. That Redis
 /// hangs (DEBUG SLEEP) while the main one's REDIS_TIMEOUT is far longer: the per-second
 /// descriptor is answered by the failure policy at the per-second deadline, not the main one.
@@ -394,18 +407,12 @@ descriptors:
 ";
     let main = RedisServer::start();
     let fast = RedisServer::start_with(&["--enable-debug-command", "local"]);
-    let config = common::config_dir::plain(&[("split.yaml", SPLIT)]);
-    let (main_url, fast_url) = (main.addr.to_string(), fast.addr.to_string());
-    let server = Meshlimit::start_with_env(
-        config.path(),
-        &[],
+    let (server, _config) = start_split(
+        SPLIT,
+        &main,
+        &fast,
         &[
-            ("REDIS_SOCKET_TYPE", "tcp"),
-            ("REDIS_URL", &main_url),
             ("REDIS_TIMEOUT", "20s"),
-            ("REDIS_PERSECOND", "true"),
-            ("REDIS_PERSECOND_SOCKET_TYPE", "tcp"),
-            ("REDIS_PERSECOND_URL", &fast_url),
             ("REDIS_PERSECOND_TIMEOUT", "200ms"),
         ],
     );
@@ -485,14 +492,10 @@ async fn files_of_one_domain_are_served_together_when_merged() {
 #[tokio::test]
 async fn counters_reach_statsd_under_envoyproxys_names() {
     let agent = StatsdAgent::bind().await;
-    let port = agent.port();
-    let (server, _config) = three_calls_to_a_limit_of_two(&[
-        ("USE_STATSD", "true"),
-        ("STATSD_HOST", "127.0.0.1"),
-        ("STATSD_PORT", &port),
-        ("STATS_FLUSH_INTERVAL", "200ms"),
-        ("EXTRA_TAGS", "env:e2e"),
-    ])
+    let (server, _config) = three_calls_to_a_limit_of_two(
+        agent.port(),
+        &[("USE_STATSD", "true"), ("EXTRA_TAGS", "env:e2e")],
+    )
     .await;
 
     // Plain statsd carries EXTRA_TAGS in the names of the service's stats.
@@ -522,25 +525,24 @@ async fn counters_reach_statsd_under_envoyproxys_names() {
 #[tokio::test]
 async fn dogstatsd_lines_carry_extra_and_mogrified_tags() {
     let agent = StatsdAgent::bind().await;
-    let port = agent.port();
-    let (server, _config) = three_calls_to_a_limit_of_two(&[
-        ("USE_STATSD", "false"),
-        ("USE_DOG_STATSD", "true"),
-        ("STATSD_HOST", "127.0.0.1"),
-        ("STATSD_PORT", &port),
-        ("STATS_FLUSH_INTERVAL", "200ms"),
-        ("EXTRA_TAGS", "env:e2e,cluster:eu.1"),
-        ("USE_DOG_STATSD_MOGRIFIERS", "HITS"),
-        (
-            "DOG_STATSD_MOGRIFIER_HITS_PATTERN",
-            r"^ratelimit\.service\.rate_limit\.([^.]+)\.(.+)\.([^.]+)$",
-        ),
-        (
-            "DOG_STATSD_MOGRIFIER_HITS_NAME",
-            "ratelimit.service.rate_limit.$3",
-        ),
-        ("DOG_STATSD_MOGRIFIER_HITS_TAGS", "domain:$1,descriptor:$2"),
-    ])
+    let (server, _config) = three_calls_to_a_limit_of_two(
+        agent.port(),
+        &[
+            ("USE_STATSD", "false"),
+            ("USE_DOG_STATSD", "true"),
+            ("EXTRA_TAGS", "env:e2e,cluster:eu.1"),
+            ("USE_DOG_STATSD_MOGRIFIERS", "HITS"),
+            (
+                "DOG_STATSD_MOGRIFIER_HITS_PATTERN",
+                r"^ratelimit\.service\.rate_limit\.([^.]+)\.(.+)\.([^.]+)$",
+            ),
+            (
+                "DOG_STATSD_MOGRIFIER_HITS_NAME",
+                "ratelimit.service.rate_limit.$3",
+            ),
+            ("DOG_STATSD_MOGRIFIER_HITS_TAGS", "domain:$1,descriptor:$2"),
+        ],
+    )
     .await;
 
     let tags = "#cluster:eu_1,env:e2e,domain:statsd,descriptor:user";
@@ -579,14 +581,8 @@ async fn dogstatsd_lines_carry_extra_and_mogrified_tags() {
 #[tokio::test]
 async fn a_real_statsd_counts_every_call_and_its_time() {
     let statsd = StatsdDaemon::start();
-    let port = statsd.port.to_string();
-    let (server, _config) = three_calls_to_a_limit_of_two(&[
-        ("USE_STATSD", "true"),
-        ("STATSD_HOST", "127.0.0.1"),
-        ("STATSD_PORT", &port),
-        ("STATS_FLUSH_INTERVAL", "200ms"),
-    ])
-    .await;
+    let (server, _config) =
+        three_calls_to_a_limit_of_two(statsd.port, &[("USE_STATSD", "true")]).await;
 
     let prefix = "ratelimit.service.rate_limit.statsd.user.";
     let counters = [
@@ -616,9 +612,12 @@ async fn a_real_statsd_counts_every_call_and_its_time() {
     );
 }
 
-/// meshlimit started with `env`, after answering three calls for one user under a limit of
-/// two an hour.
-async fn three_calls_to_a_limit_of_two(env: &[(&str, &str)]) -> (Meshlimit, tempfile::TempDir) {
+/// meshlimit started with `env` and a statsd agent at `statsd_port` (flushed every 200 ms),
+/// after answering three calls for one user under a limit of two an hour.
+async fn three_calls_to_a_limit_of_two(
+    statsd_port: u16,
+    env: &[(&str, &str)],
+) -> (Meshlimit, tempfile::TempDir) {
     const LIMITS: &str = "\
 domain: statsd
 descriptors:
@@ -627,7 +626,13 @@ descriptors:
 ";
     common::avoid_window_edge(3_600, 20);
     let config = common::config_dir::plain(&[("statsd.yaml", LIMITS)]);
-    let server = Meshlimit::start_with_env(config.path(), &[], env);
+    let port = statsd_port.to_string();
+    let statsd = [
+        ("STATSD_HOST", "127.0.0.1"),
+        ("STATSD_PORT", port.as_str()),
+        ("STATS_FLUSH_INTERVAL", "200ms"),
+    ];
+    let server = Meshlimit::start_with_env(config.path(), &[], &[&statsd[..], env].concat());
     let mut client = server.client().await;
     for _ in 0..3 {
         client
@@ -647,8 +652,8 @@ impl StatsdAgent {
         Self(socket.expect("bind the test's statsd socket"))
     }
 
-    fn port(&self) -> String {
-        self.0.local_addr().expect("its address").port().to_string()
+    fn port(&self) -> u16 {
+        self.0.local_addr().expect("its address").port()
     }
 
     /// Receives until each of `wanted` adds up to its total. A line is keyed by its name
