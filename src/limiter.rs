@@ -510,6 +510,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             over_limit: d.verdict.over_limit,
             near_limit: used * 1_000_000 > self.near_limit_ppm * limit,
             shadow: rule.shadow_mode,
+            local_cache: d.verdict.from_local_cache,
         };
         // `value_to_metric` writes the request's values into the metric key; envoyproxy/
         // ratelimit lets `detailed_metric` take precedence over it.

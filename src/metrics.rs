@@ -20,12 +20,14 @@ use crate::matcher::RateLimitConfig;
 /// Distinct descriptor values tracked per `detailed_metric` rule; the rest share one series.
 pub const DETAILED_VALUES_CAP: usize = 1_000;
 
-/// The five envoyproxy/ratelimit counters of one rule (or one detailed value).
+/// The six envoyproxy/ratelimit counters of one rule (or one detailed value).
 #[derive(Debug, Default)]
 pub struct HitCounters {
     pub total_hits: AtomicU64,
     pub over_limit: AtomicU64,
     pub near_limit: AtomicU64,
+    /// The part of `over_limit` the Redis store's local over-limit cache answered.
+    pub over_limit_with_local_cache: AtomicU64,
     pub within_limit: AtomicU64,
     pub shadow_mode: AtomicU64,
 }
@@ -37,6 +39,8 @@ pub struct Hit {
     pub over_limit: bool,
     pub near_limit: bool,
     pub shadow: bool,
+    /// Answered by the local over-limit cache (over the limit, without asking Redis).
+    pub local_cache: bool,
 }
 
 impl HitCounters {
@@ -45,6 +49,9 @@ impl HitCounters {
         add(&self.total_hits);
         if hit.over_limit {
             add(&self.over_limit);
+            if hit.local_cache {
+                add(&self.over_limit_with_local_cache);
+            }
             if hit.shadow {
                 add(&self.shadow_mode);
             }
@@ -64,12 +71,16 @@ impl HitCounters {
             .map_or(0, |(_, value)| *value)
     }
 
-    fn values(&self) -> [(&'static str, u64); 5] {
+    fn values(&self) -> [(&'static str, u64); 6] {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("total_hits", load(&self.total_hits)),
             ("over_limit", load(&self.over_limit)),
             ("near_limit", load(&self.near_limit)),
+            (
+                "over_limit_with_local_cache",
+                load(&self.over_limit_with_local_cache),
+            ),
             ("within_limit", load(&self.within_limit)),
             ("shadow_mode", load(&self.shadow_mode)),
         ]
@@ -430,6 +441,10 @@ impl Metrics {
             (
                 "near_limit",
                 "Hits past NEAR_LIMIT_RATIO of the rule's limit.",
+            ),
+            (
+                "over_limit_with_local_cache",
+                "Hits over the limit answered by the local over-limit cache, without Redis.",
             ),
             ("within_limit", "Hits within the rule's limit."),
             (

@@ -43,6 +43,7 @@ const DASHBOARD_METRICS: &[&str] = &[
     "ratelimit_service_rate_limit_total_hits",
     "ratelimit_service_rate_limit_over_limit",
     "ratelimit_service_rate_limit_near_limit",
+    "ratelimit_service_rate_limit_over_limit_with_local_cache",
     "ratelimit_service_rate_limit_within_limit",
     "ratelimit_service_rate_limit_shadow_mode",
     "ratelimit_service_config_load_success",

@@ -115,6 +115,17 @@ async fn two_replicas_share_one_fixed_window() {
         .map(|r| metric(r, "meshlimit_local_cache_hits_total").unwrap_or(0))
         .sum();
     assert_eq!(cached, (2 * LIMIT - 2) as u64);
+    // The rule's own statistics say the same, under envoyproxy/ratelimit's names: every
+    // rejection is over the limit, and all but each replica's first came from its cache.
+    let rule_stat = |stat: &str| -> u64 {
+        let name = format!("ratelimit_service_rate_limit_{stat}{{domain=\"shared\",key=\"user\"}}");
+        replicas.iter().map(|r| metric(r, &name).unwrap_or(0)).sum()
+    };
+    assert_eq!(rule_stat("over_limit"), (2 * LIMIT) as u64);
+    assert_eq!(
+        rule_stat("over_limit_with_local_cache"),
+        (2 * LIMIT - 2) as u64
+    );
 }
 
 /// Kills Redis under traffic, checks the answers and their latency against `mode`, then

@@ -27,6 +27,7 @@ pub fn apply(
             over_limit: true,
             remaining: 0,
             reset_after_millis,
+            from_local_cache: false,
         }
     } else {
         state.current = after;
@@ -34,6 +35,7 @@ pub fn apply(
             over_limit: false,
             remaining: limit_hits - after,
             reset_after_millis,
+            from_local_cache: false,
         }
     }
 }

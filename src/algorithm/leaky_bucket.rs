@@ -36,6 +36,7 @@ pub fn apply(bucket: &mut Bucket, limit: &Limit, hits: u64, now_millis: u64) -> 
             over_limit: true,
             remaining: 0,
             reset_after_millis: u64::try_from(wait).unwrap_or(u64::MAX).max(1),
+            from_local_cache: false,
         };
     }
     *bucket = Bucket {
@@ -51,6 +52,7 @@ pub fn apply(bucket: &mut Bucket, limit: &Limit, hits: u64, now_millis: u64) -> 
         over_limit: false,
         remaining: u64::try_from((capacity - bucket.level) / window).unwrap_or(u64::MAX),
         reset_after_millis: u64::try_from(empty_in).unwrap_or(u64::MAX),
+        from_local_cache: false,
     }
 }
 

@@ -27,6 +27,9 @@ pub struct Verdict {
     /// Within the limit: how long until the current window ends (token bucket: until the
     /// bucket is full again).
     pub reset_after_millis: u64,
+    /// Answered by the Redis store's local over-limit cache, without asking Redis: rule
+    /// statistics count it apart, as envoyproxy/ratelimit's `over_limit_with_local_cache`.
+    pub from_local_cache: bool,
 }
 
 /// The per-key state of the window algorithms: the current window's index since the epoch
@@ -148,5 +151,6 @@ fn unreachable_state() -> Verdict {
         over_limit: true,
         remaining: 0,
         reset_after_millis: 1,
+        from_local_cache: false,
     }
 }

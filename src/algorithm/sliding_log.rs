@@ -30,6 +30,7 @@ pub fn apply(log: &mut Log, limit: &Limit, hits: u64, now_millis: u64) -> Verdic
             over_limit: true,
             remaining: 0,
             reset_after_millis: wait_until_room(log, limit_hits, hits, window, now_millis),
+            from_local_cache: false,
         };
     }
     if hits > 0 {
@@ -44,6 +45,7 @@ pub fn apply(log: &mut Log, limit: &Limit, hits: u64, now_millis: u64) -> Verdic
             .entries
             .front()
             .map_or(window, |&(at, _)| (at + window).saturating_sub(now_millis)),
+        from_local_cache: false,
     }
 }
 

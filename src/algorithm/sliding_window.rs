@@ -24,6 +24,7 @@ pub fn apply(state: &mut WindowState, limit: &Limit, hits: u64, now_millis: u64)
             over_limit: true,
             remaining: 0,
             reset_after_millis: wait_until_admitted(state, limit_hits, hits, window, elapsed),
+            from_local_cache: false,
         };
     }
     state.current = state.current.saturating_add(hits);
@@ -31,6 +32,7 @@ pub fn apply(state: &mut WindowState, limit: &Limit, hits: u64, now_millis: u64)
         over_limit: false,
         remaining: ((limit_hits * window - used_scaled) / window) as u64,
         reset_after_millis: (window - elapsed) as u64,
+        from_local_cache: false,
     }
 }
 

@@ -20,6 +20,7 @@ pub fn apply(tat_micros: &mut u64, limit: &Limit, hits: u64, now_millis: u64) ->
             over_limit: hits > 0,
             remaining: 0,
             reset_after_millis: limit.window_millis(),
+            from_local_cache: false,
         };
     }
     let interval = (u128::from(limit.window_millis()) * 1_000).div_ceil(rate);
@@ -34,6 +35,7 @@ pub fn apply(tat_micros: &mut u64, limit: &Limit, hits: u64, now_millis: u64) ->
             over_limit: true,
             remaining: 0,
             reset_after_millis: to_millis_up(wait).max(1),
+            from_local_cache: false,
         };
     }
     *tat_micros = u64::try_from(next_tat).unwrap_or(u64::MAX);
@@ -41,6 +43,7 @@ pub fn apply(tat_micros: &mut u64, limit: &Limit, hits: u64, now_millis: u64) ->
         over_limit: false,
         remaining: ((capacity - ahead) / interval) as u64,
         reset_after_millis: to_millis_up(ahead),
+        from_local_cache: false,
     }
 }
 

@@ -168,6 +168,7 @@ impl MemoryStore {
                     over_limit: true,
                     remaining: 0,
                     reset_after_millis: left,
+                    from_local_cache: false,
                 }));
                 return;
             }

@@ -89,6 +89,7 @@ impl Hybrid {
                 over_limit: !this_fits,
                 remaining: counter.limit.saturating_sub(counter.seen + counter.pending),
                 reset_after_millis: counter.window_end.saturating_sub(now_millis),
+                from_local_cache: false,
             };
         }
     }
@@ -182,6 +183,7 @@ mod tests {
             over_limit: false,
             remaining: 0,
             reset_after_millis: 0,
+            from_local_cache: false,
         }
     }
 

@@ -324,6 +324,7 @@ impl Inner {
                 over_limit: false,
                 remaining: 0,
                 reset_after_millis: 0,
+                from_local_cache: false,
             },
         );
         // Descriptors the over-limit cache answers need no round trip, nor do hybrid ones;
@@ -706,6 +707,7 @@ impl Inner {
                                 u64::from(check.limit.requests_per_unit)
                             },
                             reset_after_millis: window - now_millis % window,
+                            from_local_cache: false,
                         };
                     }
                 }

@@ -118,6 +118,7 @@ impl OverCache {
                 over_limit: true,
                 remaining: 0,
                 reset_after_millis: reset - now_millis,
+                from_local_cache: true,
             };
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
@@ -248,6 +249,15 @@ mod tests {
             over_limit: true,
             remaining: 0,
             reset_after_millis,
+            from_local_cache: false,
+        }
+    }
+
+    /// `over(reset)` as the cache answers it.
+    fn cached(reset_after_millis: u64) -> Verdict {
+        Verdict {
+            from_local_cache: true,
+            ..over(reset_after_millis)
         }
     }
 
@@ -261,7 +271,7 @@ mod tests {
         cache.remember(&group, &[over(500), over(300)], &[false; 2], 1_000);
         let mut out = [over(0); 2];
         assert!(cache.answer(&group, 1_100, &mut out));
-        assert_eq!(out, [over(400), over(200)]);
+        assert_eq!(out, [cached(400), cached(200)]);
         assert!(!cache.answer(&group, 1_300, &mut out), "b may fit again");
         assert!(!cache.answer(&group, 999, &mut out), "the clock went back");
         assert_eq!(cache.hits(), 1);
@@ -275,6 +285,7 @@ mod tests {
             over_limit: false,
             remaining: 1,
             reset_after_millis: 100,
+            from_local_cache: false,
         };
         let mut out = [over(0)];
         assert!(cache.is_empty());
@@ -290,7 +301,7 @@ mod tests {
         cache.entries.run_pending_tasks();
         assert_eq!(cache.live.load(Ordering::Acquire), 1, "replaced, not added");
         assert!(cache.answer(&group, 1_600, &mut out));
-        assert_eq!(out, [over(300)]);
+        assert_eq!(out, [cached(300)]);
     }
 
     #[test]
@@ -301,6 +312,7 @@ mod tests {
             over_limit: false,
             remaining: 1,
             reset_after_millis: 100,
+            from_local_cache: false,
         };
         let cases: [(Check<'_>, Verdict, bool); 4] = [
             (check("admitted", Algorithm::FixedWindow, 1), within, false),

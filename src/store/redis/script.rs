@@ -229,6 +229,7 @@ pub fn decode(
             over_limit: over != 0,
             remaining,
             reset_after_millis: reset,
+            from_local_cache: false,
         };
         if let Some(flag) = blocked.get_mut(index) {
             *flag = over == 2;
@@ -253,6 +254,7 @@ mod tests {
             over_limit,
             remaining,
             reset_after_millis,
+            from_local_cache: false,
         }
     }
 
