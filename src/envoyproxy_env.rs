@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::statsd::{Dialect, Mogrifier, StatsdFormat, StatsdOptions};
+use crate::statsd::{Dialect, Mogrifier, StatsdFormat, StatsdOptions, Transport};
 use crate::tls::{ClientIdentity, TlsFiles};
 use crate::xds::XdsOptions;
 
@@ -364,10 +364,23 @@ fn statsd(
     } else {
         (StatsdFormat::Plain, Vec::new())
     };
+    // envoyproxy/ratelimit's stats library sends plain statsd over TCP unless its
+    // STATSD_PROTOCOL says udp; its DogStatsD client speaks UDP, as Datadog's agent does.
+    let transport = match env("STATSD_PROTOCOL")
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+    {
+        None if dog => Transport::Udp,
+        None => Transport::Tcp,
+        Some(p) if p == "tcp" => Transport::Tcp,
+        Some(p) if p == "udp" => Transport::Udp,
+        Some(other) => return Err(format!("STATSD_PROTOCOL={other}: write tcp or udp")),
+    };
     Ok(Some(StatsdOptions {
         target,
         interval,
         dialect: Dialect::new(format, tags, mogrifiers),
+        transport,
     }))
 }
 
@@ -892,15 +905,20 @@ mod tests {
     fn statsd_is_sent_when_asked_for_to_envoyproxys_defaults() {
         assert_eq!(read_of(&[]).unwrap().statsd, None);
         assert_eq!(read_of(&[("USE_STATSD", "false")]).unwrap().statsd, None);
+        // Over TCP, as envoyproxy/ratelimit's stats library sends plain statsd.
         assert_eq!(
             read_of(&[("USE_STATSD", "true")]).unwrap().statsd,
-            Some(StatsdOptions::new("localhost:8125".into()))
+            Some(StatsdOptions {
+                transport: Transport::Tcp,
+                ..StatsdOptions::new("localhost:8125".into())
+            })
         );
         // An address alone asks for it; USE_STATSD=false or DISABLE_STATS still win.
         let read = read_of(&[
             ("STATSD_HOST", "::1"),
             ("STATSD_PORT", "9125"),
             ("STATS_FLUSH_INTERVAL", "500ms"),
+            ("STATSD_PROTOCOL", "UDP"),
         ])
         .unwrap();
         assert_eq!(
@@ -909,6 +927,7 @@ mod tests {
                 target: "[::1]:9125".into(),
                 interval: Duration::from_millis(500),
                 dialect: Dialect::default(),
+                transport: Transport::Udp,
             })
         );
         for off in [("USE_STATSD", "false"), ("DISABLE_STATS", "true")] {
@@ -922,6 +941,11 @@ mod tests {
             read_of(&[("USE_STATSD", "1"), ("STATSD_PORT", "x")])
                 .unwrap_err()
                 .contains("STATSD_PORT=x")
+        );
+        let protocol = read_of(&[("USE_STATSD", "1"), ("STATSD_PROTOCOL", "sctp")]).unwrap_err();
+        assert!(
+            protocol.contains("STATSD_PROTOCOL=sctp: write tcp or udp"),
+            "{protocol}"
         );
     }
 
@@ -947,6 +971,11 @@ mod tests {
         assert!(read.ignored.is_empty(), "{:?}", read.ignored);
         let statsd = read.statsd.expect("USE_DOG_STATSD=true sends");
         assert_eq!(statsd.target, "localhost:8125");
+        assert_eq!(
+            statsd.transport,
+            Transport::Udp,
+            "Datadog's agent listens on UDP"
+        );
         assert_eq!(
             statsd.dialect.line(hits, crate::statsd::Value::Count(1)),
             "ratelimit.service.rate_limit.over_limit:1|c|#env:prod,zone:eu-1,domain:edge,descriptor:user"

@@ -16,7 +16,7 @@ use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
 use meshlimit::server::{self, ConfigSource, ServeOptions, StoreChoice};
 use meshlimit::simulate::{Pattern, Scenario};
-use meshlimit::statsd::{StatsdFormat, StatsdOptions};
+use meshlimit::statsd::{StatsdFormat, StatsdOptions, Transport};
 use meshlimit::store::redis::settings::{self, RedisFlags};
 use meshlimit::store::redis::{FailureMode, RedisOptions, RedisTls};
 use meshlimit::xds::XdsOptions;
@@ -197,7 +197,7 @@ struct ServeArgs {
     /// GRPC_MAX_CONNECTION_AGE].
     #[arg(long, env = "MESHLIMIT_MAX_CONNECTION_AGE", value_parser = parse_interval)]
     max_connection_age: Option<Duration>,
-    /// Push the counters to this statsd agent (host:port, UDP) under envoyproxy/ratelimit's
+    /// Push the counters to this statsd agent (host:port) under envoyproxy/ratelimit's
     /// statsd names [also USE_STATSD=true with STATSD_HOST and STATSD_PORT].
     #[arg(long, env = "MESHLIMIT_STATSD_ADDR")]
     statsd_addr: Option<String>,
@@ -208,6 +208,10 @@ struct ServeArgs {
     /// [default: plain, or dogstatsd with USE_DOG_STATSD=true].
     #[arg(long, env = "MESHLIMIT_STATSD_FORMAT", value_enum)]
     statsd_format: Option<StatsdDialect>,
+    /// How lines reach the statsd agent: UDP datagrams, or one TCP connection [default: udp;
+    /// with USE_STATSD, tcp unless STATSD_PROTOCOL=udp, as envoyproxy/ratelimit sends].
+    #[arg(long, env = "MESHLIMIT_STATSD_PROTOCOL", value_enum)]
+    statsd_protocol: Option<StatsdProtocol>,
     /// A tag every `ratelimit.*` statsd stat carries, as key:value; repeat it for more
     /// [default: EXTRA_TAGS]. Plain statsd writes it into the name (`.__key=value`).
     #[arg(long = "statsd-tag", env = "MESHLIMIT_STATSD_TAGS", value_delimiter = ',', value_parser = parse_tag)]
@@ -644,6 +648,12 @@ enum StatsdDialect {
     Dogstatsd,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum StatsdProtocol {
+    Udp,
+    Tcp,
+}
+
 /// `key:value` (or `key=value`), both parts needed.
 fn parse_tag(text: &str) -> Result<(String, String), String> {
     match meshlimit::envoyproxy_env::key_value(text) {
@@ -861,6 +871,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 addr: args.statsd_addr,
                 interval: args.statsd_interval,
                 format: args.statsd_format,
+                protocol: args.statsd_protocol,
                 tags: args.statsd_tags,
             },
             compat.statsd,
@@ -960,11 +971,12 @@ struct StatsdFlags {
     addr: Option<String>,
     interval: Option<Duration>,
     format: Option<StatsdDialect>,
+    protocol: Option<StatsdProtocol>,
     tags: Vec<(String, String)>,
 }
 
 /// envoyproxy/ratelimit's statsd settings with the flags laid over them: a flag's address,
-/// interval, dialect or tags win; its mogrifiers come only from the environment.
+/// interval, dialect, transport or tags win; its mogrifiers come only from the environment.
 fn statsd_options(flags: StatsdFlags, compat: Option<StatsdOptions>) -> Option<StatsdOptions> {
     let mut options = match (flags.addr, compat) {
         (Some(target), Some(compat)) => StatsdOptions { target, ..compat },
@@ -981,6 +993,11 @@ fn statsd_options(flags: StatsdFlags, compat: Option<StatsdOptions>) -> Option<S
             None => options.dialect.format,
         };
         options.dialect = options.dialect.with(format, flags.tags);
+    }
+    match flags.protocol {
+        Some(StatsdProtocol::Udp) => options.transport = Transport::Udp,
+        Some(StatsdProtocol::Tcp) => options.transport = Transport::Tcp,
+        None => {}
     }
     Some(options)
 }

@@ -12,7 +12,7 @@ use common::config_dir::ConfigMapDir;
 use common::meshlimit::{Meshlimit, command};
 use common::redis::RedisServer;
 use common::stack::Stack;
-use common::statsd::StatsdDaemon;
+use common::statsd::{Listen, StatsdDaemon};
 use common::{fixture, free_loopback_addr, http, poll_until};
 use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::rate_limit_response::Code;
@@ -494,7 +494,11 @@ async fn counters_reach_statsd_under_envoyproxys_names() {
     let agent = StatsdAgent::bind().await;
     let (server, _config) = three_calls_to_a_limit_of_two(
         agent.port(),
-        &[("USE_STATSD", "true"), ("EXTRA_TAGS", "env:e2e")],
+        &[
+            ("USE_STATSD", "true"),
+            ("STATSD_PROTOCOL", "udp"),
+            ("EXTRA_TAGS", "env:e2e"),
+        ],
     )
     .await;
 
@@ -576,31 +580,60 @@ async fn dogstatsd_lines_carry_extra_and_mogrified_tags() {
 }
 
 /// The same lines read by a real statsd daemon (Etsy's, which statsd_exporter and Datadog's
-/// agent follow in this): the counters add up to what happened, and the response-time
-/// timer, a line per latency bucket with a sample rate, counts every call.
+/// agent follow in this) over TCP, envoyproxy/ratelimit's transport and so USE_STATSD's: the
+/// counters add up to what happened, and the response-time timer, a line per latency
+/// bucket with a sample rate, counts every call. Then the daemon is stopped, two more calls
+/// are made, and a new daemon started on the same port counts them: the pushes that found
+/// no agent, and the connection the old one closed, lost nothing.
 #[tokio::test]
-async fn a_real_statsd_counts_every_call_and_its_time() {
-    let statsd = StatsdDaemon::start();
+async fn a_real_statsd_counts_every_call_and_its_time_across_its_restart() {
+    let statsd = StatsdDaemon::start(Listen::Tcp);
     let (server, _config) =
         three_calls_to_a_limit_of_two(statsd.port, &[("USE_STATSD", "true")]).await;
-
     let prefix = "ratelimit.service.rate_limit.statsd.user.";
-    let counters = [
-        (format!("{prefix}total_hits"), 3.0),
-        (format!("{prefix}within_limit"), 2.0),
-        (format!("{prefix}over_limit"), 1.0),
-        (
-            "ratelimit_server.ShouldRateLimit.total_requests".to_owned(),
-            3.0,
-        ),
-    ];
+    let total = |hits: f64, within: f64, over: f64| {
+        [
+            (format!("{prefix}total_hits"), hits),
+            (format!("{prefix}within_limit"), within),
+            (format!("{prefix}over_limit"), over),
+            (
+                "ratelimit_server.ShouldRateLimit.total_requests".to_owned(),
+                hits,
+            ),
+        ]
+    };
+    statsd_counts(&statsd, &server, &total(3.0, 2.0, 1.0), 3.0);
+
+    let port = statsd.port;
+    drop(statsd);
+    let mut client = server.client().await;
+    for _ in 0..2 {
+        client
+            .should_rate_limit(request("statsd", &[&[("user", "ann")]]))
+            .await
+            .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()));
+    }
+    // A few pushes find no agent.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let restarted = StatsdDaemon::start_on(Listen::Tcp, port);
+    statsd_counts(&restarted, &server, &total(2.0, 0.0, 2.0), 2.0);
+}
+
+/// Waits until `statsd` has counted `counters` (a counter at 0: never sent) and `calls`
+/// response-time calls.
+fn statsd_counts(
+    statsd: &StatsdDaemon,
+    server: &Meshlimit,
+    counters: &[(String, f64)],
+    calls: f64,
+) {
     let timer = "ratelimit_server.ShouldRateLimit.response_time";
     let counted = common::poll_until(Duration::from_secs(15), || {
         let totals = statsd.totals();
         let all = counters
             .iter()
-            .all(|(name, n)| totals.counters.get(name) == Some(n))
-            && totals.timer_calls.get(timer) == Some(&3.0);
+            .all(|(name, n)| totals.counters.get(name).copied().unwrap_or(0.0) == *n)
+            && totals.timer_calls.get(timer) == Some(&calls);
         all.then_some(())
     });
     assert!(

@@ -1,4 +1,4 @@
-//! statsd output: the service's and every rule's counters pushed over UDP under
+//! statsd output: the service's and every rule's counters pushed over UDP or TCP under
 //! envoyproxy/ratelimit's names (`ratelimit.service.rate_limit.<domain>.<key>.over_limit`,
 //! `ratelimit_server.ShouldRateLimit.response_time`, …), for deployments whose metrics go
 //! through statsd — envoyproxy/ratelimit's default, often with a statsd_exporter or a
@@ -8,7 +8,9 @@
 //! counter (`name:delta|c`); counters that did not move are not sent. Call latency goes as
 //! a timer, one line per latency bucket that gained calls (see `Value::Millis`). Lines are
 //! packed into datagrams that fit an ordinary MTU. A lost datagram loses those increments,
-//! as statsd over UDP always may; nothing here can slow a decision.
+//! as statsd over UDP always may; over TCP (envoyproxy/ratelimit's transport) a push that
+//! reached nothing — the agent down or restarting — goes out with the next one instead.
+//! Nothing here can slow a decision: the push runs in its own task.
 //!
 //! `dialect` writes each line as plain statsd or DogStatsD, with envoyproxy/ratelimit's
 //! `EXTRA_TAGS`; `mogrifier` holds its DogStatsD name-to-tags rules.
@@ -21,6 +23,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpStream, UdpSocket};
+
 pub use dialect::{Dialect, StatsdFormat, Value};
 pub use mogrifier::Mogrifier;
 
@@ -32,6 +37,21 @@ const RESPONSE_TIME: &str = "ratelimit_server.ShouldRateLimit.response_time";
 /// Datagram payloads stay under this, so they cross an Ethernet MTU unfragmented.
 const MAX_DATAGRAM_BYTES: usize = 1_432;
 
+/// How long connecting to a TCP agent, or writing one push to it, may take before the
+/// push gives up (and, when nothing went out, waits for the next interval).
+const TCP_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How lines reach the agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// Datagrams, as statsd is usually spoken: nothing waits on the agent.
+    #[default]
+    Udp,
+    /// One connection, kept open and opened again when it breaks: envoyproxy/ratelimit's
+    /// plain statsd transport, for agents that listen on TCP only.
+    Tcp,
+}
+
 /// Where and how often to push.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatsdOptions {
@@ -39,6 +59,7 @@ pub struct StatsdOptions {
     pub target: String,
     pub interval: Duration,
     pub dialect: Dialect,
+    pub transport: Transport,
 }
 
 impl StatsdOptions {
@@ -48,12 +69,13 @@ impl StatsdOptions {
             target,
             interval: Duration::from_secs(10),
             dialect: Dialect::default(),
+            transport: Transport::Udp,
         }
     }
 }
 
 /// What the last push sent: each counter's total and each latency bucket's calls.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Sent {
     counters: HashMap<String, u64>,
     latency: Vec<u64>,
@@ -67,10 +89,10 @@ pub struct Totals {
 }
 
 /// Pushes the counters every `options.interval`, forever (the server aborts the task when
-/// it stops). Errors are logged once per kind and never stop the loop.
+/// it stops). Errors are logged once per run of failures and never stop the loop.
 pub async fn push_loop(metrics: Arc<Metrics>, options: StatsdOptions) {
-    let socket = match tokio::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await {
-        Ok(socket) => socket,
+    let mut sender = match Sender::open(options.transport).await {
+        Ok(sender) => sender,
         Err(error) => {
             tracing::error!(%error, "statsd: cannot open a UDP socket; no statsd output");
             return;
@@ -86,17 +108,121 @@ pub async fn push_loop(metrics: Arc<Metrics>, options: StatsdOptions) {
             counters: metrics.statsd_counters(),
             latency: metrics.decision_latency.millis_buckets(),
         };
-        for datagram in datagrams(&mut sent, totals, &options.dialect) {
-            if let Err(error) = socket.send_to(datagram.as_bytes(), &options.target).await {
+        let before = sent.clone();
+        let datagrams = datagrams(&mut sent, totals, &options.dialect);
+        match sender.send(&options.target, &datagrams).await {
+            Ok(()) => warned = false,
+            Err(failure) => {
                 if !warned {
-                    tracing::warn!(target = %options.target, %error, "statsd: cannot send; counters are dropped until it works");
+                    let error = &failure.error;
+                    tracing::warn!(target = %options.target, %error, "statsd: cannot send; increments are kept for the next push while nothing goes out");
                     warned = true;
                 }
-                break;
+                // Nothing reached the agent: the next push sends these increments too.
+                if !failure.partly_sent {
+                    sent = before;
+                }
             }
-            warned = false;
         }
     }
+}
+
+/// A push that did not all go out.
+struct SendFailure {
+    error: std::io::Error,
+    /// Some of it may have reached the agent, so sending it again could count it twice.
+    partly_sent: bool,
+}
+
+/// The socket pushes go out on.
+enum Sender {
+    Udp(UdpSocket),
+    /// `None` until connected, and again after the connection broke.
+    Tcp(Option<TcpStream>),
+}
+
+impl Sender {
+    async fn open(transport: Transport) -> std::io::Result<Self> {
+        Ok(match transport {
+            Transport::Udp => {
+                Self::Udp(UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await?)
+            }
+            Transport::Tcp => Self::Tcp(None),
+        })
+    }
+
+    /// Sends `datagrams` to `target`: each as a datagram, or all as newline-ended lines on
+    /// the TCP connection, opened first if need be.
+    async fn send(&mut self, target: &str, datagrams: &[String]) -> Result<(), SendFailure> {
+        match self {
+            Self::Udp(socket) => {
+                for (i, datagram) in datagrams.iter().enumerate() {
+                    if let Err(error) = socket.send_to(datagram.as_bytes(), target).await {
+                        return Err(SendFailure {
+                            error,
+                            partly_sent: i > 0,
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Self::Tcp(connection) => {
+                if datagrams.is_empty() {
+                    return Ok(());
+                }
+                let not_sent = |error| SendFailure {
+                    error,
+                    partly_sent: false,
+                };
+                // An agent that restarted closed our end: writing into it would look sent
+                // and be lost, so a connection the agent closed is opened again first.
+                if connection.as_ref().is_some_and(closed_by_peer) {
+                    *connection = None;
+                }
+                let stream = match connection {
+                    Some(stream) => stream,
+                    None => {
+                        let connect = TcpStream::connect(target);
+                        let stream = (tokio::time::timeout(TCP_DEADLINE, connect).await)
+                            .unwrap_or_else(|_| Err(timed_out("connecting")))
+                            .map_err(not_sent)?;
+                        connection.insert(stream)
+                    }
+                };
+                let mut payload = datagrams.join("\n");
+                payload.push('\n');
+                let written =
+                    tokio::time::timeout(TCP_DEADLINE, stream.write_all(payload.as_bytes()))
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out("writing")));
+                written.map_err(|error| {
+                    *connection = None;
+                    SendFailure {
+                        error,
+                        partly_sent: true,
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// Whether the agent closed the connection (or reset it). statsd agents never write
+/// back, so anything readable is the end of the stream or an error.
+fn closed_by_peer(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match stream.try_read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} took over {TCP_DEADLINE:?}"),
+    )
 }
 
 /// The statsd lines of what each counter and latency bucket of `now` gained since `sent`,

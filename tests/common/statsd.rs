@@ -1,9 +1,9 @@
 //! Etsy's statsd daemon (`.venv/statsd`, installed by scripts/test.sh from npm) on a free
-//! loopback UDP port, flushing every 200 ms through tests/wire/statsd_json_backend.js: what
-//! a real statsd made of the lines it was sent, as JSON, one flush a line.
+//! loopback UDP or TCP port, flushing every 200 ms through tests/wire/statsd_json_backend.js:
+//! what a real statsd made of the lines it was sent, as JSON, one flush a line.
 
 use std::collections::HashMap;
-use std::net::UdpSocket;
+use std::net::{TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
@@ -27,19 +27,37 @@ pub struct Totals {
     pub timer_calls: HashMap<String, f64>,
 }
 
+/// What the daemon listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Udp,
+    Tcp,
+}
+
 impl StatsdDaemon {
-    pub fn start() -> StatsdDaemon {
+    pub fn start(listen: Listen) -> StatsdDaemon {
+        let port = match listen {
+            // A UDP port free a moment ago, as free_loopback_addr finds TCP ones.
+            Listen::Udp => UdpSocket::bind("127.0.0.1:0")
+                .and_then(|socket| socket.local_addr())
+                .expect("find a free UDP port")
+                .port(),
+            Listen::Tcp => free_loopback_addr().port(),
+        };
+        Self::start_on(listen, port)
+    }
+
+    /// A daemon on `port`, e.g. where one was stopped: it starts with nothing counted.
+    pub fn start_on(listen: Listen, port: u16) -> StatsdDaemon {
         let stats_js = venv_tool("MESHLIMIT_STATSD", "statsd/node_modules/statsd/stats.js");
         let dir = tempfile::tempdir().expect("create a temp dir for statsd");
-        // A UDP port free a moment ago, as free_loopback_addr finds TCP ones.
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .and_then(|socket| socket.local_addr())
-            .expect("find a free UDP port")
-            .port();
         let flushes = dir.path().join("flushes.jsonl");
+        let server = match listen {
+            Listen::Udp => "./servers/udp",
+            Listen::Tcp => "./servers/tcp",
+        };
         let config = json!({
-            "address": "127.0.0.1",
-            "port": port,
+            "servers": [{"server": server, "address": "127.0.0.1", "port": port}],
             "mgmt_address": "127.0.0.1",
             "mgmt_port": free_loopback_addr().port(),
             "flushInterval": 200,
@@ -54,6 +72,7 @@ impl StatsdDaemon {
         let mut process = Supervised::spawn("statsd", command, dir);
         let started = process.wait_ready(Duration::from_secs(30), "statsd's first flush", || {
             std::fs::metadata(&flushes).is_ok()
+                && (listen == Listen::Udp || TcpStream::connect(("127.0.0.1", port)).is_ok())
         });
         if let Err(failure) = started {
             panic!("statsd did not start:\n{}", failure.report);
