@@ -37,6 +37,8 @@ pub struct EnvoyproxyEnv {
     pub config_dir: Option<PathBuf>,
     /// `GRPC_HOST:GRPC_PORT`.
     pub grpc_addr: Option<SocketAddr>,
+    /// `GRPC_UDS`: gRPC on this Unix domain socket instead of `GRPC_HOST:GRPC_PORT`.
+    pub grpc_uds: Option<PathBuf>,
     /// `HOST:PORT`, envoyproxy/ratelimit's HTTP port (`/healthcheck`, `/json`).
     pub admin_addr: Option<SocketAddr>,
     /// `USE_PROMETHEUS=true`: a second listener for the metrics, at `PROMETHEUS_ADDR`.
@@ -111,6 +113,9 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
             DEFAULT_GRPC_PORT,
         )?);
     }
+    read.grpc_uds = env("GRPC_UDS")
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from);
     if flag("USE_PROMETHEUS")? == Some(true) {
         let addr = env("PROMETHEUS_ADDR").unwrap_or_else(|| DEFAULT_PROMETHEUS_ADDR.to_owned());
         let path = env("PROMETHEUS_PATH").unwrap_or_else(|| DEFAULT_METRICS_PATH.to_owned());
@@ -201,12 +206,6 @@ fn refuse_what_would_change_decisions(
         return Err(format!(
             "CONFIG_TYPE={kind}: meshlimit reads its config from YAML files (FILE) or an xDS \
              server (GRPC_XDS_SOTW, with CONFIG_GRPC_XDS_SERVER_URL)"
-        ));
-    }
-    if let Some(path) = env("GRPC_UDS") {
-        return Err(format!(
-            "GRPC_UDS={path}: meshlimit serves gRPC on TCP only; unset GRPC_UDS and use \
-             GRPC_HOST/GRPC_PORT (or --grpc-addr 127.0.0.1:8081 for a sidecar)"
         ));
     }
     if env("REDIS_SOCKET_TYPE").is_some_and(|t| t.eq_ignore_ascii_case("unix")) {
@@ -658,6 +657,9 @@ mod tests {
         .unwrap();
         assert_eq!(read.admin_addr, Some("0.0.0.0:9080".parse().unwrap()));
         assert_eq!(read.grpc_addr, Some("127.0.0.1:9081".parse().unwrap()));
+        assert_eq!(read.grpc_uds, None);
+        let uds = read_of(&[("GRPC_UDS", "/run/rl/grpc.sock")]).unwrap();
+        assert_eq!(uds.grpc_uds, Some(PathBuf::from("/run/rl/grpc.sock")));
         let v6 = read_of(&[("HOST", "::1")]).unwrap();
         assert_eq!(v6.admin_addr, Some("[::1]:8080".parse().unwrap()));
         let bad = read_of(&[("GRPC_PORT", "tcp://10.0.0.7:8081")]).unwrap_err();
@@ -794,7 +796,6 @@ mod tests {
                 ][..],
                 "key:value",
             ),
-            (&[("GRPC_UDS", "/run/rl.sock")][..], "GRPC_HOST/GRPC_PORT"),
             (
                 &[("REDIS_SOCKET_TYPE", "unix")][..],
                 "REDIS_SOCKET_TYPE=tcp",

@@ -13,7 +13,7 @@
 //! time source, [`admin`] is the HTTP admin port, [`server`] wires `meshlimit serve`,
 //! [`envoyproxy_env`] reads the environment an envoyproxy/ratelimit deployment sets,
 //! [`statsd`] pushes the counters to a statsd agent, [`trace`] sends a span of each call
-//! to an OTLP collector,
+//! to an OTLP collector, [`unix_socket`] serves gRPC on a Unix domain socket,
 //! and [`proto`] holds the generated protobuf code.
 
 // Request and reload paths must answer with an error, never a panic.
@@ -51,4 +51,5 @@ pub mod statsd;
 pub mod store;
 pub mod tls;
 pub mod trace;
+pub mod unix_socket;
 pub mod xds;

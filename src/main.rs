@@ -128,6 +128,11 @@ struct ServeArgs {
     /// GRPC_PORT apply [default: 0.0.0.0:8081]
     #[arg(long, env = "MESHLIMIT_GRPC_ADDR")]
     grpc_addr: Option<SocketAddr>,
+    /// Serve gRPC on this Unix domain socket instead of a TCP port, for an Envoy in the same
+    /// pod (a `pipe` address); the file is made connectable by any user who can reach its
+    /// directory [default: GRPC_UDS]
+    #[arg(long, env = "MESHLIMIT_GRPC_UDS", conflicts_with = "grpc_addr")]
+    grpc_uds: Option<PathBuf>,
     /// Where the HTTP admin port (/healthcheck, /metrics) listens; unset, envoyproxy/ratelimit's
     /// HOST and PORT apply [default: 0.0.0.0:8080]
     #[arg(long, env = "MESHLIMIT_ADMIN_ADDR")]
@@ -857,6 +862,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             .grpc_addr
             .or(compat.grpc_addr)
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8081))),
+        // A --grpc-addr given on the command line wins over the environment's GRPC_UDS.
+        grpc_uds: args
+            .grpc_uds
+            .or(compat.grpc_uds.filter(|_| args.grpc_addr.is_none())),
         admin_addr: args
             .admin_addr
             .or(compat.admin_addr)

@@ -34,6 +34,8 @@ pub struct ServeOptions {
     /// Where the config comes from.
     pub config: ConfigSource,
     pub grpc_addr: SocketAddr,
+    /// Serve gRPC on this Unix domain socket instead of `grpc_addr`.
+    pub grpc_uds: Option<PathBuf>,
     pub admin_addr: SocketAddr,
     /// A second listener serving only the metrics.
     pub metrics_listener: Option<MetricsListener>,
@@ -109,6 +111,13 @@ pub enum ServeError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("gRPC socket: {0}")]
+    UnixSocket(#[from] crate::unix_socket::UnixSocketError),
+    #[error(
+        "TLS is served on a TCP port only, and gRPC is set to a Unix socket: drop the TLS \
+         settings (the socket's directory decides who may connect) or serve on --grpc-addr"
+    )]
+    TlsOnUnixSocket,
     #[error("the {what} server failed: {message}")]
     Serve { what: &'static str, message: String },
     #[error("redis store: {0}")]
@@ -326,7 +335,11 @@ async fn serve_with<S: CounterStore>(
             .with_global_modes(options.global_modes),
     );
 
-    let grpc_listener = bind(options.grpc_addr, "gRPC", "--grpc-addr").await?;
+    let grpc_listener = match &options.grpc_uds {
+        Some(_) if options.tls.is_some() => return Err(ServeError::TlsOnUnixSocket),
+        Some(path) => GrpcListener::Unix(crate::unix_socket::bind(path)?),
+        None => GrpcListener::Tcp(bind(options.grpc_addr, "gRPC", "--grpc-addr").await?),
+    };
     let admin_listener = bind(options.admin_addr, "admin", "--admin-addr").await?;
     let metrics_listener = match &options.metrics_listener {
         Some(listener) => Some((
@@ -341,7 +354,7 @@ async fn serve_with<S: CounterStore>(
         None => None,
     };
     tracing::info!(
-        grpc = %local(&grpc_listener),
+        grpc = %grpc_listener.describe(),
         admin = %local(&admin_listener),
         metrics = metrics_listener.as_ref().map(|(listener, path)| format!("{}{path}", local(listener))),
         config = %options.config.describe(),
@@ -444,9 +457,19 @@ async fn serve_with<S: CounterStore>(
         .add_service(rate_limit)
         .add_service(health_service)
         .add_service(reflection);
+    // Removes the socket file once the server has stopped, when serving on one.
+    let mut _socket_file = None;
     let grpc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-        match &options.tls {
-            Some(files) => {
+        match (&options.tls, grpc_listener) {
+            (_, GrpcListener::Unix(socket)) => {
+                let (listener, file) = socket.into_parts();
+                _socket_file = Some(file);
+                Box::pin(router.serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    when_stopped(),
+                ))
+            }
+            (Some(files), GrpcListener::Tcp(grpc_listener)) => {
                 let cert = Arc::new(ReloadingCert::load(files.clone())?);
                 let config = tls::server_config(cert.clone())?;
                 tls_watcher = Some(cert.watch(Duration::from_secs(5)));
@@ -459,10 +482,12 @@ async fn serve_with<S: CounterStore>(
                     when_stopped(),
                 ))
             }
-            None => Box::pin(router.serve_with_incoming_shutdown(
-                TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-                when_stopped(),
-            )),
+            (None, GrpcListener::Tcp(grpc_listener)) => {
+                Box::pin(router.serve_with_incoming_shutdown(
+                    TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                    when_stopped(),
+                ))
+            }
         };
     let admin = axum::serve(admin_listener, admin_app).with_graceful_shutdown(when_stopped());
     let metrics_only = {
@@ -541,6 +566,21 @@ async fn bind(
             flag,
             source,
         })
+}
+
+/// Where gRPC is served: a TCP port, or a Unix domain socket (`--grpc-uds`).
+enum GrpcListener {
+    Tcp(TcpListener),
+    Unix(crate::unix_socket::BoundSocket),
+}
+
+impl GrpcListener {
+    fn describe(&self) -> String {
+        match self {
+            Self::Tcp(listener) => local(listener),
+            Self::Unix(socket) => format!("unix:{}", socket.path().display()),
+        }
+    }
 }
 
 fn local(listener: &TcpListener) -> String {

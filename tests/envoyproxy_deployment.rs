@@ -163,11 +163,7 @@ async fn istios_sample_environment_runs_meshlimit_unchanged() {
 fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
     let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
     let root = config.root().display().to_string();
-    let cases: [(&[(&str, &str)], &str); 3] = [
-        (
-            &[("GRPC_UDS", "/run/ratelimit.sock")],
-            "GRPC_HOST/GRPC_PORT",
-        ),
+    let cases: [(&[(&str, &str)], &str); 2] = [
         (&[("BACKEND_TYPE", "memcache")], "BACKEND_TYPE=memcache"),
         (&[("CONFIG_TYPE", "GRPC_XDS_DELTA")], "GRPC_XDS_SOTW"),
     ];
@@ -200,6 +196,77 @@ fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
         stderr.contains("--config DIR") && stderr.contains("RUNTIME_ROOT"),
         "{stderr}"
     );
+}
+
+/// GRPC_UDS: gRPC on a Unix domain socket instead of GRPC_PORT, reached by a real Envoy
+/// through a `pipe` address, as a sidecar sharing a directory with meshlimit would. A second
+/// server on the same socket is refused with what to do, and the file goes when meshlimit
+/// stops, so the next start finds the path free.
+#[test]
+fn envoy_reaches_meshlimit_on_a_unix_socket() {
+    common::avoid_window_edge(60, 15);
+    let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
+    let sockets = tempfile::tempdir().expect("a directory for the socket");
+    let socket = sockets.path().join("ratelimit.sock");
+    let socket_text = socket.display().to_string();
+    let root = config.root().display().to_string();
+    let env = [
+        ("RUNTIME_ROOT", root.as_str()),
+        ("RUNTIME_SUBDIRECTORY", "ratelimit"),
+        ("GRPC_UDS", socket_text.as_str()),
+    ];
+    let meshlimit = Meshlimit::start_envoyproxy_style(&env);
+    assert!(
+        std::net::TcpStream::connect(meshlimit.grpc_addr).is_err(),
+        "GRPC_UDS replaces GRPC_PORT"
+    );
+
+    // tests/fixtures/envoy/ratelimit_http.yaml with the meshlimit cluster on the socket.
+    let tcp_endpoint = "socket_address: { address: 127.0.0.1, port_value: {{RLS_PORT}} }";
+    let template = std::fs::read_to_string(fixture("envoy/ratelimit_http.yaml"))
+        .expect("read the Envoy template");
+    assert!(
+        template.contains(tcp_endpoint),
+        "the template's meshlimit endpoint moved"
+    );
+    let on_socket = template.replace(
+        tcp_endpoint,
+        &format!("pipe: {{ path: \"{socket_text}\" }}"),
+    );
+    let template_path = sockets.path().join("envoy.yaml");
+    std::fs::write(&template_path, on_socket).expect("write the Envoy template");
+    let stack = Stack::start_around(meshlimit, &template_path, "ratelimit", &[]);
+    // The filter fails open: only the 429 shows that Envoy's call reached meshlimit.
+    let page = stack.get_as("carol", "/productpage");
+    stack.expect_status(&page, 200, "carol's first /productpage");
+    let page = stack.get_as("carol", "/productpage");
+    stack.expect_status(&page, 429, "carol's second /productpage in the minute");
+
+    let mut second = command();
+    second
+        .env("HOST", "127.0.0.1")
+        .env("PORT", free_loopback_addr().port().to_string())
+        .envs(env)
+        .arg("serve");
+    let (code, stderr) = exit_of(second);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&socket_text) && stderr.contains("another server is listening"),
+        "{stderr}"
+    );
+    let page = stack.get_as("dave", "/productpage");
+    stack.expect_status(&page, 200, "the first server still answers");
+
+    let Stack { mut meshlimit, .. } = stack;
+    meshlimit.terminate();
+    let exited = meshlimit.wait_for_exit(Duration::from_secs(30));
+    assert_eq!(
+        exited.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        meshlimit.logs()
+    );
+    assert!(!socket.exists(), "the socket file is removed on stop");
 }
 
 /// Runs `command` to its exit: the exit code and stderr. A server that starts instead of
