@@ -208,13 +208,6 @@ fn refuse_what_would_change_decisions(
              server (GRPC_XDS_SOTW, with CONFIG_GRPC_XDS_SERVER_URL)"
         ));
     }
-    if env("REDIS_SOCKET_TYPE").is_some_and(|t| t.eq_ignore_ascii_case("unix")) {
-        return Err(
-            "REDIS_SOCKET_TYPE=unix: meshlimit reaches Redis over TCP only; write \
-             REDIS_SOCKET_TYPE=tcp and REDIS_URL=host:port"
-                .to_owned(),
-        );
-    }
     if flag("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION")? == Some(true) {
         return Err(
             "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION=true: meshlimit always checks that the Redis \
@@ -795,10 +788,6 @@ mod tests {
                     ("CONFIG_GRPC_XDS_NODE_METADATA", "team"),
                 ][..],
                 "key:value",
-            ),
-            (
-                &[("REDIS_SOCKET_TYPE", "unix")][..],
-                "REDIS_SOCKET_TYPE=tcp",
             ),
             (
                 &[("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION", "true")][..],

@@ -599,6 +599,64 @@ fn tls_redis(ca: &Ca, extra: &[&str]) -> Option<RedisServer> {
     }
 }
 
+/// A Redis in the same pod, reached on its Unix socket: one replica set up with
+/// envoyproxy/ratelimit's variables (`REDIS_SOCKET_TYPE=unix`, the path in `REDIS_URL`, an
+/// ACL user's `user:password` in `REDIS_AUTH`), one with `--redis-url redis+unix://`; they
+/// share one limit, and Redis sees them as that user on its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_a_redis_on_its_unix_socket() {
+    common::avoid_window_edge(3_600, 10);
+    let sockets = tempfile::tempdir().expect("a directory for the socket");
+    let socket = sockets.path().join("redis.sock").display().to_string();
+    let redis = RedisServer::start_with(&["--unixsocket", &socket, "--unixsocketperm", "700"]);
+    redis.query::<()>(
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("meshlimit")
+            .arg("on")
+            .arg(">s3cr/t pw")
+            .arg("~*")
+            .arg("+@all"),
+    );
+    let by_env = start_with_target(
+        &[],
+        &[
+            ("REDIS_SOCKET_TYPE", "unix"),
+            ("REDIS_URL", socket.as_str()),
+            ("REDIS_AUTH", "meshlimit:s3cr/t pw"),
+        ],
+    );
+    let url = format!("redis+unix://{socket}?user=meshlimit&pass=s3cr%2Ft%20pw");
+    let by_flag = start_with_target(&["--redis-url", &url], &[]);
+    let replicas = [by_env, by_flag];
+    let mut clients = vec![replicas[0].client().await, replicas[1].client().await];
+    assert_eq!(
+        admitted_across(&replicas, &mut clients, "socket-user").await,
+        LIMIT,
+        "both replicas count in the Redis behind the socket\n{}\n{}",
+        replicas[0].logs(),
+        replicas[1].logs()
+    );
+    assert!(counted_in(&redis, "socket-user"));
+    // `U`: a client on the Unix socket.
+    let clients: String = redis.query(redis::cmd("CLIENT").arg("LIST"));
+    let on_socket = clients
+        .lines()
+        .filter(|line| line.contains(" user=meshlimit "))
+        .filter(|line| {
+            line.split(' ')
+                .any(|field| field.starts_with("flags=") && field.contains('U'))
+        })
+        .count();
+    assert!(on_socket >= 2, "one connection a replica:\n{clients}");
+    for replica in &replicas {
+        assert_eq!(
+            metric(replica, "meshlimit_redis_fallback_decisions"),
+            Some(0)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_counts_through_a_tls_redis_whose_ca_is_given() {
     common::avoid_window_edge(3_600, 10);

@@ -24,7 +24,8 @@ pub enum FailureMode {
 /// Where the counters live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisTarget {
-    /// One server (or a proxy in front of several): `redis://` or `rediss://` URL.
+    /// One server (or a proxy in front of several): `redis://` or `rediss://` URL, or
+    /// `redis+unix:///path` for its Unix domain socket.
     Standalone(String),
     /// Seed nodes of a Redis Cluster, as URLs; the rest are discovered.
     Cluster(Vec<String>),
@@ -189,13 +190,6 @@ pub fn resolve_per_second(
                 .to_owned(),
         );
     }
-    if env("REDIS_PERSECOND_SOCKET_TYPE").is_some_and(|t| t.trim().eq_ignore_ascii_case("unix")) {
-        return Err(
-            "REDIS_PERSECOND_SOCKET_TYPE=unix: meshlimit reaches Redis over TCP only; write \
-             REDIS_PERSECOND_SOCKET_TYPE=tcp and REDIS_PERSECOND_URL=host:port"
-                .to_owned(),
-        );
-    }
     let renamed = |name: &str| {
         if PER_SECOND_VARIABLES.contains(&name) {
             env(&name.replacen("REDIS_", "REDIS_PERSECOND_", 1))
@@ -277,8 +271,9 @@ pub fn resolve(
     } else if let Some(url) = &flags.url {
         RedisTarget::Standalone(url_of(url, tls, auth.as_deref())?)
     } else if let Some(url) = env("REDIS_URL") {
-        // envoyproxy/ratelimit's REDIS_URL: `host:port`; comma-separated nodes for a cluster;
-        // the master's name, then the sentinels, for sentinel.
+        check_socket_type(env("REDIS_SOCKET_TYPE").as_deref(), &url, redis_type)?;
+        // envoyproxy/ratelimit's REDIS_URL: `host:port`, or a socket's path; comma-separated
+        // nodes for a cluster; the master's name, then the sentinels, for sentinel.
         match redis_type {
             RedisType::Single => RedisTarget::Standalone(url_of(&url, tls, auth.as_deref())?),
             RedisType::Cluster => RedisTarget::Cluster(urls(&url, tls, auth.as_deref())?),
@@ -342,7 +337,7 @@ pub fn resolve(
 }
 
 /// envoyproxy/ratelimit's REDIS_TYPE.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum RedisType {
     Single,
     Cluster,
@@ -428,12 +423,53 @@ fn sentinel_of(
     })
 }
 
+/// envoyproxy/ratelimit's `REDIS_SOCKET_TYPE` (`tcp` or `unix`) must say what `REDIS_URL`
+/// is, as there it decides how the URL is dialled: a path for `unix`, a `host:port` for
+/// `tcp`. Only a single server is reached over a socket.
+fn check_socket_type(
+    socket_type: Option<&str>,
+    url: &str,
+    redis_type: RedisType,
+) -> Result<(), String> {
+    let is_path = is_socket_path(url);
+    let (name, value) = ("REDIS_SOCKET_TYPE", socket_type.map(str::trim));
+    match value.map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(()),
+        Some("unix") if redis_type != RedisType::Single => Err(format!(
+            "{name}=unix: a Redis Cluster's or Sentinel's nodes are reached over TCP; write \
+             {name}=tcp and their host:port"
+        )),
+        Some("unix") if !is_path => Err(format!(
+            "{name}=unix: REDIS_URL={url} is not a socket's path; write the path Redis's \
+             `unixsocket` names, e.g. /var/run/redis/redis.sock"
+        )),
+        Some("tcp") if is_path => Err(format!(
+            "{name}=tcp: REDIS_URL={url} is a path; write {name}=unix to reach Redis on that \
+             socket, or host:port"
+        )),
+        Some("tcp" | "unix") => Ok(()),
+        Some(other) => Err(format!("{name}={other}: write tcp or unix")),
+    }
+}
+
+/// A Unix domain socket's path, rather than `host:port` or a URL.
+fn is_socket_path(text: &str) -> bool {
+    text.trim().starts_with('/')
+}
+
 fn urls(list: &str, tls: bool, auth: Option<&str>) -> Result<Vec<String>, String> {
     let urls: Vec<String> = list
         .split(',')
         .map(str::trim)
         .filter(|node| !node.is_empty())
-        .map(|node| url_of(node, tls, auth))
+        .map(|node| {
+            if is_socket_path(node) || is_unix_url(node) {
+                return Err(format!(
+                    "`{node}`: a Redis Cluster's nodes are reached over TCP; write host:port"
+                ));
+            }
+            url_of(node, tls, auth)
+        })
         .collect::<Result<_, _>>()?;
     if urls.is_empty() {
         return Err("no Redis Cluster seed nodes given; write host:port,host:port".into());
@@ -441,25 +477,61 @@ fn urls(list: &str, tls: bool, auth: Option<&str>) -> Result<Vec<String>, String
     Ok(urls)
 }
 
-/// A full URL from `redis://…`, `rediss://…` or envoyproxy/ratelimit's bare `host:port`,
-/// with `REDIS_AUTH` (`password` or `user:password`) and `REDIS_TLS` applied to bare ones.
+/// A full URL from `redis://…`, `rediss://…`, `redis+unix://…`, envoyproxy/ratelimit's
+/// bare `host:port` or a socket's path, with `REDIS_AUTH` (`password` or `user:password`)
+/// and `REDIS_TLS` applied to bare ones.
 fn url_of(text: &str, tls: bool, auth: Option<&str>) -> Result<String, String> {
     let text = text.trim();
+    let unix = is_socket_path(text) || is_unix_url(text);
+    if unix && tls {
+        return Err(format!(
+            "`{}`: TLS is not spoken on a Unix socket; set REDIS_TLS=false (the socket's \
+             permissions decide who reaches it) or reach Redis at host:port",
+            redact(text)
+        ));
+    }
+    if unix && !text.contains("://") {
+        return Ok(unix_url(text, auth));
+    }
     if text.contains("://") {
-        if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
+        if !(unix || text.starts_with("redis://") || text.starts_with("rediss://")) {
             return Err(format!(
-                "`{}`: only redis:// and rediss:// (TLS) URLs are supported",
+                "`{}`: only redis://, rediss:// (TLS) and redis+unix:// (a socket) URLs are \
+                 supported",
                 redact(text)
             ));
         }
         return Ok(text.to_owned());
     }
-    if text.starts_with('/') {
-        return Err(format!(
-            "`{text}`: unix sockets are not supported; write host:port"
-        ));
-    }
     Ok(format!("{}{text}", head_of(tls, auth)))
+}
+
+/// `unix://` and `redis+unix://` (redis-rs's names for a socket; `valkey+unix://` too).
+fn is_unix_url(text: &str) -> bool {
+    ["unix://", "redis+unix://", "valkey+unix://"]
+        .iter()
+        .any(|scheme| text.trim().starts_with(scheme))
+}
+
+/// `redis+unix:///path`, with `REDIS_AUTH`'s credentials as the `user` and `pass` query
+/// parameters, where redis-rs reads them for a socket.
+fn unix_url(path: &str, auth: Option<&str>) -> String {
+    let mut url = format!("redis+unix://{}", escape_path(path));
+    let credentials = match auth.map(|auth| auth.split_once(':').unwrap_or(("", auth))) {
+        Some(("", password)) => vec![("pass", password)],
+        Some((user, password)) => vec![("user", user), ("pass", password)],
+        None => Vec::new(),
+    };
+    for (i, (name, value)) in credentials.into_iter().enumerate() {
+        let separator = if i == 0 { '?' } else { '&' };
+        url.push_str(&format!("{separator}{name}={}", escape(value)));
+    }
+    url
+}
+
+/// Percent-escapes what a URL's path cannot hold as such (`?`, `#`, `%`, spaces, …).
+fn escape_path(path: &str) -> String {
+    path.split('/').map(escape).collect::<Vec<_>>().join("/")
 }
 
 /// `redis://` or `rediss://`, with `REDIS_AUTH`'s credentials (`password` or
@@ -494,6 +566,17 @@ pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
+    // A socket's password rides in the query (`?pass=…`).
+    if let Some((path, query)) = rest.split_once('?') {
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some(("pass", _)) => "pass=***".to_owned(),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        return format!("{scheme}://{path}?{}", query.join("&"));
+    }
     match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or("", |(user, _)| user);
@@ -615,8 +698,9 @@ mod tests {
                 &[
                     ("REDIS_PERSECOND", "true"),
                     ("REDIS_PERSECOND_URL", "/run/fast.sock"),
+                    ("REDIS_PERSECOND_SOCKET_TYPE", "tcp"),
                 ][..],
-                "per-second Redis (REDIS_PERSECOND_*): `/run/fast.sock`: unix sockets",
+                "per-second Redis (REDIS_PERSECOND_*): REDIS_SOCKET_TYPE=tcp: REDIS_URL=/run/fast.sock is a path",
             ),
             (&[("REDIS_PERSECOND", "yes")][..], "REDIS_PERSECOND=yes"),
         ] {
@@ -790,6 +874,89 @@ mod tests {
     fn passwords_are_redacted() {
         assert_eq!(redact("redis://user:pw@h:1/0"), "redis://user:***@h:1/0");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            redact("redis+unix:///run/r.sock?user=u&pass=pw"),
+            "redis+unix:///run/r.sock?user=u&pass=***"
+        );
+    }
+
+    #[test]
+    fn a_socket_path_is_reached_as_a_unix_socket_with_its_credentials() {
+        let standalone = |vars: &'static [(&'static str, &'static str)]| {
+            resolve(&RedisFlags::default(), env_of(vars)).map(|r| r.target)
+        };
+        assert_eq!(
+            standalone(&[
+                ("REDIS_SOCKET_TYPE", "unix"),
+                ("REDIS_URL", "/run/redis/redis.sock"),
+                ("REDIS_AUTH", "meshlimit:s3cr/t"),
+            ]),
+            Ok(RedisTarget::Standalone(
+                "redis+unix:///run/redis/redis.sock?user=meshlimit&pass=s3cr%2Ft".into()
+            ))
+        );
+        assert_eq!(
+            standalone(&[("REDIS_URL", "/run/my redis.sock"), ("REDIS_AUTH", "pw")]),
+            Ok(RedisTarget::Standalone(
+                "redis+unix:///run/my%20redis.sock?pass=pw".into()
+            ))
+        );
+        let flag = resolve(
+            &RedisFlags {
+                url: Some("unix:///run/r.sock".into()),
+                ..Default::default()
+            },
+            env_of(&[]),
+        );
+        assert_eq!(
+            flag.map(|r| r.target),
+            Ok(RedisTarget::Standalone("unix:///run/r.sock".into()))
+        );
+        // The URL it makes is one redis-rs reads as that socket, with those credentials.
+        let info = redis::IntoConnectionInfo::into_connection_info(
+            "redis+unix:///run/my%20redis.sock?user=u&pass=s3cr%2Ft",
+        )
+        .unwrap();
+        assert_eq!(
+            info.addr(),
+            &redis::ConnectionAddr::Unix("/run/my redis.sock".into())
+        );
+        assert_eq!(info.redis_settings().password(), Some("s3cr/t"));
+        assert_eq!(info.redis_settings().username(), Some("u"));
+
+        for (vars, expected) in [
+            (
+                &[("REDIS_SOCKET_TYPE", "unix"), ("REDIS_URL", "redis:6379")][..],
+                "is not a socket's path",
+            ),
+            (
+                &[("REDIS_SOCKET_TYPE", "tcp"), ("REDIS_URL", "/run/r.sock")][..],
+                "write REDIS_SOCKET_TYPE=unix",
+            ),
+            (
+                &[("REDIS_SOCKET_TYPE", "udp"), ("REDIS_URL", "r:1")][..],
+                "REDIS_SOCKET_TYPE=udp: write tcp or unix",
+            ),
+            (
+                &[
+                    ("REDIS_SOCKET_TYPE", "unix"),
+                    ("REDIS_TYPE", "cluster"),
+                    ("REDIS_URL", "/run/r.sock"),
+                ][..],
+                "reached over TCP",
+            ),
+            (
+                &[("REDIS_TYPE", "cluster"), ("REDIS_URL", "a:1,/run/r.sock")][..],
+                "`/run/r.sock`: a Redis Cluster's nodes are reached over TCP",
+            ),
+            (
+                &[("REDIS_URL", "/run/r.sock"), ("REDIS_TLS", "true")][..],
+                "TLS is not spoken on a Unix socket",
+            ),
+        ] {
+            let error = resolve(&RedisFlags::default(), env_of(vars)).unwrap_err();
+            assert!(error.contains(expected), "{vars:?}: {error}");
+        }
     }
 
     #[test]
