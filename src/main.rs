@@ -14,7 +14,7 @@ use meshlimit::limit::Algorithm;
 use meshlimit::limiter::{GlobalModes, RequestBounds};
 use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
-use meshlimit::server::{self, ConfigSource, ServeOptions, StoreChoice};
+use meshlimit::server::{self, ConfigSource, ServeOptions, SnapshotOptions, StoreChoice};
 use meshlimit::simulate::{Pattern, Scenario};
 use meshlimit::statsd::{StatsdFormat, StatsdOptions, Transport};
 use meshlimit::store::redis::settings::{self, RedisFlags};
@@ -146,6 +146,15 @@ struct ServeArgs {
     /// The most counters the in-memory store holds; least useful ones are evicted first.
     #[arg(long, env = "MESHLIMIT_CACHE_CAPACITY", default_value_t = 1_000_000)]
     cache_capacity: u64,
+    /// Keep the in-memory store's counters in this file: read at start, written every
+    /// --memory-snapshot-interval and at shutdown, so a restart does not hand every client
+    /// a fresh quota.
+    #[arg(long, env = "MESHLIMIT_MEMORY_SNAPSHOT")]
+    memory_snapshot: Option<PathBuf>,
+    /// How often the counter snapshot is written besides at shutdown (what a crash can lose);
+    /// 0s writes it only at shutdown.
+    #[arg(long, env = "MESHLIMIT_MEMORY_SNAPSHOT_INTERVAL", default_value = "10s", value_parser = parse_interval)]
+    memory_snapshot_interval: Duration,
     /// The most descriptors one request may carry.
     #[arg(long, env = "MESHLIMIT_MAX_DESCRIPTORS", default_value_t = RequestBounds::default().max_descriptors)]
     max_descriptors: usize,
@@ -838,6 +847,21 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let memory_snapshot = match (&store, args.memory_snapshot) {
+        (_, None) => None,
+        (StoreChoice::Memory, Some(path)) => Some(SnapshotOptions {
+            path,
+            interval: args.memory_snapshot_interval,
+        }),
+        (StoreChoice::Redis(_), Some(path)) => {
+            eprintln!(
+                "meshlimit: --memory-snapshot {}: with --store redis the counters live in \
+                 Redis and outlast a restart already; drop the flag, or use --store memory",
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
     let tracing = match args.tracing.options() {
         Ok(tracing) => tracing,
         Err(message) => {
@@ -888,6 +912,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         tracing,
         load: args.counting.load_options(),
         cache_capacity: args.cache_capacity,
+        memory_snapshot,
         bounds: RequestBounds {
             max_descriptors: args.max_descriptors,
             max_entries: args.max_entries,

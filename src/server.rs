@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::admin::{self, AdminState, Health, StoreCheck};
-use crate::clock::SystemClock;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{ConfigErrors, LoadOptions};
 use crate::envoyproxy_env::MetricsListener;
 use crate::limiter::{LiveConfig, RateLimiter, RequestBounds};
@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub tracing: Option<TracingOptions>,
     pub load: LoadOptions,
     pub cache_capacity: u64,
+    /// Keep the memory store's counters in this file across restarts.
+    pub memory_snapshot: Option<SnapshotOptions>,
     pub bounds: RequestBounds,
     pub max_request_bytes: usize,
     /// How often the config directory is checked for changes; zero checks only on SIGHUP.
@@ -69,6 +71,14 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// Where counters live.
     pub store: StoreChoice,
+}
+
+/// `--memory-snapshot`: where the memory store's counters are saved, and how often besides
+/// at shutdown (zero: only then).
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    pub path: PathBuf,
+    pub interval: Duration,
 }
 
 /// A directory of files (`--config`) or an xDS management server (`--xds-server`).
@@ -221,7 +231,10 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     // Both stores serve through the same generic path below.
     match options.store.clone() {
         StoreChoice::Memory => {
-            let store = MemoryStore::new(options.cache_capacity);
+            let store = match &options.memory_snapshot {
+                Some(snapshot) => restore(options.cache_capacity, &snapshot.path),
+                None => MemoryStore::new(options.cache_capacity),
+            };
             let (entries, evictions) = (store.clone(), store.clone());
             metrics.gauge(
                 "meshlimit_cache_entries",
@@ -233,7 +246,15 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 "Counters evicted to stay within --cache-capacity.",
                 move || evictions.evictions(),
             );
-            serve_with(options, metrics, feed, store, None).await
+            let Some(snapshot) = options.memory_snapshot.clone() else {
+                return serve_with(options, metrics, feed, store, None).await;
+            };
+            let saver = tokio::spawn(save_every(store.clone(), snapshot.clone()));
+            let served = serve_with(options, metrics, feed, store.clone(), None).await;
+            // The last save, once nothing decides any more: every hit counted is in it.
+            saver.abort();
+            save(store, snapshot.path).await;
+            served
         }
         StoreChoice::Redis(mut redis) => {
             let per_second = redis.per_second.take();
@@ -261,6 +282,72 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
 }
 
 /// With `--health-requires-redis` (REDIS_HEALTH_CHECK_ACTIVE_CONNECTION): reachable while no
+/// The memory store, with the counters `path` saved if it holds any. A snapshot that cannot
+/// be read is moved aside (kept for a look, not overwritten by the next save) and the
+/// store starts empty: limits that start over beat a rate limiter that does not start.
+fn restore(capacity: u64, path: &Path) -> MemoryStore {
+    let now = SystemClock.now_millis();
+    if !path.exists() {
+        tracing::info!(path = %path.display(), "no counter snapshot yet; starting with none");
+        return MemoryStore::new(capacity);
+    }
+    match MemoryStore::load_snapshot(capacity, path, now) {
+        Ok((store, restored)) => {
+            tracing::info!(
+                path = %path.display(),
+                counters = restored.counters,
+                expired = restored.expired,
+                over_capacity = restored.over_capacity,
+                "counters restored from the snapshot"
+            );
+            store
+        }
+        Err(error) => {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".unreadable");
+            let moved = std::fs::rename(path, &aside);
+            tracing::error!(
+                %error,
+                moved_to = %Path::new(&aside).display(),
+                moved = moved.is_ok(),
+                "the counter snapshot cannot be read; starting with no counters"
+            );
+            MemoryStore::new(capacity)
+        }
+    }
+}
+
+/// Saves the memory store every `snapshot.interval` (never, for zero).
+async fn save_every(store: MemoryStore, snapshot: SnapshotOptions) {
+    if snapshot.interval.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval(snapshot.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        save(store.clone(), snapshot.path.clone()).await;
+    }
+}
+
+/// One save, off the async threads (it writes and syncs a file); a failure is logged and
+/// the next save tries again.
+async fn save(store: MemoryStore, path: PathBuf) {
+    let started = std::time::Instant::now();
+    let shown = path.display().to_string();
+    let saved =
+        tokio::task::spawn_blocking(move || store.save_snapshot(&path, SystemClock.now_millis()))
+            .await;
+    match saved {
+        Ok(Ok(counters)) => {
+            tracing::debug!(path = %shown, counters, took = ?started.elapsed(), "counters saved")
+        }
+        Ok(Err(error)) => tracing::warn!(%error, "cannot save the counter snapshot"),
+        Err(error) => tracing::warn!(%error, "the counter snapshot's save stopped"),
+    }
+}
+
 /// Redis of `stores` is degraded. Each Redis is also pinged every breaker probe interval:
 /// a replica whose health fails gets no requests, and without them it would never see
 /// Redis come back.

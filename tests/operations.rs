@@ -862,3 +862,101 @@ fn sigterm_fails_health_first_answers_through_the_drain_and_exits_cleanly() {
         records.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// --memory-snapshot
+
+/// The memory store's counters outlive a restart: after SIGTERM (the save at shutdown),
+/// and after a SIGKILL (the periodic save), a client who had used up the hour is still
+/// turned away. A snapshot that cannot be read is set aside and the replica starts anyway.
+#[tokio::test]
+async fn counters_outlive_a_restart_through_the_snapshot() {
+    avoid_hour_edge();
+    let dir = tempfile::tempdir().expect("a directory for the snapshot");
+    let snapshot = dir.path().join("counters");
+    let path = snapshot.display().to_string();
+    let args = [
+        "--memory-snapshot",
+        path.as_str(),
+        "--memory-snapshot-interval",
+        "200ms",
+    ];
+    let code = |response: Result<RateLimitResponse, tonic::Status>| {
+        response
+            .map(|r| r.overall_code())
+            .map_err(|s| s.to_string())
+    };
+    let ann = [("user", "snapshot-ann")];
+    let bob = [("user", "snapshot-bob")];
+
+    // The limit is 3 an hour. Saved only at shutdown, the first time.
+    let at_shutdown = [args[0], args[1], args[2], "0s"];
+    let mut first = Meshlimit::start_with(config(), &at_shutdown);
+    for _ in 0..3 {
+        assert_eq!(
+            code(decide(first.channel().await, &ann).await),
+            Ok(Code::Ok)
+        );
+    }
+    assert_eq!(
+        code(decide(first.channel().await, &ann).await),
+        Ok(Code::OverLimit)
+    );
+    first.terminate();
+    let exited = first.wait_for_exit(Duration::from_secs(30));
+    assert_eq!(exited.and_then(|s| s.code()), Some(0), "{}", first.logs());
+
+    let second = Meshlimit::start_with(config(), &args);
+    assert!(
+        second.logs().contains("counters restored"),
+        "{}",
+        second.logs()
+    );
+    assert_eq!(
+        code(decide(second.channel().await, &ann).await),
+        Ok(Code::OverLimit),
+        "ann's hour carried over a SIGTERM\n{}",
+        second.logs()
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            code(decide(second.channel().await, &bob).await),
+            Ok(Code::Ok)
+        );
+    }
+    // Past a periodic save, then killed outright (SIGKILL, no save at shutdown).
+    std::thread::sleep(Duration::from_millis(800));
+    drop(second);
+
+    let third = Meshlimit::start_with(config(), &args);
+    for (who, entries) in [("ann", &ann), ("bob", &bob)] {
+        assert_eq!(
+            code(decide(third.channel().await, entries).await),
+            Ok(Code::OverLimit),
+            "{who}'s hour carried over a SIGKILL\n{}",
+            third.logs()
+        );
+    }
+    drop(third);
+
+    // One bit flipped, as a bad disk or a partial copy would.
+    let mut bytes = std::fs::read(&snapshot).expect("read the snapshot");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&snapshot, bytes).expect("damage the snapshot");
+    let fourth = Meshlimit::start_with(config(), &args);
+    let logs = fourth.logs();
+    assert!(
+        logs.contains("cannot be read") && logs.contains("checksum"),
+        "{logs}"
+    );
+    assert!(
+        dir.path().join("counters.unreadable").exists(),
+        "kept aside"
+    );
+    assert_eq!(
+        code(decide(fourth.channel().await, &ann).await),
+        Ok(Code::Ok),
+        "started over, with no counters"
+    );
+}

@@ -14,6 +14,22 @@ pub struct Log {
     total: u64,
 }
 
+impl Log {
+    /// A log of `entries` (time in ms, hits), oldest first: one read back from a snapshot.
+    pub fn from_entries(entries: Vec<(u64, u64)>) -> Self {
+        let total = entries.iter().map(|&(_, hits)| hits).sum();
+        Self {
+            entries: entries.into(),
+            total,
+        }
+    }
+
+    /// The admitted hits, oldest first.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.entries.iter().copied()
+    }
+}
+
 pub fn apply(log: &mut Log, limit: &Limit, hits: u64, now_millis: u64) -> Verdict {
     let window = limit.window_millis();
     // Hits at or before now − W have left the window.

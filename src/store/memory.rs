@@ -12,7 +12,9 @@
 //! time and ~2.5x the memory of this table, see BENCHMARKS.md.
 
 mod shard;
+mod snapshot;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,6 +25,8 @@ use super::{Check, CounterStore, StoreError, groups};
 use crate::algorithm::penalty::PenaltyState;
 use crate::algorithm::{self, CounterState, Verdict};
 use crate::key::KeyForm;
+
+pub use self::snapshot::SnapshotError;
 
 /// Most shards a store is split into. More than the cores that could contend for them, so
 /// two decisions rarely wait on the same lock; few enough that summing them is cheap.
@@ -45,6 +49,16 @@ struct Inner {
     evictions: AtomicU64,
 }
 
+/// What `load_snapshot` took back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    pub counters: u64,
+    /// Saved counters whose windows had ended by the time they were read.
+    pub expired: u64,
+    /// Saved counters left out because the store's capacity is smaller than it was.
+    pub over_capacity: u64,
+}
+
 /// Counters in this process's memory, bounded by entry count.
 #[derive(Clone)]
 pub struct MemoryStore {
@@ -54,13 +68,19 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// A store holding at most `capacity` counters.
     pub fn new(capacity: u64) -> Self {
+        let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), capacity);
+        Self::with_seed(capacity, seed)
+    }
+
+    /// A store whose keys hash with `seed`: a new one's is random, a restored one's is the
+    /// seed its counters were saved under.
+    fn with_seed(capacity: u64, seed: u64) -> Self {
         let capacity = capacity.max(1);
         let shards = usize::try_from(capacity / MIN_SHARD_CAPACITY)
             .unwrap_or(MAX_SHARDS)
             .clamp(1, MAX_SHARDS)
             .next_power_of_two()
             .min(MAX_SHARDS);
-        let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), capacity);
         let shards: Box<[Padded]> = (0..shards as u64)
             .map(|i| {
                 Padded(Mutex::new(Shard::new(
@@ -119,6 +139,63 @@ impl MemoryStore {
         if removed == Removed::Evicted {
             self.inner.evictions.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Writes every counter live at `now_millis` to `path` (replacing it whole); returns how
+    /// many. Shards are copied one at a time, each under its lock for only that long, so
+    /// decisions go on meanwhile.
+    pub fn save_snapshot(&self, path: &Path, now_millis: u64) -> Result<u64, SnapshotError> {
+        let mut writer = snapshot::Writer::new(self.inner.seed);
+        for padded in self.inner.shards.iter() {
+            let shard = padded.0.lock();
+            for (key, expires_at_millis, state) in shard.live(now_millis) {
+                writer.push(key, expires_at_millis, state);
+            }
+        }
+        let count = writer.count();
+        snapshot::write_file(path, &writer.finish())?;
+        Ok(count)
+    }
+
+    /// A store of `capacity` holding the counters `path` saved that are still live at
+    /// `now_millis`, with how many it took back and how many had expired. Counters beyond
+    /// `capacity` are left out.
+    pub fn load_snapshot(
+        capacity: u64,
+        path: &Path,
+        now_millis: u64,
+    ) -> Result<(Self, Restored), SnapshotError> {
+        let bytes = std::fs::read(path).map_err(|source| SnapshotError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut reader = snapshot::Reader::new(path, &bytes)?;
+        let store = Self::with_seed(capacity, reader.seed);
+        let mut restored = Restored::default();
+        while let Some(entry) = reader.next_entry() {
+            let entry = entry.map_err(|why| SnapshotError::Damaged {
+                path: path.display().to_string(),
+                why,
+            })?;
+            if entry.expires_at_millis <= now_millis {
+                restored.expired += 1;
+                continue;
+            }
+            let Some(mut shard) = store.lock(store.shard_of(entry.key)) else {
+                continue;
+            };
+            if shard.restore(
+                &store.inner.room,
+                entry.key,
+                entry.expires_at_millis,
+                entry.state,
+            ) {
+                restored.counters += 1;
+            } else {
+                restored.over_capacity += 1;
+            }
+        }
+        Ok((store, restored))
     }
 
     /// Applies one check synchronously; the in-memory store never waits.
@@ -321,6 +398,43 @@ mod tests {
             count_rejected: true,
             penalty: None,
         }
+    }
+
+    #[test]
+    fn counters_saved_to_a_snapshot_decide_the_same_once_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("counters");
+        let store = MemoryStore::new(1_000);
+        for _ in 0..2 {
+            store.apply_one(&check("a", 3), 1_000);
+        }
+        store.apply_one(&check("b", 1), 1_000);
+        assert_eq!(store.save_snapshot(&path, 1_000).unwrap(), 2);
+
+        let (loaded, restored) = MemoryStore::load_snapshot(1_000, &path, 2_000).unwrap();
+        assert_eq!(
+            restored,
+            Restored {
+                counters: 2,
+                expired: 0,
+                over_capacity: 0
+            }
+        );
+        let third = loaded.apply_one(&check("a", 3), 2_000);
+        assert!(!third.over_limit && third.remaining == 0, "{third:?}");
+        assert!(loaded.apply_one(&check("a", 3), 2_000).over_limit);
+        assert!(loaded.apply_one(&check("b", 1), 2_000).over_limit);
+        let fresh = MemoryStore::new(1_000);
+        assert!(!fresh.apply_one(&check("b", 1), 2_000).over_limit);
+
+        // Read back once the minute is long over, nothing is live any more.
+        let (_, late) = MemoryStore::load_snapshot(1_000, &path, 600_000).unwrap();
+        assert_eq!((late.counters, late.expired), (0, 2));
+        // Into a smaller store, what fits.
+        let (small, cut) = MemoryStore::load_snapshot(1, &path, 2_000).unwrap();
+        assert_eq!((cut.counters, cut.over_capacity, small.len()), (1, 1, 1));
+        let missing = MemoryStore::load_snapshot(1, &dir.path().join("none"), 0);
+        assert!(missing.err().unwrap().to_string().contains("none"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::key::KeyForm;
 use crate::limit::Limit;
 
 pub use self::redis::RedisStore;
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, Restored, SnapshotError};
 
 /// One counter to update: the hits of one descriptor against one of its limits.
 #[derive(Debug, Clone, Copy)]

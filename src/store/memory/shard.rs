@@ -126,6 +126,43 @@ impl Shard {
         (state, removed)
     }
 
+    /// Every counter still live at `now_millis`: its key hash, expiry and state.
+    pub fn live(&self, now_millis: u64) -> impl Iterator<Item = (u128, u64, &CounterState)> {
+        self.slots
+            .iter()
+            .filter(move |slot| slot.expires_at_millis > now_millis)
+            .map(|slot| (slot.key, slot.expires_at_millis, &slot.state))
+    }
+
+    /// Puts a saved counter back, at start-up. `false` when the store is full: a snapshot
+    /// larger than today's capacity keeps what fits, and evicts nothing to make room.
+    pub fn restore(
+        &mut self,
+        room: &Room,
+        key: u128,
+        expires_at_millis: u64,
+        state: CounterState,
+    ) -> bool {
+        if let Some(&at) = self.index.get(&key) {
+            if let Some(slot) = self.slots.get_mut(at as usize) {
+                slot.expires_at_millis = expires_at_millis;
+                slot.state = state;
+            }
+            return true;
+        }
+        if !room.take() {
+            room.give_back();
+            return false;
+        }
+        self.index.insert(key, self.slots.len() as u32);
+        self.slots.push(Slot {
+            key,
+            expires_at_millis,
+            state,
+        });
+        true
+    }
+
     fn insert(&mut self, room: &Room, key: u128, now_millis: u64) -> (usize, Removed) {
         let removed = if !room.take() {
             // Full: this insertion's place is paid for by one of this shard's counters. (A
