@@ -1,5 +1,7 @@
 //! What counters cost in memory: resident memory per live counter in the in-memory store,
-//! and proof that a full store stays bounded under a flood of distinct keys.
+//! and proof that a full store stays bounded under a flood of distinct keys. Also what
+//! `--memory-snapshot` costs for those counters: the file's size, and the time to write
+//! it and read it back.
 //!
 //!     cargo run --release --example memory_footprint
 //!
@@ -138,7 +140,38 @@ fn counters(algorithm: &str) -> bool {
         mib(used),
         mib(baseline)
     );
-    live == COUNTERS
+    snapshot(limiter.store()) && live == COUNTERS
+}
+
+/// Saves `store` as `--memory-snapshot` does and reads it back, timing both, in the temp
+/// directory (`TMPDIR`: point it at a disk to include the disk's time).
+fn snapshot(store: &MemoryStore) -> bool {
+    use meshlimit::clock::Clock;
+    let path = std::env::temp_dir().join(format!("meshlimit-footprint-{}", std::process::id()));
+    let now = SystemClock.now_millis();
+    let started = std::time::Instant::now();
+    let saved = store.save_snapshot(&path, now);
+    let save_took = started.elapsed();
+    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let started = std::time::Instant::now();
+    let loaded = MemoryStore::load_snapshot(COUNTERS, &path, now);
+    let load_took = started.elapsed();
+    let _ = std::fs::remove_file(&path);
+    match (saved, loaded) {
+        (Ok(saved), Ok((_, restored))) => {
+            println!(
+                "  snapshot: {saved} counters in {} ({} B each), written in {save_took:.0?}, read back in {load_took:.0?} ({} restored)",
+                mib(size),
+                size / saved.max(1),
+                restored.counters
+            );
+            restored.counters == saved
+        }
+        (saved, loaded) => {
+            eprintln!("snapshot failed: {:?} / {:?}", saved.err(), loaded.err());
+            false
+        }
+    }
 }
 
 /// `FLOOD_KEYS` distinct keys into a store of `FLOOD_CAPACITY`: entries and memory must
