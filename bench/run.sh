@@ -7,6 +7,7 @@
 #   bench/run.sh                                # 10 s per step (+1 s warm-up), ~10 minutes
 #   BENCH_SECONDS=1 BENCH_WARMUP=0 bench/run.sh # the CI size (tests/bench_harness.rs)
 #   BENCH_ROUNDS=5 bench/run.sh                 # more rounds of the max steps (default 3)
+#   BENCH_MIXES=d4-mix bench/run.sh             # only these mixes; BENCH_MIXES= only Envoy
 #
 # Mixes (bodies from examples/make_request.rs; descriptors as in bench/config/edge.yaml):
 #   d1-mix, d4-mix, d8-mix: 1, 4 or 8 descriptors a request, from a hot/cold client mix:
@@ -265,7 +266,12 @@ check_answer() {
 
 declare -A mix_descriptors=([d1-mix]=1 [d4-mix]=4 [d8-mix]=8 [d4-one]=4)
 declare -A mix_rotates=([d1-mix]=yes [d4-mix]=yes [d8-mix]=yes [d4-one]=no)
-mixes=(d1-mix d4-mix d8-mix d4-one)
+# BENCH_MIXES picks mixes (space-separated); empty runs only the Envoy steps.
+read -ra mixes <<<"${BENCH_MIXES-d1-mix d4-mix d8-mix d4-one}"
+for mix in "${mixes[@]}"; do
+  [ -n "${mix_descriptors[$mix]:-}" ] ||
+    { echo "BENCH_MIXES: no mix $mix; pick from ${!mix_descriptors[*]}" >&2; exit 1; }
+done
 
 note "meshlimit load harness: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(commit)"
 note "$(machine) at the start; servers on CPU 1, h2load, the rotator and $("$redis_server" --version | cut -d' ' -f1-3) on CPU 0"
