@@ -281,7 +281,6 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     }
 }
 
-/// With `--health-requires-redis` (REDIS_HEALTH_CHECK_ACTIVE_CONNECTION): reachable while no
 /// The memory store, with the counters `path` saved if it holds any. A snapshot that cannot
 /// be read is moved aside (kept for a look, not overwritten by the next save) and the
 /// store starts empty: limits that start over beat a rate limiter that does not start.
@@ -348,6 +347,7 @@ async fn save(store: MemoryStore, path: PathBuf) {
     }
 }
 
+/// With `--health-requires-redis` (REDIS_HEALTH_CHECK_ACTIVE_CONNECTION): reachable while no
 /// Redis of `stores` is degraded. Each Redis is also pinged every breaker probe interval:
 /// a replica whose health fails gets no requests, and without them it would never see
 /// Redis come back.
