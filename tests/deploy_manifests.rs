@@ -30,7 +30,7 @@ use common::upstream::EchoUpstream;
 use common::{http, repo_root, venv_tool};
 use serde_json::Value;
 
-const OVERLAYS: [&str; 2] = ["memory", "redis"];
+const OVERLAYS: [&str; 3] = ["memory", "memory-persistent", "redis"];
 const GATEWAY_FILTER: &str = "deploy/istio/gateway-ratelimit.yaml";
 const SIDECAR_FILTER: &str = "deploy/istio/sidecar-ratelimit.yaml";
 const DASHBOARD: &str = "deploy/grafana/meshlimit.json";
@@ -297,6 +297,9 @@ fn overlays_render_and_pass_kubernetes_schemas() {
         if name == "redis" {
             expected.extend(redis_only.iter().map(|s| (*s).to_owned()));
         }
+        if name == "memory-persistent" {
+            expected.insert("PersistentVolumeClaim/meshlimit-counters".to_owned());
+        }
         assert_eq!(kinds, expected, "objects of the {name} overlay");
         for object in overlay(name) {
             if object["kind"] != "Namespace" {
@@ -462,6 +465,46 @@ fn memory_overlay_runs_exactly_one_replica() {
     // not add any.
     let hpa = find(objects, "HorizontalPodAutoscaler", "meshlimit");
     assert_eq!(at(hpa, "/spec/minReplicas"), 1);
+    assert_eq!(at(hpa, "/spec/maxReplicas"), 1);
+}
+
+/// memory-persistent: the memory overlay, its counters saved on a claimed volume and read
+/// back by the next pod, which starts only once the old one has stopped (and saved).
+#[test]
+fn memory_persistent_overlay_keeps_the_counters_on_a_volume() {
+    let objects = overlay("memory-persistent");
+    let container = meshlimit_container(objects);
+    assert_eq!(env_value(container, "MESHLIMIT_STORE"), Some("memory"));
+    let snapshot = env_value(container, "MESHLIMIT_MEMORY_SNAPSHOT").expect("a snapshot path");
+    let deployment = find(objects, "Deployment", "meshlimit");
+    assert_eq!(at(deployment, "/spec/replicas"), 1);
+    assert_eq!(at(deployment, "/spec/strategy/type"), "Recreate");
+    assert!(
+        deployment["spec"]["strategy"].get("rollingUpdate").is_none(),
+        "Recreate takes no rollingUpdate"
+    );
+    let pod = at(deployment, "/spec/template/spec");
+    // The mount holding the snapshot is the claimed volume, writable by the image's group.
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|m| snapshot.starts_with(m["mountPath"].as_str().unwrap_or("-")))
+        .unwrap_or_else(|| panic!("nothing mounted where {snapshot} is"));
+    assert_ne!(mount["readOnly"], true);
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mount's volume");
+    let claim = volume["persistentVolumeClaim"]["claimName"]
+        .as_str()
+        .expect("a claimed volume");
+    let pvc = find(objects, "PersistentVolumeClaim", claim);
+    assert_eq!(at(pvc, "/spec/accessModes/0"), "ReadWriteOnce");
+    assert_eq!(pod["securityContext"]["fsGroup"].as_u64(), Some(image_uid()));
+    let hpa = find(objects, "HorizontalPodAutoscaler", "meshlimit");
     assert_eq!(at(hpa, "/spec/maxReplicas"), 1);
 }
 
