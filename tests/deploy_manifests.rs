@@ -480,7 +480,9 @@ fn memory_persistent_overlay_keeps_the_counters_on_a_volume() {
     assert_eq!(at(deployment, "/spec/replicas"), 1);
     assert_eq!(at(deployment, "/spec/strategy/type"), "Recreate");
     assert!(
-        deployment["spec"]["strategy"].get("rollingUpdate").is_none(),
+        deployment["spec"]["strategy"]
+            .get("rollingUpdate")
+            .is_none(),
         "Recreate takes no rollingUpdate"
     );
     let pod = at(deployment, "/spec/template/spec");
@@ -503,7 +505,10 @@ fn memory_persistent_overlay_keeps_the_counters_on_a_volume() {
         .expect("a claimed volume");
     let pvc = find(objects, "PersistentVolumeClaim", claim);
     assert_eq!(at(pvc, "/spec/accessModes/0"), "ReadWriteOnce");
-    assert_eq!(pod["securityContext"]["fsGroup"].as_u64(), Some(image_uid()));
+    assert_eq!(
+        pod["securityContext"]["fsGroup"].as_u64(),
+        Some(image_uid())
+    );
     let hpa = find(objects, "HorizontalPodAutoscaler", "meshlimit");
     assert_eq!(at(hpa, "/spec/maxReplicas"), 1);
 }
