@@ -673,13 +673,7 @@ async fn a_real_statsd_counts_every_call_and_its_time_across_its_restart() {
 
     let port = statsd.port;
     drop(statsd);
-    let mut client = server.client().await;
-    for _ in 0..2 {
-        client
-            .should_rate_limit(request("statsd", &[&[("user", "ann")]]))
-            .await
-            .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()));
-    }
+    calls_for_ann(&server, 2).await;
     // A few pushes find no agent.
     tokio::time::sleep(Duration::from_millis(700)).await;
     let restarted = StatsdDaemon::start_on(Listen::Tcp, port);
@@ -733,14 +727,19 @@ descriptors:
         ("STATS_FLUSH_INTERVAL", "200ms"),
     ];
     let server = Meshlimit::start_with_env(config.path(), &[], &[&statsd[..], env].concat());
+    calls_for_ann(&server, 3).await;
+    (server, config)
+}
+
+/// `times` calls for the user ann of the `statsd` domain.
+async fn calls_for_ann(server: &Meshlimit, times: usize) {
     let mut client = server.client().await;
-    for _ in 0..3 {
+    for _ in 0..times {
         client
             .should_rate_limit(request("statsd", &[&[("user", "ann")]]))
             .await
             .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()));
     }
-    (server, config)
 }
 
 /// A statsd agent: a UDP socket of the test's that adds up what it is sent.

@@ -628,16 +628,9 @@ async fn replicas_share_a_redis_on_its_unix_socket() {
     );
     let url = format!("redis+unix://{socket}?user=meshlimit&pass=s3cr%2Ft%20pw");
     let by_flag = start_with_target(&["--redis-url", &url], &[]);
+    // Kept to the end: their connections are what CLIENT LIST shows.
     let replicas = [by_env, by_flag];
-    let mut clients = vec![replicas[0].client().await, replicas[1].client().await];
-    assert_eq!(
-        admitted_across(&replicas, &mut clients, "socket-user").await,
-        LIMIT,
-        "both replicas count in the Redis behind the socket\n{}\n{}",
-        replicas[0].logs(),
-        replicas[1].logs()
-    );
-    assert!(counted_in(&redis, "socket-user"));
+    shared_in(&redis, &replicas, "socket-user").await;
     // `U`: a client on the Unix socket.
     let clients: String = redis.query(redis::cmd("CLIENT").arg("LIST"));
     let on_socket = clients
@@ -649,12 +642,6 @@ async fn replicas_share_a_redis_on_its_unix_socket() {
         })
         .count();
     assert!(on_socket >= 2, "one connection a replica:\n{clients}");
-    for replica in &replicas {
-        assert_eq!(
-            metric(replica, "meshlimit_redis_fallback_decisions"),
-            Some(0)
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -682,17 +669,22 @@ async fn rediss_counts_through_a_tls_redis_whose_ca_is_given() {
             ("REDIS_TLS_CACERT", ca_path.as_str()),
         ],
     );
-    let replicas = [by_flag, by_env];
+    shared_in(&redis, &[by_flag, by_env], "tls-user").await;
+}
+
+/// Both `replicas` count `user` in `redis`: exactly the limit is admitted across them, the
+/// counter is there, and no decision came from the failure policy.
+async fn shared_in(redis: &RedisServer, replicas: &[Meshlimit; 2], user: &str) {
     let mut clients = vec![replicas[0].client().await, replicas[1].client().await];
     assert_eq!(
-        admitted_across(&replicas, &mut clients, "tls-user").await,
+        admitted_across(replicas, &mut clients, user).await,
         LIMIT,
-        "both replicas count in the TLS Redis\n{}\n{}",
+        "both replicas count in the one Redis\n{}\n{}",
         replicas[0].logs(),
         replicas[1].logs()
     );
-    assert!(counted_in(&redis, "tls-user"));
-    for replica in &replicas {
+    assert!(counted_in(redis, user));
+    for replica in replicas {
         assert_eq!(
             metric(replica, "meshlimit_redis_fallback_decisions"),
             Some(0)
