@@ -849,10 +849,26 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let memory_snapshot = match (&store, args.memory_snapshot) {
         (_, None) => None,
-        (StoreChoice::Memory, Some(path)) => Some(SnapshotOptions {
-            path,
-            interval: args.memory_snapshot_interval,
-        }),
+        (StoreChoice::Memory, Some(path)) => {
+            // A missing directory is a setting to fix now, not a save failing every 10 s.
+            let dir = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir,
+                _ => std::path::Path::new("."),
+            };
+            if !dir.is_dir() {
+                eprintln!(
+                    "meshlimit: --memory-snapshot {}: the directory {} does not exist; create \
+                     it (on Kubernetes, mount a volume there) or pick another path",
+                    path.display(),
+                    dir.display()
+                );
+                return ExitCode::from(2);
+            }
+            Some(SnapshotOptions {
+                path,
+                interval: args.memory_snapshot_interval,
+            })
+        }
         (StoreChoice::Redis(_), Some(path)) => {
             eprintln!(
                 "meshlimit: --memory-snapshot {}: with --store redis the counters live in \

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -249,11 +251,13 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             let Some(snapshot) = options.memory_snapshot.clone() else {
                 return serve_with(options, metrics, feed, store, None).await;
             };
-            let saver = tokio::spawn(save_every(store.clone(), snapshot.clone()));
+            let saves = Arc::new(Saves::default());
+            saves.export(&metrics);
+            let saver = tokio::spawn(save_every(store.clone(), snapshot.clone(), saves.clone()));
             let served = serve_with(options, metrics, feed, store.clone(), None).await;
             // The last save, once nothing decides any more: every hit counted is in it.
             saver.abort();
-            save(store, snapshot.path).await;
+            save(store, snapshot.path, &saves).await;
             served
         }
         StoreChoice::Redis(mut redis) => {
@@ -316,8 +320,38 @@ fn restore(capacity: u64, path: &Path) -> MemoryStore {
     }
 }
 
+/// How the counter snapshot's saves went, on `/metrics`: a disk that filled up or a volume
+/// that went away is an alert to raise before a restart finds an old snapshot.
+#[derive(Default)]
+struct Saves {
+    last_saved_secs: AtomicU64,
+    counters: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Saves {
+    fn export(self: &Arc<Self>, metrics: &Metrics) {
+        let (last, counters, failed) = (self.clone(), self.clone(), self.clone());
+        metrics.gauge(
+            "meshlimit_snapshot_last_saved_timestamp_seconds",
+            "When the counter snapshot (--memory-snapshot) was last written, in Unix seconds; 0 before the first save.",
+            move || last.last_saved_secs.load(Relaxed),
+        );
+        metrics.gauge(
+            "meshlimit_snapshot_counters",
+            "Counters the last counter snapshot holds.",
+            move || counters.counters.load(Relaxed),
+        );
+        metrics.gauge(
+            "meshlimit_snapshot_failed_saves",
+            "Counter snapshot saves that failed (the previous file stays); the log says why.",
+            move || failed.failed.load(Relaxed),
+        );
+    }
+}
+
 /// Saves the memory store every `snapshot.interval` (never, for zero).
-async fn save_every(store: MemoryStore, snapshot: SnapshotOptions) {
+async fn save_every(store: MemoryStore, snapshot: SnapshotOptions, saves: Arc<Saves>) {
     if snapshot.interval.is_zero() {
         return;
     }
@@ -326,13 +360,13 @@ async fn save_every(store: MemoryStore, snapshot: SnapshotOptions) {
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        save(store.clone(), snapshot.path.clone()).await;
+        save(store.clone(), snapshot.path.clone(), &saves).await;
     }
 }
 
 /// One save, off the async threads (it writes and syncs a file); a failure is logged and
-/// the next save tries again.
-async fn save(store: MemoryStore, path: PathBuf) {
+/// counted, and the next save tries again.
+async fn save(store: MemoryStore, path: PathBuf, saves: &Saves) {
     let started = std::time::Instant::now();
     let shown = path.display().to_string();
     let saved =
@@ -340,10 +374,18 @@ async fn save(store: MemoryStore, path: PathBuf) {
             .await;
     match saved {
         Ok(Ok(counters)) => {
+            saves.counters.store(counters, Relaxed);
+            (saves.last_saved_secs).store(SystemClock.now_millis() / 1_000, Relaxed);
             tracing::debug!(path = %shown, counters, took = ?started.elapsed(), "counters saved")
         }
-        Ok(Err(error)) => tracing::warn!(%error, "cannot save the counter snapshot"),
-        Err(error) => tracing::warn!(%error, "the counter snapshot's save stopped"),
+        Ok(Err(error)) => {
+            saves.failed.fetch_add(1, Relaxed);
+            tracing::warn!(%error, "cannot save the counter snapshot; the previous one stays")
+        }
+        Err(error) => {
+            saves.failed.fetch_add(1, Relaxed);
+            tracing::warn!(%error, "the counter snapshot's save stopped")
+        }
     }
 }
 

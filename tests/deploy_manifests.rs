@@ -56,6 +56,9 @@ const DASHBOARD_METRICS: &[&str] = &[
     "meshlimit_local_cache_hits_total",
     "meshlimit_cache_entries",
     "meshlimit_cache_evictions",
+    "meshlimit_snapshot_last_saved_timestamp_seconds",
+    "meshlimit_snapshot_counters",
+    "meshlimit_snapshot_failed_saves",
     "meshlimit_redis_degraded",
     "meshlimit_redis_fallback_decisions",
 ];
@@ -901,7 +904,13 @@ fn grafana_queries_parse_and_read_metrics_the_binary_exports() {
 
     // Every metric the dashboard reads is exported, with the labels it groups by: by a
     // replica on the memory store or one on the Redis store (as the overlays run them).
-    let memory = Meshlimit::start(repo_root().join(CONFIG_DIR));
+    // The memory replica keeps a counter snapshot, as the memory-persistent overlay runs it.
+    let snapshots = tempfile::tempdir().expect("a directory for the snapshot");
+    let snapshot = snapshots.path().join("counters").display().to_string();
+    let memory = Meshlimit::start_with(
+        repo_root().join(CONFIG_DIR),
+        &["--memory-snapshot", &snapshot],
+    );
     let redis = RedisServer::start();
     let on_redis = Meshlimit::start_with(
         repo_root().join(CONFIG_DIR),

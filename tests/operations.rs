@@ -926,6 +926,14 @@ async fn counters_outlive_a_restart_through_the_snapshot() {
     }
     // Past a periodic save, then killed outright (SIGKILL, no save at shutdown).
     std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        second.metric("meshlimit_snapshot_counters"),
+        2,
+        "ann's and bob's"
+    );
+    let saved_at = second.metric("meshlimit_snapshot_last_saved_timestamp_seconds");
+    assert!(saved_at > 1_700_000_000, "a Unix time: {saved_at}");
+    assert_eq!(second.metric("meshlimit_snapshot_failed_saves"), 0);
     drop(second);
 
     let third = Meshlimit::start_with(config(), &args);
@@ -959,4 +967,61 @@ async fn counters_outlive_a_restart_through_the_snapshot() {
         Ok(Code::Ok),
         "started over, with no counters"
     );
+    drop(fourth);
+
+    // The volume goes away under a running replica: saves fail and say so on /metrics,
+    // and decisions go on.
+    let volume = dir.path().join("volume");
+    std::fs::create_dir(&volume).expect("a directory to remove");
+    let on_volume = volume.join("counters").display().to_string();
+    let fifth = Meshlimit::start_with(
+        config(),
+        &[
+            "--memory-snapshot",
+            on_volume.as_str(),
+            "--memory-snapshot-interval",
+            "200ms",
+        ],
+    );
+    std::fs::remove_dir_all(&volume).expect("remove the directory");
+    let failed = poll_until(Duration::from_secs(10), || {
+        (fifth.metric("meshlimit_snapshot_failed_saves") > 0).then_some(())
+    });
+    assert!(failed.is_some(), "{}", fifth.logs());
+    assert!(fifth.logs().contains("cannot save the counter snapshot"));
+    assert_eq!(
+        code(decide(fifth.channel().await, &bob).await),
+        Ok(Code::Ok)
+    );
+
+    // A directory that is not there at start is a setting to fix: refused, named.
+    let missing = dir.path().join("no-such-dir/counters");
+    let refused = meshlimit_refuses(&[
+        "--config",
+        &config().display().to_string(),
+        "--memory-snapshot",
+        &missing.display().to_string(),
+    ]);
+    assert!(refused.contains("no-such-dir does not exist"), "{refused}");
+}
+
+/// `meshlimit serve ARGS` (on free ports), which must stop at once with exit code 2; what
+/// it wrote to stderr.
+fn meshlimit_refuses(args: &[&str]) -> String {
+    let mut child = common::meshlimit::command()
+        .arg("serve")
+        .args(args)
+        .args(["--grpc-addr", &common::free_loopback_addr().to_string()])
+        .args(["--admin-addr", &common::free_loopback_addr().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start meshlimit");
+    let exited = poll_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("wait for meshlimit");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
