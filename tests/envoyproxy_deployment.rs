@@ -9,7 +9,7 @@
 mod common;
 
 use common::config_dir::ConfigMapDir;
-use common::meshlimit::{Meshlimit, command};
+use common::meshlimit::{Meshlimit, command, exit_of};
 use common::redis::RedisServer;
 use common::stack::Stack;
 use common::statsd::{Listen, StatsdDaemon};
@@ -267,27 +267,6 @@ fn envoy_reaches_meshlimit_on_a_unix_socket() {
         meshlimit.logs()
     );
     assert!(!socket.exists(), "the socket file is removed on stop");
-}
-
-/// Runs `command` to its exit: the exit code and stderr. A server that starts instead of
-/// refusing is killed after a few seconds, and the test fails on its code.
-fn exit_of(mut command: std::process::Command) -> (Option<i32>, String) {
-    use std::io::Read;
-    let mut child = command
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start meshlimit serve");
-    let exited = poll_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
-    if exited.is_none() {
-        let _ = child.kill();
-    }
-    let status = child.wait().expect("wait for meshlimit");
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr);
-    }
-    (status.code(), stderr)
 }
 
 /// GRPC_MAX_CONNECTION_AGE: a connection that lives past it is sent an HTTP/2 GOAWAY, so a

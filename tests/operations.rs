@@ -1008,20 +1008,13 @@ async fn counters_outlive_a_restart_through_the_snapshot() {
 /// `meshlimit serve ARGS` (on free ports), which must stop at once with exit code 2; what
 /// it wrote to stderr.
 fn meshlimit_refuses(args: &[&str]) -> String {
-    let mut child = common::meshlimit::command()
+    let mut serve = common::meshlimit::command();
+    serve
         .arg("serve")
         .args(args)
         .args(["--grpc-addr", &common::free_loopback_addr().to_string()])
-        .args(["--admin-addr", &common::free_loopback_addr().to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start meshlimit");
-    let exited = poll_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
-    if exited.is_none() {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().expect("wait for meshlimit");
-    assert_eq!(output.status.code(), Some(2), "{output:?}");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+        .args(["--admin-addr", &common::free_loopback_addr().to_string()]);
+    let (code, stderr) = common::meshlimit::exit_of(serve);
+    assert_eq!(code, Some(2), "{stderr}");
+    stderr
 }

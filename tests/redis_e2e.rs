@@ -740,7 +740,8 @@ async fn rediss_with_a_client_certificate_counts_when_the_server_requires_one() 
 fn start_failure(args: &[&str]) -> String {
     let admin = common::free_loopback_addr().to_string();
     let grpc = common::free_loopback_addr().to_string();
-    let mut child = common::meshlimit::command()
+    let mut serve = common::meshlimit::command();
+    serve
         .args(["serve", "--config"])
         .arg(fixture("config_redis"))
         .args([
@@ -751,22 +752,10 @@ fn start_failure(args: &[&str]) -> String {
             "--admin-addr",
             &admin,
         ])
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run meshlimit");
-    let exited = common::poll_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
-    if exited.is_none() {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().expect("meshlimit's output");
-    let text = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(
-        exited.is_some(),
-        "meshlimit kept running instead of failing:\n{text}"
-    );
-    assert_eq!(output.status.code(), Some(1), "{text}");
+        .args(args);
+    let (code, text) = common::meshlimit::exit_of(serve);
+    // Killed after 10 s (no code) if it kept running instead of failing.
+    assert_eq!(code, Some(1), "{text}");
     eprintln!("meshlimit refused to start, as it should:\n{text}");
     text
 }

@@ -68,6 +68,28 @@ pub fn command() -> Command {
     command_for(binary())
 }
 
+/// Runs `command` (meshlimit expected to refuse to start) to its exit: the exit code and
+/// stderr. One that starts instead is killed after 10 s, and the caller's check of the code
+/// fails.
+pub fn exit_of(mut command: Command) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start meshlimit");
+    let exited = poll_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let status = child.wait().expect("wait for meshlimit");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (status.code(), stderr)
+}
+
 /// Like `command`, running `program` (the binary, or a link to it).
 fn command_for(program: PathBuf) -> Command {
     let mut command = Command::new(program);
