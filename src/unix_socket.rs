@@ -42,7 +42,7 @@ pub enum UnixSocketError {
 
 /// A bound socket, and its file, removed when this is dropped (the server stopped).
 pub struct BoundSocket {
-    pub listener: UnixListener,
+    listener: UnixListener,
     file: SocketFile,
 }
 

@@ -431,9 +431,12 @@ fn check_socket_type(
     url: &str,
     redis_type: RedisType,
 ) -> Result<(), String> {
+    let name = "REDIS_SOCKET_TYPE";
     let is_path = is_socket_path(url);
-    let (name, value) = ("REDIS_SOCKET_TYPE", socket_type.map(str::trim));
-    match value.map(str::to_ascii_lowercase).as_deref() {
+    match socket_type
+        .map(|t| t.trim().to_ascii_lowercase())
+        .as_deref()
+    {
         None => Ok(()),
         Some("unix") if redis_type != RedisType::Single => Err(format!(
             "{name}=unix: a Redis Cluster's or Sentinel's nodes are reached over TCP; write \
@@ -457,13 +460,18 @@ fn is_socket_path(text: &str) -> bool {
     text.trim().starts_with('/')
 }
 
+/// A Unix domain socket, as a path or a `unix://`-style URL.
+fn is_socket(text: &str) -> bool {
+    is_socket_path(text) || is_unix_url(text)
+}
+
 fn urls(list: &str, tls: bool, auth: Option<&str>) -> Result<Vec<String>, String> {
     let urls: Vec<String> = list
         .split(',')
         .map(str::trim)
         .filter(|node| !node.is_empty())
         .map(|node| {
-            if is_socket_path(node) || is_unix_url(node) {
+            if is_socket(node) {
                 return Err(format!(
                     "`{node}`: a Redis Cluster's nodes are reached over TCP; write host:port"
                 ));
@@ -482,7 +490,7 @@ fn urls(list: &str, tls: bool, auth: Option<&str>) -> Result<Vec<String>, String
 /// and `REDIS_TLS` applied to bare ones.
 fn url_of(text: &str, tls: bool, auth: Option<&str>) -> Result<String, String> {
     let text = text.trim();
-    let unix = is_socket_path(text) || is_unix_url(text);
+    let unix = is_socket(text);
     if unix && tls {
         return Err(format!(
             "`{}`: TLS is not spoken on a Unix socket; set REDIS_TLS=false (the socket's \
