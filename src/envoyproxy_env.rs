@@ -43,6 +43,9 @@ pub struct EnvoyproxyEnv {
     pub admin_addr: Option<SocketAddr>,
     /// `USE_PROMETHEUS=true`: a second listener for the metrics, at `PROMETHEUS_ADDR`.
     pub metrics: Option<MetricsListener>,
+    /// `PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS=true`: `ratelimit_service_response_time_seconds`
+    /// in milliseconds, as envoyproxy/ratelimit exported it before fixing the unit.
+    pub response_time_in_milliseconds: bool,
     /// `LOG_LEVEL`, as a tracing filter.
     pub log_filter: Option<&'static str>,
     /// `LOG_FORMAT=json`.
@@ -129,6 +132,8 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
             path,
         });
     }
+    read.response_time_in_milliseconds =
+        flag("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS")? == Some(true);
     if let Some(level) = env("LOG_LEVEL") {
         read.log_filter = Some(log_filter(&level)?);
     }
@@ -426,6 +431,7 @@ fn ignored(
             "REDIS_PIPELINE_WINDOW",
             "REDIS_PIPELINE_LIMIT",
             "REDIS_CLUSTER_PIPELINE_PARALLELISM",
+            "REDIS_PERSECOND_CLUSTER_PIPELINE_PARALLELISM",
             "REDIS_POOL_ON_EMPTY_BEHAVIOR",
             "REDIS_USE_EXPLICIT_PIPELINE",
             "REDIS_PERSECOND_POOL_SIZE",
@@ -436,6 +442,15 @@ fn ignored(
         ],
         "meshlimit keeps one multiplexed connection per Redis node and sends each request's \
          counters in one script call",
+    );
+    note(
+        &[
+            "REDIS_STARTUP_INITIAL_INTERVAL",
+            "REDIS_STARTUP_MAX_INTERVAL",
+            "REDIS_STARTUP_MAX_ELAPSED_TIME",
+        ],
+        "meshlimit starts without waiting for Redis: until Redis answers, requests are \
+         answered by --redis-failure-mode, and Redis is used from its first answer on",
     );
     note(
         &["HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED"],
@@ -692,6 +707,9 @@ mod tests {
                 .unwrap_err()
                 .contains("USE_PROMETHEUS=yes: write true or false")
         );
+        assert!(!read.response_time_in_milliseconds);
+        let legacy = read_of(&[("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS", "true")]).unwrap();
+        assert!(legacy.response_time_in_milliseconds);
     }
 
     #[test]
@@ -874,15 +892,19 @@ mod tests {
             ("REDIS_PIPELINE_WINDOW", "150us"),
             ("USE_DOG_STATSD_MOGRIFIERS", "HITS"),
             ("DEBUG_PORT", "6070"),
+            ("REDIS_STARTUP_MAX_ELAPSED_TIME", "1m"),
         ])
         .unwrap();
-        assert_eq!(read.ignored.len(), 3, "{:?}", read.ignored);
+        assert_eq!(read.ignored.len(), 4, "{:?}", read.ignored);
         assert!(read.ignored[0].starts_with("REDIS_POOL_SIZE, REDIS_PIPELINE_WINDOW ignored"));
         assert!(
             read.ignored
                 .iter()
                 .any(|line| line.starts_with("USE_DOG_STATSD_MOGRIFIERS ignored"))
         );
+        assert!(read.ignored.iter().any(|line| line.starts_with(
+            "REDIS_STARTUP_MAX_ELAPSED_TIME ignored: meshlimit starts without waiting for Redis"
+        )));
         assert!(
             read_of(&[("USE_STATSD", "false")])
                 .unwrap()

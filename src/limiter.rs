@@ -512,25 +512,13 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             shadow: rule.shadow_mode,
             local_cache: d.verdict.from_local_cache,
         };
-        // `value_to_metric` writes the request's values into the metric key; envoyproxy/
-        // ratelimit lets `detailed_metric` take precedence over it.
-        if !rule.metric_key.is_empty() && !rule.detailed_metric {
+        // `value_to_metric` and `detailed_metric` write the request's values into the
+        // metric key; the rule's own series counts the rest.
+        if rule.metric_key.is_empty() {
+            stats.record(&hit);
+        } else {
             record_by_value(request, d, rule, stats, &hit);
-            return;
         }
-        // `detailed_metric` counts per value of the descriptor's last entry, capped.
-        let detailed = rule
-            .detailed_metric
-            .then(|| {
-                request
-                    .descriptors
-                    .get(d.descriptor)?
-                    .entries
-                    .last()
-                    .map(|e| e.value.as_str())
-            })
-            .flatten();
-        stats.record(&hit, detailed);
     }
 
     fn validate(&self, request: &RateLimitRequest) -> Result<(), DecisionError> {

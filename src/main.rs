@@ -911,6 +911,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             .or(compat.admin_addr)
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
         metrics_listener,
+        response_time_in_milliseconds: compat.response_time_in_milliseconds,
         max_connection_age: args
             .max_connection_age
             .or(compat.max_connection_age)

@@ -1,11 +1,11 @@
 //! Service metrics, exported on the admin port's `/metrics` in Prometheus text format.
 //!
-//! Per-rule names follow envoyproxy/ratelimit's stats as its Prometheus exporter spells
-//! them (`ratelimit_service_rate_limit_<stat>{domain, key}`), so existing dashboards and
-//! alerts keep working. Labels are per rule (bounded by the config), never per request
-//! value — except for rules with `detailed_metric` (a `value` label) or `value_to_metric`
-//! (request values in the `key` label, as envoyproxy/ratelimit writes them), each capped
-//! at `DETAILED_VALUES_CAP` series a rule.
+//! Per-rule names and labels follow envoyproxy/ratelimit's stats as its Prometheus
+//! exporter spells them (`ratelimit_service_rate_limit_<stat>{domain, key1, key2}`), with
+//! the whole key in `key` besides, so existing dashboards and alerts keep working. Labels
+//! are per rule (bounded by the config), never per request value — except for rules with
+//! `detailed_metric` or `value_to_metric` (request values in the key, as
+//! envoyproxy/ratelimit writes them), each capped at `KEYS_WITH_VALUES_CAP` series a rule.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -17,8 +17,9 @@ use parking_lot::Mutex;
 
 use crate::matcher::RateLimitConfig;
 
-/// Distinct descriptor values tracked per `detailed_metric` rule; the rest share one series.
-pub const DETAILED_VALUES_CAP: usize = 1_000;
+/// Distinct keys with request values tracked per `detailed_metric` or `value_to_metric`
+/// rule; hits under further keys count in the rule's own series.
+pub const KEYS_WITH_VALUES_CAP: usize = 1_000;
 
 /// The six envoyproxy/ratelimit counters of one rule (or one detailed value).
 #[derive(Debug, Default)]
@@ -90,49 +91,43 @@ impl HitCounters {
 /// A rule's counters; they outlive reloads as long as the rule keeps its path.
 #[derive(Debug, Default)]
 pub struct RuleStats {
-    pub counters: HitCounters,
-    detailed: Mutex<HashMap<String, Arc<HitCounters>>>,
-    /// `value_to_metric`: counters by metric key with the request's values in it.
+    counters: HitCounters,
+    /// `value_to_metric` and `detailed_metric`: counters by metric key with the request's
+    /// values in it.
     by_key: Mutex<HashMap<String, Arc<HitCounters>>>,
 }
 
 impl RuleStats {
-    pub fn record(&self, hit: &Hit, detailed_value: Option<&str>) {
+    pub fn record(&self, hit: &Hit) {
         self.counters.record(hit);
-        let Some(value) = detailed_value else {
-            return;
-        };
-        let counters = {
-            let mut detailed = self.detailed.lock();
-            match detailed.get(value) {
-                Some(counters) => counters.clone(),
-                None => {
-                    let key = if detailed.len() < DETAILED_VALUES_CAP {
-                        value
-                    } else {
-                        "_overflow"
-                    };
-                    detailed.entry(key.to_owned()).or_default().clone()
-                }
-            }
-        };
-        counters.record(hit);
     }
 
-    /// Records a `value_to_metric` hit under `key` instead of the rule's own series, as
-    /// envoyproxy/ratelimit does. Past the cap, new keys count in the rule's own series.
+    /// Records a `value_to_metric` or `detailed_metric` hit under `key` instead of the
+    /// rule's own series, as envoyproxy/ratelimit does. Past the cap, new keys count in the
+    /// rule's own series.
     pub fn record_keyed(&self, hit: &Hit, key: &str) {
         let counters = {
             let mut by_key = self.by_key.lock();
             match by_key.get(key) {
                 Some(counters) => Some(counters.clone()),
-                None if by_key.len() < DETAILED_VALUES_CAP => {
+                None if by_key.len() < KEYS_WITH_VALUES_CAP => {
                     Some(by_key.entry(key.to_owned()).or_default().clone())
                 }
                 None => None,
             }
         };
         counters.as_deref().unwrap_or(&self.counters).record(hit);
+    }
+}
+
+impl RuleStats {
+    /// Calls `f` with each series of this rule whose path without its domain is `key`:
+    /// its own, then each key with request values in it.
+    fn each_series(&self, key: &str, mut f: impl FnMut(&str, &HitCounters)) {
+        f(key, &self.counters);
+        for (by_key, counters) in self.by_key.lock().iter() {
+            f(by_key, counters);
+        }
     }
 }
 
@@ -198,6 +193,11 @@ impl Histogram {
 
     /// `labels` (`key="value"`, or empty) go on every series.
     fn render_labeled(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        self.render_scaled(out, name, help, labels, 1.0);
+    }
+
+    /// As `render_labeled`, with bounds and sum in seconds times `scale`.
+    fn render_scaled(&self, out: &mut String, name: &str, help: &str, labels: &str, scale: f64) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let (braces, comma) = if labels.is_empty() {
             (String::new(), "")
@@ -207,6 +207,8 @@ impl Histogram {
         let mut cumulative = 0;
         for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
+            // Rounded: 0.000025 * 1000 is 0.025000000000000001 in binary.
+            let bound = (bound * scale * 1e9).round() / 1e9;
             let _ = writeln!(
                 out,
                 "{name}_bucket{{{labels}{comma}le=\"{bound}\"}} {cumulative}"
@@ -214,7 +216,7 @@ impl Histogram {
         }
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{comma}le=\"+Inf\"}} {count}");
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9 * scale;
         let _ = writeln!(
             out,
             "{name}_sum{braces} {sum}\n{name}_count{braces} {count}"
@@ -251,9 +253,21 @@ pub struct Metrics {
     pub spans_dropped: AtomicU64,
     rules: Mutex<HashMap<RuleId, Arc<RuleStats>>>,
     gauges: Mutex<Vec<Gauge>>,
+    /// envoyproxy/ratelimit's PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS: its
+    /// `ratelimit_service_response_time_seconds` in milliseconds, as before it fixed the unit.
+    response_time_in_milliseconds: bool,
 }
 
 impl Metrics {
+    /// Metrics whose `ratelimit_service_response_time_seconds` counts in milliseconds,
+    /// for dashboards written for envoyproxy/ratelimit's old unit.
+    pub fn with_response_time_in_milliseconds() -> Self {
+        Self {
+            response_time_in_milliseconds: true,
+            ..Self::default()
+        }
+    }
+
     /// Gives every rule of a freshly loaded config its counters, reusing those of rules with
     /// the same domain and path so counts continue across reloads.
     pub fn attach(&self, config: &RateLimitConfig) {
@@ -372,11 +386,23 @@ impl Metrics {
              # TYPE ratelimit_service_should_rate_limit_error counter\n\
              ratelimit_service_should_rate_limit_error{{err_type=\"redis_error\"}} {errors}"
         );
-        self.decision_latency.render_labeled(
+        let (scale, help) = if self.response_time_in_milliseconds {
+            (
+                1e3,
+                "Time to decide one ShouldRateLimit call, in milliseconds (PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS).",
+            )
+        } else {
+            (
+                1.0,
+                "Time to decide one ShouldRateLimit call (meshlimit_decision_duration_seconds).",
+            )
+        };
+        self.decision_latency.render_scaled(
             out,
             "ratelimit_service_response_time_seconds",
-            "Time to decide one ShouldRateLimit call (meshlimit_decision_duration_seconds).",
+            help,
             METHOD,
+            scale,
         );
     }
 
@@ -411,22 +437,14 @@ impl Metrics {
         ];
         let rules = self.rules.lock();
         for ((domain, path), stats) in rules.iter() {
-            let key = rule_key(domain, path);
-            let mut push = |key: &str, counters: &HitCounters| {
+            stats.each_series(rule_key(domain, path), |key, counters| {
                 for (stat, value) in counters.values() {
                     out.push((
                         format!("ratelimit.service.rate_limit.{domain}.{key}.{stat}"),
                         value,
                     ));
                 }
-            };
-            push(key, &stats.counters);
-            for (by_key, counters) in stats.by_key.lock().iter() {
-                push(by_key, counters);
-            }
-            for (value, counters) in stats.detailed.lock().iter() {
-                push(&format!("{key}_{value}"), counters);
-            }
+            });
         }
         out
     }
@@ -455,36 +473,34 @@ impl Metrics {
             let name = format!("ratelimit_service_rate_limit_{stat}");
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for ((domain, path), stats) in &sorted {
-                let key = rule_key(domain, path);
-                let value = stats.counters.get(stat);
-                let _ = writeln!(
-                    out,
-                    "{name}{{domain=\"{}\",key=\"{}\"}} {value}",
-                    escape(domain),
-                    escape(key)
-                );
-                for (key, counters) in stats.by_key.lock().iter() {
+                stats.each_series(rule_key(domain, path), |key, counters| {
                     let _ = writeln!(
                         out,
-                        "{name}{{domain=\"{}\",key=\"{}\"}} {}",
+                        "{name}{{domain=\"{}\",{}}} {}",
                         escape(domain),
-                        escape(key),
+                        key_labels(key),
                         counters.get(stat)
                     );
-                }
-                for (detail, counters) in stats.detailed.lock().iter() {
-                    let value = counters.get(stat);
-                    let _ = writeln!(
-                        out,
-                        "{name}{{domain=\"{}\",key=\"{}\",value=\"{}\"}} {value}",
-                        escape(domain),
-                        escape(key),
-                        escape(detail)
-                    );
-                }
+                });
             }
         }
     }
+}
+
+/// `key="…"`, then `key1` and `key2`: the first two parts of the key, as
+/// envoyproxy/ratelimit's Prometheus mapping labels its rule counters (from their statsd
+/// names, `ratelimit.service.rate_limit.<domain>.<key1>.<key2>[.<more>].<stat>`), so
+/// dashboards selecting on `key1`/`key2` find the same series here.
+fn key_labels(key: &str) -> String {
+    let mut labels = format!("key=\"{}\"", escape(key));
+    let mut parts = key.split('.');
+    if let Some(key1) = parts.next() {
+        let _ = write!(labels, ",key1=\"{}\"", escape(key1));
+    }
+    if let Some(key2) = parts.next() {
+        let _ = write!(labels, ",key2=\"{}\"", escape(key2));
+    }
+    labels
 }
 
 /// The rule path without its domain, as envoyproxy/ratelimit names its stats:
@@ -546,6 +562,25 @@ mod tests {
             "ratelimit_service_response_time_seconds_bucket{grpc_method=\"ShouldRateLimit\",le=\"+Inf\"} 3\n",
             "ratelimit_service_response_time_seconds_count{grpc_method=\"ShouldRateLimit\"} 3\n",
             "meshlimit_decision_duration_seconds_count 3\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn response_time_in_milliseconds_scales_bounds_and_sum_of_envoyproxys_histogram_only() {
+        let metrics = Metrics::with_response_time_in_milliseconds();
+        metrics.decision_latency.observe(Duration::from_micros(40));
+        let text = metrics.render();
+        for line in [
+            // 40 µs is 0.04 ms: counted at the 0.05 ms bound, summed as 0.04.
+            "ratelimit_service_response_time_seconds_bucket{grpc_method=\"ShouldRateLimit\",le=\"0.025\"} 0\n",
+            "ratelimit_service_response_time_seconds_bucket{grpc_method=\"ShouldRateLimit\",le=\"0.05\"} 1\n",
+            "ratelimit_service_response_time_seconds_bucket{grpc_method=\"ShouldRateLimit\",le=\"1000\"} 1\n",
+            "ratelimit_service_response_time_seconds_sum{grpc_method=\"ShouldRateLimit\"} 0.04\n",
+            // meshlimit's own stays in seconds.
+            "meshlimit_decision_duration_seconds_bucket{le=\"0.00005\"} 1\n",
+            "meshlimit_decision_duration_seconds_sum 0.00004\n",
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }

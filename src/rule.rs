@@ -44,8 +44,9 @@ pub struct Rule {
     /// values, so every value a wildcard matches counts on one counter (as
     /// envoyproxy/ratelimit keys them).
     pub shared_values: Box<[(usize, Box<str>)]>,
-    /// `value_to_metric`: this rule's metric key, one part per entry, when some entry puts
-    /// the request's value in it; empty when none does (the metric key is then `path`).
+    /// `value_to_metric` or `detailed_metric`: this rule's metric key, one part per entry,
+    /// when some entry puts the request's value in it; empty when none does (the metric
+    /// key is then `path`).
     pub metric_key: Box<[MetricPart]>,
     /// `metadata`: added to Envoy's dynamic metadata when this rule lets a request pass.
     pub metadata: Option<prost_types::Struct>,

@@ -41,6 +41,9 @@ pub struct ServeOptions {
     pub admin_addr: SocketAddr,
     /// A second listener serving only the metrics.
     pub metrics_listener: Option<MetricsListener>,
+    /// `ratelimit_service_response_time_seconds` in milliseconds (envoyproxy/ratelimit's
+    /// PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS).
+    pub response_time_in_milliseconds: bool,
     /// gRPC connections older than this are asked to reconnect (GOAWAY); each closes once
     /// its requests have finished.
     pub max_connection_age: Option<Duration>,
@@ -228,7 +231,11 @@ impl ConfigFeed {
 }
 
 pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(if options.response_time_in_milliseconds {
+        Metrics::with_response_time_in_milliseconds()
+    } else {
+        Metrics::default()
+    });
     let feed = ConfigFeed::start(&options, &metrics)?;
     // Both stores serve through the same generic path below.
     match options.store.clone() {

@@ -151,10 +151,14 @@ async fn istios_sample_environment_runs_meshlimit_unchanged() {
             stack.logs()
         )
     });
-    assert!(
-        text.lines().any(|line| line.starts_with(
-            "ratelimit_service_rate_limit_over_limit{domain=\"ratelimit\",key=\"user.path_/productpage\"} 1"
-        )),
+    // Selected by the labels envoyproxy/ratelimit's Prometheus mapping gives its rule
+    // counters, as its dashboards and alerts select them.
+    assert_eq!(
+        common::meshlimit::sample(
+            &text,
+            "ratelimit_service_rate_limit_over_limit{domain=\"ratelimit\",key1=\"user\",key2=\"path_/productpage\"}"
+        ),
+        Some(1),
         "{text}"
     );
 }

@@ -80,15 +80,9 @@ fn dbsize(redis: &RedisServer) -> u64 {
     redis.query(&redis::cmd("DBSIZE"))
 }
 
-fn metric(server: &Meshlimit, name: &str) -> Option<u64> {
+fn metric(server: &Meshlimit, selector: &str) -> Option<u64> {
     let response = http::get(server.admin_addr, "/metrics", &[]).ok()?;
-    response.text().lines().find_map(|line| {
-        line.strip_prefix(name)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    common::meshlimit::sample(&response.text(), selector)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,8 @@ pub enum Inherited {
 #[derive(Debug, Clone)]
 pub struct Step {
     metric: MetricPart,
+    /// The part of a `detailed_metric` key: the request's value, or a shared wildcard.
+    detailed: MetricPart,
     /// `share_threshold`: the wildcard, as written, that stands for the entry's value.
     shared: Option<Box<str>>,
 }
@@ -326,16 +328,23 @@ impl Compiler<'_, '_> {
                 }
                 Step {
                     metric: MetricPart::Written(format!("{key}_{value}").into()),
+                    detailed: MetricPart::RequestValue(key.into()),
                     shared: None,
                 }
             }
             ValuePattern::Wildcard(wildcard) => {
-                let written = format!("{key}_{}", wildcard.pattern());
+                let written: Box<str> = format!("{key}_{}", wildcard.pattern()).into();
                 Step {
                     metric: if by_value && share.is_none() {
                         MetricPart::RequestValue(key.into())
                     } else {
-                        MetricPart::Written(written.into())
+                        MetricPart::Written(written.clone())
+                    },
+                    // Values sharing one counter share one series too.
+                    detailed: if share.is_some() {
+                        MetricPart::Written(written)
+                    } else {
+                        MetricPart::RequestValue(key.into())
                     },
                     shared: share.map(|_| wildcard.pattern().into()),
                 }
@@ -351,6 +360,7 @@ impl Compiler<'_, '_> {
                     } else {
                         MetricPart::Written(key.into())
                     },
+                    detailed: MetricPart::RequestValue(key.into()),
                     shared: None,
                 }
             }
@@ -595,8 +605,16 @@ fn with_steps(mut rule: Rule, steps: &[Step]) -> Rule {
     if rule.quota_mode {
         provenance.push("quota_mode — over the limit, turns a request away only when all its quota-mode descriptors are over".to_owned());
     }
+    // envoyproxy/ratelimit counts a `detailed_metric` rule's hits under a key with every
+    // value of the request in it, in place of `value_to_metric`'s key.
+    if rule.detailed_metric {
+        rule.metric_key = steps.iter().map(|step| step.detailed.clone()).collect();
+        provenance.push(format!(
+            "detailed_metric — metric key {}",
+            MetricPart::key_of(&rule.metric_key, steps.iter().map(|_| "<value>"))
+        ));
     // The metric key differs from the rule's path only when some entry puts its value in.
-    if steps
+    } else if steps
         .iter()
         .any(|step| matches!(step.metric, MetricPart::RequestValue(_)))
     {

@@ -650,12 +650,12 @@ fn decisions_move_the_rule_counters_named_like_envoyproxy_ratelimit() {
     decide(&limiter, &request(vec![descriptor(&[("trial", "t")])]));
     let text = metrics.render();
     for line in [
-        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"user\"} 3",
-        "ratelimit_service_rate_limit_within_limit{domain=\"edge\",key=\"user\"} 2",
-        "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"user\"} 1",
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"user\",key1=\"user\"} 3",
+        "ratelimit_service_rate_limit_within_limit{domain=\"edge\",key=\"user\",key1=\"user\"} 2",
+        "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"user\",key1=\"user\"} 1",
         // The second hit of a limit of 2 passes half of it.
-        "ratelimit_service_rate_limit_near_limit{domain=\"edge\",key=\"user\"} 1",
-        "ratelimit_service_rate_limit_shadow_mode{domain=\"edge\",key=\"trial\"} 1",
+        "ratelimit_service_rate_limit_near_limit{domain=\"edge\",key=\"user\",key1=\"user\"} 1",
+        "ratelimit_service_rate_limit_shadow_mode{domain=\"edge\",key=\"trial\",key1=\"trial\"} 1",
         "meshlimit_decision_duration_seconds_count 5",
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
@@ -701,6 +701,18 @@ descriptors:
   - key: region
     metadata: {owner: {team: platform, site: eu-1}, region_limited: true}
     rate_limit: {unlimited: true}
+  - key: client
+    descriptors:
+      - key: path
+        value: /api/*
+        detailed_metric: true
+        value_to_metric: true
+        rate_limit: {unit: minute, requests_per_unit: 60}
+  - key: bucket
+    value: b*
+    share_threshold: true
+    detailed_metric: true
+    rate_limit: {unit: minute, requests_per_unit: 60}
 ";
 
 /// A limiter on `config`, recording into the returned metrics; hits past
@@ -761,6 +773,56 @@ fn share_threshold_counts_every_value_of_its_wildcard_on_one_counter() {
 }
 
 #[test]
+fn detailed_metric_counts_each_request_under_all_its_values() {
+    let clock = ManualClock::at(START);
+    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
+    let call = |client: &str, path: &str| {
+        decide(
+            &limiter,
+            &request(vec![descriptor(&[("client", client), ("path", path)])]),
+        )
+    };
+    call("web", "/api/a");
+    call("web", "/api/a");
+    call("web", "/api/b");
+    call("ios", "/api/a");
+    for bucket in ["b1", "b2"] {
+        decide(&limiter, &request(vec![descriptor(&[("bucket", bucket)])]));
+    }
+    let text = metrics.render();
+    for line in [
+        // Every entry with the request's value, `value_to_metric` or not (envoyproxy/
+        // ratelimit's detailed key); key1 and key2 as its Prometheus mapping labels them.
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"client_web.path_/api/a\",key1=\"client_web\",key2=\"path_/api/a\"} 2",
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"client_web.path_/api/b\",key1=\"client_web\",key2=\"path_/api/b\"} 1",
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"client_ios.path_/api/a\",key1=\"client_ios\",key2=\"path_/api/a\"} 1",
+        // In place of the rule's own series, so a sum over the domain counts each hit once.
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"client.path_/api/*\",key1=\"client\",key2=\"path_/api/*\"} 0",
+        // Values sharing one counter share one series.
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"bucket_b*\",key1=\"bucket_b*\"} 2",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    }
+    let sum: u64 = text
+        .lines()
+        .filter(|line| {
+            line.starts_with("ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"client")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(sum, 4, "{text}");
+    // statsd gets the same keys.
+    let statsd = metrics.statsd_counters();
+    assert!(
+        statsd.contains(&(
+            "ratelimit.service.rate_limit.edge.client_web.path_/api/a.total_hits".to_owned(),
+            2
+        )),
+        "{statsd:?}"
+    );
+}
+
+#[test]
 fn value_to_metric_puts_request_values_in_the_metric_key() {
     let clock = ManualClock::at(START);
     let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
@@ -777,11 +839,11 @@ fn value_to_metric_puts_request_values_in_the_metric_key() {
     for line in [
         // Value-less `user` and wildcard `read*` put the request's values in; `resource`
         // has no `value_to_metric`, so it stays a bare key, as in envoyproxy/ratelimit.
-        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"user_alice.action_readfile.resource\"} 2",
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"user_alice.action_readfile.resource\",key1=\"user_alice\",key2=\"action_readfile\"} 2",
         // A shared wildcard stays written as the wildcard: its values share one counter.
-        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"route_api/*.method_GET\"} 1",
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"route_api/*.method_GET\",key1=\"route_api/*\",key2=\"method_GET\"} 1",
         // The hits are counted under the keys with values instead of the rule's own.
-        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"user.action_read*.resource\"} 0",
+        "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"user.action_read*.resource\",key1=\"user\",key2=\"action_read*\"} 0",
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }
@@ -806,7 +868,8 @@ fn quota_mode_turns_a_request_away_only_when_all_its_quota_descriptors_are_over(
     assert_eq!(both_over.overall_code(), Code::OverLimit);
     assert_eq!(codes(&both_over), [Code::OverLimit, Code::OverLimit]);
     let text = metrics.render();
-    let line = "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"soft\"} 2";
+    let line =
+        "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"soft\",key1=\"soft\"} 2";
     assert!(text.contains(line), "missing `{line}` in:\n{text}");
 }
 
@@ -873,7 +936,8 @@ fn a_request_turned_away_counts_on_none_of_its_other_descriptors() {
         );
         // The rejecting descriptor is counted as usual: its hits, and its over-limit.
         let text = metrics.render();
-        let line = "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"ip\"} 1";
+        let line =
+            "ratelimit_service_rate_limit_over_limit{domain=\"edge\",key=\"ip\",key1=\"ip\"} 1";
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }
 

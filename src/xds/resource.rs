@@ -113,6 +113,8 @@ struct NodeText<'a> {
     detailed_metric: bool,
     #[serde(skip_serializing_if = "is_false")]
     quota_mode: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     descriptors: Vec<NodeText<'a>>,
 }
@@ -126,6 +128,7 @@ impl<'a> NodeText<'a> {
             shadow_mode: node.shadow_mode,
             detailed_metric: node.detailed_metric,
             quota_mode: node.quota_mode,
+            metadata: node.metadata.as_ref().map(json_object),
             descriptors: node.descriptors.iter().map(NodeText::of).collect(),
         }
     }
@@ -169,6 +172,32 @@ impl<'a> LimitText<'a> {
 #[derive(Serialize)]
 struct ReplaceText<'a> {
     name: &'a str,
+}
+
+/// A protobuf `Value` as the JSON a config file's `metadata:` block would hold.
+fn json(value: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as Json;
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(b)) => Json::Bool(*b),
+        // JSON has no NaN or infinity: null, as protobuf's own JSON mapping refuses them.
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number)
+        }
+        Some(Kind::StringValue(s)) => Json::String(s.clone()),
+        Some(Kind::ListValue(list)) => Json::Array(list.values.iter().map(json).collect()),
+        Some(Kind::StructValue(fields)) => json_object(fields),
+    }
+}
+
+fn json_object(fields: &prost_types::Struct) -> serde_json::Value {
+    let fields = fields.fields.iter();
+    serde_json::Value::Object(
+        fields
+            .map(|(name, value)| (name.clone(), json(value)))
+            .collect(),
+    )
 }
 
 fn is_false(set: &bool) -> bool {
@@ -219,6 +248,59 @@ mod tests {
         let label = std::sync::Arc::<str>::from(format!("xds:{}", config.name));
         load_texts([(label, Ok(config_text(config)))], &LoadOptions::default())
             .map_err(|errors| errors.to_string())
+    }
+
+    #[test]
+    fn descriptor_metadata_reaches_the_rule_as_a_files_would() {
+        use prost_types::value::Kind;
+        let value = |kind| prost_types::Value { kind: Some(kind) };
+        let fields = |pairs: Vec<(&str, prost_types::Value)>| prost_types::Struct {
+            fields: pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        };
+        let owner = fields(vec![
+            ("team", value(Kind::StringValue("payments".into()))),
+            ("pager", value(Kind::BoolValue(true))),
+        ]);
+        let mut tenant = node("tenant", "gold", per(2, 100));
+        tenant.metadata = Some(fields(vec![
+            ("owner", value(Kind::StructValue(owner))),
+            ("weight", value(Kind::NumberValue(2.5))),
+            (
+                "zones",
+                value(Kind::ListValue(prost_types::ListValue {
+                    values: vec![value(Kind::StringValue("eu-1".into()))],
+                })),
+            ),
+        ]));
+        let config = RateLimitConfig {
+            name: "meta".into(),
+            domain: "edge".into(),
+            descriptors: vec![tenant],
+        };
+        let file = "\
+domain: edge
+descriptors:
+  - key: tenant
+    value: gold
+    metadata: {owner: {team: payments, pager: true}, weight: 2.5, zones: [eu-1]}
+    rate_limit: {unit: minute, requests_per_unit: 100}
+";
+        let from_file = load_texts(
+            [(
+                std::sync::Arc::<str>::from("edge.yaml"),
+                Ok(file.to_owned()),
+            )],
+            &LoadOptions::default(),
+        )
+        .expect("the file loads");
+        let metadata = |loaded: &crate::matcher::RateLimitConfig| {
+            let domain = *loaded.domains().first().expect("one domain");
+            let rule = *domain.rules().first().expect("one rule");
+            rule.metadata.clone()
+        };
+        let from_xds = metadata(&load(&config).expect("the resource loads"));
+        assert!(from_xds.is_some(), "{}", config_text(&config));
+        assert_eq!(from_xds, metadata(&from_file));
     }
 
     #[test]

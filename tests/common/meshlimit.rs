@@ -331,15 +331,11 @@ impl Meshlimit {
         })
     }
 
-    /// The value of the counter `name` on `/metrics` (Prometheus text format).
-    pub fn metric(&self, name: &str) -> u64 {
+    /// The value of the one counter on `/metrics` that `selector` picks (see [`sample`]).
+    pub fn metric(&self, selector: &str) -> u64 {
         let text = self.admin_get("/metrics").text();
-        text.lines()
-            .find_map(|line| {
-                let (metric, value) = line.split_once(' ')?;
-                (metric == name).then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("no counter {name} on /metrics:\n{text}"))
+        sample(&text, selector)
+            .unwrap_or_else(|| panic!("no counter {selector} on /metrics:\n{text}"))
     }
 
     /// A channel to the gRPC port over TLS with `tls`, at 127.0.0.1 (the certificate is
@@ -388,4 +384,50 @@ impl Meshlimit {
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         poll_until(timeout, || self.process.exited())
     }
+}
+
+/// The value of the one series in Prometheus `text` that `selector` picks, as a PromQL
+/// selector would: `name` or `name{label="value",…}`, the series' other labels free.
+/// `None` when no series or several match.
+pub fn sample(text: &str, selector: &str) -> Option<u64> {
+    let (name, wanted) = series(selector)?;
+    let mut matching = text.lines().filter_map(|line| {
+        let (series_part, value) = line.rsplit_once(' ')?;
+        let (line_name, labels) = series(series_part)?;
+        let picked = line_name == name && wanted.iter().all(|label| labels.contains(label));
+        picked.then(|| value.trim().parse::<u64>().ok())?
+    });
+    let value = matching.next()?;
+    matching.next().is_none().then_some(value)
+}
+
+/// `name{a="x",b="y"}` as its name and its (label, value) pairs, escapes undone.
+fn series(text: &str) -> Option<(&str, Vec<(String, String)>)> {
+    let Some((name, rest)) = text.split_once('{') else {
+        return Some((text, Vec::new()));
+    };
+    let mut labels = Vec::new();
+    let mut chars = rest.strip_suffix('}')?.chars().peekable();
+    while chars.peek().is_some() {
+        let label: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if chars.next() != Some('"') {
+            return None;
+        }
+        let mut value = String::new();
+        loop {
+            match chars.next()? {
+                '"' => break,
+                '\\' => match chars.next()? {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                c => value.push(c),
+            }
+        }
+        labels.push((label.trim_start_matches(',').to_owned(), value));
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    Some((name, labels))
 }
