@@ -408,8 +408,9 @@ impl Metrics {
 
     /// Every counter under envoyproxy/ratelimit's statsd name, with its value: the service's
     /// (`ratelimit.service.config_load_success`, …) and each rule's
-    /// (`ratelimit.service.rate_limit.<domain>.<key>.<stat>`; a `detailed_metric` value
-    /// appends `_<value>` to the key). For `statsd`, which sends what changed.
+    /// (`ratelimit.service.rate_limit.<domain>.<key>.<stat>`, the key with the request's
+    /// values for `detailed_metric` and `value_to_metric`). For `statsd`, which sends what
+    /// changed.
     pub fn statsd_counters(&self) -> Vec<(String, u64)> {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = vec![
