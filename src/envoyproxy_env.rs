@@ -64,6 +64,9 @@ pub struct EnvoyproxyEnv {
     /// `GRPC_MAX_CONNECTION_AGE`: how long a client connection lives before it is asked
     /// to go (GOAWAY) and reconnect, so new replicas get their share.
     pub max_connection_age: Option<Duration>,
+    /// `GRPC_MAX_CONNECTION_AGE_GRACE`: how long a connection asked to go may take to
+    /// finish its requests before it is closed.
+    pub max_connection_age_grace: Option<Duration>,
     /// `USE_STATSD=true` (or a `STATSD_HOST`/`STATSD_PORT`): counters pushed to statsd at
     /// `STATSD_HOST:STATSD_PORT` every `STATS_FLUSH_INTERVAL`.
     pub statsd: Option<StatsdOptions>,
@@ -194,6 +197,7 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
     read.redis_per_second_timeout = duration("REDIS_PERSECOND_TIMEOUT", "50ms or 1s")?;
     read.health_requires_redis = flag("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION")?;
     read.max_connection_age = duration("GRPC_MAX_CONNECTION_AGE", "24h or 5m")?;
+    read.max_connection_age_grace = duration("GRPC_MAX_CONNECTION_AGE_GRACE", "1h or 30s")?;
     read.statsd = statsd(&env, &flag)?;
     read.ignored = ignored(&env, &flag)?;
     Ok(read)
@@ -456,10 +460,6 @@ fn ignored(
         &["HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED"],
         "health always needs a loaded config (with xDS and FORCE_START_WITHOUT_INITIAL_CONFIG, \
          the empty config it starts with counts)",
-    );
-    note(
-        &["GRPC_MAX_CONNECTION_AGE_GRACE"],
-        "a connection asked to go closes once its requests finish, which take milliseconds",
     );
     note(
         &["EXPIRATION_JITTER_MAX_SECONDS"],
@@ -765,9 +765,11 @@ mod tests {
             ("REDIS_TIMEOUT", "1m30s"),
             ("REDIS_PERSECOND_TIMEOUT", "20ms"),
             ("GRPC_MAX_CONNECTION_AGE", "5m"),
+            ("GRPC_MAX_CONNECTION_AGE_GRACE", "30s"),
         ])
         .unwrap();
         assert_eq!(read.max_connection_age, Some(Duration::from_secs(300)));
+        assert_eq!(read.max_connection_age_grace, Some(Duration::from_secs(30)));
         assert_eq!(read.log_filter, Some("warn"));
         assert_eq!(read.json_logs, Some(true));
         assert_eq!(read.redis_timeout, Some(Duration::from_secs(90)));

@@ -206,11 +206,15 @@ struct ServeArgs {
     /// How long in-flight requests may take to finish once the listeners stop.
     #[arg(long, env = "MESHLIMIT_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_interval)]
     shutdown_grace: Duration,
-    /// Ask a client to reconnect (HTTP/2 GOAWAY) once its connection is this old, so that
-    /// replicas added later get a share of long-lived Envoy connections [default: never, or
-    /// GRPC_MAX_CONNECTION_AGE].
+    /// Ask a client to reconnect (HTTP/2 GOAWAY) once its connection is this old, give or
+    /// take a tenth drawn for each connection, so that replicas added later get a share of
+    /// long-lived Envoy connections [default: never, or GRPC_MAX_CONNECTION_AGE].
     #[arg(long, env = "MESHLIMIT_MAX_CONNECTION_AGE", value_parser = parse_interval)]
     max_connection_age: Option<Duration>,
+    /// Close a connection this long after asking it to reconnect if its requests have not
+    /// finished [default: wait for them, or GRPC_MAX_CONNECTION_AGE_GRACE].
+    #[arg(long, env = "MESHLIMIT_MAX_CONNECTION_AGE_GRACE", value_parser = parse_interval)]
+    max_connection_age_grace: Option<Duration>,
     /// Push the counters to this statsd agent (host:port) under envoyproxy/ratelimit's
     /// statsd names [also USE_STATSD=true with STATSD_HOST and STATSD_PORT].
     #[arg(long, env = "MESHLIMIT_STATSD_ADDR")]
@@ -912,10 +916,16 @@ fn serve(args: ServeArgs) -> ExitCode {
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
         metrics_listener,
         response_time_in_milliseconds: compat.response_time_in_milliseconds,
-        max_connection_age: args
-            .max_connection_age
-            .or(compat.max_connection_age)
-            .filter(|age| !age.is_zero()),
+        connection_lifetime: meshlimit::connections::Lifetime {
+            max_age: args
+                .max_connection_age
+                .or(compat.max_connection_age)
+                .filter(|age| !age.is_zero()),
+            grace: args
+                .max_connection_age_grace
+                .or(compat.max_connection_age_grace)
+                .filter(|grace| !grace.is_zero()),
+        },
         statsd: statsd_options(
             StatsdFlags {
                 addr: args.statsd_addr,

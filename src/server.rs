@@ -17,6 +17,7 @@ use tonic_health::ServingStatus;
 use crate::admin::{self, AdminState, Health, StoreCheck};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ConfigErrors, LoadOptions};
+use crate::connections;
 use crate::envoyproxy_env::MetricsListener;
 use crate::limiter::{LiveConfig, RateLimiter, RequestBounds};
 use crate::metrics::Metrics;
@@ -44,9 +45,8 @@ pub struct ServeOptions {
     /// `ratelimit_service_response_time_seconds` in milliseconds (envoyproxy/ratelimit's
     /// PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS).
     pub response_time_in_milliseconds: bool,
-    /// gRPC connections older than this are asked to reconnect (GOAWAY); each closes once
-    /// its requests have finished.
-    pub max_connection_age: Option<Duration>,
+    /// When gRPC connections are asked to reconnect (GOAWAY), and closed if they linger.
+    pub connection_lifetime: connections::Lifetime,
     /// Push the counters to a statsd agent.
     pub statsd: Option<crate::statsd::StatsdOptions>,
     /// Send a span of each sampled call to an OTLP collector.
@@ -583,48 +583,51 @@ async fn serve_with<S: CounterStore>(
             let _ = stopped.wait_for(|stop| *stop).await;
         }
     };
-    let mut builder = tonic::transport::Server::builder();
-    // Without tonic's max_connection_age_grace: with it set, tonic 0.14 skips the GOAWAY
-    // and drops the connection, requests in flight included, at age + grace.
-    if let Some(age) = options.max_connection_age {
-        builder = builder.max_connection_age(age);
-    }
-    let router = builder
-        .add_service(rate_limit)
+    let routes = tonic::service::Routes::new(rate_limit)
         .add_service(health_service)
-        .add_service(reflection);
+        .add_service(reflection)
+        .prepare();
+    let lifetime = options.connection_lifetime;
     // Removes the socket file once the server has stopped, when serving on one.
     let mut _socket_file = None;
-    let grpc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-        match (&options.tls, grpc_listener) {
-            (_, GrpcListener::Unix(socket)) => {
-                let (listener, file) = socket.into_parts();
-                _socket_file = Some(file);
-                Box::pin(router.serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
-                    when_stopped(),
-                ))
-            }
-            (Some(files), GrpcListener::Tcp(grpc_listener)) => {
-                let cert = Arc::new(ReloadingCert::load(files.clone())?);
-                let config = tls::server_config(cert.clone())?;
-                tls_watcher = Some(cert.watch(Duration::from_secs(5)));
-                tracing::info!(
-                    client_certificates = files.client_ca.is_some(),
-                    "gRPC port serves TLS"
-                );
-                Box::pin(router.serve_with_incoming_shutdown(
-                    TlsIncoming::new(grpc_listener, config, when_stopped()),
-                    when_stopped(),
-                ))
-            }
-            (None, GrpcListener::Tcp(grpc_listener)) => {
-                Box::pin(router.serve_with_incoming_shutdown(
-                    TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-                    when_stopped(),
-                ))
-            }
-        };
+    let grpc: Pin<Box<dyn Future<Output = ()> + Send>> = match (&options.tls, grpc_listener) {
+        (_, GrpcListener::Unix(socket)) => {
+            let (listener, file) = socket.into_parts();
+            _socket_file = Some(file);
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            Box::pin(connections::serve(
+                incoming,
+                routes,
+                lifetime,
+                when_stopped(),
+            ))
+        }
+        (Some(files), GrpcListener::Tcp(grpc_listener)) => {
+            let cert = Arc::new(ReloadingCert::load(files.clone())?);
+            let config = tls::server_config(cert.clone())?;
+            tls_watcher = Some(cert.watch(Duration::from_secs(5)));
+            tracing::info!(
+                client_certificates = files.client_ca.is_some(),
+                "gRPC port serves TLS"
+            );
+            let incoming = TlsIncoming::new(grpc_listener, config, when_stopped());
+            Box::pin(connections::serve(
+                incoming,
+                routes,
+                lifetime,
+                when_stopped(),
+            ))
+        }
+        (None, GrpcListener::Tcp(grpc_listener)) => {
+            let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            Box::pin(connections::serve(
+                incoming,
+                routes,
+                lifetime,
+                when_stopped(),
+            ))
+        }
+    };
     let admin = axum::serve(admin_listener, admin_app).with_graceful_shutdown(when_stopped());
     let metrics_only = {
         let stopped = when_stopped();
@@ -640,11 +643,12 @@ async fn serve_with<S: CounterStore>(
         }
     };
     let mut servers = tokio::spawn(async move {
-        let (grpc, admin, metrics) = tokio::join!(grpc, admin, metrics_only);
-        (grpc, admin.and(metrics))
+        // The gRPC connections end without an error of the server's: each one's is its own.
+        let ((), admin, metrics) = tokio::join!(grpc, admin, metrics_only);
+        admin.and(metrics)
     });
 
-    let (grpc, admin) = tokio::select! {
+    let admin = tokio::select! {
         finished = &mut servers => finished.map_err(|e| ServeError::Serve { what: "server", message: e.to_string() })?,
         () = shutdown_signal() => {
             health.set_serving(false);
@@ -659,7 +663,7 @@ async fn serve_with<S: CounterStore>(
                 Ok(finished) => finished.map_err(|e| ServeError::Serve { what: "server", message: e.to_string() })?,
                 Err(_) => {
                     tracing::warn!("the shutdown grace period ended with connections still open (requests in flight, or idle clients that did not close); exiting");
-                    (Ok(()), Ok(()))
+                    Ok(())
                 }
             }
         }
@@ -677,10 +681,6 @@ async fn serve_with<S: CounterStore>(
     if let Some(tls_watcher) = tls_watcher {
         tls_watcher.abort();
     }
-    grpc.map_err(|error| ServeError::Serve {
-        what: "gRPC",
-        message: error.to_string(),
-    })?;
     admin.map_err(|error| ServeError::Serve {
         what: "admin",
         message: error.to_string(),

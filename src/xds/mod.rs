@@ -408,12 +408,7 @@ fn describe(status: &tonic::Status) -> String {
 /// `pause` give or take a quarter, so replicas that lost the same server do not all come
 /// back in the same instant.
 fn jittered(pause: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.subsec_nanos());
-    let spread = xxhash_rust::xxh3::xxh3_64(&nanos.to_le_bytes()) % 501;
-    // 750 ..= 1250 thousandths of the pause.
-    pause * (750 + spread as u32) / 1000
+    crate::jitter::give_or_take(pause, 250)
 }
 
 #[cfg(test)]
