@@ -3,14 +3,16 @@
 //!
 //!     cargo run --release --example ok_server -- --grpc-addr 127.0.0.1:18091
 //!
-//! It is served the way `meshlimit serve` serves its gRPC port (same tonic server, tokio
-//! multi-thread runtime, TCP_NODELAY, allocator), so the gap between the two in the load
-//! test is the cost of meshlimit's own work: matching, counting and the fuller answer.
+//! It is served the way `meshlimit serve` serves its gRPC port (tonic's routes on
+//! meshlimit's own connection serving, `meshlimit::connections`; tokio multi-thread
+//! runtime, TCP_NODELAY, allocator), so the gap between the two in the load test is the
+//! cost of meshlimit's own work: matching, counting and the fuller answer.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
+use meshlimit::connections::Lifetime;
 use meshlimit::proto::rate_limit_response::{Code, DescriptorStatus};
 use meshlimit::proto::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use meshlimit::proto::{RateLimitRequest, RateLimitResponse};
@@ -63,15 +65,10 @@ async fn main() -> ExitCode {
         }
     };
     eprintln!("ok_server: listening on {}", args.grpc_addr);
-    let served = tonic::transport::Server::builder()
-        .add_service(RateLimitServiceServer::new(AlwaysOk))
-        .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
-        .await;
-    match served {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("ok_server: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    let routes = tonic::service::Routes::new(RateLimitServiceServer::new(AlwaysOk)).prepare();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Served until killed, as the load test stops it.
+    let forever = std::future::pending();
+    meshlimit::connections::serve(incoming, routes, Lifetime::default(), forever).await;
+    ExitCode::SUCCESS
 }
