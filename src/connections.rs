@@ -67,9 +67,10 @@ pub async fn serve<I, IO>(
         .max_concurrent_streams(200);
     let (closing, _) = tokio::sync::watch::channel(false);
     let mut connections = JoinSet::new();
+    // In a block of its own so that `incoming` is dropped on leaving it: its listener
+    // closes at once, and new clients are refused rather than left waiting.
     {
-        let incoming = std::pin::pin!(incoming);
-        let mut incoming = incoming;
+        let mut incoming = std::pin::pin!(incoming);
         let mut stop = std::pin::pin!(stop);
         loop {
             tokio::select! {

@@ -21,7 +21,7 @@ use crate::matcher::RateLimitConfig;
 /// rule; hits under further keys count in the rule's own series.
 pub const KEYS_WITH_VALUES_CAP: usize = 1_000;
 
-/// The six envoyproxy/ratelimit counters of one rule (or one detailed value).
+/// The six envoyproxy/ratelimit counters of one rule (or one key with request values).
 #[derive(Debug, Default)]
 pub struct HitCounters {
     pub total_hits: AtomicU64,
@@ -118,9 +118,7 @@ impl RuleStats {
         };
         counters.as_deref().unwrap_or(&self.counters).record(hit);
     }
-}
 
-impl RuleStats {
     /// Calls `f` with each series of this rule whose path without its domain is `key`:
     /// its own, then each key with request values in it.
     fn each_series(&self, key: &str, mut f: impl FnMut(&str, &HitCounters)) {
