@@ -7,10 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::fixture;
-use common::meshlimit::Meshlimit;
+use common::meshlimit::{Meshlimit, one_entry_request};
 use common::redis::RedisServer;
-use meshlimit::proto::rate_limit_descriptor::Entry;
-use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
 
 const AGE_SECS: f64 = 2.0;
 
@@ -82,17 +80,7 @@ async fn the_grace_bounds_how_long_a_connection_asked_to_go_may_linger() {
         ],
     );
     let mut client = meshlimit.client().await;
-    let request = |user: &str| RateLimitRequest {
-        domain: "operations".to_owned(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: vec![Entry {
-                key: "user".to_owned(),
-                value: user.to_owned(),
-            }],
-            ..Default::default()
-        }],
-        hits_addend: 0,
-    };
+    let request = |user: &str| one_entry_request("operations", "user", user);
     // Connected, and Redis answering.
     client
         .should_rate_limit(request("grace-warmup"))

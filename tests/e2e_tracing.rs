@@ -19,9 +19,8 @@ use common::redis::RedisServer;
 use common::stack::Stack;
 use common::tls::Ca;
 use common::{avoid_window_edge, fixture, poll_until};
-use meshlimit::proto::rate_limit_descriptor::Entry;
+use meshlimit::proto::RateLimitRequest;
 use meshlimit::proto::rate_limit_response::Code;
-use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
 use serde_json::Value;
 
 /// One request a minute per user.
@@ -136,17 +135,7 @@ fn meshlimits_span_is_the_child_of_envoys_ratelimit_call() {
 }
 
 fn call(user: &str) -> RateLimitRequest {
-    RateLimitRequest {
-        domain: "traced".to_owned(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: vec![Entry {
-                key: "user".to_owned(),
-                value: user.to_owned(),
-            }],
-            ..Default::default()
-        }],
-        hits_addend: 0,
-    }
+    common::meshlimit::one_entry_request("traced", "user", user)
 }
 
 /// ShouldRateLimit with `traceparent` set, as Envoy's OpenTelemetry tracer sets it.

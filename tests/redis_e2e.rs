@@ -50,17 +50,7 @@ fn start_config(fixture_name: &str, redis: &RedisServer, extra: &[&str]) -> Mesh
 }
 
 fn request(user: &str) -> RateLimitRequest {
-    RateLimitRequest {
-        domain: "shared".into(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: vec![Entry {
-                key: "user".into(),
-                value: user.into(),
-            }],
-            ..Default::default()
-        }],
-        hits_addend: 0,
-    }
+    common::meshlimit::one_entry_request("shared", "user", user)
 }
 
 /// One decision and how long it took; panics on a gRPC error.

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
+use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::rate_limit_service_client::RateLimitServiceClient;
+use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::process::{StartFailure, Supervised};
@@ -383,6 +385,21 @@ impl Meshlimit {
     /// The exit status once the process ends on its own within `timeout`, else `None`.
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         poll_until(timeout, || self.process.exited())
+    }
+}
+
+/// A request for `domain` with one descriptor of one entry, `key` = `value`.
+pub fn one_entry_request(domain: &str, key: &str, value: &str) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.to_owned(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: key.to_owned(),
+                value: value.to_owned(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 0,
     }
 }
 
