@@ -79,7 +79,12 @@ pub async fn serve<I, IO>(
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 next = incoming.next() => match next {
                     None => break,
-                    Some(Err(error)) => tracing::debug!("accepting a gRPC connection failed: {error}"),
+                    Some(Err(error)) => {
+                        // Out of file descriptors, accepting fails at once again: a pause
+                        // keeps the loop from spinning a core until some close.
+                        tracing::warn!("accepting a gRPC connection failed: {error}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     Some(Ok(io)) => {
                         let served = connection(io, routes.clone(), http2.clone(), lifetime, closing.subscribe());
                         connections.spawn(served);

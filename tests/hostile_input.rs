@@ -1444,6 +1444,78 @@ async fn a_burst_of_oversized_requests_leaves_memory_bounded() {
     still_serves(&server, "64 concurrent oversized requests").await;
 }
 
+/// Connections past the process's file limit: accepting fails while no descriptor is free,
+/// and the server neither spins a core retrying nor stops serving once descriptors free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_file_limit_do_not_spin_the_accept_loop() {
+    let (server, _config) = start_server();
+    let pid = server.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .count();
+    let usual = file_limit(pid);
+    set_file_limit(pid, &(open + 4).to_string());
+    // A few are accepted; the rest wait in the listen backlog while accepting fails.
+    let flood: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(server.grpc_addr).expect("connect"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_ticks(pid) - before;
+    drop(flood);
+    set_file_limit(pid, &usual);
+    // Retrying without a pause spends the whole 2 s (about 200 ticks) on one core.
+    assert!(
+        spent < 50,
+        "{spent} ticks of CPU in 2 s with accepting failing\n{}",
+        server.logs()
+    );
+    assert!(
+        server.logs().contains("accepting a gRPC connection failed"),
+        "{}",
+        server.logs()
+    );
+    still_serves(&server, "connections past the file limit").await;
+}
+
+/// Process `pid`'s soft limit on open files, from /proc.
+fn file_limit(pid: u32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a Max open files line");
+    line.split_whitespace()
+        .nth(3)
+        .expect("a soft limit")
+        .to_owned()
+}
+
+/// Sets process `pid`'s soft limit on open files (its hard limit stays), with util-linux's
+/// prlimit.
+fn set_file_limit(pid: u32, soft: &str) {
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success(), "prlimit --nofile={soft}: failed");
+}
+
+/// CPU time process `pid` has used, user and system, in clock ticks (1/100 s), from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("a command name")
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime: the 14th and 15th fields, the 12th and 13th after the name.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
 /// The resident memory of process `pid`, from /proc.
 fn rss_kib(pid: u32) -> u64 {
     let status =
