@@ -1067,17 +1067,7 @@ fn start_server() -> (common::meshlimit::Meshlimit, tempfile::TempDir) {
 }
 
 fn probe(value: &str) -> RateLimitRequest {
-    RateLimitRequest {
-        domain: "edge".into(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: vec![Entry {
-                key: "probe".into(),
-                value: value.into(),
-            }],
-            ..Default::default()
-        }],
-        hits_addend: 0,
-    }
+    common::meshlimit::one_entry_request("edge", "probe", value)
 }
 
 /// After an attack: a fresh value gets the right answer on a new connection, `/healthcheck`
