@@ -69,6 +69,7 @@ async fn main() -> ExitCode {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // Served until killed, as the load test stops it.
     let forever = std::future::pending();
-    meshlimit::connections::serve(incoming, routes, Lifetime::default(), forever).await;
+    let counts = Default::default();
+    meshlimit::connections::serve(incoming, routes, Lifetime::default(), counts, forever).await;
     ExitCode::SUCCESS
 }

@@ -14,6 +14,8 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -45,6 +47,37 @@ impl Lifetime {
     }
 }
 
+/// What the connections did, for `/metrics`: whether Envoys are connected, and whether
+/// rotation is giving replicas added later their share.
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    /// Open now.
+    pub open: AtomicU64,
+    /// Accepted since the start.
+    pub opened: AtomicU64,
+    /// Asked to go at their age.
+    pub rotated: AtomicU64,
+    /// Closed at the end of their grace with requests still running.
+    pub cut: AtomicU64,
+}
+
+/// Counts a connection open for as long as it is held, however its task ends.
+struct OpenConnection(Arc<ConnectionCounts>);
+
+impl OpenConnection {
+    fn new(counts: Arc<ConnectionCounts>) -> Self {
+        counts.opened.fetch_add(1, Ordering::Relaxed);
+        counts.open.fetch_add(1, Ordering::Relaxed);
+        Self(counts)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves `routes` on every connection `incoming` yields until `stop` resolves; then stops
 /// accepting (dropping `incoming`, which closes its listener), asks every connection to go,
 /// and returns once all have closed.
@@ -52,6 +85,7 @@ pub async fn serve<I, IO>(
     incoming: I,
     routes: tonic::service::Routes,
     lifetime: Lifetime,
+    counts: Arc<ConnectionCounts>,
     stop: impl Future<Output = ()>,
 ) where
     I: Stream<Item = io::Result<IO>>,
@@ -86,7 +120,8 @@ pub async fn serve<I, IO>(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Some(Ok(io)) => {
-                        let served = connection(io, routes.clone(), http2.clone(), lifetime, closing.subscribe());
+                        let open = OpenConnection::new(counts.clone());
+                        let served = connection(io, routes.clone(), http2.clone(), lifetime, closing.subscribe(), open);
                         connections.spawn(served);
                     }
                 },
@@ -105,6 +140,7 @@ async fn connection<IO>(
     http2: auto::Builder<TokioExecutor>,
     lifetime: Lifetime,
     mut server_closing: tokio::sync::watch::Receiver<bool>,
+    open: OpenConnection,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -124,6 +160,7 @@ async fn connection<IO>(
                 return;
             }
             () = until(age), if !asked_to_go => {
+                open.0.rotated.fetch_add(1, Ordering::Relaxed);
                 served.as_mut().graceful_shutdown();
                 asked_to_go = true;
                 closes_at = lifetime.grace.map(|grace| Instant::now() + grace);
@@ -134,6 +171,7 @@ async fn connection<IO>(
                 asked_to_go = true;
             }
             () = until(closes_at), if closes_at.is_some() => {
+                open.0.cut.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("closed a gRPC connection whose requests outlasted --max-connection-age-grace");
                 return;
             }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::connections::ConnectionCounts;
 use crate::matcher::RateLimitConfig;
 
 /// Distinct keys with request values tracked per `detailed_metric` or `value_to_metric`
@@ -249,6 +250,8 @@ pub struct Metrics {
     /// Spans the OTLP collector took, and spans lost to a full queue or a failed export.
     pub spans_exported: AtomicU64,
     pub spans_dropped: AtomicU64,
+    /// The gRPC port's client connections.
+    pub connections: Arc<ConnectionCounts>,
     rules: Mutex<HashMap<RuleId, Arc<RuleStats>>>,
     gauges: Mutex<Vec<Gauge>>,
     /// envoyproxy/ratelimit's PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS: its
@@ -334,6 +337,21 @@ impl Metrics {
                 "Spans lost to a full export queue or a failed export; decisions are not affected.",
                 &self.spans_dropped,
             ),
+            (
+                "meshlimit_grpc_connections_opened_total",
+                "gRPC client connections accepted.",
+                &self.connections.opened,
+            ),
+            (
+                "meshlimit_grpc_connections_rotated_total",
+                "gRPC connections asked to reconnect at their age (--max-connection-age).",
+                &self.connections.rotated,
+            ),
+            (
+                "meshlimit_grpc_connections_cut_total",
+                "gRPC connections closed with requests running at the end of --max-connection-age-grace.",
+                &self.connections.cut,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(
@@ -342,6 +360,11 @@ impl Metrics {
                 value.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP meshlimit_grpc_connections gRPC client connections open.\n# TYPE meshlimit_grpc_connections gauge\nmeshlimit_grpc_connections {}",
+            self.connections.open.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP meshlimit_config_hash Hash of the loaded config files.\n# TYPE meshlimit_config_hash gauge\nmeshlimit_config_hash {}",

@@ -564,6 +564,7 @@ async fn serve_with<S: CounterStore>(
         tracing::info!(target = %statsd.target, every = ?statsd.interval, "pushing counters to statsd");
         tokio::spawn(crate::statsd::push_loop(metrics.clone(), statsd))
     });
+    let counts = metrics.connections.clone();
     let admin_app = admin::router(AdminState {
         health: health.clone(),
         config: live,
@@ -599,6 +600,7 @@ async fn serve_with<S: CounterStore>(
                 incoming,
                 routes,
                 lifetime,
+                counts,
                 when_stopped(),
             ))
         }
@@ -615,6 +617,7 @@ async fn serve_with<S: CounterStore>(
                 incoming,
                 routes,
                 lifetime,
+                counts,
                 when_stopped(),
             ))
         }
@@ -624,6 +627,7 @@ async fn serve_with<S: CounterStore>(
                 incoming,
                 routes,
                 lifetime,
+                counts,
                 when_stopped(),
             ))
         }

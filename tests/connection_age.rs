@@ -56,6 +56,18 @@ async fn connections_opened_together_are_rotated_apart() {
         last - first >= 0.1,
         "all connections rotated at once: {lived:?}"
     );
+    // /metrics says the same: twenty opened, twenty rotated, none cut, none left open.
+    let closed = common::poll_until(Duration::from_secs(5), || {
+        (meshlimit.metric("meshlimit_grpc_connections") == 0).then_some(())
+    });
+    assert!(closed.is_some(), "{}", meshlimit.logs());
+    for (counter, expected) in [
+        ("meshlimit_grpc_connections_opened_total", 20),
+        ("meshlimit_grpc_connections_rotated_total", 20),
+        ("meshlimit_grpc_connections_cut_total", 0),
+    ] {
+        assert_eq!(meshlimit.metric(counter), expected, "{counter}");
+    }
 }
 
 /// A request still running when its connection reaches its age holds the connection only
@@ -103,4 +115,5 @@ async fn the_grace_bounds_how_long_a_connection_asked_to_go_may_linger() {
         waited >= Duration::from_millis(900),
         "closed before the grace: {waited:?} ({status:?})"
     );
+    assert_eq!(meshlimit.metric("meshlimit_grpc_connections_cut_total"), 1);
 }

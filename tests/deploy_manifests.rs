@@ -61,6 +61,10 @@ const DASHBOARD_METRICS: &[&str] = &[
     "meshlimit_snapshot_failed_saves",
     "meshlimit_redis_degraded",
     "meshlimit_redis_fallback_decisions",
+    "meshlimit_grpc_connections",
+    "meshlimit_grpc_connections_opened_total",
+    "meshlimit_grpc_connections_rotated_total",
+    "meshlimit_grpc_connections_cut_total",
 ];
 
 // ---- tools ---------------------------------------------------------------------------

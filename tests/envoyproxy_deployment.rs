@@ -109,6 +109,12 @@ async fn istios_sample_environment_runs_meshlimit_unchanged() {
     std::thread::sleep(Duration::from_millis(1_500));
     let page = stack.get_as("alice", "/productpage");
     stack.expect_status(&page, 429, "alice's second /productpage in the minute");
+    // meshlimit counted the rotation, and holds Envoy's new connection.
+    let rotated = stack
+        .meshlimit
+        .metric("meshlimit_grpc_connections_rotated_total");
+    assert!(rotated >= 1, "{}", stack.logs());
+    assert!(stack.meshlimit.metric("meshlimit_grpc_connections") >= 1);
     let other = stack.get_as("alice", "/reviews");
     stack.expect_status(&other, 200, "another path, under the limit of 100");
     let logs = stack.meshlimit.logs();
