@@ -39,6 +39,20 @@ pub struct Lifetime {
     pub grace: Option<Duration>,
 }
 
+impl std::fmt::Display for Lifetime {
+    /// As the start-up log says it: `rotated at 86400s ±10%, cut 3600s later`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(age) = self.max_age else {
+            return f.write_str("never rotated");
+        };
+        write!(f, "rotated at {age:?} ±{}%", AGE_SPREAD_PER_MILLE / 10)?;
+        match self.grace {
+            Some(grace) => write!(f, ", cut {grace:?} later"),
+            None => f.write_str(", never cut"),
+        }
+    }
+}
+
 impl Lifetime {
     /// This connection's age: `max_age` give or take a tenth.
     fn draw_age(&self) -> Option<Duration> {

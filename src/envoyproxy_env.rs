@@ -62,10 +62,10 @@ pub struct EnvoyproxyEnv {
     /// `REDIS_HEALTH_CHECK_ACTIVE_CONNECTION`: health fails while Redis cannot be reached.
     pub health_requires_redis: Option<bool>,
     /// `GRPC_MAX_CONNECTION_AGE`: how long a client connection lives before it is asked
-    /// to go (GOAWAY) and reconnect, so new replicas get their share.
+    /// to go (GOAWAY) and reconnect, so new replicas get their share; zero: never.
     pub max_connection_age: Option<Duration>,
     /// `GRPC_MAX_CONNECTION_AGE_GRACE`: how long a connection asked to go may take to
-    /// finish its requests before it is closed.
+    /// finish its requests before it is closed; zero: as long as they take.
     pub max_connection_age_grace: Option<Duration>,
     /// `USE_STATSD=true` (or a `STATSD_HOST`/`STATSD_PORT`): counters pushed to statsd at
     /// `STATSD_HOST:STATSD_PORT` every `STATS_FLUSH_INTERVAL`.
@@ -196,8 +196,18 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
     read.redis_timeout = duration("REDIS_TIMEOUT", "50ms or 1s")?;
     read.redis_per_second_timeout = duration("REDIS_PERSECOND_TIMEOUT", "50ms or 1s")?;
     read.health_requires_redis = flag("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION")?;
-    read.max_connection_age = duration("GRPC_MAX_CONNECTION_AGE", "24h or 5m")?;
-    read.max_connection_age_grace = duration("GRPC_MAX_CONNECTION_AGE_GRACE", "1h or 30s")?;
+    // Zero turns them off, as grpc-go reads zero: never.
+    let age_or_zero = |name: &str, example: &str| -> Result<Option<Duration>, String> {
+        env(name)
+            .map(|text| {
+                go_duration(&text).ok_or_else(|| {
+                    format!("{name}={text}: write a duration, e.g. {example}, or 0 for never")
+                })
+            })
+            .transpose()
+    };
+    read.max_connection_age = age_or_zero("GRPC_MAX_CONNECTION_AGE", "24h or 5m")?;
+    read.max_connection_age_grace = age_or_zero("GRPC_MAX_CONNECTION_AGE_GRACE", "1h or 30s")?;
     read.statsd = statsd(&env, &flag)?;
     read.ignored = ignored(&env, &flag)?;
     Ok(read)
@@ -770,6 +780,13 @@ mod tests {
         .unwrap();
         assert_eq!(read.max_connection_age, Some(Duration::from_secs(300)));
         assert_eq!(read.max_connection_age_grace, Some(Duration::from_secs(30)));
+        let never = read_of(&[("GRPC_MAX_CONNECTION_AGE", "0")]).unwrap();
+        assert_eq!(never.max_connection_age, Some(Duration::ZERO));
+        assert!(
+            read_of(&[("GRPC_MAX_CONNECTION_AGE", "soon")])
+                .unwrap_err()
+                .contains("GRPC_MAX_CONNECTION_AGE=soon: write a duration")
+        );
         assert_eq!(read.log_filter, Some("warn"));
         assert_eq!(read.json_logs, Some(true));
         assert_eq!(read.redis_timeout, Some(Duration::from_secs(90)));

@@ -208,11 +208,13 @@ struct ServeArgs {
     shutdown_grace: Duration,
     /// Ask a client to reconnect (HTTP/2 GOAWAY) once its connection is this old, give or
     /// take a tenth drawn for each connection, so that replicas added later get a share of
-    /// long-lived Envoy connections [default: never, or GRPC_MAX_CONNECTION_AGE].
+    /// long-lived Envoy connections; 0: never [default: 24h, as envoyproxy/ratelimit, or
+    /// GRPC_MAX_CONNECTION_AGE].
     #[arg(long, env = "MESHLIMIT_MAX_CONNECTION_AGE", value_parser = parse_interval)]
     max_connection_age: Option<Duration>,
     /// Close a connection this long after asking it to reconnect if its requests have not
-    /// finished [default: wait for them, or GRPC_MAX_CONNECTION_AGE_GRACE].
+    /// finished; 0: wait for them [default: 1h, as envoyproxy/ratelimit, or
+    /// GRPC_MAX_CONNECTION_AGE_GRACE].
     #[arg(long, env = "MESHLIMIT_MAX_CONNECTION_AGE_GRACE", value_parser = parse_interval)]
     max_connection_age_grace: Option<Duration>,
     /// Push the counters to this statsd agent (host:port) under envoyproxy/ratelimit's
@@ -308,6 +310,10 @@ const DEFAULT_CONFIG_DIR: &str = "/etc/meshlimit/config";
 /// Long enough for a loaded Redis, short enough that a dead one is answered by the failure
 /// mode before Envoy's filter gives up (deploy/envoy/envoy.yaml gives it 100 ms).
 const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
+/// envoyproxy/ratelimit's (and grpc-go's when set): a day, so replicas added since get
+/// their share of Envoy's connections within one, with an hour for requests to finish.
+const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreKind {
@@ -916,14 +922,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
         metrics_listener,
         response_time_in_milliseconds: compat.response_time_in_milliseconds,
+        // Zero, written in either place, turns each off.
         connection_lifetime: meshlimit::connections::Lifetime {
             max_age: args
                 .max_connection_age
                 .or(compat.max_connection_age)
+                .or(Some(DEFAULT_MAX_CONNECTION_AGE))
                 .filter(|age| !age.is_zero()),
             grace: args
                 .max_connection_age_grace
                 .or(compat.max_connection_age_grace)
+                .or(Some(DEFAULT_MAX_CONNECTION_AGE_GRACE))
                 .filter(|grace| !grace.is_zero()),
         },
         statsd: statsd_options(

@@ -491,6 +491,7 @@ async fn serve_with<S: CounterStore>(
     };
     tracing::info!(
         grpc = %grpc_listener.describe(),
+        connections = %options.connection_lifetime,
         admin = %local(&admin_listener),
         metrics = metrics_listener.as_ref().map(|(listener, path)| format!("{}{path}", local(listener))),
         config = %options.config.describe(),

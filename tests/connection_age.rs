@@ -117,3 +117,29 @@ async fn the_grace_bounds_how_long_a_connection_asked_to_go_may_linger() {
     );
     assert_eq!(meshlimit.metric("meshlimit_grpc_connections_cut_total"), 1);
 }
+
+/// By default connections are rotated daily with an hour's grace, as envoyproxy/ratelimit
+/// rotates them; zero, as a flag or in its variables, turns rotation off.
+#[test]
+fn connections_are_rotated_daily_unless_told_never() {
+    let config = fixture("config_operations");
+    let started = |args: &[&str], env: &[(&str, &str)]| {
+        let server = Meshlimit::start_with_env(&config, args, env);
+        let logs = server.logs();
+        logs.lines()
+            .find(|line| line.contains("meshlimit listening"))
+            .unwrap_or_else(|| panic!("no start line in\n{logs}"))
+            .to_owned()
+    };
+    let default = started(&[], &[]);
+    assert!(
+        default.contains("rotated at 86400s ±10%, cut 3600s later"),
+        "{default}"
+    );
+    let never = started(&["--max-connection-age", "0"], &[]);
+    assert!(never.contains("never rotated"), "{never}");
+    let by_env = started(&[], &[("GRPC_MAX_CONNECTION_AGE", "0")]);
+    assert!(by_env.contains("never rotated"), "{by_env}");
+    let waited_for = started(&[], &[("GRPC_MAX_CONNECTION_AGE_GRACE", "0")]);
+    assert!(waited_for.contains("never cut"), "{waited_for}");
+}
