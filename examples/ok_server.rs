@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshlimit::connections::Lifetime;
+use meshlimit::connections::{Lifetime, Server};
 use meshlimit::proto::rate_limit_response::{Code, DescriptorStatus};
 use meshlimit::proto::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use meshlimit::proto::{RateLimitRequest, RateLimitResponse};
@@ -65,11 +65,13 @@ async fn main() -> ExitCode {
         }
     };
     eprintln!("ok_server: listening on {}", args.grpc_addr);
-    let routes = tonic::service::Routes::new(RateLimitServiceServer::new(AlwaysOk)).prepare();
+    let server = Server {
+        routes: tonic::service::Routes::new(RateLimitServiceServer::new(AlwaysOk)).prepare(),
+        lifetime: Lifetime::default(),
+        counts: Default::default(),
+    };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // Served until killed, as the load test stops it.
-    let forever = std::future::pending();
-    let counts = Default::default();
-    meshlimit::connections::serve(incoming, routes, Lifetime::default(), counts, forever).await;
+    server.serve(incoming, std::future::pending()).await;
     ExitCode::SUCCESS
 }

@@ -92,58 +92,75 @@ impl Drop for OpenConnection {
     }
 }
 
-/// Serves `routes` on every connection `incoming` yields until `stop` resolves; then stops
-/// accepting (dropping `incoming`, which closes its listener), asks every connection to go,
-/// and returns once all have closed.
-pub async fn serve<I, IO>(
-    incoming: I,
-    routes: tonic::service::Routes,
-    lifetime: Lifetime,
-    counts: Arc<ConnectionCounts>,
-    stop: impl Future<Output = ()>,
-) where
-    I: Stream<Item = io::Result<IO>>,
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let mut http2 = auto::Builder::new(TokioExecutor::new()).http2_only();
-    // 200 streams at once a connection (hyper's default, written out): a client that wants
-    // more opens another connection, as Envoy does, and one client cannot queue unbounded
-    // work on one connection.
-    http2
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(200);
-    let (closing, _) = tokio::sync::watch::channel(false);
-    let mut connections = JoinSet::new();
-    // In a block of its own so that `incoming` is dropped on leaving it: its listener
-    // closes at once, and new clients are refused rather than left waiting.
+/// What every connection is served, and how: the gRPC services, the connection's lifetime,
+/// and where connections are counted.
+pub struct Server {
+    pub routes: tonic::service::Routes,
+    pub lifetime: Lifetime,
+    pub counts: Arc<ConnectionCounts>,
+}
+
+impl Server {
+    /// Serves every connection `incoming` yields until `stop` resolves; then stops
+    /// accepting (dropping `incoming`, which closes its listener), asks every connection to
+    /// go, and returns once all have closed.
+    pub async fn serve<I, IO>(self, incoming: I, stop: impl Future<Output = ()>)
+    where
+        I: Stream<Item = io::Result<IO>>,
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let mut incoming = std::pin::pin!(incoming);
-        let mut stop = std::pin::pin!(stop);
-        loop {
-            tokio::select! {
-                () = &mut stop => break,
-                // Finished connections are reaped as they go, so the set holds open ones.
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                next = incoming.next() => match next {
-                    None => break,
-                    Some(Err(error)) => {
-                        // Out of file descriptors, accepting fails at once again: a pause
-                        // keeps the loop from spinning a core until some close.
-                        tracing::warn!("accepting a gRPC connection failed: {error}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Some(Ok(io)) => {
-                        let open = OpenConnection::new(counts.clone());
-                        let served = connection(io, routes.clone(), http2.clone(), lifetime, closing.subscribe(), open);
-                        connections.spawn(served);
-                    }
-                },
+        let Server {
+            routes,
+            lifetime,
+            counts,
+        } = self;
+        let mut http2 = auto::Builder::new(TokioExecutor::new()).http2_only();
+        // 200 streams at once a connection (hyper's default, written out): a client that wants
+        // more opens another connection, as Envoy does, and one client cannot queue unbounded
+        // work on one connection.
+        http2
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(200);
+        let (closing, _) = tokio::sync::watch::channel(false);
+        let mut connections = JoinSet::new();
+        // In a block of its own so that `incoming` is dropped on leaving it: its listener
+        // closes at once, and new clients are refused rather than left waiting.
+        {
+            let mut incoming = std::pin::pin!(incoming);
+            let mut stop = std::pin::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    // Finished connections are reaped as they go, so the set holds open ones.
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                    next = incoming.next() => match next {
+                        None => break,
+                        Some(Err(error)) => {
+                            // Out of file descriptors, accepting fails at once again: a pause
+                            // keeps the loop from spinning a core until some close.
+                            tracing::warn!("accepting a gRPC connection failed: {error}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Some(Ok(io)) => {
+                            let open = OpenConnection::new(counts.clone());
+                            let served = connection(
+                                io,
+                                routes.clone(),
+                                http2.clone(),
+                                lifetime,
+                                closing.subscribe(),
+                                open,
+                            );
+                            connections.spawn(served);
+                        }
+                    },
+                }
             }
         }
+        let _ = closing.send(true);
+        while connections.join_next().await.is_some() {}
     }
-    let _ = closing.send(true);
-    while connections.join_next().await.is_some() {}
 }
 
 /// One connection, served until the client closes it, or until it is asked to go (its age,

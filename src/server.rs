@@ -565,11 +565,10 @@ async fn serve_with<S: CounterStore>(
         tracing::info!(target = %statsd.target, every = ?statsd.interval, "pushing counters to statsd");
         tokio::spawn(crate::statsd::push_loop(metrics.clone(), statsd))
     });
-    let counts = metrics.connections.clone();
     let admin_app = admin::router(AdminState {
         health: health.clone(),
         config: live,
-        metrics,
+        metrics: metrics.clone(),
         decisions: limiter.clone(),
     });
     let watcher = tokio::spawn(feed.follow(options.watch_interval, hangup));
@@ -585,11 +584,14 @@ async fn serve_with<S: CounterStore>(
             let _ = stopped.wait_for(|stop| *stop).await;
         }
     };
-    let routes = tonic::service::Routes::new(rate_limit)
-        .add_service(health_service)
-        .add_service(reflection)
-        .prepare();
-    let lifetime = options.connection_lifetime;
+    let grpc_server = connections::Server {
+        routes: tonic::service::Routes::new(rate_limit)
+            .add_service(health_service)
+            .add_service(reflection)
+            .prepare(),
+        lifetime: options.connection_lifetime,
+        counts: metrics.connections.clone(),
+    };
     // Removes the socket file once the server has stopped, when serving on one.
     let mut _socket_file = None;
     let grpc: Pin<Box<dyn Future<Output = ()> + Send>> = match (&options.tls, grpc_listener) {
@@ -597,13 +599,7 @@ async fn serve_with<S: CounterStore>(
             let (listener, file) = socket.into_parts();
             _socket_file = Some(file);
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            Box::pin(connections::serve(
-                incoming,
-                routes,
-                lifetime,
-                counts,
-                when_stopped(),
-            ))
+            Box::pin(grpc_server.serve(incoming, when_stopped()))
         }
         (Some(files), GrpcListener::Tcp(grpc_listener)) => {
             let cert = Arc::new(ReloadingCert::load(files.clone())?);
@@ -614,23 +610,11 @@ async fn serve_with<S: CounterStore>(
                 "gRPC port serves TLS"
             );
             let incoming = TlsIncoming::new(grpc_listener, config, when_stopped());
-            Box::pin(connections::serve(
-                incoming,
-                routes,
-                lifetime,
-                counts,
-                when_stopped(),
-            ))
+            Box::pin(grpc_server.serve(incoming, when_stopped()))
         }
         (None, GrpcListener::Tcp(grpc_listener)) => {
             let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-            Box::pin(connections::serve(
-                incoming,
-                routes,
-                lifetime,
-                counts,
-                when_stopped(),
-            ))
+            Box::pin(grpc_server.serve(incoming, when_stopped()))
         }
     };
     let admin = axum::serve(admin_listener, admin_app).with_graceful_shutdown(when_stopped());
