@@ -175,7 +175,7 @@ async fn connection<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = TowerToHyperService::new(routes);
+    let service = TowerToHyperService::new(crate::deadline::Deadlines::new(routes));
     let served = http2.serve_connection(TokioIo::new(io), service);
     let mut served = std::pin::pin!(served);
     let age = lifetime.draw_age().map(|age| Instant::now() + age);

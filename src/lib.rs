@@ -14,7 +14,8 @@
 //! [`envoyproxy_env`] reads the environment an envoyproxy/ratelimit deployment sets,
 //! [`statsd`] pushes the counters to a statsd agent, [`trace`] sends a span of each call
 //! to an OTLP collector, [`unix_socket`] serves gRPC on a Unix domain socket,
-//! [`connections`] serves each client connection and decides when it is rotated, [`jitter`]
+//! [`connections`] serves each client connection and decides when it is rotated,
+//! [`deadline`] ends a call at the client's `grpc-timeout`, [`jitter`]
 //! spreads timers that would fire together, and [`proto`] holds the generated protobuf code.
 
 // Request and reload paths must answer with an error, never a panic.
@@ -35,6 +36,7 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod connections;
+pub mod deadline;
 pub mod envoyproxy_env;
 pub mod explain;
 pub mod jitter;

@@ -198,6 +198,58 @@ async fn redis_dies_and_comes_back(mode: &str) {
     eprintln!("{mode}: Redis used again {after:?} after its restart");
 }
 
+/// A caller's `grpc-timeout` shorter than `--redis-timeout`: while Redis holds the call,
+/// the caller is answered DEADLINE_EXCEEDED at its deadline, not when Redis lets go. Sent
+/// over raw HTTP/2, so no client library gives up first and answers in the server's place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_held_by_redis_ends_at_the_callers_deadline() {
+    let redis = RedisServer::start();
+    let server = start(&redis, &["--redis-timeout", "20s"]);
+    let mut client = server.client().await;
+    decide(&mut client, &server, "deadline-warmup").await;
+    // Redis holds every command for 10 s from here.
+    let _: () = redis.query(redis::cmd("CLIENT").arg("PAUSE").arg(10_000).arg("ALL"));
+    let tcp = tokio::net::TcpStream::connect(server.grpc_addr)
+        .await
+        .expect("connect");
+    let (send, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut send = send.ready().await.expect("a stream");
+    let call = ::http::Request::post(
+        "http://127.0.0.1/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    )
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", "500m")
+    .body(())
+    .expect("a request");
+    let message = prost::Message::encode_to_vec(&request("deadline-held"));
+    let mut frame = vec![0];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let sent = Instant::now();
+    let (response, mut body) = send.send_request(call, false).expect("send the headers");
+    body.send_data(frame.into(), true)
+        .expect("send the message");
+    let response = tokio::time::timeout(Duration::from_secs(15), response)
+        .await
+        .expect("an answer within 15 s")
+        .expect("a response");
+    let waited = sent.elapsed();
+    // No message: the status is in the response's headers (a trailers-only answer).
+    let status = response.headers().get("grpc-status").cloned();
+    assert_eq!(
+        status.as_ref().and_then(|s| s.to_str().ok()),
+        Some("4"),
+        "DEADLINE_EXCEEDED expected: {response:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(4),
+        "answered after {waited:?}\n{}",
+        server.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_failure_fails_open_with_allow() {
     redis_dies_and_comes_back("allow").await;
