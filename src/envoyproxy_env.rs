@@ -184,30 +184,29 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
             ));
         }
     };
-    let duration = |name: &str, example: &str| -> Result<Option<Duration>, String> {
+    // A duration, e.g. `example`; zero only where it means never (`zero_is_never`).
+    let duration = |name: &str, example: &str, zero_is_never: bool| {
         env(name)
             .map(|text| {
-                go_duration(&text).filter(|t| !t.is_zero()).ok_or_else(|| {
-                    format!("{name}={text}: write a duration above zero, e.g. {example}")
-                })
+                go_duration(&text)
+                    .filter(|t| zero_is_never || !t.is_zero())
+                    .ok_or_else(|| match zero_is_never {
+                        true => format!(
+                            "{name}={text}: write a duration, e.g. {example}, or 0 for never"
+                        ),
+                        false => {
+                            format!("{name}={text}: write a duration above zero, e.g. {example}")
+                        }
+                    })
             })
             .transpose()
     };
-    read.redis_timeout = duration("REDIS_TIMEOUT", "50ms or 1s")?;
-    read.redis_per_second_timeout = duration("REDIS_PERSECOND_TIMEOUT", "50ms or 1s")?;
+    read.redis_timeout = duration("REDIS_TIMEOUT", "50ms or 1s", false)?;
+    read.redis_per_second_timeout = duration("REDIS_PERSECOND_TIMEOUT", "50ms or 1s", false)?;
     read.health_requires_redis = flag("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION")?;
     // Zero turns them off, as grpc-go reads zero: never.
-    let age_or_zero = |name: &str, example: &str| -> Result<Option<Duration>, String> {
-        env(name)
-            .map(|text| {
-                go_duration(&text).ok_or_else(|| {
-                    format!("{name}={text}: write a duration, e.g. {example}, or 0 for never")
-                })
-            })
-            .transpose()
-    };
-    read.max_connection_age = age_or_zero("GRPC_MAX_CONNECTION_AGE", "24h or 5m")?;
-    read.max_connection_age_grace = age_or_zero("GRPC_MAX_CONNECTION_AGE_GRACE", "1h or 30s")?;
+    read.max_connection_age = duration("GRPC_MAX_CONNECTION_AGE", "24h or 5m", true)?;
+    read.max_connection_age_grace = duration("GRPC_MAX_CONNECTION_AGE_GRACE", "1h or 30s", true)?;
     read.statsd = statsd(&env, &flag)?;
     read.ignored = ignored(&env, &flag)?;
     Ok(read)

@@ -1578,14 +1578,6 @@ mod raw_h2 {
         ]
     }
 
-    /// A gRPC message frame: compressed flag, a length (which may lie), the bytes.
-    pub fn grpc_frame(compressed: u8, length: u32, bytes: &[u8]) -> Vec<u8> {
-        let mut out = vec![compressed];
-        out.extend_from_slice(&length.to_be_bytes());
-        out.extend_from_slice(bytes);
-        out
-    }
-
     /// Opens a connection, sends one stream of `headers` and then `data` (each chunk one
     /// DATA frame, the last ending the stream), and reads until the server ends it.
     pub fn exchange(
@@ -1666,7 +1658,8 @@ type Headers<'a> = Vec<(&'a str, &'a str)>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_http2_and_grpc_framing_is_answered_or_closed() {
-    use raw_h2::{Ending, exchange, grpc_frame, grpc_headers, send_and_read};
+    use common::grpc_frame;
+    use raw_h2::{Ending, exchange, grpc_headers, send_and_read};
     let (server, _config) = start_server();
     let addr = server.grpc_addr;
     let valid = <RateLimitRequest as prost::Message>::encode_to_vec(&probe("raw"));

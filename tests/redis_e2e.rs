@@ -224,9 +224,7 @@ async fn a_call_held_by_redis_ends_at_the_callers_deadline() {
     .body(())
     .expect("a request");
     let message = prost::Message::encode_to_vec(&request("deadline-held"));
-    let mut frame = vec![0];
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&message);
+    let frame = common::grpc_frame(0, message.len() as u32, &message);
     let sent = Instant::now();
     let (response, mut body) = send.send_request(call, false).expect("send the headers");
     body.send_data(frame.into(), true)

@@ -118,3 +118,12 @@ pub fn avoid_window_edge_precisely(window: Duration, margin: Duration) {
         std::thread::sleep(left + Duration::from_millis(20));
     }
 }
+
+/// A gRPC message frame as it goes on the wire: the compressed flag, a length (which a test
+/// may make lie), the bytes.
+pub fn grpc_frame(compressed: u8, length: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![compressed];
+    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
