@@ -46,6 +46,9 @@ pub struct EnvoyproxyEnv {
     /// `PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS=true`: `ratelimit_service_response_time_seconds`
     /// in milliseconds, as envoyproxy/ratelimit exported it before fixing the unit.
     pub response_time_in_milliseconds: bool,
+    /// `PROMETHEUS_MAPPER_YAML`: a statsd_exporter mapping file naming the metrics
+    /// envoyproxy/ratelimit also has.
+    pub prometheus_mapper: Option<PathBuf>,
     /// `LOG_LEVEL`, as a tracing filter.
     pub log_filter: Option<&'static str>,
     /// `LOG_FORMAT=json`.
@@ -135,8 +138,10 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
             path,
         });
     }
-    read.response_time_in_milliseconds =
-        flag("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS")? == Some(true);
+    read.prometheus_mapper = env("PROMETHEUS_MAPPER_YAML").map(PathBuf::from);
+    // As in envoyproxy/ratelimit, a mapping file says the response time's unit itself.
+    read.response_time_in_milliseconds = read.prometheus_mapper.is_none()
+        && flag("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS")? == Some(true);
     if let Some(level) = env("LOG_LEVEL") {
         read.log_filter = Some(log_filter(&level)?);
     }
@@ -488,10 +493,12 @@ fn ignored(
         &["DEBUG_HOST", "DEBUG_PORT"],
         "/rlconfig is served on the HTTP port (PORT)",
     );
-    note(
-        &["PROMETHEUS_MAPPER_YAML"],
-        "metric names are envoyproxy/ratelimit's defaults",
-    );
+    if env("PROMETHEUS_MAPPER_YAML").is_some() {
+        note(
+            &["PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS"],
+            "PROMETHEUS_MAPPER_YAML names the response time, and its `scale` sets the unit",
+        );
+    }
     if flag("USE_DOG_STATSD")? != Some(true) {
         note(
             &["USE_DOG_STATSD_MOGRIFIERS"],
@@ -719,6 +726,25 @@ mod tests {
         assert!(!read.response_time_in_milliseconds);
         let legacy = read_of(&[("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS", "true")]).unwrap();
         assert!(legacy.response_time_in_milliseconds);
+        assert_eq!(legacy.prometheus_mapper, None);
+        // A mapping file names the response time: the old unit is not applied over it.
+        let mapped = read_of(&[
+            ("PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS", "true"),
+            ("PROMETHEUS_MAPPER_YAML", "/etc/ratelimit/mapper.yaml"),
+        ])
+        .unwrap();
+        assert_eq!(
+            mapped.prometheus_mapper.as_deref(),
+            Some(std::path::Path::new("/etc/ratelimit/mapper.yaml"))
+        );
+        assert!(!mapped.response_time_in_milliseconds);
+        assert!(
+            mapped.ignored.iter().any(|line| line.starts_with(
+                "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS ignored: PROMETHEUS_MAPPER_YAML"
+            )),
+            "{:?}",
+            mapped.ignored
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! Around it: [`config`] loads and checks YAML directories, [`clock`] is the injectable
 //! time source, [`admin`] is the HTTP admin port, [`server`] wires `meshlimit serve`,
 //! [`envoyproxy_env`] reads the environment an envoyproxy/ratelimit deployment sets,
-//! [`statsd`] pushes the counters to a statsd agent, [`trace`] sends a span of each call
+//! [`statsd`] pushes the counters to a statsd agent, [`prometheus_mapping`] names the
+//! metrics after a statsd_exporter mapping file (PROMETHEUS_MAPPER_YAML), [`trace`] sends a span of each call
 //! to an OTLP collector, [`unix_socket`] serves gRPC on a Unix domain socket,
 //! [`connections`] serves each client connection and decides when it is rotated,
 //! [`deadline`] ends a call at the client's `grpc-timeout`, [`jitter`]
@@ -45,6 +46,7 @@ pub mod limit;
 pub mod limiter;
 pub mod matcher;
 pub mod metrics;
+pub mod prometheus_mapping;
 pub mod proto;
 pub mod reload;
 pub mod response;

@@ -12,6 +12,8 @@ use meshlimit::config::{self, LoadOptions};
 use meshlimit::envoyproxy_env::{self, EnvoyproxyEnv, MetricsListener};
 use meshlimit::limit::Algorithm;
 use meshlimit::limiter::{GlobalModes, RequestBounds};
+use meshlimit::metrics::EnvoyproxyNames;
+use meshlimit::prometheus_mapping::PrometheusMapping;
 use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
 use meshlimit::server::{self, ConfigSource, ServeOptions, SnapshotOptions, StoreChoice};
@@ -902,6 +904,22 @@ fn serve(args: ServeArgs) -> ExitCode {
         }),
         None => compat.metrics.clone(),
     };
+    let envoyproxy_names = match &compat.prometheus_mapper {
+        Some(path) => match PrometheusMapping::load(path) {
+            Ok(mapping) => {
+                for warning in &mapping.warnings {
+                    tracing::warn!("PROMETHEUS_MAPPER_YAML {warning}");
+                }
+                EnvoyproxyNames::Mapped(mapping)
+            }
+            Err(error) => {
+                eprintln!("meshlimit: PROMETHEUS_MAPPER_YAML {error}");
+                return ExitCode::from(2);
+            }
+        },
+        None if compat.response_time_in_milliseconds => EnvoyproxyNames::BuiltinInMilliseconds,
+        None => EnvoyproxyNames::Builtin,
+    };
     // Before the runtime's threads start (src/allocator.rs says why only this store).
     if matches!(store, StoreChoice::Memory) && meshlimit::allocator::purge_freed_memory_at_once() {
         tracing::debug!("mimalloc gives freed memory back at once (memory store)");
@@ -921,7 +939,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             .or(compat.admin_addr)
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
         metrics_listener,
-        response_time_in_milliseconds: compat.response_time_in_milliseconds,
+        envoyproxy_names,
         // Zero, written in either place, turns each off.
         connection_lifetime: meshlimit::connections::Lifetime {
             max_age: args

@@ -7,7 +7,7 @@
 //! `detailed_metric` or `value_to_metric` (request values in the key, as
 //! envoyproxy/ratelimit writes them), each capped at `KEYS_WITH_VALUES_CAP` series a rule.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,10 +17,14 @@ use parking_lot::Mutex;
 
 use crate::connections::ConnectionCounts;
 use crate::matcher::RateLimitConfig;
+use crate::prometheus_mapping::{ObserverType, PrometheusMapping, StatKind};
 
 /// Distinct keys with request values tracked per `detailed_metric` or `value_to_metric`
 /// rule; hits under further keys count in the rule's own series.
 pub const KEYS_WITH_VALUES_CAP: usize = 1_000;
+
+/// envoyproxy/ratelimit's statsd name for every ShouldRateLimit call's time (a timer).
+pub const RESPONSE_TIME_STAT: &str = "ratelimit_server.ShouldRateLimit.response_time";
 
 /// The six envoyproxy/ratelimit counters of one rule (or one key with request values).
 #[derive(Debug, Default)]
@@ -198,11 +202,7 @@ impl Histogram {
     /// As `render_labeled`, with bounds and sum in seconds times `scale`.
     fn render_scaled(&self, out: &mut String, name: &str, help: &str, labels: &str, scale: f64) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let (braces, comma) = if labels.is_empty() {
-            (String::new(), "")
-        } else {
-            (format!("{{{labels}}}"), ",")
-        };
+        let (braces, comma) = braces(labels);
         let mut cumulative = 0;
         for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
@@ -215,12 +215,53 @@ impl Histogram {
         }
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{comma}le=\"+Inf\"}} {count}");
+        self.render_sum_and_count(out, name, &braces, scale);
+    }
+
+    /// As a summary of its count and sum in seconds times `scale`, without quantiles: the
+    /// buckets cannot give exact ones.
+    fn render_summary(&self, out: &mut String, name: &str, help: &str, labels: &str, scale: f64) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+        self.render_sum_and_count(out, name, &braces(labels).0, scale);
+    }
+
+    fn render_sum_and_count(&self, out: &mut String, name: &str, braces: &str, scale: f64) {
+        let count = self.count.load(Ordering::Relaxed);
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9 * scale;
         let _ = writeln!(
             out,
             "{name}_sum{braces} {sum}\n{name}_count{braces} {count}"
         );
     }
+}
+
+/// `{labels}` and the comma that joins more labels to them; both empty without labels.
+fn braces(labels: &str) -> (String, &'static str) {
+    if labels.is_empty() {
+        (String::new(), "")
+    } else {
+        (format!("{{{labels}}}"), ",")
+    }
+}
+
+const MAPPED_HELP: &str = "envoyproxy/ratelimit stats, named by PROMETHEUS_MAPPER_YAML.";
+const MAPPED_TIMER_HELP: &str =
+    "Time to decide one ShouldRateLimit call, named by PROMETHEUS_MAPPER_YAML.";
+
+/// `{name="value",…}` in the order given, or nothing without labels.
+fn label_text(labels: &[(String, String)]) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let pairs: Vec<String> = (labels.iter())
+        .map(|(label, value)| format!("{label}=\"{}\"", escape(value)))
+        .collect();
+    format!("{{{}}}", pairs.join(","))
+}
+
+/// A HELP line's text may not hold a line break or a lone backslash.
+fn help_text(help: &str) -> String {
+    help.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
 /// A rule's identity across reloads: its domain and path.
@@ -254,17 +295,28 @@ pub struct Metrics {
     pub connections: Arc<ConnectionCounts>,
     rules: Mutex<HashMap<RuleId, Arc<RuleStats>>>,
     gauges: Mutex<Vec<Gauge>>,
-    /// envoyproxy/ratelimit's PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS: its
-    /// `ratelimit_service_response_time_seconds` in milliseconds, as before it fixed the unit.
-    response_time_in_milliseconds: bool,
+    /// How the metrics envoyproxy/ratelimit also has are named.
+    names: EnvoyproxyNames,
+}
+
+/// The names under which the metrics envoyproxy/ratelimit also exports are served.
+#[derive(Debug, Clone, Default)]
+pub enum EnvoyproxyNames {
+    /// Those of its built-in Prometheus mapping.
+    #[default]
+    Builtin,
+    /// Those, with `ratelimit_service_response_time_seconds` in milliseconds, as before it
+    /// fixed the unit (PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS).
+    BuiltinInMilliseconds,
+    /// Those an operator's statsd_exporter mapping gives (PROMETHEUS_MAPPER_YAML).
+    Mapped(PrometheusMapping),
 }
 
 impl Metrics {
-    /// Metrics whose `ratelimit_service_response_time_seconds` counts in milliseconds,
-    /// for dashboards written for envoyproxy/ratelimit's old unit.
-    pub fn with_response_time_in_milliseconds() -> Self {
+    /// Metrics whose envoyproxy/ratelimit metrics are named as `names` says.
+    pub fn with_names(names: EnvoyproxyNames) -> Self {
         Self {
-            response_time_in_milliseconds: true,
+            names,
             ..Self::default()
         }
     }
@@ -296,7 +348,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters = [
+        let envoyproxy_counters = [
             (
                 "ratelimit_service_config_load_success",
                 "Config loads that succeeded.",
@@ -308,6 +360,22 @@ impl Metrics {
                 &self.config_load_error,
             ),
             (
+                "ratelimit_service_global_shadow_mode",
+                "Requests answered OK only because of global shadow mode (--global-shadow-mode).",
+                &self.global_shadow_mode,
+            ),
+        ];
+        let mapping = match &self.names {
+            EnvoyproxyNames::Mapped(mapping) => Some(mapping),
+            _ => None,
+        };
+        // A mapping names these from their statsd names, with the rule counters, below.
+        let envoyproxy_counters = match mapping {
+            Some(_) => &envoyproxy_counters[..0],
+            None => &envoyproxy_counters[..],
+        };
+        let counters = [
+            (
                 "meshlimit_store_errors_total",
                 "Counter store calls that failed.",
                 &self.store_errors,
@@ -316,11 +384,6 @@ impl Metrics {
                 "meshlimit_local_cache_hits_total",
                 "Over-limit answers served from the local cache without a store round trip.",
                 &self.local_cache_hits,
-            ),
-            (
-                "ratelimit_service_global_shadow_mode",
-                "Requests answered OK only because of global shadow mode (--global-shadow-mode).",
-                &self.global_shadow_mode,
             ),
             (
                 "meshlimit_shed_total",
@@ -353,7 +416,7 @@ impl Metrics {
                 &self.connections.cut,
             ),
         ];
-        for (name, help, value) in counters {
+        for &(name, help, value) in envoyproxy_counters.iter().chain(&counters) {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
@@ -382,14 +445,63 @@ impl Metrics {
             "meshlimit_decision_duration_seconds",
             "Time to decide one ShouldRateLimit call.",
         );
-        self.render_envoyproxy_service(&mut out);
+        if mapping.is_none() {
+            self.render_envoyproxy_service(&mut out);
+        }
         self.store_latency.render(
             &mut out,
             "meshlimit_store_duration_seconds",
             "Time of one counter store call.",
         );
-        self.render_rules(&mut out);
+        match mapping {
+            Some(mapping) => self.render_mapped(&mut out, mapping),
+            None => self.render_rules(&mut out),
+        }
         out
+    }
+
+    /// envoyproxy/ratelimit's stats under the names and labels `mapping` gives their
+    /// statsd names, as its Prometheus exporter serves them with PROMETHEUS_MAPPER_YAML.
+    /// Stats mapped to the same series add up, as they would in statsd_exporter.
+    fn render_mapped(&self, out: &mut String, mapping: &PrometheusMapping) {
+        let mut families: BTreeMap<String, (String, BTreeMap<String, u64>)> = BTreeMap::new();
+        for (stat, value) in self.statsd_counters() {
+            let Some(series) = mapping.map(&stat, StatKind::Counter) else {
+                continue;
+            };
+            let (_, family) = families.entry(series.name).or_insert_with(|| {
+                let help = series.help.unwrap_or(MAPPED_HELP);
+                (help_text(help), BTreeMap::new())
+            });
+            *family.entry(label_text(&series.labels)).or_default() += value;
+        }
+        for (name, (help, family)) in &families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, value) in family {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        }
+        let Some(timer) = mapping.map(RESPONSE_TIME_STAT, StatKind::Observer) else {
+            return;
+        };
+        // One name, one type: a timer mapped onto a counter's name is left out rather than
+        // break the scrape.
+        if families.contains_key(&timer.name) {
+            return;
+        }
+        let help = help_text(timer.help.unwrap_or(MAPPED_TIMER_HELP));
+        let labels = label_text(&timer.labels);
+        let labels = labels.trim_start_matches('{').trim_end_matches('}');
+        // statsd timers are in milliseconds; the mapping's `scale` multiplies those.
+        let scale = 1e3 * timer.scale;
+        match timer.observer {
+            ObserverType::Histogram => {
+                (self.decision_latency).render_scaled(out, &timer.name, &help, labels, scale);
+            }
+            ObserverType::Summary => {
+                (self.decision_latency).render_summary(out, &timer.name, &help, labels, scale);
+            }
+        }
     }
 
     /// The call counts, times and errors again under the names envoyproxy/ratelimit's
@@ -407,7 +519,8 @@ impl Metrics {
              # TYPE ratelimit_service_should_rate_limit_error counter\n\
              ratelimit_service_should_rate_limit_error{{err_type=\"redis_error\"}} {errors}"
         );
-        let (scale, help) = if self.response_time_in_milliseconds {
+        let in_milliseconds = matches!(self.names, EnvoyproxyNames::BuiltinInMilliseconds);
+        let (scale, help) = if in_milliseconds {
             (
                 1e3,
                 "Time to decide one ShouldRateLimit call, in milliseconds (PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS).",
@@ -591,7 +704,7 @@ mod tests {
 
     #[test]
     fn response_time_in_milliseconds_scales_bounds_and_sum_of_envoyproxys_histogram_only() {
-        let metrics = Metrics::with_response_time_in_milliseconds();
+        let metrics = Metrics::with_names(EnvoyproxyNames::BuiltinInMilliseconds);
         metrics.decision_latency.observe(Duration::from_micros(40));
         let text = metrics.render();
         for line in [
@@ -606,5 +719,124 @@ mod tests {
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
+    }
+
+    /// envoyproxy/ratelimit's statsd mapping for rule counters, with a capture per part.
+    const MAPPER: &str = r#"
+mappings:
+  - match: ratelimit.service.rate_limit.*.*.*
+    name: rl_$3
+    labels: {domain: $1, descriptor: $2}
+  - match: 'ratelimit\.service\.rate_limit\.([^.]+)\.(.+)\.([a-z_]+)$'
+    match_type: regex
+    name: rl_$3
+    labels: {domain: $1, descriptor: long}
+  - match: ratelimit.service.config_load_*
+    action: drop
+  - match: ratelimit_server.*.response_time
+    name: rl_response_time_seconds
+    observer_type: histogram
+    scale: 0.001
+    labels: {method: $1}
+    help: "Time of a call\nin seconds."
+"#;
+
+    fn mapped_metrics() -> Metrics {
+        let mapping = PrometheusMapping::parse("mapper.yaml", MAPPER).unwrap();
+        let metrics = Metrics::with_names(EnvoyproxyNames::Mapped(mapping));
+        let over = Hit {
+            hits: 1,
+            over_limit: true,
+            near_limit: false,
+            shadow: false,
+            local_cache: false,
+        };
+        let within = Hit {
+            over_limit: false,
+            ..over
+        };
+        let mut rules = metrics.rules.lock();
+        for (path, hits) in [
+            ("web.user", [over, within, within]),
+            ("web.user.path", [over; 3]),
+        ] {
+            let stats = Arc::new(RuleStats::default());
+            hits.iter().for_each(|hit| stats.record(hit));
+            rules.insert(("web".into(), path.into()), stats);
+        }
+        drop(rules);
+        metrics.decision_latency.observe(Duration::from_micros(40));
+        metrics.config_load_success.fetch_add(1, Ordering::Relaxed);
+        metrics.global_shadow_mode.fetch_add(2, Ordering::Relaxed);
+        metrics
+    }
+
+    #[test]
+    fn a_mapping_file_names_envoyproxys_metrics_in_place_of_the_builtin_names() {
+        let text = mapped_metrics().render();
+        for line in [
+            "# TYPE rl_over_limit counter\n",
+            "rl_over_limit{descriptor=\"user\",domain=\"web\"} 1\n",
+            "rl_within_limit{descriptor=\"user\",domain=\"web\"} 2\n",
+            // Two parts of key: the glob (one part) passes it to the regex.
+            "rl_over_limit{descriptor=\"long\",domain=\"web\"} 3\n",
+            // No mapping: the statsd name, made a valid Prometheus name.
+            "ratelimit_service_global_shadow_mode 2\n",
+            "ratelimit_server_ShouldRateLimit_total_requests 1\n",
+            // The timer's milliseconds times `scale`: seconds, with the mapping's help.
+            "# HELP rl_response_time_seconds Time of a call\\nin seconds.\n",
+            "# TYPE rl_response_time_seconds histogram\n",
+            "rl_response_time_seconds_bucket{method=\"ShouldRateLimit\",le=\"0.00005\"} 1\n",
+            "rl_response_time_seconds_sum{method=\"ShouldRateLimit\"} 0.00004\n",
+            "rl_response_time_seconds_count{method=\"ShouldRateLimit\"} 1\n",
+            // meshlimit's own metrics are not the mapping's to name.
+            "meshlimit_decision_duration_seconds_count 1\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        for builtin in [
+            "ratelimit_service_rate_limit_over_limit",
+            "ratelimit_service_response_time_seconds",
+            "ratelimit_service_total_requests",
+            // Dropped by the mapping.
+            "config_load_success",
+        ] {
+            assert!(!text.contains(builtin), "{builtin} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn stats_mapped_to_one_series_add_up_and_a_summary_has_count_and_sum() {
+        let mapping = PrometheusMapping::parse(
+            "mapper.yaml",
+            "mappings:\n  - match: ratelimit.service.rate_limit.*.*.*.*\n    name: rl_hits\n",
+        )
+        .unwrap();
+        let metrics = Metrics::with_names(EnvoyproxyNames::Mapped(mapping));
+        let hit = Hit {
+            hits: 2,
+            over_limit: false,
+            near_limit: false,
+            shadow: false,
+            local_cache: false,
+        };
+        let stats = Arc::new(RuleStats::default());
+        stats.record(&hit);
+        metrics
+            .rules
+            .lock()
+            .insert(("web".into(), "web.a.b".into()), stats);
+        metrics.decision_latency.observe(Duration::from_millis(3));
+        let text = metrics.render();
+        // total_hits and within_limit of web.a.b land on one series: 2 + 2.
+        assert!(text.contains("\nrl_hits 4\n"), "{text}");
+        for line in [
+            "# TYPE ratelimit_server_ShouldRateLimit_response_time summary\n",
+            "ratelimit_server_ShouldRateLimit_response_time_sum 3\n",
+            "ratelimit_server_ShouldRateLimit_response_time_count 1\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        assert!(!text.contains("response_time_bucket"), "{text}");
     }
 }

@@ -20,7 +20,7 @@ use crate::config::{ConfigErrors, LoadOptions};
 use crate::connections;
 use crate::envoyproxy_env::MetricsListener;
 use crate::limiter::{LiveConfig, RateLimiter, RequestBounds};
-use crate::metrics::Metrics;
+use crate::metrics::{EnvoyproxyNames, Metrics};
 use crate::proto::rate_limit_service_server::RateLimitServiceServer;
 use crate::reload::Reloader;
 use crate::service::grpc::GrpcRateLimitService;
@@ -42,9 +42,9 @@ pub struct ServeOptions {
     pub admin_addr: SocketAddr,
     /// A second listener serving only the metrics.
     pub metrics_listener: Option<MetricsListener>,
-    /// `ratelimit_service_response_time_seconds` in milliseconds (envoyproxy/ratelimit's
-    /// PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS).
-    pub response_time_in_milliseconds: bool,
+    /// The names of the metrics envoyproxy/ratelimit also has: its built-in ones, or those
+    /// of an operator's mapping (PROMETHEUS_MAPPER_YAML).
+    pub envoyproxy_names: EnvoyproxyNames,
     /// When gRPC connections are asked to reconnect (GOAWAY), and closed if they linger.
     pub connection_lifetime: connections::Lifetime,
     /// Push the counters to a statsd agent.
@@ -231,11 +231,7 @@ impl ConfigFeed {
 }
 
 pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
-    let metrics = Arc::new(if options.response_time_in_milliseconds {
-        Metrics::with_response_time_in_milliseconds()
-    } else {
-        Metrics::default()
-    });
+    let metrics = Arc::new(Metrics::with_names(options.envoyproxy_names.clone()));
     let feed = ConfigFeed::start(&options, &metrics)?;
     // Both stores serve through the same generic path below.
     match options.store.clone() {

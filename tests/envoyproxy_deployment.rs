@@ -669,6 +669,113 @@ async fn a_real_statsd_counts_every_call_and_its_time_across_its_restart() {
     statsd_counts(&restarted, &server, &total(2.0, 0.0, 2.0), 2.0);
 }
 
+/// An operator's statsd_exporter mapping, as PROMETHEUS_MAPPER_YAML points
+/// envoyproxy/ratelimit at: rule counters under one name a stat, the domain and descriptor
+/// as labels; the response time in seconds as a histogram; the config counters dropped.
+const MAPPER: &str = r#"
+defaults:
+  ttl: 10m
+mappings:
+  - match: ratelimit.service.rate_limit.*.*.*
+    name: team_ratelimit_$3
+    labels:
+      domain: $1
+      descriptor: $2
+  - match: ratelimit.service.config_load_*
+    action: drop
+  - match: ratelimit_server.*.response_time
+    name: team_ratelimit_call_seconds
+    observer_type: histogram
+    scale: 0.001
+    labels:
+      method: $1
+"#;
+
+/// PROMETHEUS_MAPPER_YAML: the rule counters and the response time on PROMETHEUS_ADDR
+/// under the names and labels the mapping gives, the built-in names gone, what the mapping
+/// asks for and meshlimit does not do warned about with its line; a mapping with a typo
+/// stops the start with its file and line, where envoyproxy/ratelimit would start with no
+/// mapping at all.
+#[tokio::test]
+async fn a_prometheus_mapping_file_names_the_metrics() {
+    common::avoid_window_edge(3_600, 20);
+    let config = common::config_dir::plain(&[("statsd.yaml", ANN_LIMITS)]);
+    let mapper = tempfile::tempdir().expect("a directory for the mapping");
+    let mapper_path = mapper.path().join("mapper.yaml");
+    std::fs::write(&mapper_path, MAPPER).expect("write the mapping");
+    let mapper_path = mapper_path.display().to_string();
+    let metrics_addr = free_loopback_addr();
+    let metrics = metrics_addr.to_string();
+    let env = [
+        ("USE_PROMETHEUS", "true"),
+        ("PROMETHEUS_ADDR", metrics.as_str()),
+        ("PROMETHEUS_MAPPER_YAML", mapper_path.as_str()),
+    ];
+    let server = Meshlimit::start_with_env(config.path(), &[], &env);
+    calls_for_ann(&server, 3).await;
+
+    let text = http::get(metrics_addr, "/metrics", &[])
+        .unwrap_or_else(|error| panic!("{error}\n{}", server.logs()))
+        .text();
+    let user = "domain=\"statsd\",descriptor=\"user\"";
+    for (selector, expected) in [
+        (format!("team_ratelimit_total_hits{{{user}}}"), 3),
+        (format!("team_ratelimit_within_limit{{{user}}}"), 2),
+        (format!("team_ratelimit_over_limit{{{user}}}"), 1),
+        (
+            "team_ratelimit_call_seconds_count{method=\"ShouldRateLimit\"}".to_owned(),
+            3,
+        ),
+        (
+            "team_ratelimit_call_seconds_bucket{method=\"ShouldRateLimit\",le=\"+Inf\"}".to_owned(),
+            3,
+        ),
+        // What no mapping matches keeps its statsd name, made a Prometheus name.
+        (
+            "ratelimit_server_ShouldRateLimit_total_requests".to_owned(),
+            3,
+        ),
+    ] {
+        assert_eq!(
+            common::meshlimit::sample(&text, &selector),
+            Some(expected),
+            "{selector} in\n{text}"
+        );
+    }
+    for builtin in [
+        "ratelimit_service_rate_limit_over_limit",
+        "ratelimit_service_response_time_seconds",
+        "config_load_success",
+    ] {
+        assert!(!text.contains(builtin), "{builtin} in\n{text}");
+    }
+    let logs = server.logs();
+    assert!(
+        logs.contains(&format!(
+            "PROMETHEUS_MAPPER_YAML {mapper_path}:3:3: `ttl` has no effect"
+        )),
+        "{logs}"
+    );
+
+    let typo = MAPPER.replace("    labels:\n      domain", "    lables:\n      domain");
+    std::fs::write(mapper.path().join("mapper.yaml"), typo).expect("write the mapping");
+    let mut serve = command();
+    serve
+        .args(["serve", "--config"])
+        .arg(config.path())
+        .args(["--grpc-addr", &free_loopback_addr().to_string()])
+        .args(["--admin-addr", &free_loopback_addr().to_string()])
+        .env("PROMETHEUS_MAPPER_YAML", &mapper_path);
+    let (code, stderr) = exit_of(serve);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "PROMETHEUS_MAPPER_YAML {mapper_path}:7:5: unknown field `lables`"
+        )),
+        "{stderr}"
+    );
+}
+
 /// Waits until `statsd` has counted `counters` (a counter at 0: never sent) and `calls`
 /// response-time calls.
 fn statsd_counts(
@@ -701,14 +808,8 @@ async fn three_calls_to_a_limit_of_two(
     statsd_port: u16,
     env: &[(&str, &str)],
 ) -> (Meshlimit, tempfile::TempDir) {
-    const LIMITS: &str = "\
-domain: statsd
-descriptors:
-  - key: user
-    rate_limit: {unit: hour, requests_per_unit: 2}
-";
     common::avoid_window_edge(3_600, 20);
-    let config = common::config_dir::plain(&[("statsd.yaml", LIMITS)]);
+    let config = common::config_dir::plain(&[("statsd.yaml", ANN_LIMITS)]);
     let port = statsd_port.to_string();
     let statsd = [
         ("STATSD_HOST", "127.0.0.1"),
@@ -719,6 +820,14 @@ descriptors:
     calls_for_ann(&server, 3).await;
     (server, config)
 }
+
+/// Two calls an hour for each user of the `statsd` domain.
+const ANN_LIMITS: &str = "\
+domain: statsd
+descriptors:
+  - key: user
+    rate_limit: {unit: hour, requests_per_unit: 2}
+";
 
 /// `times` calls for the user ann of the `statsd` domain.
 async fn calls_for_ann(server: &Meshlimit, times: usize) {

@@ -184,19 +184,22 @@ fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 
 fn parse(file: &Arc<str>, text: &str) -> Result<ConfigFile, ConfigError> {
     let mut parsed: ConfigFile = serde_saphyr::from_str_with_options(text, yaml_options())
-        .map_err(|error| {
-            let location = error.location().unwrap_or(Location::UNKNOWN);
-            ConfigError {
-                file: file.to_string(),
-                line: location.line(),
-                column: location.column(),
-                message: yaml_message(&error),
-            }
-        })?;
+        .map_err(|error| yaml_error(file, &error))?;
     for entry in &mut parsed.descriptors {
         entry.set_file(file);
     }
     Ok(parsed)
+}
+
+/// The parser's error at its location in `file`, in words for whoever wrote the file.
+pub(crate) fn yaml_error(file: &str, error: &serde_saphyr::Error) -> ConfigError {
+    let location = error.location().unwrap_or(Location::UNKNOWN);
+    ConfigError {
+        file: file.to_owned(),
+        line: location.line(),
+        column: location.column(),
+        message: yaml_message(error),
+    }
 }
 
 /// The parser's budget, tighter than serde-saphyr's defaults where aliases are concerned.
@@ -205,7 +208,7 @@ fn parse(file: &Arc<str>, text: &str) -> Result<ConfigFile, ConfigError> {
 /// MB, as much as the largest file `MAX_FILE_BYTES` admits. A config that reuses a block
 /// through anchors replays hundreds of events, not millions. The other defaults (64
 /// levels of nesting, 250 000 nodes) already bound what a file may hold.
-fn yaml_options() -> serde_saphyr::Options {
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         budget: serde_saphyr::budget! {
             max_recorded_anchor_events: ALIAS_EVENTS,

@@ -181,7 +181,7 @@ mod tests {
             calls: 2,
         };
         assert_eq!(
-            dog.line("ratelimit_server.ShouldRateLimit.response_time", timer),
+            dog.line(crate::metrics::RESPONSE_TIME_STAT, timer),
             "ratelimit_server.ShouldRateLimit.response_time:1.75|ms|@0.5"
         );
         let untagged = Dialect::new(StatsdFormat::DogStatsd, vec![], vec![]);

@@ -30,9 +30,7 @@ pub use dialect::{Dialect, StatsdFormat, Value};
 pub use mogrifier::Mogrifier;
 
 use crate::metrics::Metrics;
-
-/// envoyproxy/ratelimit's name for the time of one ShouldRateLimit call, in ms.
-const RESPONSE_TIME: &str = "ratelimit_server.ShouldRateLimit.response_time";
+use crate::metrics::RESPONSE_TIME_STAT as RESPONSE_TIME;
 
 /// Datagram payloads stay under this, so they cross an Ethernet MTU unfragmented.
 const MAX_DATAGRAM_BYTES: usize = 1_432;

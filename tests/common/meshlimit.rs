@@ -49,6 +49,7 @@ const INHERITED_SETTINGS: &[&str] = &[
     "GRPC_HOST",
     "GRPC_PORT",
     "USE_PROMETHEUS",
+    "PROMETHEUS_MAPPER_YAML",
     "LOG_LEVEL",
     "LOG_FORMAT",
     "GRPC_SERVER_USE_TLS",

@@ -1,0 +1,669 @@
+//! envoyproxy/ratelimit's `PROMETHEUS_MAPPER_YAML`: a statsd_exporter mapping file that
+//! names the Prometheus metrics after the statsd names of the stats
+//! (`ratelimit.service.rate_limit.<domain>.<key>.over_limit`, …). Operators who wrote one
+//! for envoyproxy/ratelimit have dashboards and alerts on the names it gives; meshlimit
+//! reads the same file so that they keep working.
+//!
+//! As statsd_exporter maps: glob mappings (`*` stands for any run of characters without a
+//! dot) are tried first, in the order written, then regular expressions, unanchored as Go
+//! matches them, in the order written; `$1`, `${1}` and `${name}` in `name` and `labels`
+//! are the captures; `action: drop` exports nothing; `match_metric_type` limits a mapping
+//! to counters or to the response-time timer (an `observer`); `scale` multiplies the
+//! timer's milliseconds; a stat that no mapping matches keeps its statsd name with every
+//! character Prometheus does not allow made `_`. With `glob_disable_ordering: true` the
+//! glob with literal parts where another has `*` wins, whatever their order.
+//!
+//! What differs is said at start (`warnings`): the response-time histogram has meshlimit's
+//! bounds, not `buckets`; a summary has its count and sum but no quantiles, since meshlimit
+//! keeps bucket counts, not samples; `ttl` drops no series.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use regex::{Captures, Regex};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_saphyr::Spanned;
+
+use crate::config::{ConfigError, MAX_FILE_BYTES, yaml_error, yaml_options};
+use crate::metrics::RESPONSE_TIME_STAT;
+
+/// What a stat is, for `match_metric_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatKind {
+    Counter,
+    Gauge,
+    /// A timer; statsd_exporter still reads the older name `timer`.
+    #[serde(alias = "timer")]
+    Observer,
+}
+
+/// How a timer is exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObserverType {
+    /// statsd_exporter's default.
+    #[default]
+    Summary,
+    Histogram,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum MatchType {
+    #[default]
+    Glob,
+    Regex,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Action {
+    #[default]
+    Map,
+    Drop,
+}
+
+/// The file as written. Fields statsd_exporter reads but meshlimit cannot apply are read
+/// so that a file written for it loads, and each is warned about; anything else is a typo.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MappingFile {
+    #[serde(default)]
+    defaults: Option<Spanned<Defaults>>,
+    #[serde(default)]
+    mappings: Vec<Spanned<MappingEntry>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Defaults {
+    match_type: Option<MatchType>,
+    observer_type: Option<ObserverType>,
+    /// The older name of `observer_type`.
+    timer_type: Option<ObserverType>,
+    #[serde(default)]
+    glob_disable_ordering: bool,
+    buckets: Option<IgnoredAny>,
+    quantiles: Option<IgnoredAny>,
+    histogram_options: Option<IgnoredAny>,
+    summary_options: Option<IgnoredAny>,
+    ttl: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MappingEntry {
+    #[serde(rename = "match")]
+    pattern: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    match_type: Option<MatchType>,
+    observer_type: Option<ObserverType>,
+    timer_type: Option<ObserverType>,
+    action: Option<Action>,
+    match_metric_type: Option<StatKind>,
+    help: Option<String>,
+    scale: Option<f64>,
+    buckets: Option<IgnoredAny>,
+    quantiles: Option<IgnoredAny>,
+    histogram_options: Option<IgnoredAny>,
+    summary_options: Option<IgnoredAny>,
+    ttl: Option<IgnoredAny>,
+}
+
+/// The fields written that statsd_exporter applies and meshlimit does not.
+macro_rules! unapplied_fields {
+    ($written:ident) => {
+        impl $written {
+            fn unapplied(&self) -> Vec<&'static str> {
+                [
+                    ("buckets", self.buckets.is_some()),
+                    ("histogram_options", self.histogram_options.is_some()),
+                    ("quantiles", self.quantiles.is_some()),
+                    ("summary_options", self.summary_options.is_some()),
+                    ("ttl", self.ttl.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(field, written)| written.then_some(field))
+                .collect()
+            }
+        }
+    };
+}
+unapplied_fields!(Defaults);
+unapplied_fields!(MappingEntry);
+
+/// A loaded mapping file.
+#[derive(Debug, Clone)]
+pub struct PrometheusMapping {
+    /// Glob mappings in the order they are tried.
+    globs: Vec<Mapping>,
+    /// Regular-expression mappings, in the order written.
+    regexes: Vec<Mapping>,
+    /// How a timer no mapping matches is exported.
+    default_observer: ObserverType,
+    /// What the file asks for that meshlimit does not do, each with its line; logged at start.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Mapping {
+    pattern: Regex,
+    name: String,
+    labels: Vec<(String, String)>,
+    drop: bool,
+    only: Option<StatKind>,
+    observer: ObserverType,
+    scale: f64,
+    help: Option<String>,
+    /// `file:line:column` of the mapping, for warnings.
+    origin: String,
+    /// Fields written on it that meshlimit does not apply.
+    unapplied: Vec<&'static str>,
+}
+
+/// The Prometheus series a stat goes to.
+#[derive(Debug, PartialEq)]
+pub struct Series<'m> {
+    pub name: String,
+    /// Sorted by name.
+    pub labels: Vec<(String, String)>,
+    /// The mapping's `help`, if it has one.
+    pub help: Option<&'m str>,
+    pub observer: ObserverType,
+    /// What the timer's milliseconds are multiplied by.
+    pub scale: f64,
+}
+
+impl PrometheusMapping {
+    /// Reads and checks the mapping file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let unreadable = |problem: String| ConfigError::whole_file(path, problem);
+        let size = std::fs::metadata(path)
+            .map_err(|error| unreadable(format!("cannot read the mapping file: {error}")))?
+            .len();
+        if size > MAX_FILE_BYTES {
+            return Err(unreadable(format!(
+                "the mapping file is {size} bytes, more than the {MAX_FILE_BYTES} a file may be"
+            )));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| unreadable(format!("cannot read the mapping file: {error}")))?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// Checks `text`, named `file` in errors and warnings.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let parsed: MappingFile = serde_saphyr::from_str_with_options(text, yaml_options())
+            .map_err(|error| yaml_error(file, &error))?;
+        let mut warnings = Vec::new();
+        let defaults = match &parsed.defaults {
+            Some(defaults) => {
+                let origin = at(file, &defaults.referenced, String::new()).to_string();
+                warnings.extend(unapplied(&origin, &defaults.value.unapplied()));
+                &defaults.value
+            }
+            None => &Defaults::default(),
+        };
+        let default_observer = defaults
+            .observer_type
+            .or(defaults.timer_type)
+            .unwrap_or_default();
+        let default_match = defaults.match_type.unwrap_or_default();
+
+        let mut globs = Vec::new();
+        let mut regexes = Vec::new();
+        for entry in &parsed.mappings {
+            let here = |message: String| at(file, &entry.referenced, message);
+            let written = &entry.value;
+            let drop = written.action == Some(Action::Drop);
+            if written.name.is_empty() && !drop {
+                return Err(here(format!(
+                    "the mapping of `{}` has no `name`: write the Prometheus name its stats \
+                     get (e.g. ratelimit_service_rate_limit_over_limit), or `action: drop`",
+                    written.pattern
+                )));
+            }
+            if !drop {
+                check_name_template(&written.name).map_err(here)?;
+            }
+            for label in written.labels.keys() {
+                if !is_label_name(label) {
+                    return Err(here(format!(
+                        "label `{label}` is not a Prometheus label name: write letters, \
+                         digits and `_`, not starting with a digit or `__`"
+                    )));
+                }
+            }
+            let match_type = written.match_type.unwrap_or(default_match);
+            let pattern = match match_type {
+                MatchType::Glob => glob_regex(&written.pattern).map_err(here)?,
+                MatchType::Regex => Regex::new(&written.pattern).map_err(|error| {
+                    here(format!(
+                        "`{}` is not a regular expression: {error}",
+                        written.pattern
+                    ))
+                })?,
+            };
+            let observer = written.observer_type.or(written.timer_type);
+            let mapping = Mapping {
+                pattern,
+                name: written.name.clone(),
+                labels: written.labels.clone().into_iter().collect(),
+                drop,
+                only: written.match_metric_type,
+                observer: observer.unwrap_or(default_observer),
+                scale: written.scale.unwrap_or(1.0),
+                help: written.help.clone(),
+                origin: here(String::new()).to_string(),
+                unapplied: written.unapplied(),
+            };
+            match match_type {
+                MatchType::Glob => globs.push((literal_parts(&written.pattern), mapping)),
+                MatchType::Regex => regexes.push(mapping),
+            }
+        }
+        if defaults.glob_disable_ordering {
+            // statsd_exporter's unordered matcher prefers a literal part to `*`, part by
+            // part from the left; a stable sort keeps the written order among equals.
+            globs.sort_by(|(a, _), (b, _)| b.cmp(a));
+        }
+        let mut mapping = Self {
+            globs: globs.into_iter().map(|(_, mapping)| mapping).collect(),
+            regexes,
+            default_observer,
+            warnings,
+        };
+        mapping.warn_about_the_timer(file);
+        Ok(mapping)
+    }
+
+    /// What the mapping the response time goes to asks for and does not get. Only that
+    /// one: another mapping's `buckets` never meet a timer.
+    fn warn_about_the_timer(&mut self, file: &str) {
+        let mut warnings = match self.find(RESPONSE_TIME_STAT, StatKind::Observer) {
+            Some((mapping, _)) if mapping.drop => Vec::new(),
+            Some((mapping, _)) => {
+                let mut asked = mapping.unapplied.clone();
+                asked.retain(|field| *field != "ttl");
+                if mapping.observer == ObserverType::Summary {
+                    asked.push("observer_type: summary");
+                }
+                unapplied(&mapping.origin, &asked)
+            }
+            None if self.default_observer == ObserverType::Summary => {
+                let origin = format!("{file}: {RESPONSE_TIME_STAT}, which no mapping matches");
+                unapplied(&origin, &["observer_type: summary"])
+            }
+            None => Vec::new(),
+        };
+        let ttls = (self.globs.iter().chain(&self.regexes))
+            .filter(|mapping| mapping.unapplied.contains(&"ttl"))
+            .flat_map(|mapping| unapplied(&mapping.origin, &["ttl"]));
+        warnings.extend(ttls);
+        self.warnings.extend(warnings);
+    }
+
+    /// The first mapping for `kind` whose pattern matches `stat`, with its captures.
+    fn find<'s>(&self, stat: &'s str, kind: StatKind) -> Option<(&Mapping, Captures<'s>)> {
+        let applies = |mapping: &&Mapping| mapping.only.is_none_or(|only| only == kind);
+        (self.globs.iter().chain(&self.regexes))
+            .filter(applies)
+            .find_map(|mapping| Some((mapping, mapping.pattern.captures(stat)?)))
+    }
+
+    /// Where `stat`, of `kind`, is exported; `None` when a mapping drops it.
+    pub fn map(&self, stat: &str, kind: StatKind) -> Option<Series<'_>> {
+        let Some((mapping, captures)) = self.find(stat, kind) else {
+            return Some(Series {
+                name: escape_name(stat),
+                labels: Vec::new(),
+                help: None,
+                observer: self.default_observer,
+                scale: 1.0,
+            });
+        };
+        if mapping.drop {
+            return None;
+        }
+        let expand = |template: &str| {
+            let mut out = String::new();
+            captures.expand(template, &mut out);
+            out
+        };
+        Some(Series {
+            name: escape_name(&expand(&mapping.name)),
+            labels: (mapping.labels.iter())
+                .map(|(label, value)| (label.clone(), expand(value)))
+                .collect(),
+            help: mapping.help.as_deref(),
+            observer: mapping.observer,
+            scale: mapping.scale,
+        })
+    }
+}
+
+/// A warning for each of `fields`, which statsd_exporter reads and meshlimit does not
+/// apply, prefixed by where they were written.
+fn unapplied(origin: &str, fields: &[&'static str]) -> Vec<String> {
+    let origin = origin.trim_end_matches(": ");
+    (fields.iter())
+        .map(|&field| match field {
+            "buckets" | "histogram_options" => format!(
+                "{origin}: `{field}` has no effect: the response-time histogram has \
+                 meshlimit's bounds (0.01 ms to 1 s, in milliseconds times `scale`)"
+            ),
+            "ttl" => format!(
+                "{origin}: `ttl` has no effect: meshlimit's series stay until it restarts, \
+                 as each rule's counters do"
+            ),
+            "observer_type: summary" => format!(
+                "{origin}: the response time is exported as a summary with its count and \
+                 sum but no quantiles (meshlimit keeps bucket counts, not samples); write \
+                 `observer_type: histogram` for buckets to compute quantiles from"
+            ),
+            _ => format!(
+                "{origin}: `{field}` has no effect: meshlimit keeps bucket counts, not \
+                 samples, so it exports no quantiles; with `observer_type: histogram`, \
+                 histogram_quantile computes them from the buckets"
+            ),
+        })
+        .collect()
+}
+
+fn at(file: &str, location: &serde_saphyr::Location, message: String) -> ConfigError {
+    ConfigError {
+        file: file.to_owned(),
+        line: location.line(),
+        column: location.column(),
+        message,
+    }
+}
+
+/// The glob as an anchored regular expression, each `*` a capture of characters other
+/// than `.`.
+fn glob_regex(glob: &str) -> Result<Regex, String> {
+    let mut pattern = String::from("^");
+    for (i, part) in glob.split('.').enumerate() {
+        if part.is_empty() {
+            return Err(format!(
+                "`{glob}` has an empty part: write the statsd name's parts between dots, \
+                 `*` for any one part (e.g. ratelimit.service.rate_limit.*.*.over_limit)"
+            ));
+        }
+        if i > 0 {
+            pattern.push_str(r"\.");
+        }
+        for (j, literal) in part.split('*').enumerate() {
+            if j > 0 {
+                pattern.push_str("([^.]*)");
+            }
+            pattern.push_str(&regex::escape(literal));
+        }
+    }
+    pattern.push('$');
+    Regex::new(&pattern).map_err(|error| format!("`{glob}` cannot be matched: {error}"))
+}
+
+/// Which parts of a glob are literal, left to right, to rank globs by.
+fn literal_parts(glob: &str) -> Vec<bool> {
+    glob.split('.').map(|part| !part.contains('*')).collect()
+}
+
+/// A name template must make a Prometheus name: letters, digits, `_` and `$` captures.
+fn check_name_template(template: &str) -> Result<(), String> {
+    let without_captures = Regex::new(r"\$\{?[A-Za-z0-9_]+\}?")
+        .map(|captures| captures.replace_all(template, "x").into_owned())
+        .unwrap_or_default();
+    let valid = without_captures
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !without_captures.starts_with(|c: char| c.is_ascii_digit());
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "name `{template}` is not a Prometheus name: write letters, digits and `_`, not \
+             starting with a digit, and $1, $2, … for the captures"
+        ))
+    }
+}
+
+fn is_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with("__")
+}
+
+/// `name` with every character a Prometheus name may not hold made `_` (`_` in front of a
+/// leading digit), as statsd_exporter names what no mapping matches; a run of `-` is one `_`.
+pub fn escape_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 1);
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        out.push('_');
+    }
+    let mut previous = '\0';
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            out.push(c);
+        } else if !(c == '-' && previous == '-') {
+            out.push('_');
+        }
+        previous = c;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OVER: &str = "ratelimit.service.rate_limit.web.user.path_/a.over_limit";
+
+    fn mapping(text: &str) -> PrometheusMapping {
+        PrometheusMapping::parse("mapper.yaml", text).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    fn refused(text: &str) -> String {
+        match PrometheusMapping::parse("mapper.yaml", text) {
+            Ok(_) => panic!("{text} was accepted"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        let own = |(k, v): &(&str, &str)| ((*k).to_owned(), (*v).to_owned());
+        pairs.iter().map(own).collect()
+    }
+
+    #[test]
+    fn a_glob_names_the_series_and_labels_it_with_its_captures() {
+        let mapped = mapping(
+            "mappings:
+  - match: ratelimit.service.rate_limit.*.*.*.over_limit
+    name: rl_over_limit
+    labels: {domain: $1, descriptor: \"${2}_${3}\"}
+    help: Hits over a limit.
+",
+        );
+        let series = mapped.map(OVER, StatKind::Counter).unwrap();
+        assert_eq!(series.name, "rl_over_limit");
+        assert_eq!(
+            series.labels,
+            labels(&[("descriptor", "user_path_/a"), ("domain", "web")])
+        );
+        assert_eq!(series.help, Some("Hits over a limit."));
+        // A `*` is one part: a key of two parts does not match a glob for three.
+        let shorter = "ratelimit.service.rate_limit.web.user.over_limit";
+        assert_eq!(
+            mapped.map(shorter, StatKind::Counter).unwrap().name,
+            "ratelimit_service_rate_limit_web_user_over_limit"
+        );
+    }
+
+    #[test]
+    fn globs_win_over_regexes_and_the_first_written_wins_among_each() {
+        let text = "mappings:
+  - match: 'ratelimit\\.service\\.rate_limit\\.([^.]+)\\..*\\.over_limit'
+    match_type: regex
+    name: by_regex
+    labels: {domain: $1}
+  - match: ratelimit.service.rate_limit.*.*.*.over_limit
+    name: first_glob
+  - match: ratelimit.service.rate_limit.web.*.*.over_limit
+    name: second_glob
+";
+        assert_eq!(
+            mapping(text).map(OVER, StatKind::Counter).unwrap().name,
+            "first_glob"
+        );
+        // Unordered, the glob with a literal where the other has `*` wins.
+        let unordered = format!("defaults: {{glob_disable_ordering: true}}\n{text}");
+        assert_eq!(
+            mapping(&unordered)
+                .map(OVER, StatKind::Counter)
+                .unwrap()
+                .name,
+            "second_glob"
+        );
+        // Where no glob matches, the regex does, unanchored as Go's.
+        let other = "x.ratelimit.service.rate_limit.api.k.over_limit";
+        let ordered = mapping(text);
+        let series = ordered.map(other, StatKind::Counter).unwrap();
+        assert_eq!(series.name, "by_regex");
+        assert_eq!(series.labels, labels(&[("domain", "api")]));
+    }
+
+    #[test]
+    fn dropped_and_typed_mappings_apply_only_where_they_say() {
+        let mapped = mapping(
+            "mappings:
+  - match: ratelimit.service.rate_limit.*.*.*.over_limit
+    action: drop
+  - match: ratelimit_server.*.*
+    match_metric_type: counter
+    name: server_$2
+    labels: {method: $1}
+  - match: ratelimit_server.*.response_time
+    name: rl_response_time_seconds
+    observer_type: histogram
+    scale: 0.001
+",
+        );
+        assert_eq!(mapped.map(OVER, StatKind::Counter), None);
+        let total = "ratelimit_server.ShouldRateLimit.total_requests";
+        let series = mapped.map(total, StatKind::Counter).unwrap();
+        assert_eq!(series.name, "server_total_requests");
+        assert_eq!(series.labels, labels(&[("method", "ShouldRateLimit")]));
+        // The timer passes the counters' mapping by and takes its own.
+        let timer = mapped.map(RESPONSE_TIME_STAT, StatKind::Observer).unwrap();
+        assert_eq!(timer.name, "rl_response_time_seconds");
+        assert_eq!(timer.observer, ObserverType::Histogram);
+        assert_eq!(timer.scale, 0.001);
+        assert!(mapped.warnings.is_empty(), "{:?}", mapped.warnings);
+    }
+
+    #[test]
+    fn a_stat_no_mapping_matches_keeps_its_name_made_valid() {
+        let mapped = mapping("mappings: []\n");
+        let series = mapped.map(OVER, StatKind::Counter).unwrap();
+        assert_eq!(
+            series.name,
+            "ratelimit_service_rate_limit_web_user_path__a_over_limit"
+        );
+        assert!(series.labels.is_empty());
+        // statsd_exporter's default for a timer is a summary.
+        let timer = mapped.map(RESPONSE_TIME_STAT, StatKind::Observer).unwrap();
+        assert_eq!(timer.observer, ObserverType::Summary);
+        assert_eq!(escape_name("9lives--a-b"), "_9lives_a_b");
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_their_line_and_what_to_write() {
+        let cases = [
+            (
+                "mappings:\n  - match: a.*\n    labels: {x: $1}\n",
+                "mapper.yaml:2:5: the mapping of `a.*` has no `name`",
+            ),
+            (
+                "mappings:\n  - match: a.*\n    name: ok\n  - match: b..c\n    name: b\n",
+                "mapper.yaml:4:5: `b..c` has an empty part",
+            ),
+            (
+                "mappings:\n  - match: '(a'\n    match_type: regex\n    name: a\n",
+                "mapper.yaml:2:5: `(a` is not a regular expression",
+            ),
+            (
+                "mappings:\n  - match: a.*\n    name: a-$1\n",
+                "name `a-$1` is not a Prometheus name",
+            ),
+            (
+                "mappings:\n  - match: a.*\n    name: a\n    labels: {1x: $1}\n",
+                "label `1x` is not a Prometheus label name",
+            ),
+            (
+                "mappings:\n  - match: a.*\n    name: a\n    lables: {x: $1}\n",
+                "mapper.yaml:4:5: unknown field `lables`",
+            ),
+            (
+                "mappings:\n  - match: a.*\n    name: a\n    action: keep\n",
+                "mapper.yaml:4:13: unknown variant `keep`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = refused(text);
+            assert!(error.contains(expected), "{text}\n{error}");
+        }
+    }
+
+    #[test]
+    fn what_meshlimit_does_not_do_is_warned_about_with_its_line() {
+        let mapped = mapping(
+            "defaults:
+  ttl: 1m
+mappings:
+  - match: ratelimit_server.*.*
+    match_metric_type: counter
+    name: other
+    buckets: [1]
+  - match: ratelimit_server.*.response_time
+    name: rt
+    buckets: [0.1, 1]
+    observer_type: histogram
+",
+        );
+        let warnings = mapped.warnings.join("\n");
+        assert!(
+            warnings.contains("mapper.yaml:2:3: `ttl` has no effect"),
+            "{warnings}"
+        );
+        // Only the mapping the timer goes to: the counters' `buckets` never meet it.
+        assert!(
+            warnings.contains("mapper.yaml:8:5: `buckets` has no effect"),
+            "{warnings}"
+        );
+        assert_eq!(mapped.warnings.len(), 2, "{warnings}");
+
+        // A summary, written or statsd_exporter's default, has no quantiles here.
+        let summary = mapping("mappings:\n  - match: ratelimit_server.*.*\n    name: rt_$2\n");
+        let warnings = summary.warnings.join("\n");
+        assert!(
+            warnings.contains("mapper.yaml:2:5: the response time is exported as a summary"),
+            "{warnings}"
+        );
+        let unmatched = mapping("mappings: []\n").warnings.join("\n");
+        assert!(
+            unmatched.contains("ratelimit_server.ShouldRateLimit.response_time, which no mapping matches: the response time is exported as a summary"),
+            "{unmatched}"
+        );
+        let histogram = "defaults: {observer_type: histogram}\nmappings: []\n";
+        assert!(mapping(histogram).warnings.is_empty());
+    }
+}
