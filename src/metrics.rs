@@ -839,4 +839,92 @@ mappings:
         }
         assert!(!text.contains("response_time_bucket"), "{text}");
     }
+
+    /// envoyproxy/ratelimit's built-in Prometheus mapping, as facts: which statsd names
+    /// become which series with which labels (its `default_mapper.yaml`).
+    const ENVOYPROXY_MAPPING: &str = r#"
+mappings:
+  - {match: "ratelimit.service.rate_limit.*.*.*", name: "ratelimit_service_rate_limit_$3", labels: {domain: $1, key1: $2}}
+  - match: 'ratelimit\.service\.rate_limit\.([^\.]*)\.([^\.]*)\.([^\.]*)(\..*)?\.(near_limit|over_limit|total_hits|within_limit|shadow_mode)'
+    match_type: regex
+    name: ratelimit_service_rate_limit_$5
+    labels: {domain: $1, key1: $2, key2: $3}
+  - {match: "ratelimit.service.call.should_rate_limit.*", match_metric_type: counter, name: ratelimit_service_should_rate_limit_error, labels: {err_type: $1}}
+  - {match: "ratelimit_server.*.total_requests", match_metric_type: counter, name: ratelimit_service_total_requests, labels: {grpc_method: $1}}
+  - {match: "ratelimit_server.*.response_time", name: ratelimit_service_response_time_seconds, timer_type: histogram, scale: 0.001, labels: {grpc_method: $1}}
+  - {match: "ratelimit.service.config_load_success", match_metric_type: counter, name: ratelimit_service_config_load_success}
+  - {match: "ratelimit.service.config_load_error", match_metric_type: counter, name: ratelimit_service_config_load_error}
+"#;
+
+    /// Every sample of `text` as (name, labels, value).
+    fn samples(text: &str) -> Vec<(String, Vec<String>, String)> {
+        (text.lines())
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (name, labels) = match series.split_once('{') {
+                    Some((name, labels)) => (name, labels.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let labels = labels
+                    .split("\",")
+                    .map(|l| l.trim_end_matches('"').to_owned());
+                let labels = labels.filter(|l| !l.is_empty()).collect();
+                Some((name.to_owned(), labels, value.to_owned()))
+            })
+            .collect()
+    }
+
+    /// The built-in names are those envoyproxy/ratelimit's own mapping gives: mapped by it
+    /// through `prometheus_mapping`, every series of a rule's counters (keys of one, two
+    /// and three parts), the calls, their time and the errors is among the built-in series
+    /// with the same labels (the built-in ones add `key`) and value.
+    #[test]
+    fn the_builtin_names_are_what_envoyproxys_own_mapping_gives() {
+        let fill = |metrics: &Metrics| {
+            let hit = Hit {
+                hits: 1,
+                over_limit: true,
+                near_limit: false,
+                shadow: true,
+                local_cache: false,
+            };
+            for (path, times) in [("web.user", 1), ("web.user.path_/a", 2), ("web.a.b.c", 3)] {
+                let stats = Arc::new(RuleStats::default());
+                (0..times).for_each(|_| stats.record(&hit));
+                metrics
+                    .rules
+                    .lock()
+                    .insert(("web".into(), path.into()), stats);
+            }
+            metrics.decision_latency.observe(Duration::from_micros(40));
+            metrics.decision_latency.observe(Duration::from_millis(3));
+            metrics.store_errors.fetch_add(2, Ordering::Relaxed);
+            metrics.config_load_success.fetch_add(1, Ordering::Relaxed);
+        };
+        let builtin = Metrics::default();
+        fill(&builtin);
+        let mapping = PrometheusMapping::parse("default_mapper.yaml", ENVOYPROXY_MAPPING).unwrap();
+        let mapped = Metrics::with_names(EnvoyproxyNames::Mapped(mapping));
+        fill(&mapped);
+        let builtin = samples(&builtin.render());
+        let mapped: Vec<_> = (samples(&mapped.render()).into_iter())
+            .filter(|(name, _, _)| name.starts_with("ratelimit_service_"))
+            .collect();
+        assert!(mapped.len() > 30, "{mapped:#?}");
+        for (name, labels, value) in &mapped {
+            let same = builtin.iter().any(|(n, l, v)| {
+                n == name && v == value && labels.iter().all(|label| l.contains(label))
+            });
+            assert!(same, "{name}{labels:?} {value} is not among\n{builtin:#?}");
+        }
+        let over = |key2: &str| {
+            let key2 = format!("key2=\"{key2}");
+            (mapped.iter()).find(|(n, l, _)| {
+                n == "ratelimit_service_rate_limit_over_limit" && l.contains(&key2)
+            })
+        };
+        assert_eq!(over("path_/a").map(|s| s.2.as_str()), Some("2"));
+        assert_eq!(over("b").map(|s| s.2.as_str()), Some("3"));
+    }
 }
