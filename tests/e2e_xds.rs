@@ -16,6 +16,7 @@ use common::{avoid_window_edge, fixture, poll_until};
 use meshlimit::proto::rate_limit_descriptor::Entry;
 use meshlimit::proto::rate_limit_response::Code;
 use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
+use prost_types::value::Kind;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tonic_health::pb::HealthCheckRequest;
@@ -249,6 +250,59 @@ async fn a_lost_server_costs_no_decision_and_is_rejoined_with_the_version_held()
         "the lost server should be in the log: {}",
         meshlimit.logs()
     );
+}
+
+/// A descriptor's `metadata` (envoyproxy/ratelimit's field 8, a `google.protobuf.Struct`),
+/// served by the management server, reaches the response's dynamic metadata with
+/// `--dynamic-metadata`, as a file's `metadata:` block does: nested values and numbers
+/// intact, and only while the rule lets the request pass.
+#[tokio::test(flavor = "multi_thread")]
+async fn descriptor_metadata_from_the_server_reaches_the_response() {
+    avoid_window_edge(60, 20);
+    let xds = XdsServer::start();
+    let mut config = gateway_config(1, &[]);
+    config[0]["descriptors"][0]["metadata"] = json!({"billing": {"tier": "gold", "seats": 3}});
+    xds.publish("1", config);
+    let url = xds.url();
+    let meshlimit =
+        Meshlimit::start_without_dir(&["--xds-server", &url, "--dynamic-metadata", "true"], &[]);
+    xds.wait_for_request("the ACK of version 1", |r| is_ack(r, "1"));
+
+    let mut client = meshlimit.client().await;
+    let mut billing = Vec::new();
+    for _ in 0..2 {
+        let request = common::meshlimit::one_entry_request("gateway", "user", "dee");
+        let response = client
+            .should_rate_limit(request)
+            .await
+            .unwrap_or_else(|status| panic!("{status}\n{}", meshlimit.logs()))
+            .into_inner();
+        let metadata = response.dynamic_metadata.unwrap_or_default();
+        billing.push(field(&metadata, &["metadata", "billing"]).cloned());
+    }
+    let Some(Kind::StructValue(first)) = &billing[0] else {
+        panic!("no billing metadata: {billing:?}\n{}", meshlimit.logs());
+    };
+    assert_eq!(
+        field(first, &["tier"]),
+        Some(&Kind::StringValue("gold".into()))
+    );
+    assert_eq!(field(first, &["seats"]), Some(&Kind::NumberValue(3.0)));
+    // The second is over the limit of one a minute: the rule did not let it pass.
+    assert_eq!(billing[1], None, "{billing:?}");
+}
+
+/// The value at `path` in `metadata`, each step a field of a nested struct.
+fn field<'s>(metadata: &'s prost_types::Struct, path: &[&str]) -> Option<&'s Kind> {
+    let (last, steps) = path.split_last()?;
+    let mut at = metadata;
+    for step in steps {
+        match at.fields.get(*step)?.kind.as_ref()? {
+            Kind::StructValue(inner) => at = inner,
+            _ => return None,
+        }
+    }
+    at.fields.get(*last)?.kind.as_ref()
 }
 
 #[tokio::test(flavor = "multi_thread")]

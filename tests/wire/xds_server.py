@@ -16,8 +16,8 @@ certificate signed by it (Envoy Gateway's mTLS).
 The test drives it through STATE_DIR:
 - `snapshot.json` (written by the test, replaced atomically): `{"version": "1", "configs":
   [...]}`, each config a RateLimitConfig as JSON (name, domain, descriptors with key, value,
-  rate_limit {unit, requests_per_unit, unlimited, name, replaces}, shadow_mode, ...), or
-  `{"type_url": ..., "hex": ...}` for a resource of raw bytes. A new version is pushed to
+  rate_limit {unit, requests_per_unit, unlimited, name, replaces}, shadow_mode, metadata,
+  ...), or `{"type_url": ..., "hex": ...}` for a resource of raw bytes. A new version is pushed to
   every open stream; a new stream gets the current one.
 - `requests.jsonl` (written here): every DiscoveryRequest received, one JSON object a line.
 """
@@ -30,7 +30,14 @@ import time
 from concurrent import futures
 
 import grpc
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf import (
+    any_pb2,
+    descriptor_pb2,
+    descriptor_pool,
+    json_format,
+    message_factory,
+    struct_pb2,
+)
 
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
@@ -50,7 +57,8 @@ def rate_limit_config_class():
         for field_name, number, kind, label, type_name in fields:
             f = m.field.add(name=field_name, number=number, type=kind, label=label)
             if type_name:
-                f.type_name = f".{PACKAGE}.{type_name}"
+                # A name with a dot is another package's, written in full.
+                f.type_name = f".{type_name}" if "." in type_name else f".{PACKAGE}.{type_name}"
 
     one, many = F.LABEL_OPTIONAL, F.LABEL_REPEATED
     message("RateLimitConfig", [
@@ -66,6 +74,7 @@ def rate_limit_config_class():
         ("shadow_mode", 5, F.TYPE_BOOL, one, None),
         ("detailed_metric", 6, F.TYPE_BOOL, one, None),
         ("quota_mode", 7, F.TYPE_BOOL, one, None),
+        ("metadata", 8, F.TYPE_MESSAGE, one, "google.protobuf.Struct"),
     ])
     message("RateLimitPolicy", [
         ("unit", 1, F.TYPE_ENUM, one, "RateLimitUnit"),
@@ -79,7 +88,9 @@ def rate_limit_config_class():
     for name, number in [("UNKNOWN", 0), ("SECOND", 1), ("MINUTE", 2), ("HOUR", 3),
                          ("DAY", 4), ("MONTH", 5), ("YEAR", 6), ("WEEK", 7)]:
         unit.value.add(name=name, number=number)
+    proto.dependency.append(struct_pb2.DESCRIPTOR.name)
     pool = descriptor_pool.DescriptorPool()
+    pool.Add(descriptor_pb2.FileDescriptorProto.FromString(struct_pb2.DESCRIPTOR.serialized_pb))
     pool.Add(proto)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.RateLimitConfig"))
 
