@@ -11,6 +11,8 @@
 //! - Dockerfile: hadolint, and its binary path, ports, user and config directory.
 //! - Grafana: promtool parses every query, every metric it reads is on `/metrics`, and
 //!   `promtool check metrics` takes `/metrics` itself.
+//! - Alerts: `promtool check rules` and `promtool test rules` (tests/deploy/alerts_test.yaml)
+//!   pass, and every metric the rules read is on `/metrics`.
 //!
 //! The checks that need Python packages (kubernetes-validate, jsonschema, PyYAML) are in
 //! tests/deploy/check_deploy.py. The tools come from `scripts/test.sh`: .venv/bin/kubectl,
@@ -27,6 +29,7 @@ use common::envoy::{self, Envoy};
 use common::meshlimit::{self, Meshlimit};
 use common::redis::RedisServer;
 use common::upstream::EchoUpstream;
+use common::xds::XdsServer;
 use common::{http, repo_root, venv_tool};
 use serde_json::Value;
 
@@ -906,38 +909,62 @@ fn grafana_queries_parse_and_read_metrics_the_binary_exports() {
         );
     }
 
-    // Every metric the dashboard reads is exported, with the labels it groups by: by a
-    // replica on the memory store or one on the Redis store (as the overlays run them).
-    // The memory replica keeps a counter snapshot, as the memory-persistent overlay runs it.
-    let snapshots = tempfile::tempdir().expect("a directory for the snapshot");
-    let snapshot = snapshots.path().join("counters").display().to_string();
-    let memory = Meshlimit::start_with(
-        repo_root().join(CONFIG_DIR),
-        &["--memory-snapshot", &snapshot],
-    );
-    let redis = RedisServer::start();
-    let on_redis = Meshlimit::start_with(
-        repo_root().join(CONFIG_DIR),
-        &["--store", "redis", "--redis-url", &redis.url()],
-    );
-    let texts: Vec<String> = [&memory, &on_redis]
-        .iter()
-        .map(|server| {
-            http::get(server.admin_addr, "/metrics", &[])
-                .unwrap_or_else(|err| panic!("GET /metrics: {err}\n{}", server.logs()))
-                .text()
-        })
-        .collect();
-    for text in &texts {
+    // Every metric the dashboard reads is exported, with the labels it groups by.
+    let texts = scraped_replicas();
+    for text in texts {
         promtool_accepts(&promtool, text);
     }
+    assert_exported("the dashboard", read.iter().copied());
     let metrics = texts.join("\n");
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"")
+        ),
+        "rule counters lack the domain and key labels the dashboard groups by:\n{metrics}"
+    );
+}
+
+/// /metrics of a replica of each kind the overlays and the README run: on the memory store
+/// keeping a counter snapshot (memory-persistent), on the Redis store, and fed by an xDS
+/// server. Scraped once for every test that needs them.
+fn scraped_replicas() -> &'static [String] {
+    static TEXTS: OnceLock<Vec<String>> = OnceLock::new();
+    TEXTS.get_or_init(|| {
+        let snapshots = tempfile::tempdir().expect("a directory for the snapshot");
+        let snapshot = snapshots.path().join("counters").display().to_string();
+        let memory = Meshlimit::start_with(
+            repo_root().join(CONFIG_DIR),
+            &["--memory-snapshot", &snapshot],
+        );
+        let redis = RedisServer::start();
+        let on_redis = Meshlimit::start_with(
+            repo_root().join(CONFIG_DIR),
+            &["--store", "redis", "--redis-url", &redis.url()],
+        );
+        let xds = XdsServer::start();
+        xds.publish("1", serde_json::json!([{"name": "edge", "domain": "edge"}]));
+        let on_xds = Meshlimit::start_without_dir(&["--xds-server", &xds.url()], &[]);
+        [&memory, &on_redis, &on_xds]
+            .iter()
+            .map(|server| {
+                http::get(server.admin_addr, "/metrics", &[])
+                    .unwrap_or_else(|err| panic!("GET /metrics: {err}\n{}", server.logs()))
+                    .text()
+            })
+            .collect()
+    })
+}
+
+/// Asserts that every metric `what` reads is one some replica exports: a family, or a
+/// histogram's `_bucket`, `_sum` or `_count`.
+fn assert_exported<'m>(what: &str, read: impl Iterator<Item = &'m str>) {
+    let metrics = scraped_replicas().join("\n");
     let types: BTreeMap<&str, &str> = metrics
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
         .filter_map(|rest| rest.split_once(' '))
         .collect();
-    for metric in &read {
+    for metric in read {
         let family = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|suffix| {
@@ -948,15 +975,42 @@ fn grafana_queries_parse_and_read_metrics_the_binary_exports() {
             .unwrap_or(metric);
         assert!(
             types.contains_key(family),
-            "the dashboard reads {metric}, which /metrics does not export:\n{metrics}"
+            "{what} reads {metric}, which /metrics does not export:\n{metrics}"
         );
     }
-    assert!(
-        metrics.lines().any(
-            |l| l.starts_with("ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"")
-        ),
-        "rule counters lack the domain and key labels the dashboard groups by:\n{metrics}"
+}
+
+// ---- Prometheus alerts ------------------------------------------------------------------
+
+const ALERTS: &str = "deploy/prometheus/meshlimit-alerts.yaml";
+
+/// The alerting rules load in Prometheus (`promtool check rules`, its linter included),
+/// fire on the faults they are for and on nothing in a healthy deployment
+/// (tests/deploy/alerts_test.yaml, run by `promtool test rules`), and every metric they
+/// read, or tell the operator to look at, is exported by a running meshlimit.
+#[test]
+fn alerts_load_fire_on_their_faults_and_read_exported_metrics() {
+    let promtool = venv_tool("MESHLIMIT_PROMTOOL", "bin/promtool");
+    let checked = stdout_of(
+        Command::new(&promtool)
+            .args(["check", "rules", ALERTS])
+            .current_dir(repo_root()),
     );
+    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
+    let tested = stdout_of(
+        Command::new(&promtool)
+            .args(["test", "rules", "tests/deploy/alerts_test.yaml"])
+            .current_dir(repo_root()),
+    );
+    assert!(tested.contains("SUCCESS"), "{tested}");
+
+    let rules = std::fs::read_to_string(repo_root().join(ALERTS)).expect("read the alerts");
+    let mentioned: BTreeSet<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("meshlimit_") || word.starts_with("ratelimit_service_"))
+        .collect();
+    assert!(mentioned.len() >= 10, "{mentioned:?}");
+    assert_exported(ALERTS, mentioned.into_iter());
 }
 
 /// Prometheus' own parser and linter take `text` (`promtool check metrics`). Its one
