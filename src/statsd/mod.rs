@@ -7,9 +7,11 @@
 //! Every interval, what each counter gained since the last push is sent as a statsd
 //! counter (`name:delta|c`); counters that did not move are not sent. Call latency goes as
 //! a timer, one line per latency bucket that gained calls (see `Value::Millis`). Lines are
-//! packed into datagrams that fit an ordinary MTU. A lost datagram loses those increments,
-//! as statsd over UDP always may; over TCP (envoyproxy/ratelimit's transport) a push that
-//! reached nothing — the agent down or restarting — goes out with the next one instead.
+//! packed into datagrams that fit an ordinary MTU. A datagram lost on the way loses those
+//! increments, as statsd over UDP always may; what could not be sent at all — over TCP
+//! (envoyproxy/ratelimit's transport) the lines not written when the agent went away or
+//! stopped reading, over UDP the datagrams after a failed send — goes out with the next
+//! push, and a line that was sent never goes twice.
 //! Nothing here can slow a decision: the push runs in its own task.
 //!
 //! `dialect` writes each line as plain statsd or DogStatsD, with envoyproxy/ratelimit's
@@ -86,6 +88,42 @@ pub struct Totals {
     pub latency: Vec<(f64, u64)>,
 }
 
+/// One push: its datagrams, and for each of their lines in order, the total it brings its
+/// counter or latency bucket to at the agent.
+pub struct Push {
+    pub datagrams: Vec<String>,
+    reaches: Vec<Reached>,
+}
+
+/// What a line, once the agent has it, has told it.
+enum Reached {
+    Counter(String, u64),
+    /// A latency bucket (by index) and its calls.
+    Latency(usize, u64),
+}
+
+impl Sent {
+    /// Records that the first `lines` lines of `push` reached the agent; the others' gains
+    /// stay to be sent by the next push.
+    pub fn delivered(&mut self, push: &Push, lines: usize) {
+        for reached in push.reaches.iter().take(lines) {
+            match reached {
+                Reached::Counter(name, total) => {
+                    self.counters.insert(name.clone(), *total);
+                }
+                Reached::Latency(bucket, calls) => {
+                    if self.latency.len() <= *bucket {
+                        self.latency.resize(bucket + 1, 0);
+                    }
+                    if let Some(sent) = self.latency.get_mut(*bucket) {
+                        *sent = *calls;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Pushes the counters every `options.interval`, forever (the server aborts the task when
 /// it stops). Errors are logged once per run of failures and never stop the loop.
 pub async fn push_loop(metrics: Arc<Metrics>, options: StatsdOptions) {
@@ -106,30 +144,30 @@ pub async fn push_loop(metrics: Arc<Metrics>, options: StatsdOptions) {
             counters: metrics.statsd_counters(),
             latency: metrics.decision_latency.millis_buckets(),
         };
-        let before = sent.clone();
-        let datagrams = datagrams(&mut sent, totals, &options.dialect);
-        match sender.send(&options.target, &datagrams).await {
-            Ok(()) => warned = false,
+        let push = push(&sent, totals, &options.dialect);
+        let delivered = match sender.send(&options.target, &push.datagrams).await {
+            Ok(()) => {
+                warned = false;
+                push.reaches.len()
+            }
             Err(failure) => {
                 if !warned {
                     let error = &failure.error;
-                    tracing::warn!(target = %options.target, %error, "statsd: cannot send; increments are kept for the next push while nothing goes out");
+                    tracing::warn!(target = %options.target, %error, "statsd: cannot send; what did not go out is kept for the next push");
                     warned = true;
                 }
-                // Nothing reached the agent: the next push sends these increments too.
-                if !failure.partly_sent {
-                    sent = before;
-                }
+                failure.lines_sent
             }
-        }
+        };
+        sent.delivered(&push, delivered);
     }
 }
 
 /// A push that did not all go out.
 struct SendFailure {
     error: std::io::Error,
-    /// Some of it may have reached the agent, so sending it again could count it twice.
-    partly_sent: bool,
+    /// How many of its lines, from the first, went out whole: those are not sent again.
+    lines_sent: usize,
 }
 
 /// The socket pushes go out on.
@@ -154,13 +192,13 @@ impl Sender {
     async fn send(&mut self, target: &str, datagrams: &[String]) -> Result<(), SendFailure> {
         match self {
             Self::Udp(socket) => {
-                for (i, datagram) in datagrams.iter().enumerate() {
+                let mut lines_sent = 0;
+                for datagram in datagrams {
+                    // A datagram goes whole or not at all.
                     if let Err(error) = socket.send_to(datagram.as_bytes(), target).await {
-                        return Err(SendFailure {
-                            error,
-                            partly_sent: i > 0,
-                        });
+                        return Err(SendFailure { error, lines_sent });
                     }
+                    lines_sent += datagram.lines().count();
                 }
                 Ok(())
             }
@@ -170,7 +208,7 @@ impl Sender {
                 }
                 let not_sent = |error| SendFailure {
                     error,
-                    partly_sent: false,
+                    lines_sent: 0,
                 };
                 // An agent that restarted closed our end: writing into it would look sent
                 // and be lost, so a connection the agent closed is opened again first.
@@ -189,20 +227,38 @@ impl Sender {
                 };
                 let mut payload = datagrams.join("\n");
                 payload.push('\n');
-                let written =
-                    tokio::time::timeout(TCP_DEADLINE, stream.write_all(payload.as_bytes()))
-                        .await
-                        .unwrap_or_else(|_| Err(timed_out("writing")));
-                written.map_err(|error| {
+                // Counted outside the write, so that a write cut short by the deadline
+                // still says how far it got: a write that had not finished wrote nothing.
+                let mut written = 0;
+                let writing = write_counting(stream, payload.as_bytes(), &mut written);
+                let result = (tokio::time::timeout(TCP_DEADLINE, writing).await)
+                    .unwrap_or_else(|_| Err(timed_out("writing")));
+                result.map_err(|error| {
                     *connection = None;
-                    SendFailure {
-                        error,
-                        partly_sent: true,
-                    }
+                    // A line cut off by the failure reaches the agent as a broken line,
+                    // which it drops: it goes again, whole, with the next push.
+                    let whole = payload.as_bytes().get(..written).unwrap_or_default();
+                    let lines_sent = whole.iter().filter(|&&byte| byte == b'\n').count();
+                    SendFailure { error, lines_sent }
                 })
             }
         }
     }
+}
+
+/// Writes all of `bytes`, adding to `written` as each write returns.
+async fn write_counting(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    written: &mut usize,
+) -> std::io::Result<()> {
+    while let Some(rest) = bytes.get(*written..).filter(|rest| !rest.is_empty()) {
+        match stream.write(rest).await? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => *written += n,
+        }
+    }
+    Ok(())
 }
 
 /// Whether the agent closed the connection (or reset it). statsd agents never write
@@ -224,12 +280,13 @@ fn timed_out(what: &str) -> std::io::Error {
 }
 
 /// The statsd lines of what each counter and latency bucket of `now` gained since `sent`,
-/// packed into datagrams; `sent` is updated to `now`. A counter that went down (it cannot,
-/// but a renamed rule's may start again) sends its whole new value.
-pub fn datagrams(sent: &mut Sent, now: Totals, dialect: &Dialect) -> Vec<String> {
+/// packed into datagrams. A counter that went down (it cannot, but a renamed rule's may
+/// start again) sends its whole new value. `sent` moves only by `Sent::delivered`.
+pub fn push(sent: &Sent, now: Totals, dialect: &Dialect) -> Push {
     let mut lines = Vec::new();
+    let mut reaches = Vec::new();
     for (name, value) in now.counters {
-        let before = sent.counters.insert(name.clone(), value).unwrap_or(0);
+        let before = sent.counters.get(&name).copied().unwrap_or(0);
         let gained = if value >= before {
             value - before
         } else {
@@ -237,21 +294,25 @@ pub fn datagrams(sent: &mut Sent, now: Totals, dialect: &Dialect) -> Vec<String>
         };
         if gained > 0 {
             lines.push(dialect.line(&name, Value::Count(gained)));
+            reaches.push(Reached::Counter(name, value));
         }
     }
-    sent.latency.resize(now.latency.len(), 0);
-    for ((millis, calls), before) in now.latency.into_iter().zip(&mut sent.latency) {
-        let gained = calls.saturating_sub(*before);
-        *before = calls;
+    for (bucket, (millis, calls)) in now.latency.into_iter().enumerate() {
+        let before = sent.latency.get(bucket).copied().unwrap_or(0);
+        let gained = calls.saturating_sub(before);
         if gained > 0 {
             let value = Value::Millis {
                 millis,
                 calls: gained,
             };
             lines.push(dialect.line(RESPONSE_TIME, value));
+            reaches.push(Reached::Latency(bucket, calls));
         }
     }
-    pack(lines)
+    Push {
+        datagrams: pack(lines),
+        reaches,
+    }
 }
 
 /// Lines joined by newlines into datagrams of at most `MAX_DATAGRAM_BYTES` (a longer line
@@ -285,8 +346,11 @@ mod tests {
         }
     }
 
+    /// The datagrams of a push that all went out.
     fn plain(sent: &mut Sent, now: Totals) -> Vec<String> {
-        datagrams(sent, now, &Dialect::default())
+        let push = push(sent, now, &Dialect::default());
+        sent.delivered(&push, usize::MAX);
+        push.datagrams
     }
 
     #[test]
@@ -343,5 +407,97 @@ mod tests {
         assert!(packed.len() > 1);
         assert!(packed.iter().all(|d| d.len() <= MAX_DATAGRAM_BYTES));
         assert_eq!(packed.iter().map(|d| d.lines().count()).sum::<usize>(), 200);
+    }
+
+    #[test]
+    fn what_did_not_go_out_goes_next_time_and_what_did_never_again() {
+        let mut sent = Sent::default();
+        let now = || Totals {
+            counters: vec![
+                ("a".to_owned(), 5),
+                ("b".to_owned(), 7),
+                ("c".to_owned(), 1),
+            ],
+            latency: vec![(0.005, 2)],
+        };
+        let first = push(&sent, now(), &Dialect::default());
+        assert_eq!(first.datagrams[0].lines().count(), 4);
+        // Two lines went out before the failure.
+        sent.delivered(&first, 2);
+        let second = push(&sent, now(), &Dialect::default());
+        assert_eq!(
+            second.datagrams,
+            [format!("c:1|c\n{RESPONSE_TIME}:0.005|ms|@0.5")]
+        );
+        sent.delivered(&second, usize::MAX);
+        assert!(push(&sent, now(), &Dialect::default()).datagrams.is_empty());
+    }
+
+    /// An agent that stops reading: the push is cut at the write deadline part way, the
+    /// lines written whole reach the agent once the connection closes, and the next push,
+    /// on a new connection, brings exactly the rest — every counter once.
+    #[tokio::test]
+    async fn a_tcp_push_cut_short_is_finished_by_the_next_without_repeating_a_line() {
+        use tokio::io::AsyncReadExt;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // A small receive window, so that the sender's buffers fill after a few MB.
+        socket.set_recv_buffer_size(4_096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(4).unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let counters: Vec<(String, u64)> = (0..150_000)
+            .map(|i| {
+                (
+                    format!("ratelimit.service.rate_limit.edge.user_{i:06}.hits"),
+                    1,
+                )
+            })
+            .collect();
+        let total = counters.len();
+        let now = || Totals {
+            counters: counters.clone(),
+            latency: Vec::new(),
+        };
+        let mut sender = Sender::open(Transport::Tcp).await.unwrap();
+        let mut sent = Sent::default();
+
+        let first = push(&sent, now(), &Dialect::default());
+        let (sending, accepted) =
+            tokio::join!(sender.send(&target, &first.datagrams), listener.accept());
+        let (mut agent, _) = accepted.unwrap();
+        let Err(failure) = sending else {
+            panic!("{total} lines went into a connection nobody reads");
+        };
+        let cut = failure.lines_sent;
+        assert!(cut > 0 && cut < total, "{cut} of {total} lines");
+        sent.delivered(&first, cut);
+        let mut received = String::new();
+        agent.read_to_string(&mut received).await.unwrap();
+
+        // The agent reads again, and meshlimit's end closes once the push is out.
+        let second = push(&sent, now(), &Dialect::default());
+        let sending = async move {
+            let sending = sender.send(&target, &second.datagrams).await;
+            sending.map_err(|failure| failure.error)
+        };
+        let reading = async {
+            let (mut agent, _) = listener.accept().await.unwrap();
+            let mut text = String::new();
+            agent.read_to_string(&mut text).await.map(|_| text)
+        };
+        let (sending, rest) = tokio::join!(sending, reading);
+        sending.unwrap();
+        received.push_str(&rest.unwrap());
+
+        // Whole lines only: the one cut in two went again.
+        let lines: Vec<&str> = received.lines().filter(|l| l.ends_with("|c")).collect();
+        let distinct: std::collections::HashSet<&str> = lines.iter().copied().collect();
+        assert_eq!(
+            lines.len(),
+            total,
+            "{} lines, {cut} in the first push",
+            lines.len()
+        );
+        assert_eq!(distinct.len(), total);
     }
 }
