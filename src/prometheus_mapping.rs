@@ -231,11 +231,25 @@ impl PrometheusMapping {
             if !drop {
                 check_name_template(&written.name).map_err(here)?;
             }
+            // Two families of one name would break the whole scrape.
+            if written.name.starts_with("meshlimit_") {
+                return Err(here(format!(
+                    "name `{}`: names starting with meshlimit_ are meshlimit's own metrics; \
+                     pick another prefix",
+                    written.name
+                )));
+            }
             for label in written.labels.keys() {
                 if !is_label_name(label) {
                     return Err(here(format!(
                         "label `{label}` is not a Prometheus label name: write letters, \
                          digits and `_`, not starting with a digit or `__`"
+                    )));
+                }
+                if label == "le" || label == "quantile" {
+                    return Err(here(format!(
+                        "label `{label}` is Prometheus' own for histogram buckets and summary \
+                         quantiles; call it something else"
                     )));
                 }
             }
@@ -607,6 +621,14 @@ mod tests {
             (
                 "mappings:\n  - match: a.*\n    name: a\n    labels: {1x: $1}\n",
                 "label `1x` is not a Prometheus label name",
+            ),
+            (
+                "mappings:\n  - match: a.*\n    name: a\n    labels: {le: $1}\n",
+                "label `le` is Prometheus' own",
+            ),
+            (
+                "mappings:\n  - match: a.*\n    name: meshlimit_shed_total\n",
+                "names starting with meshlimit_ are meshlimit's own metrics",
             ),
             (
                 "mappings:\n  - match: a.*\n    name: a\n    lables: {x: $1}\n",
