@@ -332,14 +332,15 @@ impl PrometheusMapping {
 
     /// Where `stat`, of `kind`, is exported; `None` when a mapping drops it.
     pub fn map(&self, stat: &str, kind: StatKind) -> Option<Series<'_>> {
+        let unmapped = || Series {
+            name: escape_name(stat),
+            labels: Vec::new(),
+            help: None,
+            observer: self.default_observer,
+            scale: 1.0,
+        };
         let Some((mapping, captures)) = self.find(stat, kind) else {
-            return Some(Series {
-                name: escape_name(stat),
-                labels: Vec::new(),
-                help: None,
-                observer: self.default_observer,
-                scale: 1.0,
-            });
+            return Some(unmapped());
         };
         if mapping.drop {
             return None;
@@ -349,8 +350,13 @@ impl PrometheusMapping {
             captures.expand(template, &mut out);
             out
         };
+        let name = escape_name(&expand(&mapping.name));
+        // A name made of captures that matched nothing: no series can be called that.
+        if name.is_empty() {
+            return Some(unmapped());
+        }
         Some(Series {
-            name: escape_name(&expand(&mapping.name)),
+            name,
             labels: (mapping.labels.iter())
                 .map(|(label, value)| (label.clone(), expand(value)))
                 .collect(),

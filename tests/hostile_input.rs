@@ -192,6 +192,127 @@ proptest! {
     }
 }
 
+/// Pieces of statsd_exporter mapping files, valid and not.
+fn mapping_fragment() -> impl Strategy<Value = String> {
+    let pieces = vec![
+        "mappings:\n",
+        "defaults:\n",
+        "  - match: ",
+        "    name: ",
+        "    labels: {",
+        "a: $1",
+        "b: ${2}",
+        "}",
+        "    match_type: regex\n",
+        "    action: drop\n",
+        "    observer_type: histogram\n",
+        "    match_metric_type: observer\n",
+        "    scale: 0.001\n",
+        "  glob_disable_ordering: true\n",
+        "ratelimit.*.*",
+        "*",
+        ".",
+        "(.*)",
+        "([^.]+)",
+        "\\",
+        "$",
+        "$$",
+        "${x}",
+        "rl_$3",
+        "&a ",
+        "*a",
+        "\n",
+        " ",
+        "é",
+    ];
+    prop::collection::vec(prop::sample::select(pieces), 0..40).prop_map(|p| p.concat())
+}
+
+/// A Prometheus metric name: letters, digits and `_`, not starting with a digit.
+fn is_metric_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A mapping file that loads more often than not: one glob or regex mapping whose parts
+/// are drawn from pieces, with a name and a label made of captures.
+fn mapping_file() -> impl Strategy<Value = String> {
+    let part = prop::sample::select(vec!["*", "ratelimit", "a*b", "x-y", "é", "9"]);
+    let glob = prop::collection::vec(part, 1..6).prop_map(|parts| parts.join("."));
+    let regex = prop::sample::select(vec![
+        r"(.*)",
+        r"^([^.]*)\.(.*)$",
+        r"(?P<d>[a-z]+)\.(\d*)",
+        r"\.(.)(.)?",
+        r"x|(y)",
+    ]);
+    let name = prop::sample::select(vec!["$1", "rl_$1", "${2}_x", "$d", "$9", "a$1$2"]);
+    let label = prop::sample::select(vec!["$1", "${2}", "$d", "", "$$"]);
+    (glob, regex, any::<bool>(), name, label).prop_map(|(glob, regex, is_regex, name, label)| {
+        let (pattern, kind) = if is_regex {
+            (regex.to_owned(), "regex")
+        } else {
+            (glob, "glob")
+        };
+        format!(
+            "mappings:\n  - match: '{pattern}'\n    match_type: {kind}\n    name: '{name}'\n    labels: {{l: '{label}'}}\n"
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// An operator's PROMETHEUS_MAPPER_YAML: loaded or refused with a place, never a
+    /// panic.
+    #[test]
+    fn a_prometheus_mapping_of_any_text_loads_or_is_refused(text in mapping_fragment()) {
+        use meshlimit::prometheus_mapping::PrometheusMapping;
+        if let Err(error) = PrometheusMapping::parse("mapper.yaml", &text) {
+            prop_assert!(!error.message.is_empty());
+        }
+    }
+
+    /// Loaded, a mapping gives every stat it does not drop a name Prometheus accepts,
+    /// whatever the stat and whatever its captures caught.
+    #[test]
+    fn a_loaded_prometheus_mapping_names_every_stat_validly(
+        text in mapping_file(),
+        stats in prop::collection::vec("[a-z_./:*$0-9é-]{1,40}", 1..8),
+    ) {
+        use meshlimit::prometheus_mapping::{PrometheusMapping, StatKind};
+        let mapping = PrometheusMapping::parse("mapper.yaml", &text)
+            .map_err(|error| TestCaseError::fail(format!("{error}\n{text}")))?;
+        for stat in &stats {
+            for kind in [StatKind::Counter, StatKind::Observer] {
+                if let Some(series) = mapping.map(stat, kind) {
+                    prop_assert!(
+                        is_metric_name(&series.name),
+                        "{stat} -> {:?} under\n{text}", series.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_prometheus_mapping_alias_bomb_is_refused() {
+    use meshlimit::prometheus_mapping::PrometheusMapping;
+    let mut text = String::from("mappings:\n  - &m0 {match: a.b, name: x}\n");
+    for level in 1..=9 {
+        let row = vec![format!("*m{}", level - 1); 10].join(", ");
+        text.push_str(&format!("  - &m{level} [{row}]\n"));
+    }
+    let started = Instant::now();
+    let error = PrometheusMapping::parse("mapper.yaml", &text)
+        .expect_err("a bomb is no mapping")
+        .to_string();
+    assert!(error.starts_with("mapper.yaml:"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{error}");
+}
+
 #[test]
 fn invalid_utf8_in_a_file_is_refused_by_name() {
     let dir = tempfile::tempdir().expect("temp dir");
