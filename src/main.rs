@@ -910,7 +910,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 for warning in &mapping.warnings {
                     tracing::warn!("PROMETHEUS_MAPPER_YAML {warning}");
                 }
-                EnvoyproxyNames::Mapped(mapping)
+                EnvoyproxyNames::Mapped(Box::new(mapping))
             }
             Err(error) => {
                 eprintln!("meshlimit: PROMETHEUS_MAPPER_YAML {error}");

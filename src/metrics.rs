@@ -309,7 +309,7 @@ pub enum EnvoyproxyNames {
     /// fixed the unit (PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS).
     BuiltinInMilliseconds,
     /// Those an operator's statsd_exporter mapping gives (PROMETHEUS_MAPPER_YAML).
-    Mapped(PrometheusMapping),
+    Mapped(Box<PrometheusMapping>),
 }
 
 impl Metrics {
@@ -466,11 +466,11 @@ impl Metrics {
     fn render_mapped(&self, out: &mut String, mapping: &PrometheusMapping) {
         let mut families: BTreeMap<String, (String, BTreeMap<String, u64>)> = BTreeMap::new();
         for (stat, value) in self.statsd_counters() {
-            let Some(series) = mapping.map(&stat, StatKind::Counter) else {
+            let Some(series) = mapping.map_remembered(&stat, StatKind::Counter) else {
                 continue;
             };
-            let (_, family) = families.entry(series.name).or_insert_with(|| {
-                let help = series.help.unwrap_or(MAPPED_HELP);
+            let (_, family) = families.entry(series.name.clone()).or_insert_with(|| {
+                let help = series.help.as_deref().unwrap_or(MAPPED_HELP);
                 (help_text(help), BTreeMap::new())
             });
             *family.entry(label_text(&series.labels)).or_default() += value;
@@ -489,7 +489,7 @@ impl Metrics {
         if families.contains_key(&timer.name) {
             return;
         }
-        let help = help_text(timer.help.unwrap_or(MAPPED_TIMER_HELP));
+        let help = help_text(timer.help.as_deref().unwrap_or(MAPPED_TIMER_HELP));
         let labels = label_text(&timer.labels);
         let labels = labels.trim_start_matches('{').trim_end_matches('}');
         // statsd timers are in milliseconds; the mapping's `scale` multiplies those.
@@ -743,7 +743,7 @@ mappings:
 
     fn mapped_metrics() -> Metrics {
         let mapping = PrometheusMapping::parse("mapper.yaml", MAPPER).unwrap();
-        let metrics = Metrics::with_names(EnvoyproxyNames::Mapped(mapping));
+        let metrics = Metrics::with_names(EnvoyproxyNames::Mapped(Box::new(mapping)));
         let over = Hit {
             hits: 1,
             over_limit: true,
@@ -812,7 +812,7 @@ mappings:
             "mappings:\n  - match: ratelimit.service.rate_limit.*.*.*.*\n    name: rl_hits\n",
         )
         .unwrap();
-        let metrics = Metrics::with_names(EnvoyproxyNames::Mapped(mapping));
+        let metrics = Metrics::with_names(EnvoyproxyNames::Mapped(Box::new(mapping)));
         let hit = Hit {
             hits: 2,
             over_limit: false,
@@ -840,21 +840,9 @@ mappings:
         assert!(!text.contains("response_time_bucket"), "{text}");
     }
 
-    /// envoyproxy/ratelimit's built-in Prometheus mapping, as facts: which statsd names
-    /// become which series with which labels (its `default_mapper.yaml`).
-    const ENVOYPROXY_MAPPING: &str = r#"
-mappings:
-  - {match: "ratelimit.service.rate_limit.*.*.*", name: "ratelimit_service_rate_limit_$3", labels: {domain: $1, key1: $2}}
-  - match: 'ratelimit\.service\.rate_limit\.([^\.]*)\.([^\.]*)\.([^\.]*)(\..*)?\.(near_limit|over_limit|total_hits|within_limit|shadow_mode)'
-    match_type: regex
-    name: ratelimit_service_rate_limit_$5
-    labels: {domain: $1, key1: $2, key2: $3}
-  - {match: "ratelimit.service.call.should_rate_limit.*", match_metric_type: counter, name: ratelimit_service_should_rate_limit_error, labels: {err_type: $1}}
-  - {match: "ratelimit_server.*.total_requests", match_metric_type: counter, name: ratelimit_service_total_requests, labels: {grpc_method: $1}}
-  - {match: "ratelimit_server.*.response_time", name: ratelimit_service_response_time_seconds, timer_type: histogram, scale: 0.001, labels: {grpc_method: $1}}
-  - {match: "ratelimit.service.config_load_success", match_metric_type: counter, name: ratelimit_service_config_load_success}
-  - {match: "ratelimit.service.config_load_error", match_metric_type: counter, name: ratelimit_service_config_load_error}
-"#;
+    /// envoyproxy/ratelimit's built-in Prometheus mapping, as facts.
+    const ENVOYPROXY_MAPPING: &str =
+        include_str!("../tests/fixtures/prometheus/envoyproxy_mapping.yaml");
 
     /// Every sample of `text` as (name, labels, value).
     fn samples(text: &str) -> Vec<(String, Vec<String>, String)> {
@@ -905,7 +893,7 @@ mappings:
         let builtin = Metrics::default();
         fill(&builtin);
         let mapping = PrometheusMapping::parse("default_mapper.yaml", ENVOYPROXY_MAPPING).unwrap();
-        let mapped = Metrics::with_names(EnvoyproxyNames::Mapped(mapping));
+        let mapped = Metrics::with_names(EnvoyproxyNames::Mapped(Box::new(mapping)));
         fill(&mapped);
         let builtin = samples(&builtin.render());
         let mapped: Vec<_> = (samples(&mapped.render()).into_iter())

@@ -17,8 +17,11 @@
 //! bounds, not `buckets`; a summary has its count and sum but no quantiles, since meshlimit
 //! keeps bucket counts, not samples; `ttl` drops no series.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use regex::{Captures, Regex};
 use serde::Deserialize;
@@ -148,6 +151,24 @@ pub struct PrometheusMapping {
     default_observer: ObserverType,
     /// What the file asks for that meshlimit does not do, each with its line; logged at start.
     pub warnings: Vec<String>,
+    /// Where each stat went at an earlier scrape: the stats are the same from one scrape
+    /// to the next, and matching them again cost ten times the rest of a scrape.
+    cache: SeriesCache,
+}
+
+/// Stats already mapped, by kind and name.
+#[derive(Debug, Default)]
+struct SeriesCache(Mutex<[HashMap<String, Option<Arc<Series>>>; 3]>);
+
+/// The most stats remembered of each kind; past it the cache starts again. Rules with
+/// request values in their keys (`detailed_metric`) can have a thousand series each.
+const CACHE_CAP: usize = 100_000;
+
+impl Clone for SeriesCache {
+    /// A copy of the mapping starts with nothing remembered.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -159,7 +180,7 @@ struct Mapping {
     only: Option<StatKind>,
     observer: ObserverType,
     scale: f64,
-    help: Option<String>,
+    help: Option<Arc<str>>,
     /// `file:line:column` of the mapping, for warnings.
     origin: String,
     /// Fields written on it that meshlimit does not apply.
@@ -168,12 +189,12 @@ struct Mapping {
 
 /// The Prometheus series a stat goes to.
 #[derive(Debug, PartialEq)]
-pub struct Series<'m> {
+pub struct Series {
     pub name: String,
     /// Sorted by name.
     pub labels: Vec<(String, String)>,
     /// The mapping's `help`, if it has one.
-    pub help: Option<&'m str>,
+    pub help: Option<Arc<str>>,
     pub observer: ObserverType,
     /// What the timer's milliseconds are multiplied by.
     pub scale: f64,
@@ -272,7 +293,7 @@ impl PrometheusMapping {
                 only: written.match_metric_type,
                 observer: observer.unwrap_or(default_observer),
                 scale: written.scale.unwrap_or(1.0),
-                help: written.help.clone(),
+                help: written.help.as_deref().map(Arc::from),
                 origin: here(String::new()).to_string(),
                 unapplied: written.unapplied(),
             };
@@ -291,6 +312,7 @@ impl PrometheusMapping {
             regexes,
             default_observer,
             warnings,
+            cache: SeriesCache::default(),
         };
         mapping.warn_about_the_timer(file);
         Ok(mapping)
@@ -330,8 +352,30 @@ impl PrometheusMapping {
             .find_map(|mapping| Some((mapping, mapping.pattern.captures(stat)?)))
     }
 
+    /// As `map`, remembering the answer for the next scrape.
+    pub fn map_remembered(&self, stat: &str, kind: StatKind) -> Option<Arc<Series>> {
+        let slot = kind as usize;
+        if let Some(known) = self
+            .cache
+            .0
+            .lock()
+            .get(slot)
+            .and_then(|seen| seen.get(stat))
+        {
+            return known.clone();
+        }
+        let series = self.map(stat, kind).map(Arc::new);
+        if let Some(seen) = self.cache.0.lock().get_mut(slot) {
+            if seen.len() >= CACHE_CAP {
+                seen.clear();
+            }
+            seen.insert(stat.to_owned(), series.clone());
+        }
+        series
+    }
+
     /// Where `stat`, of `kind`, is exported; `None` when a mapping drops it.
-    pub fn map(&self, stat: &str, kind: StatKind) -> Option<Series<'_>> {
+    pub fn map(&self, stat: &str, kind: StatKind) -> Option<Series> {
         let unmapped = || Series {
             name: escape_name(stat),
             labels: Vec::new(),
@@ -360,7 +404,7 @@ impl PrometheusMapping {
             labels: (mapping.labels.iter())
                 .map(|(label, value)| (label.clone(), expand(value)))
                 .collect(),
-            help: mapping.help.as_deref(),
+            help: mapping.help.clone(),
             observer: mapping.observer,
             scale: mapping.scale,
         })
@@ -519,7 +563,7 @@ mod tests {
             series.labels,
             labels(&[("descriptor", "user_path_/a"), ("domain", "web")])
         );
-        assert_eq!(series.help, Some("Hits over a limit."));
+        assert_eq!(series.help.as_deref(), Some("Hits over a limit."));
         // A `*` is one part: a key of two parts does not match a glob for three.
         let shorter = "ratelimit.service.rate_limit.web.user.over_limit";
         assert_eq!(
@@ -588,6 +632,37 @@ mod tests {
         assert_eq!(timer.observer, ObserverType::Histogram);
         assert_eq!(timer.scale, 0.001);
         assert!(mapped.warnings.is_empty(), "{:?}", mapped.warnings);
+    }
+
+    #[test]
+    fn a_remembered_answer_is_the_one_mapping_gives_dropped_ones_too() {
+        let mapped = mapping(
+            "mappings:
+  - match: ratelimit.service.rate_limit.*.*.*.over_limit
+    action: drop
+  - match: ratelimit.service.rate_limit.*.*.*.*
+    name: rl_$4
+    labels: {domain: $1}
+",
+        );
+        let hits = "ratelimit.service.rate_limit.web.user.path_/a.total_hits";
+        for stat in [hits, OVER, "other.stat"] {
+            let first = mapped.map_remembered(stat, StatKind::Counter);
+            assert_eq!(
+                first.as_deref(),
+                mapped.map(stat, StatKind::Counter).as_ref()
+            );
+            let again = mapped.map_remembered(stat, StatKind::Counter);
+            assert_eq!(first, again);
+            if let (Some(first), Some(again)) = (&first, &again) {
+                assert!(Arc::ptr_eq(first, again), "{stat} mapped twice");
+            }
+        }
+        assert_eq!(mapped.map_remembered(OVER, StatKind::Counter), None);
+        // Remembered by kind: the timer is not the counter.
+        let timer = mapped.map_remembered(hits, StatKind::Observer).unwrap();
+        assert_eq!(timer.name, "rl_total_hits");
+        assert_eq!(timer.observer, ObserverType::Summary);
     }
 
     #[test]
