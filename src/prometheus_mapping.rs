@@ -187,6 +187,75 @@ struct Mapping {
     unapplied: Vec<&'static str>,
 }
 
+impl Mapping {
+    /// One mapping of the file, checked, with the file's defaults applied.
+    fn compile(
+        file: &str,
+        entry: &Spanned<MappingEntry>,
+        default_match: MatchType,
+        default_observer: ObserverType,
+    ) -> Result<Self, ConfigError> {
+        let here = |message: String| at(file, &entry.referenced, message);
+        let written = &entry.value;
+        let drop = written.action == Some(Action::Drop);
+        if written.name.is_empty() && !drop {
+            return Err(here(format!(
+                "the mapping of `{}` has no `name`: write the Prometheus name its stats \
+                 get (e.g. ratelimit_service_rate_limit_over_limit), or `action: drop`",
+                written.pattern
+            )));
+        }
+        if !drop {
+            check_name_template(&written.name).map_err(here)?;
+        }
+        // Two families of one name would break the whole scrape.
+        if written.name.starts_with("meshlimit_") {
+            return Err(here(format!(
+                "name `{}`: names starting with meshlimit_ are meshlimit's own metrics; \
+                 pick another prefix",
+                written.name
+            )));
+        }
+        for label in written.labels.keys() {
+            if !is_label_name(label) {
+                return Err(here(format!(
+                    "label `{label}` is not a Prometheus label name: write letters, \
+                     digits and `_`, not starting with a digit or `__`"
+                )));
+            }
+            if label == "le" || label == "quantile" {
+                return Err(here(format!(
+                    "label `{label}` is Prometheus' own for histogram buckets and summary \
+                     quantiles; call it something else"
+                )));
+            }
+        }
+        let match_type = written.match_type.unwrap_or(default_match);
+        let pattern = match match_type {
+            MatchType::Glob => glob_regex(&written.pattern).map_err(here)?,
+            MatchType::Regex => Regex::new(&written.pattern).map_err(|error| {
+                here(format!(
+                    "`{}` is not a regular expression: {error}",
+                    written.pattern
+                ))
+            })?,
+        };
+        let observer = written.observer_type.or(written.timer_type);
+        Ok(Mapping {
+            pattern,
+            name: written.name.clone(),
+            labels: written.labels.clone().into_iter().collect(),
+            drop,
+            only: written.match_metric_type,
+            observer: observer.unwrap_or(default_observer),
+            scale: written.scale.unwrap_or(1.0),
+            help: written.help.as_deref().map(Arc::from),
+            origin: here(String::new()).to_string(),
+            unapplied: written.unapplied(),
+        })
+    }
+}
+
 /// The Prometheus series a stat goes to.
 #[derive(Debug, PartialEq)]
 pub struct Series {
@@ -239,66 +308,9 @@ impl PrometheusMapping {
         let mut globs = Vec::new();
         let mut regexes = Vec::new();
         for entry in &parsed.mappings {
-            let here = |message: String| at(file, &entry.referenced, message);
-            let written = &entry.value;
-            let drop = written.action == Some(Action::Drop);
-            if written.name.is_empty() && !drop {
-                return Err(here(format!(
-                    "the mapping of `{}` has no `name`: write the Prometheus name its stats \
-                     get (e.g. ratelimit_service_rate_limit_over_limit), or `action: drop`",
-                    written.pattern
-                )));
-            }
-            if !drop {
-                check_name_template(&written.name).map_err(here)?;
-            }
-            // Two families of one name would break the whole scrape.
-            if written.name.starts_with("meshlimit_") {
-                return Err(here(format!(
-                    "name `{}`: names starting with meshlimit_ are meshlimit's own metrics; \
-                     pick another prefix",
-                    written.name
-                )));
-            }
-            for label in written.labels.keys() {
-                if !is_label_name(label) {
-                    return Err(here(format!(
-                        "label `{label}` is not a Prometheus label name: write letters, \
-                         digits and `_`, not starting with a digit or `__`"
-                    )));
-                }
-                if label == "le" || label == "quantile" {
-                    return Err(here(format!(
-                        "label `{label}` is Prometheus' own for histogram buckets and summary \
-                         quantiles; call it something else"
-                    )));
-                }
-            }
-            let match_type = written.match_type.unwrap_or(default_match);
-            let pattern = match match_type {
-                MatchType::Glob => glob_regex(&written.pattern).map_err(here)?,
-                MatchType::Regex => Regex::new(&written.pattern).map_err(|error| {
-                    here(format!(
-                        "`{}` is not a regular expression: {error}",
-                        written.pattern
-                    ))
-                })?,
-            };
-            let observer = written.observer_type.or(written.timer_type);
-            let mapping = Mapping {
-                pattern,
-                name: written.name.clone(),
-                labels: written.labels.clone().into_iter().collect(),
-                drop,
-                only: written.match_metric_type,
-                observer: observer.unwrap_or(default_observer),
-                scale: written.scale.unwrap_or(1.0),
-                help: written.help.as_deref().map(Arc::from),
-                origin: here(String::new()).to_string(),
-                unapplied: written.unapplied(),
-            };
-            match match_type {
-                MatchType::Glob => globs.push((literal_parts(&written.pattern), mapping)),
+            let mapping = Mapping::compile(file, entry, default_match, default_observer)?;
+            match entry.value.match_type.unwrap_or(default_match) {
+                MatchType::Glob => globs.push((literal_parts(&entry.value.pattern), mapping)),
                 MatchType::Regex => regexes.push(mapping),
             }
         }
