@@ -904,7 +904,23 @@ fn serve(args: ServeArgs) -> ExitCode {
         }),
         None => compat.metrics.clone(),
     };
+    let builtin_names = if compat.response_time_in_milliseconds {
+        EnvoyproxyNames::BuiltinInMilliseconds
+    } else {
+        EnvoyproxyNames::Builtin
+    };
     let envoyproxy_names = match &compat.prometheus_mapper {
+        // Envoy Gateway mounts its mapping from a ConfigMap marked optional: a pod may
+        // start before it is there. Not a reason to crash-loop a rate limiter.
+        Some(path) if !path.exists() => {
+            tracing::warn!(
+                "PROMETHEUS_MAPPER_YAML={}: no such file, so the metrics keep their built-in \
+                 names (envoyproxy/ratelimit's default mapping); restart meshlimit once the \
+                 file is there to use it",
+                path.display()
+            );
+            builtin_names
+        }
         Some(path) => match PrometheusMapping::load(path) {
             Ok(mapping) => {
                 for warning in &mapping.warnings {
@@ -917,8 +933,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        None if compat.response_time_in_milliseconds => EnvoyproxyNames::BuiltinInMilliseconds,
-        None => EnvoyproxyNames::Builtin,
+        None => builtin_names,
     };
     // Before the runtime's threads start (src/allocator.rs says why only this store).
     if matches!(store, StoreChoice::Memory) && meshlimit::allocator::purge_freed_memory_at_once() {

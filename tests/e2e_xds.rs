@@ -109,7 +109,15 @@ fn envoy_gateways_configs_are_applied_acknowledged_and_a_broken_one_refused() {
     avoid_window_edge(60, 20);
     let xds = XdsServer::start();
     xds.publish("1", gateway_config(1, &[]));
-    let env = gateway_env(&xds);
+    let mut env = gateway_env(&xds);
+    // Envoy Gateway's Prometheus settings, with its statsd_exporter mapping.
+    let metrics_addr = common::free_loopback_addr();
+    let mapping = fixture("prometheus/envoy_gateway_mapping.yaml");
+    env.extend([
+        ("USE_PROMETHEUS", "true".to_owned()),
+        ("PROMETHEUS_ADDR", metrics_addr.to_string()),
+        ("PROMETHEUS_MAPPER_YAML", mapping.display().to_string()),
+    ]);
     let meshlimit = Meshlimit::start_envoyproxy_style(&borrowed(&env));
     let stack = Stack::start_around(
         meshlimit,
@@ -191,6 +199,27 @@ fn envoy_gateways_configs_are_applied_acknowledged_and_a_broken_one_refused() {
         2
     );
     assert_eq!(stack.meshlimit.metric("meshlimit_xds_connected"), 1);
+
+    // On PROMETHEUS_ADDR, the series Envoy Gateway's mapping gives: ann's and bob's second
+    // requests over the limit, the response time in milliseconds as there (a 1 000 ms
+    // bound), and what the mapping drops absent.
+    let text = common::http::get(metrics_addr, "/metrics", &[])
+        .unwrap_or_else(|error| panic!("{error}\n{}", stack.logs()))
+        .text();
+    let over = r#"ratelimit_service_rate_limit_over_limit{domain="gateway",key1="user"}"#;
+    assert_eq!(common::meshlimit::sample(&text, over), Some(2), "{text}");
+    let slowest = r#"ratelimit_service_response_time_seconds_bucket{grpc_method="ShouldRateLimit",le="1000"}"#;
+    assert!(
+        common::meshlimit::sample(&text, slowest) >= Some(6),
+        "{text}"
+    );
+    for dropped in [
+        "global_shadow_mode",
+        "over_limit_with_local_cache",
+        "ratelimit_server_",
+    ] {
+        assert!(!text.contains(dropped), "{dropped} in\n{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

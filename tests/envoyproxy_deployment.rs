@@ -693,9 +693,9 @@ mappings:
 
 /// PROMETHEUS_MAPPER_YAML: the rule counters and the response time on PROMETHEUS_ADDR
 /// under the names and labels the mapping gives, the built-in names gone, what the mapping
-/// asks for and meshlimit does not do warned about with its line; a mapping with a typo
-/// stops the start with its file and line, where envoyproxy/ratelimit would start with no
-/// mapping at all.
+/// asks for and meshlimit does not do warned about with its line; a file that is not there
+/// leaves the built-in names, with a warning; a mapping with a typo stops the start with
+/// its file and line, where envoyproxy/ratelimit would start with no mapping at all.
 #[tokio::test]
 async fn a_prometheus_mapping_file_names_the_metrics() {
     common::avoid_window_edge(3_600, 20);
@@ -756,6 +756,31 @@ async fn a_prometheus_mapping_file_names_the_metrics() {
         )),
         "{logs}"
     );
+
+    // A mapping file that is not there (Envoy Gateway mounts its ConfigMap as optional):
+    // meshlimit starts, says so, and keeps the built-in names.
+    let missing = mapper.path().join("absent.yaml").display().to_string();
+    let metrics_addr = free_loopback_addr();
+    let metrics = metrics_addr.to_string();
+    let env = [
+        ("USE_PROMETHEUS", "true"),
+        ("PROMETHEUS_ADDR", metrics.as_str()),
+        ("PROMETHEUS_MAPPER_YAML", missing.as_str()),
+    ];
+    let without = Meshlimit::start_with_env(config.path(), &[], &env);
+    let logs = without.logs();
+    assert!(
+        logs.contains(&format!("PROMETHEUS_MAPPER_YAML={missing}: no such file")),
+        "{logs}"
+    );
+    let text = http::get(metrics_addr, "/metrics", &[])
+        .unwrap_or_else(|error| panic!("{error}\n{logs}"))
+        .text();
+    assert!(
+        text.contains("ratelimit_service_config_load_success 1"),
+        "{text}"
+    );
+    drop(without);
 
     let typo = MAPPER.replace("    labels:\n      domain", "    lables:\n      domain");
     std::fs::write(mapper.path().join("mapper.yaml"), typo).expect("write the mapping");
