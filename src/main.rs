@@ -904,36 +904,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         }),
         None => compat.metrics.clone(),
     };
-    let builtin_names = if compat.response_time_in_milliseconds {
-        EnvoyproxyNames::BuiltinInMilliseconds
-    } else {
-        EnvoyproxyNames::Builtin
-    };
-    let envoyproxy_names = match &compat.prometheus_mapper {
-        // Envoy Gateway mounts its mapping from a ConfigMap marked optional: a pod may
-        // start before it is there. Not a reason to crash-loop a rate limiter.
-        Some(path) if !path.exists() => {
-            tracing::warn!(
-                "PROMETHEUS_MAPPER_YAML={}: no such file, so the metrics keep their built-in \
-                 names (envoyproxy/ratelimit's default mapping); restart meshlimit once the \
-                 file is there to use it",
-                path.display()
-            );
-            builtin_names
-        }
-        Some(path) => match PrometheusMapping::load(path) {
-            Ok(mapping) => {
-                for warning in &mapping.warnings {
-                    tracing::warn!("PROMETHEUS_MAPPER_YAML {warning}");
-                }
-                EnvoyproxyNames::Mapped(Box::new(mapping))
-            }
-            Err(error) => {
-                eprintln!("meshlimit: PROMETHEUS_MAPPER_YAML {error}");
-                return ExitCode::from(2);
-            }
-        },
-        None => builtin_names,
+    let Some(envoyproxy_names) = envoyproxy_names(&compat) else {
+        return ExitCode::from(2);
     };
     // Before the runtime's threads start (src/allocator.rs says why only this store).
     if matches!(store, StoreChoice::Memory) && meshlimit::allocator::purge_freed_memory_at_once() {
@@ -1106,6 +1078,42 @@ fn statsd_options(flags: StatsdFlags, compat: Option<StatsdOptions>) -> Option<S
 }
 
 /// `MESHLIMIT_LOG` (a tracing filter) wins over envoyproxy/ratelimit's `LOG_LEVEL`.
+/// The names of the metrics envoyproxy/ratelimit also has: its built-in ones, or those of
+/// the `PROMETHEUS_MAPPER_YAML` file. `None` (said on stderr) when the file is broken.
+fn envoyproxy_names(compat: &EnvoyproxyEnv) -> Option<EnvoyproxyNames> {
+    let builtin_names = if compat.response_time_in_milliseconds {
+        EnvoyproxyNames::BuiltinInMilliseconds
+    } else {
+        EnvoyproxyNames::Builtin
+    };
+    let Some(path) = &compat.prometheus_mapper else {
+        return Some(builtin_names);
+    };
+    // Envoy Gateway mounts its mapping from a ConfigMap marked optional: a pod may start
+    // before it is there. Not a reason to crash-loop a rate limiter.
+    if !path.exists() {
+        tracing::warn!(
+            "PROMETHEUS_MAPPER_YAML={}: no such file, so the metrics keep their built-in \
+             names (envoyproxy/ratelimit's default mapping); restart meshlimit once the \
+             file is there to use it",
+            path.display()
+        );
+        return Some(builtin_names);
+    }
+    match PrometheusMapping::load(path) {
+        Ok(mapping) => {
+            for warning in &mapping.warnings {
+                tracing::warn!("PROMETHEUS_MAPPER_YAML {warning}");
+            }
+            Some(EnvoyproxyNames::Mapped(Box::new(mapping)))
+        }
+        Err(error) => {
+            eprintln!("meshlimit: PROMETHEUS_MAPPER_YAML {error}");
+            None
+        }
+    }
+}
+
 fn init_logging(json: bool, level: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHLIMIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
