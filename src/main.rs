@@ -927,6 +927,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
         metrics_listener,
         envoyproxy_names,
+        prometheus_mapper: compat.prometheus_mapper.clone(),
         // Zero, written in either place, turns each off.
         connection_lifetime: meshlimit::connections::Lifetime {
             max_age: args
@@ -1093,9 +1094,8 @@ fn envoyproxy_names(compat: &EnvoyproxyEnv) -> Option<EnvoyproxyNames> {
     // before it is there. Not a reason to crash-loop a rate limiter.
     if !path.exists() {
         tracing::warn!(
-            "PROMETHEUS_MAPPER_YAML={}: no such file, so the metrics keep their built-in \
-             names (envoyproxy/ratelimit's default mapping); restart meshlimit once the \
-             file is there to use it",
+            "PROMETHEUS_MAPPER_YAML={}: no such file (yet), so the metrics keep their \
+             built-in names (envoyproxy/ratelimit's default mapping) until it is there",
             path.display()
         );
         return Some(builtin_names);

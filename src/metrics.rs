@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::connections::ConnectionCounts;
@@ -295,8 +296,9 @@ pub struct Metrics {
     pub connections: Arc<ConnectionCounts>,
     rules: Mutex<HashMap<RuleId, Arc<RuleStats>>>,
     gauges: Mutex<Vec<Gauge>>,
-    /// How the metrics envoyproxy/ratelimit also has are named.
-    names: EnvoyproxyNames,
+    /// How the metrics envoyproxy/ratelimit also has are named; a mapping file that
+    /// changes is swapped in while serving.
+    names: ArcSwap<EnvoyproxyNames>,
 }
 
 /// The names under which the metrics envoyproxy/ratelimit also exports are served.
@@ -316,9 +318,14 @@ impl Metrics {
     /// Metrics whose envoyproxy/ratelimit metrics are named as `names` says.
     pub fn with_names(names: EnvoyproxyNames) -> Self {
         Self {
-            names,
+            names: ArcSwap::from_pointee(names),
             ..Self::default()
         }
+    }
+
+    /// Names the metrics envoyproxy/ratelimit also has as `names` says from the next scrape.
+    pub fn set_names(&self, names: EnvoyproxyNames) {
+        self.names.store(Arc::new(names));
     }
 
     /// Gives every rule of a freshly loaded config its counters, reusing those of rules with
@@ -365,7 +372,8 @@ impl Metrics {
                 &self.global_shadow_mode,
             ),
         ];
-        let mapping = match &self.names {
+        let names = self.names.load();
+        let mapping = match &**names {
             EnvoyproxyNames::Mapped(mapping) => Some(mapping),
             _ => None,
         };
@@ -519,7 +527,7 @@ impl Metrics {
              # TYPE ratelimit_service_should_rate_limit_error counter\n\
              ratelimit_service_should_rate_limit_error{{err_type=\"redis_error\"}} {errors}"
         );
-        let in_milliseconds = matches!(self.names, EnvoyproxyNames::BuiltinInMilliseconds);
+        let in_milliseconds = matches!(**self.names.load(), EnvoyproxyNames::BuiltinInMilliseconds);
         let (scale, help) = if in_milliseconds {
             (
                 1e3,

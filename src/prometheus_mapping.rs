@@ -18,8 +18,9 @@
 //! keeps bucket counts, not samples; `ttl` drops no series.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -420,6 +421,61 @@ impl PrometheusMapping {
             observer: mapping.observer,
             scale: mapping.scale,
         })
+    }
+}
+
+/// Follows the mapping file at `path` while meshlimit serves, as its config directory is
+/// followed: every `interval`, a file whose bytes differ from `seen` (what was loaded, or
+/// `None` when there was no file) is loaded and handed to `apply`; one that does not load
+/// is logged and the names in use stay. A file that is not there changes nothing. So a
+/// ConfigMap mounted after the pod started, or edited, takes effect without a restart,
+/// which envoyproxy/ratelimit needs. Runs until aborted.
+pub async fn follow(
+    path: PathBuf,
+    interval: Duration,
+    mut seen: Option<Vec<u8>>,
+    apply: impl Fn(PrometheusMapping),
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let small = (tokio::fs::metadata(&path).await).is_ok_and(|m| m.len() <= MAX_FILE_BYTES);
+        let Some(bytes) = (if small {
+            tokio::fs::read(&path).await.ok()
+        } else {
+            None
+        }) else {
+            continue;
+        };
+        if seen.as_deref() == Some(&bytes[..]) {
+            continue;
+        }
+        let loaded = match std::str::from_utf8(&bytes) {
+            Ok(text) => PrometheusMapping::parse(&path.display().to_string(), text),
+            Err(_) => Err(ConfigError::whole_file(
+                &path,
+                "the mapping file is not UTF-8",
+            )),
+        };
+        seen = Some(bytes);
+        match loaded {
+            Ok(mapping) => {
+                for warning in &mapping.warnings {
+                    tracing::warn!("PROMETHEUS_MAPPER_YAML {warning}");
+                }
+                tracing::info!(
+                    "PROMETHEUS_MAPPER_YAML {}: loaded; the metrics are named by it from the next scrape",
+                    path.display()
+                );
+                apply(mapping);
+            }
+            Err(error) => {
+                tracing::warn!(
+                    "PROMETHEUS_MAPPER_YAML {error}; the metrics keep the names they had"
+                );
+            }
+        }
     }
 }
 

@@ -45,6 +45,8 @@ pub struct ServeOptions {
     /// The names of the metrics envoyproxy/ratelimit also has: its built-in ones, or those
     /// of an operator's mapping (PROMETHEUS_MAPPER_YAML).
     pub envoyproxy_names: EnvoyproxyNames,
+    /// The mapping file (PROMETHEUS_MAPPER_YAML), followed for changes while serving.
+    pub prometheus_mapper: Option<PathBuf>,
     /// When gRPC connections are asked to reconnect (GOAWAY), and closed if they linger.
     pub connection_lifetime: connections::Lifetime,
     /// Push the counters to a statsd agent.
@@ -561,6 +563,14 @@ async fn serve_with<S: CounterStore>(
         tracing::info!(target = %statsd.target, every = ?statsd.interval, "pushing counters to statsd");
         tokio::spawn(crate::statsd::push_loop(metrics.clone(), statsd))
     });
+    let mapping_follower = options.prometheus_mapper.clone().map(|path| {
+        // What main loaded, or nothing when the file was not there.
+        let seen = std::fs::read(&path).ok();
+        let metrics = metrics.clone();
+        let apply = move |mapping| metrics.set_names(EnvoyproxyNames::Mapped(Box::new(mapping)));
+        let follow = crate::prometheus_mapping::follow(path, options.watch_interval, seen, apply);
+        tokio::spawn(follow)
+    });
     let admin_app = admin::router(AdminState {
         health: health.clone(),
         config: live,
@@ -659,6 +669,9 @@ async fn serve_with<S: CounterStore>(
     // The last calls' spans, while the process still can.
     if let Some(tracer) = tracer {
         tracer.flush(Duration::from_secs(2)).await;
+    }
+    if let Some(follower) = mapping_follower {
+        follower.abort();
     }
     if let Some(statsd) = statsd {
         statsd.abort();

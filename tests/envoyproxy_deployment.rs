@@ -694,8 +694,9 @@ mappings:
 /// PROMETHEUS_MAPPER_YAML: the rule counters and the response time on PROMETHEUS_ADDR
 /// under the names and labels the mapping gives, the built-in names gone, what the mapping
 /// asks for and meshlimit does not do warned about with its line; a file that is not there
-/// leaves the built-in names, with a warning; a mapping with a typo stops the start with
-/// its file and line, where envoyproxy/ratelimit would start with no mapping at all.
+/// leaves the built-in names, with a warning, until it arrives, and a broken edit keeps the
+/// names in use; a mapping with a typo stops the start with its file and line, where
+/// envoyproxy/ratelimit would start with no mapping at all.
 #[tokio::test]
 async fn a_prometheus_mapping_file_names_the_metrics() {
     common::avoid_window_edge(3_600, 20);
@@ -780,6 +781,33 @@ async fn a_prometheus_mapping_file_names_the_metrics() {
         text.contains("ratelimit_service_config_load_success 1"),
         "{text}"
     );
+    // The file arrives (the ConfigMap is mounted): its names take over without a restart.
+    std::fs::write(&missing, MAPPER).expect("write the mapping");
+    let mapped_hits = "team_ratelimit_total_hits{domain=\"statsd\",descriptor=\"user\"}";
+    let scrape = || {
+        http::get(metrics_addr, "/metrics", &[])
+            .map(|response| response.text())
+            .unwrap_or_default()
+    };
+    let arrived = poll_until(Duration::from_secs(10), || {
+        common::meshlimit::sample(&scrape(), mapped_hits).map(|_| ())
+    });
+    assert!(arrived.is_some(), "{}\n{}", scrape(), without.logs());
+    // A broken edit is refused with its line, and the names stay.
+    std::fs::write(&missing, "mappings:\n  - match: a.*\n").expect("write the mapping");
+    let refused = poll_until(Duration::from_secs(10), || {
+        let logs = without.logs();
+        logs.contains("the metrics keep the names they had")
+            .then_some(logs)
+    });
+    let logs = refused.unwrap_or_else(|| panic!("no refusal logged\n{}", without.logs()));
+    assert!(
+        logs.contains(&format!(
+            "{missing}:2:5: the mapping of `a.*` has no `name`"
+        )),
+        "{logs}"
+    );
+    assert_eq!(common::meshlimit::sample(&scrape(), mapped_hits), Some(0));
     drop(without);
 
     let typo = MAPPER.replace("    labels:\n      domain", "    lables:\n      domain");
