@@ -1102,9 +1102,7 @@ fn envoyproxy_names(compat: &EnvoyproxyEnv) -> Option<EnvoyproxyNames> {
     }
     match PrometheusMapping::load(path) {
         Ok(mapping) => {
-            for warning in &mapping.warnings {
-                tracing::warn!("PROMETHEUS_MAPPER_YAML {warning}");
-            }
+            mapping.log_warnings();
             Some(EnvoyproxyNames::Mapped(Box::new(mapping)))
         }
         Err(error) => {

@@ -249,15 +249,12 @@ const MAPPED_HELP: &str = "envoyproxy/ratelimit stats, named by PROMETHEUS_MAPPE
 const MAPPED_TIMER_HELP: &str =
     "Time to decide one ShouldRateLimit call, named by PROMETHEUS_MAPPER_YAML.";
 
-/// `{name="value",…}` in the order given, or nothing without labels.
-fn label_text(labels: &[(String, String)]) -> String {
-    if labels.is_empty() {
-        return String::new();
-    }
+/// `name="value",…` in the order given (empty without labels), for `braces`.
+fn label_pairs(labels: &[(String, String)]) -> String {
     let pairs: Vec<String> = (labels.iter())
         .map(|(label, value)| format!("{label}=\"{}\"", escape(value)))
         .collect();
-    format!("{{{}}}", pairs.join(","))
+    pairs.join(",")
 }
 
 /// A HELP line's text may not hold a line break or a lone backslash.
@@ -481,7 +478,8 @@ impl Metrics {
                 let help = series.help.as_deref().unwrap_or(MAPPED_HELP);
                 (help_text(help), BTreeMap::new())
             });
-            *family.entry(label_text(&series.labels)).or_default() += value;
+            let labels = braces(&label_pairs(&series.labels)).0;
+            *family.entry(labels).or_default() += value;
         }
         for (name, (help, family)) in &families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -498,16 +496,15 @@ impl Metrics {
             return;
         }
         let help = help_text(timer.help.as_deref().unwrap_or(MAPPED_TIMER_HELP));
-        let labels = label_text(&timer.labels);
-        let labels = labels.trim_start_matches('{').trim_end_matches('}');
+        let labels = label_pairs(&timer.labels);
         // statsd timers are in milliseconds; the mapping's `scale` multiplies those.
         let scale = 1e3 * timer.scale;
         match timer.observer {
             ObserverType::Histogram => {
-                (self.decision_latency).render_scaled(out, &timer.name, &help, labels, scale);
+                (self.decision_latency).render_scaled(out, &timer.name, &help, &labels, scale);
             }
             ObserverType::Summary => {
-                (self.decision_latency).render_summary(out, &timer.name, &help, labels, scale);
+                (self.decision_latency).render_summary(out, &timer.name, &help, &labels, scale);
             }
         }
     }

@@ -365,6 +365,13 @@ impl PrometheusMapping {
             .find_map(|mapping| Some((mapping, mapping.pattern.captures(stat)?)))
     }
 
+    /// Logs what the file asks for and meshlimit does not do, each with its line.
+    pub fn log_warnings(&self) {
+        for warning in &self.warnings {
+            tracing::warn!("PROMETHEUS_MAPPER_YAML {warning}");
+        }
+    }
+
     /// As `map`, remembering the answer for the next scrape.
     pub fn map_remembered(&self, stat: &str, kind: StatKind) -> Option<Arc<Series>> {
         let slot = kind as usize;
@@ -461,9 +468,7 @@ pub async fn follow(
         seen = Some(bytes);
         match loaded {
             Ok(mapping) => {
-                for warning in &mapping.warnings {
-                    tracing::warn!("PROMETHEUS_MAPPER_YAML {warning}");
-                }
+                mapping.log_warnings();
                 tracing::info!(
                     "PROMETHEUS_MAPPER_YAML {}: loaded; the metrics are named by it from the next scrape",
                     path.display()
