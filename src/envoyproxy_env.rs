@@ -23,6 +23,7 @@ const DEFAULT_PROMETHEUS_ADDR: &str = ":9090";
 const DEFAULT_METRICS_PATH: &str = "/metrics";
 const DEFAULT_ADMIN_PORT: u16 = 8080;
 const DEFAULT_GRPC_PORT: u16 = 8081;
+pub const DEFAULT_DEBUG_PORT: u16 = 6070;
 const DEFAULT_STATSD_HOST: &str = "localhost";
 const DEFAULT_STATSD_PORT: u16 = 8125;
 const DEFAULT_STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
@@ -41,6 +42,8 @@ pub struct EnvoyproxyEnv {
     pub grpc_uds: Option<PathBuf>,
     /// `HOST:PORT`, envoyproxy/ratelimit's HTTP port (`/healthcheck`, `/json`).
     pub admin_addr: Option<SocketAddr>,
+    /// `DEBUG_HOST:DEBUG_PORT`, envoyproxy/ratelimit's debug port (`/rlconfig`, `/stats`).
+    pub debug_addr: Option<SocketAddr>,
     /// `USE_PROMETHEUS=true`: a second listener for the metrics, at `PROMETHEUS_ADDR`.
     pub metrics: Option<MetricsListener>,
     /// `PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS=true`: `ratelimit_service_response_time_seconds`
@@ -113,6 +116,14 @@ pub fn read(env: impl Fn(&str) -> Option<String>) -> Result<EnvoyproxyEnv, Strin
     };
     if env("HOST").is_some() || env("PORT").is_some() {
         read.admin_addr = Some(listen_addr(&env, "HOST", "PORT", DEFAULT_ADMIN_PORT)?);
+    }
+    if env("DEBUG_HOST").is_some() || env("DEBUG_PORT").is_some() {
+        read.debug_addr = Some(listen_addr(
+            &env,
+            "DEBUG_HOST",
+            "DEBUG_PORT",
+            DEFAULT_DEBUG_PORT,
+        )?);
     }
     if env("GRPC_HOST").is_some() || env("GRPC_PORT").is_some() {
         read.grpc_addr = Some(listen_addr(
@@ -489,10 +500,6 @@ fn ignored(
         "a lost xDS stream is retried after CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL \
          (3s), doubling up to 30s, each pause give or take a quarter",
     );
-    note(
-        &["DEBUG_HOST", "DEBUG_PORT"],
-        "/rlconfig is served on the HTTP port (PORT)",
-    );
     if env("PROMETHEUS_MAPPER_YAML").is_some() {
         note(
             &["PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS"],
@@ -684,6 +691,9 @@ mod tests {
         assert_eq!(read.grpc_uds, None);
         let uds = read_of(&[("GRPC_UDS", "/run/rl/grpc.sock")]).unwrap();
         assert_eq!(uds.grpc_uds, Some(PathBuf::from("/run/rl/grpc.sock")));
+        assert_eq!(read.debug_addr, None);
+        let debug = read_of(&[("DEBUG_HOST", "127.0.0.1")]).unwrap();
+        assert_eq!(debug.debug_addr, Some("127.0.0.1:6070".parse().unwrap()));
         let v6 = read_of(&[("HOST", "::1")]).unwrap();
         assert_eq!(v6.admin_addr, Some("[::1]:8080".parse().unwrap()));
         let bad = read_of(&[("GRPC_PORT", "tcp://10.0.0.7:8081")]).unwrap_err();
@@ -935,7 +945,7 @@ mod tests {
             ("REDIS_POOL_SIZE", "20"),
             ("REDIS_PIPELINE_WINDOW", "150us"),
             ("USE_DOG_STATSD_MOGRIFIERS", "HITS"),
-            ("DEBUG_PORT", "6070"),
+            ("EXPIRATION_JITTER_MAX_SECONDS", "300"),
             ("REDIS_STARTUP_MAX_ELAPSED_TIME", "1m"),
         ])
         .unwrap();

@@ -1,5 +1,6 @@
 //! Human-readable views of a loaded config: `meshlimit explain` (why a descriptor gets the
-//! limit it gets) and the admin port's `/rlconfig` (every effective rule).
+//! limit it gets), the admin port's `/rlconfig` (every effective rule) and the debug
+//! port's `/rlconfig` (envoyproxy/ratelimit's one-line-per-rule dump).
 
 use std::fmt::Write;
 
@@ -130,6 +131,47 @@ pub fn render_config(config: &RateLimitConfig) -> String {
             };
             let _ = writeln!(out, "  {}: {limit} ({})", rule.path, rule.source);
             describe_rule(&mut out, rule, "    ");
+        }
+    }
+    out
+}
+
+/// envoyproxy/ratelimit's `/rlconfig` on its debug port: one line per limit,
+/// `domain.key_value.key: unit=MINUTE requests_per_unit=10, shadow_mode: false, quota_mode: false`,
+/// so the scripts and runbooks that read it read meshlimit's too. An unlimited rule is
+/// `unit=UNKNOWN requests_per_unit=0`, as envoyproxy/ratelimit shows one; a window that is
+/// not one unit (`per: 10s`, meshlimit's own) shows its length; a rule of several limits
+/// has a line for each.
+pub fn render_envoyproxy_dump(config: &RateLimitConfig) -> String {
+    let mut out = String::new();
+    for domain in config.domains() {
+        for rule in domain.rules() {
+            let modes = format!(
+                "shadow_mode: {}, quota_mode: {}",
+                rule.shadow_mode, rule.quota_mode
+            );
+            match &rule.limit {
+                RuleLimit::Unlimited => {
+                    let _ = writeln!(
+                        out,
+                        "{}: unit=UNKNOWN requests_per_unit=0, {modes}",
+                        rule.path
+                    );
+                }
+                RuleLimit::Limited(limits) => {
+                    for limit in limits {
+                        let unit = match limit.unit() {
+                            Some(unit) => unit.to_proto().as_str_name().to_owned(),
+                            None => crate::limit::format_duration(limit.window_millis()),
+                        };
+                        let _ = writeln!(
+                            out,
+                            "{}: unit={unit} requests_per_unit={}, {modes}",
+                            rule.path, limit.requests_per_unit
+                        );
+                    }
+                }
+            }
         }
     }
     out
@@ -274,6 +316,47 @@ descriptors:
         assert!(
             text.contains("shop.vip: 100/minute sliding_window"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_debug_dump_is_envoyproxys_line_per_limit() {
+        let yaml = "\
+domain: edge
+descriptors:
+  - key: remote_address
+    rate_limit: {unit: second, requests_per_unit: 5}
+    shadow_mode: true
+  - key: user
+    descriptors:
+      - key: path
+        value: /login
+        rate_limit: {unit: minute, requests_per_unit: 3}
+        quota_mode: true
+  - key: internal
+    rate_limit: {unlimited: true}
+  - key: tenant
+    limits:
+      - {requests_per_unit: 100, unit: hour}
+      - {requests_per_unit: 10, per: 10s}
+";
+        let tree = compile_str("edge.yaml", yaml, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let config = RateLimitConfig::new([tree], Algorithm::SlidingWindow);
+        let mut lines: Vec<String> = render_envoyproxy_dump(&config)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "edge.internal: unit=UNKNOWN requests_per_unit=0, shadow_mode: false, quota_mode: false",
+                "edge.remote_address: unit=SECOND requests_per_unit=5, shadow_mode: true, quota_mode: false",
+                "edge.tenant: unit=10s requests_per_unit=10, shadow_mode: false, quota_mode: false",
+                "edge.tenant: unit=HOUR requests_per_unit=100, shadow_mode: false, quota_mode: false",
+                "edge.user.path_/login: unit=MINUTE requests_per_unit=3, shadow_mode: false, quota_mode: true",
+            ]
         );
     }
 }

@@ -16,7 +16,9 @@ use meshlimit::metrics::EnvoyproxyNames;
 use meshlimit::prometheus_mapping::PrometheusMapping;
 use meshlimit::response::{LegacyNames, ResponseSettings};
 use meshlimit::rule::HeaderSet;
-use meshlimit::server::{self, ConfigSource, ServeOptions, SnapshotOptions, StoreChoice};
+use meshlimit::server::{
+    self, ConfigSource, DebugListener, ServeOptions, SnapshotOptions, StoreChoice,
+};
 use meshlimit::simulate::{Pattern, Scenario};
 use meshlimit::statsd::{StatsdFormat, StatsdOptions, Transport};
 use meshlimit::store::redis::settings::{self, RedisFlags};
@@ -143,6 +145,11 @@ struct ServeArgs {
     /// [also USE_PROMETHEUS=true with PROMETHEUS_ADDR and PROMETHEUS_PATH].
     #[arg(long, env = "MESHLIMIT_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// envoyproxy/ratelimit's debug port: /rlconfig as its one-line-per-rule dump, /stats;
+    /// unset, DEBUG_HOST and DEBUG_PORT apply, else, started as /bin/ratelimit,
+    /// envoyproxy/ratelimit's 0.0.0.0:6070 when free [default: not opened]
+    #[arg(long, env = "MESHLIMIT_DEBUG_ADDR")]
+    debug_addr: Option<SocketAddr>,
     #[command(flatten)]
     counting: CountingArgs,
     /// The most counters the in-memory store holds; least useful ones are evicted first.
@@ -698,14 +705,36 @@ enum LogFormat {
 /// links to meshlimit and Deployments written for it run), meshlimit serves.
 fn arguments() -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let called = args
-        .first()
-        .and_then(|first| std::path::Path::new(first).file_name())
-        .is_some_and(|name| name == "ratelimit");
-    if called && args.len() == 1 {
+    if called_as_ratelimit() && args.len() == 1 {
         args.push("serve".into());
     }
     args
+}
+
+fn called_as_ratelimit() -> bool {
+    std::env::args_os()
+        .next()
+        .is_some_and(|first| std::path::Path::new(&first).file_name() == Some("ratelimit".as_ref()))
+}
+
+/// The flag, else DEBUG_HOST/DEBUG_PORT, else — started as `/bin/ratelimit`, by a
+/// Deployment written for envoyproxy/ratelimit, whose runbooks reach its debug port with
+/// `kubectl port-forward … 6070` — envoyproxy/ratelimit's default, when it is free.
+fn debug_listener(
+    flag: Option<SocketAddr>,
+    env: Option<SocketAddr>,
+    called_as_ratelimit: bool,
+) -> Option<DebugListener> {
+    match flag.or(env) {
+        Some(addr) => Some(DebugListener {
+            addr,
+            required: true,
+        }),
+        None => called_as_ratelimit.then(|| DebugListener {
+            addr: SocketAddr::from(([0, 0, 0, 0], envoyproxy_env::DEFAULT_DEBUG_PORT)),
+            required: false,
+        }),
+    }
 }
 
 fn main() -> ExitCode {
@@ -926,6 +955,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             .or(compat.admin_addr)
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
         metrics_listener,
+        debug_listener: debug_listener(args.debug_addr, compat.debug_addr, called_as_ratelimit()),
         envoyproxy_names,
         prometheus_mapper: compat.prometheus_mapper.clone(),
         // Zero, written in either place, turns each off.
@@ -1124,5 +1154,30 @@ fn init_logging(json: bool, level: Option<&str>) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_debug_port_opens_where_asked_else_as_envoyproxy_ratelimit_would() {
+        let flag: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let env: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let at = |listener: Option<DebugListener>| listener.map(|l| (l.addr, l.required));
+        assert_eq!(
+            at(debug_listener(Some(flag), Some(env), true)),
+            Some((flag, true))
+        );
+        assert_eq!(
+            at(debug_listener(None, Some(env), false)),
+            Some((env, true))
+        );
+        assert_eq!(
+            at(debug_listener(None, None, true)),
+            Some(("0.0.0.0:6070".parse().unwrap(), false))
+        );
+        assert_eq!(at(debug_listener(None, None, false)), None);
     }
 }

@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub admin_addr: SocketAddr,
     /// A second listener serving only the metrics.
     pub metrics_listener: Option<MetricsListener>,
+    /// envoyproxy/ratelimit's debug port (`/rlconfig`, `/stats`).
+    pub debug_listener: Option<DebugListener>,
     /// The names of the metrics envoyproxy/ratelimit also has: its built-in ones, or those
     /// of an operator's mapping (PROMETHEUS_MAPPER_YAML).
     pub envoyproxy_names: EnvoyproxyNames,
@@ -78,6 +80,16 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// Where counters live.
     pub store: StoreChoice,
+}
+
+/// Where envoyproxy/ratelimit's debug port listens, and whether it must.
+#[derive(Debug, Clone, Copy)]
+pub struct DebugListener {
+    pub addr: SocketAddr,
+    /// Asked for (`--debug-addr`, `DEBUG_HOST`/`DEBUG_PORT`): a port that cannot be bound
+    /// stops the start. Otherwise (the default of `/bin/ratelimit`) it is only logged and
+    /// serving goes on without it, as envoyproxy/ratelimit goes on.
+    pub required: bool,
 }
 
 /// `--memory-snapshot`: where the memory store's counters are saved, and how often besides
@@ -487,11 +499,30 @@ async fn serve_with<S: CounterStore>(
         )),
         None => None,
     };
+    let debug_listener = match options.debug_listener {
+        Some(asked) if asked.required => Some(
+            bind(
+                asked.addr,
+                "debug",
+                "--debug-addr (or DEBUG_HOST/DEBUG_PORT)",
+            )
+            .await?,
+        ),
+        Some(asked) => match TcpListener::bind(asked.addr).await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::warn!(addr = %asked.addr, %error, "envoyproxy/ratelimit's debug port (/rlconfig, /stats) is not served: set DEBUG_PORT to a free port to have it");
+                None
+            }
+        },
+        None => None,
+    };
     tracing::info!(
         grpc = %grpc_listener.describe(),
         connections = %options.connection_lifetime,
         admin = %local(&admin_listener),
         metrics = metrics_listener.as_ref().map(|(listener, path)| format!("{}{path}", local(listener))),
+        debug = debug_listener.as_ref().map(local),
         config = %options.config.describe(),
         "meshlimit listening"
     );
@@ -559,6 +590,8 @@ async fn serve_with<S: CounterStore>(
 
     let metrics_app = metrics_listener
         .map(|(listener, path)| (listener, admin::metrics_router(metrics.clone(), path)));
+    let debug_app = debug_listener
+        .map(|listener| (listener, admin::debug_router(live.clone(), metrics.clone())));
     let statsd = options.statsd.clone().map(|statsd| {
         tracing::info!(target = %statsd.target, every = ?statsd.interval, "pushing counters to statsd");
         tokio::spawn(crate::statsd::push_loop(metrics.clone(), statsd))
@@ -624,23 +657,12 @@ async fn serve_with<S: CounterStore>(
         }
     };
     let admin = axum::serve(admin_listener, admin_app).with_graceful_shutdown(when_stopped());
-    let metrics_only = {
-        let stopped = when_stopped();
-        async move {
-            match metrics_app {
-                Some((listener, app)) => {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                }
-                None => Ok(()),
-            }
-        }
-    };
+    let metrics_only = optional_server(metrics_app, when_stopped());
+    let debug = optional_server(debug_app, when_stopped());
     let mut servers = tokio::spawn(async move {
         // The gRPC connections end without an error of the server's: each one's is its own.
-        let ((), admin, metrics) = tokio::join!(grpc, admin, metrics_only);
-        admin.and(metrics)
+        let ((), admin, metrics, debug) = tokio::join!(grpc, admin, metrics_only, debug);
+        admin.and(metrics).and(debug)
     });
 
     let admin = tokio::select! {
@@ -685,6 +707,21 @@ async fn serve_with<S: CounterStore>(
     })?;
     tracing::info!("meshlimit stopped");
     Ok(())
+}
+
+/// An HTTP listener of its own (metrics, debug) when there is one, until `stopped`.
+async fn optional_server(
+    app: Option<(TcpListener, axum::Router)>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match app {
+        Some((listener, app)) => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+        None => Ok(()),
+    }
 }
 
 async fn bind(

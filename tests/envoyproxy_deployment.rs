@@ -208,6 +208,108 @@ fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
     );
 }
 
+/// envoyproxy/ratelimit's debug port, where its runbooks look (`kubectl port-forward …
+/// 6070`, `curl localhost:6070/rlconfig`): `/rlconfig` dumps the loaded rules one line each
+/// as it does, and the rules after an edit of the ConfigMap; `/stats` the counters by their
+/// statsd names; any other path lists the two. A DEBUG_PORT that is taken stops the start,
+/// naming it.
+#[tokio::test]
+async fn the_debug_port_serves_rlconfig_and_stats_where_envoyproxys_runbooks_look() {
+    common::avoid_window_edge(60, 10);
+    let mut config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
+    let root = config.root().display().to_string();
+    let env = [
+        ("RUNTIME_ROOT", root.as_str()),
+        ("RUNTIME_SUBDIRECTORY", "ratelimit"),
+    ];
+    let server = Meshlimit::start_envoyproxy_style(&env);
+    let debug = server.debug_addr.expect("started as /bin/ratelimit");
+    let get = |path: &str| {
+        http::get(debug, path, &[])
+            .unwrap_or_else(|error| panic!("GET {path} on {debug}: {error}\n{}", server.logs()))
+    };
+    let sorted = |text: String| {
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(
+        sorted(get("/rlconfig").text()),
+        [
+            "ratelimit.user.path: unit=MINUTE requests_per_unit=100, shadow_mode: false, quota_mode: false",
+            "ratelimit.user.path_/productpage: unit=MINUTE requests_per_unit=1, shadow_mode: false, quota_mode: false",
+        ]
+    );
+
+    let mut client = server.client().await;
+    for _ in 0..2 {
+        client
+            .should_rate_limit(request(
+                "ratelimit",
+                &[&[("user", "alice"), ("path", "/productpage")]],
+            ))
+            .await
+            .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()));
+    }
+    let stats = get("/stats").text();
+    for line in [
+        "ratelimit.service.rate_limit.ratelimit.user.path_/productpage.total_hits: 2",
+        "ratelimit.service.rate_limit.ratelimit.user.path_/productpage.over_limit: 1",
+        "ratelimit_server.ShouldRateLimit.total_requests: 2",
+        "ratelimit.service.config_load_success: 1",
+    ] {
+        assert!(stats.lines().any(|l| l == line), "no `{line}` in:\n{stats}");
+    }
+
+    let index = get("/").text();
+    assert_eq!(
+        index,
+        "/rlconfig: print out the currently loaded configuration for debugging\n\
+         /stats: print out stats\n"
+    );
+    assert_eq!(get("/anything/else").text(), index);
+    let pprof = get("/debug/pprof/profile");
+    assert_eq!(pprof.status, 404);
+    assert!(pprof.text().contains("perf record"), "{}", pprof.text());
+
+    // The ConfigMap edited: the dump follows the config that decides.
+    config.update(&[(
+        "config.yaml",
+        &CONFIG.replace("requests_per_unit: 1\n", "requests_per_unit: 7\n"),
+    )]);
+    let edited = poll_until(Duration::from_secs(10), || {
+        let text = get("/rlconfig").text();
+        text.contains("ratelimit.user.path_/productpage: unit=MINUTE requests_per_unit=7,")
+            .then_some(text)
+    });
+    assert!(
+        edited.is_some(),
+        "the edit never reached /rlconfig\n{}",
+        server.logs()
+    );
+
+    // Asked for a port that another process holds: no start without it.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    let mut serve = command();
+    serve
+        .arg("serve")
+        .env("RUNTIME_ROOT", &root)
+        .env("RUNTIME_SUBDIRECTORY", "ratelimit")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", free_loopback_addr().port().to_string())
+        .env("GRPC_HOST", "127.0.0.1")
+        .env("GRPC_PORT", free_loopback_addr().port().to_string())
+        .env("DEBUG_HOST", "127.0.0.1")
+        .env("DEBUG_PORT", taken.port().to_string());
+    let (code, stderr) = exit_of(serve);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        code.is_some() && stderr.contains("DEBUG_PORT") && stderr.contains(&taken.to_string()),
+        "{code:?}: {stderr}"
+    );
+}
+
 /// GRPC_UDS: gRPC on a Unix domain socket instead of GRPC_PORT, reached by a real Envoy
 /// through a `pipe` address, as a sidecar sharing a directory with meshlimit would. A second
 /// server on the same socket is refused with what to do, and the file goes when meshlimit

@@ -1,7 +1,10 @@
 //! The HTTP admin port: health for probes, metrics for Prometheus, the loaded config, and
 //! JSON access to decisions (`POST /json`) and current usage (`GET /v1/usage`).
 
+mod debug;
 mod json;
+
+pub use debug::debug_router;
 
 use std::future::Future;
 use std::pin::Pin;

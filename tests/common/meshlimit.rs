@@ -48,6 +48,9 @@ const INHERITED_SETTINGS: &[&str] = &[
     "PORT",
     "GRPC_HOST",
     "GRPC_PORT",
+    "DEBUG_HOST",
+    "DEBUG_PORT",
+    "MESHLIMIT_DEBUG_ADDR",
     "USE_PROMETHEUS",
     "PROMETHEUS_MAPPER_YAML",
     "LOG_LEVEL",
@@ -132,6 +135,9 @@ enum Readiness {
 pub struct Meshlimit {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// envoyproxy/ratelimit's debug port, opened by every server started as
+    /// `/bin/ratelimit` (at `DEBUG_HOST`/`DEBUG_PORT` when `env` sets them).
+    pub debug_addr: Option<SocketAddr>,
     process: Supervised,
 }
 
@@ -211,6 +217,7 @@ impl Meshlimit {
     ) -> Result<Meshlimit, StartFailure> {
         let grpc_addr = free_loopback_addr();
         let admin_addr = free_loopback_addr();
+        let mut debug_addr = None;
         let dir = tempfile::tempdir().expect("create a temp dir for meshlimit");
         let mut command = match placement {
             Placement::Flags(_) | Placement::Addresses => {
@@ -251,12 +258,29 @@ impl Meshlimit {
                     .env("PORT", admin_addr.port().to_string())
                     .env("GRPC_HOST", grpc_addr.ip().to_string())
                     .env("GRPC_PORT", grpc_addr.port().to_string());
+                // On loopback, not envoyproxy/ratelimit's 0.0.0.0:6070, unless asked.
+                let setting = |name: &str| env.iter().find(|(key, _)| *key == name);
+                let addr = match (setting("DEBUG_HOST"), setting("DEBUG_PORT")) {
+                    (None, None) => {
+                        let addr = free_loopback_addr();
+                        command
+                            .env("DEBUG_HOST", addr.ip().to_string())
+                            .env("DEBUG_PORT", addr.port().to_string());
+                        addr
+                    }
+                    (host, port) => SocketAddr::new(
+                        host.map_or([0, 0, 0, 0].into(), |(_, host)| host.parse().unwrap()),
+                        port.map_or(6070, |(_, port)| port.parse().unwrap()),
+                    ),
+                };
+                debug_addr = Some(addr);
             }
         }
         command.args(extra_args);
         let mut server = Meshlimit {
             grpc_addr,
             admin_addr,
+            debug_addr,
             process: Supervised::spawn("meshlimit", command, dir),
         };
 
