@@ -413,6 +413,31 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             .collect())
     }
 
+    /// Starts every limit the request's descriptors match afresh (their counters and penalty
+    /// boxes dropped) and returns their use afterwards: an operator's way to let one
+    /// client in again now, rather than when its window or block ends.
+    pub async fn reset(
+        &self,
+        request: &RateLimitRequest,
+    ) -> Result<Vec<LimitUsage>, DecisionError> {
+        self.validate(request)?;
+        let config = self.config.load_full().ok_or(DecisionError::NoConfig)?;
+        if let Some(domain) = config.domain(&request.domain) {
+            let resolved = resolve(request, &config, domain)?;
+            let plan = Plan::new(request, &resolved, Counting::LookOnly, S::KEY_FORM);
+            let checks = plan.checks();
+            if !checks.is_empty() {
+                self.store
+                    .forget(&checks, self.clock.now_millis())
+                    .await
+                    .inspect_err(|_| {
+                        self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    })?;
+            }
+        }
+        self.usage(request).await
+    }
+
     /// envoyproxy/ratelimit's `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`: when a descriptor
     /// is about to turn the request away, the request's other descriptors count nothing,
     /// so a request rejected by a per-minute limit does not use up a per-day one on another

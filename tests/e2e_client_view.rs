@@ -348,6 +348,61 @@ fn a_login_brute_force_locks_the_address_out_then_lets_it_back_in() {
     );
 }
 
+/// The support desk's way out of a lockout: `DELETE /v1/usage` on the admin port for the
+/// address's login descriptor lifts its block and its count at once, where it would
+/// otherwise wait out the block; another address's count is left as it was.
+#[test]
+fn an_operator_lets_a_locked_out_address_back_in_at_once() {
+    let stack = start(EnvoyHeaders::Off, &[], &[]);
+    let attacker: &[(&str, &str)] = &[("x-forwarded-for", "203.0.113.7")];
+    let bystander: &[(&str, &str)] = &[("x-forwarded-for", "203.0.113.8")];
+    avoid_window_edge_precisely(Duration::from_secs(60), Duration::from_secs(2));
+    avoid_window_edge_precisely(Duration::from_secs(1), Duration::from_millis(800));
+
+    let bystanders = stack.get("/login", bystander);
+    stack.expect_status(&bystanders, 200, "the bystander's one login");
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| stack.get("/login", attacker).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429, 429], "{}", stack.logs());
+    let locked = stack.get("/login", attacker);
+    stack.expect_status(&locked, 429, "locked out");
+    assert_eq!(assert_json_429(&locked, "login", 2, 1), 3, "{locked:?}");
+
+    let usage = |address: &str| {
+        format!("/v1/usage?domain={DOMAIN}&descriptor=generic_key=login,remote_address={address}")
+    };
+    let reset = stack.meshlimit.admin_delete(&usage("203.0.113.7"));
+    assert_eq!(reset.status, 200, "{reset:?}");
+    let limit = &reset.json()["limits"][0];
+    assert_eq!(
+        (limit["used"].as_u64(), limit["remaining"].as_u64()),
+        (Some(0), Some(2)),
+        "{reset:?}"
+    );
+    let back = stack.get("/login", attacker);
+    stack.expect_status(&back, 200, "right after the reset, inside the 3 s block");
+
+    let untouched = stack.meshlimit.admin_get(&usage("203.0.113.8"));
+    assert_eq!(
+        untouched.json()["limits"][0]["used"].as_u64(),
+        Some(1),
+        "{untouched:?}"
+    );
+    assert!(
+        stack
+            .meshlimit
+            .logs()
+            .contains("limits reset through the admin port"),
+        "a reset lets a client past its limits, so it is logged:\n{}",
+        stack.meshlimit.logs()
+    );
+    let unknown = stack
+        .meshlimit
+        .admin_delete("/v1/usage?descriptor=generic_key=login");
+    assert_eq!(unknown.status, 400, "{unknown:?}");
+}
+
 #[test]
 fn envoys_own_x_ratelimit_headers_agree_with_meshlimits() {
     let stack = start(

@@ -33,11 +33,13 @@ struct Spec {
     penalty: Option<Penalty>,
 }
 
-/// One `apply` call: its checks and its time.
+/// One `apply` call (or, with `forget`, one reset of the checks' counters): its checks and
+/// its time.
 #[derive(Debug, Clone)]
 struct Step {
     now: u64,
     checks: Vec<Spec>,
+    forget: bool,
 }
 
 fn spec(key: &str, limit: Limit, hits: u64, group: u32) -> Spec {
@@ -74,7 +76,20 @@ fn one_hit(key: &str, limit: Limit, group: u32) -> Check<'_> {
 }
 
 fn step(now: u64, checks: Vec<Spec>) -> Step {
-    Step { now, checks }
+    Step {
+        now,
+        checks,
+        forget: false,
+    }
+}
+
+/// A reset of `checks`' counters and penalty boxes at `now`; it decides nothing.
+fn reset(now: u64, checks: Vec<Spec>) -> Step {
+    Step {
+        now,
+        checks,
+        forget: true,
+    }
 }
 
 /// Runs `steps` in order and returns every verdict.
@@ -94,10 +109,17 @@ async fn run(store: &impl CounterStore, steps: &[Step]) -> Vec<Vec<Verdict>> {
             })
             .collect();
         let mut out = Vec::new();
-        store
-            .apply(&checks, step.now, &mut out)
-            .await
-            .expect("the store decides");
+        if step.forget {
+            store
+                .forget(&checks, step.now)
+                .await
+                .expect("the store resets");
+        } else {
+            store
+                .apply(&checks, step.now, &mut out)
+                .await
+                .expect("the store decides");
+        }
         all.push(out);
     }
     all
@@ -264,6 +286,68 @@ fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
         ..limit(10, SECOND, Algorithm::LeakyBucket)
     };
     let mut out = Vec::new();
+
+    // Resets: every algorithm, alone and grouped, over its limit and behind a penalty box,
+    // starts afresh after a reset, and a reset of one descriptor leaves the others be.
+    let fixed = limit(3, MINUTE, Algorithm::FixedWindow);
+    let sliding = limit(3, MINUTE, Algorithm::SlidingWindow);
+    let bucket = Limit {
+        burst: Some(3),
+        hybrid: false,
+        ..limit(1, MINUTE, Algorithm::TokenBucket)
+    };
+    let blocked = Penalty {
+        after_rejections: 1,
+        within_millis: MINUTE,
+        block_millis: 10 * MINUTE,
+    };
+    let counted = |key: &str, limit: Limit| {
+        let mut check = spec(key, limit, 2, 0);
+        check.count_rejected = limit.algorithm == Algorithm::FixedWindow;
+        check
+    };
+    let alone = [
+        counted("d|u=f|1m/f", fixed),
+        counted("d|u=s|1m/s", sliding),
+        counted("d|u=t|1m/t", bucket),
+        counted("d|u=l|1m/l", log),
+        counted("d|u=k|1s/k", leaky),
+    ];
+    let mut steps = Vec::new();
+    for (i, check) in alone.iter().enumerate() {
+        let other = spec(&format!("{}|other", check.key), check.limit, 2, 1);
+        let both = vec![check.clone(), other.clone()];
+        for at in [0, 10, 20] {
+            steps.push(step(T0 + 70_000 + i as u64 * 1_000 + at, both.clone()));
+        }
+        steps.push(reset(
+            T0 + 70_000 + i as u64 * 1_000 + 30,
+            vec![check.clone()],
+        ));
+        for at in [40, 50] {
+            steps.push(step(T0 + 70_000 + i as u64 * 1_000 + at, both.clone()));
+        }
+    }
+    let mut group = vec![
+        spec("d|g=1|1m/f", fixed, 2, 0),
+        spec("d|g=1|1m/s", sliding, 2, 0),
+    ];
+    for check in &mut group {
+        check.penalty = Some(blocked);
+    }
+    for at in [0, 1, 2, 3] {
+        steps.push(step(T0 + 80_000 + at, group.clone()));
+    }
+    steps.push(reset(T0 + 80_010, group.clone()));
+    for at in [20, 21, 22] {
+        steps.push(step(T0 + 80_000 + at, group.clone()));
+    }
+    // A reset of what was never counted does nothing.
+    steps.push(reset(
+        T0 + 80_030,
+        vec![spec("d|g=never|1m/f", fixed, 1, 0)],
+    ));
+    out.push(("resets", steps));
 
     // Sliding log: admitted hits of several sizes, rejections that record nothing, reset
     // naming the hit that frees room, the exact edge at now − W, a request larger than the
@@ -507,6 +591,37 @@ async fn conform(target: RedisTarget, label: &str) {
             );
         }
     }
+}
+
+/// What the reset scenario shows of every store (they all decide as memory does): a reset
+/// descriptor over its limit, or blocked by its penalty box, is let in at once, while the
+/// request's other descriptor stays over.
+#[tokio::test]
+async fn a_reset_lets_the_reset_descriptor_in_again_and_no_other() {
+    let (_, steps) = scenarios()
+        .into_iter()
+        .find(|(name, _)| *name == "resets")
+        .expect("the reset scenario");
+    let verdicts = run(&MemoryStore::new(10_000), &steps).await;
+    let mut resets = 0;
+    for (i, step) in steps.iter().enumerate() {
+        if !step.forget || step.checks[0].key.contains("never") {
+            continue;
+        }
+        resets += 1;
+        let (before, after) = (&verdicts[i - 1], &verdicts[i + 1]);
+        let key = &step.checks[0].key;
+        assert!(before[0].over_limit, "{key} was not over before its reset");
+        assert!(!after[0].over_limit, "{key} is still over after its reset");
+        if let Some(other) = steps[i + 1]
+            .checks
+            .iter()
+            .find(|c| c.key.ends_with("|other"))
+        {
+            assert!(after[1].over_limit, "{} was reset too", other.key);
+        }
+    }
+    assert_eq!(resets, 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1083,4 +1198,112 @@ async fn keys_over_their_limit_are_answered_locally_until_their_reset() {
     let reached = reached_redis(&server, &uncached, &steps).await;
     assert!(reached.iter().all(|r| *r), "{reached:?}");
     assert_eq!(uncached.local_cache_hits(), 0);
+}
+
+/// A reset on one replica reaches what the others hold for the descriptor: another
+/// replica's over-limit cache answering a penalty block for ten minutes, and its hybrid
+/// window at the limit, both let the client in within seconds — on a standalone Redis and
+/// on a cluster, whose PUBLISH reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_on_one_replica_reaches_the_others_cached_answers() {
+    let server = RedisServer::start();
+    let cluster = RedisCluster::start();
+    let servers: Vec<&RedisServer> = std::iter::once(&server)
+        .chain(cluster.masters.iter())
+        .collect();
+    for (label, target, nodes) in [
+        (
+            "standalone",
+            RedisTarget::Standalone(server.url()),
+            &servers[..1],
+        ),
+        (
+            "cluster",
+            RedisTarget::Cluster(cluster.seed_urls()),
+            &servers[1..],
+        ),
+    ] {
+        let prefix = format!("reset:{label}:");
+        let connect = || async {
+            RedisStore::connect(options(target.clone(), &prefix))
+                .await
+                .expect("the Redis store starts")
+        };
+        let (resetting, other) = (connect().await, connect().await);
+        // Both replicas listen before the reset is told.
+        let channel = format!("{prefix}meshlimit|resets");
+        let listening = common::poll_until(Duration::from_secs(10), || {
+            let subscribers: u64 = nodes
+                .iter()
+                .map(|node| {
+                    let (_, count): (String, u64) =
+                        node.query(redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel));
+                    count
+                })
+                .sum();
+            (subscribers >= 2).then_some(())
+        });
+        assert!(
+            listening.is_some(),
+            "{label}: the replicas never subscribed"
+        );
+
+        let mut blocked = spec(
+            "d|ip=9|1m/f",
+            limit(1, MINUTE, Algorithm::FixedWindow),
+            1,
+            0,
+        );
+        blocked.penalty = Some(Penalty {
+            after_rejections: 1,
+            within_millis: MINUTE,
+            block_millis: 10 * MINUTE,
+        });
+        let hybrid = spec(
+            "d|tenant=9|1m/f",
+            Limit {
+                hybrid: true,
+                ..limit(2, MINUTE, Algorithm::FixedWindow)
+            },
+            1,
+            0,
+        );
+        let (blocked, hybrid) = (vec![blocked], vec![hybrid]);
+        let decide = |store: &RedisStore, checks: &[Spec], now: u64| {
+            let store = store.clone();
+            let steps = [step(now, checks.to_vec())];
+            async move { run(&store, &steps).await.remove(0).remove(0) }
+        };
+        for at in 0..3 {
+            decide(&other, &blocked, T0 + at).await;
+            decide(&other, &hybrid, T0 + at).await;
+        }
+        let cached = decide(&other, &blocked, T0 + 10).await;
+        assert!(
+            cached.over_limit && cached.from_local_cache,
+            "{label}: the block is not answered from the other replica's cache: {cached:?}"
+        );
+        assert!(decide(&other, &hybrid, T0 + 10).await.over_limit);
+
+        run(&resetting, &[reset(T0 + 20, blocked.clone())]).await;
+        run(&resetting, &[reset(T0 + 20, hybrid.clone())]).await;
+        let mut now = T0 + 30;
+        let mut let_in = None;
+        for _ in 0..50 {
+            now += 1;
+            let (penalty, counted) = (
+                decide(&other, &blocked, now).await,
+                decide(&other, &hybrid, now).await,
+            );
+            if !penalty.over_limit && !counted.over_limit {
+                let_in = Some(now);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            let_in.is_some(),
+            "{label}: the other replica still turns the client away 5 s after the reset"
+        );
+    }
 }

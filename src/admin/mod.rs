@@ -75,6 +75,10 @@ pub trait Decisions: Send + Sync {
         &self,
         request: RateLimitRequest,
     ) -> BoxFuture<'_, Result<Vec<LimitUsage>, DecisionError>>;
+    fn reset(
+        &self,
+        request: RateLimitRequest,
+    ) -> BoxFuture<'_, Result<Vec<LimitUsage>, DecisionError>>;
 }
 
 impl<S: CounterStore, C: Clock> Decisions for RateLimiter<S, C> {
@@ -90,6 +94,13 @@ impl<S: CounterStore, C: Clock> Decisions for RateLimiter<S, C> {
         request: RateLimitRequest,
     ) -> BoxFuture<'_, Result<Vec<LimitUsage>, DecisionError>> {
         Box::pin(async move { RateLimiter::usage(self, &request).await })
+    }
+
+    fn reset(
+        &self,
+        request: RateLimitRequest,
+    ) -> BoxFuture<'_, Result<Vec<LimitUsage>, DecisionError>> {
+        Box::pin(async move { RateLimiter::reset(self, &request).await })
     }
 }
 
@@ -109,7 +120,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/rlconfig", get(rlconfig))
         .route("/json", post(decide_json))
-        .route("/v1/usage", get(usage))
+        .route("/v1/usage", get(usage).delete(reset))
         .with_state(state)
 }
 
@@ -199,43 +210,62 @@ async fn decide_json(State(state): State<AdminState>, body: Bytes) -> Response {
 /// `GET /v1/usage?domain=edge&descriptor=user=alice,path=/x[&descriptor=…]`: the current use
 /// and what is left of every limit the descriptors match, without consuming anything.
 async fn usage(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
-    let mut domain = None;
-    let mut descriptors = Vec::new();
-    for (key, value) in parse_query(query.as_deref().unwrap_or_default()) {
-        match key.as_str() {
-            "domain" => domain = Some(value),
-            "descriptor" => match parse_descriptor(&value) {
-                Ok(entries) => descriptors.push(RateLimitDescriptor {
-                    entries,
-                    ..Default::default()
-                }),
-                Err(message) => return json_error(StatusCode::BAD_REQUEST, message),
-            },
-            other => {
-                return json_error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unknown parameter `{other}`; use domain= and descriptor=key=value,key=value"
-                    ),
-                );
-            }
-        }
-    }
-    let Some(domain) = domain else {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "add `domain=NAME` and one `descriptor=key=value,…` per descriptor".into(),
-        );
+    let request = match usage_request(query.as_deref()) {
+        Ok(request) => request,
+        Err(message) => return json_error(StatusCode::BAD_REQUEST, message),
     };
-    let request = RateLimitRequest {
-        domain: domain.clone(),
-        descriptors,
-        hits_addend: 0,
-    };
+    let domain = request.domain.clone();
     match state.decisions.usage(request).await {
         Ok(limits) => json_response(StatusCode::OK, json::usage(&domain, &limits)),
         Err(error) => json_error(error_status(&error), error.to_string()),
     }
+}
+
+/// `DELETE /v1/usage?…` (the same query): every limit the descriptors match starts afresh,
+/// its counters and penalty box dropped; answers the use afterwards. Logged, since it lets
+/// a client past its limits.
+async fn reset(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
+    let request = match usage_request(query.as_deref()) {
+        Ok(request) => request,
+        Err(message) => return json_error(StatusCode::BAD_REQUEST, message),
+    };
+    let domain = request.domain.clone();
+    let descriptors = query.as_deref().unwrap_or_default().to_owned();
+    match state.decisions.reset(request).await {
+        Ok(limits) => {
+            tracing::warn!(%domain, query = %descriptors, limits = limits.len(), "limits reset through the admin port");
+            json_response(StatusCode::OK, json::usage(&domain, &limits))
+        }
+        Err(error) => json_error(error_status(&error), error.to_string()),
+    }
+}
+
+/// The request a usage query names: `domain=` and one `descriptor=key=value,…` each.
+fn usage_request(query: Option<&str>) -> Result<RateLimitRequest, String> {
+    let mut domain = None;
+    let mut descriptors = Vec::new();
+    for (key, value) in parse_query(query.unwrap_or_default()) {
+        match key.as_str() {
+            "domain" => domain = Some(value),
+            "descriptor" => descriptors.push(RateLimitDescriptor {
+                entries: parse_descriptor(&value)?,
+                ..Default::default()
+            }),
+            other => {
+                return Err(format!(
+                    "unknown parameter `{other}`; use domain= and descriptor=key=value,key=value"
+                ));
+            }
+        }
+    }
+    let Some(domain) = domain else {
+        return Err("add `domain=NAME` and one `descriptor=key=value,…` per descriptor".into());
+    };
+    Ok(RateLimitRequest {
+        domain,
+        descriptors,
+        hits_addend: 0,
+    })
 }
 
 /// `a=1&b=x%2Fy` into decoded pairs, in order; `+` is a space as in HTML forms.

@@ -230,6 +230,23 @@ impl MemoryStore {
         verdict
     }
 
+    /// Drops the counters of `checks` and the penalty boxes of their groups: the next hit
+    /// finds them as if never used.
+    pub fn forget_now(&self, checks: &[Check<'_>]) {
+        for group in groups(checks) {
+            let penalty = group
+                .first()
+                .filter(|c| c.penalty.is_some())
+                .map(|c| self.penalty_hash(c.key));
+            let hashes = group.iter().map(|c| self.key_hash(c.key)).chain(penalty);
+            for hash in hashes {
+                if let Some(mut shard) = self.lock(self.shard_of(hash)) {
+                    shard.forget(&self.inner.room, hash);
+                }
+            }
+        }
+    }
+
     /// Applies one descriptor's checks all or nothing, appending their verdicts to `out`.
     /// (`count_rejected` only matters alone: envoyproxy-style rules carry a single limit.)
     pub fn apply_group(&self, group: &[Check<'_>], now_millis: u64, out: &mut Vec<Verdict>) {
@@ -390,6 +407,15 @@ impl CounterStore for MemoryStore {
         for group in groups(checks) {
             self.apply_group(group, now_millis, out);
         }
+        std::future::ready(Ok(()))
+    }
+
+    fn forget(
+        &self,
+        checks: &[Check<'_>],
+        _now_millis: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.forget_now(checks);
         std::future::ready(Ok(()))
     }
 }

@@ -75,4 +75,14 @@ pub trait CounterStore: Send + Sync + 'static {
         now_millis: u64,
         out: &mut Vec<Verdict>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Drops the state of every check's counter and of each group's penalty box, so the
+    /// next hit on them starts afresh: an operator's reset of one client's limits. Only
+    /// the keys matter (hits are ignored); `now_millis` names the current window where a
+    /// store keys counters by window.
+    fn forget(
+        &self,
+        checks: &[Check<'_>],
+        now_millis: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

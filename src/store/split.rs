@@ -94,6 +94,23 @@ impl<A: CounterStore, B: CounterStore> CounterStore for SplitStore<A, B> {
         }
         Ok(())
     }
+
+    async fn forget(&self, checks: &[Check<'_>], now_millis: u64) -> Result<(), StoreError> {
+        let (mut to_main, mut to_second) = (Vec::new(), Vec::new());
+        for group in groups(checks) {
+            let target = if is_per_second(group) {
+                &mut to_second
+            } else {
+                &mut to_main
+            };
+            target.extend_from_slice(group);
+        }
+        let (main, second) = tokio::join!(
+            self.main.forget(&to_main, now_millis),
+            self.per_second.forget(&to_second, now_millis)
+        );
+        main.and(second)
+    }
 }
 
 #[cfg(test)]

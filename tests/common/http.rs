@@ -83,6 +83,11 @@ pub fn post(
     send(addr, "POST", path, headers, body)
 }
 
+/// Sends `DELETE path` with `headers` to `addr` and reads the whole response.
+pub fn delete(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> io::Result<Response> {
+    send(addr, "DELETE", path, headers, &[])
+}
+
 fn send(
     addr: SocketAddr,
     method: &str,

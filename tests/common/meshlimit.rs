@@ -358,6 +358,17 @@ impl Meshlimit {
         })
     }
 
+    /// `DELETE path` on the admin port; panics with the server's logs when it cannot be asked.
+    pub fn admin_delete(&self, path: &str) -> http::Response {
+        http::delete(self.admin_addr, path, &[]).unwrap_or_else(|err| {
+            panic!(
+                "DELETE {path} on meshlimit's admin port {}: {err}\n{}",
+                self.admin_addr,
+                self.logs()
+            )
+        })
+    }
+
     /// The value of the one counter on `/metrics` that `selector` picks (see [`sample`]).
     pub fn metric(&self, selector: &str) -> u64 {
         let text = self.admin_get("/metrics").text();

@@ -134,6 +134,14 @@ impl Shard {
             .map(|slot| (slot.key, slot.expires_at_millis, &slot.state))
     }
 
+    /// Drops the state under `key`, if any, giving its place back to `room`.
+    pub fn forget(&mut self, room: &Room, key: u128) {
+        if let Some(&at) = self.index.get(&key) {
+            self.remove(at as usize);
+            room.give_back();
+        }
+    }
+
     /// Puts a saved counter back, at start-up. `false` when the store is full: a snapshot
     /// larger than today's capacity keeps what fits, and evicts nothing to make room.
     pub fn restore(

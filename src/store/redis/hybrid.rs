@@ -59,10 +59,7 @@ impl Hybrid {
         for check in group {
             let window = check.limit.window_millis().max(1);
             let start = now_millis - now_millis % window;
-            let mut key = String::with_capacity(96);
-            push_redis_key(&mut key, prefix, check.key);
-            key.push_str("|hybrid|");
-            key.push_str(&start.to_string());
+            let key = window_key(prefix, check, now_millis);
             counters.entry(key.clone()).or_insert(Counter {
                 limit: u64::from(check.limit.requests_per_unit),
                 window,
@@ -92,6 +89,12 @@ impl Hybrid {
                 from_local_cache: false,
             };
         }
+    }
+
+    /// Forgets this replica's count of the window under `key` (see `window_key`), unsent
+    /// hits included.
+    pub fn forget(&self, key: &str) {
+        self.counters.lock().remove(key);
     }
 
     /// The unsent hits, taken out for one flush; windows that ended with nothing unsent
@@ -138,6 +141,18 @@ impl Hybrid {
             }
         }
     }
+}
+
+/// The Redis key of `check`'s window at `now_millis`: its counter key's, with the
+/// window's start after `|hybrid|`.
+pub fn window_key(prefix: &str, check: &Check<'_>, now_millis: u64) -> String {
+    let window = check.limit.window_millis().max(1);
+    let start = now_millis - now_millis % window;
+    let mut key = String::with_capacity(96);
+    push_redis_key(&mut key, prefix, check.key);
+    key.push_str("|hybrid|");
+    key.push_str(&start.to_string());
+    key
 }
 
 /// One pipeline adding every increment: `INCRBY` (its reply is the new total) and `PEXPIRE`

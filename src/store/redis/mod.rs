@@ -25,6 +25,7 @@ mod hybrid;
 mod keys;
 mod node;
 mod over_cache;
+mod resets;
 mod script;
 mod sentinel;
 pub mod settings;
@@ -50,6 +51,7 @@ use self::hybrid::{Hybrid, Increment};
 pub use self::keys::{push_penalty_key, push_redis_key, slot};
 use self::node::{Node, NodeError};
 use self::over_cache::OverCache;
+use self::resets::Forgotten;
 use self::sentinel::Sentinel;
 pub use self::settings::{FailureMode, RedisOptions, RedisTarget, RedisTls};
 use super::{Check, CounterStore, MemoryStore, StoreError, groups};
@@ -186,6 +188,7 @@ impl RedisStore {
             Arc::downgrade(&store.inner),
             options.hybrid_flush,
         ));
+        tokio::spawn(reset_loop(Arc::downgrade(&store.inner)));
         match &store.inner.topology {
             Topology::Standalone(node) => {
                 // Connect and load the script now, so the first request does not pay for it;
@@ -307,6 +310,14 @@ impl CounterStore for RedisStore {
         out: &mut Vec<Verdict>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.inner.apply(checks, now_millis, out)
+    }
+
+    fn forget(
+        &self,
+        checks: &[Check<'_>],
+        now_millis: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.inner.forget(checks, now_millis)
     }
 }
 
@@ -585,18 +596,7 @@ impl Inner {
         checks: &[Check<'_>],
         now_millis: u64,
     ) -> Result<Vec<Value>, String> {
-        let Some(node) = &batch.node else {
-            self.mark_stale();
-            return Err(match self.topology {
-                Topology::Sentinel(_) => "redis sentinel has not named a master that answers yet",
-                _ => "no Redis Cluster node serves this slot yet",
-            }
-            .into());
-        };
-        if node.breaker.permit() == Permit::Skip {
-            self.master_failed();
-            return Err(format!("{}: circuit breaker open", node.name));
-        }
+        let node = self.callable(batch)?;
         let reply = async {
             if let (false, [groups]) = (
                 matches!(self.topology, Topology::Cluster(_)),
@@ -621,7 +621,34 @@ impl Inner {
             }
             node.run(&pipeline, &self.script).await
         };
-        match tokio::time::timeout(self.timeout, reply).await {
+        self.settle(node, tokio::time::timeout(self.timeout, reply).await)
+    }
+
+    /// The batch's node, unless none is known for it or its breaker is open.
+    fn callable<'b>(&self, batch: &'b Batch) -> Result<&'b Arc<Node>, String> {
+        let Some(node) = &batch.node else {
+            self.mark_stale();
+            return Err(match self.topology {
+                Topology::Sentinel(_) => "redis sentinel has not named a master that answers yet",
+                _ => "no Redis Cluster node serves this slot yet",
+            }
+            .into());
+        };
+        if node.breaker.permit() == Permit::Skip {
+            self.master_failed();
+            return Err(format!("{}: circuit breaker open", node.name));
+        }
+        Ok(node)
+    }
+
+    /// What a round trip to `node` came to, told to its breaker and, on a redirect or a
+    /// failed master, to the node map.
+    fn settle(
+        &self,
+        node: &Node,
+        outcome: Result<Result<Vec<Value>, NodeError>, tokio::time::error::Elapsed>,
+    ) -> Result<Vec<Value>, String> {
+        match outcome {
             Ok(Ok(values)) => {
                 node.breaker.success();
                 Ok(values)
@@ -651,6 +678,124 @@ impl Inner {
                 Err(message)
             }
         }
+    }
+
+    /// Deletes the Redis keys of `checks` (counters, penalty boxes, the current hybrid
+    /// windows), drops what this replica holds for them (the over-limit cache's answers,
+    /// the hybrid counts, the local failure policy's counters) and tells the other
+    /// replicas to drop theirs (`resets`). One DEL per slot, in one pipeline per node, the
+    /// nodes at once. Unlike a decision, a reset Redis did not take is an error, so the
+    /// operator knows to try again.
+    async fn forget(&self, checks: &[Check<'_>], now_millis: u64) -> Result<(), StoreError> {
+        if checks.is_empty() {
+            return Ok(());
+        }
+        self.local.forget_now(checks);
+        let mut ranges = Vec::new();
+        let mut forgotten = Vec::new();
+        let mut start = 0;
+        for group in groups(checks) {
+            let range = start..start + group.len();
+            start = range.end;
+            if self.over_cache.is_some() {
+                forgotten.push(Forgotten::Cached(over_cache::identity(group)));
+            }
+            if self.is_hybrid(group) {
+                forgotten.extend(group.iter().map(|check| {
+                    Forgotten::Hybrid(hybrid::window_key(&self.prefix, check, now_millis))
+                }));
+            }
+            ranges.push(range);
+        }
+        self.drop_local(&forgotten);
+        let failed = |message: String| StoreError {
+            message: format!("the reset did not reach Redis: {message}"),
+            transient: true,
+        };
+        let batches = self.plan(checks, ranges);
+        let deletes = batches.iter().map(|batch| async move {
+            let node = self.callable(batch)?;
+            let mut pipeline = Pipeline::with_capacity(batch.calls.len());
+            for groups in &batch.calls {
+                let mut delete = redis::cmd("DEL");
+                for group in groups.iter().filter_map(|range| checks.get(range.clone())) {
+                    for key in self.keys_of(group, now_millis) {
+                        delete.arg(key);
+                    }
+                }
+                pipeline.add_command(delete);
+            }
+            let reply = node.run(&pipeline, &self.script);
+            self.settle(node, tokio::time::timeout(self.timeout, reply).await)
+        });
+        for reply in futures_util::future::join_all(deletes).await {
+            reply.map_err(failed)?;
+        }
+        // After every DEL: a replica told earlier could read the old count back into its
+        // cache.
+        if let (false, Some(batch)) = (forgotten.is_empty(), batches.first()) {
+            let node = self.callable(batch).map_err(failed)?;
+            let mut publish = redis::pipe();
+            publish
+                .cmd("PUBLISH")
+                .arg(resets::channel(&self.prefix))
+                .arg(resets::encode(&forgotten));
+            let reply = node.run(&publish, &self.script);
+            self.settle(node, tokio::time::timeout(self.timeout, reply).await)
+                .map_err(|message| StoreError {
+                    message: format!(
+                        "the counters were reset in Redis, but the other replicas were not told \
+                         (they answer from what they cached until its reset; try again): {message}"
+                    ),
+                    transient: true,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Drops this replica's own answers and counts for what a reset names.
+    fn drop_local(&self, forgotten: &[Forgotten]) {
+        for item in forgotten {
+            match item {
+                Forgotten::Cached(identity) => {
+                    if let Some(cache) = &self.over_cache {
+                        cache.forget(*identity);
+                    }
+                }
+                Forgotten::Hybrid(key) => self.hybrid.forget(key),
+            }
+        }
+    }
+
+    /// The server another replica's resets are heard from: the standalone server,
+    /// Sentinel's master, or any cluster node (a PUBLISH reaches every node).
+    fn any_node(&self) -> Option<Arc<Node>> {
+        match &self.topology {
+            Topology::Standalone(node) => Some(node.clone()),
+            Topology::Sentinel(sentinel) => sentinel.master(),
+            Topology::Cluster(cluster) => cluster.map.load().nodes.first().cloned(),
+        }
+    }
+
+    /// Every Redis key holding state of `group`: its counters, its penalty box, and for
+    /// hybrid counting the current window's.
+    fn keys_of(&self, group: &[Check<'_>], now_millis: u64) -> Vec<String> {
+        let mut keys = Vec::with_capacity(group.len() * 2 + 1);
+        let hybrid = self.is_hybrid(group);
+        for check in group {
+            let mut key = String::new();
+            push_redis_key(&mut key, &self.prefix, check.key);
+            keys.push(key);
+            if hybrid {
+                keys.push(hybrid::window_key(&self.prefix, check, now_millis));
+            }
+        }
+        if let Some(first) = group.first().filter(|c| c.penalty.is_some()) {
+            let mut key = String::new();
+            push_penalty_key(&mut key, &self.prefix, first.key);
+            keys.push(key);
+        }
+        keys
     }
 
     /// The node map is out of date: a cluster's slot map, or which server Sentinel's master is.
@@ -837,6 +982,62 @@ async fn hybrid_loop(inner: std::sync::Weak<Inner>, every: Duration) {
 
 /// Follows Sentinel's master for as long as the store lives: soon after a failed call, and
 /// every `sentinel::REFRESH` in case a failover happened while the master still answered.
+/// Listens for the resets other replicas publish (`resets`) while the store lives; a lost
+/// subscription is made again on whichever server then answers.
+async fn reset_loop(inner: std::sync::Weak<Inner>) {
+    use futures_util::StreamExt;
+    loop {
+        let Some(store) = inner.upgrade() else {
+            return;
+        };
+        let channel = resets::channel(&store.prefix);
+        let node = store.any_node();
+        // Not held while waiting: the store must be free to go.
+        drop(store);
+        if let Some(node) = node {
+            // A server that takes the connection but never answers must not hold the loop.
+            let subscribed = tokio::time::timeout(Duration::from_secs(5), node.pubsub(&channel))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "no answer to SUBSCRIBE within 5s",
+                    )))
+                });
+            match subscribed {
+                Ok(pubsub) => {
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        let message = tokio::select! {
+                            message = messages.next() => message,
+                            // Wakes now and then to see whether the store is gone.
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                                if inner.strong_count() == 0 {
+                                    return;
+                                }
+                                continue;
+                            }
+                        };
+                        let Some(message) = message else {
+                            break;
+                        };
+                        let Some(store) = inner.upgrade() else {
+                            return;
+                        };
+                        let text: String = message.get_payload().unwrap_or_default();
+                        store.drop_local(&resets::decode(&text));
+                    }
+                    tracing::debug!(node = %node.name, "the subscription to resets ended; subscribing again");
+                }
+                Err(error) => {
+                    tracing::debug!(node = %node.name, %error, "cannot subscribe to resets yet");
+                }
+            }
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
 async fn sentinel_loop(inner: std::sync::Weak<Inner>) {
     let mut since_refresh = Duration::ZERO;
     loop {

@@ -112,6 +112,14 @@ impl Node {
         Ok(connection)
     }
 
+    /// A subscription of its own to `channel`: a connection apart from the decisions', as
+    /// a subscribed connection can do nothing else.
+    pub async fn pubsub(&self, channel: &str) -> redis::RedisResult<redis::aio::PubSub> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok(pubsub)
+    }
+
     /// One PING within `timeout`, its outcome recorded in the breaker as a call's is: how a
     /// replica that gets no requests (one whose health checks fail) still sees Redis go
     /// and come back.

@@ -125,6 +125,13 @@ impl OverCache {
         true
     }
 
+    /// Drops the answer cached for the descriptor of `identity` (see `identity`), if any.
+    pub fn forget(&self, identity: u128) {
+        if !self.is_empty() {
+            self.entries.invalidate(&identity);
+        }
+    }
+
     /// Remembers Redis's answer to `group` if it is one of the safe cases (module docs).
     /// `blocked` says which checks the penalty box answered.
     pub fn remember(
@@ -199,7 +206,7 @@ fn fits_some_day(check: &Check<'_>) -> bool {
 /// hits, so a request of another size replaces or removes the entry. One-shot hashes of
 /// each key, seeded with its rule: a streaming hasher over the same bytes cost several
 /// times as much, twice per descriptor per request.
-fn identity(group: &[Check<'_>]) -> u128 {
+pub fn identity(group: &[Check<'_>]) -> u128 {
     group.iter().fold(0, |identity: u128, check| {
         let limit = &check.limit;
         let penalty = check.penalty.map_or([0; 3], |p| {
