@@ -75,8 +75,9 @@ pub enum CounterState {
 }
 
 /// Applies `hits` to `state` under `limit` at time `now_millis`. Only an admitted request
-/// changes the counts — except with `count_rejected`, envoyproxy/ratelimit's fixed window,
-/// which counts every hit. A state left by another algorithm (the rule changed on reload)
+/// changes the counts — except with `count_rejected` (envoyproxy/ratelimit's fixed window,
+/// and windows of policies that charge costs after the fact), which counts every hit; the
+/// buckets and the sliding log ignore it. A state left by another algorithm (the rule changed on reload)
 /// starts over.
 pub fn apply(
     state: &mut CounterState,
@@ -92,7 +93,11 @@ pub fn apply(
                 _ => WindowState::default(),
             };
             let verdict = if limit.algorithm == Algorithm::SlidingWindow {
-                sliding_window::apply(&mut window, limit, hits, now_millis)
+                if count_rejected {
+                    sliding_window::apply_counting_rejected(&mut window, limit, hits, now_millis)
+                } else {
+                    sliding_window::apply(&mut window, limit, hits, now_millis)
+                }
             } else {
                 fixed_window::apply(&mut window, limit, hits, now_millis, count_rejected)
             };

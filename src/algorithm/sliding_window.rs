@@ -36,6 +36,36 @@ pub fn apply(state: &mut WindowState, limit: &Limit, hits: u64, now_millis: u64)
     }
 }
 
+/// As `apply`, but a rejected hit is counted too (a policy's `count_rejected: true`): for
+/// costs charged after they were spent (an LLM response's tokens, sent by Envoy's
+/// `apply_on_stream_done`), which the budget must see even past its limit. The overspend
+/// then weighs on the window as any hit does, so nothing more is admitted until it has
+/// slid out; the reset says when.
+pub fn apply_counting_rejected(
+    state: &mut WindowState,
+    limit: &Limit,
+    hits: u64,
+    now_millis: u64,
+) -> Verdict {
+    let verdict = apply(state, limit, hits, now_millis);
+    if !verdict.over_limit {
+        return verdict;
+    }
+    state.current = state.current.saturating_add(hits);
+    let window = u128::from(limit.window_millis());
+    let elapsed = u128::from(now_millis % limit.window_millis());
+    Verdict {
+        reset_after_millis: wait_until_admitted(
+            state,
+            u128::from(limit.requests_per_unit),
+            hits,
+            window,
+            elapsed,
+        ),
+        ..verdict
+    }
+}
+
 /// The time until `hits` more would fit, assuming no other traffic: first while the previous
 /// window's weight decays in the current window, else in the next window while the current
 /// count decays. A request larger than the limit never fits; it is told to wait two windows.
@@ -115,6 +145,29 @@ mod tests {
             .filter(|_| !apply(&mut state, &limit(10), 1, half).over_limit)
             .count();
         assert_eq!(admitted, 5);
+    }
+
+    #[test]
+    fn counting_rejected_hits_carries_the_overspend_into_the_next_window() {
+        // A budget of 1 000 a minute charged 600 twice: the second charge is over, and
+        // counted. A check of nothing is then over for the rest of the window, and in the
+        // next one until 1 200 × (1 − s) ≤ 1 000, a sixth of the way in.
+        let mut state = WindowState::default();
+        let budget = limit(1_000);
+        assert!(!apply_counting_rejected(&mut state, &budget, 600, 10 * MINUTE).over_limit);
+        let over = apply_counting_rejected(&mut state, &budget, 600, 10 * MINUTE + 1);
+        assert!(over.over_limit);
+        assert_eq!(state.current, 1_200);
+        let peek = apply_counting_rejected(&mut state, &budget, 0, 10 * MINUTE + 2);
+        assert!(peek.over_limit);
+        assert_eq!(peek.reset_after_millis, MINUTE - 2 + MINUTE / 6);
+        assert!(apply(&mut state, &budget, 0, 11 * MINUTE + MINUTE / 6 - 1).over_limit);
+        assert!(!apply(&mut state, &budget, 0, 11 * MINUTE + MINUTE / 6).over_limit);
+        // Without counting them, the second charge would have been lost.
+        let mut uncounted = WindowState::default();
+        apply(&mut uncounted, &budget, 600, 10 * MINUTE);
+        apply(&mut uncounted, &budget, 600, 10 * MINUTE + 1);
+        assert!(!apply(&mut uncounted, &budget, 0, 10 * MINUTE + 2).over_limit);
     }
 
     #[test]

@@ -378,6 +378,7 @@ impl Compiler<'_, '_> {
     ) -> Option<Rule> {
         let shadow_flag = entry.shadow_mode.as_ref().map(|s| s.value);
         let mut treatment = Treatment::default();
+        let mut count_rejected = false;
         let (limit, name, shadow, provenance) = match setting {
             Inherited::Nothing | Inherited::NoLimit { .. } => return None,
             Inherited::Unlimited { via } => (
@@ -399,6 +400,7 @@ impl Compiler<'_, '_> {
                 let shadow = shadow_flag
                     .or(policy.shadow_mode.as_ref().map(|(s, _)| *s))
                     .unwrap_or(false);
+                count_rejected = policy.count_rejected.as_ref().is_some_and(|(c, _)| *c);
                 treatment = Treatment {
                     warn_only: policy.warn_only.as_ref().is_some_and(|(w, _)| *w),
                     soft_limit: policy.soft_limit.as_ref().map(|(r, _)| r.0),
@@ -431,7 +433,7 @@ impl Compiler<'_, '_> {
             quota_mode: quota_mode(entry),
             path: path.into(),
             source: at.clone(),
-            count_rejected: false,
+            count_rejected,
             provenance: provenance.into(),
             treatment,
             stats: Default::default(),

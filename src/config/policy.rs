@@ -52,6 +52,7 @@ pub struct ResolvedPolicy {
     pub priority: Option<(i64, Origin)>,
     pub reserved: Option<(Ratio, Origin)>,
     pub hybrid: Option<(bool, Origin)>,
+    pub count_rejected: Option<(bool, Origin)>,
 }
 
 /// A fraction in (0, 1], kept as parts per million so policies stay `Eq` and hashable.
@@ -374,6 +375,9 @@ fn apply_policy_only(
     if let Some(hybrid) = &block.hybrid {
         base.hybrid = Some((hybrid.value, origin(&hybrid.referenced)));
     }
+    if let Some(count) = &block.count_rejected {
+        base.count_rejected = Some((count.value, origin(&count.referenced)));
+    }
     if let Some(penalty) = &block.penalty {
         let p = &penalty.value;
         let after = u32::try_from(p.after.value).ok().filter(|n| *n > 0);
@@ -580,6 +584,17 @@ pub fn limits_of(
         }
         _ => false,
     };
+    if let Some((true, origin)) = &policy.count_rejected {
+        if !matches!(algorithm, Algorithm::SlidingWindow | Algorithm::FixedWindow) {
+            // A bucket's or a log's state has no count to add a rejected hit to.
+            problems.problem(&origin.at, format!("`count_rejected: true` counts into windows only (`sliding_window` or `fixed_window`), but {algorithm} applies here; remove `count_rejected` or set the algorithm"));
+            return None;
+        }
+        if hybrid {
+            problems.problem(&origin.at, "`count_rejected: true` and `hybrid: true` do not go together: hybrid counting adds only admitted hits to Redis; remove one".into());
+            return None;
+        }
+    }
     if algorithm == Algorithm::SlidingLog
         && let Some(too_big) = specs.iter().find(|s| s.requests_per_unit > max_sliding_log)
     {
@@ -650,6 +665,14 @@ pub fn describe(policy: &ResolvedPolicy, default_algorithm: Algorithm) -> Vec<St
             "every hit goes to the store"
         };
         lines.push(format!("hybrid: {hybrid} ({how}) — from {origin}"));
+    }
+    if let Some((count, origin)) = &policy.count_rejected {
+        let how = if *count {
+            "hits over the limit count too"
+        } else {
+            "only admitted hits count"
+        };
+        lines.push(format!("count_rejected: {count} ({how}) — from {origin}"));
     }
     if let Some((shadow, origin)) = &policy.shadow_mode {
         lines.push(format!("shadow_mode: {shadow} — from {origin}"));

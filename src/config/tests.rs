@@ -887,6 +887,47 @@ descriptors:
     }
 
     #[test]
+    fn count_rejected_reaches_the_rule_of_a_window_policy_and_is_refused_elsewhere() {
+        let tokens = "domain: ai\npolicies:\n  tokens:\n    limits: [{requests_per_unit: 1000, unit: minute}]\n    count_rejected: true\n  plain:\n    limits: [{requests_per_unit: 1000, unit: minute}]\ndescriptors:\n  - key: team\n    policy: tokens\n  - key: user\n    policy: plain\n";
+        let config = load(&[("ai.yaml", tokens)]).unwrap_or_else(|e| panic!("{e}"));
+        let domain = config.domain("ai").unwrap();
+        let team = domain.lookup(&entries(&[("team", "a")])).unwrap();
+        assert!(team.count_rejected);
+        assert!(
+            team.provenance.iter().any(
+                |line| line.starts_with("count_rejected: true (hits over the limit count too)")
+            ),
+            "{:?}",
+            team.provenance
+        );
+        assert!(
+            !domain
+                .lookup(&entries(&[("user", "a")]))
+                .unwrap()
+                .count_rejected
+        );
+
+        let bucket = problems(&[(
+            "b.yaml",
+            "domain: b\npolicies:\n  p:\n    limits: [{requests_per_unit: 1, unit: second}]\n    algorithm: token_bucket\n    count_rejected: true\ndescriptors:\n  - key: k\n    policy: p\n",
+        )]);
+        assert!(
+            bucket.contains("b.yaml:6:21: `count_rejected: true` counts into windows only"),
+            "{bucket}"
+        );
+        let hybrid = problems(&[(
+            "h.yaml",
+            "domain: h\npolicies:\n  p:\n    limits: [{requests_per_unit: 1, unit: second}]\n    algorithm: fixed_window\n    hybrid: true\n    count_rejected: true\ndescriptors:\n  - key: k\n    policy: p\n",
+        )]);
+        assert!(
+            hybrid.contains(
+                "h.yaml:7:21: `count_rejected: true` and `hybrid: true` do not go together"
+            ),
+            "{hybrid}"
+        );
+    }
+
+    #[test]
     fn error_burst_without_token_bucket_and_rate_limit_mixed_with_policy() {
         let text = problems(&[(
             "d.yaml",

@@ -370,20 +370,20 @@ impl<'s> Locked<'s> {
                 continue;
             };
             *kept_for = (*kept_for).max(lifetime);
-            // Alone, a check keeps envoyproxy's fixed-window counting of rejected hits.
-            let count_rejected = group.len() == 1 && check.count_rejected;
             out.push(algorithm::apply(
                 state,
                 &check.limit,
                 check.hits,
                 now_millis,
-                count_rejected,
+                check.count_rejected,
             ));
         }
         let admitted = out
             .get(start..)
             .is_some_and(|verdicts| verdicts.iter().all(|v| !v.over_limit));
-        if admitted || group.len() == 1 {
+        // A group is all or nothing, but for limits that count rejected hits: a cost charged
+        // after the fact is charged to every limit (a lone check's state may have rolled).
+        if admitted || group.len() == 1 || group.iter().all(|c| c.count_rejected) {
             for (hash, state, lifetime) in working {
                 self.write(hash, state, now_millis, lifetime);
             }

@@ -1,5 +1,6 @@
 //! The service Envoy protects in the end-to-end tests: an HTTP/1.1 server on loopback that
-//! answers every request with 200 and a JSON echo of what it received, and remembers it.
+//! answers every request with 200 and a JSON echo of what it received (and any header the
+//! request asks for with `x-respond-header`), and remembers it.
 //!
 //! It runs on its own threads, not on a test's tokio runtime, so a test may block on an
 //! HTTP call through Envoy without starving the server that has to answer it.
@@ -126,10 +127,17 @@ fn serve_connection(
             return Ok(());
         };
         let body = request.to_json().to_string();
+        // `x-respond-header: name=value` asks for that header on the response: what an
+        // upstream reports about the work it did (an LLM's `x-tokens-used`).
+        let extra = request
+            .header("x-respond-header")
+            .and_then(|asked| asked.split_once('='))
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .unwrap_or_default();
         received.lock().expect("echo log lock").push(request);
         write!(
             writer,
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{body}",
             body.len()
         )?;
         writer.flush()?;

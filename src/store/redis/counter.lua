@@ -3,8 +3,8 @@
 --
 -- It mirrors src/algorithm/*.rs line for line (same integer arithmetic, same order of
 -- operations), and src/store/memory.rs for what is kept: a group (one descriptor's limits)
--- is admitted or rejected whole, a lone check keeps a rejected hit when `count_rejected`,
--- and a penalty box wraps the group. Time is the caller's `now`, never Redis's clock, so
+-- is admitted or rejected whole unless every check of it counts rejected hits
+-- (`count_rejected`), and a penalty box wraps the group. Time is the caller's `now`, never Redis's clock, so
 -- every replica (and every test) decides from the same instant it passed in.
 --
 -- Lua numbers are doubles: every value below stays exact while it is under 2^53, which
@@ -207,8 +207,24 @@ local function roll_to(state, window)
   state.window = window
 end
 
--- sliding_window::apply
-local function sliding_window(state, limit, window, hits)
+-- sliding_window::wait_until_admitted
+local function sliding_wait(state, limit, window, hits, elapsed)
+  local wait
+  if state.current + hits <= limit then
+    local free_scaled = (limit - state.current - hits) * window
+    local allowed_weight = div_floor(free_scaled, max(state.previous, 1))
+    wait = max((window - elapsed) - allowed_weight, 0)
+  elseif hits <= limit then
+    local allowed_weight = div_floor((limit - hits) * window, state.current)
+    wait = (window - elapsed) + max(window - allowed_weight, 0)
+  else
+    wait = (window - elapsed) + window
+  end
+  return max(wait, 1)
+end
+
+-- sliding_window::apply, and with `count_rejected` apply_counting_rejected
+local function sliding_window(state, limit, window, hits, count_rejected)
   local elapsed = now % window
   local current = (now - elapsed) / window
   if state.window ~= current then
@@ -216,27 +232,17 @@ local function sliding_window(state, limit, window, hits)
   end
   local used_scaled = state.previous * (window - elapsed) + (state.current + hits) * window
   if used_scaled > limit * window then
-    local wait
-    if state.current + hits <= limit then
-      local free_scaled = (limit - state.current - hits) * window
-      local allowed_weight = div_floor(free_scaled, max(state.previous, 1))
-      wait = max((window - elapsed) - allowed_weight, 0)
-    elseif hits <= limit then
-      local allowed_weight = div_floor((limit - hits) * window, state.current)
-      wait = (window - elapsed) + max(window - allowed_weight, 0)
-    else
-      wait = (window - elapsed) + window
+    if count_rejected then
+      state.current = state.current + hits
     end
-    return 1, 0, max(wait, 1)
+    return 1, 0, sliding_wait(state, limit, window, hits, elapsed)
   end
   state.current = state.current + hits
   local spare = limit * window - used_scaled
   return 0, (spare - spare % window) / window, window - elapsed
 end
 
--- fixed_window::apply: a rejected hit is added only with `count_rejected` (which the store
--- passes for a lone check only), so a later check of the same key in a group sees the
--- count without it.
+-- fixed_window::apply: a rejected hit is added only with `count_rejected`.
 local function fixed_window(state, limit, window, hits, count_rejected)
   local into = now % window
   local current = (now - into) / window
@@ -406,7 +412,7 @@ for request = 1, #ARGV do
       end
     else
       -- One state per distinct key: a key listed twice in a group is counted twice, in order.
-      local count_rejected = false
+      local all_count_rejected = true
       local any_over = false
       local any_hits = false
       for _ = 1, check_count do
@@ -417,7 +423,10 @@ for request = 1, #ARGV do
         local code = numbers[arg]
         local rejected_bit = code % 2
         local algorithm = (code - rejected_bit) / 2
-        count_rejected = rejected_bit == 1
+        local count_rejected = rejected_bit == 1
+        if not count_rejected then
+          all_count_rejected = false
+        end
         local limit = numbers[arg + 1]
         local window = numbers[arg + 2]
         local hits = numbers[arg + 3]
@@ -463,10 +472,9 @@ for request = 1, #ARGV do
         ttls[k] = ttl
         local over, remaining, reset
         if algorithm == 1 then
-          over, remaining, reset = sliding_window(state, limit, window, hits)
+          over, remaining, reset = sliding_window(state, limit, window, hits, count_rejected)
         elseif algorithm == 2 then
-          over, remaining, reset = fixed_window(state, limit, window, hits,
-            count_rejected and check_count == 1)
+          over, remaining, reset = fixed_window(state, limit, window, hits, count_rejected)
         elseif algorithm == 3 then
           over, remaining, reset = token_bucket(state, limit, window, burst, hits)
         elseif algorithm == 4 then
@@ -484,9 +492,9 @@ for request = 1, #ARGV do
         out[out_count + 3] = reset
         out_count = out_count + 3
       end
-      -- MemoryStore::apply_one keeps a lone check's state when admitted or count_rejected;
-      -- a group of several is kept only when every check was admitted.
-      local keep = not any_over or (check_count == 1 and count_rejected)
+      -- MemoryStore::apply_limits keeps a group's states when every check was admitted, or
+      -- when every check counts rejected hits.
+      local keep = not any_over or all_count_rejected
       if keep then
         for i = 1, touched_count do
           local k = touched[i]

@@ -24,6 +24,10 @@
 //! across replicas, another replica's admitted smaller request can move Redis's reset
 //! later than the cached one; the request is still rejected, only its reset may be early.
 //!
+//! A sliding window that counts rejected hits (`count_rejected: true`, for costs charged
+//! after the fact) is never cached: its rejected hits weigh on the next window, so each
+//! must reach Redis.
+//!
 //! Cached requests are not counted in Redis: for a `count_rejected` fixed window (an
 //! envoyproxy-style rule) the stored count stops at the first rejected hit of the window,
 //! as with envoyproxy/ratelimit's local cache. Every decision stays the same (the window is
@@ -160,13 +164,18 @@ impl OverCache {
             .iter()
             .all(|v| v.over_limit && v.reset_after_millis > 0);
         let counted = group.iter().all(|c| c.hits > 0);
+        // A sliding window that counts rejected hits carries them into the next window:
+        // answered here, they would never reach Redis and the window would recover early.
+        let carried = group
+            .iter()
+            .any(|c| c.count_rejected && c.limit.algorithm == Algorithm::SlidingWindow);
         let penalty = group.first().is_some_and(|c| c.penalty.is_some());
         let safe = if penalty {
             blocked.iter().all(|b| *b)
         } else {
             group.iter().all(fits_some_day)
         };
-        if !(all_over && counted && safe) {
+        if !(all_over && counted && safe) || carried {
             forget();
             return;
         }
