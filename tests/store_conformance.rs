@@ -1357,3 +1357,85 @@ async fn a_reset_on_one_replica_reaches_the_others_cached_answers() {
         );
     }
 }
+
+/// The cluster node a replica listens for resets on dies: the replicas subscribe again on
+/// another node, and a reset of a key on a live master still lifts the other replica's
+/// cached block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_are_heard_again_after_the_node_listened_on_dies() {
+    let mut cluster = RedisCluster::start();
+    let prefix = "reset-failover:";
+    let channel = format!("{prefix}meshlimit|resets");
+    let connect = || async {
+        RedisStore::connect(options(RedisTarget::Cluster(cluster.seed_urls()), prefix))
+            .await
+            .expect("the Redis store starts")
+    };
+    let (resetting, other) = (connect().await, connect().await);
+    let listeners = |cluster: &RedisCluster, alive: &[bool]| -> Vec<u64> {
+        cluster
+            .masters
+            .iter()
+            .zip(alive)
+            .map(|(master, alive)| match alive {
+                true => {
+                    let (_, count): (String, u64) =
+                        master.query(redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel));
+                    count
+                }
+                false => 0,
+            })
+            .collect()
+    };
+    let mut alive = vec![true; cluster.masters.len()];
+    let before = common::poll_until(Duration::from_secs(10), || {
+        let counts = listeners(&cluster, &alive);
+        (counts.iter().sum::<u64>() >= 2).then_some(counts)
+    })
+    .expect("the replicas subscribe");
+    // Kill every master someone listens on.
+    for (i, count) in before.iter().enumerate() {
+        if *count > 0 {
+            cluster.masters[i].kill();
+            alive[i] = false;
+        }
+    }
+    let again = common::poll_until(Duration::from_secs(15), || {
+        (listeners(&cluster, &alive).iter().sum::<u64>() >= 2).then_some(())
+    });
+    assert!(again.is_some(), "the replicas never subscribed again");
+
+    let live = alive.iter().position(|a| *a).expect("a live master");
+    let key = one_key_per_master(&cluster, prefix).remove(live);
+    let mut blocked = spec(&key, limit(1, MINUTE, Algorithm::FixedWindow), 1, 0);
+    blocked.penalty = Some(Penalty {
+        after_rejections: 1,
+        within_millis: MINUTE,
+        block_millis: 10 * MINUTE,
+    });
+    let blocked = vec![blocked];
+    let decide = |now: u64| {
+        let (other, steps) = (other.clone(), [step(now, blocked.clone())]);
+        async move { run(&other, &steps).await.remove(0).remove(0) }
+    };
+    for at in 0..3 {
+        decide(T0 + at).await;
+    }
+    assert!(
+        decide(T0 + 10).await.from_local_cache,
+        "the block is not cached"
+    );
+    run(&resetting, &[reset(T0 + 20, blocked.clone())]).await;
+    let mut lifted = false;
+    for i in 0..50 {
+        if !decide(T0 + 30 + i).await.over_limit {
+            lifted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        lifted,
+        "the other replica still turns the client away 5 s after the reset"
+    );
+}

@@ -767,13 +767,18 @@ impl Inner {
         }
     }
 
-    /// The server another replica's resets are heard from: the standalone server,
-    /// Sentinel's master, or any cluster node (a PUBLISH reaches every node).
-    fn any_node(&self) -> Option<Arc<Node>> {
+    /// The server another replica's resets are heard from on the `attempt`-th try: the
+    /// standalone server, Sentinel's master, or a cluster node, each in turn (a PUBLISH
+    /// reaches every node, and a dead one stays in the slot map until it is failed over).
+    fn listening_node(&self, attempt: usize) -> Option<Arc<Node>> {
         match &self.topology {
             Topology::Standalone(node) => Some(node.clone()),
             Topology::Sentinel(sentinel) => sentinel.master(),
-            Topology::Cluster(cluster) => cluster.map.load().nodes.first().cloned(),
+            Topology::Cluster(cluster) => {
+                let map = cluster.map.load();
+                let count = map.nodes.len().max(1);
+                map.nodes.get(attempt % count).cloned()
+            }
         }
     }
 
@@ -986,12 +991,12 @@ async fn hybrid_loop(inner: std::sync::Weak<Inner>, every: Duration) {
 /// subscription is made again on whichever server then answers.
 async fn reset_loop(inner: std::sync::Weak<Inner>) {
     use futures_util::StreamExt;
-    loop {
+    for attempt in 0.. {
         let Some(store) = inner.upgrade() else {
             return;
         };
         let channel = resets::channel(&store.prefix);
-        let node = store.any_node();
+        let node = store.listening_node(attempt);
         // Not held while waiting: the store must be free to go.
         drop(store);
         if let Some(node) = node {
