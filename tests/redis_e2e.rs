@@ -112,6 +112,56 @@ async fn two_replicas_share_one_fixed_window() {
     );
 }
 
+/// An operator's `DELETE /v1/usage` on one replica lets a user over the shared limit in
+/// again on both, though the other replica was answering them from its local over-limit
+/// cache; with Redis dead, the reset is refused with why, within the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_on_one_replica_lets_the_user_in_on_both() {
+    common::avoid_window_edge(3_600, 10);
+    let mut redis = RedisServer::start();
+    let replicas = [start(&redis, &[]), start(&redis, &[])];
+    let mut clients = [replicas[0].client().await, replicas[1].client().await];
+    for i in 0..LIMIT + 4 {
+        decide(&mut clients[i % 2], &replicas[i % 2], "reset-user").await;
+    }
+    let (code, _) = decide(&mut clients[1], &replicas[1], "reset-user").await;
+    assert_eq!(code, Code::OverLimit);
+    let cached_before = metric(&replicas[1], "meshlimit_local_cache_hits_total").unwrap_or(0);
+    assert!(cached_before > 0, "replica 1 should answer from its cache");
+
+    let path = "/v1/usage?domain=shared&descriptor=user=reset-user";
+    let reset = replicas[0].admin_delete(path);
+    assert_eq!(reset.status, 200, "{reset:?}");
+    assert_eq!(reset.json()["limits"][0]["used"], 0, "{reset:?}");
+    // Replica 1 hears of it through Redis and drops its cached answer.
+    let mut admitted = false;
+    for _ in 0..50 {
+        let (code, _) = decide(&mut clients[1], &replicas[1], "reset-user").await;
+        if code == Code::Ok {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        admitted,
+        "replica 1 still turns the user away after the reset:\n{}",
+        replicas[1].logs()
+    );
+
+    redis.kill();
+    let started = Instant::now();
+    let refused = replicas[0].admin_delete(path);
+    assert!(started.elapsed() < ANSWER_BOUND, "{:?}", started.elapsed());
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the reset did not reach Redis")),
+        "{refused:?}"
+    );
+}
+
 /// Kills Redis under traffic, checks the answers and their latency against `mode`, then
 /// restarts Redis and measures how soon counting goes through it again.
 async fn redis_dies_and_comes_back(mode: &str) {
