@@ -433,6 +433,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                     .inspect_err(|_| {
                         self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                     })?;
+                self.metrics.resets.fetch_add(1, Ordering::Relaxed);
             }
         }
         self.usage(request).await

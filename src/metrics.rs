@@ -284,6 +284,8 @@ pub struct Metrics {
     pub local_cache_hits: AtomicU64,
     /// Requests turned away by a domain's shared capacity.
     pub shed: AtomicU64,
+    /// Resets of a descriptor's limits through the admin port (`DELETE /v1/usage`).
+    pub resets: AtomicU64,
     /// Over-limit answers turned to OK by global shadow mode.
     pub global_shadow_mode: AtomicU64,
     /// Spans the OTLP collector took, and spans lost to a full queue or a failed export.
@@ -394,6 +396,11 @@ impl Metrics {
                 "meshlimit_shed_total",
                 "Requests turned away by a domain's shared capacity.",
                 &self.shed,
+            ),
+            (
+                "meshlimit_limit_resets_total",
+                "Resets of a descriptor's limits through the admin port (DELETE /v1/usage).",
+                &self.resets,
             ),
             (
                 "meshlimit_trace_spans_exported_total",

@@ -383,6 +383,7 @@ fn an_operator_lets_a_locked_out_address_back_in_at_once() {
     let back = stack.get("/login", attacker);
     stack.expect_status(&back, 200, "right after the reset, inside the 3 s block");
 
+    assert_eq!(stack.meshlimit.metric("meshlimit_limit_resets_total"), 1);
     let untouched = stack.meshlimit.admin_get(&usage("203.0.113.8"));
     assert_eq!(
         untouched.json()["limits"][0]["used"].as_u64(),
