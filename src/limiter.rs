@@ -208,7 +208,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
     ) -> Result<RateLimitResponse, DecisionError> {
         let started = Instant::now();
         let result = self.decide(request).await;
-        self.metrics.decision_latency.observe(started.elapsed());
+        self.metrics.observe_decision(started.elapsed());
         result
     }
 

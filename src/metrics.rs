@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 
 use crate::connections::ConnectionCounts;
@@ -138,7 +138,7 @@ impl RuleStats {
 /// A histogram with fixed buckets, lock-free to observe.
 #[derive(Debug)]
 pub struct Histogram {
-    bounds: &'static [f64],
+    bounds: Box<[f64]>,
     /// One per bound, and one more for what took longer than the last.
     buckets: Vec<AtomicU64>,
     count: AtomicU64,
@@ -152,18 +152,21 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self {
-            bounds: LATENCY_BUCKETS,
-            buckets: (0..=LATENCY_BUCKETS.len())
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
-        }
+        Self::with_bounds(LATENCY_BUCKETS.into())
     }
 }
 
 impl Histogram {
+    /// A histogram with upper bounds `bounds`, in seconds, increasing.
+    pub fn with_bounds(bounds: Box<[f64]>) -> Self {
+        Self {
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            bounds,
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
         let i =
@@ -298,6 +301,10 @@ pub struct Metrics {
     /// How the metrics envoyproxy/ratelimit also has are named; a mapping file that
     /// changes is swapped in while serving.
     names: ArcSwap<EnvoyproxyNames>,
+    /// The decision latency again, in the bucket bounds a statsd_exporter mapping gives the
+    /// response time (`buckets`); none without such a mapping. A mapping that changes
+    /// starts a new one, as the series it names are new.
+    mapped_latency: ArcSwapOption<Histogram>,
 }
 
 /// The names under which the metrics envoyproxy/ratelimit also exports are served.
@@ -316,15 +323,36 @@ pub enum EnvoyproxyNames {
 impl Metrics {
     /// Metrics whose envoyproxy/ratelimit metrics are named as `names` says.
     pub fn with_names(names: EnvoyproxyNames) -> Self {
-        Self {
-            names: ArcSwap::from_pointee(names),
-            ..Self::default()
-        }
+        let metrics = Self::default();
+        metrics.set_names(names);
+        metrics
     }
 
     /// Names the metrics envoyproxy/ratelimit also has as `names` says from the next scrape.
     pub fn set_names(&self, names: EnvoyproxyNames) {
+        let bounds = match &names {
+            EnvoyproxyNames::Mapped(mapping) => mapping
+                .map(RESPONSE_TIME_STAT, StatKind::Observer)
+                .filter(|timer| timer.observer == ObserverType::Histogram)
+                .and_then(|timer| {
+                    // Bounds in the mapping's unit (milliseconds times `scale`) as seconds,
+                    // the unit observations are compared in.
+                    let per_second = 1e3 * timer.scale;
+                    Some(timer.buckets?.iter().map(|b| b / per_second).collect())
+                }),
+            _ => None,
+        };
+        self.mapped_latency
+            .store(bounds.map(|bounds| Arc::new(Histogram::with_bounds(bounds))));
         self.names.store(Arc::new(names));
+    }
+
+    /// Records how long a decision took.
+    pub fn observe_decision(&self, elapsed: Duration) {
+        self.decision_latency.observe(elapsed);
+        if let Some(mapped) = &*self.mapped_latency.load() {
+            mapped.observe(elapsed);
+        }
     }
 
     /// Gives every rule of a freshly loaded config its counters, reusing those of rules with
@@ -508,7 +536,12 @@ impl Metrics {
         let scale = 1e3 * timer.scale;
         match timer.observer {
             ObserverType::Histogram => {
-                (self.decision_latency).render_scaled(out, &timer.name, &help, &labels, scale);
+                let mapped = self.mapped_latency.load();
+                let histogram = match &*mapped {
+                    Some(mapped) if timer.buckets.is_some() => mapped,
+                    _ => &self.decision_latency,
+                };
+                histogram.render_scaled(out, &timer.name, &help, &labels, scale);
             }
             ObserverType::Summary => {
                 (self.decision_latency).render_summary(out, &timer.name, &help, &labels, scale);
@@ -873,6 +906,67 @@ mappings:
                 Some((name.to_owned(), labels, value.to_owned()))
             })
             .collect()
+    }
+
+    /// A histogram mapping's `buckets` are the bounds served, in its unit (milliseconds
+    /// times `scale`), counted from the decisions observed while it applies; without them
+    /// meshlimit's own bounds stay, and a new mapping starts its counts afresh.
+    #[test]
+    fn a_histogram_mapping_s_buckets_are_the_bounds_served() {
+        let with_buckets = |text: &str| {
+            let mapping = PrometheusMapping::parse("mapper.yaml", text).unwrap();
+            EnvoyproxyNames::Mapped(Box::new(mapping))
+        };
+        let metrics = Metrics::with_names(with_buckets(
+            "mappings:\n  - match: ratelimit_server.*.response_time\n    name: rt_ms\n    observer_type: histogram\n    buckets: [0.05, 0.5, 5]\n",
+        ));
+        for micros in [40, 1_000, 20_000] {
+            metrics.observe_decision(Duration::from_micros(micros));
+        }
+        let text = metrics.render();
+        for line in [
+            "rt_ms_bucket{le=\"0.05\"} 1\n",
+            "rt_ms_bucket{le=\"0.5\"} 1\n",
+            "rt_ms_bucket{le=\"5\"} 2\n",
+            "rt_ms_bucket{le=\"+Inf\"} 3\n",
+            "rt_ms_sum 21.04\n",
+            "rt_ms_count 3\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        assert_eq!(text.matches("rt_ms_bucket").count(), 4, "{text}");
+
+        // In seconds with `scale`, from `defaults`' histogram_options; a new mapping counts
+        // from its start.
+        metrics.set_names(with_buckets(
+            "defaults:\n  observer_type: histogram\n  histogram_options: {buckets: [0.001, 0.01]}\nmappings:\n  - match: ratelimit_server.*.response_time\n    name: rt_seconds\n    scale: 0.001\n",
+        ));
+        metrics.observe_decision(Duration::from_micros(2_000));
+        let text = metrics.render();
+        for line in [
+            "rt_seconds_bucket{le=\"0.001\"} 0\n",
+            "rt_seconds_bucket{le=\"0.01\"} 1\n",
+            "rt_seconds_bucket{le=\"+Inf\"} 1\n",
+            "rt_seconds_count 1\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        // meshlimit's own histogram has every decision, in its own bounds.
+        assert!(
+            text.contains("meshlimit_decision_duration_seconds_count 4\n"),
+            "{text}"
+        );
+
+        // No buckets written: meshlimit's bounds.
+        metrics.set_names(with_buckets(
+            "mappings:\n  - match: ratelimit_server.*.response_time\n    name: rt_plain\n    observer_type: histogram\n",
+        ));
+        let text = metrics.render();
+        assert!(text.contains("rt_plain_bucket{le=\"0.01\"}"), "{text}");
+        assert_eq!(
+            text.matches("rt_plain_bucket").count(),
+            LATENCY_BUCKETS.len() + 1
+        );
     }
 
     /// The built-in names are those envoyproxy/ratelimit's own mapping gives: mapped by it

@@ -13,9 +13,10 @@
 //! character Prometheus does not allow made `_`. With `glob_disable_ordering: true` the
 //! glob with literal parts where another has `*` wins, whatever their order.
 //!
-//! What differs is said at start (`warnings`): the response-time histogram has meshlimit's
-//! bounds, not `buckets`; a summary has its count and sum but no quantiles, since meshlimit
-//! keeps bucket counts, not samples; `ttl` drops no series.
+//! A histogram gets the mapping's `buckets` (or `histogram_options.buckets`, or those of
+//! `defaults`), else meshlimit's own bounds. What differs is said at start (`warnings`): a
+//! summary has its count and sum but no quantiles, since meshlimit keeps bucket counts, not
+//! samples; native histograms are not served; `ttl` drops no series.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -89,11 +90,21 @@ struct Defaults {
     timer_type: Option<ObserverType>,
     #[serde(default)]
     glob_disable_ordering: bool,
-    buckets: Option<IgnoredAny>,
+    buckets: Option<Spanned<Vec<f64>>>,
     quantiles: Option<IgnoredAny>,
-    histogram_options: Option<IgnoredAny>,
+    histogram_options: Option<Spanned<HistogramOptions>>,
     summary_options: Option<IgnoredAny>,
     ttl: Option<IgnoredAny>,
+}
+
+/// statsd_exporter's `histogram_options`: its `buckets`, and the native-histogram settings
+/// (which a classic histogram's scrape has no place for).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistogramOptions {
+    buckets: Option<Vec<f64>>,
+    native_histogram_bucket_factor: Option<IgnoredAny>,
+    native_histogram_max_buckets: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -112,9 +123,9 @@ struct MappingEntry {
     match_metric_type: Option<StatKind>,
     help: Option<String>,
     scale: Option<f64>,
-    buckets: Option<IgnoredAny>,
+    buckets: Option<Spanned<Vec<f64>>>,
     quantiles: Option<IgnoredAny>,
-    histogram_options: Option<IgnoredAny>,
+    histogram_options: Option<Spanned<HistogramOptions>>,
     summary_options: Option<IgnoredAny>,
     ttl: Option<IgnoredAny>,
 }
@@ -124,9 +135,12 @@ macro_rules! unapplied_fields {
     ($written:ident) => {
         impl $written {
             fn unapplied(&self) -> Vec<&'static str> {
+                let native = self.histogram_options.as_ref().is_some_and(|options| {
+                    options.value.native_histogram_bucket_factor.is_some()
+                        || options.value.native_histogram_max_buckets.is_some()
+                });
                 [
-                    ("buckets", self.buckets.is_some()),
-                    ("histogram_options", self.histogram_options.is_some()),
+                    ("histogram_options' native_histogram_*", native),
                     ("quantiles", self.quantiles.is_some()),
                     ("summary_options", self.summary_options.is_some()),
                     ("ttl", self.ttl.is_some()),
@@ -141,6 +155,51 @@ macro_rules! unapplied_fields {
 unapplied_fields!(Defaults);
 unapplied_fields!(MappingEntry);
 
+/// The most bucket bounds a mapping may write.
+const MAX_BUCKETS: usize = 64;
+
+/// The bucket bounds written on a mapping or in `defaults` (`histogram_options.buckets`
+/// over the older `buckets`), checked: finite and increasing, as Prometheus requires.
+fn written_buckets(
+    file: &str,
+    buckets: Option<&Spanned<Vec<f64>>>,
+    options: Option<&Spanned<HistogramOptions>>,
+) -> Result<Option<Arc<[f64]>>, ConfigError> {
+    let (bounds, location) = match (options, buckets) {
+        (Some(options), _) if options.value.buckets.is_some() => (
+            options.value.buckets.clone().unwrap_or_default(),
+            &options.referenced,
+        ),
+        (_, Some(buckets)) => (buckets.value.clone(), &buckets.referenced),
+        _ => return Ok(None),
+    };
+    let increasing = bounds
+        .windows(2)
+        .all(|pair| matches!(pair, [low, high] if low < high));
+    if bounds.len() > MAX_BUCKETS {
+        return Err(at(
+            file,
+            location,
+            format!(
+                "{} buckets: every decision is counted into them, so at most {MAX_BUCKETS} \
+                 may be written; keep the bounds your dashboards and alerts read",
+                bounds.len()
+            ),
+        ));
+    }
+    if bounds.is_empty() || !increasing || bounds.iter().any(|b| !b.is_finite()) {
+        return Err(at(
+            file,
+            location,
+            format!(
+                "buckets {bounds:?}: write the histogram's upper bounds, finite and each \
+                 larger than the one before, e.g. [0.5, 1, 2.5, 5, 10] (+Inf is always added)"
+            ),
+        ));
+    }
+    Ok(Some(bounds.into()))
+}
+
 /// A loaded mapping file.
 #[derive(Debug, Clone)]
 pub struct PrometheusMapping {
@@ -150,6 +209,8 @@ pub struct PrometheusMapping {
     regexes: Vec<Mapping>,
     /// How a timer no mapping matches is exported.
     default_observer: ObserverType,
+    /// `defaults`' bucket bounds, for histograms whose mapping sets none.
+    default_buckets: Option<Arc<[f64]>>,
     /// What the file asks for that meshlimit does not do, each with its line; logged at start.
     pub warnings: Vec<String>,
     /// Where each stat went at an earlier scrape: the stats are the same from one scrape
@@ -180,6 +241,8 @@ struct Mapping {
     drop: bool,
     only: Option<StatKind>,
     observer: ObserverType,
+    /// A histogram's upper bounds, in the unit `scale` gives; `None`: meshlimit's own.
+    buckets: Option<Arc<[f64]>>,
     scale: f64,
     help: Option<Arc<str>>,
     /// `file:line:column` of the mapping, for warnings.
@@ -195,6 +258,7 @@ impl Mapping {
         entry: &Spanned<MappingEntry>,
         default_match: MatchType,
         default_observer: ObserverType,
+        default_buckets: Option<&Arc<[f64]>>,
     ) -> Result<Self, ConfigError> {
         let here = |message: String| at(file, &entry.referenced, message);
         let written = &entry.value;
@@ -242,6 +306,19 @@ impl Mapping {
             })?,
         };
         let observer = written.observer_type.or(written.timer_type);
+        let buckets = written_buckets(
+            file,
+            written.buckets.as_ref(),
+            written.histogram_options.as_ref(),
+        )?
+        .or_else(|| default_buckets.cloned());
+        let scale = written.scale.unwrap_or(1.0);
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(here(format!(
+                "scale {scale}: write the positive number the timer's milliseconds are \
+                 multiplied by, e.g. 0.001 for seconds"
+            )));
+        }
         Ok(Mapping {
             pattern,
             name: written.name.clone(),
@@ -249,7 +326,8 @@ impl Mapping {
             drop,
             only: written.match_metric_type,
             observer: observer.unwrap_or(default_observer),
-            scale: written.scale.unwrap_or(1.0),
+            buckets,
+            scale,
             help: written.help.as_deref().map(Arc::from),
             origin: here(String::new()).to_string(),
             unapplied: written.unapplied(),
@@ -266,6 +344,8 @@ pub struct Series {
     /// The mapping's `help`, if it has one.
     pub help: Option<Arc<str>>,
     pub observer: ObserverType,
+    /// A histogram's upper bounds, in the unit `scale` gives; `None`: meshlimit's own.
+    pub buckets: Option<Arc<[f64]>>,
     /// What the timer's milliseconds are multiplied by.
     pub scale: f64,
 }
@@ -305,11 +385,22 @@ impl PrometheusMapping {
             .or(defaults.timer_type)
             .unwrap_or_default();
         let default_match = defaults.match_type.unwrap_or_default();
+        let default_buckets = written_buckets(
+            file,
+            defaults.buckets.as_ref(),
+            defaults.histogram_options.as_ref(),
+        )?;
 
         let mut globs = Vec::new();
         let mut regexes = Vec::new();
         for entry in &parsed.mappings {
-            let mapping = Mapping::compile(file, entry, default_match, default_observer)?;
+            let mapping = Mapping::compile(
+                file,
+                entry,
+                default_match,
+                default_observer,
+                default_buckets.as_ref(),
+            )?;
             match entry.value.match_type.unwrap_or(default_match) {
                 MatchType::Glob => globs.push((literal_parts(&entry.value.pattern), mapping)),
                 MatchType::Regex => regexes.push(mapping),
@@ -324,6 +415,7 @@ impl PrometheusMapping {
             globs: globs.into_iter().map(|(_, mapping)| mapping).collect(),
             regexes,
             default_observer,
+            default_buckets,
             warnings,
             cache: SeriesCache::default(),
         };
@@ -401,6 +493,7 @@ impl PrometheusMapping {
             labels: Vec::new(),
             help: None,
             observer: self.default_observer,
+            buckets: self.default_buckets.clone(),
             scale: 1.0,
         };
         let Some((mapping, captures)) = self.find(stat, kind) else {
@@ -426,6 +519,7 @@ impl PrometheusMapping {
                 .collect(),
             help: mapping.help.clone(),
             observer: mapping.observer,
+            buckets: mapping.buckets.clone(),
             scale: mapping.scale,
         })
     }
@@ -490,9 +584,9 @@ fn unapplied(origin: &str, fields: &[&'static str]) -> Vec<String> {
     let origin = origin.trim_end_matches(": ");
     (fields.iter())
         .map(|&field| match field {
-            "buckets" | "histogram_options" => format!(
-                "{origin}: `{field}` has no effect: the response-time histogram has \
-                 meshlimit's bounds (0.01 ms to 1 s, in milliseconds times `scale`)"
+            "histogram_options' native_histogram_*" => format!(
+                "{origin}: {field} has no effect: the response time is a classic histogram, \
+                 with the buckets written (or meshlimit's, 0.01 ms to 1 s)"
             ),
             "ttl" => format!(
                 "{origin}: `ttl` has no effect: meshlimit's series stay until it restarts, \
@@ -792,6 +886,25 @@ mod tests {
                 "mappings:\n  - match: a.*\n    name: a\n    action: keep\n",
                 "mapper.yaml:4:13: unknown variant `keep`",
             ),
+            (
+                "mappings:\n  - match: a.*\n    name: a\n    buckets: [1, 0.5]\n",
+                "mapper.yaml:4:14: buckets [1.0, 0.5]: write the histogram's upper bounds",
+            ),
+            (
+                "defaults:\n  histogram_options: {buckets: []}\nmappings: []\n",
+                "mapper.yaml:2:22: buckets []: write the histogram's upper bounds",
+            ),
+            (
+                &format!(
+                    "mappings:\n  - match: a.*\n    name: a\n    buckets: {:?}\n",
+                    (1..=65).collect::<Vec<u32>>()
+                ),
+                "mapper.yaml:4:14: 65 buckets: every decision is counted into them, so at most 64",
+            ),
+            (
+                "mappings:\n  - match: a.*\n    name: a\n    scale: 0\n",
+                "mapper.yaml:2:5: scale 0: write the positive number",
+            ),
         ];
         for (text, expected) in cases {
             let error = refused(text);
@@ -811,7 +924,7 @@ mappings:
     buckets: [1]
   - match: ratelimit_server.*.response_time
     name: rt
-    buckets: [0.1, 1]
+    histogram_options: {buckets: [0.1, 1], native_histogram_bucket_factor: 1.1}
     observer_type: histogram
 ",
         );
@@ -820,12 +933,20 @@ mappings:
             warnings.contains("mapper.yaml:2:3: `ttl` has no effect"),
             "{warnings}"
         );
-        // Only the mapping the timer goes to: the counters' `buckets` never meet it.
+        // Only the mapping the timer goes to; its buckets apply, its native settings not.
         assert!(
-            warnings.contains("mapper.yaml:8:5: `buckets` has no effect"),
+            warnings
+                .contains("mapper.yaml:8:5: histogram_options' native_histogram_* has no effect"),
             "{warnings}"
         );
         assert_eq!(mapped.warnings.len(), 2, "{warnings}");
+        let timer = mapped
+            .map(
+                "ratelimit_server.ShouldRateLimit.response_time",
+                StatKind::Observer,
+            )
+            .unwrap();
+        assert_eq!(timer.buckets.as_deref(), Some(&[0.1, 1.0][..]));
 
         // A summary, written or statsd_exporter's default, has no quantiles here.
         let summary = mapping("mappings:\n  - match: ratelimit_server.*.*\n    name: rt_$2\n");

@@ -789,6 +789,7 @@ mappings:
     name: team_ratelimit_call_seconds
     observer_type: histogram
     scale: 0.001
+    buckets: [0.0005, 30]
     labels:
       method: $1
 "#;
@@ -833,6 +834,11 @@ async fn a_prometheus_mapping_file_names_the_metrics() {
             "team_ratelimit_call_seconds_bucket{method=\"ShouldRateLimit\",le=\"+Inf\"}".to_owned(),
             3,
         ),
+        // The mapping's buckets: no call takes 30 s.
+        (
+            "team_ratelimit_call_seconds_bucket{method=\"ShouldRateLimit\",le=\"30\"}".to_owned(),
+            3,
+        ),
         // What no mapping matches keeps its statsd name, made a Prometheus name.
         (
             "ratelimit_server_ShouldRateLimit_total_requests".to_owned(),
@@ -852,6 +858,11 @@ async fn a_prometheus_mapping_file_names_the_metrics() {
     ] {
         assert!(!text.contains(builtin), "{builtin} in\n{text}");
     }
+    assert_eq!(
+        text.matches("team_ratelimit_call_seconds_bucket").count(),
+        3,
+        "the two bounds written and +Inf:\n{text}"
+    );
     let logs = server.logs();
     assert!(
         logs.contains(&format!(
