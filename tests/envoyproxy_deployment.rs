@@ -169,6 +169,21 @@ async fn istios_sample_environment_runs_meshlimit_unchanged() {
     );
 }
 
+/// `meshlimit serve` configured by envoyproxy/ratelimit's variables: the ConfigMap mounted
+/// under `root`, on free loopback ports.
+fn serve_from_environment(root: &str) -> std::process::Command {
+    let mut serve = command();
+    serve
+        .arg("serve")
+        .env("RUNTIME_ROOT", root)
+        .env("RUNTIME_SUBDIRECTORY", "ratelimit")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", free_loopback_addr().port().to_string())
+        .env("GRPC_HOST", "127.0.0.1")
+        .env("GRPC_PORT", free_loopback_addr().port().to_string());
+    serve
+}
+
 #[test]
 fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
     let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
@@ -178,16 +193,8 @@ fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
         (&[("CONFIG_TYPE", "GRPC_XDS_DELTA")], "GRPC_XDS_SOTW"),
     ];
     for (env, expected) in cases {
-        let mut serve = command();
-        serve
-            .arg("serve")
-            .env("RUNTIME_ROOT", &root)
-            .env("RUNTIME_SUBDIRECTORY", "ratelimit")
-            .env("HOST", "127.0.0.1")
-            .env("PORT", free_loopback_addr().port().to_string())
-            .env("GRPC_HOST", "127.0.0.1")
-            .env("GRPC_PORT", free_loopback_addr().port().to_string())
-            .envs(env.iter().copied());
+        let mut serve = serve_from_environment(&root);
+        serve.envs(env.iter().copied());
         let (code, stderr) = exit_of(serve);
         assert_eq!(code, Some(2), "{env:?}: {stderr}");
         assert!(stderr.contains(expected), "{env:?}: {stderr}");
@@ -291,15 +298,8 @@ async fn the_debug_port_serves_rlconfig_and_stats_where_envoyproxys_runbooks_loo
     // Asked for a port that another process holds: no start without it.
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = holder.local_addr().unwrap();
-    let mut serve = command();
+    let mut serve = serve_from_environment(&root);
     serve
-        .arg("serve")
-        .env("RUNTIME_ROOT", &root)
-        .env("RUNTIME_SUBDIRECTORY", "ratelimit")
-        .env("HOST", "127.0.0.1")
-        .env("PORT", free_loopback_addr().port().to_string())
-        .env("GRPC_HOST", "127.0.0.1")
-        .env("GRPC_PORT", free_loopback_addr().port().to_string())
         .env("DEBUG_HOST", "127.0.0.1")
         .env("DEBUG_PORT", taken.port().to_string());
     let (code, stderr) = exit_of(serve);

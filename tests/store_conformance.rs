@@ -1284,17 +1284,7 @@ async fn a_reset_on_one_replica_reaches_the_others_cached_answers() {
             "{label}: the replicas never subscribed"
         );
 
-        let mut blocked = spec(
-            "d|ip=9|1m/f",
-            limit(1, MINUTE, Algorithm::FixedWindow),
-            1,
-            0,
-        );
-        blocked.penalty = Some(Penalty {
-            after_rejections: 1,
-            within_millis: MINUTE,
-            block_millis: 10 * MINUTE,
-        });
+        let blocked = blocked_after_one_rejection("d|ip=9|1m/f");
         let hybrid = spec(
             "d|tenant=9|1m/f",
             Limit {
@@ -1304,7 +1294,7 @@ async fn a_reset_on_one_replica_reaches_the_others_cached_answers() {
             1,
             0,
         );
-        let (blocked, hybrid) = (vec![blocked], vec![hybrid]);
+        let hybrid = vec![hybrid];
         let decide = |store: &RedisStore, checks: &[Spec], now: u64| {
             let store = store.clone();
             let steps = [step(now, checks.to_vec())];
@@ -1358,6 +1348,17 @@ async fn a_reset_on_one_replica_reaches_the_others_cached_answers() {
     }
 }
 
+/// One hit a minute on `key`, and a ten-minute block from the first rejection.
+fn blocked_after_one_rejection(key: &str) -> Vec<Spec> {
+    let mut check = spec(key, limit(1, MINUTE, Algorithm::FixedWindow), 1, 0);
+    check.penalty = Some(Penalty {
+        after_rejections: 1,
+        within_millis: MINUTE,
+        block_millis: 10 * MINUTE,
+    });
+    vec![check]
+}
+
 /// The cluster node a replica listens for resets on dies: the replicas subscribe again on
 /// another node, and a reset of a key on a live master still lifts the other replica's
 /// cached block.
@@ -1407,13 +1408,7 @@ async fn resets_are_heard_again_after_the_node_listened_on_dies() {
 
     let live = alive.iter().position(|a| *a).expect("a live master");
     let key = one_key_per_master(&cluster, prefix).remove(live);
-    let mut blocked = spec(&key, limit(1, MINUTE, Algorithm::FixedWindow), 1, 0);
-    blocked.penalty = Some(Penalty {
-        after_rejections: 1,
-        within_millis: MINUTE,
-        block_millis: 10 * MINUTE,
-    });
-    let blocked = vec![blocked];
+    let blocked = blocked_after_one_rejection(&key);
     let decide = |now: u64| {
         let (other, steps) = (other.clone(), [step(now, blocked.clone())]);
         async move { run(&other, &steps).await.remove(0).remove(0) }
