@@ -591,7 +591,7 @@ pub(crate) fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
 
 /// Go's `time.ParseDuration` for the units a timeout uses: a sequence of decimal numbers,
 /// each with a unit (`h`, `m`, `s`, `ms`, `us`, `µs`, `ns`), e.g. `1m30s` or `0.5s`.
-fn go_duration(text: &str) -> Option<Duration> {
+pub(crate) fn go_duration(text: &str) -> Option<Duration> {
     match text {
         "" => return None,
         "0" => return Some(Duration::ZERO),

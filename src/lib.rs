@@ -54,6 +54,7 @@ pub mod rule;
 pub mod server;
 pub mod service;
 pub mod simulate;
+pub mod sliding_quantiles;
 pub mod statsd;
 pub mod store;
 pub mod tls;

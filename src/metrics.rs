@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use crate::connections::ConnectionCounts;
 use crate::matcher::RateLimitConfig;
 use crate::prometheus_mapping::{ObserverType, PrometheusMapping, StatKind};
+use crate::sliding_quantiles::SlidingQuantiles;
 
 /// Distinct keys with request values tracked per `detailed_metric` or `value_to_metric`
 /// rule; hits under further keys count in the rule's own series.
@@ -222,11 +223,32 @@ impl Histogram {
         self.render_sum_and_count(out, name, &braces, scale);
     }
 
-    /// As a summary of its count and sum in seconds times `scale`, without quantiles: the
-    /// buckets cannot give exact ones.
-    fn render_summary(&self, out: &mut String, name: &str, help: &str, labels: &str, scale: f64) {
+    /// As a summary: `quantiles`' values over their window, and the count and sum since the
+    /// start, in seconds times `scale`. Quantiles with no sample in their window are NaN,
+    /// as Prometheus' client libraries give them.
+    fn render_summary(
+        &self,
+        out: &mut String,
+        (name, help, labels): (&str, &str, &str),
+        quantiles: Option<&SlidingQuantiles>,
+        scale: f64,
+    ) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-        self.render_sum_and_count(out, name, &braces(labels).0, scale);
+        let (braces, comma) = braces(labels);
+        if let Some(quantiles) = quantiles {
+            let values = quantiles.values_micros();
+            for (i, quantile) in quantiles.quantiles().iter().enumerate() {
+                let value = values
+                    .as_ref()
+                    .and_then(|values| values.get(i))
+                    .map_or(f64::NAN, |micros| micros / 1e6 * scale);
+                let _ = writeln!(
+                    out,
+                    "{name}{{{labels}{comma}quantile=\"{quantile}\"}} {value}"
+                );
+            }
+        }
+        self.render_sum_and_count(out, name, &braces, scale);
     }
 
     fn render_sum_and_count(&self, out: &mut String, name: &str, braces: &str, scale: f64) {
@@ -305,6 +327,9 @@ pub struct Metrics {
     /// response time (`buckets`); none without such a mapping. A mapping that changes
     /// starts a new one, as the series it names are new.
     mapped_latency: ArcSwapOption<Histogram>,
+    /// The decision latency's quantiles over a sliding window, when a statsd_exporter
+    /// mapping exports the response time as a summary.
+    mapped_quantiles: ArcSwapOption<SlidingQuantiles>,
 }
 
 /// The names under which the metrics envoyproxy/ratelimit also exports are served.
@@ -330,20 +355,31 @@ impl Metrics {
 
     /// Names the metrics envoyproxy/ratelimit also has as `names` says from the next scrape.
     pub fn set_names(&self, names: EnvoyproxyNames) {
-        let bounds = match &names {
-            EnvoyproxyNames::Mapped(mapping) => mapping
-                .map(RESPONSE_TIME_STAT, StatKind::Observer)
-                .filter(|timer| timer.observer == ObserverType::Histogram)
-                .and_then(|timer| {
-                    // Bounds in the mapping's unit (milliseconds times `scale`) as seconds,
-                    // the unit observations are compared in.
-                    let per_second = 1e3 * timer.scale;
-                    Some(timer.buckets?.iter().map(|b| b / per_second).collect())
-                }),
+        let timer = match &names {
+            EnvoyproxyNames::Mapped(mapping) => mapping.map(RESPONSE_TIME_STAT, StatKind::Observer),
             _ => None,
         };
+        let bounds = timer
+            .as_ref()
+            .filter(|timer| timer.observer == ObserverType::Histogram)
+            .and_then(|timer| {
+                // Bounds in the mapping's unit (milliseconds times `scale`) as seconds, the
+                // unit observations are compared in.
+                let per_second = 1e3 * timer.scale;
+                Some(
+                    timer
+                        .buckets
+                        .as_ref()?
+                        .iter()
+                        .map(|b| b / per_second)
+                        .collect(),
+                )
+            });
         self.mapped_latency
             .store(bounds.map(|bounds| Arc::new(Histogram::with_bounds(bounds))));
+        let summary = timer.filter(|timer| timer.observer == ObserverType::Summary);
+        self.mapped_quantiles
+            .store(summary.map(|timer| Arc::new(SlidingQuantiles::new(timer.summary))));
         self.names.store(Arc::new(names));
     }
 
@@ -352,6 +388,9 @@ impl Metrics {
         self.decision_latency.observe(elapsed);
         if let Some(mapped) = &*self.mapped_latency.load() {
             mapped.observe(elapsed);
+        }
+        if let Some(quantiles) = &*self.mapped_quantiles.load() {
+            quantiles.observe(elapsed);
         }
     }
 
@@ -544,7 +583,13 @@ impl Metrics {
                 histogram.render_scaled(out, &timer.name, &help, &labels, scale);
             }
             ObserverType::Summary => {
-                (self.decision_latency).render_summary(out, &timer.name, &help, &labels, scale);
+                let quantiles = self.mapped_quantiles.load();
+                (self.decision_latency).render_summary(
+                    out,
+                    (&timer.name, &help, &labels),
+                    quantiles.as_deref(),
+                    scale,
+                );
             }
         }
     }
@@ -851,13 +896,21 @@ mappings:
     }
 
     #[test]
-    fn stats_mapped_to_one_series_add_up_and_a_summary_has_count_and_sum() {
+    fn stats_mapped_to_one_series_add_up_and_a_summary_has_its_quantiles() {
         let mapping = PrometheusMapping::parse(
             "mapper.yaml",
             "mappings:\n  - match: ratelimit.service.rate_limit.*.*.*.*\n    name: rl_hits\n",
         )
         .unwrap();
         let metrics = Metrics::with_names(EnvoyproxyNames::Mapped(Box::new(mapping)));
+        // No decision yet: statsd_exporter's quantiles, without a value.
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "ratelimit_server_ShouldRateLimit_response_time{quantile=\"0.99\"} NaN\n"
+            ),
+            "{text}"
+        );
         let hit = Hit {
             hits: 2,
             over_limit: false,
@@ -871,16 +924,33 @@ mappings:
             .rules
             .lock()
             .insert(("web".into(), "web.a.b".into()), stats);
-        metrics.decision_latency.observe(Duration::from_millis(3));
+        for millis in [1, 2, 3, 3, 40] {
+            metrics.observe_decision(Duration::from_millis(millis));
+        }
         let text = metrics.render();
         // total_hits and within_limit of web.a.b land on one series: 2 + 2.
         assert!(text.contains("\nrl_hits 4\n"), "{text}");
         for line in [
             "# TYPE ratelimit_server_ShouldRateLimit_response_time summary\n",
-            "ratelimit_server_ShouldRateLimit_response_time_sum 3\n",
-            "ratelimit_server_ShouldRateLimit_response_time_count 1\n",
+            "ratelimit_server_ShouldRateLimit_response_time_sum 49\n",
+            "ratelimit_server_ShouldRateLimit_response_time_count 5\n",
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        // The quantiles of the five, in milliseconds, each within 1.6 %.
+        for (quantile, expected) in [("0.5", 3.0), ("0.9", 40.0), ("0.99", 40.0)] {
+            let series = format!(
+                "ratelimit_server_ShouldRateLimit_response_time{{quantile=\"{quantile}\"}} "
+            );
+            let value: f64 = text
+                .lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+            assert!(
+                (value - expected).abs() / expected < 0.016,
+                "{quantile}: {value}"
+            );
         }
         assert!(!text.contains("response_time_bucket"), "{text}");
     }

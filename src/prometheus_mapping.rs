@@ -14,9 +14,11 @@
 //! glob with literal parts where another has `*` wins, whatever their order.
 //!
 //! A histogram gets the mapping's `buckets` (or `histogram_options.buckets`, or those of
-//! `defaults`), else meshlimit's own bounds. What differs is said at start (`warnings`): a
-//! summary has its count and sum but no quantiles, since meshlimit keeps bucket counts, not
-//! samples; native histograms are not served; `ttl` drops no series.
+//! `defaults`), else meshlimit's own bounds; a summary its `quantiles` over `max_age` in
+//! `age_buckets` parts (statsd_exporter's 0.5, 0.9 and 0.99 over 10 minutes in 5 unless
+//! written), estimated to within 1.6 % (`sliding_quantiles`). What differs is said at start
+//! (`warnings`): native histograms are not served, `buf_cap` keeps nothing, `ttl` drops no
+//! series.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -32,6 +34,7 @@ use serde_saphyr::Spanned;
 
 use crate::config::{ConfigError, MAX_FILE_BYTES, yaml_error, yaml_options};
 use crate::metrics::RESPONSE_TIME_STAT;
+use crate::sliding_quantiles::SummaryShape;
 
 /// What a stat is, for `match_metric_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -91,10 +94,31 @@ struct Defaults {
     #[serde(default)]
     glob_disable_ordering: bool,
     buckets: Option<Spanned<Vec<f64>>>,
-    quantiles: Option<IgnoredAny>,
+    quantiles: Option<Spanned<Vec<Objective>>>,
     histogram_options: Option<Spanned<HistogramOptions>>,
-    summary_options: Option<IgnoredAny>,
+    summary_options: Option<Spanned<SummaryOptions>>,
     ttl: Option<IgnoredAny>,
+}
+
+/// One quantile of a summary; its `error` (the rank error statsd_exporter allows) is read
+/// and met more closely by meshlimit's buckets (`sliding_quantiles`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Objective {
+    quantile: f64,
+    #[serde(default)]
+    #[allow(dead_code)]
+    error: Option<IgnoredAny>,
+}
+
+/// statsd_exporter's `summary_options`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SummaryOptions {
+    quantiles: Option<Vec<Objective>>,
+    max_age: Option<String>,
+    age_buckets: Option<i64>,
+    buf_cap: Option<IgnoredAny>,
 }
 
 /// statsd_exporter's `histogram_options`: its `buckets`, and the native-histogram settings
@@ -124,9 +148,9 @@ struct MappingEntry {
     help: Option<String>,
     scale: Option<f64>,
     buckets: Option<Spanned<Vec<f64>>>,
-    quantiles: Option<IgnoredAny>,
+    quantiles: Option<Spanned<Vec<Objective>>>,
     histogram_options: Option<Spanned<HistogramOptions>>,
-    summary_options: Option<IgnoredAny>,
+    summary_options: Option<Spanned<SummaryOptions>>,
     ttl: Option<IgnoredAny>,
 }
 
@@ -139,10 +163,13 @@ macro_rules! unapplied_fields {
                     options.value.native_histogram_bucket_factor.is_some()
                         || options.value.native_histogram_max_buckets.is_some()
                 });
+                let buf_cap = self
+                    .summary_options
+                    .as_ref()
+                    .is_some_and(|options| options.value.buf_cap.is_some());
                 [
                     ("histogram_options' native_histogram_*", native),
-                    ("quantiles", self.quantiles.is_some()),
-                    ("summary_options", self.summary_options.is_some()),
+                    ("summary_options' buf_cap", buf_cap),
                     ("ttl", self.ttl.is_some()),
                 ]
                 .into_iter()
@@ -154,6 +181,65 @@ macro_rules! unapplied_fields {
 }
 unapplied_fields!(Defaults);
 unapplied_fields!(MappingEntry);
+
+/// The summary shape written on a mapping or in `defaults` (`summary_options` over the
+/// older `quantiles`), over `base` (statsd_exporter's defaults, or `defaults`'), checked.
+fn written_summary(
+    file: &str,
+    quantiles: Option<&Spanned<Vec<Objective>>>,
+    options: Option<&Spanned<SummaryOptions>>,
+    base: &SummaryShape,
+) -> Result<SummaryShape, ConfigError> {
+    let mut shape = base.clone();
+    let mut chosen = quantiles.map(|q| (q.value.as_slice(), &q.referenced));
+    if let Some(options) = options {
+        let here = |message: String| at(file, &options.referenced, message);
+        if let Some(objectives) = &options.value.quantiles {
+            chosen = Some((objectives.as_slice(), &options.referenced));
+        }
+        if let Some(max_age) = &options.value.max_age {
+            shape.max_age = crate::envoyproxy_env::go_duration(max_age)
+                .filter(|age| !age.is_zero())
+                .ok_or_else(|| {
+                    here(format!(
+                        "max_age `{max_age}`: write how long samples count, e.g. 10m or 30s"
+                    ))
+                })?;
+        }
+        if let Some(parts) = options.value.age_buckets {
+            shape.age_buckets = u32::try_from(parts)
+                .ok()
+                .filter(|parts| (1..=MAX_AGE_BUCKETS).contains(parts))
+                .ok_or_else(|| {
+                    here(format!(
+                        "age_buckets {parts}: write how many parts max_age is kept in, from \
+                         1 to {MAX_AGE_BUCKETS}"
+                    ))
+                })?;
+        }
+    }
+    if let Some((objectives, location)) = chosen {
+        let quantiles: Vec<f64> = objectives.iter().map(|o| o.quantile).collect();
+        if quantiles.is_empty()
+            || quantiles.len() > MAX_BUCKETS
+            || quantiles.iter().any(|q| !(0.0..=1.0).contains(q))
+        {
+            return Err(at(
+                file,
+                location,
+                format!(
+                    "quantiles {quantiles:?}: write up to {MAX_BUCKETS} quantiles from 0 to 1, \
+                     e.g. [{{quantile: 0.5}}, {{quantile: 0.99}}]"
+                ),
+            ));
+        }
+        shape.quantiles = quantiles;
+    }
+    Ok(shape)
+}
+
+/// The most parts a summary's window may be kept in.
+const MAX_AGE_BUCKETS: u32 = 60;
 
 /// The most bucket bounds a mapping may write.
 const MAX_BUCKETS: usize = 64;
@@ -211,6 +297,8 @@ pub struct PrometheusMapping {
     default_observer: ObserverType,
     /// `defaults`' bucket bounds, for histograms whose mapping sets none.
     default_buckets: Option<Arc<[f64]>>,
+    /// `defaults`' summary shape over statsd_exporter's, for summaries.
+    default_summary: SummaryShape,
     /// What the file asks for that meshlimit does not do, each with its line; logged at start.
     pub warnings: Vec<String>,
     /// Where each stat went at an earlier scrape: the stats are the same from one scrape
@@ -243,6 +331,8 @@ struct Mapping {
     observer: ObserverType,
     /// A histogram's upper bounds, in the unit `scale` gives; `None`: meshlimit's own.
     buckets: Option<Arc<[f64]>>,
+    /// A summary's quantiles and window.
+    summary: SummaryShape,
     scale: f64,
     help: Option<Arc<str>>,
     /// `file:line:column` of the mapping, for warnings.
@@ -259,6 +349,7 @@ impl Mapping {
         default_match: MatchType,
         default_observer: ObserverType,
         default_buckets: Option<&Arc<[f64]>>,
+        default_summary: &SummaryShape,
     ) -> Result<Self, ConfigError> {
         let here = |message: String| at(file, &entry.referenced, message);
         let written = &entry.value;
@@ -312,6 +403,12 @@ impl Mapping {
             written.histogram_options.as_ref(),
         )?
         .or_else(|| default_buckets.cloned());
+        let summary = written_summary(
+            file,
+            written.quantiles.as_ref(),
+            written.summary_options.as_ref(),
+            default_summary,
+        )?;
         let scale = written.scale.unwrap_or(1.0);
         if !(scale.is_finite() && scale > 0.0) {
             return Err(here(format!(
@@ -327,6 +424,7 @@ impl Mapping {
             only: written.match_metric_type,
             observer: observer.unwrap_or(default_observer),
             buckets,
+            summary,
             scale,
             help: written.help.as_deref().map(Arc::from),
             origin: here(String::new()).to_string(),
@@ -346,6 +444,8 @@ pub struct Series {
     pub observer: ObserverType,
     /// A histogram's upper bounds, in the unit `scale` gives; `None`: meshlimit's own.
     pub buckets: Option<Arc<[f64]>>,
+    /// A summary's quantiles and window.
+    pub summary: SummaryShape,
     /// What the timer's milliseconds are multiplied by.
     pub scale: f64,
 }
@@ -390,6 +490,12 @@ impl PrometheusMapping {
             defaults.buckets.as_ref(),
             defaults.histogram_options.as_ref(),
         )?;
+        let default_summary = written_summary(
+            file,
+            defaults.quantiles.as_ref(),
+            defaults.summary_options.as_ref(),
+            &SummaryShape::default(),
+        )?;
 
         let mut globs = Vec::new();
         let mut regexes = Vec::new();
@@ -400,6 +506,7 @@ impl PrometheusMapping {
                 default_match,
                 default_observer,
                 default_buckets.as_ref(),
+                &default_summary,
             )?;
             match entry.value.match_type.unwrap_or(default_match) {
                 MatchType::Glob => globs.push((literal_parts(&entry.value.pattern), mapping)),
@@ -416,29 +523,23 @@ impl PrometheusMapping {
             regexes,
             default_observer,
             default_buckets,
+            default_summary,
             warnings,
             cache: SeriesCache::default(),
         };
-        mapping.warn_about_the_timer(file);
+        mapping.warn_about_the_timer();
         Ok(mapping)
     }
 
     /// What the mapping the response time goes to asks for and does not get. Only that
     /// one: another mapping's `buckets` never meet a timer.
-    fn warn_about_the_timer(&mut self, file: &str) {
+    fn warn_about_the_timer(&mut self) {
         let mut warnings = match self.find(RESPONSE_TIME_STAT, StatKind::Observer) {
             Some((mapping, _)) if mapping.drop => Vec::new(),
             Some((mapping, _)) => {
                 let mut asked = mapping.unapplied.clone();
                 asked.retain(|field| *field != "ttl");
-                if mapping.observer == ObserverType::Summary {
-                    asked.push("observer_type: summary");
-                }
                 unapplied(&mapping.origin, &asked)
-            }
-            None if self.default_observer == ObserverType::Summary => {
-                let origin = format!("{file}: {RESPONSE_TIME_STAT}, which no mapping matches");
-                unapplied(&origin, &["observer_type: summary"])
             }
             None => Vec::new(),
         };
@@ -494,6 +595,7 @@ impl PrometheusMapping {
             help: None,
             observer: self.default_observer,
             buckets: self.default_buckets.clone(),
+            summary: self.default_summary.clone(),
             scale: 1.0,
         };
         let Some((mapping, captures)) = self.find(stat, kind) else {
@@ -520,6 +622,7 @@ impl PrometheusMapping {
             help: mapping.help.clone(),
             observer: mapping.observer,
             buckets: mapping.buckets.clone(),
+            summary: mapping.summary.clone(),
             scale: mapping.scale,
         })
     }
@@ -592,16 +695,11 @@ fn unapplied(origin: &str, fields: &[&'static str]) -> Vec<String> {
                 "{origin}: `ttl` has no effect: meshlimit's series stay until it restarts, \
                  as each rule's counters do"
             ),
-            "observer_type: summary" => format!(
-                "{origin}: the response time is exported as a summary with its count and \
-                 sum but no quantiles (meshlimit keeps bucket counts, not samples); write \
-                 `observer_type: histogram` for buckets to compute quantiles from"
+            "summary_options' buf_cap" => format!(
+                "{origin}: {field} has no effect: meshlimit counts samples in buckets and \
+                 keeps none"
             ),
-            _ => format!(
-                "{origin}: `{field}` has no effect: meshlimit keeps bucket counts, not \
-                 samples, so it exports no quantiles; with `observer_type: histogram`, \
-                 histogram_quantile computes them from the buckets"
-            ),
+            _ => format!("{origin}: `{field}` has no effect"),
         })
         .collect()
 }
@@ -902,6 +1000,18 @@ mod tests {
                 "mapper.yaml:4:14: 65 buckets: every decision is counted into them, so at most 64",
             ),
             (
+                "mappings:\n  - match: a.*\n    name: a\n    summary_options: {max_age: soon}\n",
+                "mapper.yaml:4:22: max_age `soon`: write how long samples count",
+            ),
+            (
+                "defaults:\n  summary_options: {age_buckets: 0}\nmappings: []\n",
+                "mapper.yaml:2:20: age_buckets 0: write how many parts",
+            ),
+            (
+                "mappings:\n  - match: a.*\n    name: a\n    quantiles: [{quantile: 1.5}]\n",
+                "mapper.yaml:4:16: quantiles [1.5]: write up to 64 quantiles from 0 to 1",
+            ),
+            (
                 "mappings:\n  - match: a.*\n    name: a\n    scale: 0\n",
                 "mapper.yaml:2:5: scale 0: write the positive number",
             ),
@@ -948,17 +1058,35 @@ mappings:
             .unwrap();
         assert_eq!(timer.buckets.as_deref(), Some(&[0.1, 1.0][..]));
 
-        // A summary, written or statsd_exporter's default, has no quantiles here.
+        // A summary gets statsd_exporter's quantiles and window unless written: on the
+        // mapping (summary_options over the older quantiles) or in defaults.
         let summary = mapping("mappings:\n  - match: ratelimit_server.*.*\n    name: rt_$2\n");
-        let warnings = summary.warnings.join("\n");
-        assert!(
-            warnings.contains("mapper.yaml:2:5: the response time is exported as a summary"),
-            "{warnings}"
+        assert!(summary.warnings.is_empty(), "{:?}", summary.warnings);
+        let shape = |mapped: &PrometheusMapping| {
+            mapped
+                .map(
+                    "ratelimit_server.ShouldRateLimit.response_time",
+                    StatKind::Observer,
+                )
+                .unwrap()
+                .summary
+        };
+        assert_eq!(shape(&summary), SummaryShape::default());
+        let written = mapping(
+            "defaults:\n  summary_options: {max_age: 1m}\nmappings:\n  - match: ratelimit_server.*.*\n    name: rt\n    quantiles: [{quantile: 0.5, error: 0.05}]\n    summary_options: {quantiles: [{quantile: 0.99, error: 0.001}], age_buckets: 3, buf_cap: 500}\n",
         );
-        let unmatched = mapping("mappings: []\n").warnings.join("\n");
+        assert_eq!(
+            shape(&written),
+            SummaryShape {
+                quantiles: vec![0.99],
+                max_age: Duration::from_secs(60),
+                age_buckets: 3,
+            }
+        );
+        let warnings = written.warnings.join("\n");
         assert!(
-            unmatched.contains("ratelimit_server.ShouldRateLimit.response_time, which no mapping matches: the response time is exported as a summary"),
-            "{unmatched}"
+            warnings.contains("mapper.yaml:4:5: summary_options' buf_cap has no effect"),
+            "{warnings}"
         );
         let histogram = "defaults: {observer_type: histogram}\nmappings: []\n";
         assert!(mapping(histogram).warnings.is_empty());
