@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -330,6 +330,9 @@ pub struct Metrics {
     /// The decision latency's quantiles over a sliding window, when a statsd_exporter
     /// mapping exports the response time as a summary.
     mapped_quantiles: ArcSwapOption<SlidingQuantiles>,
+    /// Whether either of the two above is kept: without a mapping, a decision looks at this
+    /// flag rather than load both.
+    mapped_timer: AtomicBool,
 }
 
 /// The names under which the metrics envoyproxy/ratelimit also exports are served.
@@ -359,7 +362,7 @@ impl Metrics {
             EnvoyproxyNames::Mapped(mapping) => mapping.map(RESPONSE_TIME_STAT, StatKind::Observer),
             _ => None,
         };
-        let bounds = timer
+        let bounds: Option<Box<[f64]>> = timer
             .as_ref()
             .filter(|timer| timer.observer == ObserverType::Histogram)
             .and_then(|timer| {
@@ -375,9 +378,11 @@ impl Metrics {
                         .collect(),
                 )
             });
+        let summary = timer.filter(|timer| timer.observer == ObserverType::Summary);
+        self.mapped_timer
+            .store(bounds.is_some() || summary.is_some(), Ordering::Release);
         self.mapped_latency
             .store(bounds.map(|bounds| Arc::new(Histogram::with_bounds(bounds))));
-        let summary = timer.filter(|timer| timer.observer == ObserverType::Summary);
         self.mapped_quantiles
             .store(summary.map(|timer| Arc::new(SlidingQuantiles::new(timer.summary))));
         self.names.store(Arc::new(names));
@@ -386,6 +391,9 @@ impl Metrics {
     /// Records how long a decision took.
     pub fn observe_decision(&self, elapsed: Duration) {
         self.decision_latency.observe(elapsed);
+        if !self.mapped_timer.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(mapped) = &*self.mapped_latency.load() {
             mapped.observe(elapsed);
         }
