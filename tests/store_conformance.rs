@@ -1434,3 +1434,53 @@ async fn resets_are_heard_again_after_the_node_listened_on_dies() {
         "the other replica still turns the client away 5 s after the reset"
     );
 }
+
+/// A reset published while a replica was not listening (its subscription cut) still
+/// reaches it: a replica that subscribes again drops what it cached, so the block the
+/// reset lifted is asked of Redis again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_missed_while_not_listening_is_caught_up_on_subscribing_again() {
+    let server = RedisServer::start();
+    let prefix = "reset-missed:";
+    let channel = format!("{prefix}meshlimit|resets");
+    let (resetting, other) = (
+        standalone_store(&server, prefix).await,
+        standalone_store(&server, prefix).await,
+    );
+    let listeners = || {
+        let (_, count): (String, u64) =
+            server.query(redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel));
+        count
+    };
+    let subscribed =
+        common::poll_until(Duration::from_secs(10), || (listeners() >= 2).then_some(()));
+    assert!(subscribed.is_some(), "the replicas never subscribed");
+    let blocked = blocked_after_one_rejection("d|ip=7|1m/f");
+    let decide = |now: u64| {
+        let (other, steps) = (other.clone(), [step(now, blocked.clone())]);
+        async move { run(&other, &steps).await.remove(0).remove(0) }
+    };
+    for at in 0..3 {
+        decide(T0 + at).await;
+    }
+    assert!(
+        decide(T0 + 10).await.from_local_cache,
+        "the block is not cached"
+    );
+
+    // Every subscription cut; the reset is published to nobody.
+    let _: redis::Value = server.query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
+    run(&resetting, &[reset(T0 + 20, blocked.clone())]).await;
+    let mut lifted = false;
+    for i in 0..50 {
+        if !decide(T0 + 30 + i).await.over_limit {
+            lifted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        lifted,
+        "the other replica still turns the client away 5 s after a reset it missed"
+    );
+}

@@ -1011,6 +1011,14 @@ async fn reset_loop(inner: std::sync::Weak<Inner>) {
                 });
             match subscribed {
                 Ok(pubsub) => {
+                    // Resets published while this replica was not listening were missed:
+                    // what it cached may be one of them, so it asks Redis again.
+                    if attempt > 0
+                        && let Some(cache) =
+                            inner.upgrade().as_ref().and_then(|s| s.over_cache.as_ref())
+                    {
+                        cache.clear();
+                    }
                     let mut messages = pubsub.into_on_message();
                     loop {
                         let message = tokio::select! {

@@ -136,6 +136,13 @@ impl OverCache {
         }
     }
 
+    /// Drops every answer: after resets may have been missed.
+    pub fn clear(&self) {
+        if !self.is_empty() {
+            self.entries.invalidate_all();
+        }
+    }
+
     /// Remembers Redis's answer to `group` if it is one of the safe cases (module docs).
     /// `blocked` says which checks the penalty box answered.
     pub fn remember(
