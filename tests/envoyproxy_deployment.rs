@@ -794,30 +794,54 @@ mappings:
       method: $1
 "#;
 
+/// meshlimit started with `mapping` as its PROMETHEUS_MAPPER_YAML and Prometheus on a port
+/// of its own, after three calls for ann, and that port's `/metrics` then.
+struct Mapped {
+    config: tempfile::TempDir,
+    mapper: tempfile::TempDir,
+    mapper_path: String,
+    server: Meshlimit,
+    scraped: String,
+}
+
+impl Mapped {
+    async fn after_three_calls(mapping: &str) -> Mapped {
+        common::avoid_window_edge(3_600, 20);
+        let config = common::config_dir::plain(&[("statsd.yaml", ANN_LIMITS)]);
+        let mapper = tempfile::tempdir().expect("a directory for the mapping");
+        let mapper_path = mapper.path().join("mapper.yaml");
+        std::fs::write(&mapper_path, mapping).expect("write the mapping");
+        let mapper_path = mapper_path.display().to_string();
+        let metrics_addr = free_loopback_addr();
+        let metrics = metrics_addr.to_string();
+        let env = [
+            ("USE_PROMETHEUS", "true"),
+            ("PROMETHEUS_ADDR", metrics.as_str()),
+            ("PROMETHEUS_MAPPER_YAML", mapper_path.as_str()),
+        ];
+        let server = Meshlimit::start_with_env(config.path(), &[], &env);
+        calls_for_ann(&server, 3).await;
+        let scraped = http::get(metrics_addr, "/metrics", &[])
+            .unwrap_or_else(|error| panic!("{error}\n{}", server.logs()))
+            .text();
+        Mapped {
+            config,
+            mapper,
+            mapper_path,
+            server,
+            scraped,
+        }
+    }
+}
+
 /// A mapping that leaves the response time statsd_exporter's default, a summary, with
 /// the quantiles it asks for over a one-minute window: each served with a value once calls
 /// were made, and the count of calls beside them.
 #[tokio::test]
 async fn a_summary_mapping_serves_its_quantiles() {
-    common::avoid_window_edge(3_600, 20);
-    let config = common::config_dir::plain(&[("statsd.yaml", ANN_LIMITS)]);
-    let mapper = tempfile::tempdir().expect("a directory for the mapping");
-    let mapper_path = mapper.path().join("mapper.yaml");
     let mapping = "mappings:\n  - match: ratelimit_server.*.response_time\n    name: call_ms\n    summary_options: {quantiles: [{quantile: 0.5}, {quantile: 0.999}], max_age: 1m}\n";
-    std::fs::write(&mapper_path, mapping).expect("write the mapping");
-    let mapper_path = mapper_path.display().to_string();
-    let metrics_addr = free_loopback_addr();
-    let metrics = metrics_addr.to_string();
-    let env = [
-        ("USE_PROMETHEUS", "true"),
-        ("PROMETHEUS_ADDR", metrics.as_str()),
-        ("PROMETHEUS_MAPPER_YAML", mapper_path.as_str()),
-    ];
-    let server = Meshlimit::start_with_env(config.path(), &[], &env);
-    calls_for_ann(&server, 3).await;
-    let text = http::get(metrics_addr, "/metrics", &[])
-        .unwrap_or_else(|error| panic!("{error}\n{}", server.logs()))
-        .text();
+    let mapped = Mapped::after_three_calls(mapping).await;
+    let text = &mapped.scraped;
     assert!(text.contains("# TYPE call_ms summary\n"), "{text}");
     for quantile in ["0.5", "0.999"] {
         let series = format!("call_ms{{quantile=\"{quantile}\"}} ");
@@ -829,7 +853,7 @@ async fn a_summary_mapping_serves_its_quantiles() {
         // Milliseconds, not NaN: a call here takes less than a second.
         assert!((0.0..1_000.0).contains(&value), "{series}{value}");
     }
-    assert_eq!(common::meshlimit::sample(&text, "call_ms_count"), Some(3));
+    assert_eq!(common::meshlimit::sample(text, "call_ms_count"), Some(3));
 }
 
 /// PROMETHEUS_MAPPER_YAML: the rule counters and the response time on PROMETHEUS_ADDR
@@ -840,25 +864,13 @@ async fn a_summary_mapping_serves_its_quantiles() {
 /// envoyproxy/ratelimit would start with no mapping at all.
 #[tokio::test]
 async fn a_prometheus_mapping_file_names_the_metrics() {
-    common::avoid_window_edge(3_600, 20);
-    let config = common::config_dir::plain(&[("statsd.yaml", ANN_LIMITS)]);
-    let mapper = tempfile::tempdir().expect("a directory for the mapping");
-    let mapper_path = mapper.path().join("mapper.yaml");
-    std::fs::write(&mapper_path, MAPPER).expect("write the mapping");
-    let mapper_path = mapper_path.display().to_string();
-    let metrics_addr = free_loopback_addr();
-    let metrics = metrics_addr.to_string();
-    let env = [
-        ("USE_PROMETHEUS", "true"),
-        ("PROMETHEUS_ADDR", metrics.as_str()),
-        ("PROMETHEUS_MAPPER_YAML", mapper_path.as_str()),
-    ];
-    let server = Meshlimit::start_with_env(config.path(), &[], &env);
-    calls_for_ann(&server, 3).await;
-
-    let text = http::get(metrics_addr, "/metrics", &[])
-        .unwrap_or_else(|error| panic!("{error}\n{}", server.logs()))
-        .text();
+    let Mapped {
+        config,
+        mapper,
+        mapper_path,
+        server,
+        scraped: text,
+    } = Mapped::after_three_calls(MAPPER).await;
     let user = "domain=\"statsd\",descriptor=\"user\"";
     for (selector, expected) in [
         (format!("team_ratelimit_total_hits{{{user}}}"), 3),

@@ -1359,6 +1359,38 @@ fn blocked_after_one_rejection(key: &str) -> Vec<Spec> {
     vec![check]
 }
 
+/// `checks` decided by `store` at `now`: the first verdict.
+async fn decided_at(store: &RedisStore, checks: &[Spec], now: u64) -> Verdict {
+    run(store, &[step(now, checks.to_vec())])
+        .await
+        .remove(0)
+        .remove(0)
+}
+
+/// Blocks `blocked` on `store` (from T0) and checks the block is then answered from its
+/// over-limit cache.
+async fn block_in_the_cache_of(store: &RedisStore, blocked: &[Spec]) {
+    for at in 0..3 {
+        decided_at(store, blocked, T0 + at).await;
+    }
+    assert!(
+        decided_at(store, blocked, T0 + 10).await.from_local_cache,
+        "the block is not cached"
+    );
+}
+
+/// Whether `store` lets `blocked` in within five seconds of asking every 100 ms (from
+/// T0 + 30 ms of its clock).
+async fn lets_in_within_5s(store: &RedisStore, blocked: &[Spec]) -> bool {
+    for i in 0..50 {
+        if !decided_at(store, blocked, T0 + 30 + i).await.over_limit {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// The cluster node a replica listens for resets on dies: the replicas subscribe again on
 /// another node, and a reset of a key on a live master still lifts the other replica's
 /// cached block.
@@ -1409,28 +1441,10 @@ async fn resets_are_heard_again_after_the_node_listened_on_dies() {
     let live = alive.iter().position(|a| *a).expect("a live master");
     let key = one_key_per_master(&cluster, prefix).remove(live);
     let blocked = blocked_after_one_rejection(&key);
-    let decide = |now: u64| {
-        let (other, steps) = (other.clone(), [step(now, blocked.clone())]);
-        async move { run(&other, &steps).await.remove(0).remove(0) }
-    };
-    for at in 0..3 {
-        decide(T0 + at).await;
-    }
-    assert!(
-        decide(T0 + 10).await.from_local_cache,
-        "the block is not cached"
-    );
+    block_in_the_cache_of(&other, &blocked).await;
     run(&resetting, &[reset(T0 + 20, blocked.clone())]).await;
-    let mut lifted = false;
-    for i in 0..50 {
-        if !decide(T0 + 30 + i).await.over_limit {
-            lifted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert!(
-        lifted,
+        lets_in_within_5s(&other, &blocked).await,
         "the other replica still turns the client away 5 s after the reset"
     );
 }
@@ -1456,31 +1470,13 @@ async fn a_reset_missed_while_not_listening_is_caught_up_on_subscribing_again() 
         common::poll_until(Duration::from_secs(10), || (listeners() >= 2).then_some(()));
     assert!(subscribed.is_some(), "the replicas never subscribed");
     let blocked = blocked_after_one_rejection("d|ip=7|1m/f");
-    let decide = |now: u64| {
-        let (other, steps) = (other.clone(), [step(now, blocked.clone())]);
-        async move { run(&other, &steps).await.remove(0).remove(0) }
-    };
-    for at in 0..3 {
-        decide(T0 + at).await;
-    }
-    assert!(
-        decide(T0 + 10).await.from_local_cache,
-        "the block is not cached"
-    );
+    block_in_the_cache_of(&other, &blocked).await;
 
     // Every subscription cut; the reset is published to nobody.
     let _: redis::Value = server.query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
     run(&resetting, &[reset(T0 + 20, blocked.clone())]).await;
-    let mut lifted = false;
-    for i in 0..50 {
-        if !decide(T0 + 30 + i).await.over_limit {
-            lifted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert!(
-        lifted,
+        lets_in_within_5s(&other, &blocked).await,
         "the other replica still turns the client away 5 s after a reset it missed"
     );
 }

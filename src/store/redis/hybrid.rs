@@ -57,9 +57,8 @@ impl Hybrid {
         let mut counters = self.counters.lock();
         let mut keys = Vec::with_capacity(group.len());
         for check in group {
-            let window = check.limit.window_millis().max(1);
-            let start = now_millis - now_millis % window;
-            let key = window_key(prefix, check, now_millis);
+            let (window, start) = window_of(check, now_millis);
+            let key = key_of_window(prefix, check, start);
             counters.entry(key.clone()).or_insert(Counter {
                 limit: u64::from(check.limit.requests_per_unit),
                 window,
@@ -146,8 +145,16 @@ impl Hybrid {
 /// The Redis key of `check`'s window at `now_millis`: its counter key's, with the
 /// window's start after `|hybrid|`.
 pub fn window_key(prefix: &str, check: &Check<'_>, now_millis: u64) -> String {
+    key_of_window(prefix, check, window_of(check, now_millis).1)
+}
+
+/// `check`'s window length and the start of the window `now_millis` is in.
+fn window_of(check: &Check<'_>, now_millis: u64) -> (u64, u64) {
     let window = check.limit.window_millis().max(1);
-    let start = now_millis - now_millis % window;
+    (window, now_millis - now_millis % window)
+}
+
+fn key_of_window(prefix: &str, check: &Check<'_>, start: u64) -> String {
     let mut key = String::with_capacity(96);
     push_redis_key(&mut key, prefix, check.key);
     key.push_str("|hybrid|");

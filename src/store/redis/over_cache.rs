@@ -167,22 +167,23 @@ impl OverCache {
             forget();
             return;
         }
-        let all_over = verdicts
-            .iter()
-            .all(|v| v.over_limit && v.reset_after_millis > 0);
-        let counted = group.iter().all(|c| c.hits > 0);
-        // A sliding window that counts rejected hits carries them into the next window:
-        // answered here, they would never reach Redis and the window would recover early.
-        let carried = group
-            .iter()
-            .any(|c| c.count_rejected && c.limit.algorithm == Algorithm::SlidingWindow);
         let penalty = group.first().is_some_and(|c| c.penalty.is_some());
-        let safe = if penalty {
-            blocked.iter().all(|b| *b)
-        } else {
-            group.iter().all(fits_some_day)
-        };
-        if !(all_over && counted && safe) || carried {
+        // Each condition only when the ones before hold: most answers are not over at all.
+        let cacheable = verdicts
+            .iter()
+            .all(|v| v.over_limit && v.reset_after_millis > 0)
+            && group.iter().all(|c| c.hits > 0)
+            // A sliding window that counts rejected hits carries them into the next window:
+            // answered here, they would never reach Redis and the window would recover early.
+            && !group
+                .iter()
+                .any(|c| c.count_rejected && c.limit.algorithm == Algorithm::SlidingWindow)
+            && if penalty {
+                blocked.iter().all(|b| *b)
+            } else {
+                group.iter().all(fits_some_day)
+            };
+        if !cacheable {
             forget();
             return;
         }
