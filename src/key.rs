@@ -72,7 +72,16 @@ fn append_packed_key(out: &mut String, domain: &str, entries: &[Entry], limit: &
         push_packed(out, &entry.value);
     }
     push_length(out, limit.window_millis);
-    out.push(char::from(limit.algorithm as u8));
+    match limit.calendar {
+        None => out.push(char::from(limit.algorithm as u8)),
+        // `c` where the algorithm's byte (0 to 4) stands, so no epoch-aligned key (nor one
+        // with a suffix) is a calendar key; then which unit, and the zone.
+        Some(calendar) => {
+            out.push('c');
+            out.push(char::from(calendar.unit as u8));
+            push_packed(out, calendar.zone.name());
+        }
+    }
 }
 
 fn push_packed(out: &mut String, text: &str) {
@@ -98,7 +107,15 @@ pub fn append_counter_key(out: &mut String, domain: &str, entries: &[Entry], lim
         push_escaped(out, &entry.value);
     }
     out.push('|');
-    write_duration(out, limit.window_millis);
+    match limit.calendar {
+        None => write_duration(out, limit.window_millis),
+        // `month@Europe/Berlin`: zone names hold no separator.
+        Some(calendar) => {
+            out.push_str(calendar.unit.name());
+            out.push('@');
+            out.push_str(calendar.zone.name());
+        }
+    }
     out.push('/');
     out.push_str(limit.algorithm.name());
 }
@@ -193,6 +210,48 @@ mod tests {
         assert_eq!(
             key(&[("user", "alice"), ("path", "/a")]),
             "edge|user=alice|path=/a|1m/sliding_window"
+        );
+    }
+
+    #[test]
+    fn a_calendar_window_names_its_unit_and_zone_in_both_forms() {
+        let entries = entries_of([("user", "alice")]);
+        let month = Limit::per_unit(1, Unit::Month, Algorithm::FixedWindow);
+        let in_zone = |zone: &str| Limit {
+            calendar: Some(
+                crate::calendar::Calendar::new(
+                    Unit::Month,
+                    crate::calendar::Zone::named(zone).unwrap(),
+                )
+                .unwrap(),
+            ),
+            ..month
+        };
+        let text = |limit: &Limit| {
+            let mut out = String::new();
+            append_counter_key(&mut out, "edge", &entries, limit);
+            out
+        };
+        assert_eq!(
+            text(&in_zone("Europe/Berlin")),
+            "edge|user=alice|month@Europe/Berlin/fixed_window"
+        );
+        assert_eq!(text(&month), "edge|user=alice|30d/fixed_window");
+        let packed = |limit: &Limit| {
+            let mut out = String::new();
+            append_packed_key(&mut out, "edge", &entries, limit);
+            out
+        };
+        let keys = [
+            packed(&month),
+            packed(&in_zone("Europe/Berlin")),
+            packed(&in_zone("UTC")),
+        ];
+        assert_ne!(keys[0], keys[1]);
+        assert_ne!(keys[1], keys[2]);
+        assert!(
+            !keys[1].starts_with(&keys[0]),
+            "a calendar key is no plain key with a suffix"
         );
     }
 

@@ -33,6 +33,7 @@
 pub mod admin;
 pub mod algorithm;
 pub mod allocator;
+pub mod calendar;
 pub mod clock;
 pub mod codec;
 pub mod config;

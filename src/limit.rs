@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::calendar::Calendar;
 use crate::proto::rate_limit_response::rate_limit::Unit as ProtoUnit;
 
 /// The time unit of a limit. Lengths match envoyproxy/ratelimit (a month is 30 days, a
@@ -180,6 +181,9 @@ pub struct Limit {
     /// and adds its hits to Redis in batches, trading a bounded overshoot for no round trip
     /// per request (`store::redis::hybrid`). The memory store ignores it.
     pub hybrid: bool,
+    /// `calendar: <zone>`: the window is that zone's day, week, month or year rather than
+    /// `window_millis` since the epoch (which stays the unit's nominal length, for headers).
+    pub calendar: Option<Calendar>,
 }
 
 impl Limit {
@@ -191,11 +195,28 @@ impl Limit {
             algorithm,
             burst: None,
             hybrid: false,
+            calendar: None,
         }
     }
 
     pub fn window_millis(&self) -> u64 {
         self.window_millis
+    }
+
+    /// The fixed window that holds `now_millis`: a number every instant of it shares, and
+    /// how long until it ends.
+    #[inline]
+    pub fn window_at(&self, now_millis: u64) -> (u64, u64) {
+        match self.calendar {
+            None => {
+                let length = self.window_millis.max(1);
+                (now_millis / length, length - now_millis % length)
+            }
+            Some(calendar) => {
+                let window = calendar.window_at(now_millis);
+                (window.start_millis, window.end_millis - now_millis)
+            }
+        }
     }
 
     /// The unit reported to Envoy: exact when the window is one unit long; otherwise none
@@ -218,6 +239,9 @@ impl fmt::Display for Limit {
             None => write!(f, "{}", crate::limit::format_duration(self.window_millis))?,
         }
         write!(f, " {}", self.algorithm)?;
+        if let Some(calendar) = self.calendar {
+            write!(f, " calendar {}", calendar.zone.name())?;
+        }
         match self.algorithm {
             Algorithm::TokenBucket => write!(f, " burst {}", self.burst())?,
             Algorithm::LeakyBucket => write!(f, " capacity {}", self.burst())?,

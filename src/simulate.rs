@@ -115,6 +115,7 @@ pub fn run(scenario: &Scenario, algorithms: &[Algorithm]) -> Vec<Report> {
             algorithm,
             burst: None,
             hybrid: false,
+            calendar: None,
         };
         let mut state = CounterState::Empty;
         // Start one window after the epoch so windows are aligned as in production.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::redis::{RedisCluster, RedisSentinel, RedisServer};
 use meshlimit::algorithm::Verdict;
 use meshlimit::algorithm::penalty::Penalty;
-use meshlimit::limit::{Algorithm, Limit};
+use meshlimit::limit::{Algorithm, Limit, Unit};
 use meshlimit::store::redis::settings::{MasterUrl, SentinelTarget};
 use meshlimit::store::redis::{FailureMode, RedisOptions, RedisTarget, push_redis_key, slot};
 use meshlimit::store::split::SplitStore;
@@ -60,6 +60,7 @@ fn limit(requests_per_unit: u32, window_millis: u64, algorithm: Algorithm) -> Li
         algorithm,
         burst: None,
         hybrid: false,
+        calendar: None,
     }
 }
 
@@ -267,6 +268,7 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
     penalized("d|ip=2|1s/s", 0, T0);
     out.push(("penalty box", steps));
 
+    out.push(("calendar windows", calendar_steps()));
     out.push(("random sequences", random_steps(0x5eed, 400, 3)));
     out.extend(log_and_leaky_scenarios());
     out.push((
@@ -274,6 +276,76 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
         random_steps(0x1ea4, 500, 5),
     ));
     out
+}
+
+/// Calendar windows, whose boundaries Redis is told rather than computes: a Berlin month
+/// across its first (an hour before 1 March UTC), in a group with a per-second limit,
+/// counting rejected hits, and a New York day of 25 hours.
+fn calendar_steps() -> Vec<Step> {
+    let at = |text: &str| text.parse::<jiff::Timestamp>().unwrap().as_millisecond() as u64;
+    let calendar = |unit, zone| {
+        Some(
+            meshlimit::calendar::Calendar::new(
+                unit,
+                meshlimit::calendar::Zone::named(zone).unwrap(),
+            )
+            .unwrap(),
+        )
+    };
+    let month = Limit {
+        calendar: calendar(Unit::Month, "Europe/Berlin"),
+        ..limit(3, 30 * 86_400_000, Algorithm::FixedWindow)
+    };
+    let day = Limit {
+        calendar: calendar(Unit::Day, "America/New_York"),
+        ..limit(2, 86_400_000, Algorithm::FixedWindow)
+    };
+    let per_second = limit(10, SECOND, Algorithm::SlidingWindow);
+    let key = "d|u=c|month@Europe/Berlin/f";
+    let mut steps = Vec::new();
+    let end_of_february = at("2026-02-28T22:59:58Z");
+    for i in 0..6 {
+        steps.push(step(
+            end_of_february + i * 400,
+            vec![spec(key, month, 1, 0), spec("d|u=c|1s/s", per_second, 1, 0)],
+        ));
+    }
+    for (i, hits) in [(0, 2), (1, 0), (2, 2), (3, 1)] {
+        steps.push(step(
+            at("2026-03-31T21:59:59Z") + i,
+            vec![spec(key, month, hits, 0)],
+        ));
+    }
+    for (n, when) in [
+        "2026-03-31T22:00:00Z",
+        "2026-03-31T22:00:01Z",
+        "2026-04-15T00:00:00Z",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut counted = spec("d|u=r|month@Europe/Berlin/f", month, 2 + n as u64, 0);
+        counted.count_rejected = true;
+        steps.push(step(at(when), vec![counted]));
+    }
+    // 1 November 2026 in New York lasts from 04:00 UTC to 05:00 UTC the next day.
+    for when in [
+        "2026-11-01T03:59:59Z",
+        "2026-11-01T04:00:00Z",
+        "2026-11-02T04:30:00Z",
+        "2026-11-02T04:59:59Z",
+        "2026-11-02T05:00:00Z",
+    ] {
+        steps.push(step(
+            at(when),
+            vec![spec("d|u=ny|day@America/New_York/f", day, 1, 0)],
+        ));
+        steps.push(step(
+            at(when),
+            vec![spec("d|u=ny|day@America/New_York/f", day, 1, 0)],
+        ));
+    }
+    steps
 }
 
 /// Sliding log and leaky bucket alone, in groups with the other algorithms, and behind a
@@ -627,6 +699,32 @@ async fn conform(target: RedisTarget, label: &str) {
             );
         }
     }
+}
+
+/// What the calendar scenario shows of every store: February in Berlin ends at 23:00 UTC
+/// and the New York day the clocks go back lasts 25 hours.
+#[tokio::test]
+async fn calendar_windows_start_over_where_their_zone_starts_a_month_or_a_day() {
+    let steps = calendar_steps();
+    let verdicts = run(&MemoryStore::new(10_000), &steps).await;
+    let over: Vec<bool> = verdicts.iter().map(|v| v[0].over_limit).collect();
+    assert_eq!(
+        over[..6],
+        [false, false, false, true, true, false],
+        "three a month; the sixth request is in March"
+    );
+    assert_eq!(
+        verdicts[5][0].reset_after_millis,
+        (31 * 24 - 1) * 3_600_000,
+        "March in Berlin lasts 31 days less the hour the clocks skip"
+    );
+    assert_eq!(
+        over[over.len() - 10..],
+        [
+            false, false, false, false, true, true, true, true, false, false
+        ],
+        "two a day: 31 October, then 1 November for 25 hours, then 2 November"
+    );
 }
 
 /// What the reset scenario shows of every store (they all decide as memory does): a reset

@@ -148,7 +148,7 @@ pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
     let limits: Vec<Value> = limits
         .iter()
         .map(|u| {
-            json!({
+            let mut entry = json!({
                 "descriptor": u.descriptor,
                 "rule": u.rule,
                 "name": u.name,
@@ -159,7 +159,13 @@ pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
                 "remaining": u.remaining,
                 "resetSeconds": u.reset_after_millis.div_ceil(1_000),
                 "overLimit": u.over_limit,
-            })
+            });
+            // A calendar window's zone: its `resetSeconds` runs to that zone's next
+            // midnight, first of the month or year.
+            if let (Some(calendar), Value::Object(entry)) = (u.limit.calendar, &mut entry) {
+                entry.insert("calendar".into(), json!(calendar.zone.name()));
+            }
+            entry
         })
         .collect();
     json!({ "domain": domain, "limits": limits })

@@ -14,11 +14,10 @@ pub fn apply(
     now_millis: u64,
     count_rejected: bool,
 ) -> Verdict {
-    let window_millis = limit.window_millis();
-    state.roll_to(now_millis / window_millis);
+    let (window, reset_after_millis) = limit.window_at(now_millis);
+    state.roll_to(window);
     let after = state.current.saturating_add(hits);
     let limit_hits = u64::from(limit.requests_per_unit);
-    let reset_after_millis = window_millis - now_millis % window_millis;
     if after > limit_hits {
         if count_rejected {
             state.current = after;
@@ -51,6 +50,7 @@ mod tests {
         algorithm: Algorithm::FixedWindow,
         burst: None,
         hybrid: false,
+        calendar: None,
     };
     const MINUTE: u64 = 60_000;
 
@@ -71,6 +71,35 @@ mod tests {
         assert!(!next.over_limit);
         assert_eq!(next.remaining, 2);
         assert_eq!(next.reset_after_millis, MINUTE);
+    }
+
+    #[test]
+    fn a_calendar_month_starts_over_on_the_first_where_its_zone_is() {
+        use crate::calendar::{Calendar, Zone};
+        let berlin = Zone::named("Europe/Berlin").unwrap();
+        let month = Limit {
+            requests_per_unit: 2,
+            window_millis: 30 * 86_400_000,
+            calendar: Some(Calendar::new(crate::limit::Unit::Month, berlin).unwrap()),
+            ..LIMIT
+        };
+        let at = |text: &str| text.parse::<jiff::Timestamp>().unwrap().as_millisecond() as u64;
+        let mut state = WindowState::default();
+        // 28 February, 23:00 in Berlin: the last hour of February there.
+        let late = at("2026-02-28T22:00:00Z");
+        assert!(!apply(&mut state, &month, 2, late, false).over_limit);
+        let over = apply(&mut state, &month, 1, late, false);
+        assert!(over.over_limit);
+        assert_eq!(
+            over.reset_after_millis, 3_600_000,
+            "until midnight in Berlin"
+        );
+        // Midnight in Berlin is 23:00 UTC: March has begun there, while a 30-day window
+        // since the epoch would run on to 24 March.
+        let march = apply(&mut state, &month, 1, at("2026-02-28T23:00:00Z"), false);
+        assert!(!march.over_limit);
+        assert_eq!(march.remaining, 1);
+        assert_eq!(march.reset_after_millis, 31 * 86_400_000 - 3_600_000);
     }
 
     #[test]

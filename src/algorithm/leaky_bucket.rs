@@ -68,6 +68,7 @@ mod tests {
             algorithm: Algorithm::LeakyBucket,
             burst: Some(capacity),
             hybrid: false,
+            calendar: None,
         }
     }
 

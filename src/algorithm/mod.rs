@@ -140,7 +140,10 @@ pub fn apply(
 pub fn state_lifetime_millis(limit: &Limit) -> u64 {
     match limit.algorithm {
         Algorithm::SlidingWindow => limit.window_millis().saturating_mul(2),
-        Algorithm::FixedWindow => limit.window_millis(),
+        Algorithm::FixedWindow => match limit.calendar {
+            Some(calendar) => calendar.longest_millis(),
+            None => limit.window_millis(),
+        },
         Algorithm::SlidingLog => limit.window_millis(),
         Algorithm::TokenBucket | Algorithm::LeakyBucket => {
             let per_hit = limit.window_millis() / u64::from(limit.requests_per_unit.max(1));

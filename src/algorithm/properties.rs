@@ -35,7 +35,7 @@ proptest! {
         burst in 1..30u32,
         steps in steps(300),
     ) {
-        let limit = Limit { requests_per_unit: rate, window_millis: 1_000, algorithm: Algorithm::TokenBucket, burst: Some(burst), hybrid: false };
+        let limit = Limit { requests_per_unit: rate, window_millis: 1_000, algorithm: Algorithm::TokenBucket, burst: Some(burst), hybrid: false, calendar: None };
         let admitted = admitted(&limit, &steps);
         for (i, &(start, _)) in admitted.iter().enumerate() {
             let mut total = 0u64;
@@ -55,7 +55,7 @@ proptest! {
         steps in steps(200),
     ) {
         let algorithm = if sliding { Algorithm::SlidingWindow } else { Algorithm::FixedWindow };
-        let limit = Limit { requests_per_unit, window_millis: 1_000, algorithm, burst: None, hybrid: false };
+        let limit = Limit { requests_per_unit, window_millis: 1_000, algorithm, burst: None, hybrid: false, calendar: None };
         let mut per_window = std::collections::HashMap::<u64, u64>::new();
         for (time, hits) in admitted(&limit, &steps) {
             *per_window.entry(time / 1_000).or_default() += hits;
@@ -74,7 +74,7 @@ proptest! {
         let store = MemoryStore::new(100);
         let check = |key, requests_per_unit, window_millis, hits| Check {
             key,
-            limit: Limit { requests_per_unit, window_millis, algorithm: Algorithm::FixedWindow, burst: None, hybrid: false },
+            limit: Limit { requests_per_unit, window_millis, algorithm: Algorithm::FixedWindow, burst: None, hybrid: false, calendar: None },
             hits,
             group: 0,
             count_rejected: false,
@@ -106,7 +106,7 @@ proptest! {
         requests_per_unit in 1..20u32,
         steps in steps(150),
     ) {
-        let limit = Limit { requests_per_unit, window_millis: 1_000, algorithm: Algorithm::SlidingLog, burst: None, hybrid: false };
+        let limit = Limit { requests_per_unit, window_millis: 1_000, algorithm: Algorithm::SlidingLog, burst: None, hybrid: false, calendar: None };
         let admitted = admitted(&limit, &steps);
         // Brute force: every window (t − 1000, t] ending at an admitted request.
         for &(end, _) in &admitted {
@@ -121,7 +121,7 @@ proptest! {
         capacity in 1..30u32,
         steps in steps(300),
     ) {
-        let limit = Limit { requests_per_unit: rate, window_millis: 1_000, algorithm: Algorithm::LeakyBucket, burst: Some(capacity), hybrid: false };
+        let limit = Limit { requests_per_unit: rate, window_millis: 1_000, algorithm: Algorithm::LeakyBucket, burst: Some(capacity), hybrid: false, calendar: None };
         let admitted = admitted(&limit, &steps);
         for (i, &(start, _)) in admitted.iter().enumerate() {
             let mut total = 0u64;

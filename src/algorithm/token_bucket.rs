@@ -63,6 +63,7 @@ mod tests {
             algorithm: Algorithm::TokenBucket,
             burst: Some(burst),
             hybrid: false,
+            calendar: None,
         }
     }
 

@@ -571,7 +571,25 @@ impl Compiler<'_, '_> {
                 }
             },
         };
-        let limit = Limit::per_unit(requests_per_unit?, unit?, algorithm?);
+        let calendar = match &block.calendar {
+            None => Some(None),
+            Some(zone) => match policy::calendar_of(zone, block.unit.as_ref(), file) {
+                Ok(calendar) => Some(calendar),
+                Err((at, problem)) => {
+                    self.error(&at, problem);
+                    None
+                }
+            },
+        };
+        let mut limit = Limit::per_unit(requests_per_unit?, unit?, algorithm?);
+        if let Some(calendar) = calendar? {
+            if let Some(problem) = policy::calendar_refuses(limit.algorithm) {
+                self.error(at, problem);
+                return None;
+            }
+            limit.calendar = Some(calendar);
+            limit.algorithm = Algorithm::FixedWindow;
+        }
         if limit.algorithm == Algorithm::SlidingLog
             && limit.requests_per_unit > self.max_sliding_log
         {

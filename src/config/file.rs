@@ -78,6 +78,8 @@ pub struct RateLimitBlock {
     #[serde(default)]
     pub replaces: Vec<Replaces>,
     pub algorithm: Option<Spanned<String>>,
+    /// meshlimit's: the unit is this IANA zone's calendar day, week, month or year.
+    pub calendar: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -161,6 +163,8 @@ pub struct LimitBlock {
     pub requests_per_unit: Option<Spanned<i64>>,
     pub unit: Option<Spanned<String>>,
     pub per: Option<Spanned<String>>,
+    /// An IANA time zone: the window is that zone's calendar day, week, month or year.
+    pub calendar: Option<Spanned<String>>,
 }
 
 impl DescriptorEntry {

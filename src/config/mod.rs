@@ -587,6 +587,7 @@ fn capacity(
             algorithm: Algorithm::SlidingWindow,
             burst: None,
             hybrid: false,
+            calendar: None,
         },
         reservations,
         source: at,

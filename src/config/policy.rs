@@ -11,6 +11,7 @@ use serde_saphyr::Spanned;
 
 use super::file::{LimitBlock, PolicyBlock};
 use crate::algorithm::penalty::Penalty;
+use crate::calendar::{Calendar, Zone};
 use crate::limit::{Algorithm, Limit, Unit, format_duration, parse_duration};
 use crate::rule::SourceLocation;
 use crate::rule::{Body, HeaderSet};
@@ -33,6 +34,7 @@ impl std::fmt::Display for Origin {
 pub struct LimitSpec {
     pub requests_per_unit: u32,
     pub window_millis: u64,
+    pub calendar: Option<Calendar>,
 }
 
 /// A policy with every field resolved through `extends` and overrides.
@@ -466,8 +468,14 @@ fn limit_specs(
         let at = location(file, &block.referenced);
         match limit_spec(&block.value, file, &at, problems) {
             Some(spec) => {
-                if specs.iter().any(|s| s.window_millis == spec.window_millis) {
-                    problems.problem(&at, format!("two limits share the window {}; each limit needs its own window, keep the stricter one", format_duration(spec.window_millis)));
+                if specs
+                    .iter()
+                    .any(|s| (s.window_millis, s.calendar) == (spec.window_millis, spec.calendar))
+                {
+                    problems.problem(&at, format!("two limits share the window {}; each limit needs its own window, keep the stricter one", match spec.calendar {
+                        Some(_) => describe_window(&spec),
+                        None => format_duration(spec.window_millis),
+                    }));
                     ok = false;
                 } else {
                     specs.push(spec);
@@ -535,10 +543,66 @@ fn limit_spec(
             }
         },
     };
+    let calendar = match &block.calendar {
+        None => Ok(None),
+        Some(zone) => {
+            let zone_at = location(file, &zone.referenced);
+            if block.per.is_some() {
+                Err((zone_at, "`calendar` needs `unit:` (day, week, month or year); a `per:` duration has no calendar to start on — write `unit:` instead of `per:`".to_string()))
+            } else {
+                calendar_of(zone, block.unit.as_ref(), file)
+            }
+        }
+    };
+    let calendar = match calendar {
+        Ok(calendar) => Some(calendar),
+        Err((at, problem)) => {
+            problems.problem(&at, problem);
+            None
+        }
+    };
     Some(LimitSpec {
         requests_per_unit: requests_per_unit?,
         window_millis: window_millis?,
+        calendar: calendar?,
     })
+}
+
+/// A limit's `calendar: <zone>` over its `unit:`; `None` when the unit is missing or
+/// unknown, which is reported where the unit is read.
+pub fn calendar_of(
+    zone: &Spanned<String>,
+    unit: Option<&Spanned<String>>,
+    file: &Arc<str>,
+) -> Result<Option<Calendar>, (SourceLocation, String)> {
+    let zone = Zone::named(&zone.value).map_err(|p| (location(file, &zone.referenced), p))?;
+    let Some((written, Ok(unit))) = unit.map(|u| (u, u.value.parse::<Unit>())) else {
+        return Ok(None);
+    };
+    Calendar::new(unit, zone)
+        .map(Some)
+        .map_err(|problem| (location(file, &written.referenced), problem))
+}
+
+/// Why a calendar limit cannot be counted by `algorithm`, if it cannot. A calendar window
+/// starts over at its boundary, as a fixed window does, and is counted as one whichever
+/// window algorithm applies: a sliding window's weighting needs windows of one length,
+/// and a bucket or a log has no windows at all.
+pub fn calendar_refuses(algorithm: Algorithm) -> Option<String> {
+    (!matches!(algorithm, Algorithm::SlidingWindow | Algorithm::FixedWindow)).then(|| format!("a `calendar` limit is counted in fixed windows that start over at each calendar boundary, but {algorithm} applies here; put the calendar limit in a policy of its own, or set `algorithm: fixed_window`"))
+}
+
+/// `1m`, `month`, or `month in Europe/Berlin`: how a problem names a limit's window.
+fn describe_window(spec: &LimitSpec) -> String {
+    match (spec.calendar, Unit::from_millis(spec.window_millis)) {
+        (Some(calendar), _) => format!(
+            "{} in {} (calendar, fixed_window)",
+            calendar.unit,
+            calendar.zone.name()
+        ),
+        (None, Some(unit)) => unit.to_string(),
+        (None, None) => format_duration(spec.window_millis),
+    }
 }
 
 /// Turns a resolved policy into concrete limits, or reports why it cannot apply.
@@ -595,6 +659,20 @@ pub fn limits_of(
             return None;
         }
     }
+    if specs.iter().any(|s| s.calendar.is_some()) {
+        let at = policy
+            .limits
+            .as_ref()
+            .map_or(used_at, |(_, origin)| &origin.at);
+        if let Some(problem) = calendar_refuses(algorithm) {
+            problems.problem(at, problem);
+            return None;
+        }
+        if hybrid {
+            problems.problem(at, "`hybrid: true` counts epoch-aligned windows, not calendar ones; remove `hybrid` or the limit's `calendar`".into());
+            return None;
+        }
+    }
     if algorithm == Algorithm::SlidingLog
         && let Some(too_big) = specs.iter().find(|s| s.requests_per_unit > max_sliding_log)
     {
@@ -614,9 +692,13 @@ pub fn limits_of(
             .map(|spec| Limit {
                 requests_per_unit: spec.requests_per_unit,
                 window_millis: spec.window_millis,
-                algorithm,
+                algorithm: match spec.calendar {
+                    Some(_) => Algorithm::FixedWindow,
+                    None => algorithm,
+                },
                 burst,
                 hybrid,
+                calendar: spec.calendar,
             })
             .collect(),
     )
@@ -635,14 +717,7 @@ pub fn describe(policy: &ResolvedPolicy, default_algorithm: Algorithm) -> Vec<St
     if let Some((limits, origin)) = &policy.limits {
         let limits: Vec<String> = limits
             .iter()
-            .map(|l| match Unit::from_millis(l.window_millis) {
-                Some(unit) => format!("{}/{unit}", l.requests_per_unit),
-                None => format!(
-                    "{}/{}",
-                    l.requests_per_unit,
-                    format_duration(l.window_millis)
-                ),
-            })
+            .map(|l| format!("{}/{}", l.requests_per_unit, describe_window(l)))
             .collect();
         lines.push(format!("limits: {} — from {origin}", limits.join(", ")));
     }

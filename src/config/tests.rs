@@ -267,7 +267,7 @@ fn error_a_typo_in_a_field_is_not_silently_ignored() {
     assert_eq!(
         errors,
         [
-            "test.yaml:6:7: unknown field `request_per_unit`, expected one of unit, requests_per_unit, unlimited, name, replaces, algorithm"
+            "test.yaml:6:7: unknown field `request_per_unit`, expected one of unit, requests_per_unit, unlimited, name, replaces, algorithm, calendar"
         ]
     );
 }
@@ -884,6 +884,90 @@ descriptors:
             text.contains("d.yaml:6:13: unknown policy `missing`; known policies: a"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_calendar_limit_is_a_fixed_window_beside_the_policys_sliding_ones() {
+        let plans = "domain: api\npolicies:\n  pro:\n    limits:\n      - {requests_per_unit: 10, unit: second}\n      - {requests_per_unit: 100000, unit: month, calendar: europe/berlin}\ndescriptors:\n  - key: plan\n    value: pro\n    policy: pro\n  - key: legacy\n    rate_limit: {unit: day, requests_per_unit: 5, calendar: UTC}\n";
+        let config = load(&[("api.yaml", plans)]).unwrap_or_else(|e| panic!("{e}"));
+        let domain = config.domain("api").unwrap();
+        let pro = domain.lookup(&entries(&[("plan", "pro")])).unwrap();
+        let limits = |rule: &crate::rule::Rule| match &rule.limit {
+            crate::rule::RuleLimit::Limited(limits) => {
+                limits.iter().map(|l| l.to_string()).collect::<Vec<_>>()
+            }
+            crate::rule::RuleLimit::Unlimited => Vec::new(),
+        };
+        let shown = limits(pro);
+        assert_eq!(
+            shown,
+            [
+                "10/second sliding_window",
+                "100000/month fixed_window calendar Europe/Berlin"
+            ]
+        );
+        assert!(
+            pro.provenance.iter().any(|line| line.starts_with(
+                "limits: 10/second, 100000/month in Europe/Berlin (calendar, fixed_window)"
+            )),
+            "{:?}",
+            pro.provenance
+        );
+        let legacy = domain.lookup(&entries(&[("legacy", "x")])).unwrap();
+        assert_eq!(limits(legacy), ["5/day fixed_window calendar UTC"]);
+    }
+
+    #[test]
+    fn error_a_calendar_names_where_it_cannot_apply() {
+        let refused = |yaml: &str| problems(&[("c.yaml", yaml)]);
+        let policy = |limit: &str, extra: &str| {
+            format!(
+                "domain: c\npolicies:\n  p:\n    limits: [{limit}]\n{extra}descriptors:\n  - key: k\n    policy: p\n"
+            )
+        };
+        let text = refused(&policy(
+            "{requests_per_unit: 1, unit: month, calendar: Berlin}",
+            "",
+        ));
+        assert!(
+            text.contains("c.yaml:4:60: unknown time zone `Berlin`; did you mean `Europe/Berlin`?"),
+            "{text}"
+        );
+        let text = refused(&policy(
+            "{requests_per_unit: 1, per: 30d, calendar: UTC}",
+            "",
+        ));
+        assert!(
+            text.contains("c.yaml:4:57: `calendar` needs `unit:` (day, week, month or year)"),
+            "{text}"
+        );
+        let text = refused(&policy(
+            "{requests_per_unit: 1, unit: hour, calendar: UTC}",
+            "",
+        ));
+        assert!(
+            text.contains("c.yaml:4:43: `calendar` windows are days, weeks, months or years"),
+            "{text}"
+        );
+        let text = refused(&policy(
+            "{requests_per_unit: 1, unit: day, calendar: UTC}",
+            "    algorithm: token_bucket\n",
+        ));
+        assert!(text.contains("c.yaml:4:13: a `calendar` limit is counted in fixed windows that start over at each calendar boundary, but token_bucket applies here"), "{text}");
+        let text = refused(&policy(
+            "{requests_per_unit: 1, unit: day, calendar: UTC}",
+            "    algorithm: fixed_window\n    hybrid: true\n",
+        ));
+        assert!(
+            text.contains(
+                "c.yaml:4:13: `hybrid: true` counts epoch-aligned windows, not calendar ones"
+            ),
+            "{text}"
+        );
+        let text = refused(
+            "domain: c\ndescriptors:\n  - key: k\n    rate_limit: {unit: day, requests_per_unit: 1, calendar: UTC, algorithm: sliding_log}\n",
+        );
+        assert!(text.contains("c.yaml:4:17: a `calendar` limit is counted in fixed windows that start over at each calendar boundary, but sliding_log applies here"), "{text}");
     }
 
     #[test]

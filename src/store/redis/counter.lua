@@ -20,8 +20,9 @@
 --   now_millis, group count, then per group:
 --   check count × 2 + has_penalty, [after_rejections, within_millis, block_millis, ttl],
 --   then per check: algorithm × 2 + count_rejected (algorithm 1 sliding window, 2 fixed
---   window, 3 token bucket, 4 sliding log, 5 leaky bucket), requests_per_unit,
---   window_millis, hits, ttl_millis, and for the buckets (3, 5) burst. Unpacking costs
+--   window, 3 token bucket, 4 sliding log, 5 leaky bucket, 6 fixed window on a calendar),
+--   requests_per_unit, window_millis (6: the window's number), hits, ttl_millis, and for
+--   the buckets (3, 5) burst, for 6 the milliseconds until the window ends. Unpacking costs
 --   ~600 instructions a number, so no number is sent that a check does not use.
 -- Returns three integers per check, in order: over_limit (0, 1, or 2 when the penalty box
 -- answered for a blocked key), remaining, reset_after_millis; packed into one string as
@@ -152,8 +153,8 @@ local function read_leaky(raw)
 end
 
 -- Indexed by the algorithm's code.
-local readers = { read_window, read_window, read_bucket, read_log, read_leaky }
-local kinds = { 'w', 'w', 'b', 'l', 'k' }
+local readers = { read_window, read_window, read_bucket, read_log, read_leaky, read_window }
+local kinds = { 'w', 'w', 'b', 'l', 'k', 'w' }
 
 -- A working copy of a state, so a group that is rejected leaves the call's state as it
 -- was (its changes are dropped, as a rejected group's are never written).
@@ -242,15 +243,13 @@ local function sliding_window(state, limit, window, hits, count_rejected)
   return 0, (spare - spare % window) / window, window - elapsed
 end
 
--- fixed_window::apply: a rejected hit is added only with `count_rejected`.
-local function fixed_window(state, limit, window, hits, count_rejected)
-  local into = now % window
-  local current = (now - into) / window
+-- fixed_window::apply: a rejected hit is added only with `count_rejected`. A calendar
+-- window (6) comes with its number and reset, which Rust found in the zone's rules.
+local function count_in_window(state, limit, current, reset, hits, count_rejected)
   if state.window ~= current then
     roll_to(state, current)
   end
   local after = state.current + hits
-  local reset = window - into
   if after > limit then
     if count_rejected then
       state.current = after
@@ -259,6 +258,11 @@ local function fixed_window(state, limit, window, hits, count_rejected)
   end
   state.current = after
   return 0, limit - state.current, reset
+end
+
+local function fixed_window(state, limit, window, hits, count_rejected)
+  local into = now % window
+  return count_in_window(state, limit, (now - into) / window, window - into, hits, count_rejected)
 end
 
 -- token_bucket::apply
@@ -404,7 +408,7 @@ for request = 1, #ARGV do
         next_key()
         local code = numbers[arg]
         local algorithm = (code - code % 2) / 2
-        arg = arg + ((algorithm == 3 or algorithm == 5) and 6 or 5)
+        arg = arg + ((algorithm >= 5 or algorithm == 3) and 6 or 5)
         out[out_count + 1] = 2
         out[out_count + 2] = 0
         out[out_count + 3] = penalty_state.blocked_until - now
@@ -431,8 +435,9 @@ for request = 1, #ARGV do
         local window = numbers[arg + 2]
         local hits = numbers[arg + 3]
         local ttl = numbers[arg + 4]
+        -- The buckets' burst, or a calendar window's reset.
         local burst = 0
-        if algorithm == 3 or algorithm == 5 then
+        if algorithm >= 5 or algorithm == 3 then
           burst = numbers[arg + 5]
           arg = arg + 6
         else
@@ -479,6 +484,8 @@ for request = 1, #ARGV do
           over, remaining, reset = token_bucket(state, limit, window, burst, hits)
         elseif algorithm == 4 then
           over, remaining, reset = sliding_log(state, limit, window, hits)
+        elseif algorithm == 6 then
+          over, remaining, reset = count_in_window(state, limit, window, burst, hits, count_rejected)
         else
           over, remaining, reset = leaky_bucket(state, limit, window, burst, hits)
         end

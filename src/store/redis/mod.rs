@@ -848,7 +848,6 @@ impl Inner {
                         .iter()
                         .zip(out.get_mut(range.clone()).unwrap_or_default())
                     {
-                        let window = check.limit.window_millis().max(1);
                         *slot = Verdict {
                             over_limit,
                             remaining: if over_limit {
@@ -856,7 +855,7 @@ impl Inner {
                             } else {
                                 u64::from(check.limit.requests_per_unit)
                             },
-                            reset_after_millis: window - now_millis % window,
+                            reset_after_millis: check.limit.window_at(now_millis).1,
                             from_local_cache: false,
                         };
                     }

@@ -37,6 +37,9 @@ pub fn counter_script() -> Script {
 }
 
 /// The script's code for each algorithm (its `readers` table is indexed by it).
+/// The script's code for a fixed window on a calendar (`counter.lua`'s `calendar_window`).
+const CALENDAR_WINDOW: u64 = 6;
+
 fn algorithm_code(algorithm: Algorithm) -> u64 {
     match algorithm {
         Algorithm::SlidingWindow => 1,
@@ -111,9 +114,16 @@ pub fn encode(
         }
         for check in group {
             let limit = &check.limit;
-            push(algorithm_code(limit.algorithm) * 2 + u64::from(check.count_rejected));
+            // A calendar window's boundaries come from the zone's rules, which Redis does
+            // not have: the script is given the window's number and its reset instead.
+            let calendar = limit.calendar.map(|_| limit.window_at(now_millis));
+            let code = match calendar {
+                Some(_) => CALENDAR_WINDOW,
+                None => algorithm_code(limit.algorithm),
+            };
+            push(code * 2 + u64::from(check.count_rejected));
             push(u64::from(limit.requests_per_unit));
-            push(limit.window_millis());
+            push(calendar.map_or(limit.window_millis(), |(window, _)| window));
             push(check.hits);
             let (margin, bucket) = match limit.algorithm {
                 Algorithm::SlidingWindow | Algorithm::FixedWindow => {
@@ -125,6 +135,9 @@ pub fn encode(
             push(algorithm::state_lifetime_millis(limit).max(1) + margin);
             if bucket {
                 push(u64::from(limit.burst()));
+            }
+            if let Some((_, reset_after_millis)) = calendar {
+                push(reset_after_millis);
             }
         }
     }

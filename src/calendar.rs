@@ -1,0 +1,346 @@
+//! Calendar windows: a limit's day, week, month or year as a time zone's calendar has
+//! them (`calendar: Europe/Berlin` on a limit), so a plan's "10 000 calls a month" starts
+//! over on the 1st at midnight where its customer is, and a daily budget at local midnight.
+//!
+//! envoyproxy/ratelimit's units are fixed lengths aligned to the Unix epoch: its month is
+//! 30 days, so a monthly quota resets on a different day each month, at 00:00 UTC. A
+//! calendar window has the calendar's length instead (28 to 31 days; a day of 23 or 25
+//! hours when the clocks change) and is counted as a fixed window (`fixed_window`), whose
+//! count starts over at each boundary.
+//!
+//! The zone rules are jiff's bundled copy of the IANA database, not the host's, so every
+//! replica sharing counters in Redis agrees on where a window starts.
+
+use std::cell::Cell;
+
+use jiff::ToSpan;
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use parking_lot::RwLock;
+
+use crate::limit::Unit;
+
+/// A limit's calendar: which unit, in which zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Calendar {
+    pub unit: Unit,
+    pub zone: Zone,
+}
+
+/// An IANA time zone, interned so a `Limit` holding one stays `Copy` and cheap to compare:
+/// one entry per name, so two zones are equal when they are the same entry.
+#[derive(Clone, Copy)]
+pub struct Zone(&'static Interned);
+
+struct Interned {
+    name: Box<str>,
+    time_zone: TimeZone,
+}
+
+/// The zones named so far. A config names a handful; the database holds about 600, so the
+/// table (and the entries leaked into it) stays bounded however often configs reload.
+static ZONES: RwLock<Vec<&'static Interned>> = RwLock::new(Vec::new());
+
+impl Zone {
+    /// The zone an IANA name (`UTC`, `Europe/Berlin`; any case) stands for.
+    pub fn named(name: &str) -> Result<Zone, String> {
+        let time_zone = TimeZone::get(name.trim()).map_err(|_| unknown_zone(name))?;
+        // Spelled as the database does, so `europe/berlin` and `Europe/Berlin` count on
+        // the same key.
+        let canonical = time_zone.iana_name().unwrap_or(name).to_string();
+        let find = |zones: &[&'static Interned]| {
+            zones.iter().find(|z| *z.name == canonical).map(|z| Zone(z))
+        };
+        if let Some(zone) = find(&ZONES.read()) {
+            return Ok(zone);
+        }
+        let mut zones = ZONES.write();
+        if let Some(zone) = find(&zones) {
+            return Ok(zone);
+        }
+        let interned: &'static Interned = Box::leak(Box::new(Interned {
+            name: canonical.into_boxed_str(),
+            time_zone,
+        }));
+        zones.push(interned);
+        Ok(Zone(interned))
+    }
+
+    pub fn name(self) -> &'static str {
+        &self.0.name
+    }
+}
+
+impl PartialEq for Zone {
+    fn eq(&self, other: &Zone) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for Zone {}
+
+impl std::hash::Hash for Zone {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name.hash(state);
+    }
+}
+
+impl std::fmt::Debug for Zone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn unknown_zone(name: &str) -> String {
+    let wanted = name.trim().to_ascii_lowercase();
+    // A close spelling is most often a city without its region, or a typo in case.
+    let close = jiff::tz::db()
+        .available()
+        .map(|n| n.as_str().to_string())
+        .find(|n| {
+            let lower = n.to_ascii_lowercase();
+            lower.rsplit('/').next() == Some(wanted.as_str())
+                || lower.replace('_', " ") == wanted.replace('_', " ")
+        });
+    match close {
+        Some(close) => format!("unknown time zone `{name}`; did you mean `{close}`?"),
+        None => format!(
+            "unknown time zone `{name}`; write an IANA name such as `UTC`, `Europe/Berlin` or `America/New_York`"
+        ),
+    }
+}
+
+/// One calendar window: when it starts and when the next one does, in milliseconds since
+/// the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start_millis: u64,
+    pub end_millis: u64,
+}
+
+thread_local! {
+    /// The window the last decision on this thread fell in: most decisions fall in the
+    /// window of the one before, and finding it in the zone's rules costs more than the
+    /// rest of a fixed window's arithmetic.
+    static LAST: Cell<Option<(Calendar, Window)>> = const { Cell::new(None) };
+}
+
+impl Calendar {
+    /// The units a calendar has: shorter ones start on the same boundaries as their fixed
+    /// windows in every zone whose offset is whole hours.
+    pub const UNITS: [Unit; 4] = [Unit::Day, Unit::Week, Unit::Month, Unit::Year];
+
+    pub fn new(unit: Unit, zone: Zone) -> Result<Calendar, String> {
+        if Self::UNITS.contains(&unit) {
+            Ok(Calendar { unit, zone })
+        } else {
+            Err(format!(
+                "`calendar` windows are days, weeks, months or years; a window of one {unit} needs none, so drop `calendar`, or write `unit: day`"
+            ))
+        }
+    }
+
+    /// The window that holds `now_millis`.
+    pub fn window_at(self, now_millis: u64) -> Window {
+        if let Some((calendar, window)) = LAST.get()
+            && calendar == self
+            && (window.start_millis..window.end_millis).contains(&now_millis)
+        {
+            return window;
+        }
+        let window = self.find(now_millis);
+        LAST.set(Some((self, window)));
+        window
+    }
+
+    fn find(self, now_millis: u64) -> Window {
+        let zone = &self.zone.0.time_zone;
+        let at = i64::try_from(now_millis)
+            .ok()
+            .and_then(|millis| jiff::Timestamp::from_millisecond(millis).ok());
+        let found = at.and_then(|at| {
+            let today = zone.to_datetime(at).date();
+            let first = match self.unit {
+                Unit::Week => today
+                    .checked_sub(i64::from(today.weekday().to_monday_zero_offset()).days())
+                    .ok()?,
+                Unit::Month => today.first_of_month(),
+                Unit::Year => today.first_of_year(),
+                _ => today,
+            };
+            let next = match self.unit {
+                Unit::Week => first.checked_add(1.week()),
+                Unit::Month => first.checked_add(1.month()),
+                Unit::Year => first.checked_add(1.year()),
+                _ => first.checked_add(1.day()),
+            }
+            .ok()?;
+            Some(Window {
+                start_millis: midnight(first, zone)?,
+                end_millis: midnight(next, zone)?,
+            })
+        });
+        // Only an instant past jiff's year 9999 has no window; count it in the unit's
+        // epoch-aligned one rather than fail a decision.
+        found
+            .filter(|w| (w.start_millis..w.end_millis).contains(&now_millis))
+            .unwrap_or_else(|| {
+                let length = self.unit.millis();
+                let start = now_millis - now_millis % length;
+                Window {
+                    start_millis: start,
+                    end_millis: start + length,
+                }
+            })
+    }
+
+    /// The longest a window of this unit lasts: a state is kept this long after its last
+    /// change (a 31-day month with the hour the clocks went back).
+    pub fn longest_millis(self) -> u64 {
+        let days = match self.unit {
+            Unit::Week => 7,
+            Unit::Month => 31,
+            Unit::Year => 366,
+            _ => 1,
+        };
+        (days * 24 + 1) * 3_600_000
+    }
+}
+
+/// The first instant of `date` in `zone` (where the clocks skip midnight, the instant
+/// they land on).
+fn midnight(date: Date, zone: &TimeZone) -> Option<u64> {
+    let start = date.to_zoned(zone.clone()).ok()?.start_of_day().ok()?;
+    u64::try_from(start.timestamp().as_millisecond()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn millis(text: &str) -> u64 {
+        let at: jiff::Timestamp = text.parse().unwrap();
+        at.as_millisecond() as u64
+    }
+
+    fn window(unit: Unit, zone: &str, at: &str) -> (u64, u64) {
+        let calendar = Calendar::new(unit, Zone::named(zone).unwrap()).unwrap();
+        let w = calendar.window_at(millis(at));
+        (w.start_millis, w.end_millis)
+    }
+
+    #[test]
+    fn a_month_runs_from_the_first_to_the_first_in_its_zone() {
+        assert_eq!(
+            window(Unit::Month, "UTC", "2026-02-14T12:00:00Z"),
+            (
+                millis("2026-02-01T00:00:00Z"),
+                millis("2026-03-01T00:00:00Z")
+            )
+        );
+        // Berlin is an hour ahead in winter: its February starts at 23:00 UTC on 31 January.
+        assert_eq!(
+            window(Unit::Month, "Europe/Berlin", "2026-01-31T23:30:00Z"),
+            (
+                millis("2026-01-31T23:00:00Z"),
+                millis("2026-02-28T23:00:00Z")
+            )
+        );
+        // A leap year's February.
+        let (start, end) = window(Unit::Month, "UTC", "2028-02-29T23:59:59Z");
+        assert_eq!(end - start, 29 * 86_400_000);
+    }
+
+    #[test]
+    fn a_day_lasts_23_or_25_hours_when_the_clocks_change() {
+        let (start, end) = window(Unit::Day, "Europe/Berlin", "2026-03-29T12:00:00Z");
+        assert_eq!(start, millis("2026-03-28T23:00:00Z"));
+        assert_eq!(end - start, 23 * 3_600_000);
+        let (start, end) = window(Unit::Day, "America/New_York", "2026-11-01T12:00:00Z");
+        assert_eq!(start, millis("2026-11-01T04:00:00Z"));
+        assert_eq!(end - start, 25 * 3_600_000);
+        // A zone half an hour off the hour.
+        assert_eq!(
+            window(Unit::Day, "Asia/Kolkata", "2026-06-01T18:29:59Z").1,
+            millis("2026-06-01T18:30:00Z")
+        );
+    }
+
+    #[test]
+    fn a_week_starts_on_monday_and_a_year_on_the_first_of_january() {
+        // 2026-12-07 is a Monday; the Sunday before belongs to the week before.
+        assert_eq!(
+            window(Unit::Week, "UTC", "2026-12-09T08:00:00Z"),
+            (
+                millis("2026-12-07T00:00:00Z"),
+                millis("2026-12-14T00:00:00Z")
+            )
+        );
+        assert_eq!(
+            window(Unit::Week, "UTC", "2026-12-06T23:59:59Z").0,
+            millis("2026-11-30T00:00:00Z")
+        );
+        assert_eq!(
+            window(Unit::Year, "Asia/Tokyo", "2026-12-31T15:00:00Z"),
+            (
+                millis("2026-12-31T15:00:00Z"),
+                millis("2027-12-31T15:00:00Z")
+            )
+        );
+    }
+
+    #[test]
+    fn the_window_cached_for_a_thread_is_left_at_its_end() {
+        let calendar = Calendar::new(Unit::Day, Zone::named("UTC").unwrap()).unwrap();
+        let last_millisecond = millis("2026-12-07T23:59:59.999Z");
+        assert_eq!(
+            calendar.window_at(last_millisecond).start_millis,
+            millis("2026-12-07T00:00:00Z")
+        );
+        assert_eq!(
+            calendar.window_at(last_millisecond + 1).start_millis,
+            millis("2026-12-08T00:00:00Z")
+        );
+        // Another calendar on the same thread is not answered from the first one's window.
+        let tokyo = Calendar::new(Unit::Day, Zone::named("Asia/Tokyo").unwrap()).unwrap();
+        assert_eq!(
+            tokyo.window_at(last_millisecond + 1).start_millis,
+            millis("2026-12-07T15:00:00Z")
+        );
+    }
+
+    #[test]
+    fn zones_are_named_as_the_database_spells_them() {
+        let berlin = Zone::named("europe/berlin").unwrap();
+        assert_eq!(berlin, Zone::named("Europe/Berlin").unwrap());
+        assert_eq!(berlin.name(), "Europe/Berlin");
+        assert_eq!(
+            Zone::named("Berlin").unwrap_err(),
+            "unknown time zone `Berlin`; did you mean `Europe/Berlin`?"
+        );
+        assert!(
+            Zone::named("Mars/Olympus")
+                .unwrap_err()
+                .contains("write an IANA name such as `UTC`")
+        );
+        assert!(
+            Calendar::new(Unit::Hour, berlin)
+                .unwrap_err()
+                .contains("days, weeks, months or years")
+        );
+    }
+
+    #[test]
+    fn a_window_is_never_longer_than_its_longest() {
+        for unit in Calendar::UNITS {
+            let calendar = Calendar::new(unit, Zone::named("America/New_York").unwrap()).unwrap();
+            let mut at = millis("2024-01-01T00:00:00Z");
+            while at < millis("2029-01-01T00:00:00Z") {
+                let w = calendar.window_at(at);
+                assert!(w.start_millis <= at && at < w.end_millis);
+                assert!(w.end_millis - w.start_millis <= calendar.longest_millis());
+                at = w.end_millis;
+            }
+        }
+    }
+}
