@@ -219,6 +219,63 @@ fn ietf_and_legacy_headers_then_retry_after_and_a_json_body_on_the_429() {
     );
 }
 
+/// Seconds until the next midnight in `zone`, by the test's own reading of the calendar.
+fn secs_to_midnight_in(zone: &str) -> u64 {
+    let now = jiff::Zoned::now()
+        .with_time_zone(jiff::tz::TimeZone::get(zone).expect("a zone the database has"));
+    let midnight = now
+        .date()
+        .tomorrow()
+        .and_then(|day| day.to_zoned(now.time_zone().clone()))
+        .expect("tomorrow has a midnight");
+    midnight
+        .timestamp()
+        .as_second()
+        .abs_diff(now.timestamp().as_second())
+}
+
+#[test]
+fn a_daily_budget_with_a_calendar_resets_at_midnight_in_its_zone() {
+    let stack = start(
+        EnvoyHeaders::Off,
+        &["--response-headers", "ietf,retry-after"],
+        &[],
+    );
+    // Both requests and the 429 in one Indian day.
+    if secs_to_midnight_in("Asia/Kolkata") < 15 {
+        std::thread::sleep(Duration::from_secs(16));
+    }
+    let expected = secs_to_midnight_in("Asia/Kolkata");
+    for remaining in [1, 0] {
+        let response = stack.get_as("daily-priya", "/");
+        stack.expect_status(&response, 200, "within 2 a day");
+        let (name, r, t) = ietf_ratelimit(&response);
+        assert_eq!(
+            (name.as_str(), r),
+            ("daily_in_india", remaining),
+            "{response:?}"
+        );
+        assert!(
+            t.abs_diff(expected) <= 2,
+            "reset {t}, expected about {expected} (midnight in Kolkata): {response:?}"
+        );
+        // Envoy's day since the epoch ends at 00:00 UTC, 5.5 hours off Kolkata's.
+        assert!(
+            t.abs_diff(secs_left_in_window(86_400)) >= 3_600,
+            "reset {t} is the UTC day's: {response:?}"
+        );
+    }
+    let denied = stack.get_as("daily-priya", "/");
+    let retry_after = assert_json_429(&denied, "daily_in_india", 2, 86_400);
+    assert!(
+        retry_after.abs_diff(expected) <= 2,
+        "Retry-After {retry_after}, expected about {expected}: {denied:?}"
+    );
+    // Another user of the same pattern has a budget of their own.
+    let other = stack.get_as("daily-arjun", "/");
+    stack.expect_status(&other, 200, "another user's own daily budget");
+}
+
 #[test]
 fn the_upstream_hears_of_a_soft_limit_and_of_warn_mode_overruns() {
     let stack = start(EnvoyHeaders::Off, &[], &[]);
