@@ -236,6 +236,38 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         .unwrap_or_default();
     assert_eq!(owners, [json!(0), json!(0), json!(1)], "{body}");
 
+    // A calendar month says whose calendar, and resets on the 1st at midnight there.
+    let decision = decide(channel.clone(), &[("plan_month", "p1")]).await;
+    assert_eq!(outcome(&decision.expect("a decision")), (Code::Ok, 999));
+    let month = server.admin_get(&format!(
+        "/v1/usage?domain={DOMAIN}&descriptor=plan_month=p1"
+    ));
+    let limit = &month.json()["limits"][0];
+    assert_eq!(limit["calendar"], "Pacific/Auckland", "{month:?}");
+    assert_eq!(
+        (&limit["used"], &limit["remaining"]),
+        (&json!(1), &json!(999))
+    );
+    let auckland =
+        jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::get("Pacific/Auckland").unwrap());
+    let next_first = auckland
+        .date()
+        .first_of_month()
+        .checked_add(jiff::Span::new().months(1))
+        .and_then(|first| first.to_zoned(auckland.time_zone().clone()))
+        .unwrap();
+    let expected = next_first.timestamp().as_second() - auckland.timestamp().as_second();
+    let reset = limit["resetSeconds"].as_i64().unwrap();
+    assert!(
+        (reset - expected).abs() <= 2,
+        "resetSeconds {reset}, expected {expected}: {month:?}"
+    );
+    assert_eq!(
+        body["limits"][0].get("calendar"),
+        None,
+        "only a calendar limit names one"
+    );
+
     for bad in [
         "/v1/usage?descriptor=quota=q1".to_owned(),
         format!("/v1/usage?domain={DOMAIN}&descriptor=quota=q1&limit=5"),
