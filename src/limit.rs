@@ -219,6 +219,16 @@ impl Limit {
         }
     }
 
+    /// When the fixed window that holds `now_millis` starts and ends.
+    pub fn window_bounds(&self, now_millis: u64) -> (u64, u64) {
+        let (window, reset_after_millis) = self.window_at(now_millis);
+        let end = now_millis + reset_after_millis;
+        match self.calendar {
+            Some(_) => (window, end),
+            None => (end - self.window_millis.max(1), end),
+        }
+    }
+
     /// The unit reported to Envoy: exact when the window is one unit long; otherwise none
     /// (Envoy then leaves the window out of its `x-ratelimit-limit` header).
     pub fn unit(&self) -> Option<Unit> {

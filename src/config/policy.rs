@@ -282,9 +282,10 @@ pub fn apply_overrides(
     };
     if let Some(limits) = overrides.limits {
         let at = origin(&limits.referenced);
-        if let Some(specs) = limit_specs(&limits.value, file, &at.at, problems) {
-            base.limits = Some((specs, at));
-        }
+        // Limits that were written but refused are reported where they are; an empty
+        // list stands for them, so no one also hears that the policy has none.
+        let specs = limit_specs(&limits.value, file, &at.at, problems).unwrap_or_default();
+        base.limits = Some((specs, at));
     }
     if let Some(algorithm) = overrides.algorithm {
         match algorithm.value.parse::<Algorithm>() {
@@ -621,6 +622,10 @@ pub fn limits_of(
         );
         return None;
     };
+    if specs.is_empty() {
+        // Refused limits, already reported (a written `limits: []` is refused too).
+        return None;
+    }
     let algorithm = policy
         .algorithm
         .as_ref()
@@ -666,10 +671,6 @@ pub fn limits_of(
             .map_or(used_at, |(_, origin)| &origin.at);
         if let Some(problem) = calendar_refuses(algorithm) {
             problems.problem(at, problem);
-            return None;
-        }
-        if hybrid {
-            problems.problem(at, "`hybrid: true` counts epoch-aligned windows, not calendar ones; remove `hybrid` or the limit's `calendar`".into());
             return None;
         }
     }

@@ -933,6 +933,10 @@ descriptors:
             text.contains("c.yaml:4:60: unknown time zone `Berlin`; did you mean `Europe/Berlin`?"),
             "{text}"
         );
+        assert!(
+            !text.contains("has no `limits`"),
+            "the refused limit is not also reported missing: {text}"
+        );
         let text = refused(&policy(
             "{requests_per_unit: 1, per: 30d, calendar: UTC}",
             "",
@@ -954,15 +958,20 @@ descriptors:
             "    algorithm: token_bucket\n",
         ));
         assert!(text.contains("c.yaml:4:13: a `calendar` limit is counted in fixed windows that start over at each calendar boundary, but token_bucket applies here"), "{text}");
-        let text = refused(&policy(
+        let hybrid = policy(
             "{requests_per_unit: 1, unit: day, calendar: UTC}",
             "    algorithm: fixed_window\n    hybrid: true\n",
-        ));
+        );
+        let config = load(&[("c.yaml", &hybrid)]).unwrap_or_else(|e| panic!("{e}"));
+        let rule = config
+            .domain("c")
+            .unwrap()
+            .lookup(&entries(&[("k", "v")]))
+            .unwrap();
         assert!(
-            text.contains(
-                "c.yaml:4:13: `hybrid: true` counts epoch-aligned windows, not calendar ones"
-            ),
-            "{text}"
+            matches!(&rule.limit, crate::rule::RuleLimit::Limited(l) if l[0].hybrid && l[0].calendar.is_some()),
+            "a hybrid calendar limit: {:?}",
+            rule.limit
         );
         let text = refused(
             "domain: c\ndescriptors:\n  - key: k\n    rate_limit: {unit: day, requests_per_unit: 1, calendar: UTC, algorithm: sliding_log}\n",

@@ -57,12 +57,12 @@ impl Hybrid {
         let mut counters = self.counters.lock();
         let mut keys = Vec::with_capacity(group.len());
         for check in group {
-            let (window, start) = window_of(check, now_millis);
+            let (start, end) = check.limit.window_bounds(now_millis);
             let key = key_of_window(prefix, check, start);
             counters.entry(key.clone()).or_insert(Counter {
                 limit: u64::from(check.limit.requests_per_unit),
-                window,
-                window_end: start + window,
+                window: end - start,
+                window_end: end,
                 seen: 0,
                 pending: 0,
             });
@@ -145,13 +145,7 @@ impl Hybrid {
 /// The Redis key of `check`'s window at `now_millis`: its counter key's, with the
 /// window's start after `|hybrid|`.
 pub fn window_key(prefix: &str, check: &Check<'_>, now_millis: u64) -> String {
-    key_of_window(prefix, check, window_of(check, now_millis).1)
-}
-
-/// `check`'s window length and the start of the window `now_millis` is in.
-fn window_of(check: &Check<'_>, now_millis: u64) -> (u64, u64) {
-    let window = check.limit.window_millis().max(1);
-    (window, now_millis - now_millis % window)
+    key_of_window(prefix, check, check.limit.window_bounds(now_millis).0)
 }
 
 fn key_of_window(prefix: &str, check: &Check<'_>, start: u64) -> String {
@@ -241,6 +235,30 @@ mod tests {
             &mut out,
         );
         assert!(!out[0].over_limit);
+    }
+
+    #[test]
+    fn a_calendar_day_is_counted_under_its_start_until_midnight_in_its_zone() {
+        use crate::calendar::{Calendar, Zone};
+        let tokyo = Calendar::new(Unit::Day, Zone::named("Asia/Tokyo").unwrap()).unwrap();
+        let mut day = check("d|u=t|day@Asia/Tokyo/fixed_window", 1);
+        day.limit.window_millis = Unit::Day.millis();
+        day.limit.calendar = Some(tokyo);
+        // 2026-12-07T14:00:00Z is 23:00 in Tokyo; its day began at 15:00 UTC the day before.
+        let now = 1_796_652_000_000;
+        let started = now - 23 * 3_600_000;
+        let hybrid = Hybrid::default();
+        let mut out = [verdict()];
+        hybrid.decide("p:", &[day], now, &mut out);
+        assert!(!out[0].over_limit);
+        assert_eq!(out[0].reset_after_millis, 3_600_000, "an hour to midnight in Tokyo");
+        hybrid.decide("p:", &[day], now + 3_599_999, &mut out);
+        assert!(out[0].over_limit, "the same Tokyo day");
+        let increments = hybrid.take_increments_at(now);
+        assert!(increments[0].key.ends_with(&format!("|hybrid|{started}")));
+        assert_eq!(window_key("p:", &day, now), increments[0].key);
+        hybrid.decide("p:", &[day], now + 3_600_000, &mut out);
+        assert!(!out[0].over_limit, "the next Tokyo day");
     }
 
     #[test]
