@@ -167,6 +167,23 @@ fn features(c: &mut Criterion) {
     group.finish();
 }
 
+const EPOCH_DAY: &str = "domain: bench\ndescriptors:\n  - key: user\n    rate_limit: {unit: day, requests_per_unit: 1000000000, algorithm: fixed_window}\n";
+const CALENDAR_DAY: &str = "domain: bench\ndescriptors:\n  - key: user\n    rate_limit: {unit: day, requests_per_unit: 1000000000, calendar: Europe/Berlin}\n";
+
+/// A calendar day against the epoch-aligned day it replaces: what finding the window in
+/// the zone's rules adds to a decision (mostly answered from the thread's last window).
+fn calendar(c: &mut Criterion) {
+    let mut group = c.benchmark_group("calendar_1_descriptor");
+    let req = request(vec![descriptor(&[("user", "alice".into())])]);
+    let epoch = limiter(EPOCH_DAY, ResponseSettings::default());
+    group.bench_function("epoch_aligned_day", |b| b.iter(|| decide(&epoch, &req)));
+    let berlin = limiter(CALENDAR_DAY, ResponseSettings::default());
+    group.bench_function("calendar_day_in_berlin", |b| {
+        b.iter(|| decide(&berlin, &req))
+    });
+    group.finish();
+}
+
 /// 20 domains of 100 users, each user with two routes of its own: 6 000 rules, as an
 /// xDS snapshot (one resource per domain) and as the same files.
 fn snapshot() -> (Vec<prost_types::Any>, Vec<(Arc<str>, String)>) {
@@ -247,5 +264,5 @@ fn config_load(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, inheritance, features, config_load);
+criterion_group!(benches, inheritance, features, calendar, config_load);
 criterion_main!(benches);

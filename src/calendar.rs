@@ -331,6 +331,51 @@ mod tests {
     }
 
     #[test]
+    fn every_zone_of_the_database_tiles_2026_with_its_days_and_months() {
+        // Zones whose clocks skip or repeat midnight (Santiago, Havana, Beirut, …) included:
+        // each window starts where the one before ended, holds its instants, and is as
+        // long as a day or a month can be there.
+        let (from, to) = (
+            millis("2026-01-01T00:00:00Z"),
+            millis("2027-01-01T00:00:00Z"),
+        );
+        let mut zones = 0;
+        for name in jiff::tz::db().available() {
+            let zone = Zone::named(name.as_str()).unwrap();
+            zones += 1;
+            for (unit, shortest, longest) in [
+                (Unit::Day, 22 * 3_600_000, 26 * 3_600_000),
+                (Unit::Month, 27 * 86_400_000, 32 * 86_400_000),
+            ] {
+                let calendar = Calendar::new(unit, zone).unwrap();
+                let mut at = from;
+                let mut previous_end = None;
+                while at < to {
+                    let w = calendar.find(at);
+                    assert!(
+                        w.start_millis <= at && at < w.end_millis,
+                        "{name:?} {unit} at {at}"
+                    );
+                    let length = w.end_millis - w.start_millis;
+                    assert!(
+                        (shortest..=longest).contains(&length),
+                        "{name:?} {unit} of {length} ms at {at}"
+                    );
+                    if let Some(end) = previous_end {
+                        assert_eq!(
+                            w.start_millis, end,
+                            "{name:?} {unit}: a gap or overlap at {at}"
+                        );
+                    }
+                    previous_end = Some(w.end_millis);
+                    at = w.end_millis;
+                }
+            }
+        }
+        assert!(zones > 400, "the bundled database has its zones: {zones}");
+    }
+
+    #[test]
     fn a_window_is_never_longer_than_its_longest() {
         for unit in Calendar::UNITS {
             let calendar = Calendar::new(unit, Zone::named("America/New_York").unwrap()).unwrap();

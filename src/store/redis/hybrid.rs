@@ -251,7 +251,10 @@ mod tests {
         let mut out = [verdict()];
         hybrid.decide("p:", &[day], now, &mut out);
         assert!(!out[0].over_limit);
-        assert_eq!(out[0].reset_after_millis, 3_600_000, "an hour to midnight in Tokyo");
+        assert_eq!(
+            out[0].reset_after_millis, 3_600_000,
+            "an hour to midnight in Tokyo"
+        );
         hybrid.decide("p:", &[day], now + 3_599_999, &mut out);
         assert!(out[0].over_limit, "the same Tokyo day");
         let increments = hybrid.take_increments_at(now);
