@@ -338,6 +338,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_limit_stays_32_bytes_with_its_calendar() {
+        // The request path copies a check's limit several times; a calendar's zone is a
+        // table number, not a reference, to keep it so.
+        assert!(
+            std::mem::size_of::<Limit>() <= 32,
+            "{}",
+            std::mem::size_of::<Limit>()
+        );
+    }
+
+    #[test]
     fn decimals_are_written_without_fmt() {
         for n in [0, 7, 10, 1_000, 4_000_000_000, u64::MAX] {
             let mut out = String::from("x");
