@@ -45,6 +45,34 @@ fn validate_points_at_the_broken_line() {
     );
 }
 
+#[test]
+fn validate_refuses_a_config_naming_hundreds_of_time_zones_at_the_zone() {
+    // A zone is kept in a byte-numbered table for the life of the process; a config
+    // naming every zone of the database is refused where the table runs out, not panicked on.
+    let dir = tempfile::tempdir().unwrap();
+    let mut yaml = String::from("domain: zones\ndescriptors:\n");
+    for (i, zone) in jiff::tz::db().available().enumerate() {
+        yaml.push_str(&format!(
+            "  - key: k{i}\n    rate_limit: {{unit: day, requests_per_unit: 1, calendar: {}}}\n",
+            zone.as_str()
+        ));
+    }
+    std::fs::write(dir.path().join("zones.yaml"), yaml).unwrap();
+    let output = command().arg("validate").arg(dir.path()).output().unwrap();
+    let messages = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{messages}");
+    let refused: Vec<&str> = messages
+        .lines()
+        .filter(|l| l.contains("257th time zone"))
+        .collect();
+    assert!(!refused.is_empty(), "{messages}");
+    assert!(
+        refused[0].contains("zones.yaml:"),
+        "names the file and line: {messages}"
+    );
+}
+
 /// `meshlimit explain` run from `tests/fixtures`, so the files it names are short relative
 /// paths such as `config_tiers/tiers.yaml`: (success, stdout, stderr).
 fn explain(args: &[&str]) -> (bool, String, String) {
