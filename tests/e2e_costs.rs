@@ -86,6 +86,40 @@ fn a_token_budget_charged_after_each_response_turns_the_team_away_once_spent() {
 }
 
 #[test]
+fn a_token_bucket_charged_past_its_budget_owes_the_difference() {
+    let stack = start();
+    // 1 000 tokens a minute, refilled continuously. Two calls of 900: the second is let in
+    // (900 of 1 000 used) and its charge puts the bucket 800 tokens in debt, about 48 s of
+    // refill, during which every peek turns the team away.
+    assert_eq!(chat(&stack, "bucket-a", 900), 200, "{}", stack.logs());
+    charged(
+        &stack,
+        "bucket-a",
+        |(used, _)| used >= 850,
+        "900 tokens charged",
+    );
+    assert_eq!(chat(&stack, "bucket-a", 900), 200, "{}", stack.logs());
+    charged(&stack, "bucket-a", |(_, over)| over, "1 800 tokens charged");
+    let turned_away = stack.get(
+        "/v1/chat/completions",
+        &[
+            ("x-team", "bucket-a"),
+            ("x-respond-header", "x-tokens-used=1"),
+        ],
+    );
+    stack.expect_status(&turned_away, 429, "a call while the bucket is in debt");
+    let wait: u64 = turned_away
+        .header("x-ratelimit-reset")
+        .and_then(|reset| reset.parse().ok())
+        .unwrap_or_else(|| panic!("no reset on {turned_away:?}"));
+    assert!(
+        (30..=50).contains(&wait),
+        "the debt of 800 tokens takes about 48 s to refill, less the time since: {turned_away:?}"
+    );
+    assert_eq!(stack.upstream.received().len(), 2);
+}
+
+#[test]
 fn a_route_that_costs_five_hits_spends_a_limit_of_ten_in_two_requests() {
     avoid_window_edge(60, 5);
     let stack = start();

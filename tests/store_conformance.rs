@@ -421,11 +421,14 @@ fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
     ));
     out.push(("resets", steps));
 
-    // Costs charged after the fact (`count_rejected` on sliding windows): a charge over the
+    // Costs charged after the fact (`count_rejected` on sliding windows and token buckets): a charge over the
     // budget still counts, alone and across a group of two limits; zero-hit peeks see the
     // overspend in this window and, weighted, in the next.
     let budget = limit(1_000, MINUTE, Algorithm::SlidingWindow);
     let daily = limit(3_000, 10 * MINUTE, Algorithm::SlidingWindow);
+    // A token bucket in debt: 600 × 3 against a burst of 1 000 owes 800, capped at a
+    // window's refill beyond empty.
+    let tokens_per_minute = limit(1_000, MINUTE, Algorithm::TokenBucket);
     let charge = |key: &str, limit: Limit, hits: u64, group: u32| {
         let mut check = spec(key, limit, hits, group);
         check.count_rejected = true;
@@ -450,6 +453,8 @@ fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
                 charge("d|team=a|1m/s", budget, hits, 0),
                 charge("d|team=b|1m/s", budget, hits, 1),
                 charge("d|team=b|10m/s", daily, hits, 1),
+                charge("d|team=c|1m/t", tokens_per_minute, hits, 2),
+                charge("d|team=d|1m/t", tokens_per_minute, hits * 3, 3),
             ],
         ));
     }

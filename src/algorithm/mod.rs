@@ -76,8 +76,8 @@ pub enum CounterState {
 
 /// Applies `hits` to `state` under `limit` at time `now_millis`. Only an admitted request
 /// changes the counts — except with `count_rejected` (envoyproxy/ratelimit's fixed window,
-/// and windows of policies that charge costs after the fact), which counts every hit; the
-/// buckets and the sliding log ignore it. A state left by another algorithm (the rule changed on reload)
+/// and windows and token buckets of policies that charge costs after the fact), which
+/// counts every hit; the leaky bucket and the sliding log ignore it. A state left by another algorithm (the rule changed on reload)
 /// starts over.
 pub fn apply(
     state: &mut CounterState,
@@ -127,7 +127,8 @@ pub fn apply(
                 CounterState::Bucket { tat_micros } => tat_micros,
                 _ => 0,
             };
-            let verdict = token_bucket::apply(&mut tat_micros, limit, hits, now_millis);
+            let verdict =
+                token_bucket::apply(&mut tat_micros, limit, hits, now_millis, count_rejected);
             *state = CounterState::Bucket { tat_micros };
             verdict
         }
@@ -136,8 +137,9 @@ pub fn apply(
 
 /// How long a key's state can still influence a decision after its last update: counts of
 /// the previous window still weigh in, so window algorithms keep state for two windows; a
-/// bucket refills completely within one window (scaled by its burst).
-pub fn state_lifetime_millis(limit: &Limit) -> u64 {
+/// bucket refills completely within one window (scaled by its burst), and a token bucket
+/// that takes rejected charges may owe one window more.
+pub fn state_lifetime_millis(limit: &Limit, count_rejected: bool) -> u64 {
     match limit.algorithm {
         Algorithm::SlidingWindow => limit.window_millis().saturating_mul(2),
         Algorithm::FixedWindow => match limit.calendar {
@@ -147,7 +149,13 @@ pub fn state_lifetime_millis(limit: &Limit) -> u64 {
         Algorithm::SlidingLog => limit.window_millis(),
         Algorithm::TokenBucket | Algorithm::LeakyBucket => {
             let per_hit = limit.window_millis() / u64::from(limit.requests_per_unit.max(1));
-            (per_hit.saturating_mul(u64::from(limit.burst())) + 1_000).max(limit.window_millis())
+            let refill = (per_hit.saturating_mul(u64::from(limit.burst())) + 1_000)
+                .max(limit.window_millis());
+            if count_rejected && limit.algorithm == Algorithm::TokenBucket {
+                refill.saturating_add(limit.window_millis())
+            } else {
+                refill
+            }
         }
     }
 }

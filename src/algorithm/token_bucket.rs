@@ -6,11 +6,23 @@
 //! `burst × T` ahead of now. Hence in any interval of length `t` at most
 //! `burst + t / T` hits are admitted. Time is kept in microseconds and `T` rounded up, so
 //! rounding can only make the bucket stricter, never looser.
+//!
+//! With `count_rejected` (costs charged after the fact) a charge that does not fit is
+//! still taken: the bucket goes into debt, TAT past `burst × T` ahead, and admits nothing
+//! until it has refilled out of it. The debt is capped at one window's refill beyond an
+//! empty bucket, so one enormous charge blocks for about a window, as it would in a
+//! sliding window, rather than for as long as its size says.
 
 use super::Verdict;
 use crate::limit::Limit;
 
-pub fn apply(tat_micros: &mut u64, limit: &Limit, hits: u64, now_millis: u64) -> Verdict {
+pub fn apply(
+    tat_micros: &mut u64,
+    limit: &Limit,
+    hits: u64,
+    now_millis: u64,
+    count_rejected: bool,
+) -> Verdict {
     let now = u128::from(now_millis) * 1_000;
     let rate = u128::from(limit.requests_per_unit);
     let burst = u128::from(limit.burst());
@@ -23,14 +35,22 @@ pub fn apply(tat_micros: &mut u64, limit: &Limit, hits: u64, now_millis: u64) ->
             from_local_cache: false,
         };
     }
-    let interval = (u128::from(limit.window_millis()) * 1_000).div_ceil(rate);
+    let window = u128::from(limit.window_millis()) * 1_000;
+    let interval = window.div_ceil(rate);
     let capacity = burst * interval;
     let tat = u128::from(*tat_micros).max(now);
-    let next_tat = tat + u128::from(hits) * interval;
+    let cost = u128::from(hits) * interval;
+    let next_tat = tat + cost;
     let ahead = next_tat - now;
     if ahead > capacity {
+        let mut wait = ahead - capacity;
+        if count_rejected && hits > 0 {
+            let owed = next_tat.min(now + capacity + window).max(tat);
+            *tat_micros = u64::try_from(owed).unwrap_or(u64::MAX);
+            // Until a request of this size fits, the debt paid off first.
+            wait = (owed + cost - now).saturating_sub(capacity);
+        }
         // Admitted once enough of the bucket has refilled for these hits.
-        let wait = ahead - capacity;
         return Verdict {
             over_limit: true,
             remaining: 0,
@@ -72,47 +92,83 @@ mod tests {
         let limit = bucket(10, 5);
         let mut tat = 0;
         let now = 1_000_000;
-        let burst: Vec<_> = (0..6).map(|_| apply(&mut tat, &limit, 1, now)).collect();
+        let burst: Vec<_> = (0..6)
+            .map(|_| apply(&mut tat, &limit, 1, now, false))
+            .collect();
         assert!(burst[..5].iter().all(|v| !v.over_limit));
         assert_eq!(burst[4].remaining, 0);
         assert!(burst[5].over_limit);
         // One token every 100 ms.
         assert_eq!(burst[5].reset_after_millis, 100);
-        assert!(apply(&mut tat, &limit, 1, now + 99).over_limit);
-        assert!(!apply(&mut tat, &limit, 1, now + 100).over_limit);
+        assert!(apply(&mut tat, &limit, 1, now + 99, false).over_limit);
+        assert!(!apply(&mut tat, &limit, 1, now + 100, false).over_limit);
     }
 
     #[test]
     fn remaining_counts_whole_tokens_left() {
         let limit = bucket(10, 5);
         let mut tat = 0;
-        assert_eq!(apply(&mut tat, &limit, 2, 5_000).remaining, 3);
+        assert_eq!(apply(&mut tat, &limit, 2, 5_000, false).remaining, 3);
         // After 250 ms two and a half tokens came back: 5 is the cap.
-        assert_eq!(apply(&mut tat, &limit, 1, 5_250).remaining, 4);
+        assert_eq!(apply(&mut tat, &limit, 1, 5_250, false).remaining, 4);
     }
 
     #[test]
     fn a_rejected_request_takes_no_tokens() {
         let limit = bucket(1, 2);
         let mut tat = 0;
-        apply(&mut tat, &limit, 2, 10_000);
+        apply(&mut tat, &limit, 2, 10_000, false);
         let before = tat;
-        assert!(apply(&mut tat, &limit, 1, 10_000).over_limit);
+        assert!(apply(&mut tat, &limit, 1, 10_000, false).over_limit);
         assert_eq!(tat, before);
+    }
+
+    #[test]
+    fn a_charge_counted_when_rejected_puts_the_bucket_in_debt_for_at_most_a_window() {
+        // 10 a second, burst 5: a token every 100 ms, a full bucket 500 ms ahead.
+        let limit = bucket(10, 5);
+        let mut tat = 0;
+        let now = 1_000_000;
+        assert!(!apply(&mut tat, &limit, 4, now, true).over_limit);
+        // 3 more do not fit, but are taken: the bucket owes 2 tokens (200 ms).
+        let charge = apply(&mut tat, &limit, 3, now, true);
+        assert!(charge.over_limit);
+        assert_eq!(u128::from(tat), u128::from(now + 700) * 1_000);
+        assert_eq!(
+            charge.reset_after_millis, 500,
+            "200 ms of debt, then 300 ms for 3"
+        );
+        // A peek sees the debt until it is paid, then the bucket admits again.
+        assert!(apply(&mut tat, &limit, 0, now + 199, true).over_limit);
+        assert!(!apply(&mut tat, &limit, 0, now + 200, true).over_limit);
+        // A hit that does not fit yet is taken too, and pushes the next one back.
+        assert!(apply(&mut tat, &limit, 1, now + 299, true).over_limit);
+        assert_eq!(u128::from(tat), u128::from(now + 800) * 1_000);
+        assert!(!apply(&mut tat, &limit, 1, now + 400, true).over_limit);
+        // A charge of 1 000 owes one window (a second) beyond empty, not 100 seconds.
+        let mut tat = 0;
+        assert!(apply(&mut tat, &limit, 1_000, now, true).over_limit);
+        assert_eq!(u128::from(tat), u128::from(now + 1_500) * 1_000);
+        assert!(apply(&mut tat, &limit, 0, now + 999, true).over_limit);
+        assert!(!apply(&mut tat, &limit, 0, now + 1_000, true).over_limit);
+        // Without count_rejected the same charge takes nothing.
+        let mut tat = 0;
+        assert!(apply(&mut tat, &limit, 1_000, now, false).over_limit);
+        assert_eq!(tat, 0);
     }
 
     #[test]
     fn a_request_larger_than_the_burst_never_fits() {
         let limit = bucket(100, 3);
         let mut tat = 0;
-        assert!(apply(&mut tat, &limit, 4, 0).over_limit);
+        assert!(apply(&mut tat, &limit, 4, 0, false).over_limit);
     }
 
     #[test]
     fn a_zero_limit_admits_nothing() {
         let limit = bucket(0, 0);
         let mut tat = 0;
-        assert!(apply(&mut tat, &limit, 1, 0).over_limit);
-        assert!(!apply(&mut tat, &limit, 0, 0).over_limit);
+        assert!(apply(&mut tat, &limit, 1, 0, false).over_limit);
+        assert!(!apply(&mut tat, &limit, 0, 0, false).over_limit);
     }
 }

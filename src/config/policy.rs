@@ -654,9 +654,13 @@ pub fn limits_of(
         _ => false,
     };
     if let Some((true, origin)) = &policy.count_rejected {
-        if !matches!(algorithm, Algorithm::SlidingWindow | Algorithm::FixedWindow) {
-            // A bucket's or a log's state has no count to add a rejected hit to.
-            problems.problem(&origin.at, format!("`count_rejected: true` counts into windows only (`sliding_window` or `fixed_window`), but {algorithm} applies here; remove `count_rejected` or set the algorithm"));
+        if !matches!(
+            algorithm,
+            Algorithm::SlidingWindow | Algorithm::FixedWindow | Algorithm::TokenBucket
+        ) {
+            // A leaky bucket's level is capped by what it holds, and a log would keep a
+            // timestamp for every rejected hit.
+            problems.problem(&origin.at, format!("`count_rejected: true` counts into windows and token buckets (`sliding_window`, `fixed_window`, `token_bucket`), but {algorithm} applies here; remove `count_rejected` or set the algorithm"));
             return None;
         }
         if hybrid {

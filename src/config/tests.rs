@@ -1002,10 +1002,12 @@ descriptors:
 
         let bucket = problems(&[(
             "b.yaml",
-            "domain: b\npolicies:\n  p:\n    limits: [{requests_per_unit: 1, unit: second}]\n    algorithm: token_bucket\n    count_rejected: true\ndescriptors:\n  - key: k\n    policy: p\n",
+            "domain: b\npolicies:\n  p:\n    limits: [{requests_per_unit: 1, unit: second}]\n    algorithm: leaky_bucket\n    count_rejected: true\ndescriptors:\n  - key: k\n    policy: p\n",
         )]);
         assert!(
-            bucket.contains("b.yaml:6:21: `count_rejected: true` counts into windows only"),
+            bucket.contains(
+                "b.yaml:6:21: `count_rejected: true` counts into windows and token buckets"
+            ),
             "{bucket}"
         );
         let hybrid = problems(&[(

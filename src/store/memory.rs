@@ -211,7 +211,7 @@ impl MemoryStore {
     /// Applies one check synchronously; the in-memory store never waits.
     pub fn apply_one(&self, check: &Check<'_>, now_millis: u64) -> Verdict {
         let hash = self.key_hash(check.key);
-        let lifetime = algorithm::state_lifetime_millis(&check.limit);
+        let lifetime = algorithm::state_lifetime_millis(&check.limit, check.count_rejected);
         let mut scratch = CounterState::Empty;
         let mut guard = self.lock(self.shard_of(hash));
         let (state, removed) = match guard.as_mut() {
@@ -357,7 +357,7 @@ impl<'s> Locked<'s> {
         let mut working: Vec<(u128, CounterState, u64)> = Vec::with_capacity(group.len());
         let start = out.len();
         for (check, &hash) in group.iter().zip(hashes) {
-            let lifetime = algorithm::state_lifetime_millis(&check.limit);
+            let lifetime = algorithm::state_lifetime_millis(&check.limit, check.count_rejected);
             let at = match working.iter().position(|(h, _, _)| *h == hash) {
                 Some(at) => at,
                 None => {

@@ -265,8 +265,9 @@ local function fixed_window(state, limit, window, hits, count_rejected)
   return count_in_window(state, limit, (now - into) / window, window - into, hits, count_rejected)
 end
 
--- token_bucket::apply
-local function token_bucket(state, limit, window, burst, hits)
+-- token_bucket::apply: with `count_rejected` a charge that does not fit is taken as debt,
+-- at most a window beyond an empty bucket.
+local function token_bucket(state, limit, window, burst, hits, count_rejected)
   local now_micros = now * 1000
   if limit == 0 or burst == 0 then
     if hits > 0 then
@@ -277,10 +278,17 @@ local function token_bucket(state, limit, window, burst, hits)
   local interval = div_ceil(window * 1000, limit)
   local capacity = burst * interval
   local tat = max(state.tat, now_micros)
-  local next_tat = tat + hits * interval
+  local cost = hits * interval
+  local next_tat = tat + cost
   local ahead = next_tat - now_micros
   if ahead > capacity then
-    return 1, 0, max(div_ceil(ahead - capacity, 1000), 1)
+    local wait = ahead - capacity
+    if count_rejected and hits > 0 then
+      local owed = max(min(next_tat, now_micros + capacity + window * 1000), tat)
+      state.tat = owed
+      wait = max(owed + cost - now_micros - capacity, 0)
+    end
+    return 1, 0, max(div_ceil(wait, 1000), 1)
   end
   state.tat = next_tat
   return 0, div_floor(capacity - ahead, interval), div_ceil(ahead, 1000)
@@ -481,7 +489,7 @@ for request = 1, #ARGV do
         elseif algorithm == 2 then
           over, remaining, reset = fixed_window(state, limit, window, hits, count_rejected)
         elseif algorithm == 3 then
-          over, remaining, reset = token_bucket(state, limit, window, burst, hits)
+          over, remaining, reset = token_bucket(state, limit, window, burst, hits, count_rejected)
         elseif algorithm == 4 then
           over, remaining, reset = sliding_log(state, limit, window, hits)
         elseif algorithm == 6 then
@@ -489,8 +497,9 @@ for request = 1, #ARGV do
         else
           over, remaining, reset = leaky_bucket(state, limit, window, burst, hits)
         end
-        -- A bucket's rejected hit leaves its TAT alone; a rejected window hit may still have
-        -- rolled the window, which only a kept state writes back.
+        -- A bucket's rejected hit leaves its TAT alone (unless it is taken as debt); a
+        -- rejected window hit may still have rolled the window, which only a kept state
+        -- writes back.
         if over == 1 then
           any_over = true
         end

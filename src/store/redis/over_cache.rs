@@ -173,11 +173,16 @@ impl OverCache {
             .iter()
             .all(|v| v.over_limit && v.reset_after_millis > 0)
             && group.iter().all(|c| c.hits > 0)
-            // A sliding window that counts rejected hits carries them into the next window:
-            // answered here, they would never reach Redis and the window would recover early.
-            && !group
-                .iter()
-                .any(|c| c.count_rejected && c.limit.algorithm == Algorithm::SlidingWindow)
+            // A sliding window or a token bucket that counts rejected hits carries them past
+            // the reset (into the next window, or as debt): answered here, they would never
+            // reach Redis and the limit would recover early.
+            && !group.iter().any(|c| {
+                c.count_rejected
+                    && matches!(
+                        c.limit.algorithm,
+                        Algorithm::SlidingWindow | Algorithm::TokenBucket
+                    )
+            })
             && if penalty {
                 blocked.iter().all(|b| *b)
             } else {

@@ -132,7 +132,7 @@ pub fn encode(
                 Algorithm::SlidingLog => (0, false),
                 Algorithm::TokenBucket | Algorithm::LeakyBucket => (0, true),
             };
-            push(algorithm::state_lifetime_millis(limit).max(1) + margin);
+            push(algorithm::state_lifetime_millis(limit, check.count_rejected).max(1) + margin);
             if bucket {
                 push(u64::from(limit.burst()));
             }
