@@ -4,7 +4,8 @@
 //! - [`service`]: the gRPC adapter for `envoy.service.ratelimit.v3.RateLimitService`;
 //! - [`limiter`]: the decision path — validate, match, apply `replaces`, count, answer;
 //! - [`matcher`]: each domain's compiled descriptor tree and its envoyproxy-exact lookup;
-//! - [`rule`] / [`limit`]: what a matched node says and how it is counted;
+//! - [`rule`] / [`limit`]: what a matched node says and how it is counted ([`calendar`]:
+//!   the day, week, month or year of a time zone, for a limit that names one);
 //! - [`key`]: the counter key of a matched descriptor;
 //! - [`store`]: where counters live (`memory`, or `redis` shared by replicas), behind one trait;
 //! - [`algorithm`]: sliding and fixed window arithmetic, pure and clock-free.

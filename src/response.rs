@@ -219,8 +219,13 @@ fn json_body(d: &Decided<'_>) -> String {
     }
     let window = d.limit.window_millis.div_ceil(1_000);
     let retry = d.reset_seconds();
+    // A calendar window is named as such: its length is not the nominal one.
+    let per = match d.limit.calendar {
+        Some(calendar) => format!("{} ({})", calendar.unit, calendar.zone.name()),
+        None => format!("{window}s"),
+    };
     format!(
-        "{{\"error\":\"too_many_requests\",\"message\":\"Rate limit of {} requests per {window}s exceeded ({name}); retry after {retry}s.\",\"policy\":\"{name}\",\"limit\":{},\"window_seconds\":{window},\"retry_after_seconds\":{retry}}}",
+        "{{\"error\":\"too_many_requests\",\"message\":\"Rate limit of {} requests per {per} exceeded ({name}); retry after {retry}s.\",\"policy\":\"{name}\",\"limit\":{},\"window_seconds\":{window},\"retry_after_seconds\":{retry}}}",
         d.limit.requests_per_unit, d.limit.requests_per_unit
     )
 }

@@ -267,6 +267,14 @@ fn a_daily_budget_with_a_calendar_resets_at_midnight_in_its_zone() {
     }
     let denied = stack.get_as("daily-priya", "/");
     let retry_after = assert_json_429(&denied, "daily_in_india", 2, 86_400);
+    let message = denied.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with("Rate limit of 2 requests per day (Asia/Kolkata) exceeded"),
+        "{message}"
+    );
     assert!(
         retry_after.abs_diff(expected) <= 2,
         "Retry-After {retry_after}, expected about {expected}: {denied:?}"
