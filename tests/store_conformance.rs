@@ -421,7 +421,7 @@ fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
     ));
     out.push(("resets", steps));
 
-    // Costs charged after the fact (`count_rejected` on sliding windows and token buckets): a charge over the
+    // Costs charged after the fact (`count_rejected` on sliding windows and buckets): a charge over the
     // budget still counts, alone and across a group of two limits; zero-hit peeks see the
     // overspend in this window and, weighted, in the next.
     let budget = limit(1_000, MINUTE, Algorithm::SlidingWindow);
@@ -429,6 +429,7 @@ fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
     // A token bucket in debt: 600 × 3 against a burst of 1 000 owes 800, capped at a
     // window's refill beyond empty.
     let tokens_per_minute = limit(1_000, MINUTE, Algorithm::TokenBucket);
+    let leaky = limit(1_000, MINUTE, Algorithm::LeakyBucket);
     let charge = |key: &str, limit: Limit, hits: u64, group: u32| {
         let mut check = spec(key, limit, hits, group);
         check.count_rejected = true;
@@ -455,6 +456,7 @@ fn log_and_leaky_scenarios() -> Vec<(&'static str, Vec<Step>)> {
                 charge("d|team=b|10m/s", daily, hits, 1),
                 charge("d|team=c|1m/t", tokens_per_minute, hits, 2),
                 charge("d|team=d|1m/t", tokens_per_minute, hits * 3, 3),
+                charge("d|team=e|1m/k", leaky, hits * 2, 4),
             ],
         ));
     }

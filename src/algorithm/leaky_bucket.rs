@@ -8,6 +8,10 @@
 //! the time until it has drained empty (or, when over, until the request would fit).
 //! The level is kept scaled by the window length (hit·ms), so draining is exact integer
 //! arithmetic: `requests_per_unit` per elapsed millisecond.
+//!
+//! With `count_rejected` (costs charged after the fact) a charge that does not fit still
+//! fills the bucket, past its capacity by at most one window's drain, and nothing is
+//! admitted until it has drained back — as a token bucket goes into debt.
 
 use super::Verdict;
 use crate::limit::Limit;
@@ -19,7 +23,13 @@ pub struct Bucket {
     pub updated_millis: u64,
 }
 
-pub fn apply(bucket: &mut Bucket, limit: &Limit, hits: u64, now_millis: u64) -> Verdict {
+pub fn apply(
+    bucket: &mut Bucket,
+    limit: &Limit,
+    hits: u64,
+    now_millis: u64,
+    count_rejected: bool,
+) -> Verdict {
     let window = u128::from(limit.window_millis());
     let rate = u128::from(limit.requests_per_unit);
     let capacity = u128::from(limit.burst()) * window;
@@ -27,10 +37,18 @@ pub fn apply(bucket: &mut Bucket, limit: &Limit, hits: u64, now_millis: u64) -> 
     let level = bucket.level.saturating_sub(elapsed * rate);
     let added = u128::from(hits) * window;
     if level + added > capacity {
+        let mut over = level;
+        if count_rejected && hits > 0 {
+            over = (level + added).min(capacity + rate * window).max(level);
+            *bucket = Bucket {
+                level: over,
+                updated_millis: now_millis.max(bucket.updated_millis),
+            };
+        }
         let wait = if rate == 0 || added > capacity {
             u128::from(limit.window_millis())
         } else {
-            (level + added - capacity).div_ceil(rate)
+            (over + added - capacity).div_ceil(rate)
         };
         return Verdict {
             over_limit: true,
@@ -77,7 +95,9 @@ mod tests {
         let limit = bucket(10, 3);
         let mut state = Bucket::default();
         let t = 50_000;
-        let fills: Vec<_> = (0..4).map(|_| apply(&mut state, &limit, 1, t)).collect();
+        let fills: Vec<_> = (0..4)
+            .map(|_| apply(&mut state, &limit, 1, t, false))
+            .collect();
         assert_eq!(
             fills.iter().map(|v| v.over_limit).collect::<Vec<_>>(),
             [false, false, false, true]
@@ -91,26 +111,55 @@ mod tests {
             fills[3].reset_after_millis, 100,
             "one hit's room frees in 100 ms"
         );
-        assert!(apply(&mut state, &limit, 1, t + 99).over_limit);
-        assert!(!apply(&mut state, &limit, 1, t + 100).over_limit);
+        assert!(apply(&mut state, &limit, 1, t + 99, false).over_limit);
+        assert!(!apply(&mut state, &limit, 1, t + 100, false).over_limit);
     }
 
     #[test]
     fn a_rejection_leaves_the_bucket_as_it_was() {
         let limit = bucket(1, 2);
         let mut state = Bucket::default();
-        apply(&mut state, &limit, 2, 1_000);
+        apply(&mut state, &limit, 2, 1_000, false);
         let before = state;
-        assert!(apply(&mut state, &limit, 1, 1_000).over_limit);
+        assert!(apply(&mut state, &limit, 1, 1_000, false).over_limit);
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_charge_counted_when_rejected_overfills_the_bucket_by_at_most_a_window() {
+        // 10 a second drain, capacity 5.
+        let limit = bucket(10, 5);
+        let mut state = Bucket::default();
+        let t = 50_000;
+        assert!(!apply(&mut state, &limit, 4, t, true).over_limit);
+        // 3 more do not fit but are poured in: 7 in a bucket of 5, 200 ms over.
+        let charge = apply(&mut state, &limit, 3, t, true);
+        assert!(charge.over_limit);
+        assert_eq!(state.level, 7 * 1_000);
+        assert_eq!(
+            charge.reset_after_millis, 500,
+            "200 ms to drain the excess, 300 for 3"
+        );
+        assert!(apply(&mut state, &limit, 0, t + 199, true).over_limit);
+        assert!(!apply(&mut state, &limit, 0, t + 200, true).over_limit);
+        // A charge of 1 000 overfills by one window's drain (10), not by 995.
+        let mut state = Bucket::default();
+        assert!(apply(&mut state, &limit, 1_000, t, true).over_limit);
+        assert_eq!(state.level, 15 * 1_000);
+        assert!(apply(&mut state, &limit, 0, t + 999, true).over_limit);
+        assert!(!apply(&mut state, &limit, 0, t + 1_000, true).over_limit);
+        // Without count_rejected the same charge pours nothing.
+        let mut state = Bucket::default();
+        assert!(apply(&mut state, &limit, 1_000, t, false).over_limit);
+        assert_eq!(state, Bucket::default());
     }
 
     #[test]
     fn an_idle_bucket_drains_completely() {
         let limit = bucket(1, 5);
         let mut state = Bucket::default();
-        apply(&mut state, &limit, 5, 0);
-        let later = apply(&mut state, &limit, 1, 10_000);
+        apply(&mut state, &limit, 5, 0, false);
+        let later = apply(&mut state, &limit, 1, 10_000, false);
         assert_eq!(later.remaining, 4);
     }
 }

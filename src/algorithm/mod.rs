@@ -76,8 +76,8 @@ pub enum CounterState {
 
 /// Applies `hits` to `state` under `limit` at time `now_millis`. Only an admitted request
 /// changes the counts — except with `count_rejected` (envoyproxy/ratelimit's fixed window,
-/// and windows and token buckets of policies that charge costs after the fact), which
-/// counts every hit; the leaky bucket and the sliding log ignore it. A state left by another algorithm (the rule changed on reload)
+/// and windows and buckets of policies that charge costs after the fact), which counts
+/// every hit; the sliding log ignores it. A state left by another algorithm (the rule changed on reload)
 /// starts over.
 pub fn apply(
     state: &mut CounterState,
@@ -118,7 +118,7 @@ pub fn apply(
                 CounterState::Leaky(bucket) => bucket,
                 _ => leaky_bucket::Bucket::default(),
             };
-            let verdict = leaky_bucket::apply(&mut bucket, limit, hits, now_millis);
+            let verdict = leaky_bucket::apply(&mut bucket, limit, hits, now_millis, count_rejected);
             *state = CounterState::Leaky(bucket);
             verdict
         }
@@ -137,8 +137,8 @@ pub fn apply(
 
 /// How long a key's state can still influence a decision after its last update: counts of
 /// the previous window still weigh in, so window algorithms keep state for two windows; a
-/// bucket refills completely within one window (scaled by its burst), and a token bucket
-/// that takes rejected charges may owe one window more.
+/// bucket refills completely within one window (scaled by its burst), and a bucket that
+/// takes rejected charges may owe one window more.
 pub fn state_lifetime_millis(limit: &Limit, count_rejected: bool) -> u64 {
     match limit.algorithm {
         Algorithm::SlidingWindow => limit.window_millis().saturating_mul(2),
@@ -151,7 +151,7 @@ pub fn state_lifetime_millis(limit: &Limit, count_rejected: bool) -> u64 {
             let per_hit = limit.window_millis() / u64::from(limit.requests_per_unit.max(1));
             let refill = (per_hit.saturating_mul(u64::from(limit.burst())) + 1_000)
                 .max(limit.window_millis());
-            if count_rejected && limit.algorithm == Algorithm::TokenBucket {
+            if count_rejected {
                 refill.saturating_add(limit.window_millis())
             } else {
                 refill

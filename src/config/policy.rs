@@ -654,13 +654,9 @@ pub fn limits_of(
         _ => false,
     };
     if let Some((true, origin)) = &policy.count_rejected {
-        if !matches!(
-            algorithm,
-            Algorithm::SlidingWindow | Algorithm::FixedWindow | Algorithm::TokenBucket
-        ) {
-            // A leaky bucket's level is capped by what it holds, and a log would keep a
-            // timestamp for every rejected hit.
-            problems.problem(&origin.at, format!("`count_rejected: true` counts into windows and token buckets (`sliding_window`, `fixed_window`, `token_bucket`), but {algorithm} applies here; remove `count_rejected` or set the algorithm"));
+        if algorithm == Algorithm::SlidingLog {
+            // A log would keep a timestamp for every rejected hit, without bound.
+            problems.problem(&origin.at, format!("`count_rejected: true` counts into windows and buckets, not a sliding log (it would keep a timestamp for every rejected hit), but {algorithm} applies here; remove `count_rejected` or set the algorithm"));
             return None;
         }
         if hybrid {

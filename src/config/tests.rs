@@ -1002,11 +1002,11 @@ descriptors:
 
         let bucket = problems(&[(
             "b.yaml",
-            "domain: b\npolicies:\n  p:\n    limits: [{requests_per_unit: 1, unit: second}]\n    algorithm: leaky_bucket\n    count_rejected: true\ndescriptors:\n  - key: k\n    policy: p\n",
+            "domain: b\npolicies:\n  p:\n    limits: [{requests_per_unit: 1, unit: second}]\n    algorithm: sliding_log\n    count_rejected: true\ndescriptors:\n  - key: k\n    policy: p\n",
         )]);
         assert!(
             bucket.contains(
-                "b.yaml:6:21: `count_rejected: true` counts into windows and token buckets"
+                "b.yaml:6:21: `count_rejected: true` counts into windows and buckets, not a sliding log"
             ),
             "{bucket}"
         );

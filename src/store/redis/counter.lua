@@ -336,8 +336,9 @@ local function sliding_log(state, limit, window, hits)
   return 0, limit - state.total, reset
 end
 
--- leaky_bucket::apply. `level` is in hit·ms and drains `limit` per elapsed millisecond.
-local function leaky_bucket(state, limit, window, burst, hits)
+-- leaky_bucket::apply. `level` is in hit·ms and drains `limit` per elapsed millisecond;
+-- with `count_rejected` a charge that does not fit overfills it, by at most a window's drain.
+local function leaky_bucket(state, limit, window, burst, hits, count_rejected)
   local capacity = burst * window
   local elapsed = max(now - state.updated, 0)
   local drained = elapsed * limit
@@ -347,11 +348,17 @@ local function leaky_bucket(state, limit, window, burst, hits)
   end
   local added = hits * window
   if level + added > capacity then
+    local over = level
+    if count_rejected and hits > 0 then
+      over = max(min(level + added, capacity + limit * window), level)
+      state.level = over
+      state.updated = max(now, state.updated)
+    end
     local wait
     if limit == 0 or added > capacity then
       wait = window
     else
-      wait = div_ceil(level + added - capacity, limit)
+      wait = div_ceil(over + added - capacity, limit)
     end
     return 1, 0, max(wait, 1)
   end
@@ -495,9 +502,9 @@ for request = 1, #ARGV do
         elseif algorithm == 6 then
           over, remaining, reset = count_in_window(state, limit, window, burst, hits, count_rejected)
         else
-          over, remaining, reset = leaky_bucket(state, limit, window, burst, hits)
+          over, remaining, reset = leaky_bucket(state, limit, window, burst, hits, count_rejected)
         end
-        -- A bucket's rejected hit leaves its TAT alone (unless it is taken as debt); a
+        -- A bucket's rejected hit leaves it alone (unless it is taken as debt); a
         -- rejected window hit may still have rolled the window, which only a kept state
         -- writes back.
         if over == 1 then

@@ -173,14 +173,16 @@ impl OverCache {
             .iter()
             .all(|v| v.over_limit && v.reset_after_millis > 0)
             && group.iter().all(|c| c.hits > 0)
-            // A sliding window or a token bucket that counts rejected hits carries them past
-            // the reset (into the next window, or as debt): answered here, they would never
+            // A sliding window or a bucket that counts rejected hits carries them past the
+            // reset (into the next window, or as debt): answered here, they would never
             // reach Redis and the limit would recover early.
             && !group.iter().any(|c| {
                 c.count_rejected
                     && matches!(
                         c.limit.algorithm,
-                        Algorithm::SlidingWindow | Algorithm::TokenBucket
+                        Algorithm::SlidingWindow
+                            | Algorithm::TokenBucket
+                            | Algorithm::LeakyBucket
                     )
             })
             && if penalty {
