@@ -121,9 +121,9 @@ pub struct PolicyBlock {
     /// Fixed windows only: count on each replica and add to Redis in batches (the Redis
     /// store's hybrid mode), for keys too hot for a round trip each.
     pub hybrid: Option<Spanned<bool>>,
-    /// Windows only: hits over the limit are counted too, for costs charged after they
-    /// were spent (Envoy's `apply_on_stream_done` with `hits_addend`: an LLM response's
-    /// tokens); the overspend must weigh on the budget.
+    /// Windows and buckets (not a sliding log): hits over the limit are counted too, for
+    /// costs charged after they were spent (Envoy's `apply_on_stream_done` with
+    /// `hits_addend`: an LLM response's tokens); the overspend must weigh on the budget.
     pub count_rejected: Option<Spanned<bool>>,
 }
 

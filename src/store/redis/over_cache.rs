@@ -24,9 +24,9 @@
 //! across replicas, another replica's admitted smaller request can move Redis's reset
 //! later than the cached one; the request is still rejected, only its reset may be early.
 //!
-//! A sliding window that counts rejected hits (`count_rejected: true`, for costs charged
-//! after the fact) is never cached: its rejected hits weigh on the next window, so each
-//! must reach Redis.
+//! A sliding window or a bucket that counts rejected hits (`count_rejected: true`, for
+//! costs charged after the fact) is never cached: its rejected hits weigh on the next
+//! window, or are owed, so each must reach Redis.
 //!
 //! Cached requests are not counted in Redis: for a `count_rejected` fixed window (an
 //! envoyproxy-style rule) the stored count stops at the first rejected hit of the window,
