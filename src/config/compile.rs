@@ -573,13 +573,7 @@ impl Compiler<'_, '_> {
         };
         let calendar = match &block.calendar {
             None => Some(None),
-            Some(zone) => match policy::calendar_of(zone, block.unit.as_ref(), file) {
-                Ok(calendar) => Some(calendar),
-                Err((at, problem)) => {
-                    self.error(&at, problem);
-                    None
-                }
-            },
+            Some(zone) => policy::calendar_of(zone, block.unit.as_ref(), file, &mut self.errors),
         };
         let mut limit = Limit::per_unit(requests_per_unit?, unit?, algorithm?);
         if let Some(calendar) = calendar? {

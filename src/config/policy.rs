@@ -545,22 +545,12 @@ fn limit_spec(
         },
     };
     let calendar = match &block.calendar {
-        None => Ok(None),
-        Some(zone) => {
-            let zone_at = location(file, &zone.referenced);
-            if block.per.is_some() {
-                Err((zone_at, "`calendar` needs `unit:` (day, week, month or year); a `per:` duration has no calendar to start on — write `unit:` instead of `per:`".to_string()))
-            } else {
-                calendar_of(zone, block.unit.as_ref(), file)
-            }
-        }
-    };
-    let calendar = match calendar {
-        Ok(calendar) => Some(calendar),
-        Err((at, problem)) => {
-            problems.problem(&at, problem);
+        None => Some(None),
+        Some(zone) if block.per.is_some() => {
+            problems.problem(&location(file, &zone.referenced), "`calendar` needs `unit:` (day, week, month or year); a `per:` duration has no calendar to start on — write `unit:` instead of `per:`".into());
             None
         }
+        Some(zone) => calendar_of(zone, block.unit.as_ref(), file, problems),
     };
     Some(LimitSpec {
         requests_per_unit: requests_per_unit?,
@@ -569,20 +559,29 @@ fn limit_spec(
     })
 }
 
-/// A limit's `calendar: <zone>` over its `unit:`; `None` when the unit is missing or
-/// unknown, which is reported where the unit is read.
+/// A limit's `calendar: <zone>` over its `unit:`: `Some(None)` when the unit is missing or
+/// unknown (reported where the unit is read), `None` when the calendar is refused, which
+/// is reported here.
 pub fn calendar_of(
     zone: &Spanned<String>,
     unit: Option<&Spanned<String>>,
     file: &Arc<str>,
-) -> Result<Option<Calendar>, (SourceLocation, String)> {
-    let zone = Zone::named(&zone.value).map_err(|p| (location(file, &zone.referenced), p))?;
-    let Some((written, Ok(unit))) = unit.map(|u| (u, u.value.parse::<Unit>())) else {
-        return Ok(None);
+    problems: &mut dyn Problems,
+) -> Option<Option<Calendar>> {
+    let (at, refused) = match Zone::named(&zone.value) {
+        Err(problem) => (&zone.referenced, problem),
+        Ok(zone) => {
+            let Some((written, Ok(unit))) = unit.map(|u| (u, u.value.parse::<Unit>())) else {
+                return Some(None);
+            };
+            match Calendar::new(unit, zone) {
+                Ok(calendar) => return Some(Some(calendar)),
+                Err(problem) => (&written.referenced, problem),
+            }
+        }
     };
-    Calendar::new(unit, zone)
-        .map(Some)
-        .map_err(|problem| (location(file, &written.referenced), problem))
+    problems.problem(&location(file, at), refused);
+    None
 }
 
 /// Why a calendar limit cannot be counted by `algorithm`, if it cannot. A calendar window
