@@ -951,8 +951,10 @@ async fn hybrid_counters_on_a_cluster_reach_the_master_of_each_key() {
             })
             .collect()
     };
-    // Waits until every master holds `total` for its key; then what each replica sees.
-    let settled = async |total: u64| {
+    // Waits until every master holds `total` for its key; then what each replica sees,
+    // asked until it is `expected` or 5 s have passed (a flush's reply is read a moment
+    // after Redis applied it).
+    let settled = async |total: u64, expected: [[u64; 3]; 2]| {
         let stored = hybrid_totals(&cluster.masters, &keys, prefix, total).await;
         assert!(
             stored.iter().all(|&t| t == Some(total)),
@@ -960,10 +962,17 @@ async fn hybrid_counters_on_a_cluster_reach_the_master_of_each_key() {
         );
         let mut out = Vec::new();
         let mut seen = Vec::new();
-        for replica in &replicas {
-            // Zero hits: only looks.
-            replica.apply(&checks(0), T0, &mut out).await.unwrap();
-            seen.push(out.iter().map(|v| 1_000 - v.remaining).collect::<Vec<_>>());
+        for _ in 0..200 {
+            seen.clear();
+            for replica in &replicas {
+                // Zero hits: only looks.
+                replica.apply(&checks(0), T0, &mut out).await.unwrap();
+                seen.push(out.iter().map(|v| 1_000 - v.remaining).collect::<Vec<_>>());
+            }
+            if seen == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
         seen
     };
@@ -977,11 +986,11 @@ async fn hybrid_counters_on_a_cluster_reach_the_master_of_each_key() {
 
     // A replica learns the others' hits from the totals its own flush reads back.
     admit(&replicas[0], 3).await;
-    assert_eq!(settled(3).await, [[3; 3], [0; 3]]);
+    assert_eq!(settled(3, [[3; 3], [0; 3]]).await, [[3; 3], [0; 3]]);
     admit(&replicas[1], 4).await;
-    assert_eq!(settled(7).await, [[3; 3], [7; 3]]);
+    assert_eq!(settled(7, [[3; 3], [7; 3]]).await, [[3; 3], [7; 3]]);
     admit(&replicas[0], 1).await;
-    assert_eq!(settled(8).await, [[8; 3], [7; 3]]);
+    assert_eq!(settled(8, [[8; 3], [7; 3]]).await, [[8; 3], [7; 3]]);
     for master in &cluster.masters {
         assert_eq!(
             master.command_calls("evalsha"),
@@ -1434,6 +1443,7 @@ async fn a_reset_on_one_replica_reaches_the_others_cached_answers() {
         run(&resetting, &[reset(T0 + 20, hybrid.clone())]).await;
         let mut now = T0 + 30;
         let mut let_in = None;
+        let mut last = None;
         for _ in 0..50 {
             now += 1;
             let (penalty, counted) = (
@@ -1444,11 +1454,18 @@ async fn a_reset_on_one_replica_reaches_the_others_cached_answers() {
                 let_in = Some(now);
                 break;
             }
+            last = Some((penalty, counted));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(
             let_in.is_some(),
-            "{label}: the other replica still turns the client away 5 s after the reset"
+            "{label}: the other replica still turns the client away 5 s after the reset \
+             (the penalty's answer, then the hybrid window's: {last:?}); the servers said:\n{}",
+            nodes
+                .iter()
+                .map(|node| node.logs())
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
 }
@@ -1556,7 +1573,8 @@ async fn resets_are_heard_again_after_the_node_listened_on_dies() {
 
 /// A reset published while a replica was not listening (its subscription cut) still
 /// reaches it: a replica that subscribes again drops what it cached, so the block the
-/// reset lifted is asked of Redis again.
+/// reset lifted is asked of Redis again, and reads its hybrid windows' totals back, so a
+/// window it saw full lets the client in again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_missed_while_not_listening_is_caught_up_on_subscribing_again() {
     let server = RedisServer::start();
@@ -1576,12 +1594,40 @@ async fn a_reset_missed_while_not_listening_is_caught_up_on_subscribing_again() 
     assert!(subscribed.is_some(), "the replicas never subscribed");
     let blocked = blocked_after_one_rejection("d|ip=7|1m/f");
     block_in_the_cache_of(&other, &blocked).await;
+    let hybrid = vec![spec(
+        "d|tenant=7|1m/f",
+        Limit {
+            hybrid: true,
+            ..limit(2, MINUTE, Algorithm::FixedWindow)
+        },
+        1,
+        0,
+    )];
+    for _ in 0..2 {
+        decided_at(&other, &hybrid, T0).await;
+    }
+    assert!(decided_at(&other, &hybrid, T0).await.over_limit);
+    // Flushed to Redis before the reset, or the flush would put the hits back after it.
+    let flushed = common::poll_until(Duration::from_secs(10), || {
+        let keys: Vec<String> = server.query(redis::cmd("KEYS").arg(format!("{prefix}*hybrid*")));
+        let totals: Vec<u64> = keys
+            .iter()
+            .map(|key| server.query(redis::cmd("GET").arg(key)))
+            .collect();
+        (totals == [2]).then_some(())
+    });
+    assert!(flushed.is_some(), "the hybrid hits never reached Redis");
 
     // Every subscription cut; the reset is published to nobody.
     let _: redis::Value = server.query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
     run(&resetting, &[reset(T0 + 20, blocked.clone())]).await;
+    run(&resetting, &[reset(T0 + 20, hybrid.clone())]).await;
     assert!(
         lets_in_within_5s(&other, &blocked).await,
         "the other replica still turns the client away 5 s after a reset it missed"
+    );
+    assert!(
+        lets_in_within_5s(&other, &hybrid).await,
+        "the other replica's hybrid window stays full 5 s after a reset it missed"
     );
 }

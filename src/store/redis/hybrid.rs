@@ -12,7 +12,7 @@
 //! never more than `replicas × limit`. Below the limit decisions need no round trip.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use redis::Value;
@@ -40,6 +40,8 @@ pub struct Hybrid {
     counters: Mutex<HashMap<String, Counter>>,
     /// The latest time a decision was taken at: the flush runs on the limiter's clock too.
     last_now: AtomicU64,
+    /// The next flush reads every window's total back and takes it as it is (`reread`).
+    reread: AtomicBool,
 }
 
 /// Hits to add to Redis: the key, how many, and how long the key must live.
@@ -47,6 +49,9 @@ pub struct Increment {
     pub key: String,
     pub hits: u64,
     pub ttl_millis: u64,
+    /// Sent to read the total back (maybe with no hits): Redis's total replaces what this
+    /// replica had seen, even a lower one.
+    pub reread: bool,
 }
 
 impl Hybrid {
@@ -96,6 +101,15 @@ impl Hybrid {
         self.counters.lock().remove(key);
     }
 
+    /// Asks the next flush to read every window's total back and believe it even where it
+    /// is lower than what this replica saw: after it may have missed a reset (its
+    /// subscription was cut), a window it saw full is otherwise refused here until it ends,
+    /// as a full window sends nothing, so learns nothing. Until that flush, at most one
+    /// flush interval, it decides from what it saw.
+    pub fn reread(&self) {
+        self.reread.store(true, Ordering::Release);
+    }
+
     /// The unsent hits, taken out for one flush; windows that ended with nothing unsent
     /// are forgotten.
     pub fn take_increments(&self) -> Vec<Increment> {
@@ -104,10 +118,12 @@ impl Hybrid {
 
     fn take_increments_at(&self, now_millis: u64) -> Vec<Increment> {
         let mut counters = self.counters.lock();
+        // Taken under the lock, so a `reread` asked during a flush is the next one's.
+        let reread = self.reread.swap(false, Ordering::AcqRel);
         counters.retain(|_, c| c.pending > 0 || c.window_end > now_millis);
         counters
             .iter_mut()
-            .filter(|(_, c)| c.pending > 0)
+            .filter(|(_, c)| c.pending > 0 || reread)
             .map(|(key, c)| {
                 let hits = std::mem::take(&mut c.pending);
                 Increment {
@@ -116,25 +132,35 @@ impl Hybrid {
                     // A window past its end, so a replica whose clock is behind still adds
                     // to the same key rather than to one that expired.
                     ttl_millis: c.window_end.saturating_sub(now_millis) + c.window,
+                    reread,
                 }
             })
             .collect()
     }
 
-    /// Records the totals Redis answered for `increments`.
+    /// Records the totals Redis answered for `increments`. Totals only grow within a
+    /// window, so an older, lower one is ignored, unless it was asked for by `reread`.
     pub fn flushed(&self, increments: &[Increment], totals: &[Value]) {
         let mut counters = self.counters.lock();
         for (increment, total) in increments.iter().zip(totals.iter().step_by(2)) {
             if let (Some(counter), Value::Int(total)) = (counters.get_mut(&increment.key), total) {
-                counter.seen = counter.seen.max(u64::try_from(*total).unwrap_or(0));
+                let total = u64::try_from(*total).unwrap_or(0);
+                counter.seen = match increment.reread {
+                    true => total,
+                    false => counter.seen.max(total),
+                };
             }
         }
     }
 
-    /// Puts the hits of a failed flush back, to be sent with the next one.
+    /// Puts the hits of a failed flush back, to be sent with the next one (and a reread
+    /// asked again).
     pub fn unsent(&self, increments: Vec<Increment>) {
         let mut counters = self.counters.lock();
         for increment in increments {
+            if increment.reread {
+                self.reread.store(true, Ordering::Release);
+            }
             if let Some(counter) = counters.get_mut(&increment.key) {
                 counter.pending += increment.hits;
             }
@@ -272,5 +298,55 @@ mod tests {
         let increments = hybrid.take_increments_at(0);
         hybrid.unsent(increments);
         assert_eq!(hybrid.take_increments_at(0)[0].hits, 1);
+    }
+
+    #[test]
+    fn a_reread_believes_a_lower_total_so_a_missed_reset_lets_the_client_in() {
+        let hybrid = Hybrid::default();
+        let key = "d|u=r|1m/fixed_window";
+        let now = 120_000;
+        let mut out = [verdict()];
+        hybrid.decide("p:", &[check(key, 2)], now, &mut out);
+        let increments = hybrid.take_increments_at(now);
+        // Another replica's hit too: the window is full.
+        hybrid.flushed(&increments, &[Value::Int(2), Value::Int(1)]);
+        hybrid.decide("p:", &[check(key, 2)], now + 1, &mut out);
+        assert!(out[0].over_limit);
+        assert!(
+            hybrid.take_increments_at(now + 1).is_empty(),
+            "a full window sends nothing"
+        );
+
+        // The window was reset in Redis (a reset this replica did not hear of).
+        let older = hybrid_increment(key, now);
+        hybrid.flushed(&[older], &[Value::Int(0), Value::Int(1)]);
+        hybrid.decide("p:", &[check(key, 2)], now + 2, &mut out);
+        assert!(
+            out[0].over_limit,
+            "a lower total is an older one unless asked for"
+        );
+
+        hybrid.reread();
+        let reread = hybrid.take_increments_at(now + 2);
+        assert_eq!(reread.len(), 1, "every window is read back, hits or not");
+        assert_eq!((reread[0].hits, reread[0].reread), (0, true));
+        // A failed reread is asked again.
+        hybrid.unsent(reread);
+        let reread = hybrid.take_increments_at(now + 2);
+        assert!(reread[0].reread);
+        assert!(!hybrid.take_increments_at(now + 2).iter().any(|i| i.reread));
+        hybrid.flushed(&reread, &[Value::Int(0), Value::Int(1)]);
+        hybrid.decide("p:", &[check(key, 2)], now + 3, &mut out);
+        assert!(!out[0].over_limit, "Redis's total after the reset");
+        assert_eq!(out[0].remaining, 1);
+    }
+
+    fn hybrid_increment(key: &str, now: u64) -> Increment {
+        Increment {
+            key: window_key("p:", &check(key, 2), now),
+            hits: 0,
+            ttl_millis: 60_000,
+            reread: false,
+        }
     }
 }

@@ -734,23 +734,56 @@ impl Inner {
         // After every DEL: a replica told earlier could read the old count back into its
         // cache.
         if let (false, Some(batch)) = (forgotten.is_empty(), batches.first()) {
-            let node = self.callable(batch).map_err(failed)?;
+            let first = self.callable(batch).map_err(failed)?;
             let mut publish = redis::pipe();
             publish
                 .cmd("PUBLISH")
                 .arg(resets::channel(&self.prefix))
                 .arg(resets::encode(&forgotten));
-            let reply = node.run(&publish, &self.script);
-            self.settle(node, tokio::time::timeout(self.timeout, reply).await)
-                .map_err(|message| StoreError {
+            let publishes = self.publishing_nodes(first).into_iter().map(|node| {
+                let publish = &publish;
+                async move {
+                    let reply = node.run(publish, &self.script);
+                    self.settle(&node, tokio::time::timeout(self.timeout, reply).await)
+                }
+            });
+            let replies = futures_util::future::join_all(publishes).await;
+            // One node that took it is enough: the others hear it over the cluster bus.
+            if replies.iter().all(Result::is_err) {
+                let message = replies
+                    .into_iter()
+                    .find_map(Result::err)
+                    .unwrap_or_default();
+                return Err(StoreError {
                     message: format!(
                         "the counters were reset in Redis, but the other replicas were not told \
                          (they answer from what they cached until its reset; try again): {message}"
                     ),
                     transient: true,
-                })?;
+                });
+            }
         }
         Ok(())
+    }
+
+    /// Where a reset is published. On a cluster every master, not only `first`: a
+    /// subscriber hears a PUBLISH on its own node at once, while the cluster bus drops
+    /// what it carries whenever a link between two nodes is being made again (a node busy
+    /// past half the node timeout has its links closed), which can lose a reset under load.
+    /// Each replica then hears a reset once per master; dropping twice is harmless, and
+    /// resets are rare.
+    fn publishing_nodes(&self, first: &Arc<Node>) -> Vec<Arc<Node>> {
+        match &self.topology {
+            Topology::Cluster(cluster) => {
+                let nodes = cluster.map.load().nodes.clone();
+                // Masters whose breaker is open are left to the bus.
+                let others = nodes.into_iter().filter(|node| {
+                    !Arc::ptr_eq(node, first) && node.breaker.permit() != Permit::Skip
+                });
+                std::iter::once(first.clone()).chain(others).collect()
+            }
+            Topology::Standalone(_) | Topology::Sentinel(_) => vec![first.clone()],
+        }
     }
 
     /// Drops this replica's own answers and counts for what a reset names.
@@ -1013,10 +1046,12 @@ async fn reset_loop(inner: std::sync::Weak<Inner>) {
                     // Resets published while this replica was not listening were missed:
                     // what it cached may be one of them, so it asks Redis again.
                     if attempt > 0
-                        && let Some(cache) =
-                            inner.upgrade().as_ref().and_then(|s| s.over_cache.as_ref())
+                        && let Some(store) = inner.upgrade()
                     {
-                        cache.clear();
+                        if let Some(cache) = &store.over_cache {
+                            cache.clear();
+                        }
+                        store.hybrid.reread();
                     }
                     let mut messages = pubsub.into_on_message();
                     loop {
