@@ -202,6 +202,24 @@ fn window_in(zone: &TimeZone, unit: Unit, now_millis: u64) -> Window {
         })
 }
 
+/// `millis` as a reader of `zone`'s clocks says it, with its offset, for `explain`:
+/// `2026-03-01 00:00:00 +01:00`; `UTC` without a zone.
+pub fn local_time(millis: u64, zone: Option<Zone>) -> String {
+    let Some(at) = i64::try_from(millis)
+        .ok()
+        .and_then(|millis| jiff::Timestamp::from_millisecond(millis).ok())
+    else {
+        return format!("{millis} ms after the Unix epoch");
+    };
+    match zone {
+        None => at.strftime("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        Some(zone) => at
+            .to_zoned(zone.time_zone().clone())
+            .strftime("%Y-%m-%d %H:%M:%S %:z")
+            .to_string(),
+    }
+}
+
 /// The first instant of `date` in `zone` (where the clocks skip midnight, the instant
 /// they land on).
 fn midnight(date: Date, zone: &TimeZone) -> Option<u64> {
@@ -222,6 +240,23 @@ mod tests {
         let calendar = Calendar::new(unit, Zone::named(zone).unwrap()).unwrap();
         let w = calendar.window_at(millis(at));
         (w.start_millis, w.end_millis)
+    }
+
+    #[test]
+    fn local_time_carries_the_offset_of_its_instant() {
+        let berlin = Some(Zone::named("Europe/Berlin").unwrap());
+        assert_eq!(
+            local_time(millis("2026-02-28T23:00:00Z"), berlin),
+            "2026-03-01 00:00:00 +01:00"
+        );
+        assert_eq!(
+            local_time(millis("2026-03-31T22:00:00Z"), berlin),
+            "2026-04-01 00:00:00 +02:00"
+        );
+        assert_eq!(
+            local_time(millis("2026-12-07T17:30:05Z"), None),
+            "2026-12-07 17:30:05 UTC"
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 
 use std::fmt::Write;
 
+use crate::calendar::local_time;
 use crate::key::{append_counter_key, with_shared_values};
+use crate::limit::{Algorithm, Limit};
 use crate::matcher::{DomainTree, RateLimitConfig};
 use crate::proto::rate_limit_descriptor::Entry;
 use crate::rule::{Rule, RuleLimit};
@@ -25,8 +27,15 @@ pub fn parse_descriptor(text: &str) -> Result<Vec<Entry>, String> {
 }
 
 /// Explains, for each descriptor, the walk through the tree, the effective rule with where
-/// each field came from, and the counter keys.
-pub fn explain(config: &RateLimitConfig, domain: &str, descriptors: &[Vec<Entry>]) -> String {
+/// each field came from, and the counter keys; for a fixed window, the window that holds
+/// `now_millis` (a calendar month's first and last instant in its zone; envoyproxy's
+/// epoch-aligned "month" of 30 days).
+pub fn explain(
+    config: &RateLimitConfig,
+    domain: &str,
+    descriptors: &[Vec<Entry>],
+    now_millis: u64,
+) -> String {
     let mut out = String::new();
     let Some(tree) = config.domain(domain) else {
         let known: Vec<String> = config
@@ -54,12 +63,18 @@ pub fn explain(config: &RateLimitConfig, domain: &str, descriptors: &[Vec<Entry>
             .map(|e| format!("{}={}", e.key, e.value))
             .collect();
         let _ = writeln!(out, "\ndescriptor {}: {}", i + 1, shown.join(","));
-        explain_one(&mut out, tree, entries, &replaced);
+        explain_one(&mut out, tree, entries, &replaced, now_millis);
     }
     out
 }
 
-fn explain_one(out: &mut String, tree: &DomainTree, entries: &[Entry], replaced: &[&str]) {
+fn explain_one(
+    out: &mut String,
+    tree: &DomainTree,
+    entries: &[Entry],
+    replaced: &[&str],
+    now_millis: u64,
+) {
     let (node, steps) = tree.lookup_traced(entries);
     for step in steps {
         let _ = writeln!(out, "  {step}");
@@ -95,7 +110,38 @@ fn explain_one(out: &mut String, tree: &DomainTree, entries: &[Entry], replaced:
             let entries = with_shared_values(entries, &rule.shared_values);
             append_counter_key(&mut key, &tree.name, &entries, limit);
             let _ = writeln!(out, "    {key}");
+            if limit.algorithm == Algorithm::FixedWindow {
+                let _ = writeln!(out, "      {}", current_window(limit, now_millis));
+            }
         }
+    }
+}
+
+/// `window: from … to … (resets in …)` of `limit`'s fixed window at `now_millis`, in the
+/// calendar's zone or in UTC.
+fn current_window(limit: &Limit, now_millis: u64) -> String {
+    let (start, end) = limit.window_bounds(now_millis);
+    let zone = limit.calendar.map(|c| c.zone);
+    let named = zone
+        .map(|z| format!(" in {}", z.name()))
+        .unwrap_or_default();
+    format!(
+        "window now: {} to {}{named} (resets in {})",
+        local_time(start, zone),
+        local_time(end, zone),
+        spell_duration(end - now_millis)
+    )
+}
+
+/// `16 d 12 h`, `3 h 5 min`, `59 s`: the two largest parts, rounded down.
+fn spell_duration(millis: u64) -> String {
+    let seconds = millis / 1_000;
+    let (days, hours, minutes) = (seconds / 86_400, seconds / 3_600 % 24, seconds / 60 % 60);
+    match (days, hours, minutes) {
+        (0, 0, 0) => format!("{seconds} s"),
+        (0, 0, _) => format!("{minutes} min {} s", seconds % 60),
+        (0, _, _) => format!("{hours} h {minutes} min"),
+        _ => format!("{days} d {hours} h"),
     }
 }
 
@@ -200,6 +246,10 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 100, replaces: [{name: base}]}
 ";
 
+    /// 2026-03-15T12:00:00Z: a Sunday, in a month whose last day Berlin spends on summer
+    /// time.
+    const NOW: u64 = 1_773_576_000_000;
+
     fn config() -> RateLimitConfig {
         let tree = compile_str("shop.yaml", CONFIG, &LoadOptions::default())
             .unwrap_or_else(|e| panic!("{e:?}"));
@@ -209,7 +259,7 @@ descriptors:
     #[test]
     fn explains_the_walk_the_inherited_policy_and_the_keys() {
         let descriptor = parse_descriptor("tenant=acme,path=/orders").unwrap();
-        let text = explain(&config(), "shop", &[descriptor]);
+        let text = explain(&config(), "shop", &[descriptor], NOW);
         let expected = "\
 domain shop (shop.yaml)
 
@@ -249,17 +299,82 @@ descriptors:
             .unwrap_or_else(|e| panic!("{e:?}"));
         let config = RateLimitConfig::new([tree], Algorithm::SlidingWindow);
         let tenant = parse_descriptor("tenant=acme").unwrap();
-        let text = explain(&config, "api", &[tenant]);
+        let text = explain(&config, "api", &[tenant], NOW);
         assert!(
             text.contains("hybrid: true (with --store redis each replica counts locally and adds its hits to Redis in batches) — from policy `hot` (api.yaml:5:13)"),
             "{text}"
         );
     }
 
+    /// A fixed window's line says when the window holding the instant started and ends:
+    /// a calendar month in its zone (the clocks change in between), envoyproxy's
+    /// epoch-aligned 30-day "month" in UTC.
+    #[test]
+    fn shows_the_fixed_window_that_holds_the_instant() {
+        let yaml = "\
+domain: plans
+descriptors:
+  - key: plan
+    value: monthly
+    limits: [{requests_per_unit: 100000, unit: month, calendar: Europe/Berlin}]
+  - key: plan
+    value: envoyproxy
+    rate_limit: {unit: month, requests_per_unit: 100000}
+  - key: plan
+    value: daily
+    limits: [{requests_per_unit: 10, unit: day, calendar: Asia/Kolkata}]
+";
+        // envoyproxy/ratelimit's counting, as `--default-algorithm fixed_window` sets it.
+        let options = LoadOptions {
+            default_algorithm: Algorithm::FixedWindow,
+            ..LoadOptions::default()
+        };
+        let tree = compile_str("plans.yaml", yaml, &options).unwrap_or_else(|e| panic!("{e:?}"));
+        let config = RateLimitConfig::new([tree], Algorithm::FixedWindow);
+        let ask = |plan: &str| {
+            let text = explain(&config, "plans", &[parse_descriptor(plan).unwrap()], NOW);
+            let at = text.find("counter keys:").expect("counter keys");
+            text[at..]
+                .lines()
+                .skip(1)
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(
+            ask("plan=monthly"),
+            "plans|plan=monthly|month@Europe/Berlin/fixed_window\n\
+             window now: 2026-03-01 00:00:00 +01:00 to 2026-04-01 00:00:00 +02:00 in Europe/Berlin (resets in 16 d 10 h)"
+        );
+        // 30 days from the epoch: 2026-03-08 to 2026-04-07, at midnight UTC.
+        assert_eq!(
+            ask("plan=envoyproxy"),
+            "plans|plan=envoyproxy|30d/fixed_window\n\
+             window now: 2026-03-08 00:00:00 UTC to 2026-04-07 00:00:00 UTC (resets in 22 d 12 h)"
+        );
+        // Half past five in the evening in Kolkata: six and a half hours to its midnight.
+        assert_eq!(
+            ask("plan=daily"),
+            "plans|plan=daily|day@Asia/Kolkata/fixed_window\n\
+             window now: 2026-03-15 00:00:00 +05:30 to 2026-03-16 00:00:00 +05:30 in Asia/Kolkata (resets in 6 h 30 min)"
+        );
+    }
+
+    #[test]
+    fn spells_durations_by_their_two_largest_parts() {
+        assert_eq!(spell_duration(59_999), "59 s");
+        assert_eq!(spell_duration(61_000), "1 min 1 s");
+        assert_eq!(
+            spell_duration(3 * 3_600_000 + 5 * 60_000 + 59_000),
+            "3 h 5 min"
+        );
+        assert_eq!(spell_duration(2 * 86_400_000 + 3_600_000), "2 d 1 h");
+    }
+
     #[test]
     fn explains_an_inline_override_on_a_wildcard() {
         let admin = parse_descriptor("tenant=acme,path=/admin/users").unwrap();
-        let text = explain(&config(), "shop", &[admin]);
+        let text = explain(&config(), "shop", &[admin], NOW);
         assert!(text.contains("matched wildcard `/admin*`"), "{text}");
         assert!(
             text.contains("limits: 1/minute — from descriptor `path: /admin*` (shop.yaml:12:17)"),
@@ -273,7 +388,7 @@ descriptors:
         let tenant = parse_descriptor("tenant=acme,path=/orders").unwrap();
         let vip = parse_descriptor("vip=yes").unwrap();
         let miss = parse_descriptor("nobody=x").unwrap();
-        let text = explain(&config(), "shop", &[tenant, vip, miss]);
+        let text = explain(&config(), "shop", &[tenant, vip, miss], NOW);
         assert!(
             text.contains(
                 "result: no limit — rule `base` is replaced by another descriptor of this request"
@@ -289,7 +404,7 @@ descriptors:
 
     #[test]
     fn an_unknown_domain_is_explained_too() {
-        let text = explain(&config(), "other", &[]);
+        let text = explain(&config(), "other", &[], NOW);
         assert!(
             text.starts_with("domain `other` is not configured"),
             "{text}"

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshlimit::clock::Clock;
 use meshlimit::config::{self, LoadOptions};
 use meshlimit::envoyproxy_env::{self, EnvoyproxyEnv, MetricsListener};
 use meshlimit::limit::Algorithm;
@@ -90,6 +91,10 @@ enum Command {
         /// e.g. `plan=pro,user=alice`.
         #[arg(required = true)]
         descriptors: Vec<String>,
+        /// The instant whose fixed windows are shown, as RFC 3339
+        /// (`2027-01-31T23:30:00Z`, `2027-01-31T23:30:00+01:00`); now when left out.
+        #[arg(long, value_parser = parse_instant)]
+        at: Option<u64>,
         #[command(flatten)]
         counting: CountingArgs,
     },
@@ -764,8 +769,12 @@ fn main() -> ExitCode {
             config,
             domain,
             descriptors,
+            at,
             counting,
-        } => explain(&config, &domain, &descriptors, counting),
+        } => {
+            let now = at.unwrap_or_else(|| meshlimit::clock::SystemClock.now_millis());
+            explain(&config, &domain, &descriptors, now, counting)
+        }
     }
 }
 
@@ -794,10 +803,20 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("`{text}` is not a duration; write e.g. 1s, 500ms or 0s"))
 }
 
+/// An RFC 3339 instant, in milliseconds since the Unix epoch.
+fn parse_instant(text: &str) -> Result<u64, String> {
+    let at: jiff::Timestamp = text.trim().parse().map_err(|error| {
+        format!("`{text}` is not an instant ({error}); write RFC 3339 with an offset, e.g. 2027-01-31T23:30:00Z")
+    })?;
+    u64::try_from(at.as_millisecond())
+        .map_err(|_| format!("`{text}` is before 1970; meshlimit counts from the Unix epoch"))
+}
+
 fn explain(
     dir: &std::path::Path,
     domain: &str,
     descriptors: &[String],
+    now_millis: u64,
     counting: CountingArgs,
 ) -> ExitCode {
     let options = counting.load_options();
@@ -819,7 +838,10 @@ fn explain(
         .collect();
     match parsed {
         Ok(parsed) => {
-            print!("{}", meshlimit::explain::explain(&loaded, domain, &parsed));
+            print!(
+                "{}",
+                meshlimit::explain::explain(&loaded, domain, &parsed, now_millis)
+            );
             ExitCode::SUCCESS
         }
         Err(message) => {

@@ -160,6 +160,41 @@ fn explain_shows_shared_defaults_and_an_own_setting_that_beats_them() {
     );
 }
 
+/// `--at` shows the calendar window an instant falls in: noon UTC on 31 January is already
+/// 1 February in Auckland (UTC+13 in its summer), so the month shown is February there.
+/// A wrong instant is refused with how to write one.
+#[test]
+fn explain_shows_the_calendar_window_an_instant_falls_in() {
+    let ask = |at: &str| {
+        explain(&[
+            "--config",
+            "config_operations",
+            "--domain",
+            "operations",
+            "plan_month=acme",
+            "--at",
+            at,
+        ])
+    };
+    let (ok, stdout, stderr) = ask("2027-01-31T12:00:00Z");
+    assert!(ok, "explain failed:\n{stdout}{stderr}");
+    assert_lines(
+        &stdout,
+        &[
+            "    operations|plan_month=acme|month@Pacific/Auckland/fixed_window",
+            "      window now: 2027-02-01 00:00:00 +13:00 to 2027-03-01 00:00:00 +13:00 in Pacific/Auckland (resets in 27 d 23 h)",
+        ],
+    );
+
+    let (ok, stdout, stderr) = ask("31/01/2027");
+    assert!(!ok, "explain took a date with no time or offset:\n{stdout}");
+    assert!(
+        stderr.contains("`31/01/2027` is not an instant")
+            && stderr.contains("e.g. 2027-01-31T23:30:00Z"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn explain_refuses_an_invalid_or_missing_config_dir() {
     let (ok, stdout, stderr) = explain(&[
