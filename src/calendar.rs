@@ -10,21 +10,35 @@
 //!
 //! The zone rules are jiff's bundled copy of the IANA database, not the host's, so every
 //! replica sharing counters in Redis agrees on where a window starts.
+//!
+//! A week starts on Monday (ISO 8601), or on the day `week_starts` names: Sunday in the
+//! United States, Saturday across much of the Middle East.
 
 use std::cell::Cell;
+use std::fmt;
 
 use jiff::ToSpan;
-use jiff::civil::Date;
+use jiff::civil::{Date, Weekday};
 use jiff::tz::TimeZone;
 use parking_lot::RwLock;
 
 use crate::limit::Unit;
 
-/// A limit's calendar: which unit, in which zone.
+/// A limit's calendar: which unit, in which zone, and for weeks the day they start on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Calendar {
-    pub unit: Unit,
+    period: Period,
     pub zone: Zone,
+}
+
+/// The unit, and a week's first day, in one byte: the week's weekday leaves the other
+/// units (and `Option`'s `None`) values of the same byte, so `Limit` stays 24 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Period {
+    Day,
+    Week(Weekday),
+    Month,
+    Year,
 }
 
 /// An IANA time zone, interned so a `Limit` holding one stays small and `Copy`: its
@@ -127,12 +141,65 @@ impl Calendar {
 
     pub fn new(unit: Unit, zone: Zone) -> Result<Calendar, String> {
         if Self::UNITS.contains(&unit) {
-            Ok(Calendar { unit, zone })
+            let period = match unit {
+                Unit::Week => Period::Week(Weekday::Monday),
+                Unit::Month => Period::Month,
+                Unit::Year => Period::Year,
+                _ => Period::Day,
+            };
+            Ok(Calendar { period, zone })
         } else {
             Err(format!(
                 "`calendar` windows are days, weeks, months or years; a window of one {unit} needs none, so drop `calendar`, or write `unit: day`"
             ))
         }
+    }
+
+    /// Weeks that start on `day` rather than Monday.
+    pub fn starting_weeks_on(self, day: Weekday) -> Result<Calendar, String> {
+        match self.unit() {
+            Unit::Week => Ok(Calendar {
+                period: Period::Week(day),
+                ..self
+            }),
+            unit => Err(format!(
+                "`week_starts` applies to `unit: week`; a {unit} starts on its first day whatever the weekday — drop `week_starts`"
+            )),
+        }
+    }
+
+    pub fn unit(self) -> Unit {
+        match self.period {
+            Period::Day => Unit::Day,
+            Period::Week(_) => Unit::Week,
+            Period::Month => Unit::Month,
+            Period::Year => Unit::Year,
+        }
+    }
+
+    /// The day a week starts on; Monday for the other units.
+    pub fn week_starts(self) -> Weekday {
+        match self.period {
+            Period::Week(day) => day,
+            _ => Weekday::Monday,
+        }
+    }
+
+    /// Appends the unit as counter keys name it: `week-sunday` for weeks that start on
+    /// Sunday, so their counts are not a Monday week's.
+    pub fn push_key_unit(self, out: &mut String) {
+        out.push_str(self.unit().name());
+        if self.week_starts() != Weekday::Monday {
+            out.push('-');
+            out.push_str(weekday_name(self.week_starts()));
+        }
+    }
+
+    /// The unit's byte in a packed key: the unit, with the week's first day in the high
+    /// bits when it is not Monday (so a Monday week's key is what it always was).
+    pub fn key_byte(self) -> u8 {
+        let offset = self.week_starts().to_monday_zero_offset() as u8;
+        self.unit() as u8 | offset << 4
     }
 
     /// The window that holds `now_millis`.
@@ -143,7 +210,12 @@ impl Calendar {
         {
             return window;
         }
-        let window = window_in(self.zone.time_zone(), self.unit, now_millis);
+        let window = window_in(
+            self.zone.time_zone(),
+            self.unit(),
+            self.week_starts(),
+            now_millis,
+        );
         LAST.set(Some((self, window)));
         window
     }
@@ -151,7 +223,7 @@ impl Calendar {
     /// The longest a window of this unit lasts: a state is kept this long after its last
     /// change (a 31-day month with the hour the clocks went back).
     pub fn longest_millis(self) -> u64 {
-        let days = match self.unit {
+        let days = match self.unit() {
             Unit::Week => 7,
             Unit::Month => 31,
             Unit::Year => 366,
@@ -161,8 +233,46 @@ impl Calendar {
     }
 }
 
-/// The `unit` of `zone`'s calendar that holds `now_millis`.
-fn window_in(zone: &TimeZone, unit: Unit, now_millis: u64) -> Window {
+/// `week from Sunday`, or the unit's name: how a description names the window.
+impl fmt::Display for Calendar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.period {
+            Period::Week(Weekday::Monday) | Period::Day | Period::Month | Period::Year => {
+                write!(f, "{}", self.unit())
+            }
+            Period::Week(day) => write!(f, "week from {day:?}"),
+        }
+    }
+}
+
+/// A weekday as `week_starts` spells it: `monday` … `sunday`, any case.
+pub fn parse_weekday(text: &str) -> Result<Weekday, String> {
+    let wanted = text.trim().to_ascii_lowercase();
+    (0..7)
+        .filter_map(|offset| Weekday::from_monday_zero_offset(offset).ok())
+        .find(|day| {
+            let name = weekday_name(*day);
+            name == wanted || (wanted.len() >= 3 && name.starts_with(&wanted))
+        })
+        .ok_or_else(|| {
+            format!("`{text}` is not a weekday; write `week_starts: sunday` (or monday … saturday)")
+        })
+}
+
+fn weekday_name(day: Weekday) -> &'static str {
+    match day {
+        Weekday::Monday => "monday",
+        Weekday::Tuesday => "tuesday",
+        Weekday::Wednesday => "wednesday",
+        Weekday::Thursday => "thursday",
+        Weekday::Friday => "friday",
+        Weekday::Saturday => "saturday",
+        Weekday::Sunday => "sunday",
+    }
+}
+
+/// The `unit` of `zone`'s calendar that holds `now_millis`; weeks start on `week_starts`.
+fn window_in(zone: &TimeZone, unit: Unit, week_starts: Weekday, now_millis: u64) -> Window {
     let at = i64::try_from(now_millis)
         .ok()
         .and_then(|millis| jiff::Timestamp::from_millisecond(millis).ok());
@@ -170,7 +280,7 @@ fn window_in(zone: &TimeZone, unit: Unit, now_millis: u64) -> Window {
         let today = zone.to_datetime(at).date();
         let first = match unit {
             Unit::Week => today
-                .checked_sub(i64::from(today.weekday().to_monday_zero_offset()).days())
+                .checked_sub(i64::from(today.weekday().since(week_starts)).days())
                 .ok()?,
             Unit::Month => today.first_of_month(),
             Unit::Year => today.first_of_year(),
@@ -319,6 +429,72 @@ mod tests {
         );
     }
 
+    /// A week from Sunday in New York, from Saturday in Riyadh: the day named starts it at
+    /// local midnight, and the day before ends it.
+    #[test]
+    fn a_week_starts_on_the_day_week_starts_names() {
+        let week = |zone: &str, day: &str, at: &str| {
+            let calendar = Calendar::new(Unit::Week, Zone::named(zone).unwrap())
+                .unwrap()
+                .starting_weeks_on(parse_weekday(day).unwrap())
+                .unwrap();
+            let w = calendar.window_at(millis(at));
+            (w.start_millis, w.end_millis)
+        };
+        // Monday 2026-12-07, noon in New York: its week began on Sunday the 6th.
+        assert_eq!(
+            week("America/New_York", "sunday", "2026-12-07T17:00:00Z"),
+            (
+                millis("2026-12-06T05:00:00Z"),
+                millis("2026-12-13T05:00:00Z")
+            )
+        );
+        // Saturday 23:30 in New York is still that week; its Sunday starts the next.
+        assert_eq!(
+            week("America/New_York", "Sun", "2026-12-13T04:30:00Z").1,
+            millis("2026-12-13T05:00:00Z")
+        );
+        assert_eq!(
+            week("Asia/Riyadh", "SATURDAY", "2026-12-07T17:00:00Z"),
+            (
+                millis("2026-12-04T21:00:00Z"),
+                millis("2026-12-11T21:00:00Z")
+            )
+        );
+        // A week from Monday is the calendar with no `week_starts`.
+        let utc = Calendar::new(Unit::Week, Zone::named("UTC").unwrap()).unwrap();
+        assert_eq!(utc.starting_weeks_on(Weekday::Monday), Ok(utc));
+        assert_eq!(utc.to_string(), "week");
+        let sunday = utc.starting_weeks_on(Weekday::Sunday).unwrap();
+        assert_eq!(sunday.to_string(), "week from Sunday");
+        let (mut monday_key, mut sunday_key) = (String::new(), String::new());
+        utc.push_key_unit(&mut monday_key);
+        sunday.push_key_unit(&mut sunday_key);
+        assert_eq!(
+            (monday_key.as_str(), sunday_key.as_str()),
+            ("week", "week-sunday")
+        );
+        assert_eq!(utc.key_byte(), Unit::Week as u8);
+        assert_ne!(sunday.key_byte(), utc.key_byte());
+    }
+
+    #[test]
+    fn week_starts_is_a_weekday_and_only_for_weeks() {
+        assert_eq!(parse_weekday(" Wed "), Ok(Weekday::Wednesday));
+        assert!(
+            parse_weekday("su")
+                .unwrap_err()
+                .contains("`su` is not a weekday; write `week_starts: sunday`")
+        );
+        let month = Calendar::new(Unit::Month, Zone::named("UTC").unwrap()).unwrap();
+        assert!(
+            month
+                .starting_weeks_on(Weekday::Sunday)
+                .unwrap_err()
+                .contains("`week_starts` applies to `unit: week`")
+        );
+    }
+
     #[test]
     fn the_window_cached_for_a_thread_is_left_at_its_end() {
         let calendar = Calendar::new(Unit::Day, Zone::named("UTC").unwrap()).unwrap();
@@ -361,7 +537,7 @@ mod tests {
     }
 
     #[test]
-    fn every_zone_of_the_database_tiles_2026_with_its_days_and_months() {
+    fn every_zone_of_the_database_tiles_2026_with_its_days_weeks_and_months() {
         // Zones whose clocks skip or repeat midnight (Santiago, Havana, Beirut, …) included:
         // each window starts where the one before ended, holds its instants, and is as
         // long as a day or a month can be there.
@@ -373,14 +549,25 @@ mod tests {
         for name in jiff::tz::db().available() {
             let zone = TimeZone::get(name.as_str()).unwrap();
             zones += 1;
-            for (unit, shortest, longest) in [
-                (Unit::Day, 22 * 3_600_000, 26 * 3_600_000),
-                (Unit::Month, 27 * 86_400_000, 32 * 86_400_000),
+            for (unit, first_day, shortest, longest) in [
+                (Unit::Day, Weekday::Monday, 22 * 3_600_000, 26 * 3_600_000),
+                (
+                    Unit::Week,
+                    Weekday::Sunday,
+                    7 * 86_400_000 - 7_200_000,
+                    7 * 86_400_000 + 7_200_000,
+                ),
+                (
+                    Unit::Month,
+                    Weekday::Monday,
+                    27 * 86_400_000,
+                    32 * 86_400_000,
+                ),
             ] {
                 let mut at = from;
                 let mut previous_end = None;
                 while at < to {
-                    let w = window_in(&zone, unit, at);
+                    let w = window_in(&zone, unit, first_day, at);
                     assert!(
                         w.start_millis <= at && at < w.end_millis,
                         "{name:?} {unit} at {at}"

@@ -78,7 +78,7 @@ fn append_packed_key(out: &mut String, domain: &str, entries: &[Entry], limit: &
         // with a suffix) is a calendar key; then which unit, and the zone.
         Some(calendar) => {
             out.push('c');
-            out.push(char::from(calendar.unit as u8));
+            out.push(char::from(calendar.key_byte()));
             push_packed(out, calendar.zone.name());
         }
     }
@@ -111,7 +111,7 @@ pub fn append_counter_key(out: &mut String, domain: &str, entries: &[Entry], lim
         None => write_duration(out, limit.window_millis),
         // `month@Europe/Berlin`: zone names hold no separator.
         Some(calendar) => {
-            out.push_str(calendar.unit.name());
+            calendar.push_key_unit(out);
             out.push('@');
             out.push_str(calendar.zone.name());
         }
@@ -253,6 +253,29 @@ mod tests {
             !keys[1].starts_with(&keys[0]),
             "a calendar key is no plain key with a suffix"
         );
+
+        // Weeks from Sunday are counted apart from weeks from Monday, in both forms.
+        let monday = crate::calendar::Calendar::new(
+            Unit::Week,
+            crate::calendar::Zone::named("America/New_York").unwrap(),
+        )
+        .unwrap();
+        let sunday = monday
+            .starting_weeks_on(jiff::civil::Weekday::Sunday)
+            .unwrap();
+        let week = |calendar| Limit {
+            calendar: Some(calendar),
+            ..Limit::per_unit(1, Unit::Week, Algorithm::FixedWindow)
+        };
+        assert_eq!(
+            text(&week(monday)),
+            "edge|user=alice|week@America/New_York/fixed_window"
+        );
+        assert_eq!(
+            text(&week(sunday)),
+            "edge|user=alice|week-sunday@America/New_York/fixed_window"
+        );
+        assert_ne!(packed(&week(monday)), packed(&week(sunday)));
     }
 
     #[test]

@@ -221,7 +221,7 @@ fn json_body(d: &Decided<'_>) -> String {
     let retry = d.reset_seconds();
     // A calendar window is named as such: its length is not the nominal one.
     let per = match d.limit.calendar {
-        Some(calendar) => format!("{} ({})", calendar.unit, calendar.zone.name()),
+        Some(calendar) => format!("{calendar} ({})", calendar.zone.name()),
         None => format!("{window}s"),
     };
     format!(

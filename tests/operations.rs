@@ -268,6 +268,33 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         "only a calendar limit names one"
     );
 
+    // A week from Sunday resets at the coming Sunday's midnight in New York.
+    decide(channel.clone(), &[("plan_week", "p1")])
+        .await
+        .expect("a decision");
+    let week = server.admin_get(&format!(
+        "/v1/usage?domain={DOMAIN}&descriptor=plan_week=p1"
+    ));
+    let limit = &week.json()["limits"][0];
+    assert_eq!(
+        (&limit["calendar"], &limit["weekStarts"], &limit["used"]),
+        (&json!("America/New_York"), &json!("sunday"), &json!(1)),
+        "{week:?}"
+    );
+    let new_york =
+        jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::get("America/New_York").unwrap());
+    let today = new_york.date();
+    let next_sunday = today
+        .checked_add(jiff::Span::new().days(7 - i64::from(today.weekday().to_sunday_zero_offset())))
+        .and_then(|sunday| sunday.to_zoned(new_york.time_zone().clone()))
+        .unwrap();
+    let expected = next_sunday.timestamp().as_second() - new_york.timestamp().as_second();
+    let reset = limit["resetSeconds"].as_i64().unwrap();
+    assert!(
+        (reset - expected).abs() <= 2,
+        "resetSeconds {reset}, expected {expected} (to Sunday in New York): {week:?}"
+    );
+
     for bad in [
         "/v1/usage?descriptor=quota=q1".to_owned(),
         format!("/v1/usage?domain={DOMAIN}&descriptor=quota=q1&limit=5"),

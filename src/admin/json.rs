@@ -164,6 +164,10 @@ pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
             // midnight, first of the month or year.
             if let (Some(calendar), Value::Object(entry)) = (u.limit.calendar, &mut entry) {
                 entry.insert("calendar".into(), json!(calendar.zone.name()));
+                if calendar.unit() == crate::limit::Unit::Week {
+                    let day = format!("{:?}", calendar.week_starts()).to_ascii_lowercase();
+                    entry.insert("weekStarts".into(), json!(day));
+                }
             }
             entry
         })

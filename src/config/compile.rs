@@ -571,9 +571,16 @@ impl Compiler<'_, '_> {
                 }
             },
         };
+        let week_starts = block.week_starts.as_ref();
         let calendar = match &block.calendar {
-            None => Some(None),
-            Some(zone) => policy::calendar_of(zone, block.unit.as_ref(), file, &mut self.errors),
+            None => policy::no_calendar(week_starts, file, &mut self.errors),
+            Some(zone) => policy::calendar_of(
+                zone,
+                block.unit.as_ref(),
+                week_starts,
+                file,
+                &mut self.errors,
+            ),
         };
         let mut limit = Limit::per_unit(requests_per_unit?, unit?, algorithm?);
         if let Some(calendar) = calendar? {

@@ -80,6 +80,8 @@ pub struct RateLimitBlock {
     pub algorithm: Option<Spanned<String>>,
     /// meshlimit's: the unit is this IANA zone's calendar day, week, month or year.
     pub calendar: Option<Spanned<String>>,
+    /// meshlimit's: the day a calendar week starts on (Monday when left out).
+    pub week_starts: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +167,8 @@ pub struct LimitBlock {
     pub per: Option<Spanned<String>>,
     /// An IANA time zone: the window is that zone's calendar day, week, month or year.
     pub calendar: Option<Spanned<String>>,
+    /// The day a calendar week starts on (Monday when left out).
+    pub week_starts: Option<Spanned<String>>,
 }
 
 impl DescriptorEntry {

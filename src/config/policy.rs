@@ -11,7 +11,7 @@ use serde_saphyr::Spanned;
 
 use super::file::{LimitBlock, PolicyBlock};
 use crate::algorithm::penalty::Penalty;
-use crate::calendar::{Calendar, Zone};
+use crate::calendar::{Calendar, Zone, parse_weekday};
 use crate::limit::{Algorithm, Limit, Unit, format_duration, parse_duration};
 use crate::rule::SourceLocation;
 use crate::rule::{Body, HeaderSet};
@@ -545,12 +545,18 @@ fn limit_spec(
         },
     };
     let calendar = match &block.calendar {
-        None => Some(None),
+        None => no_calendar(block.week_starts.as_ref(), file, problems),
         Some(zone) if block.per.is_some() => {
             problems.problem(&location(file, &zone.referenced), "`calendar` needs `unit:` (day, week, month or year); a `per:` duration has no calendar to start on — write `unit:` instead of `per:`".into());
             None
         }
-        Some(zone) => calendar_of(zone, block.unit.as_ref(), file, problems),
+        Some(zone) => calendar_of(
+            zone,
+            block.unit.as_ref(),
+            block.week_starts.as_ref(),
+            file,
+            problems,
+        ),
     };
     Some(LimitSpec {
         requests_per_unit: requests_per_unit?,
@@ -559,12 +565,13 @@ fn limit_spec(
     })
 }
 
-/// A limit's `calendar: <zone>` over its `unit:`: `Some(None)` when the unit is missing or
-/// unknown (reported where the unit is read), `None` when the calendar is refused, which
-/// is reported here.
+/// A limit's `calendar: <zone>` over its `unit:` (and `week_starts:`): `Some(None)` when
+/// the unit is missing or unknown (reported where the unit is read), `None` when the
+/// calendar is refused, which is reported here.
 pub fn calendar_of(
     zone: &Spanned<String>,
     unit: Option<&Spanned<String>>,
+    week_starts: Option<&Spanned<String>>,
     file: &Arc<str>,
     problems: &mut dyn Problems,
 ) -> Option<Option<Calendar>> {
@@ -574,13 +581,36 @@ pub fn calendar_of(
             let Some((written, Ok(unit))) = unit.map(|u| (u, u.value.parse::<Unit>())) else {
                 return Some(None);
             };
-            match Calendar::new(unit, zone) {
-                Ok(calendar) => return Some(Some(calendar)),
-                Err(problem) => (&written.referenced, problem),
+            let calendar = Calendar::new(unit, zone).map_err(|p| (&written.referenced, p));
+            match (calendar, week_starts) {
+                (Ok(calendar), None) => return Some(Some(calendar)),
+                (Ok(calendar), Some(day)) => {
+                    match parse_weekday(&day.value).and_then(|d| calendar.starting_weeks_on(d)) {
+                        Ok(calendar) => return Some(Some(calendar)),
+                        Err(problem) => (&day.referenced, problem),
+                    }
+                }
+                (Err(refused), _) => refused,
             }
         }
     };
     problems.problem(&location(file, at), refused);
+    None
+}
+
+/// A limit without `calendar`: `week_starts` alone is refused, as it would change nothing.
+pub fn no_calendar(
+    week_starts: Option<&Spanned<String>>,
+    file: &Arc<str>,
+    problems: &mut dyn Problems,
+) -> Option<Option<Calendar>> {
+    let Some(day) = week_starts else {
+        return Some(None);
+    };
+    problems.problem(
+        &location(file, &day.referenced),
+        "`week_starts` needs `calendar: <zone>` and `unit: week`: an epoch-aligned week of 7 days has no first weekday to choose".into(),
+    );
     None
 }
 
@@ -596,8 +626,7 @@ pub fn calendar_refuses(algorithm: Algorithm) -> Option<String> {
 fn describe_window(spec: &LimitSpec) -> String {
     match (spec.calendar, Unit::from_millis(spec.window_millis)) {
         (Some(calendar), _) => format!(
-            "{} in {} (calendar, fixed_window)",
-            calendar.unit,
+            "{calendar} in {} (calendar, fixed_window)",
             calendar.zone.name()
         ),
         (None, Some(unit)) => unit.to_string(),

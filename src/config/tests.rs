@@ -979,6 +979,60 @@ descriptors:
         assert!(text.contains("c.yaml:4:17: a `calendar` limit is counted in fixed windows that start over at each calendar boundary, but sliding_log applies here"), "{text}");
     }
 
+    /// `week_starts` on a calendar week, in `limits:` and on envoyproxy's `rate_limit:`;
+    /// refused where it could change nothing, at its line.
+    #[test]
+    fn week_starts_names_the_first_day_of_a_calendar_week() {
+        let weeks = "domain: w\npolicies:\n  us:\n    limits: [{requests_per_unit: 500, unit: week, calendar: America/New_York, week_starts: sunday}]\ndescriptors:\n  - key: region\n    value: us\n    policy: us\n  - key: region\n    value: gulf\n    rate_limit: {unit: week, requests_per_unit: 5, calendar: Asia/Riyadh, week_starts: Saturday}\n";
+        let config = load(&[("w.yaml", weeks)]).unwrap_or_else(|e| panic!("{e}"));
+        let domain = config.domain("w").unwrap();
+        let shown =
+            |value: &str| match &domain.lookup(&entries(&[("region", value)])).unwrap().limit {
+                crate::rule::RuleLimit::Limited(limits) => limits[0].to_string(),
+                crate::rule::RuleLimit::Unlimited => String::new(),
+            };
+        assert_eq!(
+            shown("us"),
+            "500/week fixed_window calendar America/New_York from Sunday"
+        );
+        assert_eq!(
+            shown("gulf"),
+            "5/week fixed_window calendar Asia/Riyadh from Saturday"
+        );
+
+        let refused = |limit: &str| {
+            problems(&[(
+                "w.yaml",
+                &format!("domain: w\ndescriptors:\n  - key: k\n    limits: [{limit}]\n"),
+            )])
+        };
+        let text =
+            refused("{requests_per_unit: 1, unit: month, calendar: UTC, week_starts: sunday}");
+        assert!(
+            text.contains("w.yaml:4:78: `week_starts` applies to `unit: week`"),
+            "{text}"
+        );
+        let text = refused("{requests_per_unit: 1, unit: week, week_starts: sunday}");
+        assert!(
+            text.contains("w.yaml:4:62: `week_starts` needs `calendar: <zone>` and `unit: week`"),
+            "{text}"
+        );
+        let text =
+            refused("{requests_per_unit: 1, unit: week, calendar: UTC, week_starts: sun-day}");
+        assert!(
+            text.contains("w.yaml:4:77: `sun-day` is not a weekday"),
+            "{text}"
+        );
+        let text = problems(&[(
+            "w.yaml",
+            "domain: w\ndescriptors:\n  - key: k\n    rate_limit: {unit: week, requests_per_unit: 1, week_starts: sunday}\n",
+        )]);
+        assert!(
+            text.contains("`week_starts` needs `calendar: <zone>`"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn count_rejected_reaches_the_rule_of_a_window_policy_and_is_refused_elsewhere() {
         let tokens = "domain: ai\npolicies:\n  tokens:\n    limits: [{requests_per_unit: 1000, unit: minute}]\n    count_rejected: true\n  plain:\n    limits: [{requests_per_unit: 1000, unit: minute}]\ndescriptors:\n  - key: team\n    policy: tokens\n  - key: user\n    policy: plain\n";
