@@ -328,6 +328,32 @@ fn calendar_steps() -> Vec<Step> {
         counted.count_rejected = true;
         steps.push(step(at(when), vec![counted]));
     }
+    // Chicago's weeks from Sunday and from Monday, one hit each: Sunday 13 December starts
+    // at 06:00 UTC, a new week for the one and not for the other.
+    let sunday_week = Limit {
+        calendar: calendar(Unit::Week, "America/Chicago")
+            .map(|c| c.starting_weeks_on(jiff::civil::Weekday::Sunday).unwrap()),
+        ..limit(1, 7 * 86_400_000, Algorithm::FixedWindow)
+    };
+    let monday_week = Limit {
+        calendar: calendar(Unit::Week, "America/Chicago"),
+        ..sunday_week
+    };
+    for when in ["2026-12-13T05:59:59Z", "2026-12-13T06:00:00Z"] {
+        steps.push(step(
+            at(when),
+            vec![spec(
+                "d|u=w|week-sunday@America/Chicago/f",
+                sunday_week,
+                1,
+                0,
+            )],
+        ));
+        steps.push(step(
+            at(when),
+            vec![spec("d|u=w|week@America/Chicago/f", monday_week, 1, 0)],
+        ));
+    }
     // 1 November 2026 in New York lasts from 04:00 UTC to 05:00 UTC the next day.
     for when in [
         "2026-11-01T03:59:59Z",
@@ -731,6 +757,20 @@ async fn calendar_windows_start_over_where_their_zone_starts_a_month_or_a_day() 
             false, false, false, false, true, true, true, true, false, false
         ],
         "two a day: 31 October, then 1 November for 25 hours, then 2 November"
+    );
+    let weeks: Vec<(bool, u64)> = (steps.iter().zip(&verdicts))
+        .filter(|(step, _)| step.checks[0].key.starts_with("d|u=w|"))
+        .map(|(_, v)| (v[0].over_limit, v[0].reset_after_millis))
+        .collect();
+    assert_eq!(
+        weeks,
+        [
+            (false, 1_000),
+            (false, 86_400_000 + 1_000),
+            (false, 7 * 86_400_000),
+            (true, 86_400_000)
+        ],
+        "Sunday starts a week from Sunday in Chicago, and not a week from Monday"
     );
 }
 
