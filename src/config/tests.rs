@@ -267,7 +267,7 @@ fn error_a_typo_in_a_field_is_not_silently_ignored() {
     assert_eq!(
         errors,
         [
-            "test.yaml:6:7: unknown field `request_per_unit`, expected one of unit, requests_per_unit, unlimited, name, replaces, algorithm, calendar"
+            "test.yaml:6:7: unknown field `request_per_unit`, expected one of unit, requests_per_unit, unlimited, name, replaces, algorithm, calendar, week_starts"
         ]
     );
 }
