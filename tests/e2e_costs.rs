@@ -120,6 +120,40 @@ fn a_token_bucket_charged_past_its_budget_owes_the_difference() {
 }
 
 #[test]
+fn a_leaky_bucket_charged_past_its_capacity_overflows_until_it_drains() {
+    let stack = start();
+    // Holds 1 000 tokens, drains 1 000 a minute. Two calls of 900: the second is let in
+    // (900 held) and its charge overfills the bucket to about 1 800, 800 over, which
+    // takes about 48 s to drain, during which every call is turned away.
+    assert_eq!(chat(&stack, "leaky-a", 900), 200, "{}", stack.logs());
+    charged(
+        &stack,
+        "leaky-a",
+        |(used, _)| used >= 850,
+        "900 tokens charged",
+    );
+    assert_eq!(chat(&stack, "leaky-a", 900), 200, "{}", stack.logs());
+    charged(&stack, "leaky-a", |(_, over)| over, "1 800 tokens charged");
+    let turned_away = stack.get(
+        "/v1/chat/completions",
+        &[
+            ("x-team", "leaky-a"),
+            ("x-respond-header", "x-tokens-used=1"),
+        ],
+    );
+    stack.expect_status(&turned_away, 429, "a call while the bucket overflows");
+    let wait: u64 = turned_away
+        .header("x-ratelimit-reset")
+        .and_then(|reset| reset.parse().ok())
+        .unwrap_or_else(|| panic!("no reset on {turned_away:?}"));
+    assert!(
+        (30..=50).contains(&wait),
+        "800 tokens over take about 48 s to drain, less the time since: {turned_away:?}"
+    );
+    assert_eq!(stack.upstream.received().len(), 2);
+}
+
+#[test]
 fn a_route_that_costs_five_hits_spends_a_limit_of_ten_in_two_requests() {
     avoid_window_edge(60, 5);
     let stack = start();
