@@ -29,6 +29,17 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const DOMAIN: &str = "operations";
 
+/// Seconds from now to the first instant of the day `next` names, given today's date in
+/// `zone`.
+fn seconds_to_midnight_of(
+    zone: &str,
+    next: impl Fn(jiff::civil::Date) -> jiff::civil::Date,
+) -> i64 {
+    let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::get(zone).unwrap());
+    let midnight = next(now.date()).to_zoned(now.time_zone().clone()).unwrap();
+    midnight.timestamp().as_second() - now.timestamp().as_second()
+}
+
 fn config() -> PathBuf {
     fixture("config_operations")
 }
@@ -248,15 +259,9 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         (&limit["used"], &limit["remaining"]),
         (&json!(1), &json!(999))
     );
-    let auckland =
-        jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::get("Pacific/Auckland").unwrap());
-    let next_first = auckland
-        .date()
-        .first_of_month()
-        .checked_add(jiff::Span::new().months(1))
-        .and_then(|first| first.to_zoned(auckland.time_zone().clone()))
-        .unwrap();
-    let expected = next_first.timestamp().as_second() - auckland.timestamp().as_second();
+    let expected = seconds_to_midnight_of("Pacific/Auckland", |today| {
+        today.first_of_month() + jiff::Span::new().months(1)
+    });
     let reset = limit["resetSeconds"].as_i64().unwrap();
     assert!(
         (reset - expected).abs() <= 2,
@@ -281,14 +286,9 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         (&json!("America/New_York"), &json!("sunday"), &json!(1)),
         "{week:?}"
     );
-    let new_york =
-        jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::get("America/New_York").unwrap());
-    let today = new_york.date();
-    let next_sunday = today
-        .checked_add(jiff::Span::new().days(7 - i64::from(today.weekday().to_sunday_zero_offset())))
-        .and_then(|sunday| sunday.to_zoned(new_york.time_zone().clone()))
-        .unwrap();
-    let expected = next_sunday.timestamp().as_second() - new_york.timestamp().as_second();
+    let expected = seconds_to_midnight_of("America/New_York", |today| {
+        today + jiff::Span::new().days(7 - i64::from(today.weekday().to_sunday_zero_offset()))
+    });
     let reset = limit["resetSeconds"].as_i64().unwrap();
     assert!(
         (reset - expected).abs() <= 2,
