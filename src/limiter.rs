@@ -381,9 +381,9 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let plan = Plan::new(request, &resolved, Counting::LookOnly, S::KEY_FORM);
         let checks = plan.checks();
         let mut verdicts = Vec::with_capacity(checks.len());
+        let now = self.clock.now_millis();
         if !checks.is_empty() {
-            self.count(&checks, self.clock.now_millis(), &mut verdicts)
-                .await?;
+            self.count(&checks, now, &mut verdicts).await?;
         }
         Ok(plan
             .counted
@@ -407,6 +407,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                     used: limit.saturating_sub(verdict.remaining),
                     remaining: verdict.remaining,
                     reset_after_millis: verdict.reset_after_millis,
+                    reset_at_millis: now + verdict.reset_after_millis,
                     over_limit: verdict.over_limit,
                 }
             })
@@ -849,6 +850,8 @@ pub struct LimitUsage {
     pub used: u64,
     pub remaining: u64,
     pub reset_after_millis: u64,
+    /// When that is, in milliseconds since the Unix epoch.
+    pub reset_at_millis: u64,
     pub over_limit: bool,
 }
 

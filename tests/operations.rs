@@ -29,15 +29,18 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const DOMAIN: &str = "operations";
 
-/// Seconds from now to the first instant of the day `next` names, given today's date in
-/// `zone`.
-fn seconds_to_midnight_of(
+/// The first instant of the day `next` names, given today's date in `zone`, and the
+/// seconds from now to it.
+fn midnight_of(
     zone: &str,
     next: impl Fn(jiff::civil::Date) -> jiff::civil::Date,
-) -> i64 {
+) -> (jiff::Timestamp, i64) {
     let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::get(zone).unwrap());
-    let midnight = next(now.date()).to_zoned(now.time_zone().clone()).unwrap();
-    midnight.timestamp().as_second() - now.timestamp().as_second()
+    let midnight = next(now.date())
+        .to_zoned(now.time_zone().clone())
+        .unwrap()
+        .timestamp();
+    (midnight, midnight.as_second() - now.timestamp().as_second())
 }
 
 fn config() -> PathBuf {
@@ -259,9 +262,10 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         (&limit["used"], &limit["remaining"]),
         (&json!(1), &json!(999))
     );
-    let expected = seconds_to_midnight_of("Pacific/Auckland", |today| {
+    let (first, expected) = midnight_of("Pacific/Auckland", |today| {
         today.first_of_month() + jiff::Span::new().months(1)
     });
+    assert_eq!(limit["resetAt"], json!(first.to_string()), "{month:?}");
     let reset = limit["resetSeconds"].as_i64().unwrap();
     assert!(
         (reset - expected).abs() <= 2,
@@ -286,9 +290,10 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         (&json!("America/New_York"), &json!("sunday"), &json!(1)),
         "{week:?}"
     );
-    let expected = seconds_to_midnight_of("America/New_York", |today| {
+    let (sunday, expected) = midnight_of("America/New_York", |today| {
         today + jiff::Span::new().days(7 - i64::from(today.weekday().to_sunday_zero_offset()))
     });
+    assert_eq!(limit["resetAt"], json!(sunday.to_string()), "{week:?}");
     let reset = limit["resetSeconds"].as_i64().unwrap();
     assert!(
         (reset - expected).abs() <= 2,

@@ -143,6 +143,15 @@ pub fn response(response: &RateLimitResponse) -> Value {
     Value::Object(out)
 }
 
+/// `millis` since the Unix epoch in RFC 3339, UTC: `2026-12-13T06:00:00Z`, with the
+/// milliseconds when there are any.
+fn rfc3339(millis: u64) -> String {
+    i64::try_from(millis)
+        .ok()
+        .and_then(|millis| jiff::Timestamp::from_millisecond(millis).ok())
+        .map_or_else(|| millis.to_string(), |at| at.to_string())
+}
+
 /// `/v1/usage`'s answer: every matching limit's use, nothing consumed.
 pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
     let limits: Vec<Value> = limits
@@ -158,6 +167,8 @@ pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
                 "used": u.used,
                 "remaining": u.remaining,
                 "resetSeconds": u.reset_after_millis.div_ceil(1_000),
+                // The instant itself, for a dashboard or a customer's "resets on …".
+                "resetAt": rfc3339(u.reset_at_millis),
                 "overLimit": u.over_limit,
             });
             // A calendar window's zone: its `resetSeconds` runs to that zone's next
