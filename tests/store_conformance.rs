@@ -1553,6 +1553,55 @@ async fn lets_in_within_5s(store: &RedisStore, blocked: &[Spec]) -> bool {
     false
 }
 
+/// A hybrid window full on a replica opens again once Redis has lost its count (a
+/// restarted or flushed Redis, as every other decision there sees): a full window reads
+/// its total back once a second of the limiter's clock, though it has nothing to send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_hybrid_window_opens_again_when_redis_lost_its_count() {
+    let server = RedisServer::start();
+    let store = standalone_store(&server, "hybrid-lost:").await;
+    let hybrid = vec![spec(
+        "d|tenant=lost|1m/f",
+        Limit {
+            hybrid: true,
+            ..limit(2, MINUTE, Algorithm::FixedWindow)
+        },
+        1,
+        0,
+    )];
+    for _ in 0..2 {
+        decided_at(&store, &hybrid, T0).await;
+    }
+    assert!(decided_at(&store, &hybrid, T0).await.over_limit);
+    let stored = || -> Vec<u64> {
+        let keys: Vec<String> = server.query(redis::cmd("KEYS").arg("hybrid-lost:*hybrid*"));
+        keys.iter()
+            .map(|key| server.query(redis::cmd("GET").arg(key)))
+            .collect()
+    };
+    let flushed = common::poll_until(Duration::from_secs(10), || (stored() == [2]).then_some(()));
+    assert!(
+        flushed.is_some(),
+        "the hybrid hits never reached Redis: {:?}",
+        stored()
+    );
+
+    let _: String = server.query(&redis::cmd("FLUSHALL"));
+    // Still within the window's minute, seconds later on the limiter's clock.
+    let mut let_in = false;
+    for i in 0..50 {
+        if !decided_at(&store, &hybrid, T0 + 2_000 + i).await.over_limit {
+            let_in = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        let_in,
+        "the window stays full 5 s after Redis lost its count"
+    );
+}
+
 /// The cluster node a replica listens for resets on dies: the replicas subscribe again on
 /// another node, and a reset of a key on a live master still lifts the other replica's
 /// cached block.

@@ -9,10 +9,12 @@
 //! replica does not see the hits the others admitted since their last flush and its own last
 //! read, at most about two flush intervals plus a round trip of their traffic:
 //! admitted ≤ limit + (replicas − 1) × rate per replica × (2 × flush + round trip), and
-//! never more than `replicas × limit`. Below the limit decisions need no round trip.
+//! never more than `replicas × limit`. Below the limit decisions need no round trip. A full
+//! window has nothing to send, so it reads its total back once a second instead, to see a
+//! reset or a Redis that lost its keys.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use redis::Value;
@@ -31,7 +33,18 @@ struct Counter {
     seen: u64,
     /// Hits admitted here and not yet added to Redis.
     pending: u64,
+    /// When its total was last asked of Redis (or the counter made), in the limiter's
+    /// milliseconds.
+    read_at: u64,
+    /// The next flush reads its total back and believes it even if lower (`reread`).
+    reread: bool,
 }
+
+/// How often a full window's total is read back from Redis. A full window sends nothing,
+/// so without this it would learn nothing until it ends: not a reset it did not hear of
+/// (published at most once), nor a Redis that lost its keys (restarted, flushed), both of
+/// which let the client in again everywhere else.
+const FULL_REREAD_MILLIS: u64 = 1_000;
 
 /// The hybrid counters of this replica, keyed by Redis key (one key per window).
 #[derive(Default)]
@@ -40,8 +53,6 @@ pub struct Hybrid {
     counters: Mutex<HashMap<String, Counter>>,
     /// The latest time a decision was taken at: the flush runs on the limiter's clock too.
     last_now: AtomicU64,
-    /// The next flush reads every window's total back and takes it as it is (`reread`).
-    reread: AtomicBool,
 }
 
 /// Hits to add to Redis: the key, how many, and how long the key must live.
@@ -70,6 +81,8 @@ impl Hybrid {
                 window_end: end,
                 seen: 0,
                 pending: 0,
+                read_at: now_millis,
+                reread: false,
             });
             keys.push((key, check.hits));
         }
@@ -107,7 +120,9 @@ impl Hybrid {
     /// as a full window sends nothing, so learns nothing. Until that flush, at most one
     /// flush interval, it decides from what it saw.
     pub fn reread(&self) {
-        self.reread.store(true, Ordering::Release);
+        for counter in self.counters.lock().values_mut() {
+            counter.reread = true;
+        }
     }
 
     /// The unsent hits, taken out for one flush; windows that ended with nothing unsent
@@ -118,22 +133,26 @@ impl Hybrid {
 
     fn take_increments_at(&self, now_millis: u64) -> Vec<Increment> {
         let mut counters = self.counters.lock();
-        // Taken under the lock, so a `reread` asked during a flush is the next one's.
-        let reread = self.reread.swap(false, Ordering::AcqRel);
         counters.retain(|_, c| c.pending > 0 || c.window_end > now_millis);
         counters
             .iter_mut()
-            .filter(|(_, c)| c.pending > 0 || reread)
-            .map(|(key, c)| {
+            .filter_map(|(key, c)| {
+                let full = c.seen + c.pending >= c.limit;
+                let stale = now_millis.saturating_sub(c.read_at) >= FULL_REREAD_MILLIS;
+                let reread = std::mem::take(&mut c.reread) || (full && stale);
+                if c.pending == 0 && !reread {
+                    return None;
+                }
+                c.read_at = now_millis;
                 let hits = std::mem::take(&mut c.pending);
-                Increment {
+                Some(Increment {
                     key: key.clone(),
                     hits,
                     // A window past its end, so a replica whose clock is behind still adds
                     // to the same key rather than to one that expired.
                     ttl_millis: c.window_end.saturating_sub(now_millis) + c.window,
                     reread,
-                }
+                })
             })
             .collect()
     }
@@ -158,11 +177,9 @@ impl Hybrid {
     pub fn unsent(&self, increments: Vec<Increment>) {
         let mut counters = self.counters.lock();
         for increment in increments {
-            if increment.reread {
-                self.reread.store(true, Ordering::Release);
-            }
             if let Some(counter) = counters.get_mut(&increment.key) {
                 counter.pending += increment.hits;
+                counter.reread |= increment.reread;
             }
         }
     }
@@ -339,6 +356,40 @@ mod tests {
         hybrid.decide("p:", &[check(key, 2)], now + 3, &mut out);
         assert!(!out[0].over_limit, "Redis's total after the reset");
         assert_eq!(out[0].remaining, 1);
+    }
+
+    /// A full window asks Redis for its total once a second, with no hits to send, and
+    /// believes it: a window Redis lost (or a reset not heard of) opens again.
+    #[test]
+    fn a_full_window_reads_its_total_back_every_second() {
+        let hybrid = Hybrid::default();
+        let key = "d|u=f|1m/fixed_window";
+        let now = 120_000;
+        let mut out = [verdict()];
+        for _ in 0..2 {
+            hybrid.decide("p:", &[check(key, 2)], now, &mut out);
+        }
+        let sent = hybrid.take_increments_at(now);
+        assert_eq!((sent[0].hits, sent[0].reread), (2, false));
+        hybrid.flushed(&sent, &[Value::Int(2), Value::Int(1)]);
+        assert!(
+            hybrid.take_increments_at(now + 999).is_empty(),
+            "read a moment ago"
+        );
+        let reread = hybrid.take_increments_at(now + 1_000);
+        assert_eq!(reread.len(), 1);
+        assert_eq!((reread[0].hits, reread[0].reread), (0, true));
+        assert!(
+            hybrid.take_increments_at(now + 1_500).is_empty(),
+            "once a second"
+        );
+        // Redis lost the key: the window opens.
+        hybrid.flushed(&reread, &[Value::Int(0), Value::Int(1)]);
+        hybrid.decide("p:", &[check(key, 2)], now + 1_500, &mut out);
+        assert!(!out[0].over_limit);
+        // A window with room left is not read back for nothing.
+        hybrid.take_increments_at(now + 1_500);
+        assert!(hybrid.take_increments_at(now + 5_000).is_empty());
     }
 
     fn hybrid_increment(key: &str, now: u64) -> Increment {
