@@ -1541,6 +1541,42 @@ async fn block_in_the_cache_of(store: &RedisStore, blocked: &[Spec]) {
     );
 }
 
+/// A hybrid limit of 2 a minute on `key`, made full on `store` at T0 and flushed: Redis
+/// (`server`, keys under `prefix`) holds the 2 hits.
+async fn full_hybrid_window(
+    server: &RedisServer,
+    store: &RedisStore,
+    prefix: &str,
+    key: &str,
+) -> Vec<Spec> {
+    let hybrid = vec![spec(
+        key,
+        Limit {
+            hybrid: true,
+            ..limit(2, MINUTE, Algorithm::FixedWindow)
+        },
+        1,
+        0,
+    )];
+    for _ in 0..2 {
+        decided_at(store, &hybrid, T0).await;
+    }
+    assert!(decided_at(store, &hybrid, T0).await.over_limit);
+    let stored = || -> Vec<u64> {
+        let keys: Vec<String> = server.query(redis::cmd("KEYS").arg(format!("{prefix}*hybrid*")));
+        keys.iter()
+            .map(|key| server.query(redis::cmd("GET").arg(key)))
+            .collect()
+    };
+    let flushed = common::poll_until(Duration::from_secs(10), || (stored() == [2]).then_some(()));
+    assert!(
+        flushed.is_some(),
+        "the hybrid hits never reached Redis: {:?}",
+        stored()
+    );
+    hybrid
+}
+
 /// Whether `store` lets `blocked` in within five seconds of asking every 100 ms (from
 /// T0 + 30 ms of its clock).
 async fn lets_in_within_5s(store: &RedisStore, blocked: &[Spec]) -> bool {
@@ -1560,31 +1596,7 @@ async fn lets_in_within_5s(store: &RedisStore, blocked: &[Spec]) -> bool {
 async fn a_full_hybrid_window_opens_again_when_redis_lost_its_count() {
     let server = RedisServer::start();
     let store = standalone_store(&server, "hybrid-lost:").await;
-    let hybrid = vec![spec(
-        "d|tenant=lost|1m/f",
-        Limit {
-            hybrid: true,
-            ..limit(2, MINUTE, Algorithm::FixedWindow)
-        },
-        1,
-        0,
-    )];
-    for _ in 0..2 {
-        decided_at(&store, &hybrid, T0).await;
-    }
-    assert!(decided_at(&store, &hybrid, T0).await.over_limit);
-    let stored = || -> Vec<u64> {
-        let keys: Vec<String> = server.query(redis::cmd("KEYS").arg("hybrid-lost:*hybrid*"));
-        keys.iter()
-            .map(|key| server.query(redis::cmd("GET").arg(key)))
-            .collect()
-    };
-    let flushed = common::poll_until(Duration::from_secs(10), || (stored() == [2]).then_some(()));
-    assert!(
-        flushed.is_some(),
-        "the hybrid hits never reached Redis: {:?}",
-        stored()
-    );
+    let hybrid = full_hybrid_window(&server, &store, "hybrid-lost:", "d|tenant=lost|1m/f").await;
 
     let _: String = server.query(&redis::cmd("FLUSHALL"));
     // Still within the window's minute, seconds later on the limiter's clock.
@@ -1683,29 +1695,8 @@ async fn a_reset_missed_while_not_listening_is_caught_up_on_subscribing_again() 
     assert!(subscribed.is_some(), "the replicas never subscribed");
     let blocked = blocked_after_one_rejection("d|ip=7|1m/f");
     block_in_the_cache_of(&other, &blocked).await;
-    let hybrid = vec![spec(
-        "d|tenant=7|1m/f",
-        Limit {
-            hybrid: true,
-            ..limit(2, MINUTE, Algorithm::FixedWindow)
-        },
-        1,
-        0,
-    )];
-    for _ in 0..2 {
-        decided_at(&other, &hybrid, T0).await;
-    }
-    assert!(decided_at(&other, &hybrid, T0).await.over_limit);
     // Flushed to Redis before the reset, or the flush would put the hits back after it.
-    let flushed = common::poll_until(Duration::from_secs(10), || {
-        let keys: Vec<String> = server.query(redis::cmd("KEYS").arg(format!("{prefix}*hybrid*")));
-        let totals: Vec<u64> = keys
-            .iter()
-            .map(|key| server.query(redis::cmd("GET").arg(key)))
-            .collect();
-        (totals == [2]).then_some(())
-    });
-    assert!(flushed.is_some(), "the hybrid hits never reached Redis");
+    let hybrid = full_hybrid_window(&server, &other, prefix, "d|tenant=7|1m/f").await;
 
     // Every subscription cut; the reset is published to nobody.
     let _: redis::Value = server.query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
