@@ -236,11 +236,9 @@ impl Calendar {
 /// `week from Sunday`, or the unit's name: how a description names the window.
 impl fmt::Display for Calendar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.period {
-            Period::Week(Weekday::Monday) | Period::Day | Period::Month | Period::Year => {
-                write!(f, "{}", self.unit())
-            }
-            Period::Week(day) => write!(f, "week from {day:?}"),
+        match self.week_starts() {
+            Weekday::Monday => write!(f, "{}", self.unit()),
+            day => write!(f, "week from {day:?}"),
         }
     }
 }
@@ -259,7 +257,8 @@ pub fn parse_weekday(text: &str) -> Result<Weekday, String> {
         })
 }
 
-fn weekday_name(day: Weekday) -> &'static str {
+/// A weekday as configs and `/v1/usage` write it: `sunday`.
+pub fn weekday_name(day: Weekday) -> &'static str {
     match day {
         Weekday::Monday => "monday",
         Weekday::Tuesday => "tuesday",
@@ -273,10 +272,7 @@ fn weekday_name(day: Weekday) -> &'static str {
 
 /// The `unit` of `zone`'s calendar that holds `now_millis`; weeks start on `week_starts`.
 fn window_in(zone: &TimeZone, unit: Unit, week_starts: Weekday, now_millis: u64) -> Window {
-    let at = i64::try_from(now_millis)
-        .ok()
-        .and_then(|millis| jiff::Timestamp::from_millisecond(millis).ok());
-    let found = at.and_then(|at| {
+    let found = timestamp(now_millis).and_then(|at| {
         let today = zone.to_datetime(at).date();
         let first = match unit {
             Unit::Week => today
@@ -315,10 +311,7 @@ fn window_in(zone: &TimeZone, unit: Unit, week_starts: Weekday, now_millis: u64)
 /// `millis` as a reader of `zone`'s clocks says it, with its offset, for `explain`:
 /// `2026-03-01 00:00:00 +01:00`; `UTC` without a zone.
 pub fn local_time(millis: u64, zone: Option<Zone>) -> String {
-    let Some(at) = i64::try_from(millis)
-        .ok()
-        .and_then(|millis| jiff::Timestamp::from_millisecond(millis).ok())
-    else {
+    let Some(at) = timestamp(millis) else {
         return format!("{millis} ms after the Unix epoch");
     };
     match zone {
@@ -328,6 +321,13 @@ pub fn local_time(millis: u64, zone: Option<Zone>) -> String {
             .strftime("%Y-%m-%d %H:%M:%S %:z")
             .to_string(),
     }
+}
+
+/// `millis` since the Unix epoch as an instant; none past jiff's year 9999.
+pub fn timestamp(millis: u64) -> Option<jiff::Timestamp> {
+    i64::try_from(millis)
+        .ok()
+        .and_then(|millis| jiff::Timestamp::from_millisecond(millis).ok())
 }
 
 /// The first instant of `date` in `zone` (where the clocks skip midnight, the instant

@@ -146,10 +146,7 @@ pub fn response(response: &RateLimitResponse) -> Value {
 /// `millis` since the Unix epoch in RFC 3339, UTC: `2026-12-13T06:00:00Z`, with the
 /// milliseconds when there are any.
 fn rfc3339(millis: u64) -> String {
-    i64::try_from(millis)
-        .ok()
-        .and_then(|millis| jiff::Timestamp::from_millisecond(millis).ok())
-        .map_or_else(|| millis.to_string(), |at| at.to_string())
+    crate::calendar::timestamp(millis).map_or_else(|| millis.to_string(), |at| at.to_string())
 }
 
 /// `/v1/usage`'s answer: every matching limit's use, nothing consumed.
@@ -176,7 +173,7 @@ pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
             if let (Some(calendar), Value::Object(entry)) = (u.limit.calendar, &mut entry) {
                 entry.insert("calendar".into(), json!(calendar.zone.name()));
                 if calendar.unit() == crate::limit::Unit::Week {
-                    let day = format!("{:?}", calendar.week_starts()).to_ascii_lowercase();
+                    let day = crate::calendar::weekday_name(calendar.week_starts());
                     entry.insert("weekStarts".into(), json!(day));
                 }
             }
