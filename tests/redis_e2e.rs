@@ -82,34 +82,38 @@ async fn two_replicas_share_one_fixed_window() {
     let replicas = [start(&redis, &[]), start(&redis, &[])];
     let mut clients = [replicas[0].client().await, replicas[1].client().await];
     let mut admitted = 0;
+    let started = Instant::now();
     for i in 0..3 * LIMIT {
         let (code, _) = decide(&mut clients[i % 2], &replicas[i % 2], "shared-user").await;
         if code == Code::Ok {
             admitted += 1;
         }
     }
+    let seconds = started.elapsed().as_secs();
     assert_eq!(
         admitted, LIMIT,
         "across both replicas, exactly the limit is admitted"
     );
-    // Each replica asked Redis once after the limit was reached; its other rejections came
-    // from its local over-limit cache.
+    // Each replica asked Redis once after the limit was reached (and once more a second,
+    // should the requests have taken that long); its other rejections came from its local
+    // over-limit cache.
     let cached: u64 = replicas
         .iter()
         .map(|r| metric(r, "meshlimit_local_cache_hits_total").unwrap_or(0))
         .sum();
-    assert_eq!(cached, (2 * LIMIT - 2) as u64);
+    let from_cache = (2 * LIMIT as u64 - 2 * (1 + seconds))..=(2 * LIMIT as u64 - 2);
+    assert!(
+        from_cache.contains(&cached),
+        "{cached} answers from the cache in {seconds} s, not {from_cache:?}"
+    );
     // The rule's own statistics say the same, under envoyproxy/ratelimit's names: every
-    // rejection is over the limit, and all but each replica's first came from its cache.
+    // rejection is over the limit, and those not asked of Redis came from the cache.
     let rule_stat = |stat: &str| -> u64 {
         let name = format!("ratelimit_service_rate_limit_{stat}{{domain=\"shared\",key=\"user\"}}");
         replicas.iter().map(|r| metric(r, &name).unwrap_or(0)).sum()
     };
     assert_eq!(rule_stat("over_limit"), (2 * LIMIT) as u64);
-    assert_eq!(
-        rule_stat("over_limit_with_local_cache"),
-        (2 * LIMIT - 2) as u64
-    );
+    assert_eq!(rule_stat("over_limit_with_local_cache"), cached);
 }
 
 /// An operator's `DELETE /v1/usage` on one replica lets a user over the shared limit in
@@ -133,7 +137,9 @@ async fn a_reset_on_one_replica_lets_the_user_in_on_both() {
     let reset = replicas[0].admin_delete(path);
     assert_eq!(reset.status, 200, "{reset:?}");
     assert_eq!(reset.json()["limits"][0]["used"], 0, "{reset:?}");
-    // Replica 1 hears of it through Redis and drops its cached answer.
+    // Replica 1 hears of it through Redis and drops its cached answer (it would ask Redis
+    // again within a second anyway; the store conformance tests hold the limiter's clock
+    // within that second to show the reset is heard).
     let mut admitted = false;
     for _ in 0..50 {
         let (code, _) = decide(&mut clients[1], &replicas[1], "reset-user").await;

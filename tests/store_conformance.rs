@@ -1314,9 +1314,10 @@ async fn keys_over_their_limit_are_answered_locally_until_their_reset() {
     let server = RedisServer::start();
     let store = standalone_store(&server, "cache:").await;
 
-    // Fixed window, envoyproxy-style: three admitted, the fourth goes over in Redis, the
-    // rest of the window is answered locally with the reset counting down, and the next
-    // window asks Redis again.
+    // Fixed window, envoyproxy-style: three admitted, the fourth goes over in Redis (at
+    // T0+3), the rest of the window is answered locally with the reset counting down —
+    // asking Redis again once a second (at T0+1003 and after) — and the next window asks
+    // Redis again.
     let fixed = limit(3, MINUTE, Algorithm::FixedWindow);
     let fixed_check = || {
         let mut check = spec("d|u=c|1m/f", fixed, 1, 0);
@@ -1324,16 +1325,18 @@ async fn keys_over_their_limit_are_answered_locally_until_their_reset() {
         vec![check]
     };
     let mut steps: Vec<Step> = (0..4).map(|i| step(T0 + i, fixed_check())).collect();
-    for at in [10, 5_000, 30_000, 59_999] {
+    for at in [10, 1_002, 1_003, 1_500, 30_000, 59_999] {
         steps.push(step(T0 + at, fixed_check()));
     }
     steps.push(step(T0 + MINUTE, fixed_check()));
     let reached = reached_redis(&server, &store, &steps).await;
     assert_eq!(
         reached,
-        [true, true, true, true, false, false, false, false, true]
+        [
+            true, true, true, true, false, false, true, false, true, true, true
+        ]
     );
-    assert_eq!(store.local_cache_hits(), 4);
+    assert_eq!(store.local_cache_hits(), 3);
 
     // Sliding window: over until the previous window has decayed enough, which the reset
     // names; the request after it goes to Redis and is admitted.
@@ -1346,13 +1349,15 @@ async fn keys_over_their_limit_are_answered_locally_until_their_reset() {
     let reset = verdicts[4][0].reset_after_millis;
     assert!(verdicts[4][0].over_limit && reset > 10_000, "{verdicts:?}");
     let over_at = T0 + 50_004;
-    for at in [1, reset / 2, reset - 1, reset] {
+    for at in [1, 999, reset / 2, reset / 2 + 999, reset - 1, reset] {
         steps.push(step(over_at + at, vec![spec("d|u=c|1m/s", sliding, 1, 0)]));
     }
     let reached = reached_redis(&server, &store, &steps).await;
     assert_eq!(
         reached,
-        [true, true, true, true, true, false, false, false, true]
+        [
+            true, true, true, true, true, false, false, true, false, true, true
+        ]
     );
 
     // Penalty box: rejections go to Redis (each one counts towards the block); once
@@ -1368,14 +1373,18 @@ async fn keys_over_their_limit_are_answered_locally_until_their_reset() {
         check.penalty = Some(login);
         vec![check]
     };
-    let steps: Vec<Step> = [0, 10, 20, 30, 5_000, 300_000, 600_019, 600_020]
+    let steps: Vec<Step> = [0, 10, 20, 30, 500, 1_030, 1_500, 600_019, 600_020]
         .into_iter()
         .map(|at| step(T0 + 2 * MINUTE + at, login_check()))
         .collect();
     let reached = reached_redis(&server, &store, &steps).await;
     // admitted, rejected, rejected (the block starts), blocked (Redis says so, cached),
-    // cached, cached, cached (1 ms before the end), then Redis again.
-    assert_eq!(reached, [true, true, true, true, false, false, false, true]);
+    // cached, Redis again a second later (blocked, cached), 1 ms before the end (Redis:
+    // blocked), then Redis again, let in.
+    assert_eq!(
+        reached,
+        [true, true, true, true, false, true, false, true, true]
+    );
 
     // Off with 0 entries: every request goes to Redis.
     let uncached = RedisStore::connect(RedisOptions {
@@ -1388,6 +1397,44 @@ async fn keys_over_their_limit_are_answered_locally_until_their_reset() {
     let reached = reached_redis(&server, &uncached, &steps).await;
     assert!(reached.iter().all(|r| *r), "{reached:?}");
     assert_eq!(uncached.local_cache_hits(), 0);
+}
+
+/// What a replica's over-limit cache answers is asked of Redis again within a second, so a
+/// Redis that lost its keys (flushed, or restarted without persistence while the
+/// subscription for resets stayed up elsewhere) — or a reset this replica did not hear
+/// of — lets the client in within a second, not when the hour's window or the ten-minute
+/// block ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_over_limit_answers_are_asked_of_redis_again_within_a_second() {
+    let server = RedisServer::start();
+    let store = standalone_store(&server, "cache-reask:").await;
+    let blocked = blocked_after_one_rejection("d|ip=reask|1m/f");
+    block_in_the_cache_of(&store, &blocked).await;
+    let hourly = vec![spec(
+        "d|u=reask|1h/f",
+        limit(1, 60 * MINUTE, Algorithm::FixedWindow),
+        1,
+        0,
+    )];
+    for at in 0..2 {
+        decided_at(&store, &hourly, T0 + at).await;
+    }
+    assert!(decided_at(&store, &hourly, T0 + 10).await.from_local_cache);
+
+    let _: String = server.query(&redis::cmd("FLUSHALL"));
+    for checks in [&blocked, &hourly] {
+        let believed = decided_at(&store, checks, T0 + 900).await;
+        assert!(
+            believed.over_limit && believed.from_local_cache,
+            "{checks:?}: within the second the cache answers: {believed:?}"
+        );
+        let asked = decided_at(&store, checks, T0 + 1_010).await;
+        assert!(
+            !asked.over_limit && !asked.from_local_cache,
+            "{checks:?}: a second after the cached answer, Redis (which lost its count) \
+             lets the client in: {asked:?}"
+        );
+    }
 }
 
 /// A reset on one replica reaches what the others hold for the descriptor: another

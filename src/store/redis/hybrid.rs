@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use redis::Value;
 
+use super::REASK_MILLIS;
 use super::keys::push_redis_key;
 use crate::algorithm::Verdict;
 use crate::store::Check;
@@ -39,12 +40,6 @@ struct Counter {
     /// The next flush reads its total back and believes it even if lower (`reread`).
     reread: bool,
 }
-
-/// How often a full window's total is read back from Redis. A full window sends nothing,
-/// so without this it would learn nothing until it ends: not a reset it did not hear of
-/// (published at most once), nor a Redis that lost its keys (restarted, flushed), both of
-/// which let the client in again everywhere else.
-const FULL_REREAD_MILLIS: u64 = 1_000;
 
 /// The hybrid counters of this replica, keyed by Redis key (one key per window).
 #[derive(Default)]
@@ -138,7 +133,7 @@ impl Hybrid {
             .iter_mut()
             .filter_map(|(key, c)| {
                 let full = c.seen + c.pending >= c.limit;
-                let stale = now_millis.saturating_sub(c.read_at) >= FULL_REREAD_MILLIS;
+                let stale = now_millis.saturating_sub(c.read_at) >= REASK_MILLIS;
                 let reread = std::mem::take(&mut c.reread) || (full && stale);
                 if c.pending == 0 && !reread {
                     return None;

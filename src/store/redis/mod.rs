@@ -118,6 +118,14 @@ struct Batch {
 /// One hash slot and the groups (ranges of checks) that hash to it.
 type SlotGroups = (u16, Vec<Range<usize>>);
 
+/// How long a replica goes on answering from what Redis told it without asking again, where
+/// it could otherwise hold an answer until a window or a block ends (an over-limit answer
+/// in `over_cache`, a full window in `hybrid`): a reset it did not hear of (pub/sub is at
+/// most once) or a Redis that lost its keys (flushed, restarted without persistence) is seen
+/// within this long, in the limiter's milliseconds. It costs one round trip a second per
+/// such descriptor per replica.
+const REASK_MILLIS: u64 = 1_000;
+
 /// How often a cluster's slot map is re-read even when nothing failed.
 const CLUSTER_REFRESH: Duration = Duration::from_secs(5);
 /// How often a stale slot map is looked at.

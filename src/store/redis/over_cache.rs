@@ -1,5 +1,8 @@
 //! The local over-limit cache: descriptors Redis has just answered over the limit are
-//! answered here, without a round trip, until the moment Redis's answer could change.
+//! answered here, without a round trip, until the moment Redis's answer could change or
+//! for a second (`REASK_MILLIS`), whichever is sooner: then Redis is asked again, so a
+//! reset this replica did not hear of, or a Redis that lost its keys, is seen within a
+//! second rather than when the window or the block ends (a month, for a calendar month).
 //!
 //! Like envoyproxy/ratelimit's local cache, but bounded by entries (moka) and only for the
 //! cases where the cached answer is exactly what Redis would say — remaining 0 and the same
@@ -40,12 +43,14 @@ use std::time::{Duration, Instant};
 use moka::Expiry;
 use moka::sync::Cache;
 
+use super::REASK_MILLIS;
 use crate::algorithm::Verdict;
 use crate::limit::Algorithm;
 use crate::store::Check;
 
-/// One cached descriptor: when Redis decided, until when the answer holds, and each
-/// check's reset as an instant.
+/// One cached descriptor: when Redis decided, until when the answer is believed (its
+/// earliest reset, or `REASK_MILLIS` after the decision), and each check's reset as an
+/// instant.
 struct Entry {
     decided_millis: u64,
     until_millis: u64,
@@ -198,9 +203,10 @@ impl OverCache {
             .iter()
             .map(|v| now_millis.saturating_add(v.reset_after_millis))
             .collect();
-        let Some(until_millis) = resets.iter().copied().min() else {
+        let Some(earliest_reset) = resets.iter().copied().min() else {
             return;
         };
+        let until_millis = earliest_reset.min(now_millis.saturating_add(REASK_MILLIS));
         self.live.fetch_add(1, Ordering::AcqRel);
         self.entries.insert(
             identity(group),
@@ -306,6 +312,20 @@ mod tests {
         assert!(!cache.answer(&group, 1_300, &mut out), "b may fit again");
         assert!(!cache.answer(&group, 999, &mut out), "the clock went back");
         assert_eq!(cache.hits(), 1);
+    }
+
+    #[test]
+    fn asks_redis_again_a_second_after_it_decided_though_the_reset_is_later() {
+        let cache = OverCache::new(10).unwrap();
+        let group = [check("a", Algorithm::FixedWindow, 1)];
+        cache.remember(&group, &[over(3_600_000)], &[false], 1_000);
+        let mut out = [over(0)];
+        assert!(cache.answer(&group, 1_999, &mut out));
+        assert_eq!(out, [cached(3_599_001)], "the reset is still Redis's");
+        assert!(
+            !cache.answer(&group, 2_000, &mut out),
+            "a second on, Redis is asked"
+        );
     }
 
     #[test]
