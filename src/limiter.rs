@@ -391,9 +391,12 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             .zip(&verdicts)
             .map(|(c, verdict)| {
                 let rule = resolved.get(c.descriptor).and_then(Resolved::rule);
-                // A token bucket holds up to its burst, a window up to its limit.
+                // A bucket holds up to its burst (a leaky bucket's capacity), a window up
+                // to its limit: what is used is what it holds less what is left.
                 let limit = match c.limit.algorithm {
-                    crate::limit::Algorithm::TokenBucket => u64::from(c.limit.burst()),
+                    crate::limit::Algorithm::TokenBucket | crate::limit::Algorithm::LeakyBucket => {
+                        u64::from(c.limit.burst())
+                    }
                     _ => u64::from(c.limit.requests_per_unit),
                 };
                 LimitUsage {

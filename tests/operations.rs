@@ -300,6 +300,25 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         "resetSeconds {reset}, expected {expected} (to Sunday in New York): {week:?}"
     );
 
+    // A bucket's use is out of what it holds (a leaky bucket's capacity, a token bucket's
+    // burst), named as its rule names it; a window has neither.
+    for (key, size, holds) in [("meter", "capacity", 50), ("tokens", "burst", 40)] {
+        for _ in 0..3 {
+            decide(channel.clone(), &[(key, "b1")])
+                .await
+                .expect("a decision");
+        }
+        let bucket = server.admin_get(&format!("/v1/usage?domain={DOMAIN}&descriptor={key}=b1"));
+        let limit = &bucket.json()["limits"][0];
+        assert_eq!(
+            (&limit["used"], &limit["remaining"], &limit[size]),
+            (&json!(3), &json!(holds - 3), &json!(holds)),
+            "{bucket:?}"
+        );
+        assert_eq!(limit["requestsPerUnit"], 10, "{bucket:?}");
+    }
+    assert_eq!(body["limits"][0].get("burst"), None);
+
     for bad in [
         "/v1/usage?descriptor=quota=q1".to_owned(),
         format!("/v1/usage?domain={DOMAIN}&descriptor=quota=q1&limit=5"),

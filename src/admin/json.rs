@@ -5,6 +5,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::limit::Algorithm;
 use crate::limiter::LimitUsage;
 use crate::proto::envoy::config::core::v3::HeaderValue;
 use crate::proto::envoy::r#type::v3::RateLimitUnit;
@@ -168,6 +169,16 @@ pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
                 "resetAt": rfc3339(u.reset_at_millis),
                 "overLimit": u.over_limit,
             });
+            // What a bucket holds, named as its rule names it: `used` and `remaining` add
+            // up to it, not to `requestsPerUnit`, the rate it refills or drains at.
+            let size = match u.limit.algorithm {
+                Algorithm::TokenBucket => Some("burst"),
+                Algorithm::LeakyBucket => Some("capacity"),
+                _ => None,
+            };
+            if let (Some(size), Value::Object(entry)) = (size, &mut entry) {
+                entry.insert(size.into(), json!(u.limit.burst()));
+            }
             // A calendar window's zone: its `resetSeconds` runs to that zone's next
             // midnight, first of the month or year.
             if let (Some(calendar), Value::Object(entry)) = (u.limit.calendar, &mut entry) {
