@@ -1437,6 +1437,37 @@ async fn cached_over_limit_answers_are_asked_of_redis_again_within_a_second() {
     }
 }
 
+/// The request let through to Redis to ask again about a cached block, when Redis is
+/// dead, is answered with the block still held rather than by the failure policy: with
+/// `allow`, a blocked client would otherwise get one request a second in for as long as
+/// Redis is away. A descriptor with nothing cached gets the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_block_holds_while_redis_is_away() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::connect(RedisOptions {
+        timeout: Duration::from_millis(200),
+        failure_mode: FailureMode::Allow,
+        ..options(RedisTarget::Standalone(server.url()), "cache-held:")
+    })
+    .await
+    .expect("the Redis store starts");
+    let blocked = blocked_after_one_rejection("d|ip=held|1m/f");
+    block_in_the_cache_of(&store, &blocked).await;
+
+    server.kill();
+    for at in [1_010, 2_020, 5_000] {
+        let held = decided_at(&store, &blocked, T0 + at).await;
+        assert!(
+            held.over_limit && held.from_local_cache,
+            "at T0+{at}, with Redis dead, the block is not held: {held:?}"
+        );
+    }
+    let other = blocked_after_one_rejection("d|ip=uncached|1m/f");
+    let policy = decided_at(&store, &other, T0 + 5_000).await;
+    assert!(!policy.over_limit, "{policy:?}");
+    assert!(store.fallback_decisions() >= 1);
+}
+
 /// A reset on one replica reaches what the others hold for the descriptor: another
 /// replica's over-limit cache answering a penalty block for ten minutes, and its hybrid
 /// window at the limit, both let the client in within seconds — on a standalone Redis and

@@ -425,11 +425,48 @@ impl Inner {
             if let Err(error) = decoded {
                 tracing::debug!(%error, "no answer from redis; answering with the failure policy");
                 for groups in &batch.calls {
-                    self.fallback(checks, groups, now_millis, out);
+                    let unanswered = self.held_in_cache(checks, groups, now_millis, out);
+                    if !unanswered.is_empty() {
+                        self.fallback(checks, &unanswered, now_millis, out);
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Answers from the over-limit cache the groups it still holds (requests let through
+    /// to Redis to ask again, which got no answer: what was cached is still what Redis
+    /// would say, barring a reset) and returns the others, for the failure policy.
+    fn held_in_cache(
+        &self,
+        checks: &[Check<'_>],
+        groups: &[Range<usize>],
+        now_millis: u64,
+        out: &mut [Verdict],
+    ) -> Vec<Range<usize>> {
+        let Some(cache) = &self.over_cache else {
+            return groups.to_vec();
+        };
+        let mut held = 0;
+        let unanswered = groups
+            .iter()
+            .filter(|range| {
+                let answered = match (checks.get((*range).clone()), out.get_mut((*range).clone())) {
+                    (Some(group), Some(slots)) => cache.held(group, now_millis, slots),
+                    _ => false,
+                };
+                held += u64::from(answered);
+                !answered
+            })
+            .cloned()
+            .collect();
+        if held > 0
+            && let Some(sink) = self.cache_hit_sink.get()
+        {
+            sink(held);
+        }
+        unanswered
     }
 
     /// Whether `group` is counted in hybrid mode: its limits say so, and no penalty box

@@ -1,8 +1,10 @@
 //! The local over-limit cache: descriptors Redis has just answered over the limit are
-//! answered here, without a round trip, until the moment Redis's answer could change or
-//! for a second (`REASK_MILLIS`), whichever is sooner: then Redis is asked again, so a
-//! reset this replica did not hear of, or a Redis that lost its keys, is seen within a
-//! second rather than when the window or the block ends (a month, for a calendar month).
+//! answered here, without a round trip, until the moment Redis's answer could change.
+//! Once a second (`REASK_MILLIS`) one request for the descriptor goes to Redis all the
+//! same, while the others are still answered here, so a reset this replica did not hear
+//! of, or a Redis that lost its keys, is seen within a second rather than when the window
+//! or the block ends (a month, for a calendar month) — at one round trip a second, not a
+//! round trip for every request in flight when an entry would expire.
 //!
 //! Like envoyproxy/ratelimit's local cache, but bounded by entries (moka) and only for the
 //! cases where the cached answer is exactly what Redis would say — remaining 0 and the same
@@ -48,23 +50,43 @@ use crate::algorithm::Verdict;
 use crate::limit::Algorithm;
 use crate::store::Check;
 
-/// One cached descriptor: when Redis decided, until when the answer is believed (its
-/// earliest reset, or `REASK_MILLIS` after the decision), and each check's reset as an
+/// One cached descriptor: when Redis decided, until when the answer holds (its earliest
+/// reset), when a request is next let through to Redis, and each check's reset as an
 /// instant.
 struct Entry {
     decided_millis: u64,
     until_millis: u64,
+    reask_millis: AtomicU64,
     hits: Box<[u64]>,
     resets: Box<[u64]>,
 }
 
 struct UntilReset;
 
-impl Expiry<u128, Arc<Entry>> for UntilReset {
-    fn expire_after_create(&self, _: &u128, entry: &Arc<Entry>, _: Instant) -> Option<Duration> {
+impl UntilReset {
+    fn lifetime(entry: &Entry) -> Option<Duration> {
         Some(Duration::from_millis(
             entry.until_millis.saturating_sub(entry.decided_millis),
         ))
+    }
+}
+
+impl Expiry<u128, Arc<Entry>> for UntilReset {
+    fn expire_after_create(&self, _: &u128, entry: &Arc<Entry>, _: Instant) -> Option<Duration> {
+        Self::lifetime(entry)
+    }
+
+    /// A new answer for the descriptor lives as long as it holds. moka's default keeps the
+    /// replaced entry's expiry, which (a second's answer replaced as it ends) dropped the
+    /// new one a millisecond later and sent the next request to Redis too.
+    fn expire_after_update(
+        &self,
+        _: &u128,
+        entry: &Arc<Entry>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Self::lifetime(entry)
     }
 }
 
@@ -106,8 +128,26 @@ impl OverCache {
         self.hits.load(Ordering::Relaxed)
     }
 
-    /// Answers `group` into `out` if it is cached and its answer still holds at `now`.
+    /// Answers `group` into `out` if it is cached and its answer still holds at `now`,
+    /// unless this request is the one let through to Redis this second.
     pub fn answer(&self, group: &[Check<'_>], now_millis: u64, out: &mut [Verdict]) -> bool {
+        self.answer_from(group, now_millis, out, true)
+    }
+
+    /// Answers `group` into `out` if it is cached and its answer still holds at `now`: for
+    /// a request let through to Redis that got no answer, since the cached one is still
+    /// what Redis would say, barring a reset.
+    pub fn held(&self, group: &[Check<'_>], now_millis: u64, out: &mut [Verdict]) -> bool {
+        self.answer_from(group, now_millis, out, false)
+    }
+
+    fn answer_from(
+        &self,
+        group: &[Check<'_>],
+        now_millis: u64,
+        out: &mut [Verdict],
+        may_reask: bool,
+    ) -> bool {
         if self.is_empty() {
             return false;
         }
@@ -119,6 +159,23 @@ impl OverCache {
             || now_millis >= entry.until_millis
             || entry.resets.len() != out.len()
             || !entry.hits.iter().eq(group.iter().map(|c| &c.hits))
+        {
+            return false;
+        }
+        // The first request past the re-ask time goes to Redis (its answer replaces or
+        // removes the entry); should no answer come, the next one a second later does.
+        let reask = entry.reask_millis.load(Ordering::Relaxed);
+        if may_reask
+            && now_millis >= reask
+            && entry
+                .reask_millis
+                .compare_exchange(
+                    reask,
+                    now_millis.saturating_add(REASK_MILLIS),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
         {
             return false;
         }
@@ -203,16 +260,16 @@ impl OverCache {
             .iter()
             .map(|v| now_millis.saturating_add(v.reset_after_millis))
             .collect();
-        let Some(earliest_reset) = resets.iter().copied().min() else {
+        let Some(until_millis) = resets.iter().copied().min() else {
             return;
         };
-        let until_millis = earliest_reset.min(now_millis.saturating_add(REASK_MILLIS));
         self.live.fetch_add(1, Ordering::AcqRel);
         self.entries.insert(
             identity(group),
             Arc::new(Entry {
                 decided_millis: now_millis,
                 until_millis,
+                reask_millis: AtomicU64::new(now_millis.saturating_add(REASK_MILLIS)),
                 hits: group.iter().map(|c| c.hits).collect(),
                 resets,
             }),
@@ -315,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn asks_redis_again_a_second_after_it_decided_though_the_reset_is_later() {
+    fn lets_one_request_a_second_through_to_redis_though_the_reset_is_later() {
         let cache = OverCache::new(10).unwrap();
         let group = [check("a", Algorithm::FixedWindow, 1)];
         cache.remember(&group, &[over(3_600_000)], &[false], 1_000);
@@ -326,6 +383,38 @@ mod tests {
             !cache.answer(&group, 2_000, &mut out),
             "a second on, Redis is asked"
         );
+        assert!(
+            cache.answer(&group, 2_001, &mut out),
+            "the others are answered here while it is"
+        );
+        assert!(
+            !cache.answer(&group, 3_000, &mut out),
+            "no answer came back: asked again a second later"
+        );
+        assert!(
+            cache.held(&group, 3_000, &mut out),
+            "and what it holds answers that request if Redis does not"
+        );
+        cache.remember(&group, &[over(3_597_000)], &[false], 3_001);
+        assert!(cache.answer(&group, 3_999, &mut out), "Redis's new answer");
+        assert!(!cache.answer(&group, 4_001, &mut out));
+    }
+
+    /// moka expires entries on the real clock, so this test waits (60 ms) for the first
+    /// answer's lifetime to pass: the answer that replaced it must outlive it.
+    #[test]
+    fn a_replacing_answer_lives_as_long_as_it_holds() {
+        let cache = OverCache::new(10).unwrap();
+        let group = [check("a", Algorithm::SlidingLog, 1)];
+        cache.remember(&group, &[over(30)], &[false], 1_000);
+        cache.remember(&group, &[over(600)], &[false], 1_001);
+        std::thread::sleep(Duration::from_millis(60));
+        let mut out = [over(0)];
+        assert!(
+            cache.answer(&group, 1_002, &mut out),
+            "the second answer expired with the first"
+        );
+        assert_eq!(out, [cached(599)]);
     }
 
     #[test]
