@@ -1445,7 +1445,6 @@ async fn cached_over_limit_answers_are_asked_of_redis_again_within_a_second() {
 async fn a_cached_block_holds_while_redis_is_away() {
     let mut server = RedisServer::start();
     let store = RedisStore::connect(RedisOptions {
-        timeout: Duration::from_millis(200),
         failure_mode: FailureMode::Allow,
         ..options(RedisTarget::Standalone(server.url()), "cache-held:")
     })
