@@ -393,12 +393,27 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 let rule = resolved.get(c.descriptor).and_then(Resolved::rule);
                 // A bucket holds up to its burst (a leaky bucket's capacity), a window up
                 // to its limit: what is used is what it holds less what is left.
-                let limit = match c.limit.algorithm {
-                    crate::limit::Algorithm::TokenBucket | crate::limit::Algorithm::LeakyBucket => {
-                        u64::from(c.limit.burst())
-                    }
-                    _ => u64::from(c.limit.requests_per_unit),
+                let bucket = matches!(
+                    c.limit.algorithm,
+                    crate::limit::Algorithm::TokenBucket | crate::limit::Algorithm::LeakyBucket
+                );
+                let limit = if bucket {
+                    u64::from(c.limit.burst())
+                } else {
+                    u64::from(c.limit.requests_per_unit)
                 };
+                // A look of zero hits is over only when a bucket charged past what it
+                // holds (`count_rejected`): it is in debt, refilling at the rate until the
+                // reset, so the debt is what refills by then.
+                let owed =
+                    (bucket && verdict.over_limit && c.count_rejected && c.penalty.is_none()).then(
+                        || {
+                            let refill = u128::from(verdict.reset_after_millis)
+                                * u128::from(c.limit.requests_per_unit)
+                                / u128::from(c.limit.window_millis().max(1));
+                            u64::try_from(refill).unwrap_or(u64::MAX)
+                        },
+                    );
                 LimitUsage {
                     descriptor: c.descriptor,
                     rule: rule.map_or_else(|| "override".to_owned(), |r| r.path.to_string()),
@@ -412,6 +427,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                     reset_after_millis: verdict.reset_after_millis,
                     reset_at_millis: now + verdict.reset_after_millis,
                     over_limit: verdict.over_limit,
+                    owed,
                 }
             })
             .collect())
@@ -856,6 +872,9 @@ pub struct LimitUsage {
     /// When that is, in milliseconds since the Unix epoch.
     pub reset_at_millis: u64,
     pub over_limit: bool,
+    /// How far a bucket charged after the fact is past what it holds, in hits (to within
+    /// what refills in a millisecond); `None` when it is not in debt.
+    pub owed: Option<u64>,
 }
 
 /// One limit of one descriptor to count, with its key's place in the request's key buffer.

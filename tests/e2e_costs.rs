@@ -125,6 +125,14 @@ fn overspent_by_800(stack: &Stack, team: &str) -> u64 {
     );
     stack.expect_status(&turned_away, 429, "a call while the team is over");
     assert_eq!(stack.upstream.received().len(), 2);
+    // /v1/usage says how far over: 800, less the ~17 a second refilled since.
+    let path = format!("/v1/usage?domain={DOMAIN}&descriptor=team={team}");
+    let body = stack.meshlimit.admin_get(&path).json();
+    let owed = body["limits"][0]["owed"].as_u64();
+    assert!(
+        owed.is_some_and(|owed| (600..=800).contains(&owed)),
+        "owed {owed:?} after charging 800 past the budget: {body}"
+    );
     turned_away
         .header("x-ratelimit-reset")
         .and_then(|reset| reset.parse().ok())

@@ -178,6 +178,10 @@ pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
             };
             if let (Some(size), Value::Object(entry)) = (size, &mut entry) {
                 entry.insert(size.into(), json!(u.limit.burst()));
+                // Charges past it (`count_rejected`), still to refill or drain.
+                if let Some(owed) = u.owed {
+                    entry.insert("owed".into(), json!(owed));
+                }
             }
             // A calendar window's zone: its `resetSeconds` runs to that zone's next
             // midnight, first of the month or year.

@@ -1019,3 +1019,65 @@ fn metadata_of_the_rules_a_request_passed_reaches_dynamic_metadata() {
         "{second}"
     );
 }
+
+#[test]
+fn usage_of_a_bucket_is_out_of_what_it_holds_and_says_what_it_owes() {
+    const BUCKETS: &str = "\
+domain: edge
+policies:
+  llm:
+    algorithm: token_bucket
+    count_rejected: true
+    limits: [{requests_per_unit: 1000, unit: minute}]
+descriptors:
+  - key: meter
+    algorithm: leaky_bucket
+    capacity: 50
+    limits: [{requests_per_unit: 10, unit: minute}]
+  - key: tokens
+    policy: llm
+";
+    let clock = ManualClock::at(START);
+    let (limiter, _) = limiter_with_metrics(BUCKETS, &clock, 0.8);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let usage = |pairs: &[(&str, &str)]| {
+        let mut used = runtime
+            .block_on(limiter.usage(&request(vec![descriptor(pairs)])))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(used.len(), 1, "{used:?}");
+        used.remove(0)
+    };
+    let charge = |pairs: &[(&str, &str)], hits: u32| {
+        decide(
+            &limiter,
+            &RateLimitRequest {
+                hits_addend: hits,
+                ..request(vec![descriptor(pairs)])
+            },
+        )
+    };
+
+    // 20 of the meter's 50: used 20, not 10 − 30.
+    charge(&[("meter", "m")], 20);
+    let meter = usage(&[("meter", "m")]);
+    assert_eq!((meter.used, meter.remaining, meter.owed), (20, 30, None));
+
+    // 900 tokens, then 900 more charged after the fact: 800 past the bucket of 1 000,
+    // which refills 1 000 a minute, so owed 800 and 48 s until it is out of debt; 12 s
+    // later, 600.
+    charge(&[("tokens", "t")], 900);
+    charge(&[("tokens", "t")], 900);
+    let tokens = usage(&[("tokens", "t")]);
+    assert_eq!(
+        (tokens.used, tokens.owed, tokens.reset_after_millis),
+        (1_000, Some(800), 48_000),
+        "{tokens:?}"
+    );
+    clock.advance(12_000);
+    assert_eq!(usage(&[("tokens", "t")]).owed, Some(600));
+    clock.advance(48_000);
+    let paid = usage(&[("tokens", "t")]);
+    assert_eq!((paid.owed, paid.over_limit), (None, false), "{paid:?}");
+}
