@@ -308,6 +308,14 @@ fn window_in(zone: &TimeZone, unit: Unit, week_starts: Weekday, now_millis: u64)
         })
 }
 
+/// `millis` in RFC 3339 with `zone`'s offset at that instant, for `/v1/usage`:
+/// `2027-03-01T00:00:00+13:00` (milliseconds when there are any).
+pub fn rfc3339_in(millis: u64, zone: Zone) -> Option<String> {
+    let at = timestamp(millis)?;
+    let offset = zone.time_zone().to_offset(at);
+    Some(at.display_with_offset(offset).to_string())
+}
+
 /// `millis` as a reader of `zone`'s clocks says it, with its offset, for `explain`:
 /// `2026-03-01 00:00:00 +01:00`; `UTC` without a zone.
 pub fn local_time(millis: u64, zone: Option<Zone>) -> String {
@@ -366,6 +374,19 @@ mod tests {
         assert_eq!(
             local_time(millis("2026-12-07T17:30:05Z"), None),
             "2026-12-07 17:30:05 UTC"
+        );
+    }
+
+    #[test]
+    fn rfc3339_in_a_zone_names_the_instant_with_its_offset_then() {
+        let auckland = Zone::named("Pacific/Auckland").unwrap();
+        assert_eq!(
+            rfc3339_in(millis("2027-02-28T11:00:00Z"), auckland).unwrap(),
+            "2027-03-01T00:00:00+13:00"
+        );
+        assert_eq!(
+            rfc3339_in(millis("2027-06-30T12:00:00.250Z"), auckland).unwrap(),
+            "2027-07-01T00:00:00.25+12:00"
         );
     }
 

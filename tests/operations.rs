@@ -43,6 +43,14 @@ fn midnight_of(
     (midnight, midnight.as_second() - now.timestamp().as_second())
 }
 
+/// `midnight` as `/v1/usage`'s `resetAtLocal` writes it in `zone`: the date, 00:00:00
+/// and the zone's offset then (`2027-03-01T00:00:00+13:00`).
+fn local_midnight(midnight: jiff::Timestamp, zone: &str) -> String {
+    let local = midnight.to_zoned(jiff::tz::TimeZone::get(zone).unwrap());
+    assert_eq!(local.time(), jiff::civil::Time::midnight(), "{local}");
+    local.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
+}
+
 fn config() -> PathBuf {
     fixture("config_operations")
 }
@@ -266,6 +274,11 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         today.first_of_month() + jiff::Span::new().months(1)
     });
     assert_eq!(limit["resetAt"], json!(first.to_string()), "{month:?}");
+    assert_eq!(
+        limit["resetAtLocal"],
+        json!(local_midnight(first, "Pacific/Auckland")),
+        "{month:?}"
+    );
     let reset = limit["resetSeconds"].as_i64().unwrap();
     assert!(
         (reset - expected).abs() <= 2,
@@ -294,6 +307,11 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         today + jiff::Span::new().days(7 - i64::from(today.weekday().to_sunday_zero_offset()))
     });
     assert_eq!(limit["resetAt"], json!(sunday.to_string()), "{week:?}");
+    assert_eq!(
+        limit["resetAtLocal"],
+        json!(local_midnight(sunday, "America/New_York")),
+        "{week:?}"
+    );
     let reset = limit["resetSeconds"].as_i64().unwrap();
     assert!(
         (reset - expected).abs() <= 2,

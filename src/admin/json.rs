@@ -187,6 +187,11 @@ pub fn usage(domain: &str, limits: &[LimitUsage]) -> Value {
             // midnight, first of the month or year.
             if let (Some(calendar), Value::Object(entry)) = (u.limit.calendar, &mut entry) {
                 entry.insert("calendar".into(), json!(calendar.zone.name()));
+                // The same instant on that zone's clocks, for a customer's "resets on
+                // the 1st at midnight".
+                if let Some(local) = crate::calendar::rfc3339_in(u.reset_at_millis, calendar.zone) {
+                    entry.insert("resetAtLocal".into(), json!(local));
+                }
                 if calendar.unit() == crate::limit::Unit::Week {
                     let day = crate::calendar::weekday_name(calendar.week_starts());
                     entry.insert("weekStarts".into(), json!(day));
