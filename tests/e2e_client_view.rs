@@ -219,19 +219,27 @@ fn ietf_and_legacy_headers_then_retry_after_and_a_json_body_on_the_429() {
     );
 }
 
-/// Seconds until the next midnight in `zone`, by the test's own reading of the calendar.
-fn secs_to_midnight_in(zone: &str) -> u64 {
+/// Seconds until midnight in `zone` at the start of the day `next` gives for today, by the
+/// test's own reading of the calendar.
+fn secs_to_midnight_in(zone: &str, next: impl Fn(jiff::civil::Date) -> jiff::civil::Date) -> u64 {
     let now = jiff::Zoned::now()
         .with_time_zone(jiff::tz::TimeZone::get(zone).expect("a zone the database has"));
-    let midnight = now
-        .date()
-        .tomorrow()
-        .and_then(|day| day.to_zoned(now.time_zone().clone()))
-        .expect("tomorrow has a midnight");
+    let midnight = next(now.date())
+        .to_zoned(now.time_zone().clone())
+        .expect("the day has a midnight");
     midnight
         .timestamp()
         .as_second()
         .abs_diff(now.timestamp().as_second())
+}
+
+fn tomorrow(today: jiff::civil::Date) -> jiff::civil::Date {
+    today.tomorrow().expect("a tomorrow")
+}
+
+/// The coming Sunday (a week on, on a Sunday).
+fn next_sunday(today: jiff::civil::Date) -> jiff::civil::Date {
+    today + jiff::Span::new().days(7 - i64::from(today.weekday().to_sunday_zero_offset()))
 }
 
 #[test]
@@ -242,10 +250,10 @@ fn a_daily_budget_with_a_calendar_resets_at_midnight_in_its_zone() {
         &[],
     );
     // Both requests and the 429 in one Indian day.
-    if secs_to_midnight_in("Asia/Kolkata") < 15 {
+    if secs_to_midnight_in("Asia/Kolkata", tomorrow) < 15 {
         std::thread::sleep(Duration::from_secs(16));
     }
-    let expected = secs_to_midnight_in("Asia/Kolkata");
+    let expected = secs_to_midnight_in("Asia/Kolkata", tomorrow);
     for remaining in [1, 0] {
         let response = stack.get_as("daily-priya", "/");
         stack.expect_status(&response, 200, "within 2 a day");
@@ -282,6 +290,48 @@ fn a_daily_budget_with_a_calendar_resets_at_midnight_in_its_zone() {
     // Another user of the same pattern has a budget of their own.
     let other = stack.get_as("daily-arjun", "/");
     stack.expect_status(&other, 200, "another user's own daily budget");
+}
+
+#[test]
+fn a_weekly_budget_from_sunday_resets_at_sunday_midnight_in_its_zone() {
+    let stack = start(
+        EnvoyHeaders::Off,
+        &["--response-headers", "ietf,retry-after"],
+        &[],
+    );
+    // The request and the 429 in one Chicago week.
+    if secs_to_midnight_in("America/Chicago", next_sunday) < 15 {
+        std::thread::sleep(Duration::from_secs(16));
+    }
+    let expected = secs_to_midnight_in("America/Chicago", next_sunday);
+    let response = stack.get_as("weekly-dana", "/");
+    stack.expect_status(&response, 200, "the week's one request");
+    let (name, r, t) = ietf_ratelimit(&response);
+    assert_eq!(
+        (name.as_str(), r),
+        ("weekly_from_sunday", 0),
+        "{response:?}"
+    );
+    assert!(
+        t.abs_diff(expected) <= 2,
+        "reset {t}, expected about {expected} (Sunday's midnight in Chicago): {response:?}"
+    );
+    let denied = stack.get_as("weekly-dana", "/");
+    let retry_after = assert_json_429(&denied, "weekly_from_sunday", 1, 604_800);
+    assert!(
+        retry_after.abs_diff(expected) <= 2,
+        "Retry-After {retry_after}, expected about {expected}: {denied:?}"
+    );
+    let message = denied.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with(
+            "Rate limit of 1 requests per week from Sunday (America/Chicago) exceeded"
+        ),
+        "{message}"
+    );
 }
 
 #[test]
