@@ -242,18 +242,24 @@ fn next_sunday(today: jiff::civil::Date) -> jiff::civil::Date {
     today + jiff::Span::new().days(7 - i64::from(today.weekday().to_sunday_zero_offset()))
 }
 
-#[test]
-fn a_daily_budget_with_a_calendar_resets_at_midnight_in_its_zone() {
+/// A stack answering with IETF headers and Retry-After, and the seconds until the
+/// calendar window of `zone` ends at the midnight `next` gives, at least 15 s away, so
+/// the test's requests and its 429 land in one window.
+fn calendar_stack(zone: &str, next: fn(jiff::civil::Date) -> jiff::civil::Date) -> (Stack, u64) {
     let stack = start(
         EnvoyHeaders::Off,
         &["--response-headers", "ietf,retry-after"],
         &[],
     );
-    // Both requests and the 429 in one Indian day.
-    if secs_to_midnight_in("Asia/Kolkata", tomorrow) < 15 {
+    if secs_to_midnight_in(zone, next) < 15 {
         std::thread::sleep(Duration::from_secs(16));
     }
-    let expected = secs_to_midnight_in("Asia/Kolkata", tomorrow);
+    (stack, secs_to_midnight_in(zone, next))
+}
+
+#[test]
+fn a_daily_budget_with_a_calendar_resets_at_midnight_in_its_zone() {
+    let (stack, expected) = calendar_stack("Asia/Kolkata", tomorrow);
     for remaining in [1, 0] {
         let response = stack.get_as("daily-priya", "/");
         stack.expect_status(&response, 200, "within 2 a day");
@@ -294,16 +300,7 @@ fn a_daily_budget_with_a_calendar_resets_at_midnight_in_its_zone() {
 
 #[test]
 fn a_weekly_budget_from_sunday_resets_at_sunday_midnight_in_its_zone() {
-    let stack = start(
-        EnvoyHeaders::Off,
-        &["--response-headers", "ietf,retry-after"],
-        &[],
-    );
-    // The request and the 429 in one Chicago week.
-    if secs_to_midnight_in("America/Chicago", next_sunday) < 15 {
-        std::thread::sleep(Duration::from_secs(16));
-    }
-    let expected = secs_to_midnight_in("America/Chicago", next_sunday);
+    let (stack, expected) = calendar_stack("America/Chicago", next_sunday);
     let response = stack.get_as("weekly-dana", "/");
     stack.expect_status(&response, 200, "the week's one request");
     let (name, r, t) = ietf_ratelimit(&response);
