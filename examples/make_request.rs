@@ -122,6 +122,10 @@ struct Mix {
     cold: u32,
     #[arg(long, default_value_t = 5)]
     cold_every: u64,
+    /// The cold clients' turn starts at the Nth of them: a soak's later runs reach clients
+    /// the earlier ones did not (bench/soak.sh).
+    #[arg(long, default_value_t = 0)]
+    cold_from: u64,
 }
 
 impl Mix {
@@ -139,12 +143,13 @@ impl Mix {
             hot,
             cold,
             cold_every,
+            cold_from,
             ..
         } = self;
         (1u64..).scan(0u64, move |cold_slots, slot| {
             Some(if slot % cold_every == 0 {
                 *cold_slots += 1;
-                hot + 1 + ((*cold_slots - 1) % u64::from(cold)) as u32
+                hot + 1 + ((cold_from + *cold_slots - 1) % u64::from(cold)) as u32
             } else {
                 1 + ((slot - *cold_slots) % u64::from(hot)) as u32
             })
@@ -364,24 +369,24 @@ async fn pace(addr: &str, pacing: &Pacing) -> Result<String, String> {
     let uri: http::Uri = format!("http://{addr}{RPC}")
         .parse()
         .map_err(|error| format!("bad address {addr}: {error}"))?;
-    // Built up front: the sender's own work between due times is a clone and a spawn.
-    let bodies: Vec<Bytes> = if one_client {
-        vec![edge_request(mix.descriptors, 0)]
-    } else {
-        (1..=mix.hot + mix.cold)
-            .map(|client| edge_request(mix.descriptors, client))
-            .collect()
-    }
-    .iter()
-    .map(|request| Bytes::from(frame(request)))
-    .collect();
-    let mut order: Box<dyn Iterator<Item = usize>> = if one_client {
-        Box::new(std::iter::repeat(0))
-    } else {
-        Box::new(mix.clients().map(|client| client as usize - 1))
-    };
     let warm = (warmup * rate) as u64;
     let total = warm + (seconds * rate) as u64;
+    // Built up front, for the clients this run sends as (not every --cold client: a soak
+    // names a hundred million): the sender's own work between due times is a clone and a
+    // spawn.
+    let order: Vec<u32> = if one_client {
+        vec![0; usize::try_from(total).unwrap_or(0)]
+    } else {
+        mix.clients()
+            .take(usize::try_from(total).unwrap_or(0))
+            .collect()
+    };
+    let mut bodies: std::collections::HashMap<u32, Bytes> = std::collections::HashMap::new();
+    for &client in &order {
+        bodies
+            .entry(client)
+            .or_insert_with(|| Bytes::from(frame(&edge_request(mix.descriptors, client))));
+    }
     let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(
         usize::try_from(total - warm).unwrap_or(0),
     )));
@@ -398,7 +403,11 @@ async fn pace(addr: &str, pacing: &Pacing) -> Result<String, String> {
             tokio::task::yield_now().await;
         }
         let late = due.elapsed();
-        let body = bodies[order.next().unwrap_or(0)].clone();
+        let body = order
+            .get(i as usize)
+            .and_then(|client| bodies.get(client))
+            .cloned()
+            .unwrap_or_default();
         let connection = links[i as usize % connections].clone();
         let uri = uri.clone();
         let samples = Arc::clone(&samples);

@@ -42,7 +42,7 @@ const PORT_SPAN: u16 = 12_000;
 /// race; the script then says which port is taken). Each test passes its own `lane`, so
 /// two tests of this process do not start their search at the same port.
 fn free_port_base(lane: u16) -> u16 {
-    let offset = ((std::process::id() % 1_000) as u16 * 10 + lane * (PORT_SPAN / 2)) % PORT_SPAN;
+    let offset = ((std::process::id() % 1_000) as u16 * 10 + lane * (PORT_SPAN / 4)) % PORT_SPAN;
     (0..200)
         .map(|i| PORT_LOW + (offset + i * 97) % (PORT_SPAN - PORTS))
         .find(|&base| {
@@ -268,4 +268,63 @@ fn the_instruction_count_has_a_row_for_every_server() {
         .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no span count\n{report}"));
     assert!(spans >= 3 * 120, "{spans} spans\n{report}");
+}
+
+/// `bench/soak.sh` at CI size: four one-second periods on each store, with a cache of 500
+/// counters the new clients overfill in the first. Checks a row per period, with memory,
+/// counters within the capacity (the memory store holds some), CPU per decision and
+/// latency, no failed request, and the memory verdict's line (its bound set loose: a
+/// debug build's four seconds say nothing about a soak's growth).
+#[test]
+fn the_soak_samples_every_period_on_both_stores() {
+    for (lane, store) in [(2, "memory"), (3, "redis")] {
+        let (results, log) = run_script(
+            "bench/soak.sh",
+            "180",
+            lane,
+            &[
+                ("SOAK_STORE", store),
+                ("SOAK_SECONDS", "4"),
+                ("SOAK_PERIOD", "1"),
+                ("SOAK_RATE", "300"),
+                ("SOAK_CAPACITY", "500"),
+                ("SOAK_MAX_GROWTH", "1000"),
+            ],
+        );
+        let report = std::fs::read_to_string(results.path().join("soak.txt"))
+            .unwrap_or_else(|err| panic!("read soak.txt: {err}\n{log}"));
+        let rows: Vec<Vec<f64>> = report
+            .lines()
+            .skip_while(|line| !line.starts_with("t_s"))
+            .skip(1)
+            .take_while(|line| line.starts_with(|c: char| c.is_ascii_digit()))
+            .map(|line| {
+                line.split_whitespace()
+                    .map(|field| {
+                        field
+                            .parse()
+                            .unwrap_or_else(|_| panic!("{field:?} in {line:?}\n{report}"))
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(rows.len(), 4, "{store}: a row a period\n{report}");
+        for row in &rows {
+            let [_, rss, counters, cpu, p50, p99, p999, failed] = row[..] else {
+                panic!("{store}: {row:?}\n{report}");
+            };
+            assert!(rss > 1.0 && cpu > 0.0, "{store}: {row:?}\n{report}");
+            assert!(
+                p50 > 0.0 && p99 >= p50 && p999 >= p99,
+                "{store}: {row:?}\n{report}"
+            );
+            assert!(counters <= 500.0, "{store}: {row:?}\n{report}");
+            assert_eq!(failed, 0.0, "{store}: {row:?}\n{report}");
+        }
+        if store == "memory" {
+            assert_eq!(rows[3][2], 500.0, "the cache fills up\n{report}");
+        }
+        assert!(report.contains("resident memory: "), "{report}");
+        assert!(report.contains("soak passed"), "{report}");
+    }
 }
