@@ -310,7 +310,7 @@ fn the_soak_samples_every_period_on_both_stores() {
             .collect();
         assert_eq!(rows.len(), 4, "{store}: a row a period\n{report}");
         for row in &rows {
-            let [_, rss, counters, cpu, p50, p99, p999, failed] = row[..] else {
+            let [_, rss, counters, cpu, p50, p99, p999, late, failed] = row[..] else {
                 panic!("{store}: {row:?}\n{report}");
             };
             assert!(rss > 1.0 && cpu > 0.0, "{store}: {row:?}\n{report}");
@@ -319,6 +319,7 @@ fn the_soak_samples_every_period_on_both_stores() {
                 "{store}: {row:?}\n{report}"
             );
             assert!(counters <= 500.0, "{store}: {row:?}\n{report}");
+            assert!((0.0..=100.0).contains(&late), "{store}: {row:?}\n{report}");
             assert_eq!(failed, 0.0, "{store}: {row:?}\n{report}");
         }
         if store == "memory" {

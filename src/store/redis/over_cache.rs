@@ -77,8 +77,8 @@ impl Expiry<u128, Arc<Entry>> for UntilReset {
     }
 
     /// A new answer for the descriptor lives as long as it holds. moka's default keeps the
-    /// replaced entry's expiry, which (a second's answer replaced as it ends) dropped the
-    /// new one a millisecond later and sent the next request to Redis too.
+    /// replaced entry's expiry: an answer that replaced one about to expire went with it,
+    /// and the next request went to Redis too.
     fn expire_after_update(
         &self,
         _: &u128,
