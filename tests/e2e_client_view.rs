@@ -11,6 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::calendar::{midnight_of, next_sunday, tomorrow};
 use common::envoy;
 use common::http::Response;
 use common::meshlimit::Meshlimit;
@@ -219,29 +220,6 @@ fn ietf_and_legacy_headers_then_retry_after_and_a_json_body_on_the_429() {
     );
 }
 
-/// Seconds until midnight in `zone` at the start of the day `next` gives for today, by the
-/// test's own reading of the calendar.
-fn secs_to_midnight_in(zone: &str, next: impl Fn(jiff::civil::Date) -> jiff::civil::Date) -> u64 {
-    let now = jiff::Zoned::now()
-        .with_time_zone(jiff::tz::TimeZone::get(zone).expect("a zone the database has"));
-    let midnight = next(now.date())
-        .to_zoned(now.time_zone().clone())
-        .expect("the day has a midnight");
-    midnight
-        .timestamp()
-        .as_second()
-        .abs_diff(now.timestamp().as_second())
-}
-
-fn tomorrow(today: jiff::civil::Date) -> jiff::civil::Date {
-    today.tomorrow().expect("a tomorrow")
-}
-
-/// The coming Sunday (a week on, on a Sunday).
-fn next_sunday(today: jiff::civil::Date) -> jiff::civil::Date {
-    today + jiff::Span::new().days(7 - i64::from(today.weekday().to_sunday_zero_offset()))
-}
-
 /// A stack answering with IETF headers and Retry-After, and the seconds until the
 /// calendar window of `zone` ends at the midnight `next` gives, at least 15 s away, so
 /// the test's requests and its 429 land in one window.
@@ -251,10 +229,11 @@ fn calendar_stack(zone: &str, next: fn(jiff::civil::Date) -> jiff::civil::Date) 
         &["--response-headers", "ietf,retry-after"],
         &[],
     );
-    if secs_to_midnight_in(zone, next) < 15 {
+    let secs_to_midnight = || midnight_of(zone, next).1.unsigned_abs();
+    if secs_to_midnight() < 15 {
         std::thread::sleep(Duration::from_secs(16));
     }
-    (stack, secs_to_midnight_in(zone, next))
+    (stack, secs_to_midnight())
 }
 
 #[test]

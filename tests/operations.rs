@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::calendar::{first_of_next_month, midnight_of, next_sunday};
 use common::meshlimit::Meshlimit;
 use common::stack::Stack;
 use common::tls::Ca;
@@ -29,26 +30,33 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const DOMAIN: &str = "operations";
 
-/// The first instant of the day `next` names, given today's date in `zone`, and the
-/// seconds from now to it.
-fn midnight_of(
+/// Checks a calendar limit of `/v1/usage` resets at midnight in `zone` on the day `next`
+/// gives: `resetAt` the instant in UTC, `resetAtLocal` the same with the zone's offset
+/// then (`2027-03-01T00:00:00+13:00`), and `resetSeconds` within 2 s of the time to it.
+fn assert_resets_at_midnight(
+    limit: &Value,
     zone: &str,
-    next: impl Fn(jiff::civil::Date) -> jiff::civil::Date,
-) -> (jiff::Timestamp, i64) {
-    let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::get(zone).unwrap());
-    let midnight = next(now.date())
-        .to_zoned(now.time_zone().clone())
-        .unwrap()
-        .timestamp();
-    (midnight, midnight.as_second() - now.timestamp().as_second())
-}
-
-/// `midnight` as `/v1/usage`'s `resetAtLocal` writes it in `zone`: the date, 00:00:00
-/// and the zone's offset then (`2027-03-01T00:00:00+13:00`).
-fn local_midnight(midnight: jiff::Timestamp, zone: &str) -> String {
+    next: fn(jiff::civil::Date) -> jiff::civil::Date,
+    response: &impl std::fmt::Debug,
+) {
+    let (midnight, expected) = midnight_of(zone, next);
+    assert_eq!(
+        limit["resetAt"],
+        json!(midnight.to_string()),
+        "{response:?}"
+    );
     let local = midnight.to_zoned(jiff::tz::TimeZone::get(zone).unwrap());
     assert_eq!(local.time(), jiff::civil::Time::midnight(), "{local}");
-    local.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
+    assert_eq!(
+        limit["resetAtLocal"],
+        json!(local.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()),
+        "{response:?}"
+    );
+    let reset = limit["resetSeconds"].as_i64().unwrap();
+    assert!(
+        (reset - expected).abs() <= 2,
+        "resetSeconds {reset}, expected {expected} (midnight in {zone}): {response:?}"
+    );
 }
 
 fn config() -> PathBuf {
@@ -270,20 +278,7 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         (&limit["used"], &limit["remaining"]),
         (&json!(1), &json!(999))
     );
-    let (first, expected) = midnight_of("Pacific/Auckland", |today| {
-        today.first_of_month() + jiff::Span::new().months(1)
-    });
-    assert_eq!(limit["resetAt"], json!(first.to_string()), "{month:?}");
-    assert_eq!(
-        limit["resetAtLocal"],
-        json!(local_midnight(first, "Pacific/Auckland")),
-        "{month:?}"
-    );
-    let reset = limit["resetSeconds"].as_i64().unwrap();
-    assert!(
-        (reset - expected).abs() <= 2,
-        "resetSeconds {reset}, expected {expected}: {month:?}"
-    );
+    assert_resets_at_midnight(limit, "Pacific/Auckland", first_of_next_month, &month);
     assert_eq!(
         body["limits"][0].get("calendar"),
         None,
@@ -303,20 +298,7 @@ async fn usage_reports_every_matching_limit_without_consuming() {
         (&json!("America/New_York"), &json!("sunday"), &json!(1)),
         "{week:?}"
     );
-    let (sunday, expected) = midnight_of("America/New_York", |today| {
-        today + jiff::Span::new().days(7 - i64::from(today.weekday().to_sunday_zero_offset()))
-    });
-    assert_eq!(limit["resetAt"], json!(sunday.to_string()), "{week:?}");
-    assert_eq!(
-        limit["resetAtLocal"],
-        json!(local_midnight(sunday, "America/New_York")),
-        "{week:?}"
-    );
-    let reset = limit["resetSeconds"].as_i64().unwrap();
-    assert!(
-        (reset - expected).abs() <= 2,
-        "resetSeconds {reset}, expected {expected} (to Sunday in New York): {week:?}"
-    );
+    assert_resets_at_midnight(limit, "America/New_York", next_sunday, &week);
 
     // A bucket's use is out of what it holds (a leaky bucket's capacity, a token bucket's
     // burst), named as its rule names it; a window has neither.

@@ -13,10 +13,12 @@
 //! - `collector`: an OTLP trace collector that keeps the spans it receives
 //! - `xds`: an xDS management server serving rate limit configs, as Envoy Gateway does
 //! - `statsd`: Etsy's statsd daemon, reporting what it counted from the lines it was sent
+//! - `calendar`: the coming midnight of a day in a zone, to check calendar windows against
 //!
 //! Each test binary compiles this module separately and uses only part of it.
 #![allow(dead_code)]
 
+pub mod calendar;
 pub mod collector;
 pub mod config_dir;
 pub mod envoy;
