@@ -563,7 +563,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         if rule.metric_key.is_empty() {
             stats.record(&hit);
         } else {
-            record_by_value(request, d, rule, stats, &hit);
+            record_by_value(request, d, rule, stats, &hit, self.clock.now_millis());
         }
     }
 
@@ -618,13 +618,18 @@ fn record_by_value(
     rule: &Rule,
     stats: &RuleStats,
     hit: &Hit,
+    now_millis: u64,
 ) {
     let entries = request
         .descriptors
         .get(d.descriptor)
         .map_or(&[][..], |descriptor| &descriptor.entries[..]);
     let values = entries.iter().map(|entry| entry.value.as_str());
-    stats.record_keyed(hit, &MetricPart::key_of(&rule.metric_key, values));
+    stats.record_keyed(
+        hit,
+        &MetricPart::key_of(&rule.metric_key, values),
+        now_millis,
+    );
 }
 
 /// The rules with `metadata` that let their descriptor pass: unlimited, within the limit,

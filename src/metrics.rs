@@ -5,7 +5,8 @@
 //! the whole key in `key` besides, so existing dashboards and alerts keep working. Labels
 //! are per rule (bounded by the config), never per request value — except for rules with
 //! `detailed_metric` or `value_to_metric` (request values in the key, as
-//! envoyproxy/ratelimit writes them), each capped at `KEYS_WITH_VALUES_CAP` series a rule.
+//! envoyproxy/ratelimit writes them), each capped at `KEYS_WITH_VALUES_CAP` series a rule;
+//! series idle for `IDLE_KEYED_SERIES_MILLIS` make room for new keys at the cap.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
@@ -24,6 +25,16 @@ use crate::sliding_quantiles::SlidingQuantiles;
 /// Distinct keys with request values tracked per `detailed_metric` or `value_to_metric`
 /// rule; hits under further keys count in the rule's own series.
 pub const KEYS_WITH_VALUES_CAP: usize = 1_000;
+
+/// A key with request values not hit for this long gives up its series to a new key once
+/// the rule is at `KEYS_WITH_VALUES_CAP`, so the series follow the values in use (the
+/// users active now, not the first thousand since the start). Long enough that every
+/// scrape and statsd push has taken the series' last hits before it goes.
+pub const IDLE_KEYED_SERIES_MILLIS: u64 = 10 * 60_000;
+
+/// How often a rule at the cap looks for idle series: a look walks every series under the
+/// rule's lock, so a flood of new values must not make one per request.
+const IDLE_SWEEP_EVERY_MILLIS: u64 = 1_000;
 
 /// envoyproxy/ratelimit's statsd name for every ShouldRateLimit call's time (a timer).
 pub const RESPONSE_TIME_STAT: &str = "ratelimit_server.ShouldRateLimit.response_time";
@@ -101,7 +112,62 @@ pub struct RuleStats {
     counters: HitCounters,
     /// `value_to_metric` and `detailed_metric`: counters by metric key with the request's
     /// values in it.
-    by_key: Mutex<HashMap<String, Arc<HitCounters>>>,
+    by_key: Mutex<KeyedSeries>,
+    /// Whether idle keyed series are dropped. Not under a statsd_exporter mapping: its
+    /// series add up the stats mapped to them, and one that lost a part would go down,
+    /// which Prometheus reads as a counter reset.
+    keep_idle_series: AtomicBool,
+}
+
+/// A rule's series with request values in their keys.
+#[derive(Debug, Default)]
+struct KeyedSeries {
+    series: HashMap<String, Keyed>,
+    /// When the rule, at the cap, may next look for idle series.
+    next_sweep_millis: u64,
+}
+
+#[derive(Debug)]
+struct Keyed {
+    counters: Arc<HitCounters>,
+    last_hit_millis: u64,
+}
+
+impl KeyedSeries {
+    /// The counters of `key`, made if there is room (after dropping idle series when
+    /// `drop_idle`); `None` when the rule is full.
+    fn counters(
+        &mut self,
+        key: &str,
+        now_millis: u64,
+        drop_idle: bool,
+    ) -> Option<Arc<HitCounters>> {
+        if let Some(keyed) = self.series.get_mut(key) {
+            keyed.last_hit_millis = keyed.last_hit_millis.max(now_millis);
+            return Some(keyed.counters.clone());
+        }
+        if self.series.len() >= KEYS_WITH_VALUES_CAP {
+            if !drop_idle || now_millis < self.next_sweep_millis {
+                return None;
+            }
+            self.next_sweep_millis = now_millis + IDLE_SWEEP_EVERY_MILLIS;
+            self.series.retain(|_, keyed| {
+                now_millis.saturating_sub(keyed.last_hit_millis) < IDLE_KEYED_SERIES_MILLIS
+            });
+            if self.series.len() >= KEYS_WITH_VALUES_CAP {
+                return None;
+            }
+        }
+        let counters = Arc::new(HitCounters::default());
+        self.series.insert(
+            key.to_owned(),
+            Keyed {
+                counters: counters.clone(),
+                last_hit_millis: now_millis,
+            },
+        );
+        Some(counters)
+    }
 }
 
 impl RuleStats {
@@ -111,18 +177,10 @@ impl RuleStats {
 
     /// Records a `value_to_metric` or `detailed_metric` hit under `key` instead of the
     /// rule's own series, as envoyproxy/ratelimit does. Past the cap, new keys count in the
-    /// rule's own series.
-    pub fn record_keyed(&self, hit: &Hit, key: &str) {
-        let counters = {
-            let mut by_key = self.by_key.lock();
-            match by_key.get(key) {
-                Some(counters) => Some(counters.clone()),
-                None if by_key.len() < KEYS_WITH_VALUES_CAP => {
-                    Some(by_key.entry(key.to_owned()).or_default().clone())
-                }
-                None => None,
-            }
-        };
+    /// rule's own series until idle ones make room.
+    pub fn record_keyed(&self, hit: &Hit, key: &str, now_millis: u64) {
+        let drop_idle = !self.keep_idle_series.load(Ordering::Relaxed);
+        let counters = self.by_key.lock().counters(key, now_millis, drop_idle);
         counters.as_deref().unwrap_or(&self.counters).record(hit);
     }
 
@@ -130,8 +188,8 @@ impl RuleStats {
     /// its own, then each key with request values in it.
     fn each_series(&self, key: &str, mut f: impl FnMut(&str, &HitCounters)) {
         f(key, &self.counters);
-        for (by_key, counters) in self.by_key.lock().iter() {
-            f(by_key, counters);
+        for (by_key, keyed) in self.by_key.lock().series.iter() {
+            f(by_key, &keyed.counters);
         }
     }
 }
@@ -386,6 +444,15 @@ impl Metrics {
         self.mapped_quantiles
             .store(summary.map(|timer| Arc::new(SlidingQuantiles::new(timer.summary))));
         self.names.store(Arc::new(names));
+        let mapped = self.mapped();
+        for stats in self.rules.lock().values() {
+            stats.keep_idle_series.store(mapped, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a statsd_exporter mapping names the metrics.
+    fn mapped(&self) -> bool {
+        matches!(**self.names.load(), EnvoyproxyNames::Mapped(_))
     }
 
     /// Records how long a decision took.
@@ -410,7 +477,13 @@ impl Metrics {
             for rule in domain.rules() {
                 let stats = rules
                     .entry((domain.name.clone(), rule.path.clone()))
-                    .or_default()
+                    .or_insert_with(|| {
+                        let stats = RuleStats::default();
+                        stats
+                            .keep_idle_series
+                            .store(self.mapped(), Ordering::Relaxed);
+                        Arc::new(stats)
+                    })
                     .clone();
                 let _ = rule.stats.set(stats);
             }

@@ -6,6 +6,7 @@ use crate::config::{LoadOptions, compile_str};
 use crate::limit::Algorithm;
 use crate::proto::rate_limit_descriptor::{Entry, RateLimitOverride};
 use crate::store::MemoryStore;
+use std::collections::BTreeMap;
 
 const CONFIG: &str = "\
 domain: edge
@@ -819,6 +820,101 @@ fn detailed_metric_counts_each_request_under_all_its_values() {
             2
         )),
         "{statsd:?}"
+    );
+}
+
+/// The `total_hits` series of the detailed `client`/`path` rule, by key.
+fn client_series(metrics: &crate::metrics::Metrics) -> BTreeMap<String, u64> {
+    let prefix = "ratelimit.service.rate_limit.edge.client";
+    metrics
+        .statsd_counters()
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let key = name.strip_prefix(prefix)?.strip_suffix(".total_hits")?;
+            Some((format!("client{key}"), value))
+        })
+        .collect()
+}
+
+#[test]
+fn idle_detailed_series_make_room_for_new_values_at_the_cap() {
+    use crate::metrics::{IDLE_KEYED_SERIES_MILLIS, KEYS_WITH_VALUES_CAP};
+    let clock = ManualClock::at(START);
+    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
+    let call = |client: &str| {
+        decide(
+            &limiter,
+            &request(vec![descriptor(&[("client", client), ("path", "/api/a")])]),
+        );
+    };
+    for i in 0..KEYS_WITH_VALUES_CAP {
+        call(&format!("c{i}"));
+    }
+    // Half the idle time later c0 is still in use; the rule is full, so a new client
+    // counts in the rule's own series.
+    clock.advance(IDLE_KEYED_SERIES_MILLIS / 2);
+    call("c0");
+    call("early");
+    let series = client_series(&metrics);
+    assert_eq!(series.len(), KEYS_WITH_VALUES_CAP + 1);
+    assert_eq!(series.get("client.path_/api/*"), Some(&1));
+    assert_eq!(series.get("client_early.path_/api/a"), None);
+    // Once the others have been idle for the idle time, a new client takes a series of
+    // its own, and theirs are gone; c0's, hit since, stays with both its hits.
+    clock.advance(IDLE_KEYED_SERIES_MILLIS / 2);
+    call("late");
+    let series = client_series(&metrics);
+    assert_eq!(
+        series,
+        BTreeMap::from([
+            ("client.path_/api/*".to_owned(), 1),
+            ("client_c0.path_/api/a".to_owned(), 2),
+            ("client_late.path_/api/a".to_owned(), 1),
+        ])
+    );
+    let text = metrics.render();
+    assert!(!text.contains("client_c1.path"), "{text}");
+    assert!(
+        text.contains("ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"client_late.path_/api/a\",key1=\"client_late\",key2=\"path_/api/a\"} 1"),
+        "{text}"
+    );
+}
+
+/// Under a statsd_exporter mapping, series add up what maps to them: one losing a part
+/// would go down, so keyed series stay (capped) as statsd_exporter keeps them.
+#[test]
+fn detailed_series_stay_under_a_statsd_exporter_mapping() {
+    use crate::metrics::{EnvoyproxyNames, IDLE_KEYED_SERIES_MILLIS, KEYS_WITH_VALUES_CAP};
+    use crate::prometheus_mapping::PrometheusMapping;
+    let clock = ManualClock::at(START);
+    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
+    let mapping = PrometheusMapping::parse(
+        "mapper.yaml",
+        "mappings:\n  - match: ratelimit.service.rate_limit.*.*.*.total_hits\n    name: rl_hits\n    labels: {domain: $1}\n",
+    )
+    .unwrap();
+    metrics.set_names(EnvoyproxyNames::Mapped(Box::new(mapping)));
+    let call = |client: &str| {
+        decide(
+            &limiter,
+            &request(vec![descriptor(&[("client", client), ("path", "/api/a")])]),
+        );
+    };
+    for i in 0..KEYS_WITH_VALUES_CAP {
+        call(&format!("c{i}"));
+    }
+    clock.advance(2 * IDLE_KEYED_SERIES_MILLIS);
+    call("late");
+    let series = client_series(&metrics);
+    assert_eq!(series.len(), KEYS_WITH_VALUES_CAP + 1);
+    assert_eq!(series.get("client.path_/api/*"), Some(&1));
+    assert_eq!(series.get("client_c1.path_/api/a"), Some(&1));
+    // Every hit is still in the domain's sum.
+    let hits = KEYS_WITH_VALUES_CAP + 1;
+    let text = metrics.render();
+    assert!(
+        text.contains(&format!("rl_hits{{domain=\"edge\"}} {hits}\n")),
+        "{text}"
     );
 }
 

@@ -20,7 +20,7 @@
 mod dialect;
 mod mogrifier;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,6 +93,9 @@ pub struct Totals {
 pub struct Push {
     pub datagrams: Vec<String>,
     reaches: Vec<Reached>,
+    /// Counters sent before that are no longer kept (a rule's idle series with request
+    /// values, a rule no config has): nothing more to send for them.
+    gone: Vec<String>,
 }
 
 /// What a line, once the agent has it, has told it.
@@ -106,6 +109,11 @@ impl Sent {
     /// Records that the first `lines` lines of `push` reached the agent; the others' gains
     /// stay to be sent by the next push.
     pub fn delivered(&mut self, push: &Push, lines: usize) {
+        // Forgotten so that what was sent does not grow with every key ever seen; one
+        // that comes back starts from zero, and its whole count is its gain.
+        for name in &push.gone {
+            self.counters.remove(name);
+        }
         for reached in push.reaches.iter().take(lines) {
             match reached {
                 Reached::Counter(name, total) => {
@@ -285,6 +293,13 @@ fn timed_out(what: &str) -> std::io::Error {
 pub fn push(sent: &Sent, now: Totals, dialect: &Dialect) -> Push {
     let mut lines = Vec::new();
     let mut reaches = Vec::new();
+    let kept: HashSet<&str> = now.counters.iter().map(|(name, _)| name.as_str()).collect();
+    let gone = sent
+        .counters
+        .keys()
+        .filter(|name| !kept.contains(name.as_str()))
+        .cloned()
+        .collect();
     for (name, value) in now.counters {
         let before = sent.counters.get(&name).copied().unwrap_or(0);
         let gained = if value >= before {
@@ -312,6 +327,7 @@ pub fn push(sent: &Sent, now: Totals, dialect: &Dialect) -> Push {
     Push {
         datagrams: pack(lines),
         reaches,
+        gone,
     }
 }
 
@@ -431,6 +447,21 @@ mod tests {
         );
         sent.delivered(&second, usize::MAX);
         assert!(push(&sent, now(), &Dialect::default()).datagrams.is_empty());
+    }
+
+    #[test]
+    fn a_counter_no_longer_kept_is_forgotten_and_one_that_comes_back_sends_its_count() {
+        let mut sent = Sent::default();
+        let first = plain(&mut sent, counters(&[("kept", 3), ("idle", 9)]));
+        assert_eq!(first, ["kept:3|c\nidle:9|c"]);
+        // The idle series was dropped: nothing to send for it, and it is not remembered.
+        let second = plain(&mut sent, counters(&[("kept", 4)]));
+        assert_eq!(second, ["kept:1|c"]);
+        assert!(!sent.counters.contains_key("idle"));
+        // Back with a new series counting from zero: its 12 hits are new, all of them
+        // (not 3 more than the 9 sent before).
+        let third = plain(&mut sent, counters(&[("kept", 4), ("idle", 12)]));
+        assert_eq!(third, ["idle:12|c"]);
     }
 
     /// An agent that stops reading: the push is cut at the write deadline part way, the
