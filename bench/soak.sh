@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Soak: steady open-loop load with a constant stream of clients never seen before, for a
 # long time, against one meshlimit, sampling what would drift — its resident memory, the
-# counters it holds against --cache-capacity, its CPU time per decision, and latency —
-# once per sample period. A rate limiter that runs for weeks must not creep: with the
+# counters it holds against --cache-capacity and those it evicted, its CPU time per
+# decision, and latency — once per sample period. A rate limiter that runs for weeks must not creep: with the
 # counters bounded by the cache, memory should settle once the cache is full and stay
 # there, and a decision should cost the same in the last period as in the first.
 #
@@ -81,7 +81,8 @@ field() { printf '%s\n' "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k { print 
 
 note "# soak: $store store, $rate req/s for $seconds s in periods of $period s, --cache-capacity $capacity"
 note "# $(date -u +%Y-%m-%dT%H:%MZ), commit $(commit), $(machine)"
-printf '%-6s %10s %10s %9s %9s %9s %9s %8s %8s\n' t_s rss_mib counters cpu_us p50_ms p99_ms p999_ms late_pct failed |
+printf '%-6s %10s %10s %10s %9s %9s %9s %9s %8s %8s\n' t_s rss_mib counters evicted cpu_us \
+  p50_ms p99_ms p999_ms late_pct failed |
   tee -a "$report"
 # Each period's cold clients: every other request, so rate × period / 2 of them.
 cold_per_period=$((rate * period / 2))
@@ -89,6 +90,7 @@ failed=0
 rows=()
 for i in $(seq 0 $((periods - 1))); do
   decisions_before=$(metric meshlimit_decision_duration_seconds_count)
+  evictions_before=$(metric meshlimit_cache_evictions)
   ticks_before=$(cpu_ticks "$server")
   if summary=$(taskset -c 0 "$bin/examples/make_request" pace --addr "127.0.0.1:$grpc_port" \
     --rate "$rate" --seconds "$period" --warmup 0 --connections 4 --descriptors 4 \
@@ -105,6 +107,9 @@ for i in $(seq 0 $((periods - 1))); do
     -v d="$decisions" 'BEGIN { printf "%.1f", (d > 0 ? t / hz * 1e6 / d : 0) }')
   rss=$(rss_kib)
   counters=$(metric meshlimit_cache_entries)
+  # Counters the cache let go this period to stay within its capacity: the turnover that
+  # keeps memory flat (none on the Redis store, whose cache only holds fallback counts).
+  evicted=$(($(metric meshlimit_cache_evictions) - evictions_before))
   if [ "$counters" -gt "$capacity" ]; then
     failed=1
     note "FAIL: $counters counters held, above --cache-capacity $capacity"
@@ -113,8 +118,8 @@ for i in $(seq 0 $((periods - 1))); do
   # and that lateness is in the latencies.
   late_pct=$(awk -v l="$(field "$summary" sent_late)" -v n="$(field "$summary" requests)" \
     'BEGIN { printf "%.1f", (n > 0 ? l * 100 / n : 0) }')
-  row=$(printf '%-6s %10.1f %10s %9s %9s %9s %9s %8s %8s' $(((i + 1) * period)) \
-    "$(awk -v k="$rss" 'BEGIN { print k / 1024 }')" "$counters" "$cpu_us" \
+  row=$(printf '%-6s %10.1f %10s %10s %9s %9s %9s %9s %8s %8s' $(((i + 1) * period)) \
+    "$(awk -v k="$rss" 'BEGIN { print k / 1024 }')" "$counters" "$evicted" "$cpu_us" \
     "$(field "$summary" p50_ms)" "$(field "$summary" p99_ms)" "$(field "$summary" p999_ms)" \
     "$late_pct" "$lost")
   rows+=("$rss")

@@ -272,7 +272,7 @@ fn the_instruction_count_has_a_row_for_every_server() {
 
 /// `bench/soak.sh` at CI size: four one-second periods on each store, with a cache of 500
 /// counters the new clients overfill in the first. Checks a row per period, with memory,
-/// counters within the capacity (the memory store holds some), CPU per decision and
+/// counters within the capacity (the memory store holds some, and evicts), CPU per decision and
 /// latency, no failed request, and the memory verdict's line (its bound set loose: a
 /// debug build's four seconds say nothing about a soak's growth).
 #[test]
@@ -310,7 +310,7 @@ fn the_soak_samples_every_period_on_both_stores() {
             .collect();
         assert_eq!(rows.len(), 4, "{store}: a row a period\n{report}");
         for row in &rows {
-            let [_, rss, counters, cpu, p50, p99, p999, late, failed] = row[..] else {
+            let [_, rss, counters, evicted, cpu, p50, p99, p999, late, failed] = row[..] else {
                 panic!("{store}: {row:?}\n{report}");
             };
             assert!(rss > 1.0 && cpu > 0.0, "{store}: {row:?}\n{report}");
@@ -319,11 +319,17 @@ fn the_soak_samples_every_period_on_both_stores() {
                 "{store}: {row:?}\n{report}"
             );
             assert!(counters <= 500.0, "{store}: {row:?}\n{report}");
+            if store == "redis" {
+                assert_eq!(evicted, 0.0, "nothing to evict\n{report}");
+            }
             assert!((0.0..=100.0).contains(&late), "{store}: {row:?}\n{report}");
             assert_eq!(failed, 0.0, "{store}: {row:?}\n{report}");
         }
         if store == "memory" {
             assert_eq!(rows[3][2], 500.0, "the cache fills up\n{report}");
+            // Then turns over: new clients' counters push out older ones.
+            let evicted: f64 = rows.iter().map(|row| row[3]).sum();
+            assert!(evicted > 0.0, "the cache turns over\n{report}");
         }
         assert!(report.contains("resident memory: "), "{report}");
         assert!(report.contains("soak passed"), "{report}");
