@@ -892,13 +892,16 @@ struct Counted {
     key: std::ops::Range<usize>,
 }
 
-/// Whether `candidate` should be reported instead of `current`: the first limit that is
-/// over decides; among limits that are not, the one with the least left.
+/// Whether `candidate` should be reported instead of `current`: a limit that is over
+/// decides, and of several that are, the one that resets last — the client is turned away
+/// until then, so an earlier reset would send it back too early. Among limits that are not
+/// over, the one with the least left.
 fn decides_over(candidate: &Verdict, current: &Verdict) -> bool {
     match (candidate.over_limit, current.over_limit) {
         (true, false) => true,
+        (true, true) => candidate.reset_after_millis > current.reset_after_millis,
         (false, false) => candidate.remaining < current.remaining,
-        _ => false,
+        (false, true) => false,
     }
 }
 

@@ -94,12 +94,16 @@ impl Decided<'_> {
     }
 }
 
-/// The descriptor whose numbers the headers report: the first that rejects, else the one
-/// with the least left.
+/// The descriptor whose numbers the headers report: of those that reject, the one that
+/// resets last (the request is turned away until all have reset, so an earlier one would
+/// tell the client to come back too early; the first of equals); else the one with the
+/// least left.
 pub fn deciding<'d, 'r>(decided: &'d [Decided<'r>]) -> Option<&'d Decided<'r>> {
     decided
         .iter()
-        .find(|d| d.rejects)
+        .filter(|d| d.rejects)
+        .rev()
+        .max_by_key(|d| d.verdict.reset_after_millis)
         .or_else(|| decided.iter().min_by_key(|d| d.verdict.remaining))
 }
 

@@ -456,6 +456,42 @@ descriptors:
         );
     }
 
+    /// Two descriptors over their limits: the request is turned away until both reset,
+    /// so Retry-After and the body name the later, not the first in the request.
+    #[test]
+    fn retry_after_is_the_latest_reset_of_the_descriptors_that_turn_a_request_away() {
+        let clock = ManualClock::at(START);
+        let settings = ResponseSettings {
+            headers: HeaderSet {
+                retry_after: true,
+                ..HeaderSet::default()
+            },
+            ..ResponseSettings::default()
+        };
+        let limiter = api_limiter(&clock, settings);
+        let req = RateLimitRequest {
+            descriptors: vec![descriptor(&[("plain", "u")]), descriptor(&[("login", "u")])],
+            ..api(&[])
+        };
+        // The first passes; then `plain` (1 a minute) is over, and from the fourth `login`
+        // too, rejected twice within a minute: blocked for 15 minutes.
+        let mut last = None;
+        for _ in 0..5 {
+            last = Some(decide(&limiter, &req));
+        }
+        let over = last.unwrap();
+        assert_eq!(over.overall_code(), Code::OverLimit);
+        assert!(over.statuses.iter().all(|s| s.code() == Code::OverLimit));
+        let retry: u64 = headers(&over)
+            .iter()
+            .find(|(k, _)| k == "Retry-After")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("Retry-After");
+        assert!((14 * 60..=15 * 60).contains(&retry), "{retry}");
+        let body = String::from_utf8(over.raw_body.clone()).unwrap();
+        assert_eq!(body, format!("too many logins, retry in {retry}s"));
+    }
+
     #[test]
     fn an_admitted_request_carries_no_body_and_no_retry_after() {
         let clock = ManualClock::at(START);
@@ -771,6 +807,37 @@ fn share_threshold_counts_every_value_of_its_wildcard_on_one_counter() {
     assert_eq!(route("api/v1", "GET"), 59);
     assert_eq!(route("api/v2", "GET"), 58);
     assert_eq!(route("api/v2", "POST"), 59);
+}
+
+/// A descriptor over two of its limits reports the one that resets last: a client told
+/// the earlier reset would come back to another rejection.
+#[test]
+fn of_a_descriptors_limits_over_at_once_the_one_resetting_last_decides() {
+    let config = "\
+domain: edge
+descriptors:
+  - key: burst
+    algorithm: fixed_window
+    limits: [{requests_per_unit: 1, per: 2s}, {requests_per_unit: 2, unit: hour}]
+";
+    let clock = ManualClock::at(START);
+    let (limiter, _) = limiter_with_metrics(config, &clock, 0.8);
+    let req = request(vec![descriptor(&[("burst", "b")])]);
+    assert_eq!(decide(&limiter, &req).overall_code(), Code::Ok);
+    clock.advance(2_200);
+    assert_eq!(decide(&limiter, &req).overall_code(), Code::Ok);
+    // Over both: one per 2 s, and two an hour.
+    let over = decide(&limiter, &req);
+    let status = &over.statuses[0];
+    assert_eq!(status.code(), Code::OverLimit);
+    let limit = status.current_limit.as_ref().expect("current_limit");
+    assert_eq!(
+        (limit.requests_per_unit, limit.unit()),
+        (2, crate::proto::rate_limit_response::rate_limit::Unit::Hour)
+    );
+    let reset = status.duration_until_reset.expect("duration_until_reset");
+    let hour_left = 3_600 - (START + 2_200) / 1_000 % 3_600;
+    assert_eq!(reset.seconds as u64, hour_left, "{reset:?}");
 }
 
 #[test]
