@@ -438,6 +438,12 @@ fn redis_gauges(metrics: &Arc<Metrics>, stores: Vec<RedisStore>) {
                 .local_cache_hits
                 .fetch_add(descriptors, std::sync::atomic::Ordering::Relaxed);
         });
+        let failed = metrics.clone();
+        store.on_failed_calls(move |calls| {
+            failed
+                .store_errors
+                .fetch_add(calls, std::sync::atomic::Ordering::Relaxed);
+        });
     }
     let stores = Arc::new(stores);
     let (health, fallbacks, entries) = (stores.clone(), stores.clone(), stores);

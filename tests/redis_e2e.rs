@@ -212,6 +212,16 @@ async fn redis_dies_and_comes_back(mode: &str) {
     let health = http::get(server.admin_addr, "/healthcheck", &[]).expect("GET /healthcheck");
     assert_eq!(health.status, 200, "a degraded replica still serves");
     assert_eq!(metric(&server, "meshlimit_redis_degraded"), Some(1));
+    // Each of those calls failed, though the failure policy answered it: dashboards and
+    // alerts (`MeshlimitStoreErrors`, envoyproxy/ratelimit's `redis_error`) see the outage.
+    assert_eq!(metric(&server, "meshlimit_store_errors_total"), Some(40));
+    assert_eq!(
+        metric(
+            &server,
+            "ratelimit_service_should_rate_limit_error{err_type=\"redis_error\"}"
+        ),
+        Some(40)
+    );
     // Only `local` keeps counters of its own while Redis is away, and says so.
     let kept = metric(&server, "meshlimit_cache_entries");
     match mode {

@@ -90,6 +90,8 @@ struct Inner {
     over_cache: Option<OverCache>,
     /// Told how many descriptors each cached answer covered (the server's metric).
     cache_hit_sink: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    /// Told of each call to Redis that got no answer (the server's store error count).
+    failed_call_sink: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     /// `hybrid: true` counters; on a cluster each master is sent its own keys' hits.
     hybrid: Hybrid,
 }
@@ -189,6 +191,7 @@ impl RedisStore {
                 fallbacks: AtomicU64::new(0),
                 over_cache: OverCache::new(options.local_cache_entries),
                 cache_hit_sink: OnceLock::new(),
+                failed_call_sink: OnceLock::new(),
                 hybrid: Hybrid::default(),
             }),
         };
@@ -307,6 +310,14 @@ impl RedisStore {
     pub fn on_local_cache_hits(&self, sink: impl Fn(u64) + Send + Sync + 'static) {
         let _ = self.inner.cache_hit_sink.set(Box::new(sink));
     }
+
+    /// Calls `sink` with 1 for every call to Redis that got no answer in time (refused,
+    /// timed out, or not made while the breaker is open), whose checks the failure policy
+    /// decided: the store answers them, so no error reaches the caller to count. Only the
+    /// first sink is kept.
+    pub fn on_failed_calls(&self, sink: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.inner.failed_call_sink.set(Box::new(sink));
+    }
 }
 
 impl CounterStore for RedisStore {
@@ -424,6 +435,7 @@ impl Inner {
             }
             if let Err(error) = decoded {
                 tracing::debug!(%error, "no answer from redis; answering with the failure policy");
+                self.call_failed();
                 for groups in &batch.calls {
                     let unanswered = self.held_in_cache(checks, groups, now_millis, out);
                     if !unanswered.is_empty() {
@@ -513,6 +525,7 @@ impl Inner {
                 self.mark_stale();
             }
             self.master_failed();
+            self.call_failed();
             self.fallback(checks, std::slice::from_ref(&range), now_millis, out);
             return;
         }
@@ -896,6 +909,12 @@ impl Inner {
     fn master_failed(&self) {
         if let Topology::Sentinel(sentinel) = &self.topology {
             sentinel.mark_stale();
+        }
+    }
+
+    fn call_failed(&self) {
+        if let Some(sink) = self.failed_call_sink.get() {
+            sink(1);
         }
     }
 
