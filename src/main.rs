@@ -139,7 +139,7 @@ struct ServeArgs {
     grpc_addr: Option<SocketAddr>,
     /// Serve gRPC on this Unix domain socket instead of a TCP port, for an Envoy in the same
     /// pod (a `pipe` address); the file is made connectable by any user who can reach its
-    /// directory [default: GRPC_UDS]
+    /// directory. Unset, envoyproxy/ratelimit's GRPC_UDS applies; neither, no socket
     #[arg(long, env = "MESHLIMIT_GRPC_UDS", conflicts_with = "grpc_addr")]
     grpc_uds: Option<PathBuf>,
     /// Where the HTTP admin port (/healthcheck, /metrics) listens; unset, envoyproxy/ratelimit's

@@ -365,6 +365,13 @@ fn compile_files(
         };
         if let Some((file, block)) = &source.capacity {
             tree.capacity = capacity(&tree, file, block, &mut errors);
+        } else if let Some(rule) = tree
+            .rules()
+            .into_iter()
+            .find(|rule| rule.treatment.reserved > 0)
+        {
+            // A share set aside of a capacity the domain does not have would do nothing.
+            errors.push(ConfigError::at(&rule.source, format!("the policy of `{}` reserves a share of domain `{name}`'s `capacity`, but the domain declares none; add `capacity: {{requests_per_unit: 1000, unit: second}}` to the domain (what all its traffic may use), or remove `reserved`", rule.path)));
         }
         trees.push(tree);
     }
@@ -625,6 +632,17 @@ fn yaml_message(error: &serde_saphyr::Error) -> String {
              (64 levels of nesting, 250000 values, {ALIAS_EVENTS} events replayed by aliases): \
              split it into files, flatten it, or write repeated blocks out"
         );
+    }
+    // A number field given something else (`3.5` or `ten` where a count goes): the parser
+    // names only the type it wanted.
+    match message {
+        "invalid i64" | "invalid u64" | "invalid u32" | "invalid i32" => {
+            return "expected a whole number such as 10 (no decimal point, no quotes)".to_owned();
+        }
+        "invalid f64" | "invalid f32" | "invalid floating point" => {
+            return "expected a number such as 0.5 (no quotes)".to_owned();
+        }
+        _ => {}
     }
     match message.split_once(", set DuplicateKeyPolicy") {
         Some((duplicate, _)) => {

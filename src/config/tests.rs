@@ -356,6 +356,43 @@ fn error_duplicate_yaml_keys_are_rejected() {
 }
 
 #[test]
+fn error_a_count_that_is_not_a_whole_number_says_what_to_write() {
+    let found = errors(
+        "domain: a\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 3.5}\n",
+    );
+    assert_eq!(
+        found,
+        ["test.yaml:4:51: expected a whole number such as 10 (no decimal point, no quotes)"]
+    );
+    let found = errors(
+        "domain: a\npolicies:\n  p: {limits: [{requests_per_unit: 1, unit: minute}], soft_limit: half}\ndescriptors:\n  - key: k\n    policy: p\n",
+    );
+    assert_eq!(
+        found,
+        ["test.yaml:3:67: expected a number such as 0.5 (no quotes)"]
+    );
+}
+
+#[test]
+fn error_a_reservation_without_a_capacity_to_reserve_from() {
+    let found = errors(
+        "domain: a\npolicies:\n  gold: {limits: [{requests_per_unit: 9, unit: minute}], priority: 10, reserved: 0.4}\ndescriptors:\n  - key: plan\n    value: gold\n    policy: gold\n",
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("test.yaml:5:10: the policy of `a.plan_gold` reserves a share of domain `a`'s `capacity`, but the domain declares none; add `capacity:"),
+        "{found:?}"
+    );
+    // With a capacity, or with a priority alone, it loads.
+    tree(
+        "domain: a\ncapacity: {requests_per_unit: 100, unit: second}\npolicies:\n  gold: {limits: [{requests_per_unit: 9, unit: minute}], priority: 10, reserved: 0.4}\ndescriptors:\n  - key: plan\n    policy: gold\n",
+    );
+    tree(
+        "domain: a\npolicies:\n  gold: {limits: [{requests_per_unit: 9, unit: minute}], priority: 10}\ndescriptors:\n  - key: plan\n    policy: gold\n",
+    );
+}
+
+#[test]
 fn error_replaces_needs_a_name() {
     let errors = errors(
         "domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 1, replaces: [{}]}\n",
