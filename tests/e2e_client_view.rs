@@ -1,7 +1,8 @@
 //! What a client and the protected service see through a real Envoy when meshlimit decides:
 //! the IETF draft and legacy rate limit headers on admitted requests, `Retry-After` and a
 //! JSON body on the 429, the soft-limit header the upstream gets (soft limits and
-//! `mode: warn`), a login path that locks an address out and lets it back in, Envoy's own
+//! `mode: warn`), a login path that locks an address out and lets it back in, a request two
+//! limits turn away told to come back when both have reset, Envoy's own
 //! `x-ratelimit-*` headers next to ours, and envoyproxy/ratelimit's header switch.
 //!
 //! Routes and descriptors: tests/fixtures/envoy/client_view_http.yaml.
@@ -436,6 +437,45 @@ fn a_login_brute_force_locks_the_address_out_then_lets_it_back_in() {
     assert_eq!(
         clients,
         ["203.0.113.7", "203.0.113.7", "203.0.113.8", "203.0.113.7"]
+    );
+}
+
+/// A request two descriptors turn away is let in only once both have reset, so the 429
+/// names the later: the user's hour-long budget, not the login limit's second, though the
+/// login descriptor comes first.
+#[test]
+fn a_request_over_two_limits_is_told_to_come_back_when_both_have_reset() {
+    let stack = start(EnvoyHeaders::Off, &[], &[]);
+    let client: &[(&str, &str)] = &[("x-forwarded-for", "203.0.113.9"), ("x-user-id", "carol")];
+    // Carol spends her 3 an hour.
+    for n in 1..=3 {
+        let response = stack.get("/", &client[1..]);
+        stack.expect_status(&response, 200, &format!("carol's request {n} of 3 an hour"));
+    }
+    // Three checkouts in one second: the third is also over the login limit (2 a second).
+    avoid_window_edge_precisely(Duration::from_secs(1), Duration::from_millis(800));
+    let mut last = None;
+    for n in 1..=3 {
+        let response = stack.get("/checkout", client);
+        stack.expect_status(
+            &response,
+            429,
+            &format!("checkout {n}: carol is over her hour"),
+        );
+        last = Some(response);
+    }
+    let both = last.unwrap();
+    // Her 3 hits weigh on the next hour's window for its first third at least: 20 minutes.
+    let retry_after = assert_json_429(&both, "per_user", 3, 3_600);
+    assert!(
+        retry_after > 60,
+        "the hour's reset, not the login limit's second: {both:?}\n{}",
+        stack.logs()
+    );
+    assert_eq!(
+        stack.upstream.received().len(),
+        3,
+        "only carol's first three got through"
     );
 }
 
