@@ -945,6 +945,97 @@ async fn redis_cluster_decides_exactly_like_memory_and_survives_a_dead_master() 
     }
 }
 
+/// Resharding: a slot moved from one master to another while meshlimit's slot map still
+/// names the first. The first master answers ASK while the slot is being moved and MOVED
+/// after; the call goes to the new master at once and counts on from the migrated count,
+/// rather than being answered by the failure
+/// policy (here `allow`: admitted and not counted) until the map is re-read. The old
+/// master's breaker stays closed: it answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_to_another_master_is_counted_there_at_once() {
+    let cluster = RedisCluster::start();
+    let prefix = "moved:";
+    let key = one_key_per_master(&cluster, prefix).swap_remove(0);
+    let store = RedisStore::connect(RedisOptions {
+        timeout: Duration::from_millis(500),
+        failure_mode: FailureMode::Allow,
+        ..options(RedisTarget::Cluster(cluster.seed_urls()), prefix)
+    })
+    .await
+    .expect("the Redis store starts");
+    let check = [Check {
+        key: &key,
+        limit: limit(1_000, MINUTE, Algorithm::FixedWindow),
+        hits: 1,
+        group: 0,
+        count_rejected: true,
+        penalty: None,
+    }];
+    let mut out = Vec::new();
+    store.apply(&check, T0, &mut out).await.unwrap();
+    assert_eq!(out[0].remaining, 999);
+
+    // Move the key's slot from master 0 to master 1, keys and all, as `redis-cli --cluster
+    // reshard` does.
+    let mut redis_key = String::new();
+    push_redis_key(&mut redis_key, prefix, &key);
+    let slot = slot(&redis_key);
+    let (from, to) = (&cluster.masters[0], &cluster.masters[1]);
+    let id = |master: &RedisServer| -> String { master.query(redis::cmd("CLUSTER").arg("MYID")) };
+    let (from_id, to_id) = (id(from), id(to));
+    let setslot = |master: &RedisServer, state: &str, node: &str| {
+        let _: String = master.query(
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(node),
+        );
+    };
+    setslot(to, "IMPORTING", &from_id);
+    setslot(from, "MIGRATING", &to_id);
+    let keys: Vec<String> = from.query(
+        redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100),
+    );
+    assert!(keys.contains(&redis_key), "{keys:?}");
+    let _: String = from.query(
+        redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to.addr.port())
+            .arg("")
+            .arg(0)
+            .arg(5_000)
+            .arg("KEYS")
+            .arg(&keys),
+    );
+    // Mid-move the old master sends what it no longer holds on with ASK.
+    store.apply(&check, T0, &mut out).await.unwrap();
+    assert_eq!(out[0].remaining, 998, "counted on the importing master");
+    for master in &cluster.masters {
+        setslot(master, "NODE", &to_id);
+    }
+
+    for expected in [997, 996] {
+        store.apply(&check, T0, &mut out).await.unwrap();
+        assert_eq!(out[0].remaining, expected, "counted on the new master");
+    }
+    assert_eq!(
+        store.fallback_decisions(),
+        0,
+        "no answer from the failure policy"
+    );
+    let value: Vec<u8> = to.query(redis::cmd("GET").arg(&redis_key));
+    assert_eq!(window_counts(&value), Some((4, 0)), "{value:?}");
+    assert_eq!(
+        store.health(),
+        meshlimit::store::redis::StoreHealth::Healthy,
+        "a redirect is not a failure"
+    );
+}
+
 /// One counter key per master of `cluster` (in master order), found by its hash slot.
 fn one_key_per_master(cluster: &RedisCluster, prefix: &str) -> Vec<String> {
     let mut per_master: Vec<Option<String>> = vec![None; cluster.masters.len()];

@@ -677,9 +677,81 @@ impl Inner {
                 let request = script::encode(&self.prefix, checks, groups, now_millis);
                 pipeline.add_command(script::evalsha(&self.script, std::iter::once(&request)));
             }
-            node.run(&pipeline, &self.script).await
+            let mut values = node.run_values(&pipeline, &self.script).await?;
+            self.follow_redirects(&batch.calls, checks, now_millis, &mut values)
+                .await;
+            node::no_server_error(values)
         };
         self.settle(node, tokio::time::timeout(self.timeout, reply).await)
+    }
+
+    /// Sends the calls a cluster node answered MOVED (their slot was resharded to another
+    /// master) or ASK (it is being moved) to the master it names, at once, when the slot
+    /// map knows that master: otherwise the failure policy would answer them until the map
+    /// is re-read, admitting uncounted or turning away wrongly. The map is re-read soon
+    /// either way. Answers replace the redirects in `values`; a call redirected again, or
+    /// to a master not yet in the map, keeps its redirect (and gets the failure policy).
+    async fn follow_redirects(
+        &self,
+        calls: &[Vec<Range<usize>>],
+        checks: &[Check<'_>],
+        now_millis: u64,
+        values: &mut [Value],
+    ) {
+        let Topology::Cluster(cluster) = &self.topology else {
+            return;
+        };
+        // (master, whether ASK, the calls' indices)
+        let mut redirected: Vec<(Arc<Node>, bool, Vec<usize>)> = Vec::new();
+        for (i, value) in values.iter().enumerate() {
+            let Some((ask, to)) = node::redirect_of(value) else {
+                continue;
+            };
+            cluster.stale.store(true, Ordering::Release);
+            let map = cluster.map.load();
+            let Some(target) = map.nodes.iter().find(|n| n.name == to) else {
+                continue;
+            };
+            match redirected
+                .iter_mut()
+                .find(|(n, a, _)| Arc::ptr_eq(n, target) && *a == ask)
+            {
+                Some((_, _, indices)) => indices.push(i),
+                None => redirected.push((target.clone(), ask, vec![i])),
+            }
+        }
+        for (target, ask, indices) in redirected {
+            if target.breaker.permit() == Permit::Skip {
+                continue;
+            }
+            let mut pipeline = Pipeline::with_capacity(indices.len() * 2);
+            pipeline.ignore_errors();
+            for groups in indices.iter().filter_map(|&i| calls.get(i)) {
+                // ASK holds for the next command only: the importing master serves the
+                // slot's keys it already has to a client that says it was sent.
+                if ask {
+                    pipeline.cmd("ASKING");
+                }
+                let request = script::encode(&self.prefix, checks, groups, now_millis);
+                pipeline.add_command(script::evalsha(&self.script, std::iter::once(&request)));
+            }
+            let answers = match target.run_values(&pipeline, &self.script).await {
+                Ok(answers) => answers,
+                Err(error) => {
+                    target.breaker.failure(&format!("{}: {error}", target.name));
+                    continue;
+                }
+            };
+            let step = if ask { 2 } else { 1 };
+            for (i, answer) in indices
+                .into_iter()
+                .zip(answers.into_iter().skip(step - 1).step_by(step))
+            {
+                if let Some(slot) = values.get_mut(i) {
+                    *slot = answer;
+                }
+            }
+        }
     }
 
     /// The batch's node, unless none is known for it or its breaker is open.
@@ -718,7 +790,11 @@ impl Inner {
                 }
                 self.master_failed();
                 let message = format!("{}: {message}", node.name);
-                node.breaker.failure(&message);
+                // A cluster node that redirects is up: resharding must not open its breaker
+                // and send its other slots to the failure policy.
+                if !(redirect && matches!(self.topology, Topology::Cluster(_))) {
+                    node.breaker.failure(&message);
+                }
                 Err(message)
             }
             Ok(Err(NodeError::Untrusted(message))) => {

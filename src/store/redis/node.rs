@@ -153,6 +153,16 @@ impl Node {
     /// value per command. A server that lost the script (restarted, or flushed) answers
     /// NOSCRIPT: the script is loaded and the pipeline sent once more.
     pub async fn run(&self, pipeline: &Pipeline, script: &Script) -> Result<Vec<Value>, NodeError> {
+        no_server_error(self.run_values(pipeline, script).await?)
+    }
+
+    /// As `run`, with each command's server error (MOVED, …) left in its place for the
+    /// caller to deal with.
+    pub async fn run_values(
+        &self,
+        pipeline: &Pipeline,
+        script: &Script,
+    ) -> Result<Vec<Value>, NodeError> {
         let mut connection = self.connection().await?;
         let mut values = self.query(pipeline, &mut connection).await?;
         if values.iter().any(is_noscript) {
@@ -162,24 +172,6 @@ impl Node {
                 .await
                 .map_err(|error| self.broken(&error))?;
             values = self.query(pipeline, &mut connection).await?;
-        }
-        if let Some(Value::ServerError(error)) =
-            values.iter().find(|v| matches!(v, Value::ServerError(_)))
-        {
-            let code = error.code();
-            return Err(NodeError::Failed {
-                message: format!("{code} {}", error.details().unwrap_or_default()),
-                redirect: matches!(
-                    code,
-                    "MOVED"
-                        | "ASK"
-                        | "CLUSTERDOWN"
-                        | "TRYAGAIN"
-                        | "MASTERDOWN"
-                        | "CROSSSLOT"
-                        | "READONLY"
-                ),
-            });
         }
         Ok(values)
     }
@@ -215,6 +207,44 @@ fn is_certificate_error(error: &redis::RedisError) -> bool {
         source = inner.source();
     }
     text.contains("invalid peer certificate") || text.contains("received fatal alert")
+}
+
+/// `values`, or the failure the first server error among them stands for.
+pub fn no_server_error(values: Vec<Value>) -> Result<Vec<Value>, NodeError> {
+    if let Some(Value::ServerError(error)) =
+        values.iter().find(|v| matches!(v, Value::ServerError(_)))
+    {
+        let code = error.code();
+        return Err(NodeError::Failed {
+            message: format!("{code} {}", error.details().unwrap_or_default()),
+            redirect: matches!(
+                code,
+                "MOVED"
+                    | "ASK"
+                    | "CLUSTERDOWN"
+                    | "TRYAGAIN"
+                    | "MASTERDOWN"
+                    | "CROSSSLOT"
+                    | "READONLY"
+            ),
+        });
+    }
+    Ok(values)
+}
+
+/// A cluster node's MOVED or ASK answer: whether it is ASK, and the `host:port` it names.
+pub fn redirect_of(value: &Value) -> Option<(bool, &str)> {
+    let Value::ServerError(error) = value else {
+        return None;
+    };
+    let ask = match error.code() {
+        "MOVED" => false,
+        "ASK" => true,
+        _ => return None,
+    };
+    // `<slot> <host:port>`
+    let to = error.details()?.split_whitespace().nth(1)?;
+    Some((ask, to))
 }
 
 fn is_noscript(value: &Value) -> bool {
