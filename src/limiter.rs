@@ -55,7 +55,7 @@ pub enum DecisionError {
     #[error("{0}")]
     InvalidRequest(String),
     #[error(
-        "no rate limit configuration is loaded yet; check the config directory and meshlimit's log"
+        "no rate limit configuration is loaded yet; meshlimit's log says why (a config directory that does not load, or an xDS server that has sent none)"
     )]
     NoConfig,
     #[error(transparent)]

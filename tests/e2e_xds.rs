@@ -375,6 +375,8 @@ async fn before_the_first_config_health_fails_unless_asked_to_serve() {
     })
     .unwrap_or_else(|| panic!("no warning of the silence:\n{}", waiting.logs()));
     assert!(warned.contains("node \"gateway-7\""), "{warned}");
+    // The stream is open, though the server has said nothing: it is not a lost server.
+    assert_eq!(waiting.metric("meshlimit_xds_connected"), 1);
 
     // The first config arrives: both serve, and limit.
     xds.publish("1", gateway_config(1, &[]));

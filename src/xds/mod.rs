@@ -219,11 +219,14 @@ impl XdsClient {
         let mut silent_until =
             Some(tokio::time::Instant::now() + self.options.initial_fetch_timeout);
         let opened = client.streaming(call, PathAndQuery::from_static(ADS), codec);
+        // Open from here on, answered or not: a server built on a gRPC library sends its
+        // response headers with its first message, and one with no config for this node
+        // sends none (the silence warning says so); `run` clears this when the stream ends.
+        self.connected.store(true, Ordering::Relaxed);
         let mut inbound = match self.warn_if_silent(opened, &mut silent_until).await {
             Ok(response) => response.into_inner(),
             Err(status) => return not_answered(describe(&status)),
         };
-        self.connected.store(true, Ordering::Relaxed);
         tracing::info!(server = %self.options.server, node = %self.options.node_id, "xDS: subscribed to rate limit configs");
         let mut answered = false;
         loop {
