@@ -318,7 +318,10 @@ fn xds(
             )
         })?;
     }
-    options.serve_before_config = flag("FORCE_START_WITHOUT_INITIAL_CONFIG")? == Some(true);
+    // Healthy before the first config, as envoyproxy/ratelimit is with a forced start,
+    // unless its health is also told to wait for one.
+    options.serve_before_config = flag("FORCE_START_WITHOUT_INITIAL_CONFIG")? == Some(true)
+        && flag("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED")? != Some(true);
     Ok(Some(options))
 }
 
@@ -483,8 +486,8 @@ fn ignored(
     );
     note(
         &["HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED"],
-        "health always needs a loaded config (with xDS and FORCE_START_WITHOUT_INITIAL_CONFIG, \
-         the empty config it starts with counts)",
+        "with a config directory health always needs the loaded config (with xDS it holds \
+         FORCE_START_WITHOUT_INITIAL_CONFIG's health checks back until the first config)",
     );
     note(
         &["EXPIRATION_JITTER_MAX_SECONDS"],
@@ -937,6 +940,16 @@ mod tests {
         assert_eq!(xds.node_id, "default");
         assert!(!xds.serve_before_config);
         assert!(read_of(&[("CONFIG_TYPE", "FILE")]).unwrap().xds.is_none());
+
+        // A forced start whose health must still wait for a config is no different from
+        // an unforced one here: both answer UNAVAILABLE until it comes.
+        let waits = read_of(&[
+            ("CONFIG_TYPE", "GRPC_XDS_SOTW"),
+            ("FORCE_START_WITHOUT_INITIAL_CONFIG", "true"),
+            ("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", "true"),
+        ])
+        .unwrap();
+        assert!(!waits.xds.expect("xDS is on").serve_before_config);
     }
 
     #[test]

@@ -488,8 +488,9 @@ struct XdsArgs {
     /// has no config for this node id [default: 15s].
     #[arg(long, env = "MESHLIMIT_XDS_INITIAL_FETCH_TIMEOUT", value_parser = parse_interval)]
     xds_initial_fetch_timeout: Option<Duration>,
-    /// Answer every request OK until the first config arrives, instead of failing health
-    /// checks [default: false, or FORCE_START_WITHOUT_INITIAL_CONFIG].
+    /// Pass health checks before the first config arrives; requests are still answered
+    /// UNAVAILABLE until it does, so Envoy's failure_mode_deny decides them [default:
+    /// false, or FORCE_START_WITHOUT_INITIAL_CONFIG unless HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED]
     #[arg(long, env = "MESHLIMIT_XDS_SERVE_BEFORE_CONFIG", action = clap::ArgAction::Set)]
     xds_serve_before_config: Option<bool>,
 }

@@ -199,12 +199,6 @@ impl ConfigFeed {
             }
             ConfigSource::Xds(xds) => {
                 let live: LiveConfig = Arc::new(arc_swap::ArcSwapOption::empty());
-                if xds.serve_before_config {
-                    // No domains: every request is answered OK until the first config.
-                    let empty = crate::config::load_texts([], &options.load)
-                        .map_err(|errors| ServeError::Xds(errors.to_string()))?;
-                    live.store(Some(Arc::new(empty)));
-                }
                 let client =
                     XdsClient::new((**xds).clone(), options.load, live.clone(), metrics.clone())
                         .map_err(ServeError::Xds)?;
@@ -535,9 +529,13 @@ async fn serve_with<S: CounterStore>(
 
     let mut tls_watcher = None;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let health = Arc::new(match store_check {
+    let health = match store_check {
         Some(check) => Health::requiring_store(check),
         None => Health::default(),
+    };
+    let health = Arc::new(match &options.config {
+        ConfigSource::Xds(xds) if xds.serve_before_config => health.before_config(),
+        _ => health,
     });
     health.set_serving(true);
     // The gRPC health service says what /healthcheck says: serving once there is a config

@@ -363,9 +363,15 @@ async fn before_the_first_config_health_fails_unless_asked_to_serve() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
     assert_eq!(grpc_health(&waiting).await, ServingStatus::NotServing);
 
+    // Asked to serve before a config (FORCE_START_WITHOUT_INITIAL_CONFIG): healthy, but
+    // still UNAVAILABLE, so Envoy's failure_mode_deny decides, as with envoyproxy/ratelimit.
     let health = serving.admin_get("/healthcheck");
     assert_eq!(health.status, 200, "{}", serving.logs());
-    assert_eq!(decide(&serving, "dee").await.unwrap(), Code::Ok);
+    assert_eq!(grpc_health(&serving).await, ServingStatus::Serving);
+    let status = decide(&serving, "dee")
+        .await
+        .expect_err("no config to decide with yet");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
 
     // A subscription left unanswered is called out, with the node id a control plane
     // without a config for it would ignore.

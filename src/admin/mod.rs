@@ -29,13 +29,15 @@ use crate::store::CounterStore;
 /// Whether the counter store can be reached, for health checks that ask it.
 pub type StoreCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Whether this replica should receive traffic: a config is loaded, gRPC is serving and,
-/// when asked (`--health-requires-redis`), the store can be reached. Serving is turned off
-/// first thing on shutdown, so probes fail before connections close.
+/// Whether this replica should receive traffic: a config is loaded (unless told to serve
+/// before one), gRPC is serving and, when asked (`--health-requires-redis`), the store can
+/// be reached. Serving is turned off first thing on shutdown, so probes fail before
+/// connections close.
 #[derive(Default)]
 pub struct Health {
     serving: AtomicBool,
     store: Option<StoreCheck>,
+    before_config: bool,
 }
 
 impl Health {
@@ -44,6 +46,16 @@ impl Health {
         Self {
             serving: AtomicBool::new(false),
             store: Some(store),
+            before_config: false,
+        }
+    }
+
+    /// Healthy before the first config too (`--xds-serve-before-config`): decisions are
+    /// UNAVAILABLE until it comes, and Envoy's `failure_mode_deny` decides them.
+    pub fn before_config(self) -> Self {
+        Self {
+            before_config: true,
+            ..self
         }
     }
 
@@ -58,7 +70,7 @@ impl Health {
     /// Serving, with `config` loaded, and the store reachable if that is required.
     pub fn is_healthy(&self, config: &LiveConfig) -> bool {
         self.is_serving()
-            && config.load().is_some()
+            && (self.before_config || config.load().is_some())
             && self.store.as_ref().is_none_or(|reachable| reachable())
     }
 }

@@ -63,8 +63,9 @@ pub struct XdsOptions {
     /// How long a subscription may go unanswered before a warning says so (Envoy's
     /// `initial_fetch_timeout`). The stream stays open: a server may answer late.
     pub initial_fetch_timeout: Duration,
-    /// Answer (with no limits) before the first config arrives, instead of failing health
-    /// checks and answering UNAVAILABLE (FORCE_START_WITHOUT_INITIAL_CONFIG).
+    /// Pass health checks before the first config arrives, still answering UNAVAILABLE
+    /// so Envoy's `failure_mode_deny` decides, as envoyproxy/ratelimit does with
+    /// FORCE_START_WITHOUT_INITIAL_CONFIG.
     pub serve_before_config: bool,
 }
 
@@ -279,6 +280,8 @@ impl XdsClient {
     fn meanwhile(&self) -> &'static str {
         if self.live.load().is_some() {
             "the current config keeps serving"
+        } else if self.options.serve_before_config {
+            "no config yet: requests are answered UNAVAILABLE and Envoy's failure_mode_deny decides them"
         } else {
             "no config yet, so health checks fail"
         }
