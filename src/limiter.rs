@@ -632,15 +632,19 @@ fn record_by_value(
     );
 }
 
-/// The rules with `metadata` that let their descriptor pass: unlimited, within the limit,
-/// or over it in shadow or warn mode (envoyproxy/ratelimit answers shadow mode OK). A
-/// quota-mode descriptor over its limit did not pass, even when the request does.
+/// The rules with `metadata` that let their descriptor pass: within the limit, or over it
+/// in shadow or warn mode (envoyproxy/ratelimit answers shadow mode OK). A quota-mode
+/// descriptor over its limit did not pass, even when the request does. An unlimited rule
+/// counts nothing and is left out, as envoyproxy/ratelimit leaves it out of the passed
+/// descriptors, so a migrated config hands later filters the same metadata.
 fn passed_rules<'c>(resolved: &[Resolved<'c>], decided: &[Decided<'_>]) -> Few<&'c Rule> {
     resolved
         .iter()
         .enumerate()
         .filter_map(|(i, resolved)| {
-            let rule = resolved.rule().filter(|rule| rule.metadata.is_some())?;
+            let rule = resolved.rule().filter(|rule| {
+                rule.metadata.is_some() && !matches!(rule.limit, RuleLimit::Unlimited)
+            })?;
             let over = decided.iter().any(|d| d.descriptor == i && d.over);
             (!over).then_some(rule)
         })

@@ -735,8 +735,11 @@ descriptors:
   - key: tenant
     metadata: {owner: {team: payments, oncall: pay-oncall}, tier: gold}
     rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: zone
+    metadata: {owner: {team: platform, site: eu-1}, zone_limited: true}
+    rate_limit: {unit: minute, requests_per_unit: 100}
   - key: region
-    metadata: {owner: {team: platform, site: eu-1}, region_limited: true}
+    metadata: {region_limited: true}
     rate_limit: {unlimited: true}
   - key: client
     descriptors:
@@ -1152,6 +1155,7 @@ fn metadata_of_the_rules_a_request_passed_reaches_dynamic_metadata() {
     });
     let req = request(vec![
         descriptor(&[("tenant", "acme")]),
+        descriptor(&[("zone", "z1")]),
         descriptor(&[("region", "eu")]),
     ]);
     // The `metadata` merged at the top of the dynamic metadata, where envoyproxy/ratelimit
@@ -1162,21 +1166,24 @@ fn metadata_of_the_rules_a_request_passed_reaches_dynamic_metadata() {
         text.retain(|c| !c.is_whitespace());
         Some(text)
     };
-    let first = passed(&decide(&limiter, &req)).expect("metadata of both rules");
-    // Both rules passed: their mappings merge, nested ones field by field, and where both
-    // name a plain value the first descriptor's stays.
+    let first = passed(&decide(&limiter, &req)).expect("metadata of both limited rules");
+    // Both limited rules passed: their mappings merge, nested ones field by field, and
+    // where both name a plain value the first descriptor's stays.
     for part in [
         "\"team\":Value{kind:Some(StringValue(\"payments\"))}",
         "\"oncall\"",
         "\"site\"",
         "\"tier\"",
-        "\"region_limited\":Value{kind:Some(BoolValue(true))}",
+        "\"zone_limited\":Value{kind:Some(BoolValue(true))}",
     ] {
         assert!(first.contains(part), "missing {part} in {first}");
     }
     assert!(!first.contains("platform"), "{first}");
-    // Over its limit of 1, the tenant rule no longer passes: only the region's metadata.
-    let second = passed(&decide(&limiter, &req)).expect("metadata of the unlimited rule");
+    // The region's rule is unlimited: it counts nothing, and envoyproxy/ratelimit leaves
+    // such descriptors out of those that passed.
+    assert!(!first.contains("region_limited"), "{first}");
+    // Over its limit of 1, the tenant rule no longer passes: only the zone's metadata.
+    let second = passed(&decide(&limiter, &req)).expect("metadata of the zone rule");
     assert!(
         second.contains("platform") && !second.contains("payments"),
         "{second}"
