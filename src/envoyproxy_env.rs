@@ -540,23 +540,39 @@ fn listen_addr(
     port_name: &str,
     default_port: u16,
 ) -> Result<SocketAddr, String> {
-    let host = match env(host_name) {
-        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .map_err(|_| {
-                format!("{host_name}={host}: write the IP address to listen on, e.g. 0.0.0.0")
-            })?,
-    };
     let port = match env(port_name) {
         None => default_port,
         Some(port) => port
             .parse()
             .map_err(|_| format!("{port_name}={port}: write a port number, e.g. {default_port}"))?,
     };
+    let host = match env(host_name) {
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Some(host) => match host.trim_start_matches('[').trim_end_matches(']').parse() {
+            Ok(ip) => ip,
+            Err(_) => resolve_listen_host(host_name, &host, port)?,
+        },
+    };
     Ok(SocketAddr::new(host, port))
+}
+
+/// A host name to listen on, as Go's listener takes it in envoyproxy/ratelimit
+/// (`HOST=localhost`): its first IPv4 address, else its first.
+fn resolve_listen_host(host_name: &str, host: &str, port: u16) -> Result<IpAddr, String> {
+    let cannot = |why: String| {
+        format!(
+            "{host_name}={host}: {why}; write an IP address or a name to listen on, e.g. 0.0.0.0"
+        )
+    };
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|error| cannot(format!("cannot be resolved ({error})")))?
+        .collect();
+    addrs
+        .iter()
+        .find(|addr| addr.is_ipv4())
+        .or(addrs.first())
+        .map(SocketAddr::ip)
+        .ok_or_else(|| cannot("resolves to no address".to_owned()))
 }
 
 /// Go's listen address: `:9090` means every interface.
@@ -701,11 +717,10 @@ mod tests {
         assert_eq!(v6.admin_addr, Some("[::1]:8080".parse().unwrap()));
         let bad = read_of(&[("GRPC_PORT", "tcp://10.0.0.7:8081")]).unwrap_err();
         assert!(bad.contains("GRPC_PORT=tcp://10.0.0.7:8081") && bad.contains("port number"));
-        assert!(
-            read_of(&[("HOST", "localhost")])
-                .unwrap_err()
-                .contains("IP address")
-        );
+        // A name, as Go's listener takes it: its address (from /etc/hosts here).
+        let named = read_of(&[("HOST", "localhost")]).unwrap();
+        let addr = named.admin_addr.expect("an admin address");
+        assert!(addr.ip().is_loopback() && addr.port() == 8080, "{addr}");
     }
 
     #[test]

@@ -74,7 +74,9 @@ impl Dialect {
             // makes statsd, statsd_exporter and Datadog count it `calls` times.
             Value::Millis { millis, calls } => {
                 let rate = (calls > 1).then(|| 1.0 / calls as f64);
-                (millis.to_string(), "ms", rate)
+                // To the nanosecond: a bucket's middle in milliseconds is not exact in
+                // binary (0.07500000000000001), and the agent needs no more digits.
+                (((millis * 1e6).round() / 1e6).to_string(), "ms", rate)
             }
         };
         let rate = rate.map(|r| format!("|@{r}")).unwrap_or_default();
@@ -157,6 +159,11 @@ mod tests {
             calls: 4,
         };
         assert_eq!(plain.line("t", four), "t:0.0175|ms|@0.25");
+        let inexact = Value::Millis {
+            millis: (0.05 + 0.1) / 2.0,
+            calls: 1,
+        };
+        assert_eq!(plain.line("t", inexact), "t:0.075|ms");
     }
 
     #[test]
