@@ -280,7 +280,10 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             )
             .collect();
         for d in &decided {
-            self.record(request, d);
+            match resolved.get(d.descriptor) {
+                Some(Resolved::Override(_)) => self.record_override(request, d),
+                _ => self.record(request, d),
+            }
         }
         let overall = self.overall(decided.iter().any(|d| d.rejects));
         let mut response = RateLimitResponse {
@@ -537,6 +540,49 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         result
     }
 
+    /// What one descriptor's decision adds to its counters.
+    fn hit(&self, request: &RateLimitRequest, d: &Decided<'_>, shadow: bool) -> Hit {
+        let hits = request
+            .descriptors
+            .get(d.descriptor)
+            .map_or(1, |descriptor| hits_of(request, descriptor));
+        let limit = u64::from(d.limit.requests_per_unit);
+        let used = limit.saturating_sub(d.verdict.remaining);
+        Hit {
+            hits,
+            over_limit: d.verdict.over_limit,
+            near_limit: used * 1_000_000 > self.near_limit_ppm * limit,
+            shadow,
+            local_cache: d.verdict.from_local_cache,
+        }
+    }
+
+    /// Adds a decision under a descriptor's own `limit` to its domain's override counters,
+    /// keyed by the descriptor's entries as envoyproxy/ratelimit keys them.
+    #[cold]
+    fn record_override(&self, request: &RateLimitRequest, d: &Decided<'_>) {
+        let Some(descriptor) = request.descriptors.get(d.descriptor) else {
+            return;
+        };
+        let mut key = String::new();
+        for entry in &descriptor.entries {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(&entry.key);
+            if !entry.value.is_empty() {
+                key.push('_');
+                key.push_str(&entry.value);
+            }
+        }
+        let hit = self.hit(request, d, false);
+        (self.metrics.override_stats(&request.domain)).record_keyed(
+            &hit,
+            &key,
+            self.clock.now_millis(),
+        );
+    }
+
     /// Adds one descriptor's decision to its rule's counters.
     fn record(&self, request: &RateLimitRequest, d: &Decided<'_>) {
         let Some(rule) = d.rule else {
@@ -545,19 +591,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let Some(stats) = rule.stats.get() else {
             return;
         };
-        let hits = request
-            .descriptors
-            .get(d.descriptor)
-            .map_or(1, |descriptor| hits_of(request, descriptor));
-        let limit = u64::from(d.limit.requests_per_unit);
-        let used = limit.saturating_sub(d.verdict.remaining);
-        let hit = Hit {
-            hits,
-            over_limit: d.verdict.over_limit,
-            near_limit: used * 1_000_000 > self.near_limit_ppm * limit,
-            shadow: rule.shadow_mode,
-            local_cache: d.verdict.from_local_cache,
-        };
+        let hit = self.hit(request, d, rule.shadow_mode);
         // `value_to_metric` and `detailed_metric` write the request's values into the
         // metric key; the rule's own series counts the rest.
         if rule.metric_key.is_empty() {

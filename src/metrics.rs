@@ -32,6 +32,10 @@ pub const KEYS_WITH_VALUES_CAP: usize = 1_000;
 /// scrape and statsd push has taken the series' last hits before it goes.
 pub const IDLE_KEYED_SERIES_MILLIS: u64 = 10 * 60_000;
 
+/// The last part of the path overrides' counters go under past the cap: not a key a
+/// config's descriptor would have.
+const OVERRIDES: &str = "(override)";
+
 /// How often a rule at the cap looks for idle series: a look walks every series under the
 /// rule's lock, so a flood of new values must not make one per request.
 const IDLE_SWEEP_EVERY_MILLIS: u64 = 1_000;
@@ -475,19 +479,37 @@ impl Metrics {
         let mut rules = self.rules.lock();
         for domain in config.domains() {
             for rule in domain.rules() {
-                let stats = rules
-                    .entry((domain.name.clone(), rule.path.clone()))
-                    .or_insert_with(|| {
-                        let stats = RuleStats::default();
-                        stats
-                            .keep_idle_series
-                            .store(self.mapped(), Ordering::Relaxed);
-                        Arc::new(stats)
-                    })
-                    .clone();
+                let stats = self.stats_in(&mut rules, &domain.name, &rule.path);
                 let _ = rule.stats.set(stats);
             }
         }
+    }
+
+    /// The counters of the requests in `domain` that carried their own `limit` (Envoy's
+    /// override): each under its descriptor's entries with their values, as
+    /// envoyproxy/ratelimit names them (`<domain>.<key>_<value>…`); past the cap of such
+    /// keys, under `<domain>.(override)`.
+    pub fn override_stats(&self, domain: &str) -> Arc<RuleStats> {
+        let path = format!("{domain}.{OVERRIDES}");
+        self.stats_in(&mut self.rules.lock(), domain, &path)
+    }
+
+    fn stats_in(
+        &self,
+        rules: &mut HashMap<RuleId, Arc<RuleStats>>,
+        domain: &str,
+        path: &str,
+    ) -> Arc<RuleStats> {
+        rules
+            .entry((domain.into(), path.into()))
+            .or_insert_with(|| {
+                let stats = RuleStats::default();
+                stats
+                    .keep_idle_series
+                    .store(self.mapped(), Ordering::Relaxed);
+                Arc::new(stats)
+            })
+            .clone()
     }
 
     /// Adds a gauge read when `/metrics` is scraped (e.g. the memory store's entry count).

@@ -988,6 +988,40 @@ fn detailed_series_stay_under_a_statsd_exporter_mapping() {
     );
 }
 
+/// A descriptor carrying its own `limit` (Envoy's override) counts under its entries with
+/// their values, where envoyproxy/ratelimit counts it, so its dashboards see the hits.
+#[test]
+fn hits_under_a_limit_override_count_under_the_descriptors_entries() {
+    let clock = ManualClock::at(START);
+    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
+    let mut d = descriptor(&[("client", "web"), ("path", "/api/x")]);
+    d.limit = Some(RateLimitOverride {
+        requests_per_unit: 1,
+        unit: crate::proto::envoy::r#type::v3::RateLimitUnit::Minute as i32,
+    });
+    let req = request(vec![d]);
+    let codes: Vec<Code> = (0..3)
+        .map(|_| decide(&limiter, &req).overall_code())
+        .collect();
+    assert_eq!(codes, [Code::Ok, Code::OverLimit, Code::OverLimit]);
+    let statsd = metrics.statsd_counters();
+    for (stat, value) in [("total_hits", 3), ("within_limit", 1), ("over_limit", 2)] {
+        let name = format!("ratelimit.service.rate_limit.edge.client_web.path_/api/x.{stat}");
+        assert!(
+            statsd.contains(&(name.clone(), value)),
+            "no {name} = {value} in {statsd:?}"
+        );
+    }
+    let text = metrics.render();
+    let line = "ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"client_web.path_/api/x\",key1=\"client_web\",key2=\"path_/api/x\"} 3";
+    assert!(text.contains(line), "no {line} in\n{text}");
+    // The rule the entries would match without the override counted nothing.
+    assert!(
+        text.contains("ratelimit_service_rate_limit_total_hits{domain=\"edge\",key=\"client.path_/api/*\",key1=\"client\",key2=\"path_/api/*\"} 0"),
+        "{text}"
+    );
+}
+
 #[test]
 fn value_to_metric_puts_request_values_in_the_metric_key() {
     let clock = ManualClock::at(START);
