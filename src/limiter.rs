@@ -429,7 +429,9 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                     remaining: verdict.remaining,
                     reset_after_millis: verdict.reset_after_millis,
                     reset_at_millis: now + verdict.reset_after_millis,
-                    over_limit: verdict.over_limit,
+                    // A look of no hits is over only past the limit; a window exactly at
+                    // it turns the next request away too.
+                    over_limit: verdict.over_limit || verdict.remaining == 0,
                     owed,
                 }
             })
@@ -914,6 +916,8 @@ pub struct LimitUsage {
     pub reset_after_millis: u64,
     /// When that is, in milliseconds since the Unix epoch.
     pub reset_at_millis: u64,
+    /// A request of one hit now would be turned away: nothing left (a window at its
+    /// limit, a bucket empty or in debt), or a penalty block.
     pub over_limit: bool,
     /// How far a bucket charged after the fact is past what it holds, in hits (to within
     /// what refills in a millisecond); `None` when it is not in debt.

@@ -1224,6 +1224,30 @@ fn metadata_of_the_rules_a_request_passed_reaches_dynamic_metadata() {
     );
 }
 
+/// `/v1/usage` on a window whose limit is used up says it is over: the next request is
+/// turned away, though a look of no hits is not past the limit.
+#[test]
+fn usage_of_a_window_used_up_is_over_the_limit() {
+    let config = "domain: edge\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 2}\n";
+    let clock = ManualClock::at(START);
+    let (limiter, _) = limiter_with_metrics(config, &clock, 0.8);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let req = request(vec![descriptor(&[("k", "v")])]);
+    let usage = || {
+        let used = runtime
+            .block_on(limiter.usage(&req))
+            .unwrap_or_else(|e| panic!("{e}"));
+        (used[0].used, used[0].remaining, used[0].over_limit)
+    };
+    decide(&limiter, &req);
+    assert_eq!(usage(), (1, 1, false));
+    decide(&limiter, &req);
+    assert_eq!(usage(), (2, 0, true));
+    assert_eq!(decide(&limiter, &req).overall_code(), Code::OverLimit);
+}
+
 #[test]
 fn usage_of_a_bucket_is_out_of_what_it_holds_and_says_what_it_owes() {
     const BUCKETS: &str = "\
