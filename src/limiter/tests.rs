@@ -893,6 +893,14 @@ fn detailed_metric_counts_each_request_under_all_its_values() {
     );
 }
 
+/// A request from `client` on `/api/a`, which the detailed `client`/`path` rule counts.
+fn call_api_a(limiter: &RateLimiter<MemoryStore, ManualClock>, client: &str) {
+    decide(
+        limiter,
+        &request(vec![descriptor(&[("client", client), ("path", "/api/a")])]),
+    );
+}
+
 /// The `total_hits` series of the detailed `client`/`path` rule, by key.
 fn client_series(metrics: &crate::metrics::Metrics) -> BTreeMap<String, u64> {
     let prefix = "ratelimit.service.rate_limit.edge.client";
@@ -911,12 +919,7 @@ fn idle_detailed_series_make_room_for_new_values_at_the_cap() {
     use crate::metrics::{IDLE_KEYED_SERIES_MILLIS, KEYS_WITH_VALUES_CAP};
     let clock = ManualClock::at(START);
     let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
-    let call = |client: &str| {
-        decide(
-            &limiter,
-            &request(vec![descriptor(&[("client", client), ("path", "/api/a")])]),
-        );
-    };
+    let call = |client: &str| call_api_a(&limiter, client);
     for i in 0..KEYS_WITH_VALUES_CAP {
         call(&format!("c{i}"));
     }
@@ -964,12 +967,7 @@ fn detailed_series_stay_under_a_statsd_exporter_mapping() {
     )
     .unwrap();
     metrics.set_names(EnvoyproxyNames::Mapped(Box::new(mapping)));
-    let call = |client: &str| {
-        decide(
-            &limiter,
-            &request(vec![descriptor(&[("client", client), ("path", "/api/a")])]),
-        );
-    };
+    let call = |client: &str| call_api_a(&limiter, client);
     for i in 0..KEYS_WITH_VALUES_CAP {
         call(&format!("c{i}"));
     }
