@@ -217,6 +217,9 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let config = self.config.load_full().ok_or(DecisionError::NoConfig)?;
         let Some(domain) = config.domain(&request.domain) else {
             // envoyproxy/ratelimit answers OK with no limit for a domain it does not know.
+            if self.metrics.record_unknown_domain(&request.domain) {
+                tracing::warn!(domain = %request.domain, known = %config.domain_names(), "a request for a domain no config defines: answered OK with no limits, as are the next (counted in meshlimit_unknown_domain_requests_total); check the domain in Envoy's ratelimit filter");
+            }
             return Ok(no_limits(request.descriptors.len()));
         };
         let resolved = resolve(request, &config, domain)?;

@@ -48,6 +48,12 @@ impl RateLimitConfig {
         self.domains.drain().map(|(_, domain)| domain).collect()
     }
 
+    /// The domains' names, sorted and comma-separated, for messages.
+    pub fn domain_names(&self) -> String {
+        let names: Vec<&str> = self.domains().iter().map(|d| &*d.name).collect();
+        names.join(", ")
+    }
+
     /// Domains sorted by name, for stable reports.
     pub fn domains(&self) -> Vec<&DomainTree> {
         let mut domains: Vec<_> = self.domains.values().collect();

@@ -32,6 +32,12 @@ pub const KEYS_WITH_VALUES_CAP: usize = 1_000;
 /// scrape and statsd push has taken the series' last hits before it goes.
 pub const IDLE_KEYED_SERIES_MILLIS: u64 = 10 * 60_000;
 
+/// Distinct unknown domains counted by name; requests for further ones count under
+/// `UNKNOWN_DOMAINS_OTHER`. A domain is the client's to write, so it is not trusted to be
+/// few.
+pub const UNKNOWN_DOMAINS_CAP: usize = 100;
+const UNKNOWN_DOMAINS_OTHER: &str = "(other)";
+
 /// The last part of the path overrides' counters go under past the cap: not a key a
 /// config's descriptor would have.
 const OVERRIDES: &str = "(override)";
@@ -381,6 +387,10 @@ pub struct Metrics {
     /// The gRPC port's client connections.
     pub connections: Arc<ConnectionCounts>,
     rules: Mutex<HashMap<RuleId, Arc<RuleStats>>>,
+    /// Requests for a domain no config defines, by domain: answered OK with no limits
+    /// (as envoyproxy/ratelimit answers them), which is what a typo in Envoy's `domain`
+    /// looks like.
+    unknown_domains: Mutex<BTreeMap<String, u64>>,
     gauges: Mutex<Vec<Gauge>>,
     /// How the metrics envoyproxy/ratelimit also has are named; a mapping file that
     /// changes is swapped in while serving.
@@ -483,6 +493,24 @@ impl Metrics {
                 let _ = rule.stats.set(stats);
             }
         }
+    }
+
+    /// Counts a request for `domain`, which no config defines. True the first time the
+    /// domain is seen, so the caller can say so once in the log.
+    pub fn record_unknown_domain(&self, domain: &str) -> bool {
+        let mut unknown = self.unknown_domains.lock();
+        if let Some(count) = unknown.get_mut(domain) {
+            *count += 1;
+            return false;
+        }
+        let name = if unknown.len() < UNKNOWN_DOMAINS_CAP {
+            domain
+        } else {
+            UNKNOWN_DOMAINS_OTHER
+        };
+        let count = unknown.entry(name.to_owned()).or_default();
+        *count += 1;
+        *count == 1
     }
 
     /// The counters of the requests in `domain` that carried their own `limit` (Envoy's
@@ -620,6 +648,17 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
                 read()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshlimit_unknown_domain_requests_total Requests for a domain no config defines, answered OK with no limits (envoyproxy/ratelimit's domain_not_found).\n# TYPE meshlimit_unknown_domain_requests_total counter"
+        );
+        for (domain, count) in self.unknown_domains.lock().iter() {
+            let _ = writeln!(
+                out,
+                "meshlimit_unknown_domain_requests_total{{domain=\"{}\"}} {count}",
+                escape(domain)
             );
         }
         self.decision_latency.render(
@@ -774,6 +813,12 @@ impl Metrics {
                 }
             });
         }
+        for (domain, count) in self.unknown_domains.lock().iter() {
+            out.push((
+                format!("ratelimit.service.rate_limit.{domain}.domain_not_found"),
+                *count,
+            ));
+        }
         out
     }
 
@@ -849,6 +894,27 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_domains_past_the_cap_count_together_and_each_is_new_once() {
+        let metrics = Metrics::default();
+        assert!(metrics.record_unknown_domain("d0"));
+        assert!(!metrics.record_unknown_domain("d0"));
+        for i in 1..UNKNOWN_DOMAINS_CAP + 50 {
+            metrics.record_unknown_domain(&format!("d{i}"));
+        }
+        let text = metrics.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("meshlimit_unknown_domain_requests_total{"))
+            .count();
+        assert_eq!(series, UNKNOWN_DOMAINS_CAP + 1, "{text}");
+        assert!(text.contains("meshlimit_unknown_domain_requests_total{domain=\"d0\"} 2\n"));
+        assert!(
+            text.contains("meshlimit_unknown_domain_requests_total{domain=\"(other)\"} 50\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn latency_buckets_read_as_their_middles_and_the_slowest_as_the_last_bound() {

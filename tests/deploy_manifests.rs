@@ -998,7 +998,7 @@ fn alerts_load_fire_on_their_faults_and_read_exported_metrics() {
             .args(["check", "rules", ALERTS])
             .current_dir(repo_root()),
     );
-    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 10 rules found"), "{checked}");
     let tested = stdout_of(
         Command::new(&promtool)
             .args(["test", "rules", "tests/deploy/alerts_test.yaml"])

@@ -111,6 +111,31 @@ fn outcome(response: &RateLimitResponse) -> (Code, u32) {
 // ---------------------------------------------------------------------------------------
 // /metrics
 
+/// A typo in Envoy's `domain`: every request is let through with no limits, as
+/// envoyproxy/ratelimit lets it through, but the operator can see it: a counter by domain
+/// (which `MeshlimitUnknownDomain` alerts on) and one warning in the log, naming the
+/// domains the config does define.
+#[test]
+fn requests_for_a_misspelt_domain_pass_and_are_counted_and_logged_once() {
+    let stack = Stack::start(config(), fixture("envoy/ratelimit_http.yaml"), "opertions");
+    let statuses: Vec<u16> = (0..5).map(|_| stack.get_as("alice", "/").status).collect();
+    assert_eq!(statuses, [200; 5], "{}", stack.logs());
+    let meshlimit = &stack.meshlimit;
+    let counted = meshlimit.metric("meshlimit_unknown_domain_requests_total{domain=\"opertions\"}");
+    // Envoy sends each request's descriptors in one call (more if its routes asked twice).
+    assert!(counted >= 5, "{counted}\n{}", stack.logs());
+    let logs = meshlimit.logs();
+    let warnings = logs
+        .lines()
+        .filter(|line| line.contains("a request for a domain no config defines"))
+        .collect::<Vec<_>>();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(
+        warnings[0].contains("opertions") && warnings[0].contains(DOMAIN),
+        "{logs}"
+    );
+}
+
 #[test]
 fn metrics_count_the_decisions_a_real_envoy_asks_for() {
     let stack = Stack::start(config(), fixture("envoy/ratelimit_http.yaml"), DOMAIN);

@@ -238,6 +238,34 @@ fn an_unknown_domain_is_ok_with_no_limit() {
     assert!(response.statuses.iter().all(|s| s.current_limit.is_none()));
 }
 
+/// Requests for a domain no config defines (a typo in Envoy's `domain`) are counted by
+/// domain, under meshlimit's name and envoyproxy/ratelimit's statsd one.
+#[test]
+fn requests_for_an_unknown_domain_are_counted_by_domain() {
+    let clock = ManualClock::at(START);
+    let (limiter, metrics) = limiter_with_metrics(COMPAT_FIELDS, &clock, 0.8);
+    let mut req = request(vec![descriptor(&[("user", "a")])]);
+    req.domain = "egde".into();
+    for _ in 0..3 {
+        assert_eq!(decide(&limiter, &req).overall_code(), Code::Ok);
+    }
+    decide(&limiter, &request(vec![descriptor(&[("user", "a")])]));
+    let text = metrics.render();
+    assert!(
+        text.contains("meshlimit_unknown_domain_requests_total{domain=\"egde\"} 3\n"),
+        "{text}"
+    );
+    assert!(!text.contains("domain=\"edge\"} 1\n"), "{text}");
+    let statsd = metrics.statsd_counters();
+    assert!(
+        statsd.contains(&(
+            "ratelimit.service.rate_limit.egde.domain_not_found".to_owned(),
+            3
+        )),
+        "{statsd:?}"
+    );
+}
+
 fn rejection(request: &RateLimitRequest) -> String {
     let clock = ManualClock::at(START);
     let limiter = limiter(&clock);
