@@ -622,10 +622,10 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 bounds.max_descriptors
             ));
         }
+        // A descriptor with no entries is no error: Envoy sends one when every action of a
+        // `rate_limits` entry was skipped (`skip_if_absent` without its header). It matches
+        // no rule, as in envoyproxy/ratelimit, and the request's other descriptors count.
         for (i, descriptor) in request.descriptors.iter().enumerate() {
-            if descriptor.entries.is_empty() {
-                return invalid(format!("descriptor {i} has no entries"));
-            }
             if descriptor.entries.len() > bounds.max_entries {
                 return invalid(format!(
                     "descriptor {i} has {} entries; at most {} are accepted (--max-entries)",

@@ -794,7 +794,8 @@ fn is_valid(request: &RateLimitRequest, bounds: &RequestBounds, known: bool) -> 
     !request.domain.is_empty()
         && (1..=bounds.max_descriptors).contains(&request.descriptors.len())
         && request.descriptors.iter().all(|d| {
-            (1..=bounds.max_entries).contains(&d.entries.len())
+            // No entries is fine: what Envoy sends when every action was skipped.
+            d.entries.len() <= bounds.max_entries
                 && d.entries.iter().all(|e| {
                     !e.key.is_empty()
                         && e.key.len() <= bounds.max_entry_bytes
@@ -1464,12 +1465,6 @@ async fn oversized_and_overfull_requests_are_refused() {
             "--max-entries",
         ),
         (
-            "a descriptor of no entries",
-            request(descriptors(1, 0, 1, 1)),
-            tonic::Code::InvalidArgument,
-            "no entries",
-        ),
-        (
             "an empty key",
             request(descriptors(1, 1, 0, 1)),
             tonic::Code::InvalidArgument,
@@ -1511,6 +1506,11 @@ async fn oversized_and_overfull_requests_are_refused() {
             request(descriptors(1, 1, 4_096, 4_096)),
         ),
         ("an empty value", request(descriptors(1, 1, 1, 0))),
+        // What Envoy sends when `skip_if_absent` skipped every action: no limit.
+        (
+            "a descriptor of no entries",
+            request(descriptors(1, 0, 1, 1)),
+        ),
         (
             "64 descriptors of 32 entries",
             request(descriptors(64, 32, 4, 4)),

@@ -224,6 +224,23 @@ fn a_request_limit_override_replaces_the_configured_limit() {
     assert_eq!(response.statuses[0].limit_remaining, 2);
 }
 
+/// What Envoy sends when a `rate_limits` entry's actions were all skipped (a header
+/// action with `skip_if_absent` and no header): a descriptor with no entries. It has no
+/// limit, and the others still count; an error would let the whole request through a
+/// fail-open Envoy.
+#[test]
+fn a_descriptor_with_no_entries_has_no_limit_and_the_others_count() {
+    let clock = ManualClock::at(START);
+    let limiter = limiter(&clock);
+    let req = request(vec![descriptor(&[]), descriptor(&[("user", "a")])]);
+    let first = decide(&limiter, &req);
+    assert_eq!(codes(&first), [Code::Ok, Code::Ok]);
+    assert!(first.statuses[0].current_limit.is_none());
+    let counted = first.statuses[1].limit_remaining;
+    let second = decide(&limiter, &req);
+    assert_eq!(second.statuses[1].limit_remaining, counted - 1);
+}
+
 #[test]
 fn an_unknown_domain_is_ok_with_no_limit() {
     let clock = ManualClock::at(START);
@@ -288,7 +305,6 @@ fn malformed_requests_are_rejected_with_a_reason() {
         rejection(&request(vec![descriptor(&[("", "a")])]))
             .contains("descriptor 0 entry 0 has an empty key")
     );
-    assert!(rejection(&request(vec![descriptor(&[])])).contains("descriptor 0 has no entries"));
     let many = request(vec![descriptor(&[("user", "a")]); 65]);
     assert!(rejection(&many).contains("at most 64"));
     let long = "x".repeat(5_000);
