@@ -1041,10 +1041,10 @@ async fn a_real_prometheus_fires_the_config_alert_when_meshlimit_rejects_a_chang
     });
     assert!(scraped.is_some(), "{}", prometheus.describe());
     std::thread::sleep(Duration::from_secs(3));
-    // All nine rules loaded and evaluated without error, and none of them pending.
+    // All ten rules loaded and evaluated without error, and none of them pending.
     let rules = prometheus.api("/api/v1/rules")["groups"][0]["rules"].clone();
     let rules = rules.as_array().cloned().unwrap_or_default();
-    assert_eq!(rules.len(), 9, "{rules:#?}");
+    assert_eq!(rules.len(), 10, "{rules:#?}");
     for rule in &rules {
         assert_eq!(rule["health"], "ok", "{rule:#}");
     }
