@@ -180,7 +180,7 @@ impl<'d> PolicyTable<'d> {
         scope: Scope<'_>,
         used_at: &SourceLocation,
         problems: &mut dyn Problems,
-        chain: &mut Vec<(String, SourceLocation)>,
+        chain: &mut Vec<((bool, String), SourceLocation)>,
     ) -> Option<Arc<ResolvedPolicy>> {
         let Some((definition, found_in)) = self.find(name, scope) else {
             let mut known: Vec<&str> = self
@@ -205,11 +205,11 @@ impl<'d> PolicyTable<'d> {
             return done.clone().ok();
         }
         let here = location(&definition.file, &definition.block.referenced);
-        if let Some(start) = chain.iter().position(|(n, _)| n == name) {
+        if let Some(start) = chain.iter().position(|(key, _)| *key == cache_key) {
             let cycle: Vec<String> = chain
                 .iter()
                 .skip(start)
-                .map(|(n, at)| format!("`{n}` ({at})"))
+                .map(|((_, n), at)| format!("`{n}` ({at})"))
                 .collect();
             problems.problem(
                 &here,
@@ -221,7 +221,7 @@ impl<'d> PolicyTable<'d> {
             return None;
         }
         if chain.len() + 1 >= super::MAX_EXTENDS_DEPTH {
-            let first = chain.first().map_or(name, |(n, _)| n.as_str());
+            let first = chain.first().map_or(name, |((_, n), _)| n.as_str());
             problems.problem(
                 &here,
                 format!(
@@ -231,12 +231,25 @@ impl<'d> PolicyTable<'d> {
             );
             return None;
         }
-        chain.push((name.to_owned(), here.clone()));
+        chain.push((cache_key.clone(), here.clone()));
         let block = &definition.block.value;
         let base = match &block.extends {
             Some(parent) => {
                 let parent_at = location(&definition.file, &parent.referenced);
-                match self.resolve_in_chain(&parent.value, found_in, &parent_at, problems, chain) {
+                // A domain's policy extending its own name adjusts the shared policy it
+                // shadows, rather than naming itself.
+                let parent_scope = if found_in != Scope::Shared && parent.value == name {
+                    Scope::Shared
+                } else {
+                    found_in
+                };
+                match self.resolve_in_chain(
+                    &parent.value,
+                    parent_scope,
+                    &parent_at,
+                    problems,
+                    chain,
+                ) {
                     Some(base) => (*base).clone(),
                     None => {
                         chain.pop();

@@ -874,6 +874,29 @@ descriptors:
         assert_eq!(limits(&config, "local", &[("k", "v")]), ["1/1s"]);
     }
 
+    /// `standard: {extends: standard, …}` in a domain adjusts the shared `standard` for
+    /// that domain: its parent is the shared policy it shadows, not itself.
+    #[test]
+    fn a_domain_policy_extends_the_shared_one_it_shadows() {
+        let local = "domain: local\npolicies:\n  standard:\n    extends: standard\n    algorithm: fixed_window\ndescriptors:\n  - key: k\n    policy: standard\n";
+        let config = load(&[("shared.yaml", SHARED), ("local.yaml", local)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            limits(&config, "local", &[("k", "v")]),
+            ["100/1m", "5000/1d"]
+        );
+        assert_eq!(
+            effective(&config, "local", &[("k", "v")]).map(|e| e.1),
+            Some("fixed_window".into())
+        );
+        // A shared policy extending its own name still names itself.
+        let text = problems(&[
+            ("p.yaml", "policies:\n  a:\n    extends: a\n"),
+            ("d.yaml", "domain: d\ndefaults: {policy: a}\n"),
+        ]);
+        assert!(text.contains("policy `extends` chain is a cycle"), "{text}");
+    }
+
     fn problems(files: &[(&str, &str)]) -> String {
         match load(files) {
             Ok(_) => panic!("expected errors"),
