@@ -479,6 +479,21 @@ fn a_request_over_two_limits_is_told_to_come_back_when_both_have_reset() {
     );
 }
 
+/// A header action with `skip_if_absent` and no header: Envoy sends that descriptor with
+/// no entries. It has no limit, and the address's login limit still counts (an error
+/// would fail the whole call, and Envoy's failure mode would decide every request).
+#[test]
+fn a_descriptor_envoy_sends_empty_leaves_the_other_limits_counting() {
+    let stack = start(EnvoyHeaders::Off, &[], &[]);
+    let client: &[(&str, &str)] = &[("x-forwarded-for", "203.0.113.11")];
+    // Three in one second: the third is over the login limit (2 a second).
+    avoid_window_edge_precisely(Duration::from_secs(1), Duration::from_millis(800));
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| stack.get("/optional", client).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429], "{}", stack.logs());
+}
+
 /// The support desk's way out of a lockout: `DELETE /v1/usage` on the admin port for the
 /// address's login descriptor lifts its block and its count at once, where it would
 /// otherwise wait out the block; another address's count is left as it was.
