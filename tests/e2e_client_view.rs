@@ -494,6 +494,27 @@ fn a_descriptor_envoy_sends_empty_leaves_the_other_limits_counting() {
     assert_eq!(statuses, [200, 200, 429], "{}", stack.logs());
 }
 
+/// A user id header with a byte that is not UTF-8 (latin-1 `ü`), which Envoy passes on as
+/// it came: the request is still limited, under a key of its own, and does not fail (a
+/// failed call would let it through a fail-open Envoy, and through a fail-closed one turn
+/// it away with a 500).
+#[test]
+fn a_header_value_that_is_not_utf8_is_limited_like_any_other() {
+    let stack = start(EnvoyHeaders::Off, &[], &[]);
+    let addr = stack.envoy.listener_addr;
+    let send = |value: &[u8]| {
+        common::http::get_with_raw_header(addr, "/", "x-user-id", value)
+            .unwrap_or_else(|err| panic!("GET through Envoy: {err}"))
+            .status
+    };
+    avoid_window_edge(3_600, 10);
+    let statuses: Vec<u16> = (0..4).map(|_| send(b"m\xfcller")).collect();
+    // per_user: 3 an hour.
+    assert_eq!(statuses, [200, 200, 200, 429], "{}", stack.logs());
+    // Another stray byte is another user.
+    assert_eq!(send(b"m\xfdller"), 200, "{}", stack.logs());
+}
+
 /// The support desk's way out of a lockout: `DELETE /v1/usage` on the admin port for the
 /// address's login descriptor lifts its block and its count at once, where it would
 /// otherwise wait out the block; another address's count is left as it was.

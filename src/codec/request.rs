@@ -9,7 +9,13 @@
 //! wire type, and each singular message at most once. Anything else (an unknown field, a
 //! group, a wire type of another field, a repeated `limit`, bad UTF-8, a truncation or an
 //! overlong varint) makes the fast reader give up, and prost decodes the whole message
-//! instead, so skipping, merging and every error stay exactly prost's.
+//! instead, so skipping, merging and every error stay exactly prost's — but one: an entry
+//! value that is not UTF-8. Envoy passes a header's bytes on as they came (obs-text such as
+//! `\xff` included), and prost refuses the whole request for them, which would let it
+//! through a fail-open Envoy, every other descriptor's limit with it. Such a value is read
+//! with each stray byte written `\xFF`, so it counts under a key of its own.
+
+use std::fmt::Write;
 
 use prost::{DecodeError, Message};
 
@@ -23,21 +29,31 @@ const LEN: u8 = 2;
 /// Decodes `bytes` as prost would: the same message for every input prost accepts, an
 /// error for every input it refuses.
 pub fn decode_request(bytes: &[u8]) -> Result<RateLimitRequest, DecodeError> {
-    match read_request(bytes) {
-        Some(request) => Ok(request),
-        None => RateLimitRequest::decode(bytes),
+    if let Some(request) = read_request(bytes, Values::Utf8) {
+        return Ok(request);
     }
+    RateLimitRequest::decode(bytes)
+        .or_else(|refused| read_request(bytes, Values::Escaped).ok_or(refused))
+}
+
+/// How entry values that are not UTF-8 are read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Values {
+    /// Left to prost, which refuses them.
+    Utf8,
+    /// Taken, each byte that is not part of a UTF-8 character written `\xNN`.
+    Escaped,
 }
 
 /// The plain shape read fast, or `None` for prost to decide.
-fn read_request(bytes: &[u8]) -> Option<RateLimitRequest> {
+fn read_request(bytes: &[u8], values: Values) -> Option<RateLimitRequest> {
     let mut request = RateLimitRequest::default();
     each_field(bytes, |reader, tag| {
         match tag {
             (1, LEN) => request.domain = reader.string()?,
             (2, LEN) => request
                 .descriptors
-                .push(read_descriptor(reader.delimited()?)?),
+                .push(read_descriptor(reader.delimited()?, values)?),
             (3, VARINT) => request.hits_addend = reader.varint()? as u32,
             _ => return None,
         }
@@ -46,11 +62,13 @@ fn read_request(bytes: &[u8]) -> Option<RateLimitRequest> {
     Some(request)
 }
 
-fn read_descriptor(bytes: &[u8]) -> Option<RateLimitDescriptor> {
+fn read_descriptor(bytes: &[u8], values: Values) -> Option<RateLimitDescriptor> {
     let mut descriptor = RateLimitDescriptor::default();
     each_field(bytes, |reader, tag| {
         match tag {
-            (1, LEN) => descriptor.entries.push(read_entry(reader.delimited()?)?),
+            (1, LEN) => descriptor
+                .entries
+                .push(read_entry(reader.delimited()?, values)?),
             // A second occurrence merges into the first in prost; left to prost.
             (2, LEN) if descriptor.limit.is_none() => {
                 descriptor.limit = Some(read_override(reader.delimited()?)?);
@@ -65,11 +83,14 @@ fn read_descriptor(bytes: &[u8]) -> Option<RateLimitDescriptor> {
     Some(descriptor)
 }
 
-fn read_entry(bytes: &[u8]) -> Option<Entry> {
+fn read_entry(bytes: &[u8], values: Values) -> Option<Entry> {
     let mut entry = Entry::default();
     each_field(bytes, |reader, tag| {
         match tag {
             (1, LEN) => entry.key = reader.string()?,
+            (2, LEN) if values == Values::Escaped => {
+                entry.value = escaped(reader.delimited()?);
+            }
             (2, LEN) => entry.value = reader.string()?,
             _ => return None,
         }
@@ -102,6 +123,18 @@ fn read_u64_value(bytes: &[u8]) -> Option<u64> {
         Some(())
     })?;
     Some(value)
+}
+
+/// `bytes` as text, each byte that is not part of a UTF-8 character written `\xNN`.
+fn escaped(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            let _ = write!(text, "\\x{byte:02X}");
+        }
+    }
+    text
 }
 
 /// Hands each field of one message's `bytes` (its tag, and the reader positioned at its
@@ -210,7 +243,7 @@ mod tests {
             hits_addend: 5,
         };
         let bytes = request.encode_to_vec();
-        assert_eq!(read_request(&bytes), Some(request.clone()));
+        assert_eq!(read_request(&bytes, Values::Utf8), Some(request.clone()));
         assert_eq!(decode_request(&bytes).ok(), Some(request));
     }
 
@@ -223,7 +256,7 @@ mod tests {
         };
         let mut bytes = request.encode_to_vec();
         bytes.extend_from_slice(&[0x20, 0x07]); // field 4, varint 7
-        assert_eq!(read_request(&bytes), None);
+        assert_eq!(read_request(&bytes, Values::Utf8), None);
         assert_eq!(decode_request(&bytes).ok(), Some(request));
     }
 
@@ -270,6 +303,39 @@ mod tests {
         );
     }
 
+    /// A request for domain `edge` with one entry `key` = `value`, as raw bytes.
+    fn one_entry(key: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut entry = Vec::new();
+        prost::encoding::bytes::encode(1, &key.to_vec(), &mut entry);
+        prost::encoding::bytes::encode(2, &value.to_vec(), &mut entry);
+        let mut descriptor = Vec::new();
+        prost::encoding::bytes::encode(1, &entry, &mut descriptor);
+        let mut bytes = Vec::new();
+        prost::encoding::bytes::encode(1, &b"edge".to_vec(), &mut bytes);
+        prost::encoding::bytes::encode(2, &descriptor, &mut bytes);
+        bytes
+    }
+
+    /// A header value Envoy passed on with a byte that is not UTF-8 (latin-1, as an old
+    /// client sends it): prost refuses the request; it is read with the byte written out,
+    /// so it counts under a key of its own.
+    #[test]
+    fn an_entry_value_that_is_not_utf8_is_read_with_its_stray_bytes_escaped() {
+        let bytes = one_entry(b"team", b"M\xfcller");
+        assert!(RateLimitRequest::decode(bytes.as_slice()).is_err());
+        let decoded = decode_request(&bytes).expect("taken");
+        assert_eq!(
+            decoded.descriptors[0].entries,
+            [entry("team", "M\\xFCller")]
+        );
+        // Valid UTF-8 around the stray byte stays as it was.
+        let value = [&b"\xc3\xa9"[..], b"\xff", b"\xc3\xa9"].concat(); // é, 0xff, é
+        let decoded = decode_request(&one_entry(b"team", &value)).expect("taken");
+        assert_eq!(decoded.descriptors[0].entries[0].value, "é\\xFFé");
+        // A key that is not UTF-8 is still refused: Envoy's config writes keys.
+        assert!(decode_request(&one_entry(b"te\xffam", b"a")).is_err());
+    }
+
     fn arbitrary_request() -> impl Strategy<Value = RateLimitRequest> {
         let text = "[a-z/|=%é\u{1F600}]{0,12}";
         let entries = prop::collection::vec((text, text), 0..4);
@@ -298,7 +364,7 @@ mod tests {
         #[test]
         fn every_encoded_request_is_read_fast(request in arbitrary_request()) {
             let bytes = request.encode_to_vec();
-            prop_assert_eq!(read_request(&bytes), Some(request));
+            prop_assert_eq!(read_request(&bytes, Values::Utf8), Some(request));
         }
 
         /// Two messages back to back are one merged message in protobuf: the later
@@ -334,19 +400,33 @@ mod tests {
                     _ => bytes.insert(at, byte),
                 }
             }
-            let ours = decode_request(&bytes);
-            let prost = RateLimitRequest::decode(bytes.as_slice());
-            prop_assert_eq!(ours.is_ok(), prost.is_ok(), "{:?} vs {:?}", ours, prost);
-            prop_assert_eq!(ours.ok(), prost.ok());
+            agrees_with_prost(&bytes)?;
         }
 
         /// Any bytes at all: the same answer as prost.
         #[test]
         fn random_bytes_are_decoded_as_prost_decodes_them(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
-            let ours = decode_request(&bytes);
-            let prost = RateLimitRequest::decode(bytes.as_slice());
-            prop_assert_eq!(ours.is_ok(), prost.is_ok());
-            prop_assert_eq!(ours.ok(), prost.ok());
+            agrees_with_prost(&bytes)?;
         }
+    }
+
+    /// prost's answer for `bytes`, but one: where prost refuses an entry value that is
+    /// not UTF-8, the request is taken with its stray bytes escaped.
+    fn agrees_with_prost(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let ours = decode_request(bytes);
+        let prost = RateLimitRequest::decode(bytes);
+        match (ours, prost) {
+            (Ok(ours), Err(refused)) => {
+                prop_assert!(refused.to_string().contains("UTF-8"), "{}", refused);
+                let escaped = ours
+                    .descriptors
+                    .iter()
+                    .flat_map(|d| &d.entries)
+                    .any(|e| e.value.contains("\\x"));
+                prop_assert!(escaped, "{:?}", ours);
+            }
+            (ours, prost) => prop_assert_eq!(ours.ok(), prost.ok()),
+        }
+        Ok(())
     }
 }

@@ -88,11 +88,36 @@ pub fn delete(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> io::Res
     send(addr, "DELETE", path, headers, &[])
 }
 
+/// Sends `GET path` with one header whose value is raw bytes (obs-text such as `\xff`, not
+/// UTF-8), as an old or hostile client may send it.
+pub fn get_with_raw_header(
+    addr: SocketAddr,
+    path: &str,
+    name: &str,
+    value: &[u8],
+) -> io::Result<Response> {
+    send_raw(addr, "GET", path, &[(name, value)], &[])
+}
+
 fn send(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<Response> {
+    let headers: Vec<(&str, &[u8])> = headers
+        .iter()
+        .map(|(name, value)| (*name, value.as_bytes()))
+        .collect();
+    send_raw(addr, method, path, &headers, body)
+}
+
+fn send_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &[u8])],
     body: &[u8],
 ) -> io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
@@ -101,15 +126,17 @@ fn send(
 
     // `Connection: close` lets the end of the stream delimit the response whatever
     // framing the server picks.
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut bytes =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n").into_bytes();
     for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
+        bytes.extend_from_slice(format!("{name}: ").as_bytes());
+        bytes.extend_from_slice(value);
+        bytes.extend_from_slice(b"\r\n");
     }
     if !body.is_empty() || method != "GET" {
-        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        bytes.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
     }
-    request.push_str("\r\n");
-    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(b"\r\n");
     bytes.extend_from_slice(body);
     stream.write_all(&bytes)?;
 

@@ -157,10 +157,12 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Rec
 
     let mut headers = Vec::new();
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
+        // Header values may hold bytes that are not UTF-8 (obs-text), which Envoy passes on.
+        let mut raw = Vec::new();
+        if reader.read_until(b'\n', &mut raw)? == 0 {
             return Ok(None);
         }
+        let line = String::from_utf8_lossy(&raw);
         let line = line.trim_end_matches(['\r', '\n']);
         if line.is_empty() {
             break;
