@@ -927,6 +927,9 @@ pub struct LimitUsage {
     pub owed: Option<u64>,
 }
 
+/// The longest `google.protobuf.Duration`: 10 000 years.
+const MAX_DURATION_SECONDS: u64 = 315_576_000_000;
+
 /// One limit of one descriptor to count, with its key's place in the request's key buffer.
 struct Counted {
     descriptor: usize,
@@ -1015,7 +1018,9 @@ fn counted_status(limit: &Limit, name: &str, verdict: &Verdict, rejects: bool) -
         duration_until_reset: Some(prost_types::Duration {
             // Whole seconds, rounded up: Envoy's x-ratelimit-reset and Retry-After are in
             // seconds, and rounding down would tell a client to come back too early.
-            seconds: verdict.reset_after_millis.div_ceil(1_000) as i64,
+            // At most protobuf's longest Duration (10 000 years), which a bucket charged
+            // u64::MAX hits after the fact would pass; past it clients refuse the answer.
+            seconds: (verdict.reset_after_millis.div_ceil(1_000)).min(MAX_DURATION_SECONDS) as i64,
             nanos: 0,
         }),
         quota: None,

@@ -1266,6 +1266,27 @@ fn metadata_of_the_rules_a_request_passed_reaches_dynamic_metadata() {
     );
 }
 
+/// A bucket charged after the fact with the most hits a descriptor can carry owes more
+/// time than protobuf's Duration holds: the answer says the longest one, which clients
+/// can read, rather than a value they refuse.
+#[test]
+fn a_reset_past_protobufs_longest_duration_is_the_longest() {
+    let config = "domain: edge\npolicies:\n  llm:\n    algorithm: token_bucket\n    count_rejected: true\n    limits: [{requests_per_unit: 1000, unit: minute}]\ndescriptors:\n  - key: tokens\n    policy: llm\n";
+    let clock = ManualClock::at(START);
+    let (limiter, _) = limiter_with_metrics(config, &clock, 0.8);
+    let mut d = descriptor(&[("tokens", "t")]);
+    d.hits_addend = Some(u64::MAX);
+    let response = decide(&limiter, &request(vec![d]));
+    let reset = response.statuses[0]
+        .duration_until_reset
+        .expect("duration_until_reset");
+    assert_eq!(reset.seconds, 315_576_000_000);
+    // It encodes, and a client decodes it.
+    let bytes = prost::Message::encode_to_vec(&response);
+    let back = <RateLimitResponse as prost::Message>::decode(bytes.as_slice()).unwrap();
+    assert_eq!(back.statuses[0].duration_until_reset, Some(reset));
+}
+
 /// `/v1/usage` on a window whose limit is used up says it is over: the next request is
 /// turned away, though a look of no hits is not past the limit.
 #[test]
