@@ -193,8 +193,48 @@ impl DescriptorEntry {
 }
 
 /// The descriptors of a domain that `extends` a base: the base's tree with each node of
-/// `over` laid on the node with the same key and value (its fields win, children merge
-/// the same way); nodes only in `over` are added after the base's.
+/// `over` laid on the node with the same key and value (children merge the same way);
+/// nodes only in `over` are added after the base's.
+///
+/// How a node is limited comes in three forms that exclude each other — a `rate_limit`,
+/// `unlimited`, or a policy with its inline refinements (`policy`, `limits`, `algorithm`,
+/// `burst`, `capacity`) — so a node of `over` that says how it is limited replaces the
+/// base's form (within the policy form, fields it leaves out stay the base's), and one
+/// that does not keeps the base's limit, and the base's file for it. The other fields
+/// (`shadow_mode`, `quota_mode`, `share_threshold`, `metadata`, the metric switches) are
+/// `over`'s where it sets them, else the base's.
+fn overlay(base: &DescriptorEntry, over: &DescriptorEntry) -> DescriptorEntry {
+    let policy_form = over.policy.is_some()
+        || over.limits.is_some()
+        || over.algorithm.is_some()
+        || over.burst.is_some()
+        || over.capacity.is_some();
+    let limits_itself = policy_form || over.rate_limit.is_some() || over.unlimited.is_some();
+    let mut node = if limits_itself {
+        over.clone()
+    } else {
+        base.clone()
+    };
+    if policy_form && base.rate_limit.is_none() && base.unlimited.is_none() {
+        node.policy = over.policy.clone().or_else(|| base.policy.clone());
+        node.limits = over.limits.clone().or_else(|| base.limits.clone());
+        node.algorithm = over.algorithm.clone().or_else(|| base.algorithm.clone());
+        node.burst = over.burst.clone().or_else(|| base.burst.clone());
+        node.capacity = over.capacity.clone().or_else(|| base.capacity.clone());
+    }
+    node.shadow_mode = over
+        .shadow_mode
+        .clone()
+        .or_else(|| base.shadow_mode.clone());
+    node.quota_mode = over.quota_mode.clone().or_else(|| base.quota_mode.clone());
+    node.share_threshold = (over.share_threshold.clone()).or_else(|| base.share_threshold.clone());
+    node.metadata = over.metadata.clone().or_else(|| base.metadata.clone());
+    node.detailed_metric = over.detailed_metric || base.detailed_metric;
+    node.value_to_metric = over.value_to_metric || base.value_to_metric;
+    node.descriptors = merge_descriptors(&base.descriptors, &over.descriptors);
+    node
+}
+
 pub fn merge_descriptors(
     base: &[DescriptorEntry],
     over: &[DescriptorEntry],
@@ -214,17 +254,8 @@ pub fn merge_descriptors(
             .and_then(|&position| merged.get_mut(position));
         match found {
             Some(existing) => {
-                let children = merge_descriptors(&existing.descriptors, &node.descriptors);
-                let previous = std::mem::replace(existing, node.clone());
-                existing.descriptors = children;
-                existing.rate_limit = existing.rate_limit.take().or(previous.rate_limit);
-                existing.shadow_mode = existing.shadow_mode.take().or(previous.shadow_mode);
-                existing.policy = existing.policy.take().or(previous.policy);
-                existing.limits = existing.limits.take().or(previous.limits);
-                existing.algorithm = existing.algorithm.take().or(previous.algorithm);
-                existing.burst = existing.burst.take().or(previous.burst);
-                existing.capacity = existing.capacity.take().or(previous.capacity);
-                existing.unlimited = existing.unlimited.take().or(previous.unlimited);
+                let merged_node = overlay(existing, node);
+                *existing = merged_node;
             }
             None => {
                 index.insert(id, merged.len());

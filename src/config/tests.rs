@@ -867,6 +867,46 @@ descriptors:
         assert_eq!(limits(&config, "mesh", &[("service", "orders")]), ["10/1m"]);
     }
 
+    /// A node laid over a base domain's node: one that says how it is limited replaces
+    /// the base's form (a policy over a `rate_limit`, `unlimited` over a policy: each
+    /// was a "has both" error), and one that only adds children keeps the base's limit and
+    /// its other switches (`share_threshold`, `quota_mode` were lost).
+    #[test]
+    fn a_derived_domains_node_replaces_how_the_base_node_is_limited_and_keeps_the_rest() {
+        let base = "domain: base\ndescriptors:\n  - key: a\n    rate_limit: {unit: minute, requests_per_unit: 5}\n  - key: b\n    policy: standard\n  - key: c\n    value: x*\n    share_threshold: true\n    quota_mode: true\n    rate_limit: {unit: hour, requests_per_unit: 7}\n";
+        let child = "domain: child\nextends: base\ndescriptors:\n  - key: a\n    policy: strict\n  - key: b\n    unlimited: true\n  - key: c\n    value: x*\n    descriptors:\n      - key: d\n        rate_limit: {unit: second, requests_per_unit: 1}\n";
+        let config = load(&[
+            ("shared.yaml", SHARED),
+            ("base.yaml", base),
+            ("child.yaml", child),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(limits(&config, "child", &[("a", "v")]), ["10/1m"]);
+        assert_eq!(limits(&config, "base", &[("a", "v")]), ["5/1m"]);
+        let b = config
+            .domain("child")
+            .and_then(|d| d.lookup(&entries(&[("b", "v")])))
+            .expect("b's rule");
+        assert!(matches!(b.limit, RuleLimit::Unlimited), "{:?}", b.limit);
+        // c keeps its limit, shared by every value, and its quota mode.
+        let c = config
+            .domain("child")
+            .and_then(|d| d.lookup(&entries(&[("c", "x1")])))
+            .expect("c's rule");
+        assert!(c.quota_mode, "quota_mode kept");
+        assert!(!c.shared_values.is_empty(), "share_threshold kept");
+        assert_eq!(limits(&config, "child", &[("c", "x1")]), ["7/1h"]);
+        assert_eq!(
+            limits(&config, "child", &[("c", "x1"), ("d", "y")]),
+            ["1/1s"]
+        );
+        // Its limit is still reported in the base's file.
+        assert_eq!(
+            &*c.source.file,
+            config.domain("base").unwrap().file.as_ref()
+        );
+    }
+
     #[test]
     fn a_domain_policy_shadows_a_shared_one_of_the_same_name() {
         let local = "domain: local\npolicies:\n  standard:\n    limits: [{requests_per_unit: 1, unit: second}]\ndescriptors:\n  - key: k\n    policy: standard\n";
