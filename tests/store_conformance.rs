@@ -1054,7 +1054,8 @@ fn one_key_per_master(cluster: &RedisCluster, prefix: &str) -> Vec<String> {
 
 /// `hybrid: true` on a cluster: two replicas decide locally, every flush sends each master
 /// the hits of the keys in its slots, so Redis holds every admitted hit on the right
-/// master, each replica learns the other's hits, and no decision waited for a script call;
+/// master, each replica reads a key's total before deciding on it first and learns the
+/// other's hits, and no decision waited for a script call;
 /// a dead master takes only its own keys to the failure policy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_counters_on_a_cluster_reach_the_master_of_each_key() {
@@ -1115,9 +1116,11 @@ async fn hybrid_counters_on_a_cluster_reach_the_master_of_each_key() {
         }
     };
 
-    // A replica learns the others' hits from the totals its own flush reads back.
+    // A replica reads a key's total before its first decision on it (it would otherwise
+    // start from nothing), then learns the others' hits from the totals its own flushes
+    // read back.
     admit(&replicas[0], 3).await;
-    assert_eq!(settled(3, [[3; 3], [0; 3]]).await, [[3; 3], [0; 3]]);
+    assert_eq!(settled(3, [[3; 3], [3; 3]]).await, [[3; 3], [3; 3]]);
     admit(&replicas[1], 4).await;
     assert_eq!(settled(7, [[3; 3], [7; 3]]).await, [[3; 3], [7; 3]]);
     admit(&replicas[0], 1).await;
@@ -1158,6 +1161,51 @@ async fn hybrid_counters_on_a_cluster_reach_the_master_of_each_key() {
         [Some(8 + sent); 2],
         "the live masters' totals after {sent} more hits"
     );
+}
+
+/// Hybrid replicas read a key's total before deciding on it when they have not read it
+/// for a second (or ever): a replica new to a key, or back after a pause, would otherwise
+/// decide from nothing or from a total the others have long moved past, and admit up to
+/// the whole limit again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_replica_reads_a_key_it_has_not_seen_lately_before_deciding() {
+    let server = RedisServer::start();
+    let prefix = "idle:";
+    let (a, b) = (
+        standalone_store(&server, prefix).await,
+        standalone_store(&server, prefix).await,
+    );
+    let key = "d|user=u|1m/fixed_window";
+    let hybrid = Limit {
+        hybrid: true,
+        ..limit(30, MINUTE, Algorithm::FixedWindow)
+    };
+    let charge = async |store: &RedisStore, hits: u64, now: u64| {
+        let check = [Check {
+            hits,
+            count_rejected: true,
+            ..one_hit(key, hybrid, 0)
+        }];
+        let mut out = Vec::new();
+        store.apply(&check, now, &mut out).await.unwrap();
+        out[0]
+    };
+    let servers = std::slice::from_ref(&server);
+    let keys = [key.to_owned()];
+    assert!(!charge(&a, 20, T0).await.over_limit);
+    assert_eq!(hybrid_totals(servers, &keys, prefix, 20).await, [Some(20)]);
+    // New to the key, b reads the 20 first: 20 more would be 40 of 30.
+    assert!(
+        charge(&b, 20, T0 + 100).await.over_limit,
+        "b decided from nothing"
+    );
+    assert!(!charge(&b, 5, T0 + 100).await.over_limit);
+    assert_eq!(hybrid_totals(servers, &keys, prefix, 25).await, [Some(25)]);
+    // a, idle for two seconds, last saw 20: it reads the 25 before deciding on 6 more.
+    let back = charge(&a, 6, T0 + 2_000).await;
+    assert!(back.over_limit, "a decided from its old total: {back:?}");
+    assert_eq!(back.remaining, 5);
+    assert!(!charge(&a, 5, T0 + 2_000).await.over_limit);
 }
 
 /// What each of `masters` holds for its key's hybrid counter of the window T0 starts,

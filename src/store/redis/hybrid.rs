@@ -9,9 +9,11 @@
 //! replica does not see the hits the others admitted since their last flush and its own last
 //! read, at most about two flush intervals plus a round trip of their traffic:
 //! admitted ≤ limit + (replicas − 1) × rate per replica × (2 × flush + round trip), and
-//! never more than `replicas × limit`. Below the limit decisions need no round trip. A full
-//! window has nothing to send, so it reads its total back once a second instead, to see a
-//! reset or a Redis that lost its keys.
+//! never more than `replicas × limit`. Below the limit decisions need no round trip, but
+//! for a key this replica has not read for a second or ever (new to it, or back after a
+//! pause): its total is read first (`stale_reads`), as a total from long ago would break
+//! the bound. A full window has nothing to send, so it reads its total back once a second
+//! instead, to see a reset or a Redis that lost its keys.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,6 +103,47 @@ impl Hybrid {
                 from_local_cache: false,
             };
         }
+    }
+
+    /// Reads of the windows of `group` not read from Redis within `REASK_MILLIS` and with
+    /// no unsent hits here (never read, or idle since): increments of no hits that read the
+    /// total back and believe it. Each is marked read now, so concurrent requests do not
+    /// all ask.
+    pub fn stale_reads(
+        &self,
+        prefix: &str,
+        group: &[Check<'_>],
+        now_millis: u64,
+    ) -> Vec<Increment> {
+        let mut counters = self.counters.lock();
+        group
+            .iter()
+            .filter_map(|check| {
+                let (start, end) = check.limit.window_bounds(now_millis);
+                let key = key_of_window(prefix, check, start);
+                let counter = counters.entry(key.clone()).or_insert(Counter {
+                    limit: u64::from(check.limit.requests_per_unit),
+                    window: end - start,
+                    window_end: end,
+                    seen: 0,
+                    pending: 0,
+                    // Never read.
+                    read_at: 0,
+                    reread: false,
+                });
+                let fresh = now_millis.saturating_sub(counter.read_at) < REASK_MILLIS;
+                if counter.pending > 0 || fresh {
+                    return None;
+                }
+                counter.read_at = now_millis;
+                Some(Increment {
+                    key,
+                    hits: 0,
+                    ttl_millis: end.saturating_sub(now_millis) + (end - start),
+                    reread: true,
+                })
+            })
+            .collect()
     }
 
     /// Forgets this replica's count of the window under `key` (see `window_key`), unsent

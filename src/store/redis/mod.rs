@@ -362,11 +362,12 @@ impl Inner {
         let mut ranges = Vec::new();
         let mut start = 0;
         let mut cached = 0;
+        let mut hybrid = Vec::new();
         for group in groups(checks) {
             let range = start..start + group.len();
             start = range.end;
             if self.is_hybrid(group) {
-                self.decide_hybrid(checks, range, now_millis, out);
+                hybrid.push(range);
                 continue;
             }
             if let (Some(cache), Some(slots)) = (&self.over_cache, out.get_mut(range.clone()))
@@ -381,6 +382,12 @@ impl Inner {
             && let Some(sink) = self.cache_hit_sink.get()
         {
             sink(cached);
+        }
+        if !hybrid.is_empty() {
+            self.read_stale_hybrid(checks, &hybrid, now_millis).await;
+            for range in hybrid {
+                self.decide_hybrid(checks, range, now_millis, out);
+            }
         }
         if ranges.is_empty() {
             return Ok(());
@@ -537,7 +544,27 @@ impl Inner {
     /// Sends every hybrid counter's unsent hits and reads the totals back: one pipeline per
     /// node (on a cluster, each master gets the keys of its slots), the nodes at once.
     async fn flush_hybrid(&self) {
-        let increments = self.hybrid.take_increments();
+        self.send_hybrid(self.hybrid.take_increments()).await;
+    }
+
+    /// Reads the totals of the hybrid windows of `ranges` that this replica has not read
+    /// within a second and has no unsent hits for — its first request for a key, or the
+    /// first after a pause — before they are decided: a replica idle on a key would
+    /// otherwise decide from a total the others have long moved past (or from none), and
+    /// admit up to the whole limit again. A key in steady use is read by every flush and
+    /// costs nothing here.
+    async fn read_stale_hybrid(&self, checks: &[Check<'_>], ranges: &[Range<usize>], now: u64) {
+        let reads: Vec<Increment> = ranges
+            .iter()
+            .filter_map(|range| checks.get(range.clone()))
+            .flat_map(|group| self.hybrid.stale_reads(&self.prefix, group, now))
+            .collect();
+        self.send_hybrid(reads).await;
+    }
+
+    /// Sends `increments` and reads the totals back: one pipeline per node (on a cluster,
+    /// each master gets the keys of its slots), the nodes at once.
+    async fn send_hybrid(&self, increments: Vec<Increment>) {
         if increments.is_empty() {
             return;
         }
