@@ -11,7 +11,7 @@
 //! admitted ≤ limit + (replicas − 1) × rate per replica × (2 × flush + round trip), and
 //! never more than `replicas × limit`. Below the limit decisions need no round trip, but
 //! for a key this replica has not read for a second or ever (new to it, or back after a
-//! pause): its total is read first (`stale_reads`), as a total from long ago would break
+//! pause): its total is read first (`decide_unless_stale`), as a total from long ago would break
 //! the bound. A full window has nothing to send, so it reads its total back once a second
 //! instead, to see a reset or a Redis that lost its keys.
 
@@ -64,86 +64,55 @@ pub struct Increment {
 
 impl Hybrid {
     /// Decides `group` (one descriptor's fixed-window limits) all or nothing, from the last
-    /// totals read plus this replica's unsent hits; admitted hits become unsent hits.
+    /// totals read plus this replica's unsent hits; admitted hits become unsent hits. The
+    /// store decides through `decide_unless_stale`; the unit tests here count with this.
+    #[cfg(test)]
     pub fn decide(&self, prefix: &str, group: &[Check<'_>], now_millis: u64, out: &mut [Verdict]) {
         self.last_now.fetch_max(now_millis, Ordering::Relaxed);
         let mut counters = self.counters.lock();
-        let mut keys = Vec::with_capacity(group.len());
-        for check in group {
-            let (start, end) = check.limit.window_bounds(now_millis);
-            let key = key_of_window(prefix, check, start);
-            counters.entry(key.clone()).or_insert(Counter {
-                limit: u64::from(check.limit.requests_per_unit),
-                window: end - start,
-                window_end: end,
-                seen: 0,
-                pending: 0,
-                read_at: now_millis,
-                reread: false,
-            });
-            keys.push((key, check.hits));
-        }
-        let fits = keys.iter().all(|(key, hits)| {
-            counters
-                .get(key)
-                .is_some_and(|c| c.seen + c.pending + hits <= c.limit)
-        });
-        for ((key, hits), slot) in keys.iter().zip(out.iter_mut()) {
-            let Some(counter) = counters.get_mut(key) else {
-                continue;
-            };
-            let this_fits = counter.seen + counter.pending + hits <= counter.limit;
-            if fits {
-                counter.pending += hits;
-            }
-            *slot = Verdict {
-                over_limit: !this_fits,
-                remaining: counter.limit.saturating_sub(counter.seen + counter.pending),
-                reset_after_millis: counter.window_end.saturating_sub(now_millis),
-                from_local_cache: false,
-            };
-        }
+        let keys = windows(&mut counters, prefix, group, now_millis, now_millis);
+        decide_in(&mut counters, &keys, now_millis, out);
     }
 
-    /// Reads of the windows of `group` not read from Redis within `REASK_MILLIS` and with
-    /// no unsent hits here (never read, or idle since): increments of no hits that read the
-    /// total back and believe it. Each is marked read now, so concurrent requests do not
-    /// all ask.
-    pub fn stale_reads(
+    /// As `decide`, unless a window of `group` has not been read from Redis within
+    /// `REASK_MILLIS` and has no unsent hits here (this replica is new to the key, or back
+    /// after a pause): then nothing is decided, and the reads to make first are returned —
+    /// increments of no hits whose totals are believed. A total from long ago would let
+    /// this replica admit what the others have long used, past the documented bound. The
+    /// windows are marked read now, so requests meanwhile do not all ask. A key in steady
+    /// use is read by every flush and decided here at once.
+    pub fn decide_unless_stale(
         &self,
         prefix: &str,
         group: &[Check<'_>],
         now_millis: u64,
+        out: &mut [Verdict],
     ) -> Vec<Increment> {
+        self.last_now.fetch_max(now_millis, Ordering::Relaxed);
         let mut counters = self.counters.lock();
-        group
+        // A window never read counts as read long ago.
+        let keys = windows(&mut counters, prefix, group, now_millis, 0);
+        let reads: Vec<Increment> = keys
             .iter()
-            .filter_map(|check| {
-                let (start, end) = check.limit.window_bounds(now_millis);
-                let key = key_of_window(prefix, check, start);
-                let counter = counters.entry(key.clone()).or_insert(Counter {
-                    limit: u64::from(check.limit.requests_per_unit),
-                    window: end - start,
-                    window_end: end,
-                    seen: 0,
-                    pending: 0,
-                    // Never read.
-                    read_at: 0,
-                    reread: false,
-                });
+            .filter_map(|(key, _)| {
+                let counter = counters.get_mut(key)?;
                 let fresh = now_millis.saturating_sub(counter.read_at) < REASK_MILLIS;
                 if counter.pending > 0 || fresh {
                     return None;
                 }
                 counter.read_at = now_millis;
                 Some(Increment {
-                    key,
+                    key: key.clone(),
                     hits: 0,
-                    ttl_millis: end.saturating_sub(now_millis) + (end - start),
+                    ttl_millis: counter.window_end.saturating_sub(now_millis) + counter.window,
                     reread: true,
                 })
             })
-            .collect()
+            .collect();
+        if reads.is_empty() {
+            decide_in(&mut counters, &keys, now_millis, out);
+        }
+        reads
     }
 
     /// Forgets this replica's count of the window under `key` (see `window_key`), unsent
@@ -220,6 +189,62 @@ impl Hybrid {
                 counter.reread |= increment.reread;
             }
         }
+    }
+}
+
+/// The Redis keys of `group`'s windows at `now_millis` with each check's hits, their
+/// counters made where missing (as read at `read_at`).
+fn windows(
+    counters: &mut HashMap<String, Counter>,
+    prefix: &str,
+    group: &[Check<'_>],
+    now_millis: u64,
+    read_at: u64,
+) -> Vec<(String, u64)> {
+    let mut keys = Vec::with_capacity(group.len());
+    for check in group {
+        let (start, end) = check.limit.window_bounds(now_millis);
+        let key = key_of_window(prefix, check, start);
+        counters.entry(key.clone()).or_insert(Counter {
+            limit: u64::from(check.limit.requests_per_unit),
+            window: end - start,
+            window_end: end,
+            seen: 0,
+            pending: 0,
+            read_at,
+            reread: false,
+        });
+        keys.push((key, check.hits));
+    }
+    keys
+}
+
+/// Decides the windows `keys` all or nothing; admitted hits become unsent hits.
+fn decide_in(
+    counters: &mut HashMap<String, Counter>,
+    keys: &[(String, u64)],
+    now_millis: u64,
+    out: &mut [Verdict],
+) {
+    let fits = keys.iter().all(|(key, hits)| {
+        counters
+            .get(key)
+            .is_some_and(|c| c.seen + c.pending + hits <= c.limit)
+    });
+    for ((key, hits), slot) in keys.iter().zip(out.iter_mut()) {
+        let Some(counter) = counters.get_mut(key) else {
+            continue;
+        };
+        let this_fits = counter.seen + counter.pending + hits <= counter.limit;
+        if fits {
+            counter.pending += hits;
+        }
+        *slot = Verdict {
+            over_limit: !this_fits,
+            remaining: counter.limit.saturating_sub(counter.seen + counter.pending),
+            reset_after_millis: counter.window_end.saturating_sub(now_millis),
+            from_local_cache: false,
+        };
     }
 }
 

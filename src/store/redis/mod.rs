@@ -362,12 +362,17 @@ impl Inner {
         let mut ranges = Vec::new();
         let mut start = 0;
         let mut cached = 0;
-        let mut hybrid = Vec::new();
+        // Hybrid groups whose windows must be read before they are decided.
+        let (mut stale_reads, mut undecided) = (Vec::new(), Vec::new());
         for group in groups(checks) {
             let range = start..start + group.len();
             start = range.end;
             if self.is_hybrid(group) {
-                hybrid.push(range);
+                let reads = self.decide_hybrid(checks, range.clone(), now_millis, out);
+                if !reads.is_empty() {
+                    stale_reads.extend(reads);
+                    undecided.push(range);
+                }
                 continue;
             }
             if let (Some(cache), Some(slots)) = (&self.over_cache, out.get_mut(range.clone()))
@@ -383,10 +388,11 @@ impl Inner {
         {
             sink(cached);
         }
-        if !hybrid.is_empty() {
-            self.read_stale_hybrid(checks, &hybrid, now_millis).await;
-            for range in hybrid {
-                self.decide_hybrid(checks, range, now_millis, out);
+        if !undecided.is_empty() {
+            self.send_hybrid(stale_reads).await;
+            for range in undecided {
+                // Read now (or marked read, if Redis did not answer): decided this time.
+                let _ = self.decide_hybrid(checks, range, now_millis, out);
             }
         }
         if ranges.is_empty() {
@@ -510,14 +516,15 @@ impl Inner {
     }
 
     /// Decides one hybrid group locally; while its node is away (breaker open, or no master
-    /// known) the failure policy answers, as for any other key.
+    /// known) the failure policy answers, as for any other key. A group with a window not
+    /// read lately is not decided: the reads to make first are returned.
     fn decide_hybrid(
         &self,
         checks: &[Check<'_>],
         range: Range<usize>,
         now_millis: u64,
         out: &mut [Verdict],
-    ) {
+    ) -> Vec<Increment> {
         // A group's hybrid keys share its counter keys' hash tag, so its first key's slot.
         let node = checks.get(range.start).and_then(|first| {
             self.hybrid_node(|| {
@@ -534,10 +541,13 @@ impl Inner {
             self.master_failed();
             self.call_failed();
             self.fallback(checks, std::slice::from_ref(&range), now_millis, out);
-            return;
+            return Vec::new();
         }
-        if let (Some(group), Some(slots)) = (checks.get(range.clone()), out.get_mut(range)) {
-            self.hybrid.decide(&self.prefix, group, now_millis, slots);
+        match (checks.get(range.clone()), out.get_mut(range)) {
+            (Some(group), Some(slots)) => {
+                (self.hybrid).decide_unless_stale(&self.prefix, group, now_millis, slots)
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -545,21 +555,6 @@ impl Inner {
     /// node (on a cluster, each master gets the keys of its slots), the nodes at once.
     async fn flush_hybrid(&self) {
         self.send_hybrid(self.hybrid.take_increments()).await;
-    }
-
-    /// Reads the totals of the hybrid windows of `ranges` that this replica has not read
-    /// within a second and has no unsent hits for — its first request for a key, or the
-    /// first after a pause — before they are decided: a replica idle on a key would
-    /// otherwise decide from a total the others have long moved past (or from none), and
-    /// admit up to the whole limit again. A key in steady use is read by every flush and
-    /// costs nothing here.
-    async fn read_stale_hybrid(&self, checks: &[Check<'_>], ranges: &[Range<usize>], now: u64) {
-        let reads: Vec<Increment> = ranges
-            .iter()
-            .filter_map(|range| checks.get(range.clone()))
-            .flat_map(|group| self.hybrid.stale_reads(&self.prefix, group, now))
-            .collect();
-        self.send_hybrid(reads).await;
     }
 
     /// Sends `increments` and reads the totals back: one pipeline per node (on a cluster,
