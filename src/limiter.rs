@@ -569,21 +569,10 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let Some(descriptor) = request.descriptors.get(d.descriptor) else {
             return;
         };
-        let mut key = String::new();
-        for entry in &descriptor.entries {
-            if !key.is_empty() {
-                key.push('.');
-            }
-            key.push_str(&entry.key);
-            if !entry.value.is_empty() {
-                key.push('_');
-                key.push_str(&entry.value);
-            }
-        }
         let hit = self.hit(request, d, false);
         (self.metrics.override_stats(&request.domain)).record_keyed(
             &hit,
-            &key,
+            &MetricPart::key_of_entries(&descriptor.entries),
             self.clock.now_millis(),
         );
     }

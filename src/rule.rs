@@ -98,6 +98,23 @@ impl MetricPart {
         }
         key
     }
+
+    /// envoyproxy/ratelimit's key for a descriptor carrying its own `limit`: every entry
+    /// with its value (`client_web.path_/api/x`), a value-less entry as its key alone.
+    pub fn key_of_entries(entries: &[crate::proto::rate_limit_descriptor::Entry]) -> String {
+        let mut key = String::new();
+        for entry in entries {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(&entry.key);
+            if !entry.value.is_empty() {
+                key.push('_');
+                key.push_str(&entry.value);
+            }
+        }
+        key
+    }
 }
 
 /// What a policy says beyond its limits: how decisions are presented and enforced.

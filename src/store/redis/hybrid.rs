@@ -43,6 +43,13 @@ struct Counter {
     reread: bool,
 }
 
+impl Counter {
+    /// Not read from Redis for `REASK_MILLIS`: what it saw may be long out of date.
+    fn stale(&self, now_millis: u64) -> bool {
+        now_millis.saturating_sub(self.read_at) >= REASK_MILLIS
+    }
+}
+
 /// The hybrid counters of this replica, keyed by Redis key (one key per window).
 #[derive(Default)]
 pub struct Hybrid {
@@ -96,8 +103,7 @@ impl Hybrid {
             .iter()
             .filter_map(|(key, _)| {
                 let counter = counters.get_mut(key)?;
-                let fresh = now_millis.saturating_sub(counter.read_at) < REASK_MILLIS;
-                if counter.pending > 0 || fresh {
+                if counter.pending > 0 || !counter.stale(now_millis) {
                     return None;
                 }
                 counter.read_at = now_millis;
@@ -145,8 +151,7 @@ impl Hybrid {
             .iter_mut()
             .filter_map(|(key, c)| {
                 let full = c.seen + c.pending >= c.limit;
-                let stale = now_millis.saturating_sub(c.read_at) >= REASK_MILLIS;
-                let reread = std::mem::take(&mut c.reread) || (full && stale);
+                let reread = std::mem::take(&mut c.reread) || (full && c.stale(now_millis));
                 if c.pending == 0 && !reread {
                     return None;
                 }

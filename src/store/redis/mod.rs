@@ -729,7 +729,7 @@ impl Inner {
             let Some((ask, to)) = node::redirect_of(value) else {
                 continue;
             };
-            cluster.stale.store(true, Ordering::Release);
+            self.mark_stale();
             let map = cluster.map.load();
             let Some(target) = map.nodes.iter().find(|n| n.name == to) else {
                 continue;
