@@ -302,7 +302,18 @@ pub fn apply_overrides(
     }
     if let Some(algorithm) = overrides.algorithm {
         match algorithm.value.parse::<Algorithm>() {
-            Ok(parsed) => base.algorithm = Some((parsed, origin(&algorithm.referenced))),
+            Ok(parsed) => {
+                // A burst is the token bucket's and a capacity the leaky bucket's: a block
+                // that moves to another algorithm leaves the inherited one behind, as it
+                // has no way to unset it.
+                if parsed != Algorithm::TokenBucket {
+                    base.burst = None;
+                }
+                if parsed != Algorithm::LeakyBucket {
+                    base.capacity = None;
+                }
+                base.algorithm = Some((parsed, origin(&algorithm.referenced)));
+            }
             Err(()) => problems.problem(
                 &location(file, &algorithm.referenced),
                 format!(

@@ -1190,6 +1190,35 @@ descriptors:
     }
 
     #[test]
+    fn a_child_that_leaves_the_token_bucket_leaves_its_burst_behind() {
+        // `burst` belongs to the token bucket (`capacity` to the leaky one): a policy or node
+        // that switches to another algorithm must not be refused for the burst it inherited.
+        let config = load(&[(
+            "d.yaml",
+            "domain: d\npolicies:\n  bursty:\n    limits: [{requests_per_unit: 10, unit: second}]\n    algorithm: token_bucket\n    burst: 20\n  leaky:\n    limits: [{requests_per_unit: 10, unit: second}]\n    algorithm: leaky_bucket\n    capacity: 5\n  exact:\n    extends: bursty\n    algorithm: sliding_window\n  back:\n    extends: exact\n    algorithm: token_bucket\ndescriptors:\n  - key: a\n    policy: exact\n  - key: b\n    policy: bursty\n    descriptors:\n      - key: route\n        algorithm: fixed_window\n  - key: c\n    policy: leaky\n    algorithm: sliding_window\n  - key: d\n    policy: back\n  - key: e\n    policy: bursty\n    algorithm: token_bucket\n",
+        )])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let first = |pairs: &[(&str, &str)]| {
+            let rule = config.domain("d").unwrap().lookup(&entries(pairs)).unwrap();
+            let RuleLimit::Limited(limits) = &rule.limit else {
+                panic!("{rule:?}")
+            };
+            (limits[0].algorithm, limits[0].burst)
+        };
+        assert_eq!(first(&[("a", "x")]), (Algorithm::SlidingWindow, None));
+        assert_eq!(
+            first(&[("b", "x"), ("route", "/")]),
+            (Algorithm::FixedWindow, None)
+        );
+        assert_eq!(first(&[("c", "x")]), (Algorithm::SlidingWindow, None));
+        // Back on a token bucket after a policy that dropped the burst: the default burst.
+        assert_eq!(first(&[("d", "x")]), (Algorithm::TokenBucket, None));
+        // Naming the token bucket again keeps the burst it already had.
+        assert_eq!(first(&[("e", "x")]), (Algorithm::TokenBucket, Some(20)));
+        assert_eq!(first(&[("b", "x")]), (Algorithm::TokenBucket, Some(20)));
+    }
+
+    #[test]
     fn error_limits_need_one_window_each() {
         let text = problems(&[(
             "d.yaml",
