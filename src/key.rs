@@ -50,6 +50,26 @@ fn shared_copy(entries: &[Entry], shared: &Shared) -> Vec<Entry> {
     copy
 }
 
+/// How much of a long value its digest keeps as it is, so keys and metric names stay
+/// readable.
+const DIGEST_KEEPS_BYTES: usize = 256;
+
+/// The form a value longer than 4 096 bytes is counted under: its first 256 bytes
+/// (to a character boundary), `…#`, and the xxh3-128 of the whole value in hex. A client
+/// controls its own header values, and refusing the call over one would let every
+/// request with a long header past every limit behind a fail-open Envoy; a digest counts
+/// it like any other value at a bounded cost in keys, Redis memory and metric names. The
+/// hash is unseeded, so every replica sharing a Redis agrees on it.
+#[cold]
+pub fn value_digest(value: &str) -> String {
+    let mut end = DIGEST_KEEPS_BYTES.min(value.len());
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    let hash = xxhash_rust::xxh3::xxh3_128(value.as_bytes());
+    format!("{}…#{hash:032x}", &value[..end])
+}
+
 /// Appends the counter key in `form` to `out`, so one buffer can hold every key of a request.
 pub fn append_key(out: &mut String, form: KeyForm, domain: &str, entries: &[Entry], limit: &Limit) {
     match form {
@@ -185,6 +205,20 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_digest_keeps_the_start_and_tells_apart_values_that_differ_anywhere() {
+        let long = "€".repeat(3_000);
+        let digest = value_digest(&long);
+        // 256 bytes end inside a three-byte character: cut before it.
+        assert!(
+            digest.starts_with(&format!("{}…#", "€".repeat(85))),
+            "{digest}"
+        );
+        assert!(digest.len() < 300, "{}", digest.len());
+        assert_eq!(digest, value_digest(&long));
+        assert_ne!(digest, value_digest(&format!("{long}x")));
+    }
     use crate::limit::{Algorithm, Unit};
 
     fn entries_of<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<Entry> {

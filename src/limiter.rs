@@ -33,7 +33,8 @@ use crate::store::{Check, CounterStore, StoreError};
 pub struct RequestBounds {
     pub max_descriptors: usize,
     pub max_entries: usize,
-    /// Longest key or value, in bytes.
+    /// Longest key, in bytes; a longer value is counted under its digest
+    /// (`key::value_digest`).
     pub max_entry_bytes: usize,
 }
 
@@ -213,7 +214,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
     }
 
     async fn decide(&self, request: &RateLimitRequest) -> Result<RateLimitResponse, DecisionError> {
-        self.validate(request)?;
+        let long_values = self.validate(request)?;
         let config = self.config.load_full().ok_or(DecisionError::NoConfig)?;
         let Some(domain) = config.domain(&request.domain) else {
             // envoyproxy/ratelimit answers OK with no limit for a domain it does not know.
@@ -223,6 +224,8 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             return Ok(no_limits(request.descriptors.len()));
         };
         let resolved = resolve(request, &config, domain)?;
+        let digested = long_values.then(|| self.digest_long_values(request));
+        let request = digested.as_ref().unwrap_or(request);
         let now = self.clock.now_millis();
 
         if let Some(capacity) = &domain.capacity
@@ -378,12 +381,14 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         &self,
         request: &RateLimitRequest,
     ) -> Result<Vec<LimitUsage>, DecisionError> {
-        self.validate(request)?;
+        let long_values = self.validate(request)?;
         let config = self.config.load_full().ok_or(DecisionError::NoConfig)?;
         let Some(domain) = config.domain(&request.domain) else {
             return Ok(Vec::new());
         };
         let resolved = resolve(request, &config, domain)?;
+        let digested = long_values.then(|| self.digest_long_values(request));
+        let request = digested.as_ref().unwrap_or(request);
         let plan = Plan::new(request, &resolved, Counting::LookOnly, S::KEY_FORM);
         let checks = plan.checks();
         let mut verdicts = Vec::with_capacity(checks.len());
@@ -448,10 +453,12 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         &self,
         request: &RateLimitRequest,
     ) -> Result<Vec<LimitUsage>, DecisionError> {
-        self.validate(request)?;
+        let long_values = self.validate(request)?;
         let config = self.config.load_full().ok_or(DecisionError::NoConfig)?;
         if let Some(domain) = config.domain(&request.domain) {
             let resolved = resolve(request, &config, domain)?;
+            let digested = long_values.then(|| self.digest_long_values(request));
+            let request = digested.as_ref().unwrap_or(request);
             let plan = Plan::new(request, &resolved, Counting::LookOnly, S::KEY_FORM);
             let checks = plan.checks();
             if !checks.is_empty() {
@@ -595,7 +602,9 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         }
     }
 
-    fn validate(&self, request: &RateLimitRequest) -> Result<(), DecisionError> {
+    /// Whether the request is one meshlimit answers, and if so whether a value in it is
+    /// longer than `max_entry_bytes` (counted under its digest).
+    fn validate(&self, request: &RateLimitRequest) -> Result<bool, DecisionError> {
         let invalid = |message: String| Err(DecisionError::InvalidRequest(message));
         if request.domain.is_empty() {
             return invalid("the domain is empty; set `domain` in Envoy's ratelimit filter".into());
@@ -604,6 +613,7 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             return invalid("the request has no descriptors; Envoy sends at least one per matched rate_limits action".into());
         }
         let bounds = &self.bounds;
+        let mut long_values = false;
         if request.descriptors.len() > bounds.max_descriptors {
             return invalid(format!(
                 "the request has {} descriptors; at most {} are accepted (--max-descriptors)",
@@ -626,15 +636,32 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 if entry.key.is_empty() {
                     return invalid(format!("descriptor {i} entry {j} has an empty key"));
                 }
-                if entry.key.len().max(entry.value.len()) > bounds.max_entry_bytes {
+                // Keys come from Envoy's config; values from clients, who must not be
+                // able to fail the call (see `value_digest`).
+                if entry.key.len() > bounds.max_entry_bytes {
                     return invalid(format!(
-                        "descriptor {i} entry {j} is longer than {} bytes",
+                        "descriptor {i} entry {j} has a key longer than {} bytes",
                         bounds.max_entry_bytes
                     ));
                 }
+                long_values |= entry.value.len() > bounds.max_entry_bytes;
             }
         }
-        Ok(())
+        Ok(long_values)
+    }
+
+    /// The request with each value longer than `max_entry_bytes` replaced by its digest:
+    /// what is counted, recorded and shown once its descriptors have matched their rules
+    /// on the whole values.
+    #[cold]
+    fn digest_long_values(&self, request: &RateLimitRequest) -> RateLimitRequest {
+        let mut digested = request.clone();
+        for entry in digested.descriptors.iter_mut().flat_map(|d| &mut d.entries) {
+            if entry.value.len() > self.bounds.max_entry_bytes {
+                entry.value = crate::key::value_digest(&entry.value);
+            }
+        }
+        digested
     }
 }
 

@@ -175,8 +175,10 @@ struct ServeArgs {
     /// The most entries one descriptor may carry.
     #[arg(long, env = "MESHLIMIT_MAX_ENTRIES", default_value_t = RequestBounds::default().max_entries)]
     max_entries: usize,
-    /// The largest request accepted, in bytes.
-    #[arg(long, env = "MESHLIMIT_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
+    /// The largest request accepted, in bytes. Envoy takes up to 60 KiB of headers by
+    /// default, and one header may feed several descriptors: a request refused for its
+    /// size is a request a fail-open Envoy lets through unlimited.
+    #[arg(long, env = "MESHLIMIT_MAX_REQUEST_BYTES", default_value_t = 256 * 1024)]
     max_request_bytes: usize,
     /// How often to check the config directory for changes (e.g. 1s, 500ms); 0s checks only
     /// on SIGHUP. A changed directory is validated whole before it replaces the old config.

@@ -309,8 +309,8 @@ fn malformed_requests_are_rejected_with_a_reason() {
     assert!(rejection(&many).contains("at most 64"));
     let long = "x".repeat(5_000);
     assert!(
-        rejection(&request(vec![descriptor(&[("user", &long)])]))
-            .contains("longer than 4096 bytes")
+        rejection(&request(vec![descriptor(&[(&long, "a")])]))
+            .contains("descriptor 0 entry 0 has a key longer than 4096 bytes")
     );
     let mut bad_unit = descriptor(&[("user", "a")]);
     bad_unit.limit = Some(RateLimitOverride {
@@ -318,6 +318,42 @@ fn malformed_requests_are_rejected_with_a_reason() {
         unit: 0,
     });
     assert!(rejection(&request(vec![bad_unit])).contains("unit 0"));
+}
+
+#[test]
+fn a_value_over_the_entry_bound_is_counted_under_its_digest_and_matched_whole() {
+    let clock = ManualClock::at(START);
+    let tree = compile_str(
+        "edge.yaml",
+        "domain: edge\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 2}\n  - key: path\n    value: \"*.iso\"\n    rate_limit: {unit: minute, requests_per_unit: 1}\n",
+        &LoadOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let live = Arc::new(ArcSwapOption::from_pointee(RateLimitConfig::new(
+        [tree],
+        Algorithm::SlidingWindow,
+    )));
+    let limiter = RateLimiter::new(
+        live,
+        MemoryStore::new(10_000),
+        clock.clone(),
+        RequestBounds::default(),
+    );
+    let long = "x".repeat(5_000);
+    let user = |value: &str| request(vec![descriptor(&[("user", value)])]);
+    let decided: Vec<Code> = (0..3)
+        .map(|_| decide(&limiter, &user(&long)).overall_code())
+        .collect();
+    assert_eq!(decided, [Code::Ok, Code::Ok, Code::OverLimit]);
+    // The same first bytes and another end: another client.
+    assert_eq!(
+        decide(&limiter, &user(&format!("{long}y"))).overall_code(),
+        Code::Ok
+    );
+    // A wildcard sees the whole value, its end included.
+    let iso = request(vec![descriptor(&[("path", &format!("{long}.iso"))])]);
+    assert_eq!(decide(&limiter, &iso).overall_code(), Code::Ok);
+    assert_eq!(decide(&limiter, &iso).overall_code(), Code::OverLimit);
 }
 
 #[test]
