@@ -470,6 +470,11 @@ impl Compiler<'_, '_> {
         let mut replaces = Vec::new();
         for replaced in &block.replaces {
             match &replaced.name {
+                // envoyproxy/ratelimit refuses this too: the rule would switch itself off
+                // for every request it matches.
+                Some(name) if block.name.as_ref().is_some_and(|own| own.value == name.value) => {
+                    self.error(&location(file, &name.referenced), format!("the rate limit `{}` under key `{key}` replaces itself, so it would never apply; remove its own name from `replaces`", name.value));
+                }
                 Some(name) if !name.value.is_empty() => replaces.push(name.value.clone().into()),
                 _ => self.error(&at, format!("an entry of `replaces` under key `{key}` has no `name`; write the `name` of the rate limit to replace")),
             }

@@ -406,6 +406,19 @@ fn error_replaces_needs_a_name() {
 }
 
 #[test]
+fn error_a_rule_that_replaces_itself() {
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: minute, requests_per_unit: 1, name: x, replaces: [{name: x}]}\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:4:81: the rate limit `x` under key `a` replaces itself, so it would never apply; remove its own name from `replaces`"
+        ]
+    );
+}
+
+#[test]
 fn every_problem_of_a_file_is_reported_at_once() {
     let errors = errors(
         "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: minute}\n  - key: b\n    rate_limit: {requests_per_unit: 1}\n",
