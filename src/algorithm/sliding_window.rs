@@ -28,10 +28,19 @@ pub fn apply(state: &mut WindowState, limit: &Limit, hits: u64, now_millis: u64)
         };
     }
     state.current = state.current.saturating_add(hits);
+    let remaining = ((limit_hits * window - used_scaled) / window) as u64;
+    // With nothing left, the reset is when the next hit fits: the end of this window is
+    // too early while the previous window still weighs in, and a client that came back
+    // then would be turned away.
+    let reset_after_millis = if remaining == 0 {
+        wait_until_admitted(state, limit_hits, 1, window, elapsed)
+    } else {
+        (window - elapsed) as u64
+    };
     Verdict {
         over_limit: false,
-        remaining: ((limit_hits * window - used_scaled) / window) as u64,
-        reset_after_millis: (window - elapsed) as u64,
+        remaining,
+        reset_after_millis,
         from_local_cache: false,
     }
 }
@@ -129,6 +138,25 @@ mod tests {
         assert!(!first.over_limit);
         assert_eq!(first.remaining, 0);
         assert!(apply(&mut state, &limit(100), 1, now).over_limit);
+    }
+
+    #[test]
+    fn the_hit_that_takes_the_last_unit_is_told_when_the_next_one_fits() {
+        // 10 a minute, all 40 s into a window; the last leaves nothing. The end of the
+        // window (20 s away) is too early: all 10 still weigh in just after it. The reset
+        // is exactly when one more fits, 6 s into the next window.
+        let mut state = WindowState::default();
+        let now = 11 * MINUTE + 40_000;
+        for _ in 0..9 {
+            assert!(!apply(&mut state, &limit(10), 1, now).over_limit);
+        }
+        let last = apply(&mut state, &limit(10), 1, now);
+        assert_eq!((last.over_limit, last.remaining), (false, 0));
+        assert_eq!(last.reset_after_millis, 26_000);
+        let mut early = state;
+        let back = now + last.reset_after_millis;
+        assert!(apply(&mut early, &limit(10), 1, back - 1).over_limit);
+        assert!(!apply(&mut state, &limit(10), 1, back).over_limit);
     }
 
     #[test]

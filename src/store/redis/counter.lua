@@ -240,7 +240,11 @@ local function sliding_window(state, limit, window, hits, count_rejected)
   end
   state.current = state.current + hits
   local spare = limit * window - used_scaled
-  return 0, (spare - spare % window) / window, window - elapsed
+  local remaining = (spare - spare % window) / window
+  if remaining == 0 then
+    return 0, 0, sliding_wait(state, limit, window, 1, elapsed)
+  end
+  return 0, remaining, window - elapsed
 end
 
 -- fixed_window::apply: a rejected hit is added only with `count_rejected`. A calendar
