@@ -228,14 +228,19 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let request = digested.as_ref().unwrap_or(request);
         let now = self.clock.now_millis();
 
-        if let Some(capacity) = &domain.capacity
-            && let Some(shed) = self.shed(request, capacity, &resolved, now).await?
+        let plan = Plan::new(request, &resolved, Counting::Hits, S::KEY_FORM);
+        let mut checks = plan.checks();
+        // Only a request some limit applies to is held to the domain's capacity (an
+        // `unlimited` one is never counted, as it says); it is charged below once it is
+        // admitted, so requests its own limits turn away take no one else's share.
+        let capacity = domain.capacity.as_ref().filter(|_| !checks.is_empty());
+        if let Some(capacity) = capacity
+            && let Some(shed) = self
+                .shed(request, capacity, &resolved, &checks, now)
+                .await?
         {
             return Ok(shed);
         }
-
-        let plan = Plan::new(request, &resolved, Counting::Hits, S::KEY_FORM);
-        let mut checks = plan.checks();
         let mut verdicts = Spare::verdicts();
         if !checks.is_empty() {
             if self.modes.spare_when_turned_away {
@@ -291,7 +296,15 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
                 _ => self.record(request, d),
             }
         }
-        let overall = self.overall(decided.iter().any(|d| d.rejects));
+        let rejects = decided.iter().any(|d| d.rejects);
+        // As enforcing would (a global shadow mode answers OK to a request it would turn
+        // away, and takes no capacity for it, as for a shed one).
+        if let Some(capacity) = capacity
+            && !rejects
+        {
+            self.take_capacity(request, capacity, now).await;
+        }
+        let overall = self.overall(rejects);
         let mut response = RateLimitResponse {
             overall_code: overall as i32,
             statuses,
@@ -312,14 +325,19 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         Ok(response)
     }
 
-    /// Checks the domain's shared capacity at the priority of the request's most important
-    /// matched rule. A shed request is answered at once and touches no descriptor's own
-    /// counters, so overload does not eat into a client's quota.
+    /// Looks at the domain's shared capacity at the priority of the request's most
+    /// important matched rule, without taking any (`take_capacity` does, once the request
+    /// is admitted). A shed request is answered at once and counts against none of its own
+    /// limits, so overload does not eat into a client's quota — but for those that count
+    /// every hit, rejected or not (`count_rejected`, envoyproxy's fixed windows): a cost
+    /// charged after the fact (Envoy's `apply_on_stream_done`) was already spent, and a
+    /// budget that did not see it would be overspent.
     async fn shed(
         &self,
         request: &RateLimitRequest,
         capacity: &Capacity,
         resolved: &[Resolved<'_>],
+        checks: &[Check<'_>],
         now: u64,
     ) -> Result<Option<RateLimitResponse>, DecisionError> {
         let priority = resolved
@@ -333,30 +351,47 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             requests_per_unit: u32::try_from(threshold).unwrap_or(u32::MAX),
             ..capacity.limit
         };
-        let mut key = String::new();
-        append_key(&mut key, S::KEY_FORM, &request.domain, &[], &capacity.limit);
-        key.push_str("|capacity");
-        let check = Check {
+        let key = capacity_key::<S>(request, capacity);
+        let look = Check {
             key: &key,
             limit,
-            hits: u64::from(request.hits_addend.max(1)),
+            hits: 0,
             group: u32::MAX,
             count_rejected: false,
             penalty: None,
         };
         let mut verdicts = Vec::with_capacity(1);
-        self.count(&[check], now, &mut verdicts).await?;
-        let Some(verdict) = verdicts.first().filter(|v| v.over_limit) else {
+        self.count(&[look], now, &mut verdicts).await?;
+        let cost = u64::from(request.hits_addend.max(1));
+        let Some(verdict) = verdicts
+            .first()
+            .filter(|v| v.over_limit || v.remaining < cost)
+        else {
             return Ok(None);
         };
+        let verdict = Verdict {
+            over_limit: true,
+            remaining: 0,
+            ..*verdict
+        };
         self.metrics.shed.fetch_add(1, Ordering::Relaxed);
+        let charged: Few<Check<'_>> = checks
+            .iter()
+            .filter(|check| check.count_rejected && check.hits > 0)
+            .cloned()
+            .collect();
+        if !charged.is_empty() {
+            let mut ignored = Vec::with_capacity(charged.len());
+            self.count(&charged, now, &mut ignored).await?;
+        }
         let decided: Vec<Decided<'_>> = (0..request.descriptors.len())
             .map(|descriptor| Decided {
                 descriptor,
                 rule: None,
                 name: "capacity",
-                limit: capacity.limit,
-                verdict: *verdict,
+                // What this request's priority may fill, not the whole capacity.
+                limit,
+                verdict,
                 over: true,
                 quota: false,
                 rejects: true,
@@ -373,6 +408,23 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         };
         response::present(&mut response, request, &decided, &[], &self.presentation);
         Ok(Some(response))
+    }
+
+    /// Counts an admitted request against the domain's capacity, whatever it holds: the
+    /// request is on its way, and the next one looks at the total. A store that fails here
+    /// is counted in the store errors and changes nothing: the request was decided.
+    async fn take_capacity(&self, request: &RateLimitRequest, capacity: &Capacity, now: u64) {
+        let key = capacity_key::<S>(request, capacity);
+        let take = Check {
+            key: &key,
+            limit: capacity.limit,
+            hits: u64::from(request.hits_addend.max(1)),
+            group: u32::MAX,
+            count_rejected: true,
+            penalty: None,
+        };
+        let mut ignored = Vec::with_capacity(1);
+        let _ = self.count(&[take], now, &mut ignored).await;
     }
 
     /// Current use of every limit the request's descriptors match, without consuming any
@@ -663,6 +715,14 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         }
         digested
     }
+}
+
+/// The counter of a domain's shared capacity, one for every priority.
+fn capacity_key<S: CounterStore>(request: &RateLimitRequest, capacity: &Capacity) -> String {
+    let mut key = String::new();
+    append_key(&mut key, S::KEY_FORM, &request.domain, &[], &capacity.limit);
+    key.push_str("|capacity");
+    key
 }
 
 /// Records a `value_to_metric` rule's hit under its metric key with the request's values.

@@ -391,6 +391,9 @@ policies:
     limits: [{requests_per_unit: 100, unit: minute}]
     priority: 10
     reserved: 0.4
+  tokens:
+    limits: [{requests_per_unit: 100, unit: minute}]
+    count_rejected: true
 descriptors:
   - key: plan
     value: free
@@ -400,6 +403,15 @@ descriptors:
     value: enterprise
     policy: enterprise
     descriptors: [{key: user}]
+  - key: plan
+    value: tiny
+    limits: [{requests_per_unit: 1, unit: minute}]
+    descriptors: [{key: user}]
+  - key: plan
+    value: internal
+    unlimited: true
+  - key: team
+    policy: tokens
 ";
 
     const POLICIES: &str = "\
@@ -697,6 +709,91 @@ descriptors:
         let shed = decide(&limiter, &api(&[("plan", "free"), ("user", "late")]));
         assert_eq!(
             shed.statuses[0]
+                .current_limit
+                .as_ref()
+                .map(|l| l.name.as_str()),
+            Some("capacity")
+        );
+    }
+
+    /// A tiers request: `plan` and `user`.
+    fn tiers(plan: &str, user: &str) -> RateLimitRequest {
+        RateLimitRequest {
+            domain: "tiers".into(),
+            ..api(&[("plan", plan), ("user", user)])
+        }
+    }
+
+    fn admitted(limiter: &RateLimiter<MemoryStore, ManualClock>, requests: usize) -> usize {
+        (0..requests)
+            .filter(|i| {
+                decide(limiter, &tiers("free", &format!("f{i}"))).overall_code() == Code::Ok
+            })
+            .count()
+    }
+
+    #[test]
+    fn requests_their_own_limit_turns_away_take_no_capacity() {
+        let clock = ManualClock::at(START - START % 1_000);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        // One client at 1 a minute, retrying 20 times within the second: 19 rejections of
+        // its own, none of them load on the upstream.
+        let tiny: Vec<Code> = (0..20)
+            .map(|_| decide(&limiter, &tiers("tiny", "t")).overall_code())
+            .collect();
+        assert_eq!(tiny.iter().filter(|c| **c == Code::Ok).count(), 1);
+        // Free may still fill 6 of 10, less the one tiny request admitted.
+        assert_eq!(admitted(&limiter, 20), 5);
+    }
+
+    #[test]
+    fn requests_no_limit_applies_to_are_neither_shed_nor_counted() {
+        let clock = ManualClock::at(START - START % 1_000);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        assert_eq!(admitted(&limiter, 20), 6, "the free share is full");
+        assert_eq!(
+            decide(&limiter, &tiers("internal", "ops")).overall_code(),
+            Code::Ok,
+            "`unlimited: true`: never counted"
+        );
+        let unmatched = RateLimitRequest {
+            domain: "tiers".into(),
+            ..api(&[("route", "/health")])
+        };
+        assert_eq!(decide(&limiter, &unmatched).overall_code(), Code::Ok);
+        // Neither took any of the enterprise share.
+        let enterprise = (0..10)
+            .filter(|i| {
+                decide(&limiter, &tiers("enterprise", &format!("e{i}"))).overall_code() == Code::Ok
+            })
+            .count();
+        assert_eq!(enterprise, 4);
+    }
+
+    #[test]
+    fn a_cost_charged_while_shed_still_reaches_a_budget_that_counts_every_hit() {
+        let clock = ManualClock::at(START - START % 1_000);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        let team = |hits: u64| {
+            let mut request = RateLimitRequest {
+                domain: "tiers".into(),
+                ..api(&[("team", "a")])
+            };
+            request.descriptors[0].hits_addend = Some(hits);
+            request
+        };
+        assert_eq!(admitted(&limiter, 20), 6);
+        // Four charges of 30 tokens after their responses (Envoy's apply_on_stream_done),
+        // each shed: the tokens were spent all the same.
+        for _ in 0..4 {
+            assert_eq!(decide(&limiter, &team(30)).overall_code(), Code::OverLimit);
+        }
+        // Once the capacity has room again, the team's peek finds 120 of 100 spent.
+        clock.advance(3_000);
+        let peek = decide(&limiter, &team(0));
+        assert_eq!(peek.overall_code(), Code::OverLimit, "{peek:?}");
+        assert_ne!(
+            peek.statuses[0]
                 .current_limit
                 .as_ref()
                 .map(|l| l.name.as_str()),
