@@ -268,6 +268,23 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
     penalized("d|ip=2|1s/s", 0, T0);
     out.push(("penalty box", steps));
 
+    // A block shorter than the limit's own reset lasts until the limit lets the key in.
+    let brief = Penalty {
+        after_rejections: 1,
+        within_millis: MINUTE,
+        block_millis: 10 * SECOND,
+    };
+    let hourly = limit(2, 60 * MINUTE, Algorithm::FixedWindow);
+    let steps = [0, 1, 2, 11 * SECOND, 20 * MINUTE, 60 * MINUTE + 1]
+        .into_iter()
+        .map(|at| {
+            let mut check = spec("d|ip=3|1h/f", hourly, 1, 0);
+            check.penalty = Some(brief);
+            step(T0 + at, vec![check])
+        })
+        .collect();
+    out.push(("a block shorter than the limit's reset", steps));
+
     out.push(("calendar windows", calendar_steps()));
     out.push(("random sequences", random_steps(0x5eed, 400, 3)));
     out.extend(log_and_leaky_scenarios());

@@ -26,8 +26,17 @@ impl PenaltyState {
         (self.blocked_until_millis > now_millis).then(|| self.blocked_until_millis - now_millis)
     }
 
-    /// Counts one rejection; returns the block length when this one starts a block.
-    pub fn record_rejection(&mut self, penalty: &Penalty, now_millis: u64) -> Option<u64> {
+    /// Counts one rejection; returns the block length when this one starts a block. The
+    /// block lasts `block_millis`, or until the limit itself would let the key in
+    /// (`limit_reset_millis`) if that is later: a blocked key counts nothing, so a client
+    /// that came back when a shorter block ended would find its limit still over, be
+    /// rejected again, and earn another block.
+    pub fn record_rejection(
+        &mut self,
+        penalty: &Penalty,
+        now_millis: u64,
+        limit_reset_millis: u64,
+    ) -> Option<u64> {
         let window = now_millis / penalty.within_millis.max(1);
         if window != self.window {
             self.window = window;
@@ -36,8 +45,9 @@ impl PenaltyState {
         self.rejections = self.rejections.saturating_add(1);
         if self.rejections >= penalty.after_rejections {
             self.rejections = 0;
-            self.blocked_until_millis = now_millis.saturating_add(penalty.block_millis);
-            return Some(penalty.block_millis);
+            let block = penalty.block_millis.max(limit_reset_millis);
+            self.blocked_until_millis = now_millis.saturating_add(block);
+            return Some(block);
         }
         None
     }
@@ -61,21 +71,33 @@ mod tests {
     #[test]
     fn blocks_after_n_rejections_within_the_window_then_expires() {
         let mut state = PenaltyState::default();
-        assert_eq!(state.record_rejection(&LOGIN, 1_000), None);
-        assert_eq!(state.record_rejection(&LOGIN, 2_000), None);
-        assert_eq!(state.record_rejection(&LOGIN, 3_000), Some(300_000));
+        assert_eq!(state.record_rejection(&LOGIN, 1_000, 0), None);
+        assert_eq!(state.record_rejection(&LOGIN, 2_000, 0), None);
+        assert_eq!(state.record_rejection(&LOGIN, 3_000, 0), Some(300_000));
         assert_eq!(state.blocked_for(3_000), Some(300_000));
         assert_eq!(state.blocked_for(303_000 - 1), Some(1));
         assert_eq!(state.blocked_for(303_000), None);
     }
 
     #[test]
+    fn a_block_lasts_until_the_limit_itself_lets_the_key_in_if_that_is_later() {
+        let mut state = PenaltyState::default();
+        state.record_rejection(&LOGIN, 1_000, 900_000);
+        state.record_rejection(&LOGIN, 2_000, 900_000);
+        assert_eq!(
+            state.record_rejection(&LOGIN, 3_000, 900_000),
+            Some(900_000)
+        );
+        assert_eq!(state.blocked_for(3_000), Some(900_000));
+    }
+
+    #[test]
     fn rejections_spread_over_windows_do_not_add_up() {
         let mut state = PenaltyState::default();
-        state.record_rejection(&LOGIN, 59_000);
-        state.record_rejection(&LOGIN, 59_500);
+        state.record_rejection(&LOGIN, 59_000, 0);
+        state.record_rejection(&LOGIN, 59_500, 0);
         assert_eq!(
-            state.record_rejection(&LOGIN, 60_000),
+            state.record_rejection(&LOGIN, 60_000, 0),
             None,
             "a new window starts over"
         );

@@ -433,6 +433,9 @@ policies:
     penalty: {after: 2, within: 1m, block_for: 15m}
     body: 'too many logins, retry in {retry_after_seconds}s'
     body_content_type: text/plain
+  export:
+    limits: [{requests_per_unit: 2, unit: minute}]
+    penalty: {after: 1, within: 1m, block_for: 10s}
 descriptors:
   - key: plain
     policy: plain
@@ -442,6 +445,8 @@ descriptors:
     policy: beta
   - key: login
     policy: login
+  - key: export
+    policy: export
 ";
 
     fn api_limiter(
@@ -669,6 +674,35 @@ descriptors:
             Code::Ok
         );
         clock.advance(15 * 60_000);
+        assert_eq!(decide(&limiter, &req).overall_code(), Code::Ok);
+    }
+
+    #[test]
+    fn a_client_that_waits_out_a_short_block_is_let_in_not_blocked_again() {
+        // 2 a minute, a 10 s block after one rejection: the block holds until the minute's
+        // limit lets the client in, so coming back when told never meets the limit again.
+        let clock = ManualClock::at(START - START % 60_000 + 5_000);
+        let limiter = api_limiter(&clock, ResponseSettings::default());
+        let req = api(&[("export", "u")]);
+        assert_eq!(decide(&limiter, &req).overall_code(), Code::Ok);
+        assert_eq!(decide(&limiter, &req).overall_code(), Code::Ok);
+        let rejected = decide(&limiter, &req);
+        assert_eq!(rejected.overall_code(), Code::OverLimit);
+        let wait = rejected.statuses[0].duration_until_reset.unwrap().seconds as u64;
+        assert!(
+            wait > 10,
+            "the limit's own wait, past the 10 s block: {wait}"
+        );
+        clock.advance(11_000);
+        let blocked = decide(&limiter, &req);
+        assert_eq!(blocked.overall_code(), Code::OverLimit);
+        assert_eq!(
+            blocked.statuses[0]
+                .duration_until_reset
+                .map(|d| d.seconds as u64),
+            Some(wait - 11)
+        );
+        clock.advance((wait - 11) * 1_000);
         assert_eq!(decide(&limiter, &req).overall_code(), Code::Ok);
     }
 

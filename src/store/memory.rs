@@ -287,17 +287,18 @@ impl MemoryStore {
         let verdicts = out.get_mut(start..).unwrap_or_default();
         // A zero-hit check (a usage query) only looks; it never earns a penalty.
         if verdicts.iter().any(|v| v.over_limit) && group.iter().any(|c| c.hits > 0) {
-            if let Some(block) = state.record_rejection(&penalty, now_millis) {
+            let limit_reset = (verdicts.iter().filter(|v| v.over_limit))
+                .map(|v| v.reset_after_millis)
+                .max()
+                .unwrap_or(0);
+            let mut lifetime = PenaltyState::lifetime_millis(&penalty);
+            if let Some(block) = state.record_rejection(&penalty, now_millis, limit_reset) {
+                lifetime = lifetime.max(block);
                 for verdict in verdicts.iter_mut().filter(|v| v.over_limit) {
                     verdict.reset_after_millis = block;
                 }
             }
-            locked.write(
-                hash,
-                CounterState::Penalty(state),
-                now_millis,
-                PenaltyState::lifetime_millis(&penalty),
-            );
+            locked.write(hash, CounterState::Penalty(state), now_millis, lifetime);
         }
     }
 }

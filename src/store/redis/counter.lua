@@ -544,18 +544,28 @@ for request = 1, #ARGV do
           penalty_state.rejections = 0
         end
         penalty_state.rejections = min(penalty_state.rejections + 1, 4294967295)
+        local ttl = penalty_ttl
         if penalty_state.rejections >= penalty.after then
-          penalty_state.rejections = 0
-          penalty_state.blocked_until = now + penalty.block
+          -- PenaltyState::record_rejection: the block lasts until the limit itself would
+          -- let the key in, if that is later.
+          local block = penalty.block
           for i = first, out_count, 3 do
             if out[i] == 1 then
-              out[i + 2] = penalty.block
+              block = max(block, out[i + 2])
+            end
+          end
+          penalty_state.rejections = 0
+          penalty_state.blocked_until = now + block
+          ttl = max(ttl, block)
+          for i = first, out_count, 3 do
+            if out[i] == 1 then
+              out[i + 2] = block
             end
           end
         end
         redis.call('SET', penalty_key,
           pack('>BI8I8I8', PENALTY, penalty_state.window, penalty_state.rejections,
-            penalty_state.blocked_until), 'PX', ttl_text(penalty_ttl))
+            penalty_state.blocked_until), 'PX', ttl_text(ttl))
       end
     end
   end
