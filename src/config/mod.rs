@@ -350,8 +350,10 @@ fn compile_files(
             (Some((file, fields)), _) => {
                 compiler.defaults(fields, file, "domain defaults", Scope::Domain(name))
             }
+            // Seen from the domain, so a policy the domain defines under a shared name
+            // (shadowing it, as everywhere else in the domain) is the one its nodes get.
             (None, Some((file, fields))) => {
-                compiler.defaults(fields, file, "shared defaults", Scope::Shared)
+                compiler.defaults(fields, file, "shared defaults", Scope::Domain(name))
             }
             (None, None) => Inherited::Nothing,
         };

@@ -1203,6 +1203,36 @@ descriptors:
     }
 
     #[test]
+    fn shared_defaults_name_the_policy_the_domain_sees_under_that_name() {
+        let config = load(&[
+            (
+                "shared.yaml",
+                "policies:\n  standard:\n    limits: [{requests_per_unit: 3, unit: hour}]\ndefaults:\n  policy: standard\n",
+            ),
+            (
+                "d.yaml",
+                "domain: d\npolicies:\n  standard: {extends: standard, algorithm: fixed_window}\ndescriptors:\n  - key: a\n  - key: b\n    policy: standard\n",
+            ),
+            ("e.yaml", "domain: e\ndescriptors:\n  - key: a\n"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let fixed = || {
+            Some((
+                vec!["3/1h".into()],
+                "fixed_window".into(),
+                "standard".into(),
+            ))
+        };
+        assert_eq!(effective(&config, "d", &[("a", "x")]), fixed());
+        assert_eq!(effective(&config, "d", &[("b", "x")]), fixed());
+        // A domain without its own `standard` gets the shared one.
+        assert_eq!(
+            effective(&config, "e", &[("a", "x")]).map(|e| e.1),
+            Some("sliding_window".into())
+        );
+    }
+
+    #[test]
     fn a_child_that_leaves_the_token_bucket_leaves_its_burst_behind() {
         // `burst` belongs to the token bucket (`capacity` to the leaky one): a policy or node
         // that switches to another algorithm must not be refused for the burst it inherited.
