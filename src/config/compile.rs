@@ -19,6 +19,34 @@ use crate::matcher::{Level, Node, ValuePattern};
 use crate::rule::{MetricPart, Rule, RuleLimit, SourceLocation, Treatment};
 use prost_types::value::Kind;
 
+/// The policy that applies at a node with the node's own `shadow_mode`, which is then
+/// inherited like the policy's other fields: trying a limit out on a service in shadow
+/// mode tries it on all its routes. Beside envoyproxy's `rate_limit`, which is never
+/// inherited, a `shadow_mode` is that rule's alone, as in envoyproxy/ratelimit.
+fn with_node_shadow(
+    applies: Inherited,
+    entry: &DescriptorEntry,
+    what: &str,
+    file: &Arc<str>,
+) -> Inherited {
+    match (&entry.shadow_mode, &entry.rate_limit, applies) {
+        (Some(shadow), None, Inherited::Policy { policy, via }) => {
+            let origin = policy::Origin {
+                what: what.to_owned(),
+                at: location(file, &shadow.referenced),
+            };
+            Inherited::Policy {
+                policy: Arc::new(ResolvedPolicy {
+                    shadow_mode: Some((shadow.value, origin)),
+                    ..(*policy).clone()
+                }),
+                via,
+            }
+        }
+        (_, _, applies) => applies,
+    }
+}
+
 /// What a node passes down to its descendants.
 #[derive(Debug, Clone)]
 pub enum Inherited {
@@ -245,6 +273,12 @@ impl Compiler<'_, '_> {
                 &via,
                 Scope::Domain(self.table.domain),
             );
+            let applies = with_node_shadow(
+                own.clone().unwrap_or_else(|| inherited.clone()),
+                entry,
+                &what,
+                &file,
+            );
             let rule = match (&entry.rate_limit, &own) {
                 (Some(block), Some(_)) => {
                     self.error(&location(&file, &block.referenced), format!("{what} has both envoyproxy's `rate_limit` and a meshlimit policy (`policy`, `limits`, `algorithm`, `burst` or `unlimited`); keep one of them"));
@@ -253,10 +287,10 @@ impl Compiler<'_, '_> {
                 (Some(block), None) => {
                     self.compat_rule(block, entry, &file, &key.value, &node_path)
                 }
-                (None, Some(setting)) => {
-                    self.policy_rule(setting, entry, &at, &node_path, "its own setting")
+                (None, Some(_)) => {
+                    self.policy_rule(&applies, entry, &at, &node_path, "its own setting")
                 }
-                (None, None) => self.policy_rule(inherited, entry, &at, &node_path, "inherited"),
+                (None, None) => self.policy_rule(&applies, entry, &at, &node_path, "inherited"),
             }
             .map(|rule| with_steps(rule, &steps));
             let rule = match (rule, &entry.metadata) {
@@ -272,7 +306,7 @@ impl Compiler<'_, '_> {
                 (None, Inherited::NoLimit { via }) => Some(format!("no limit — `policy: none` at {via}")),
                 (None, _) => Some("no limit — no `rate_limit`, `policy`, `limits` or `defaults` apply to this node".to_owned()),
             };
-            let passed_down = own.unwrap_or_else(|| inherited.clone());
+            let passed_down = applies;
             let children = self.level(
                 &node_path,
                 &steps,

@@ -1203,6 +1203,27 @@ descriptors:
     }
 
     #[test]
+    fn a_nodes_shadow_mode_beside_policy_fields_is_inherited_like_them() {
+        let config = load(&[(
+            "d.yaml",
+            "domain: d\ndescriptors:\n  - key: svc\n    limits: [{requests_per_unit: 1, unit: minute}]\n    shadow_mode: true\n    descriptors:\n      - key: route\n      - key: route\n        value: /pay\n        shadow_mode: false\n  - key: legacy\n    rate_limit: {unit: minute, requests_per_unit: 1}\n    shadow_mode: true\n    descriptors:\n      - key: route\n        rate_limit: {unit: minute, requests_per_unit: 1}\n",
+        )])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let shadow = |pairs: &[(&str, &str)]| {
+            let rule = config.domain("d").unwrap().lookup(&entries(pairs)).unwrap();
+            let described = rule.provenance.join("\n");
+            (rule.shadow_mode, described.contains("shadow_mode: true"))
+        };
+        assert_eq!(shadow(&[("svc", "a")]), (true, true));
+        assert_eq!(shadow(&[("svc", "a"), ("route", "/x")]), (true, true));
+        // Turned off again below, and `explain` says so.
+        assert_eq!(shadow(&[("svc", "a"), ("route", "/pay")]), (false, false));
+        // envoyproxy's `rate_limit` and its `shadow_mode` are the node's alone.
+        assert!(shadow(&[("legacy", "a")]).0);
+        assert!(!shadow(&[("legacy", "a"), ("route", "/x")]).0);
+    }
+
+    #[test]
     fn shared_defaults_name_the_policy_the_domain_sees_under_that_name() {
         let config = load(&[
             (
