@@ -24,8 +24,18 @@ pub struct ConfigFile {
     pub policies: BTreeMap<String, Spanned<PolicyBlock>>,
     pub defaults: Option<Spanned<PolicyFields>>,
     pub capacity: Option<Spanned<CapacityBlock>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "empty_if_null")]
     pub descriptors: Vec<DescriptorEntry>,
+}
+
+/// A list written with nothing after it (`descriptors:`) is an empty one, as in
+/// envoyproxy/ratelimit, whose Go decoder takes it so: a file it loads must load here.
+fn empty_if_null<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,7 +45,7 @@ pub struct DescriptorEntry {
     pub value: Option<Spanned<String>>,
     /// envoyproxy/ratelimit's limit: applies to this node only, never inherited.
     pub rate_limit: Option<Spanned<RateLimitBlock>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "empty_if_null")]
     pub descriptors: Vec<DescriptorEntry>,
     pub shadow_mode: Option<Spanned<bool>>,
     #[serde(default)]

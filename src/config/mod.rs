@@ -635,6 +635,12 @@ fn yaml_message(error: &serde_saphyr::Error) -> String {
              split it into files, flatten it, or write repeated blocks out"
         );
     }
+    // The parser's advice is for its caller; what a config author can do is different.
+    if message.starts_with("multiple YAML documents detected") {
+        return "a second YAML document (after a `---` line) starts here; a config file holds one \
+                domain (or the shared policies): move the rest into a file of its own"
+            .to_owned();
+    }
     // A number field given something else (`3.5` or `ten` where a count goes): the parser
     // names only the type it wanted.
     match message {

@@ -406,6 +406,26 @@ fn error_replaces_needs_a_name() {
 }
 
 #[test]
+fn error_a_second_yaml_document_says_to_move_it_to_a_file_of_its_own() {
+    let errors = errors("domain: a\n---\ndomain: b\n");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .starts_with("test.yaml:3:1: a second YAML document (after a `---` line) starts here"),
+        "{errors:?}"
+    );
+    assert!(!errors[0].contains("from_str_multiple"), "{errors:?}");
+}
+
+#[test]
+fn descriptors_written_with_nothing_after_them_are_none() {
+    // envoyproxy/ratelimit loads both; one such file stopped every domain from loading.
+    tree("domain: x\ndescriptors:\n");
+    let tree = tree("domain: y\ndescriptors:\n  - key: a\n    descriptors:\n");
+    assert!(tree.lookup(&entries(&[("a", "1")])).is_none());
+}
+
+#[test]
 fn error_a_rule_that_replaces_itself() {
     let errors = errors(
         "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: minute, requests_per_unit: 1, name: x, replaces: [{name: x}]}\n",
