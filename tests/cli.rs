@@ -181,6 +181,8 @@ fn explain_shows_the_calendar_window_an_instant_falls_in() {
     assert_lines(
         &stdout,
         &[
+            // Counted in fixed windows, whatever the service's default algorithm.
+            "  algorithm: sliding_window (its calendar limits: fixed_window) — the service default",
             "    operations|plan_month=acme|month@Pacific/Auckland/fixed_window",
             "      window now: 2027-02-01 00:00:00 +13:00 to 2027-03-01 00:00:00 +13:00 in Pacific/Auckland (resets in 27 d 23 h)",
         ],

@@ -774,10 +774,26 @@ pub fn describe(policy: &ResolvedPolicy, default_algorithm: Algorithm) -> Vec<St
             .collect();
         lines.push(format!("limits: {} — from {origin}", limits.join(", ")));
     }
+    // A calendar limit is counted in fixed windows whatever the policy's algorithm says.
+    let calendar = policy
+        .limits
+        .as_ref()
+        .is_some_and(|(limits, _)| limits.iter().any(|l| l.calendar.is_some()));
+    let algorithm = policy
+        .algorithm
+        .as_ref()
+        .map_or(default_algorithm, |(a, _)| *a);
+    let except = if calendar && algorithm != Algorithm::FixedWindow {
+        " (its calendar limits: fixed_window)"
+    } else {
+        ""
+    };
     match &policy.algorithm {
-        Some((algorithm, origin)) => lines.push(format!("algorithm: {algorithm} — from {origin}")),
+        Some((algorithm, origin)) => {
+            lines.push(format!("algorithm: {algorithm}{except} — from {origin}"));
+        }
         None => lines.push(format!(
-            "algorithm: {default_algorithm} — the service default"
+            "algorithm: {default_algorithm}{except} — the service default"
         )),
     }
     if let Some((burst, origin)) = &policy.burst {
