@@ -598,7 +598,9 @@ async fn serve_with<S: CounterStore>(
         .map(|listener| (listener, admin::debug_router(live.clone(), metrics.clone())));
     let statsd = options.statsd.clone().map(|statsd| {
         tracing::info!(target = %statsd.target, every = ?statsd.interval, "pushing counters to statsd");
-        tokio::spawn(crate::statsd::push_loop(metrics.clone(), statsd))
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let pushing = tokio::spawn(crate::statsd::push_loop(metrics.clone(), statsd, stopped));
+        (stop, pushing)
     });
     let mapping_follower = options.prometheus_mapper.clone().map(|path| {
         // What main loaded, or nothing when the file was not there.
@@ -699,8 +701,16 @@ async fn serve_with<S: CounterStore>(
     if let Some(follower) = mapping_follower {
         follower.abort();
     }
-    if let Some(statsd) = statsd {
-        statsd.abort();
+    // The last interval's counts, once every call has been answered; an agent that does
+    // not take them within a second is not waited for.
+    if let Some((stop, mut pushing)) = statsd {
+        let _ = stop.send(());
+        if tokio::time::timeout(Duration::from_secs(1), &mut pushing)
+            .await
+            .is_err()
+        {
+            pushing.abort();
+        }
     }
     if let Some(tls_watcher) = tls_watcher {
         tls_watcher.abort();

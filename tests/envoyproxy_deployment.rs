@@ -682,6 +682,37 @@ async fn counters_reach_statsd_under_envoyproxys_names() {
     agent.wait_for_totals(&wanted, &server).await;
 }
 
+/// A pod stopped between two pushes still reports what it counted since the last one:
+/// meshlimit pushes once more on SIGTERM (envoyproxy/ratelimit loses up to one interval).
+#[tokio::test]
+async fn the_counts_since_the_last_push_reach_statsd_when_the_pod_stops() {
+    let agent = StatsdAgent::bind().await;
+    let (mut server, _config) = three_calls_to_a_limit_of_two(
+        agent.port(),
+        &[
+            ("USE_STATSD", "true"),
+            ("STATSD_PROTOCOL", "udp"),
+            ("STATS_FLUSH_INTERVAL", "1h"),
+            // The test's idle client would hold the default 10 s.
+            ("MESHLIMIT_SHUTDOWN_GRACE", "1s"),
+        ],
+    )
+    .await;
+    server.terminate();
+    let status = server.wait_for_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        server.logs()
+    );
+    let prefix = "ratelimit.service.rate_limit.statsd.user.";
+    let wanted = [
+        (format!("{prefix}total_hits|c"), 3),
+        (format!("{prefix}over_limit|c"), 1),
+    ];
+    agent.wait_for_totals(&wanted, &server).await;
+}
+
 /// USE_DOG_STATSD: DogStatsD lines, with EXTRA_TAGS and a mogrifier turning the domain and
 /// descriptor out of the name into tags, as envoyproxy/ratelimit's Datadog users set it.
 #[tokio::test]

@@ -132,9 +132,14 @@ impl Sent {
     }
 }
 
-/// Pushes the counters every `options.interval`, forever (the server aborts the task when
-/// it stops). Errors are logged once per run of failures and never stop the loop.
-pub async fn push_loop(metrics: Arc<Metrics>, options: StatsdOptions) {
+/// Pushes the counters every `options.interval` until `stop` fires (or its sender is
+/// dropped), then once more, so what the last interval counted is not lost with the pod.
+/// Errors are logged once per run of failures and never stop the loop.
+pub async fn push_loop(
+    metrics: Arc<Metrics>,
+    options: StatsdOptions,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
     let mut sender = match Sender::open(options.transport).await {
         Ok(sender) => sender,
         Err(error) => {
@@ -147,7 +152,10 @@ pub async fn push_loop(metrics: Arc<Metrics>, options: StatsdOptions) {
     let mut ticks = tokio::time::interval(options.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticks.tick().await;
+        let last = tokio::select! {
+            _ = ticks.tick() => false,
+            _ = &mut stop => true,
+        };
         let totals = Totals {
             counters: metrics.statsd_counters(),
             latency: metrics.decision_latency.millis_buckets(),
@@ -168,6 +176,9 @@ pub async fn push_loop(metrics: Arc<Metrics>, options: StatsdOptions) {
             }
         };
         sent.delivered(&push, delivered);
+        if last {
+            return;
+        }
     }
 }
 
