@@ -105,7 +105,7 @@ done
 awk -v m="$(median <"$work/memory.rps")" -v r="$(median <"$work/redis.rps")" 'BEGIN {
   printf "median req/s: memory %.0f, redis %.0f; redis = %.1f%% of memory (target >= 50%%)\n", m, r, 100 * r / m
 }' | tee -a "$report"
-degraded=$(curl -s "http://127.0.0.1:$redis_admin/metrics" | sed -n 's/^meshlimit_redis_fallback_decisions //p')
+degraded=$(curl -s "http://127.0.0.1:$redis_admin/metrics" | sed -n 's/^meshlimit_redis_fallback_decisions_total //p')
 note "checks decided by the failure policy during the run: ${degraded:-unknown} (0 means every decision came from Redis)"
 cat "$work/details.txt" >>"$report"
 cp "$report" "$results/redis-latest.txt"

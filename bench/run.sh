@@ -336,7 +336,7 @@ for mix in "${mixes[@]}"; do
 done
 counters=$(curl -s "http://127.0.0.1:$memory_admin/metrics" | sed -n 's/^meshlimit_cache_entries //p')
 note "memory store: ${counters:-unknown} live counters after the gRPC runs"
-fallback=$(curl -s "http://127.0.0.1:$redis_admin/metrics" | sed -n 's/^meshlimit_redis_fallback_decisions //p')
+fallback=$(curl -s "http://127.0.0.1:$redis_admin/metrics" | sed -n 's/^meshlimit_redis_fallback_decisions_total //p')
 # --redis-timeout 1s, so that only a badly overloaded machine (a debug build in CI) makes
 # the Redis store decide without Redis. Those answers are still answers, so the run does
 # not fail, but the Redis rows then measure less than Redis.

@@ -90,7 +90,7 @@ failed=0
 rows=()
 for i in $(seq 0 $((periods - 1))); do
   decisions_before=$(metric meshlimit_decision_duration_seconds_count)
-  evictions_before=$(metric meshlimit_cache_evictions)
+  evictions_before=$(metric meshlimit_cache_evictions_total)
   ticks_before=$(cpu_ticks "$server")
   if summary=$(taskset -c 0 "$bin/examples/make_request" pace --addr "127.0.0.1:$grpc_port" \
     --rate "$rate" --seconds "$period" --warmup 0 --connections 4 --descriptors 4 \
@@ -109,7 +109,7 @@ for i in $(seq 0 $((periods - 1))); do
   counters=$(metric meshlimit_cache_entries)
   # Counters the cache let go this period to stay within its capacity: the turnover that
   # keeps memory flat (none on the Redis store, whose cache only holds fallback counts).
-  evicted=$(($(metric meshlimit_cache_evictions) - evictions_before))
+  evicted=$(($(metric meshlimit_cache_evictions_total) - evictions_before))
   if [ "$counters" -gt "$capacity" ]; then
     failed=1
     note "FAIL: $counters counters held, above --cache-capacity $capacity"

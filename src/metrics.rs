@@ -358,7 +358,10 @@ fn help_text(help: &str) -> String {
 /// A rule's identity across reloads: its domain and path.
 type RuleId = (Box<str>, Box<str>);
 
+/// A value read at each scrape: its name, help, Prometheus type (`gauge`, or `counter`
+/// for a running total, so `rate()` over it is what the type says) and reader.
 type Gauge = (
+    &'static str,
     &'static str,
     &'static str,
     Box<dyn Fn() -> u64 + Send + Sync>,
@@ -547,7 +550,22 @@ impl Metrics {
         help: &'static str,
         read: impl Fn() -> u64 + Send + Sync + 'static,
     ) {
-        self.gauges.lock().push((name, help, Box::new(read)));
+        self.gauges
+            .lock()
+            .push((name, help, "gauge", Box::new(read)));
+    }
+
+    /// Adds a running total kept elsewhere (e.g. the memory store's evictions), read when
+    /// `/metrics` is scraped.
+    pub fn counter_from(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        self.gauges
+            .lock()
+            .push((name, help, "counter", Box::new(read)));
     }
 
     pub fn render(&self) -> String {
@@ -643,10 +661,10 @@ impl Metrics {
             "# HELP meshlimit_config_hash Hash of the loaded config files.\n# TYPE meshlimit_config_hash gauge\nmeshlimit_config_hash {}",
             self.config_hash.load(Ordering::Relaxed)
         );
-        for (name, help, read) in self.gauges.lock().iter() {
+        for (name, help, kind, read) in self.gauges.lock().iter() {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
                 read()
             );
         }

@@ -254,8 +254,8 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 "Counters held in memory.",
                 move || entries.len(),
             );
-            metrics.gauge(
-                "meshlimit_cache_evictions",
+            metrics.counter_from(
+                "meshlimit_cache_evictions_total",
                 "Counters evicted to stay within --cache-capacity.",
                 move || evictions.evictions(),
             );
@@ -353,8 +353,8 @@ impl Saves {
             "Counters the last counter snapshot holds.",
             move || counters.counters.load(Relaxed),
         );
-        metrics.gauge(
-            "meshlimit_snapshot_failed_saves",
+        metrics.counter_from(
+            "meshlimit_snapshot_failed_saves_total",
             "Counter snapshot saves that failed (the previous file stays); the log says why.",
             move || failed.failed.load(Relaxed),
         );
@@ -457,8 +457,8 @@ fn redis_gauges(metrics: &Arc<Metrics>, stores: Vec<RedisStore>) {
             )
         },
     );
-    metrics.gauge(
-        "meshlimit_redis_fallback_decisions",
+    metrics.counter_from(
+        "meshlimit_redis_fallback_decisions_total",
         "Checks decided by --redis-failure-mode because Redis did not answer in time.",
         move || fallbacks.iter().map(RedisStore::fallback_decisions).sum(),
     );

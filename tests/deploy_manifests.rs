@@ -60,12 +60,12 @@ const DASHBOARD_METRICS: &[&str] = &[
     "meshlimit_shed_total",
     "meshlimit_local_cache_hits_total",
     "meshlimit_cache_entries",
-    "meshlimit_cache_evictions",
+    "meshlimit_cache_evictions_total",
     "meshlimit_snapshot_last_saved_timestamp_seconds",
     "meshlimit_snapshot_counters",
-    "meshlimit_snapshot_failed_saves",
+    "meshlimit_snapshot_failed_saves_total",
     "meshlimit_redis_degraded",
-    "meshlimit_redis_fallback_decisions",
+    "meshlimit_redis_fallback_decisions_total",
     "meshlimit_grpc_connections",
     "meshlimit_grpc_connections_opened_total",
     "meshlimit_grpc_connections_rotated_total",
@@ -917,6 +917,8 @@ fn grafana_queries_parse_and_read_metrics_the_binary_exports() {
         promtool_accepts(&promtool, text);
     }
     assert_exported("the dashboard", read.iter().copied());
+    let dashboard = std::fs::read_to_string(repo_root().join(DASHBOARD)).expect("the dashboard");
+    assert_rates_of_counters("the dashboard", &dashboard);
     let metrics = texts.join("\n");
     assert!(
         metrics.lines().any(
@@ -982,6 +984,42 @@ fn assert_exported<'m>(what: &str, read: impl Iterator<Item = &'m str>) {
     }
 }
 
+/// Asserts that what `text` takes a `rate(…)` or `increase(…)` of is a counter (or a
+/// histogram's or summary's running parts) on `/metrics`: of a gauge, a scrape's drop
+/// after a restart reads as a huge rise, and the type tells tools what the series is.
+fn assert_rates_of_counters(what: &str, text: &str) {
+    let metrics = scraped_replicas().join("\n");
+    let types: BTreeMap<&str, &str> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .collect();
+    let mut rated = 0;
+    for call in ["rate(", "increase("] {
+        for (at, _) in text.match_indices(call) {
+            let name: String = text[at + call.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !(name.starts_with("meshlimit_") || name.starts_with("ratelimit_")) {
+                continue;
+            }
+            rated += 1;
+            let running = ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .and_then(|base| types.get(base))
+                    .is_some_and(|kind| matches!(*kind, "histogram" | "summary"))
+            });
+            assert!(
+                running || types.get(name.as_str()) == Some(&"counter"),
+                "{what} takes a rate of {name}, which /metrics types {:?}, not as a counter",
+                types.get(name.as_str())
+            );
+        }
+    }
+    assert!(rated > 0, "{what} takes no rate of anything");
+}
+
 // ---- Prometheus alerts ------------------------------------------------------------------
 
 const ALERTS: &str = "deploy/prometheus/meshlimit-alerts.yaml";
@@ -1013,6 +1051,7 @@ fn alerts_load_fire_on_their_faults_and_read_exported_metrics() {
         .collect();
     assert!(mentioned.len() >= 10, "{mentioned:?}");
     assert_exported(ALERTS, mentioned.into_iter());
+    assert_rates_of_counters(ALERTS, &rules);
 }
 
 /// The alerting rules in a real Prometheus scraping a real meshlimit every second: while

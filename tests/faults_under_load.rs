@@ -382,8 +382,8 @@ async fn decisions_survive_redis_restarts_key_floods_and_config_rewrites() {
     }
 
     let cache_entries = metric(&in_memory, "meshlimit_cache_entries");
-    let evictions = metric(&in_memory, "meshlimit_cache_evictions");
-    let fallbacks = metric(&on_redis, "meshlimit_redis_fallback_decisions");
+    let evictions = metric(&in_memory, "meshlimit_cache_evictions_total");
+    let fallbacks = metric(&on_redis, "meshlimit_redis_fallback_decisions_total");
     let reloads: Vec<(u64, u64)> = servers
         .iter()
         .zip(&loads_before)

@@ -1041,7 +1041,7 @@ async fn counters_outlive_a_restart_through_the_snapshot() {
     );
     let saved_at = second.metric("meshlimit_snapshot_last_saved_timestamp_seconds");
     assert!(saved_at > 1_700_000_000, "a Unix time: {saved_at}");
-    assert_eq!(second.metric("meshlimit_snapshot_failed_saves"), 0);
+    assert_eq!(second.metric("meshlimit_snapshot_failed_saves_total"), 0);
     drop(second);
 
     let third = Meshlimit::start_with(config(), &args);
@@ -1093,7 +1093,7 @@ async fn counters_outlive_a_restart_through_the_snapshot() {
     );
     std::fs::remove_dir_all(&volume).expect("remove the directory");
     let failed = poll_until(Duration::from_secs(10), || {
-        (fifth.metric("meshlimit_snapshot_failed_saves") > 0).then_some(())
+        (fifth.metric("meshlimit_snapshot_failed_saves_total") > 0).then_some(())
     });
     assert!(failed.is_some(), "{}", fifth.logs());
     assert!(fifth.logs().contains("cannot save the counter snapshot"));

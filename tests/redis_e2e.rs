@@ -786,7 +786,7 @@ async fn shared_in(redis: &RedisServer, replicas: &[Meshlimit; 2], user: &str) {
     assert!(counted_in(redis, user));
     for replica in replicas {
         assert_eq!(
-            metric(replica, "meshlimit_redis_fallback_decisions"),
+            metric(replica, "meshlimit_redis_fallback_decisions_total"),
             Some(0)
         );
     }
