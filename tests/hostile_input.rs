@@ -797,9 +797,8 @@ fn is_valid(request: &RateLimitRequest, bounds: &RequestBounds, known: bool) -> 
             // No entries is fine: what Envoy sends when every action was skipped.
             d.entries.len() <= bounds.max_entries
                 && d.entries.iter().all(|e| {
-                    !e.key.is_empty()
-                        && e.key.len() <= bounds.max_entry_bytes
-                        && e.value.len() <= bounds.max_entry_bytes
+                    // A value of any length is counted (under a digest past the bound).
+                    !e.key.is_empty() && e.key.len() <= bounds.max_entry_bytes
                 })
                 && (!known || d.limit.as_ref().is_none_or(|l| (1..=7).contains(&l.unit)))
         })
