@@ -165,6 +165,11 @@ struct ServeArgs {
     /// a fresh quota.
     #[arg(long, env = "MESHLIMIT_MEMORY_SNAPSHOT")]
     memory_snapshot: Option<PathBuf>,
+    /// A file holding the secret `DELETE /v1/usage` must send (`Authorization: Bearer
+    /// <secret>`), e.g. a Kubernetes Secret's mount; without it, resets are off. Read at
+    /// each reset, so a rotated secret applies at once.
+    #[arg(long, env = "MESHLIMIT_ADMIN_RESET_TOKEN_FILE")]
+    admin_reset_token_file: Option<PathBuf>,
     /// How often the counter snapshot is written besides at shutdown (what a crash can lose);
     /// 0s writes it only at shutdown.
     #[arg(long, env = "MESHLIMIT_MEMORY_SNAPSHOT_INTERVAL", default_value = "10s", value_parser = parse_interval)]
@@ -913,6 +918,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(path) = &args.admin_reset_token_file
+        && let Err(problem) = meshlimit::admin::reset_token(path)
+    {
+        eprintln!("meshlimit: --admin-reset-token-file: {problem}");
+        return ExitCode::from(2);
+    }
     let memory_snapshot = match (&store, args.memory_snapshot) {
         (_, None) => None,
         (StoreChoice::Memory, Some(path)) => {
@@ -1010,6 +1021,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         load: args.counting.load_options(),
         cache_capacity: args.cache_capacity,
         memory_snapshot,
+        admin_reset_token_file: args.admin_reset_token_file,
         bounds: RequestBounds {
             max_descriptors: args.max_descriptors,
             max_entries: args.max_entries,

@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub cache_capacity: u64,
     /// Keep the memory store's counters in this file across restarts.
     pub memory_snapshot: Option<SnapshotOptions>,
+    /// The secret `DELETE /v1/usage` must present; resets are off without it.
+    pub admin_reset_token_file: Option<PathBuf>,
     pub bounds: RequestBounds,
     pub max_request_bytes: usize,
     /// How often the config directory is checked for changes; zero checks only on SIGHUP.
@@ -615,6 +617,7 @@ async fn serve_with<S: CounterStore>(
         config: live,
         metrics: metrics.clone(),
         decisions: limiter.clone(),
+        reset_token_file: options.admin_reset_token_file.clone(),
     });
     let watcher = tokio::spawn(feed.follow(options.watch_interval, hangup));
 

@@ -258,3 +258,28 @@ fn validate_merges_files_of_one_domain_when_the_environment_says_so() {
         "{text}"
     );
 }
+
+/// A reset token file that cannot be read, or holds nothing, stops the start with why,
+/// rather than a service whose resets fail later.
+#[test]
+fn serve_refuses_a_reset_token_file_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let missing = dir.path().join("missing");
+    for (file, says) in [(&empty, "is empty"), (&missing, "cannot read")] {
+        let mut serve = command();
+        serve
+            .args(["serve", "--config"])
+            .arg(fixture("config_operations"))
+            .arg("--admin-reset-token-file")
+            .arg(file)
+            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"]);
+        let (code, stderr) = common::meshlimit::exit_of(serve);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--admin-reset-token-file") && stderr.contains(says),
+            "{stderr}"
+        );
+    }
+}

@@ -534,10 +534,17 @@ fn a_header_value_over_four_kilobytes_is_limited_like_any_other() {
 
 /// The support desk's way out of a lockout: `DELETE /v1/usage` on the admin port for the
 /// address's login descriptor lifts its block and its count at once, where it would
-/// otherwise wait out the block; another address's count is left as it was.
+/// otherwise wait out the block; another address's count is left as it was. It takes the
+/// secret of `--admin-reset-token-file`: anything that reaches the admin port without it
+/// (the locked-out client included) is refused and resets nothing.
 #[test]
 fn an_operator_lets_a_locked_out_address_back_in_at_once() {
-    let stack = start(EnvoyHeaders::Off, &[], &[]);
+    let token = common::meshlimit::reset_token_file();
+    let stack = start(
+        EnvoyHeaders::Off,
+        &["--admin-reset-token-file", &token],
+        &[],
+    );
     let attacker: &[(&str, &str)] = &[("x-forwarded-for", "203.0.113.7")];
     let bystander: &[(&str, &str)] = &[("x-forwarded-for", "203.0.113.8")];
     avoid_window_edge_precisely(Duration::from_secs(60), Duration::from_secs(2));
@@ -556,6 +563,17 @@ fn an_operator_lets_a_locked_out_address_back_in_at_once() {
     let usage = |address: &str| {
         format!("/v1/usage?domain={DOMAIN}&descriptor=generic_key=login,remote_address={address}")
     };
+    for refused in [None, Some("Bearer guess"), Some("test-reset-secret")] {
+        let answer = stack
+            .meshlimit
+            .admin_delete_as(&usage("203.0.113.7"), refused);
+        assert_eq!(answer.status, 401, "{refused:?}: {answer:?}");
+    }
+    stack.expect_status(
+        &stack.get("/login", attacker),
+        429,
+        "still locked out after the refused resets",
+    );
     let reset = stack.meshlimit.admin_delete(&usage("203.0.113.7"));
     assert_eq!(reset.status, 200, "{reset:?}");
     let limit = &reset.json()["limits"][0];
@@ -586,6 +604,22 @@ fn an_operator_lets_a_locked_out_address_back_in_at_once() {
         .meshlimit
         .admin_delete("/v1/usage?descriptor=generic_key=login");
     assert_eq!(unknown.status, 400, "{unknown:?}");
+}
+
+/// Without `--admin-reset-token-file`, resets are off: a 403 that says how to turn them on.
+#[test]
+fn resets_are_off_without_a_token_file() {
+    let meshlimit = Meshlimit::start_with_env(fixture(CONFIG), &[], &[]);
+    let answer = meshlimit.admin_delete(&format!(
+        "/v1/usage?domain={DOMAIN}&descriptor=generic_key=login,remote_address=203.0.113.7"
+    ));
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(
+        answer.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--admin-reset-token-file")),
+        "{answer:?}"
+    );
 }
 
 #[test]

@@ -123,7 +123,9 @@ async fn two_replicas_share_one_fixed_window() {
 async fn a_reset_on_one_replica_lets_the_user_in_on_both() {
     common::avoid_window_edge(3_600, 10);
     let mut redis = RedisServer::start();
-    let replicas = [start(&redis, &[]), start(&redis, &[])];
+    let token = common::meshlimit::reset_token_file();
+    let resets = ["--admin-reset-token-file", token.as_str()];
+    let replicas = [start(&redis, &resets), start(&redis, &resets)];
     let mut clients = [replicas[0].client().await, replicas[1].client().await];
     for i in 0..LIMIT + 4 {
         decide(&mut clients[i % 2], &replicas[i % 2], "reset-user").await;

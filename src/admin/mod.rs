@@ -7,6 +7,7 @@ mod json;
 pub use debug::debug_router;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
@@ -123,6 +124,8 @@ pub struct AdminState {
     pub config: LiveConfig,
     pub metrics: Arc<Metrics>,
     pub decisions: Arc<dyn Decisions>,
+    /// `--admin-reset-token-file`: resets are off without it.
+    pub reset_token_file: Option<PathBuf>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -236,7 +239,14 @@ async fn usage(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Re
 /// `DELETE /v1/usage?…` (the same query): every limit the descriptors match starts afresh,
 /// its counters and penalty box dropped; answers the use afterwards. Logged, since it lets
 /// a client past its limits.
-async fn reset(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
+async fn reset(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Err(refused) = authorize_reset(state.reset_token_file.as_deref(), &headers) {
+        return refused;
+    }
     let request = match usage_request(query.as_deref()) {
         Ok(request) => request,
         Err(message) => return json_error(StatusCode::BAD_REQUEST, message),
@@ -250,6 +260,78 @@ async fn reset(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Re
         }
         Err(error) => json_error(error_status(&error), error.to_string()),
     }
+}
+
+/// The secret in `path`: its text without surrounding whitespace (a Secret's file often
+/// ends in a newline); an error that says what to fix when it cannot be one.
+pub fn reset_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        format!(
+            "cannot read {}: {error}; mount the secret there, or drop the flag to keep resets off",
+            path.display()
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "{} is empty; put the secret DELETE /v1/usage must send in it",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
+}
+
+/// A reset lets a client past its limits, and the admin port is reachable by whatever can
+/// reach the pod (its Service publishes it for scrapes): it takes the operator's secret.
+// An `Err` the size of a response: built once per refused reset, on the admin port.
+#[allow(clippy::result_large_err)]
+fn authorize_reset(token_file: Option<&Path>, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(path) = token_file else {
+        return Err(json_error(
+            StatusCode::FORBIDDEN,
+            "resets are off: start meshlimit with --admin-reset-token-file (a file holding a \
+             secret, e.g. a Kubernetes Secret's mount) and send `Authorization: Bearer <secret>`"
+                .into(),
+        ));
+    };
+    let expected = reset_token(path).map_err(|problem| {
+        tracing::error!(%problem, "a reset was refused: the token file cannot be read");
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("resets are unavailable: {problem}"),
+        )
+    })?;
+    let sent = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    match sent {
+        Some(sent) if same_secret(sent.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => {
+            tracing::warn!("a reset was refused: the bearer token does not match");
+            Err(json_error(
+                StatusCode::UNAUTHORIZED,
+                "the bearer token does not match --admin-reset-token-file".into(),
+            ))
+        }
+        None => Err(json_error(
+            StatusCode::UNAUTHORIZED,
+            "send the secret in --admin-reset-token-file as `Authorization: Bearer <secret>`"
+                .into(),
+        )),
+    }
+}
+
+/// Compares every byte whatever the first difference, so the time taken does not tell how
+/// much of a guess was right.
+fn same_secret(sent: &[u8], expected: &[u8]) -> bool {
+    sent.len() == expected.len()
+        && sent
+            .iter()
+            .zip(expected)
+            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+            == 0
 }
 
 /// The request a usage query names: `domain=` and one `descriptor=key=value,…` each.
@@ -332,5 +414,49 @@ mod tests {
             ]
         );
         assert_eq!(decode("100%"), "100%");
+    }
+
+    #[test]
+    fn a_reset_takes_the_secret_in_the_token_file_and_is_off_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
+            headers
+        };
+        let status = |file: Option<&Path>, headers: &HeaderMap| {
+            authorize_reset(file, headers).err().map(|r| r.status())
+        };
+        assert_eq!(status(Some(&file), &with("Bearer s3cret")), None);
+        for wrong in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret"] {
+            assert_eq!(
+                status(Some(&file), &with(wrong)),
+                Some(StatusCode::UNAUTHORIZED),
+                "{wrong}"
+            );
+        }
+        assert_eq!(
+            status(Some(&file), &HeaderMap::new()),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        // Off by default, whatever is sent.
+        assert_eq!(
+            status(None, &with("Bearer s3cret")),
+            Some(StatusCode::FORBIDDEN)
+        );
+        // A rotated secret applies at once; an emptied file refuses every reset.
+        std::fs::write(&file, "rotated").unwrap();
+        assert_eq!(
+            status(Some(&file), &with("Bearer s3cret")),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(status(Some(&file), &with("Bearer rotated")), None);
+        std::fs::write(&file, "\n").unwrap();
+        assert_eq!(
+            status(Some(&file), &with("Bearer ")),
+            Some(StatusCode::SERVICE_UNAVAILABLE)
+        );
     }
 }

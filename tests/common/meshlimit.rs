@@ -12,6 +12,14 @@ use meshlimit::proto::{RateLimitDescriptor, RateLimitRequest};
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::process::{StartFailure, Supervised};
+
+/// The secret in `reset_token_file()`, which `admin_delete` sends.
+pub const RESET_TOKEN: &str = "test-reset-secret";
+
+/// `tests/fixtures/admin/reset_token`, for `--admin-reset-token-file`.
+pub fn reset_token_file() -> String {
+    super::fixture("admin/reset_token").display().to_string()
+}
 use super::{free_loopback_addr, http, poll_until};
 
 /// How long a start may take before the test fails; far above the usual fraction of a
@@ -359,8 +367,19 @@ impl Meshlimit {
     }
 
     /// `DELETE path` on the admin port; panics with the server's logs when it cannot be asked.
+    /// `DELETE` with the secret of `RESET_TOKEN_FILE` (which the server must have been
+    /// started with, as `--admin-reset-token-file`).
     pub fn admin_delete(&self, path: &str) -> http::Response {
-        http::delete(self.admin_addr, path, &[]).unwrap_or_else(|err| {
+        self.admin_delete_as(path, Some(&format!("Bearer {RESET_TOKEN}")))
+    }
+
+    /// `DELETE` with `authorization` as the `Authorization` header, or none.
+    pub fn admin_delete_as(&self, path: &str, authorization: Option<&str>) -> http::Response {
+        let headers: Vec<(&str, &str)> = authorization
+            .map(|value| ("authorization", value))
+            .into_iter()
+            .collect();
+        http::delete(self.admin_addr, path, &headers).unwrap_or_else(|err| {
             panic!(
                 "DELETE {path} on meshlimit's admin port {}: {err}\n{}",
                 self.admin_addr,
