@@ -366,14 +366,14 @@ impl Meshlimit {
         })
     }
 
-    /// `DELETE path` on the admin port; panics with the server's logs when it cannot be asked.
-    /// `DELETE` with the secret of `RESET_TOKEN_FILE` (which the server must have been
-    /// started with, as `--admin-reset-token-file`).
+    /// `DELETE path` on the admin port with the secret of `reset_token_file()` (which the
+    /// server must have been started with, as `--admin-reset-token-file`).
     pub fn admin_delete(&self, path: &str) -> http::Response {
         self.admin_delete_as(path, Some(&format!("Bearer {RESET_TOKEN}")))
     }
 
-    /// `DELETE` with `authorization` as the `Authorization` header, or none.
+    /// `DELETE path` with `authorization` as the `Authorization` header, or none; panics
+    /// with the server's logs when it cannot be asked.
     pub fn admin_delete_as(&self, path: &str, authorization: Option<&str>) -> http::Response {
         let headers: Vec<(&str, &str)> = authorization
             .map(|value| ("authorization", value))
