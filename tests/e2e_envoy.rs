@@ -45,6 +45,77 @@ fn bootstrap_template_and_deploy_example_pass_envoy_validation() {
     envoy::assert_valid(&deploy_example, "the deploy/ example");
 }
 
+/// deploy/envoy/envoy.yaml as shipped, with only its addresses moved to loopback ports
+/// and its 100 ms check timeout lengthened for a busy test machine; `envoy.yaml` in the
+/// returned directory.
+fn deploy_example_as_template() -> tempfile::TempDir {
+    let shipped = std::fs::read_to_string(common::repo_root().join("deploy/envoy/envoy.yaml"))
+        .expect("read deploy/envoy/envoy.yaml");
+    let mut text = shipped;
+    for (from, to) in [
+        (
+            "address: 0.0.0.0, port_value: 10000",
+            "address: 127.0.0.1, port_value: {{LISTENER_PORT}}",
+        ),
+        (
+            "address: 127.0.0.1, port_value: 9901",
+            "address: 127.0.0.1, port_value: {{ADMIN_PORT}}",
+        ),
+        (
+            "address: app, port_value: 8080",
+            "address: 127.0.0.1, port_value: {{UPSTREAM_PORT}}",
+        ),
+        (
+            "address: meshlimit, port_value: 8081",
+            "address: 127.0.0.1, port_value: {{RLS_PORT}}",
+        ),
+        ("timeout: 0.1s", "timeout: 2s"),
+    ] {
+        assert!(
+            text.contains(from),
+            "deploy/envoy/envoy.yaml no longer has `{from}`"
+        );
+        text = text.replace(from, to);
+    }
+    let dir = tempfile::tempdir().expect("create a dir for the rendered example");
+    std::fs::write(dir.path().join("envoy.yaml"), text).expect("write the rendered example");
+    dir
+}
+
+/// The shipped bootstrap limits each client by the address it connects from: a client
+/// that sends its own X-Forwarded-For, different on every request, still lands in its
+/// one per-address bucket, as README's "300/minute per client address" says.
+#[test]
+fn deploy_example_counts_the_connecting_address_not_a_forged_forwarded_for() {
+    const EDGE: &str = "\
+domain: edge
+descriptors:
+  - key: remote_address
+    rate_limit: {unit: minute, requests_per_unit: 3, algorithm: fixed_window}
+";
+    let config = common::config_dir::plain(&[("edge.yaml", EDGE)]);
+    let bootstrap = deploy_example_as_template();
+    let stack = Stack::start_around(
+        common::meshlimit::Meshlimit::start(config.path()),
+        bootstrap.path().join("envoy.yaml"),
+        "edge",
+        &[],
+    );
+    avoid_window_edge(60, 10);
+    let statuses: Vec<u16> = (1..=5)
+        .map(|n| {
+            let forged = format!("198.51.100.{n}");
+            stack.get("/", &[("x-forwarded-for", &forged)]).status
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429, 429],
+        "a forged X-Forwarded-For chose the bucket\n{}",
+        stack.logs()
+    );
+}
+
 #[test]
 fn fixed_window_allows_the_limit_then_answers_429_with_ratelimit_headers() {
     let stack = start_stack("e2e");
