@@ -828,6 +828,8 @@ fn gateway_envoyfilter_sends_the_descriptors_edge_yaml_limits() {
     let template = envoyfilter_bootstrap(GATEWAY_FILTER, "GATEWAY");
     assert_envoy_accepts(&template, GATEWAY_FILTER);
     let stack = Stack::start(&template);
+    // Six exports below must share one hourly window.
+    common::avoid_window_edge(3600, 10);
 
     // One request that every descriptor applies to except login's: each limit edge.yaml
     // sets for it comes back, so each descriptor matched the rule meant for it.
@@ -846,6 +848,25 @@ fn gateway_envoyfilter_sends_the_descriptors_edge_yaml_limits() {
             "no {expected} among the limits applied: {limits:?}"
         );
     }
+
+    // 5 an hour on /reports/export, whatever the query or a trailing slash: alice's
+    // request above and four spelled differently use it up, and a sixth is refused.
+    for path in [
+        "/reports/export?n=2",
+        "/reports/export/",
+        "/reports/export?format=csv&n=3",
+        "/reports/export",
+    ] {
+        let limits = stack.limits_applied(path, &[("x-user-id", "alice")]);
+        assert!(limits.iter().any(|l| l == "5;w=3600"), "{path}: {limits:?}");
+    }
+    let refused = stack
+        .envoy
+        .get("/reports/export?n=6", &[("x-user-id", "alice")]);
+    assert_eq!(
+        refused.status, 429,
+        "alice's 6th export in the hour, with a new query: {refused:?}"
+    );
 
     // [generic_key=login, remote_address]: 5 a minute per address, on /login only (with
     // a query too), and not on other paths.
