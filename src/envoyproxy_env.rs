@@ -608,6 +608,46 @@ pub(crate) fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
     }
 }
 
+/// The value parser of meshlimit's on/off flags. Several of them are also
+/// envoyproxy/ratelimit's variables (`SHADOW_MODE`, `QUOTA_MODE`, …), which it reads with
+/// Go's `strconv.ParseBool`: a Deployment with `SHADOW_MODE=1` must start here too, where
+/// clap's own parser takes only true and false. An invalid value's error names the
+/// variable as well as the flag, since clap would name only the flag, which an operator
+/// who set the variable never wrote.
+#[derive(Clone, Copy, Debug)]
+pub struct GoBool;
+
+impl clap::builder::TypedValueParser for GoBool {
+    type Value = bool;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<bool, clap::Error> {
+        let text = value.to_string_lossy();
+        let long = arg.and_then(clap::Arg::get_long);
+        let env = arg.and_then(clap::Arg::get_env);
+        parse_bool("", text.trim()).map_err(|_| {
+            // clap does not say whether the value came from the flag or the variable.
+            let given = match (env, long) {
+                (Some(env), Some(long)) => {
+                    format!("{}={text} (or --{long} {text})", env.to_string_lossy())
+                }
+                (Some(env), None) => format!("{}={text}", env.to_string_lossy()),
+                (None, Some(long)) => format!("--{long} {text}"),
+                (None, None) => format!("`{text}`"),
+            };
+            let message = format!(
+                "{given}: write true or false (or, as envoyproxy/ratelimit reads it, 1, t, T, \
+                 TRUE, True, 0, f, F, FALSE or False)\n"
+            );
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, message).with_cmd(cmd)
+        })
+    }
+}
+
 /// Go's `time.ParseDuration` for the units a timeout uses: a sequence of decimal numbers,
 /// each with a unit (`h`, `m`, `s`, `ms`, `us`, `µs`, `ns`), e.g. `1m30s` or `0.5s`.
 pub(crate) fn go_duration(text: &str) -> Option<Duration> {
@@ -721,6 +761,28 @@ mod tests {
         let named = read_of(&[("HOST", "localhost")]).unwrap();
         let addr = named.admin_addr.expect("an admin address");
         assert!(addr.ip().is_loopback() && addr.port() == 8080, "{addr}");
+    }
+
+    #[test]
+    fn on_off_flags_take_gos_spellings_and_name_the_variable_when_wrong() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[arg(long, env = "MESHLIMIT_TEST_GO_BOOL", default_value_t = false, value_parser = GoBool, action = clap::ArgAction::Set)]
+            shadow: bool,
+        }
+        let parse = |value: &str| Flags::try_parse_from(["x", "--shadow", value]);
+        for yes in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert!(parse(yes).unwrap().shadow, "{yes}");
+        }
+        for no in ["0", "f", "F", "FALSE", "false", "False"] {
+            assert!(!parse(no).unwrap().shadow, "{no}");
+        }
+        let wrong = parse("yes").err().unwrap().to_string();
+        assert!(
+            wrong.contains("MESHLIMIT_TEST_GO_BOOL=yes (or --shadow yes): write true or false"),
+            "{wrong}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshlimit::clock::Clock;
 use meshlimit::config::{self, LoadOptions};
-use meshlimit::envoyproxy_env::{self, EnvoyproxyEnv, MetricsListener};
+use meshlimit::envoyproxy_env::{self, EnvoyproxyEnv, GoBool, MetricsListener};
 use meshlimit::limit::Algorithm;
 use meshlimit::limiter::{GlobalModes, RequestBounds};
 use meshlimit::metrics::EnvoyproxyNames;
@@ -111,7 +111,7 @@ struct CountingArgs {
     max_sliding_log_limit: u32,
     /// Let several files name the same domain and add their descriptors to it
     /// (envoyproxy/ratelimit: MERGE_DOMAIN_CONFIG).
-    #[arg(long, env = "MERGE_DOMAIN_CONFIG", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "MERGE_DOMAIN_CONFIG", default_value_t = false, value_parser = GoBool, action = clap::ArgAction::Set)]
     merge_domain_config: bool,
 }
 
@@ -198,11 +198,11 @@ struct ServeArgs {
     near_limit_ratio: f64,
     /// Count and report as usual, but answer every request OK: a dry run of a whole config
     /// (envoyproxy/ratelimit: SHADOW_MODE).
-    #[arg(long, env = "SHADOW_MODE", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "SHADOW_MODE", default_value_t = false, value_parser = GoBool, action = clap::ArgAction::Set)]
     global_shadow_mode: bool,
     /// Put every descriptor in quota mode: a request is turned away only when all its
     /// descriptors are over their limits (envoyproxy/ratelimit: QUOTA_MODE).
-    #[arg(long, env = "QUOTA_MODE", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "QUOTA_MODE", default_value_t = false, value_parser = GoBool, action = clap::ArgAction::Set)]
     global_quota_mode: bool,
     /// A request one descriptor turns away counts on none of its other descriptors
     /// (envoyproxy/ratelimit: STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT). Costs a second store
@@ -211,6 +211,7 @@ struct ServeArgs {
         long = "stop-counting-when-over-limit",
         env = "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
         default_value_t = false,
+        value_parser = GoBool,
         action = clap::ArgAction::Set
     )]
     spare_when_turned_away: bool,
@@ -307,7 +308,7 @@ struct StoreArgs {
     /// Fail health checks (/healthcheck and gRPC health) while Redis cannot be reached, so
     /// Kubernetes and Envoy send to other replicas; with every replica cut off from Redis
     /// none is healthy [default: false, or REDIS_HEALTH_CHECK_ACTIVE_CONNECTION].
-    #[arg(long, env = "MESHLIMIT_HEALTH_REQUIRES_REDIS", action = clap::ArgAction::Set)]
+    #[arg(long, env = "MESHLIMIT_HEALTH_REQUIRES_REDIS", value_parser = GoBool, action = clap::ArgAction::Set)]
     health_requires_redis: Option<bool>,
     /// How many meshlimit replicas share the limits: each takes 1/replicas of every limit
     /// while Redis is away in the `local` failure mode.
@@ -498,7 +499,7 @@ struct XdsArgs {
     /// Pass health checks before the first config arrives; requests are still answered
     /// UNAVAILABLE until it does, so Envoy's failure_mode_deny decides them [default:
     /// false, or FORCE_START_WITHOUT_INITIAL_CONFIG unless HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED]
-    #[arg(long, env = "MESHLIMIT_XDS_SERVE_BEFORE_CONFIG", action = clap::ArgAction::Set)]
+    #[arg(long, env = "MESHLIMIT_XDS_SERVE_BEFORE_CONFIG", value_parser = GoBool, action = clap::ArgAction::Set)]
     xds_serve_before_config: Option<bool>,
 }
 
@@ -608,7 +609,7 @@ struct PresentationArgs {
     response_headers: HeaderSet,
     /// envoyproxy/ratelimit's switch: true adds the legacy header set, named by
     /// LIMIT_LIMIT_HEADER, LIMIT_REMAINING_HEADER and LIMIT_RESET_HEADER.
-    #[arg(long, env = "LIMIT_RESPONSE_HEADERS_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "LIMIT_RESPONSE_HEADERS_ENABLED", default_value_t = false, value_parser = GoBool, action = clap::ArgAction::Set)]
     limit_response_headers_enabled: bool,
     /// Name of the legacy limit header [default: X-RateLimit-Limit, or RateLimit-Limit with
     /// LIMIT_RESPONSE_HEADERS_ENABLED as envoyproxy/ratelimit names it].
@@ -633,7 +634,7 @@ struct PresentationArgs {
     soft_limit_header: String,
     /// Add the decision to Envoy's dynamic metadata for access logs
     /// (envoyproxy/ratelimit: RESPONSE_DYNAMIC_METADATA).
-    #[arg(long, env = "RESPONSE_DYNAMIC_METADATA", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "RESPONSE_DYNAMIC_METADATA", default_value_t = false, value_parser = GoBool, action = clap::ArgAction::Set)]
     dynamic_metadata: bool,
 }
 

@@ -215,6 +215,55 @@ fn settings_meshlimit_cannot_honour_stop_it_with_what_to_write() {
     );
 }
 
+/// envoyproxy/ratelimit reads its on/off variables with Go's strconv.ParseBool, so its
+/// Deployments may say `1` or `True`: meshlimit starts on them and honours them (here
+/// SHADOW_MODE=1 answers OK past the limit), and a value Go refuses too stops the start
+/// naming the variable that was set.
+#[tokio::test]
+async fn on_off_variables_take_what_envoyproxys_go_accepts() {
+    common::avoid_window_edge(60, 10);
+    let config = ConfigMapDir::mounted_at("ratelimit/config", &[("config.yaml", CONFIG)]);
+    let root = config.root().display().to_string();
+    let server = Meshlimit::start_envoyproxy_style(&[
+        ("RUNTIME_ROOT", &root),
+        ("RUNTIME_SUBDIRECTORY", "ratelimit"),
+        ("SHADOW_MODE", "1"),
+        ("QUOTA_MODE", "f"),
+        ("MERGE_DOMAIN_CONFIG", "True"),
+        ("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", "T"),
+        ("LIMIT_RESPONSE_HEADERS_ENABLED", "TRUE"),
+        ("RESPONSE_DYNAMIC_METADATA", "0"),
+    ]);
+    let mut client = server.client().await;
+    let page = request(
+        "ratelimit",
+        &[&[("user", "erin"), ("path", "/productpage")]],
+    );
+    for attempt in 1..=2 {
+        let answer = client
+            .should_rate_limit(page.clone())
+            .await
+            .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()))
+            .into_inner();
+        assert_eq!(
+            answer.overall_code(),
+            Code::Ok,
+            "request {attempt} of a limit of 1, in shadow mode"
+        );
+    }
+
+    for (name, value) in [("SHADOW_MODE", "yes"), ("RESPONSE_DYNAMIC_METADATA", "on")] {
+        let mut serve = serve_from_environment(&root);
+        serve.env(name, value);
+        let (code, stderr) = exit_of(serve);
+        assert_eq!(code, Some(2), "{name}={value}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{name}={value}")) && stderr.contains("write true or false"),
+            "{name}={value}: {stderr}"
+        );
+    }
+}
+
 /// envoyproxy/ratelimit's debug port, where its runbooks look (`kubectl port-forward …
 /// 6070`, `curl localhost:6070/rlconfig`): `/rlconfig` dumps the loaded rules one line each
 /// as it does, and the rules after an edit of the ConfigMap; `/stats` the counters by their
