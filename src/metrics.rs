@@ -358,14 +358,30 @@ fn help_text(help: &str) -> String {
 /// A rule's identity across reloads: its domain and path.
 type RuleId = (Box<str>, Box<str>);
 
-/// A value read at each scrape: its name, help, Prometheus type (`gauge`, or `counter`
-/// for a running total, so `rate()` over it is what the type says) and reader.
+/// A value read at each scrape: its name, help, Prometheus type and reader.
 type Gauge = (
     &'static str,
     &'static str,
-    &'static str,
+    Scraped,
     Box<dyn Fn() -> u64 + Send + Sync>,
 );
+
+/// The Prometheus type of a value read at each scrape: a running total is a `counter`, so
+/// that `rate()` over it is what its type says.
+#[derive(Debug, Clone, Copy)]
+pub enum Scraped {
+    Gauge,
+    Counter,
+}
+
+impl std::fmt::Display for Scraped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scraped::Gauge => "gauge",
+            Scraped::Counter => "counter",
+        })
+    }
+}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -543,29 +559,16 @@ impl Metrics {
             .clone()
     }
 
-    /// Adds a gauge read when `/metrics` is scraped (e.g. the memory store's entry count).
-    pub fn gauge(
+    /// Adds a value read when `/metrics` is scraped: a gauge (e.g. the memory store's
+    /// entry count) or a running total kept elsewhere (e.g. its evictions).
+    pub fn scraped(
         &self,
+        kind: Scraped,
         name: &'static str,
         help: &'static str,
         read: impl Fn() -> u64 + Send + Sync + 'static,
     ) {
-        self.gauges
-            .lock()
-            .push((name, help, "gauge", Box::new(read)));
-    }
-
-    /// Adds a running total kept elsewhere (e.g. the memory store's evictions), read when
-    /// `/metrics` is scraped.
-    pub fn counter_from(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        read: impl Fn() -> u64 + Send + Sync + 'static,
-    ) {
-        self.gauges
-            .lock()
-            .push((name, help, "counter", Box::new(read)));
+        self.gauges.lock().push((name, help, kind, Box::new(read)));
     }
 
     pub fn render(&self) -> String {

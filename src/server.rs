@@ -251,12 +251,14 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                 None => MemoryStore::new(options.cache_capacity),
             };
             let (entries, evictions) = (store.clone(), store.clone());
-            metrics.gauge(
+            metrics.scraped(
+                crate::metrics::Scraped::Gauge,
                 "meshlimit_cache_entries",
                 "Counters held in memory.",
                 move || entries.len(),
             );
-            metrics.counter_from(
+            metrics.scraped(
+                crate::metrics::Scraped::Counter,
                 "meshlimit_cache_evictions_total",
                 "Counters evicted to stay within --cache-capacity.",
                 move || evictions.evictions(),
@@ -345,17 +347,20 @@ struct Saves {
 impl Saves {
     fn export(self: &Arc<Self>, metrics: &Metrics) {
         let (last, counters, failed) = (self.clone(), self.clone(), self.clone());
-        metrics.gauge(
+        metrics.scraped(
+        crate::metrics::Scraped::Gauge,
             "meshlimit_snapshot_last_saved_timestamp_seconds",
             "When the counter snapshot (--memory-snapshot) was last written, in Unix seconds; 0 before the first save.",
             move || last.last_saved_secs.load(Relaxed),
         );
-        metrics.gauge(
+        metrics.scraped(
+            crate::metrics::Scraped::Gauge,
             "meshlimit_snapshot_counters",
             "Counters the last counter snapshot holds.",
             move || counters.counters.load(Relaxed),
         );
-        metrics.counter_from(
+        metrics.scraped(
+            crate::metrics::Scraped::Counter,
             "meshlimit_snapshot_failed_saves_total",
             "Counter snapshot saves that failed (the previous file stays); the log says why.",
             move || failed.failed.load(Relaxed),
@@ -443,12 +448,14 @@ fn redis_gauges(metrics: &Arc<Metrics>, stores: Vec<RedisStore>) {
     }
     let stores = Arc::new(stores);
     let (health, fallbacks, entries) = (stores.clone(), stores.clone(), stores);
-    metrics.gauge(
+    metrics.scraped(
+        crate::metrics::Scraped::Gauge,
         "meshlimit_cache_entries",
         "Counters held in memory: with --store redis, those --redis-failure-mode local kept while Redis was away.",
         move || entries.iter().map(RedisStore::fallback_counters).sum(),
     );
-    metrics.gauge(
+    metrics.scraped(
+        crate::metrics::Scraped::Gauge,
         "meshlimit_redis_degraded",
         "1 while a Redis node's circuit breaker is open and the failure policy answers for it.",
         move || {
@@ -459,7 +466,8 @@ fn redis_gauges(metrics: &Arc<Metrics>, stores: Vec<RedisStore>) {
             )
         },
     );
-    metrics.counter_from(
+    metrics.scraped(
+        crate::metrics::Scraped::Counter,
         "meshlimit_redis_fallback_decisions_total",
         "Checks decided by --redis-failure-mode because Redis did not answer in time.",
         move || fallbacks.iter().map(RedisStore::fallback_decisions).sum(),

@@ -980,15 +980,20 @@ fn scraped_replicas() -> &'static [String] {
     })
 }
 
+/// Each family's Prometheus type, from the `# TYPE` lines of `/metrics` text.
+fn types_of(metrics: &str) -> BTreeMap<&str, &str> {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .collect()
+}
+
 /// Asserts that every metric `what` reads is one some replica exports: a family, or a
 /// histogram's `_bucket`, `_sum` or `_count`.
 fn assert_exported<'m>(what: &str, read: impl Iterator<Item = &'m str>) {
     let metrics = scraped_replicas().join("\n");
-    let types: BTreeMap<&str, &str> = metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.split_once(' '))
-        .collect();
+    let types = types_of(&metrics);
     for metric in read {
         let family = ["_bucket", "_sum", "_count"]
             .iter()
@@ -1010,11 +1015,7 @@ fn assert_exported<'m>(what: &str, read: impl Iterator<Item = &'m str>) {
 /// after a restart reads as a huge rise, and the type tells tools what the series is.
 fn assert_rates_of_counters(what: &str, text: &str) {
     let metrics = scraped_replicas().join("\n");
-    let types: BTreeMap<&str, &str> = metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.split_once(' '))
-        .collect();
+    let types = types_of(&metrics);
     let mut rated = 0;
     for call in ["rate(", "increase("] {
         for (at, _) in text.match_indices(call) {

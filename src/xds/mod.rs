@@ -147,7 +147,8 @@ impl XdsClient {
         })?;
         let connected = Arc::new(AtomicBool::new(false));
         let gauge = connected.clone();
-        metrics.gauge(
+        metrics.scraped(
+            crate::metrics::Scraped::Gauge,
             "meshlimit_xds_connected",
             "1 while the stream to the xDS management server is open.",
             move || u64::from(gauge.load(Ordering::Relaxed)),
