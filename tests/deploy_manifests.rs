@@ -344,10 +344,15 @@ fn manifests_use_the_binarys_ports_probe_path_and_settings() {
             admin_port,
             "{name}"
         );
-        for probe in ["readinessProbe", "livenessProbe"] {
+        // Readiness follows Redis when asked to; liveness must not, or a Redis outage
+        // would restart every replica.
+        for (probe, path) in [
+            ("readinessProbe", "/healthcheck"),
+            ("livenessProbe", "/live"),
+        ] {
             assert_eq!(
                 at(container, &format!("/{probe}/httpGet/path")),
-                "/healthcheck",
+                path,
                 "{name}: {probe}"
             );
             assert_eq!(

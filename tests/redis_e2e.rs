@@ -385,6 +385,9 @@ async fn health_follows_redis_when_asked_to() {
 
     redis.kill();
     health_becomes(&requiring, unhealthy, "Redis is down: health should fail").await;
+    // What the liveness probe asks stays up: a restart would not bring Redis back.
+    let live = requiring.admin_get("/live");
+    assert_eq!(live.status, 200, "{live:?}\n{}", requiring.logs());
     assert_eq!(health(&tolerant).await, healthy, "{}", tolerant.logs());
 
     redis.restart();

@@ -132,6 +132,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthcheck", get(healthcheck))
         .route("/ready", get(healthcheck))
+        .route("/live", get(live))
         .route("/metrics", get(metrics))
         .route("/rlconfig", get(rlconfig))
         .route("/json", post(decide_json))
@@ -157,6 +158,14 @@ async fn healthcheck(State(state): State<AdminState>) -> (StatusCode, &'static s
     } else {
         (StatusCode::INTERNAL_SERVER_ERROR, "NOT OK")
     }
+}
+
+/// For liveness probes: 200 whenever the process answers at all. Unlike `/healthcheck` it
+/// ignores Redis, the config and shutdown, because restarting a replica brings none of
+/// them back: a liveness probe on `/healthcheck` with `--health-requires-redis` would
+/// restart every replica during a Redis outage.
+async fn live() -> &'static str {
+    "OK"
 }
 
 async fn metrics(State(state): State<AdminState>) -> String {
