@@ -872,7 +872,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         Some(format) => matches!(format, LogFormat::Json),
         None => compat.json_logs.unwrap_or(false),
     };
-    init_logging(json_logs, compat.log_filter);
+    let log_filter = match log_filter(std::env::var("MESHLIMIT_LOG").ok(), compat.log_filter) {
+        Ok(filter) => filter,
+        Err(message) => {
+            eprintln!("meshlimit: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(json_logs, log_filter);
     for line in &compat.ignored {
         tracing::warn!("{line}");
     }
@@ -1146,7 +1153,6 @@ fn statsd_options(flags: StatsdFlags, compat: Option<StatsdOptions>) -> Option<S
     Some(options)
 }
 
-/// `MESHLIMIT_LOG` (a tracing filter) wins over envoyproxy/ratelimit's `LOG_LEVEL`.
 /// The names of the metrics envoyproxy/ratelimit also has: its built-in ones, or those of
 /// the `PROMETHEUS_MAPPER_YAML` file. `None` (said on stderr) when the file is broken.
 fn envoyproxy_names(compat: &EnvoyproxyEnv) -> Option<EnvoyproxyNames> {
@@ -1180,9 +1186,34 @@ fn envoyproxy_names(compat: &EnvoyproxyEnv) -> Option<EnvoyproxyNames> {
     }
 }
 
-fn init_logging(json: bool, level: Option<&str>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHLIMIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
+/// `MESHLIMIT_LOG` (a tracing filter) wins over envoyproxy/ratelimit's `LOG_LEVEL`
+/// (`level`), else `info`. A word that is not a level is refused: tracing would read
+/// `debugg` as the name of a module to log at every level, and so log nothing else,
+/// errors included, with no sign of why.
+fn log_filter(
+    env: Option<String>,
+    level: Option<&str>,
+) -> Result<tracing_subscriber::EnvFilter, String> {
+    let Some(text) = env.filter(|text| !text.trim().is_empty()) else {
+        return Ok(tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
+    };
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let how = "write a level (trace, debug, info, warn, error or off), or target=level \
+               pairs separated by commas, e.g. info,meshlimit=debug";
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare_word = !directive.contains(['=', '[', '{']);
+        if bare_word && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
+            return Err(format!(
+                "MESHLIMIT_LOG={text}: `{directive}` is not a level; {how} (a module at \
+                 every level is `{directive}=trace`)"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(&text)
+        .map_err(|error| format!("MESHLIMIT_LOG={text}: {error}; {how}"))
+}
+
+fn init_logging(json: bool, filter: tracing_subscriber::EnvFilter) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -1198,6 +1229,39 @@ fn init_logging(json: bool, level: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_filter_that_would_silence_everything_is_refused() {
+        let filter = |text: &str| log_filter(Some(text.to_owned()), Some("warn"));
+        for fine in [
+            "debug",
+            "INFO",
+            "info,meshlimit=debug",
+            "meshlimit::admin=trace",
+            "off",
+        ] {
+            assert!(filter(fine).is_ok(), "{fine}");
+        }
+        for typo in ["debugg", "verbose", "info,verbos"] {
+            let message = filter(typo).unwrap_err();
+            assert!(
+                message.contains(&format!("MESHLIMIT_LOG={typo}"))
+                    && message.contains("is not a level"),
+                "{message}"
+            );
+        }
+        let message = filter("meshlimit=loud").unwrap_err();
+        assert!(
+            message.contains("MESHLIMIT_LOG=meshlimit=loud"),
+            "{message}"
+        );
+        // Unset or empty: LOG_LEVEL's level.
+        assert_eq!(log_filter(None, Some("warn")).unwrap().to_string(), "warn");
+        assert_eq!(
+            log_filter(Some(" ".into()), None).unwrap().to_string(),
+            "info"
+        );
+    }
 
     #[test]
     fn the_debug_port_opens_where_asked_else_as_envoyproxy_ratelimit_would() {

@@ -1116,13 +1116,34 @@ async fn counters_outlive_a_restart_through_the_snapshot() {
 /// `meshlimit serve ARGS` (on free ports), which must stop at once with exit code 2; what
 /// it wrote to stderr.
 fn meshlimit_refuses(args: &[&str]) -> String {
+    meshlimit_refuses_with(args, &[])
+}
+
+/// `meshlimit_refuses` with `env` set too.
+fn meshlimit_refuses_with(args: &[&str], env: &[(&str, &str)]) -> String {
     let mut serve = common::meshlimit::command();
     serve
         .arg("serve")
         .args(args)
+        .envs(env.iter().copied())
         .args(["--grpc-addr", &common::free_loopback_addr().to_string()])
         .args(["--admin-addr", &common::free_loopback_addr().to_string()]);
     let (code, stderr) = common::meshlimit::exit_of(serve);
     assert_eq!(code, Some(2), "{stderr}");
     stderr
+}
+
+/// A typo in MESHLIMIT_LOG stops the start with what to write: tracing would read the
+/// word as a module's name and log nothing else, so a config that fails to load would
+/// go unreported.
+#[test]
+fn a_typo_in_meshlimit_log_stops_the_start() {
+    let config = config().display().to_string();
+    for typo in ["debugg", "verbose"] {
+        let refused = meshlimit_refuses_with(&["--config", &config], &[("MESHLIMIT_LOG", typo)]);
+        assert!(
+            refused.contains(&format!("MESHLIMIT_LOG={typo}")) && refused.contains("write a level"),
+            "{refused}"
+        );
+    }
 }
