@@ -158,7 +158,7 @@ struct ServeArgs {
     #[command(flatten)]
     counting: CountingArgs,
     /// The most counters the in-memory store holds; least useful ones are evicted first.
-    #[arg(long, env = "MESHLIMIT_CACHE_CAPACITY", default_value_t = 1_000_000)]
+    #[arg(long, env = "MESHLIMIT_CACHE_CAPACITY", default_value_t = 1_000_000, value_parser = parse_cache_capacity)]
     cache_capacity: u64,
     /// Keep the in-memory store's counters in this file: read at start, written every
     /// --memory-snapshot-interval and at shutdown, so a restart does not hand every client
@@ -175,15 +175,15 @@ struct ServeArgs {
     #[arg(long, env = "MESHLIMIT_MEMORY_SNAPSHOT_INTERVAL", default_value = "10s", value_parser = parse_interval)]
     memory_snapshot_interval: Duration,
     /// The most descriptors one request may carry.
-    #[arg(long, env = "MESHLIMIT_MAX_DESCRIPTORS", default_value_t = RequestBounds::default().max_descriptors)]
+    #[arg(long, env = "MESHLIMIT_MAX_DESCRIPTORS", default_value_t = RequestBounds::default().max_descriptors, value_parser = parse_request_bound)]
     max_descriptors: usize,
     /// The most entries one descriptor may carry.
-    #[arg(long, env = "MESHLIMIT_MAX_ENTRIES", default_value_t = RequestBounds::default().max_entries)]
+    #[arg(long, env = "MESHLIMIT_MAX_ENTRIES", default_value_t = RequestBounds::default().max_entries, value_parser = parse_request_bound)]
     max_entries: usize,
     /// The largest request accepted, in bytes. Envoy takes up to 60 KiB of headers by
     /// default, and one header may feed several descriptors: a request refused for its
     /// size is a request a fail-open Envoy lets through unlimited.
-    #[arg(long, env = "MESHLIMIT_MAX_REQUEST_BYTES", default_value_t = 256 * 1024)]
+    #[arg(long, env = "MESHLIMIT_MAX_REQUEST_BYTES", default_value_t = 256 * 1024, value_parser = parse_request_bound)]
     max_request_bytes: usize,
     /// How often to check the config directory for changes (e.g. 1s, 500ms); 0s checks only
     /// on SIGHUP. A changed directory is validated whole before it replaces the old config.
@@ -194,7 +194,7 @@ struct ServeArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// Fraction of a limit past which hits are counted as `near_limit` in the metrics.
-    #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8)]
+    #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8, value_parser = parse_near_limit_ratio)]
     near_limit_ratio: f64,
     /// Count and report as usual, but answer every request OK: a dry run of a whole config
     /// (envoyproxy/ratelimit: SHADOW_MODE).
@@ -810,6 +810,48 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
     meshlimit::limit::parse_duration(text)
         .map(Duration::from_millis)
         .ok_or_else(|| format!("`{text}` is not a duration; write e.g. 1s, 500ms or 0s"))
+}
+
+/// A bound on requests (`--max-descriptors`, `--max-entries`, `--max-request-bytes`): 0
+/// would refuse every call, and an Envoy failing open would then let every request
+/// through unlimited, failing closed turn every one away.
+fn parse_request_bound(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err(
+            "0 would refuse every request; write 1 or more, or leave it unset for \
+                      the default"
+                .to_owned(),
+        ),
+        Ok(bound) => Ok(bound),
+        Err(_) => Err(format!("`{text}` is not a whole number; write 1 or more")),
+    }
+}
+
+/// `--cache-capacity`: 0 would leave room for no counters at all.
+fn parse_cache_capacity(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(0) => Err(
+            "0 leaves no room for counters; write how many to hold, e.g. 1000000 \
+                      (about 200 MB)"
+                .to_owned(),
+        ),
+        Ok(capacity) => Ok(capacity),
+        Err(_) => Err(format!(
+            "`{text}` is not a whole number; write how many counters to hold, e.g. 1000000"
+        )),
+    }
+}
+
+/// `--near-limit-ratio`: a fraction of the limit, as envoyproxy/ratelimit's
+/// NEAR_LIMIT_RATIO. Above 1 no hit would ever be near the limit, and at 0 or below every
+/// hit would be.
+fn parse_near_limit_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ratio) if ratio > 0.0 && ratio <= 1.0 => Ok(ratio),
+        _ => Err(format!(
+            "`{text}` is not a fraction of the limit; write one above 0 and at most 1, e.g. 0.8"
+        )),
+    }
 }
 
 /// An RFC 3339 instant, in milliseconds since the Unix epoch.

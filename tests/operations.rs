@@ -1147,3 +1147,27 @@ fn a_typo_in_meshlimit_log_stops_the_start() {
         );
     }
 }
+
+/// Settings that would refuse every call, hold no counter or never (or always) count a hit
+/// as near its limit stop the start, saying what to write.
+#[test]
+fn zero_and_out_of_range_settings_stop_the_start() {
+    let config = config().display().to_string();
+    for (flag, value, expected) in [
+        ("--max-request-bytes", "0", "write 1 or more"),
+        ("--max-descriptors", "0", "write 1 or more"),
+        ("--max-entries", "0", "write 1 or more"),
+        ("--cache-capacity", "0", "write how many to hold"),
+        ("--near-limit-ratio", "2", "above 0 and at most 1"),
+        ("--near-limit-ratio", "0", "above 0 and at most 1"),
+    ] {
+        let refused = meshlimit_refuses(&["--config", &config, flag, value]);
+        assert!(
+            refused.contains(flag) && refused.contains(expected),
+            "{flag} {value}: {refused}"
+        );
+    }
+    // Through envoyproxy/ratelimit's variable too.
+    let refused = meshlimit_refuses_with(&["--config", &config], &[("NEAR_LIMIT_RATIO", "1.5")]);
+    assert!(refused.contains("above 0 and at most 1"), "{refused}");
+}
