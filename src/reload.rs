@@ -75,7 +75,7 @@ impl Reloader {
         metrics.config_load_success.fetch_add(1, Ordering::Relaxed);
         metrics
             .config_hash
-            .store(hash(&snapshot), Ordering::Relaxed);
+            .store(hash(dir, &snapshot), Ordering::Relaxed);
         Ok(Self {
             dir: dir.to_owned(),
             options,
@@ -113,7 +113,7 @@ impl Reloader {
     }
 
     fn load(&self, snapshot: Snapshot) -> bool {
-        let hash = hash(&snapshot);
+        let hash = hash(&self.dir, &snapshot);
         *self.last.lock() = snapshot;
         let source = self.dir.display().to_string();
         match config::load_dir(&self.dir, &self.options) {
@@ -192,10 +192,16 @@ pub fn refuse(metrics: &Metrics, source: &str, errors: &ConfigErrors) {
     tracing::error!(%source, "config reload failed, the previous config keeps serving:\n{errors}");
 }
 
-fn hash(snapshot: &Snapshot) -> u64 {
+/// The files' names relative to `dir` and their bytes: replicas that mount one config at
+/// different paths, or are given it as `cfg` and `/srv/cfg`, must report the same hash, or
+/// the alert comparing replicas' hashes fires for nothing.
+fn hash(dir: &Path, snapshot: &Snapshot) -> u64 {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     for (path, bytes) in snapshot {
-        hasher.update(path.as_os_str().as_encoded_bytes());
+        let name = path.strip_prefix(dir).unwrap_or(path);
+        hasher.update(name.as_os_str().as_encoded_bytes());
+        // Ends the name, so a name and the bytes after it cannot be split another way.
+        hasher.update(&[0]);
         hasher.update(bytes);
     }
     hasher.digest()
@@ -274,5 +280,23 @@ mod tests {
         // The same broken files are not retried every tick.
         assert!(!reloader.reload_if_changed());
         assert_eq!(metrics.config_load_error.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_config_hash_depends_on_the_files_not_where_they_are_mounted() {
+        let hash_of = |dir: &Path| {
+            let metrics = Arc::new(Metrics::default());
+            Reloader::start(dir, LoadOptions::default(), metrics.clone()).unwrap();
+            metrics.config_hash.load(Ordering::Relaxed)
+        };
+        let (one, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        fs::write(one.path().join("d.yaml"), V1).unwrap();
+        fs::write(other.path().join("d.yaml"), V1).unwrap();
+        assert_eq!(hash_of(one.path()), hash_of(other.path()));
+        // A dotted spelling of the same directory, as `--config ./cfg` would give.
+        assert_eq!(hash_of(one.path()), hash_of(&one.path().join(".")));
+
+        fs::write(other.path().join("d.yaml"), V2).unwrap();
+        assert_ne!(hash_of(one.path()), hash_of(other.path()));
     }
 }
