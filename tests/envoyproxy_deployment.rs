@@ -324,9 +324,16 @@ async fn the_debug_port_serves_rlconfig_and_stats_where_envoyproxys_runbooks_loo
          /stats: print out stats\n"
     );
     assert_eq!(get("/anything/else").text(), index);
-    let pprof = get("/debug/pprof/profile");
-    assert_eq!(pprof.status, 404);
-    assert!(pprof.text().contains("perf record"), "{}", pprof.text());
+    // Go runbooks ask for the index with its trailing slash, and for each profile.
+    for path in ["/debug/pprof", "/debug/pprof/", "/debug/pprof/profile"] {
+        let pprof = get(path);
+        assert_eq!(pprof.status, 404, "{path}");
+        assert!(
+            pprof.text().contains("perf record"),
+            "{path}: {}",
+            pprof.text()
+        );
+    }
 
     // The ConfigMap edited: the dump follows the config that decides.
     config.update(&[(

@@ -35,6 +35,9 @@ pub fn debug_router(config: LiveConfig, metrics: Arc<Metrics>) -> Router {
         .route("/rlconfig", get(rlconfig))
         .route("/stats", get(stats))
         .route("/debug/pprof", get(pprof))
+        // The wildcard below does not match an empty rest, and the index with its
+        // slash is the path Go runbooks use.
+        .route("/debug/pprof/", get(pprof))
         .route("/debug/pprof/{*rest}", get(pprof))
         .fallback(index)
         .with_state(DebugState { config, metrics })
