@@ -71,6 +71,7 @@ impl Reloader {
         let loaded = config::load_dir(dir, &options).inspect_err(|_| {
             metrics.config_load_error.fetch_add(1, Ordering::Relaxed);
         })?;
+        warn_if_empty(dir, &loaded);
         metrics.attach(&loaded);
         metrics.config_load_success.fetch_add(1, Ordering::Relaxed);
         metrics
@@ -118,6 +119,7 @@ impl Reloader {
         let source = self.dir.display().to_string();
         match config::load_dir(&self.dir, &self.options) {
             Ok(loaded) => {
+                warn_if_empty(&self.dir, &loaded);
                 install(&self.live, &self.metrics, loaded, hash, &source);
                 true
             }
@@ -184,6 +186,20 @@ pub fn install(
     metrics.config_load_success.fetch_add(1, Ordering::Relaxed);
     metrics.config_hash.store(hash, Ordering::Relaxed);
     tracing::info!(%source, domains = %domains.join(","), config_hash = hash, "config reloaded");
+}
+
+/// A directory with no domain loads, as envoyproxy/ratelimit starts with no config, but
+/// limits nothing: said at every load, since a wrong mount path or an empty ConfigMap
+/// otherwise shows only as every request let through.
+fn warn_if_empty(dir: &Path, loaded: &RateLimitConfig) {
+    if loaded.domains().is_empty() {
+        tracing::warn!(
+            "no domain was loaded from {}: it has no *.yaml or *.yml file, so nothing is \
+             limited; check the mount path (--config, or RUNTIME_ROOT and \
+             RUNTIME_SUBDIRECTORY) and that the ConfigMap has files",
+            dir.display()
+        );
+    }
 }
 
 /// Counts and logs a config that failed validation; the live one keeps serving.

@@ -1171,3 +1171,35 @@ fn zero_and_out_of_range_settings_stop_the_start() {
     let refused = meshlimit_refuses_with(&["--config", &config], &[("NEAR_LIMIT_RATIO", "1.5")]);
     assert!(refused.contains("above 0 and at most 1"), "{refused}");
 }
+
+/// An empty config directory (a wrong mount path, an empty ConfigMap) starts and limits
+/// nothing, as envoyproxy/ratelimit does, but says so at each load that finds it empty.
+#[test]
+fn an_empty_config_directory_is_warned_about_at_each_load() {
+    const WARNING: &str = "no domain was loaded from";
+    let dir = common::config_dir::plain(&[]);
+    let server = Meshlimit::start_with(dir.path(), &["--watch-interval", "100ms"]);
+    let logs = server.logs();
+    assert!(
+        logs.contains(WARNING) && logs.contains(&dir.path().display().to_string()),
+        "{logs}"
+    );
+    let warnings = || server.logs().matches(WARNING).count();
+    assert_eq!(warnings(), 1, "{}", server.logs());
+
+    // A file arrives, then goes again: the reload that empties the directory warns too.
+    common::config_dir::write_atomically(dir.path(), "d.yaml", "domain: d\ndescriptors: []\n");
+    let reloaded = || server.metric("ratelimit_service_config_load_success");
+    assert!(
+        poll_until(Duration::from_secs(10), || (reloaded() >= 2).then_some(())).is_some(),
+        "{}",
+        server.logs()
+    );
+    assert_eq!(warnings(), 1, "{}", server.logs());
+    std::fs::remove_file(dir.path().join("d.yaml")).expect("remove the file");
+    assert!(
+        poll_until(Duration::from_secs(10), || (warnings() == 2).then_some(())).is_some(),
+        "{}",
+        server.logs()
+    );
+}
