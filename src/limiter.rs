@@ -210,6 +210,9 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let started = Instant::now();
         let result = self.decide(request).await;
         self.metrics.observe_decision(started.elapsed());
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            log_decision(request, &result);
+        }
         result
     }
 
@@ -714,6 +717,41 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             }
         }
         digested
+    }
+}
+
+/// One line per decision at `debug` (`MESHLIMIT_LOG=debug`): what was asked and what
+/// each descriptor got, for following one client's requests while debugging a config.
+#[cold]
+fn log_decision(request: &RateLimitRequest, result: &Result<RateLimitResponse, DecisionError>) {
+    let asked: Vec<String> = (request.descriptors.iter())
+        .map(|d| {
+            let entries: Vec<String> = (d.entries.iter())
+                .map(|e| format!("{}={}", e.key, e.value))
+                .collect();
+            format!("[{}]", entries.join(","))
+        })
+        .collect();
+    let asked = asked.join(" ");
+    match result {
+        Ok(response) => {
+            let statuses: Vec<String> = (response.statuses.iter())
+                .map(|s| match &s.current_limit {
+                    Some(limit) => format!(
+                        "{:?} ({}/{:?}, {} left)",
+                        s.code(),
+                        limit.requests_per_unit,
+                        limit.unit(),
+                        s.limit_remaining
+                    ),
+                    None => format!("{:?}", s.code()),
+                })
+                .collect();
+            tracing::debug!(domain = %request.domain, descriptors = %asked, overall = ?response.overall_code(), statuses = %statuses.join("; "), "decided");
+        }
+        Err(error) => {
+            tracing::debug!(domain = %request.domain, descriptors = %asked, %error, "not decided");
+        }
     }
 }
 

@@ -1232,14 +1232,33 @@ fn envoyproxy_names(compat: &EnvoyproxyEnv) -> Option<EnvoyproxyNames> {
 /// (`level`), else `info`. A word that is not a level is refused: tracing would read
 /// `debugg` as the name of a module to log at every level, and so log nothing else,
 /// errors included, with no sign of why.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// The filter for one bare level (`LOG_LEVEL=debug`, `MESHLIMIT_LOG=debug`): meshlimit's
+/// own lines at that level, the libraries' at `info` at most. At `debug` the HTTP/2 and
+/// gRPC libraries log every frame, which buried meshlimit's lines (a hundred calls wrote
+/// 700 lines of frames); `MESHLIMIT_LOG=debug,h2=debug` still asks for them.
+fn ours_at(level: &str) -> String {
+    match level.to_ascii_lowercase().as_str() {
+        fine @ ("debug" | "trace") => format!("info,meshlimit={fine}"),
+        other => other.to_owned(),
+    }
+}
+
 fn log_filter(
     env: Option<String>,
     level: Option<&str>,
 ) -> Result<tracing_subscriber::EnvFilter, String> {
     let Some(text) = env.filter(|text| !text.trim().is_empty()) else {
-        return Ok(tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
+        return Ok(tracing_subscriber::EnvFilter::new(ours_at(
+            level.unwrap_or("info"),
+        )));
     };
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if !text.contains([',', '=', '[', '{'])
+        && let Some(level) = LEVELS.iter().find(|l| l.eq_ignore_ascii_case(text.trim()))
+    {
+        return Ok(tracing_subscriber::EnvFilter::new(ours_at(level)));
+    }
     let how = "write a level (trace, debug, info, warn, error or off), or target=level \
                pairs separated by commas, e.g. info,meshlimit=debug";
     for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
@@ -1303,6 +1322,21 @@ mod tests {
             log_filter(Some(" ".into()), None).unwrap().to_string(),
             "info"
         );
+    }
+
+    #[test]
+    fn a_bare_debug_level_is_meshlimits_own_and_directives_are_taken_as_written() {
+        let filter = |env: Option<&str>, level: Option<&str>| {
+            log_filter(env.map(str::to_owned), level)
+                .unwrap()
+                .to_string()
+        };
+        // Not every HTTP/2 frame the libraries log at debug.
+        assert_eq!(filter(None, Some("debug")), "meshlimit=debug,info");
+        assert_eq!(filter(Some("DEBUG"), None), "meshlimit=debug,info");
+        assert_eq!(filter(Some("trace"), None), "meshlimit=trace,info");
+        assert_eq!(filter(Some("warn"), None), "warn");
+        assert_eq!(filter(Some("debug,h2=debug"), None), "h2=debug,debug");
     }
 
     #[test]

@@ -109,6 +109,33 @@ fn outcome(response: &RateLimitResponse) -> (Code, u32) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Logs
+
+/// `LOG_LEVEL=debug`, as Istio's sample deployment sets it: one line per decision, saying
+/// what was asked and what each descriptor got, and not the HTTP/2 library's frames
+/// (which buried them: 700 lines for 100 calls).
+#[tokio::test]
+async fn debug_logs_show_each_decision_and_no_http2_frames() {
+    avoid_hour_edge();
+    let server = Meshlimit::start_with_env(config(), &[], &[("LOG_LEVEL", "debug")]);
+    let channel = server.channel().await;
+    for _ in 0..4 {
+        decide(channel.clone(), &[("user", "debug-logs")])
+            .await
+            .unwrap_or_else(|status| panic!("{status}\n{}", server.logs()));
+    }
+    let logs = server.logs();
+    let decided: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("decided") && line.contains("[user=debug-logs]"))
+        .collect();
+    assert_eq!(decided.len(), 4, "{logs}");
+    assert!(decided[0].contains("Ok (3/Hour, 2 left)"), "{logs}");
+    assert!(decided[3].contains("overall=OverLimit"), "{logs}");
+    assert!(!logs.contains(" h2::"), "{logs}");
+}
+
+// ---------------------------------------------------------------------------------------
 // /metrics
 
 /// A typo in Envoy's `domain`: every request is let through with no limits, as
