@@ -139,6 +139,14 @@ impl Compiler<'_, '_> {
         via: &str,
         scope: Scope<'_>,
     ) -> Option<Inherited> {
+        if let Some(off) = unlimited.filter(|u| !u.value)
+            && policy.is_none()
+            && overrides.is_empty()
+            && matches!(inherited, Inherited::Unlimited { .. })
+        {
+            // It reads as "limited again", but there is no limit to go back to.
+            self.error(&location(file, &off.referenced), format!("{what} says `unlimited: false` under an unlimited ancestor, which leaves it unlimited; give it a `policy` or `limits` to limit it"));
+        }
         if let Some(unlimited) = unlimited.filter(|u| u.value) {
             if policy.is_some() || !overrides.is_empty() {
                 self.error(

@@ -426,6 +426,23 @@ fn descriptors_written_with_nothing_after_them_are_none() {
 }
 
 #[test]
+fn error_unlimited_false_under_an_unlimited_ancestor_limits_nothing() {
+    let errors = errors(
+        "domain: d\ndescriptors:\n  - key: a\n    unlimited: true\n    descriptors:\n      - key: b\n        unlimited: false\n",
+    );
+    assert_eq!(
+        errors,
+        [
+            "test.yaml:7:20: descriptor `b` (any value) says `unlimited: false` under an unlimited ancestor, which leaves it unlimited; give it a `policy` or `limits` to limit it"
+        ]
+    );
+    // With limits of its own it is limited, and says so by them.
+    tree(
+        "domain: d\ndescriptors:\n  - key: a\n    unlimited: true\n    descriptors:\n      - key: b\n        unlimited: false\n        limits: [{requests_per_unit: 1, unit: second}]\n",
+    );
+}
+
+#[test]
 fn error_a_rule_that_replaces_itself() {
     let errors = errors(
         "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: minute, requests_per_unit: 1, name: x, replaces: [{name: x}]}\n",
