@@ -4,6 +4,7 @@
 //! count in the store → build one status per descriptor. Transport-free, so it is tested
 //! and benchmarked without a socket; the gRPC adapter only converts errors.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -227,8 +228,8 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             return Ok(no_limits(request.descriptors.len()));
         };
         let resolved = resolve(request, &config, domain)?;
-        let digested = long_values.then(|| self.digest_long_values(request));
-        let request = digested.as_ref().unwrap_or(request);
+        let counted = self.counted_form(request, long_values);
+        let request = &*counted;
         let now = self.clock.now_millis();
 
         let plan = Plan::new(request, &resolved, Counting::Hits, S::KEY_FORM);
@@ -442,8 +443,8 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
             return Ok(Vec::new());
         };
         let resolved = resolve(request, &config, domain)?;
-        let digested = long_values.then(|| self.digest_long_values(request));
-        let request = digested.as_ref().unwrap_or(request);
+        let counted = self.counted_form(request, long_values);
+        let request = &*counted;
         let plan = Plan::new(request, &resolved, Counting::LookOnly, S::KEY_FORM);
         let checks = plan.checks();
         let mut verdicts = Vec::with_capacity(checks.len());
@@ -512,8 +513,8 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         let config = self.config.load_full().ok_or(DecisionError::NoConfig)?;
         if let Some(domain) = config.domain(&request.domain) {
             let resolved = resolve(request, &config, domain)?;
-            let digested = long_values.then(|| self.digest_long_values(request));
-            let request = digested.as_ref().unwrap_or(request);
+            let counted = self.counted_form(request, long_values);
+            let request = &*counted;
             let plan = Plan::new(request, &resolved, Counting::LookOnly, S::KEY_FORM);
             let checks = plan.checks();
             if !checks.is_empty() {
@@ -705,9 +706,22 @@ impl<S: CounterStore, C: Clock> RateLimiter<S, C> {
         Ok(long_values)
     }
 
-    /// The request with each value longer than `max_entry_bytes` replaced by its digest:
-    /// what is counted, recorded and shown once its descriptors have matched their rules
-    /// on the whole values.
+    /// What is counted, recorded and shown once the request's descriptors have matched
+    /// their rules on the whole values: the request itself, or, when `validate` found
+    /// `long_values`, a copy with each value longer than `max_entry_bytes` replaced by its
+    /// digest.
+    fn counted_form<'r>(
+        &self,
+        request: &'r RateLimitRequest,
+        long_values: bool,
+    ) -> Cow<'r, RateLimitRequest> {
+        if long_values {
+            Cow::Owned(self.digest_long_values(request))
+        } else {
+            Cow::Borrowed(request)
+        }
+    }
+
     #[cold]
     fn digest_long_values(&self, request: &RateLimitRequest) -> RateLimitRequest {
         let mut digested = request.clone();

@@ -20,7 +20,7 @@ use crate::config::{ConfigErrors, LoadOptions};
 use crate::connections;
 use crate::envoyproxy_env::MetricsListener;
 use crate::limiter::{LiveConfig, RateLimiter, RequestBounds};
-use crate::metrics::{EnvoyproxyNames, Metrics};
+use crate::metrics::{EnvoyproxyNames, Metrics, Scraped};
 use crate::proto::rate_limit_service_server::RateLimitServiceServer;
 use crate::reload::Reloader;
 use crate::service::grpc::GrpcRateLimitService;
@@ -252,13 +252,13 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             };
             let (entries, evictions) = (store.clone(), store.clone());
             metrics.scraped(
-                crate::metrics::Scraped::Gauge,
+                Scraped::Gauge,
                 "meshlimit_cache_entries",
                 "Counters held in memory.",
                 move || entries.len(),
             );
             metrics.scraped(
-                crate::metrics::Scraped::Counter,
+                Scraped::Counter,
                 "meshlimit_cache_evictions_total",
                 "Counters evicted to stay within --cache-capacity.",
                 move || evictions.evictions(),
@@ -348,19 +348,19 @@ impl Saves {
     fn export(self: &Arc<Self>, metrics: &Metrics) {
         let (last, counters, failed) = (self.clone(), self.clone(), self.clone());
         metrics.scraped(
-        crate::metrics::Scraped::Gauge,
+        Scraped::Gauge,
             "meshlimit_snapshot_last_saved_timestamp_seconds",
             "When the counter snapshot (--memory-snapshot) was last written, in Unix seconds; 0 before the first save.",
             move || last.last_saved_secs.load(Relaxed),
         );
         metrics.scraped(
-            crate::metrics::Scraped::Gauge,
+            Scraped::Gauge,
             "meshlimit_snapshot_counters",
             "Counters the last counter snapshot holds.",
             move || counters.counters.load(Relaxed),
         );
         metrics.scraped(
-            crate::metrics::Scraped::Counter,
+            Scraped::Counter,
             "meshlimit_snapshot_failed_saves_total",
             "Counter snapshot saves that failed (the previous file stays); the log says why.",
             move || failed.failed.load(Relaxed),
@@ -449,13 +449,13 @@ fn redis_gauges(metrics: &Arc<Metrics>, stores: Vec<RedisStore>) {
     let stores = Arc::new(stores);
     let (health, fallbacks, entries) = (stores.clone(), stores.clone(), stores);
     metrics.scraped(
-        crate::metrics::Scraped::Gauge,
+        Scraped::Gauge,
         "meshlimit_cache_entries",
         "Counters held in memory: with --store redis, those --redis-failure-mode local kept while Redis was away.",
         move || entries.iter().map(RedisStore::fallback_counters).sum(),
     );
     metrics.scraped(
-        crate::metrics::Scraped::Gauge,
+        Scraped::Gauge,
         "meshlimit_redis_degraded",
         "1 while a Redis node's circuit breaker is open and the failure policy answers for it.",
         move || {
@@ -467,7 +467,7 @@ fn redis_gauges(metrics: &Arc<Metrics>, stores: Vec<RedisStore>) {
         },
     );
     metrics.scraped(
-        crate::metrics::Scraped::Counter,
+        Scraped::Counter,
         "meshlimit_redis_fallback_decisions_total",
         "Checks decided by --redis-failure-mode because Redis did not answer in time.",
         move || fallbacks.iter().map(RedisStore::fallback_decisions).sum(),
